@@ -1,0 +1,42 @@
+// The fastattr operator library: one schema per op. The kernels register themselves per
+// device in cpu/ and cuda/; the fake (meta) implementations live in fastattr/ops/_fake.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastattr, m) {
+  // Row k * B + b of the (K * B, ...) result is baselines_b + alphas_k * (inputs_b - baselines_b).
+  m.def("interpolate_path(Tensor inputs, Tensor baselines, Tensor alphas) -> Tensor");
+  // accumulator_b += sum_k weights_k * grads_{k * B + b}, in place.
+  m.def("quadrature_accumulate(Tensor(a!) accumulator, Tensor grads, Tensor weights) -> ()");
+  // (accumulator * (inputs - baselines) if multiply_by_inputs else accumulator, per-row sums).
+  m.def(
+      "quadrature_finish(Tensor accumulator, Tensor inputs, Tensor baselines, "
+      "bool multiply_by_inputs) -> (Tensor, Tensor)");
+  // relevance / (z + epsilon * sign(z)), with sign(0) taken as +1.
+  m.def("epsilon_ratio(Tensor relevance, Tensor z, float epsilon) -> Tensor");
+  // (activations * contributions, per-row sums).
+  m.def("relevance_product(Tensor activations, Tensor contributions) -> (Tensor, Tensor)");
+}
+
+#ifdef FASTATTR_WITH_CUDA
+#define FASTATTR_HAS_CUDA 1
+#else
+#define FASTATTR_HAS_CUDA 0
+#define FASTATTR_CUDA_ARCH_LIST ""
+#endif
+
+extern "C" {
+// Importing fastattr._C runs the static registrations above; the module itself only reports
+// how it was built.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(module, "with_cuda", FASTATTR_HAS_CUDA) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_arch_list", FASTATTR_CUDA_ARCH_LIST) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}

@@ -1,0 +1,50 @@
+"""Fake (meta) implementations, so the compiled ops trace under torch.compile."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastattr.ops.reference import opmath_dtype
+
+
+def _row_layout(tensor: Tensor) -> torch.memory_format:
+    """The layout the kernels give their outputs: the leading operand's, when it is
+    channels_last, else contiguous (mirrors ``row_layout`` in csrc/operands.h)."""
+    if not tensor.is_contiguous():
+        if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@torch.library.register_fake("fastattr::interpolate_path")
+def _(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
+    size = (alphas.shape[0] * inputs.shape[0], *inputs.shape[1:])
+    return inputs.new_empty(size).contiguous(memory_format=_row_layout(inputs))
+
+
+@torch.library.register_fake("fastattr::quadrature_accumulate")
+def _(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
+    return None
+
+
+@torch.library.register_fake("fastattr::quadrature_finish")
+def _(
+    accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
+) -> tuple[Tensor, Tensor]:
+    attributions = torch.empty_like(accumulator, memory_format=_row_layout(accumulator))
+    return attributions, accumulator.new_empty(accumulator.shape[0])
+
+
+@torch.library.register_fake("fastattr::epsilon_ratio")
+def _(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    return torch.empty_like(relevance, memory_format=_row_layout(relevance))
+
+
+@torch.library.register_fake("fastattr::relevance_product")
+def _(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
+    product = torch.empty_like(activations, memory_format=_row_layout(activations))
+    sums = activations.new_empty(activations.shape[0], dtype=opmath_dtype(activations.dtype))
+    return product, sums

@@ -1,0 +1,181 @@
+"""Pure-PyTorch twins of the compiled kernels.
+
+Each function computes what its kernel computes, in the same precision (float32 for float16
+and bfloat16 data), and checks its arguments with the same errors. They are the oracle of the
+tests and the fallback when ``fastattr._C`` is not built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the kernels compute in for data of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_floating(tensor: Tensor, name: str) -> None:
+    if tensor.dtype not in _FLOATING:
+        raise TypeError(
+            f"{name} must be a floating point tensor (float16, bfloat16, float32 or float64), "
+            f"got {tensor.dtype}"
+        )
+
+
+def _check_batched(tensor: Tensor, name: str) -> None:
+    if tensor.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension, got a 0-dim tensor")
+
+
+def _check_same(tensor: Tensor, name: str, ref: Tensor, ref_name: str, *, shape: bool) -> None:
+    if tensor.device != ref.device:
+        raise ValueError(
+            f"{name} must be on the same device as {ref_name} ({ref.device}), got {tensor.device}"
+        )
+    if tensor.dtype != ref.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {tensor.dtype}"
+        )
+    if shape and tensor.shape != ref.shape:
+        raise ValueError(
+            f"{name} must have the shape of {ref_name} {list(ref.shape)}, got {list(tensor.shape)}"
+        )
+
+
+def _check_coefficients(coefficients: Tensor, name: str, data: Tensor, data_name: str) -> None:
+    if coefficients.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {list(coefficients.shape)}")
+    if coefficients.dtype != torch.float64:
+        raise TypeError(f"{name} must be float64, got {coefficients.dtype}")
+    if coefficients.device.type != "cpu" and coefficients.device != data.device:
+        raise ValueError(
+            f"{name} must be on the CPU or on the device of {data_name} ({data.device}), "
+            f"got {coefficients.device}"
+        )
+    finite = torch.isfinite(coefficients)
+    if not bool(finite.all()):
+        index = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must be finite, got {float(coefficients[index])} at index {index}"
+        )
+
+
+def _check_baselines(baselines: Tensor, inputs: Tensor) -> None:
+    _check_same(baselines, "baselines", inputs, "inputs", shape=False)
+    offset = inputs.dim() - baselines.dim()
+    if offset < 0 or any(
+        size not in (1, inputs.shape[d + offset]) for d, size in enumerate(baselines.shape)
+    ):
+        raise ValueError(
+            f"baselines of shape {list(baselines.shape)} do not broadcast to inputs of shape "
+            f"{list(inputs.shape)}"
+        )
+
+
+def _check_accumulator(accumulator: Tensor) -> None:
+    _check_batched(accumulator, "accumulator")
+    if accumulator.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"accumulator must be float32 or float64, got {accumulator.dtype}")
+    dense = accumulator.is_contiguous() or any(
+        accumulator.is_contiguous(memory_format=layout)
+        for layout, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5))
+        if accumulator.dim() == dim
+    )
+    if not dense:
+        raise ValueError(
+            "accumulator must be contiguous (or channels_last), got strides "
+            f"{list(accumulator.stride())}"
+        )
+
+
+def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
+    """Row ``k * B + b`` is ``baselines_b + alphas_k * (inputs_b - baselines_b)``."""
+    _check_batched(inputs, "inputs")
+    _check_floating(inputs, "inputs")
+    _check_baselines(baselines, inputs)
+    _check_coefficients(alphas, "alphas", inputs, "inputs")
+    compute = opmath_dtype(inputs.dtype)
+    x = inputs.to(compute)
+    base = baselines.to(compute).expand_as(inputs)
+    steps = alphas.to(device=inputs.device, dtype=compute).view(-1, *([1] * inputs.dim()))
+    path = base + steps * (x - base)
+    return path.reshape(-1, *inputs.shape[1:]).to(inputs.dtype)
+
+
+def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
+    """``accumulator_b += sum_k weights_k * grads_{k * B + b}``, in place, step by step."""
+    _check_accumulator(accumulator)
+    _check_batched(grads, "grads")
+    _check_floating(grads, "grads")
+    if grads.device != accumulator.device:
+        raise ValueError(
+            f"grads must be on the same device as accumulator ({accumulator.device}), "
+            f"got {grads.device}"
+        )
+    if grads.dtype == torch.float64 and accumulator.dtype != torch.float64:
+        raise TypeError(f"accumulator must be float64 for float64 grads, got {accumulator.dtype}")
+    _check_coefficients(weights, "weights", grads, "grads")
+    steps, batch = weights.numel(), accumulator.shape[0]
+    if grads.shape[1:] != accumulator.shape[1:] or grads.shape[0] != steps * batch:
+        raise ValueError(
+            f"grads must have shape ({steps} * {batch}, ...) matching the {steps} weights and "
+            f"the accumulator of shape {list(accumulator.shape)}, got {list(grads.shape)}"
+        )
+    per_step = grads.reshape(steps, *accumulator.shape).to(accumulator.dtype)
+    w = weights.to(device=accumulator.device, dtype=accumulator.dtype)
+    for k in range(steps):
+        accumulator.add_(w[k] * per_step[k])
+
+
+def quadrature_finish(
+    accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
+) -> tuple[Tensor, Tensor]:
+    """The attributions (the accumulator, times ``inputs - baselines`` if asked) in the
+    accumulator's dtype, and their per-example sums."""
+    _check_accumulator(accumulator)
+    _check_floating(inputs, "inputs")
+    if inputs.device != accumulator.device:
+        raise ValueError(
+            f"inputs must be on the same device as accumulator ({accumulator.device}), "
+            f"got {inputs.device}"
+        )
+    if inputs.shape != accumulator.shape:
+        raise ValueError(
+            f"inputs must have the shape of accumulator {list(accumulator.shape)}, "
+            f"got {list(inputs.shape)}"
+        )
+    _check_baselines(baselines, inputs)
+    if multiply_by_inputs:
+        dtype = accumulator.dtype
+        attributions = accumulator * (inputs.to(dtype) - baselines.to(dtype))
+    else:
+        attributions = accumulator.clone()
+    return attributions, attributions.reshape(attributions.shape[0], -1).sum(1)
+
+
+def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    """``relevance / (z + epsilon * sign(z))`` with ``sign(0) = +1``."""
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be finite and non-negative, got {epsilon}")
+    _check_floating(relevance, "relevance")
+    _check_same(z, "z", relevance, "relevance", shape=True)
+    compute = opmath_dtype(relevance.dtype)
+    zc = z.to(compute)
+    sign = torch.where(zc < 0, -1.0, 1.0).to(compute)
+    return (relevance.to(compute) / (zc + sign * epsilon)).to(relevance.dtype)
+
+
+def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
+    """``activations * contributions`` and its per-example sums (in float32 or float64)."""
+    _check_floating(activations, "activations")
+    _check_batched(activations, "activations")
+    _check_same(contributions, "contributions", activations, "activations", shape=True)
+    compute = opmath_dtype(activations.dtype)
+    product = activations.to(compute) * contributions.to(compute)
+    return product.to(activations.dtype), product.reshape(product.shape[0], -1).sum(1)
