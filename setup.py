@@ -102,7 +102,7 @@ def _arch_list() -> str:
 if _with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros.append(("FASTATTR_WITH_CUDA", None))
-    define_macros.append(("FASTATTR_CUDA_ARCH_LIST", '"%s"' % _arch_list()))
+    define_macros.append(("FASTATTR_CUDA_ARCH_LIST", f'"{_arch_list()}"'))
     extension = CUDAExtension(
         "fastattr._C",
         sources,

@@ -50,8 +50,9 @@ def _default_backend() -> str:
     return "compiled" if _C is not None else "reference"
 
 
+_DEFAULT_BACKEND = _default_backend()
 _active: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "fastattr_backend", default=_default_backend()
+    "fastattr_backend", default=_DEFAULT_BACKEND
 )
 
 

@@ -1,0 +1,1 @@
+"""The attribution throughput benchmark behind ``fastattr bench``."""
