@@ -6,10 +6,12 @@ Captum's.
 """
 
 from fastattr._backend import build_info, current_backend, use_backend
+from fastattr.attr import IntegratedGradients
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IntegratedGradients",
     "__version__",
     "build_info",
     "current_backend",

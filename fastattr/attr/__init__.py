@@ -1,3 +1,7 @@
 """Mirror of ``captum.attr`` for the methods fastattr implements."""
 
-__all__: list = []
+from fastattr.attr._integrated_gradients import IntegratedGradients
+
+__all__ = [
+    "IntegratedGradients",
+]

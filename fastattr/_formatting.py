@@ -1,0 +1,239 @@
+"""Captum's argument conventions (inputs, baselines, targets, additional forward arguments),
+checked up front so that bad input fails with an error naming the argument."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+TensorOrTuple = Union[Tensor, tuple[Tensor, ...]]
+Baseline = Union[None, int, float, Tensor]
+BaselineType = Union[Baseline, tuple[Baseline, ...]]
+TargetType = Union[None, int, tuple, Tensor, list]
+
+
+def as_tensor_tuple(inputs: Any, name: str = "inputs") -> tuple[Tensor, ...]:
+    """``inputs`` as a non-empty tuple of tensors sharing a batch size and a device."""
+    tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+        got = type(inputs).__name__
+        if isinstance(inputs, tuple):
+            got += f" of {[type(t).__name__ for t in tensors]}"
+        raise TypeError(f"{name} must be a tensor or a non-empty tuple of tensors, got {got}")
+    for i, tensor in enumerate(tensors):
+        if tensor.dim() == 0:
+            raise ValueError(f"{name}[{i}] must have a batch dimension, got a 0-dim tensor")
+    batch = tensors[0].shape[0]
+    if any(t.shape[0] != batch for t in tensors):
+        raise ValueError(
+            f"every tensor in {name} must have the same batch size (dimension 0), got "
+            f"{[t.shape[0] for t in tensors]}"
+        )
+    if any(t.device != tensors[0].device for t in tensors):
+        raise ValueError(
+            f"every tensor in {name} must be on one device, got {[str(t.device) for t in tensors]}"
+        )
+    return tensors
+
+
+def check_floating(tensors: Sequence[Tensor], name: str, hint: str = "") -> None:
+    for i, tensor in enumerate(tensors):
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"{name}[{i}] must be a floating point tensor to be integrated along a path, "
+                f"got {tensor.dtype}{hint}"
+            )
+
+
+def format_output(is_tuple: bool, tensors: tuple[Tensor, ...]) -> TensorOrTuple:
+    return tensors if is_tuple else tensors[0]
+
+
+def format_baselines(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """One baseline tensor per input, in its dtype and on its device, broadcastable to it.
+
+    Accepts what captum does (None for zeros, a number, a tensor of the input's shape or with
+    a first dimension of 1, or a tuple mixing those), and any other broadcastable shape.
+    """
+    if baselines is None:
+        baselines = (0,) * len(inputs)
+    elif not isinstance(baselines, tuple):
+        baselines = (baselines,)
+    if len(baselines) != len(inputs):
+        raise ValueError(
+            f"baselines must give one baseline per input tensor: {len(inputs)} inputs, "
+            f"{len(baselines)} baselines"
+        )
+    formatted = []
+    for i, (baseline, inp) in enumerate(zip(baselines, inputs)):
+        if baseline is None:
+            baseline = 0
+        if isinstance(baseline, numbers.Number) and not isinstance(baseline, bool):
+            formatted.append(torch.tensor(baseline, dtype=inp.dtype, device=inp.device))
+            continue
+        if not isinstance(baseline, Tensor):
+            raise TypeError(
+                f"baselines[{i}] must be a number or a tensor, got {type(baseline).__name__}"
+            )
+        if baseline.device != inp.device:
+            raise ValueError(
+                f"baselines[{i}] must be on the device of inputs[{i}] ({inp.device}), "
+                f"got {baseline.device}"
+            )
+        offset = inp.dim() - baseline.dim()
+        fits = offset >= 0 and all(
+            size in (1, inp.shape[d + offset]) for d, size in enumerate(baseline.shape)
+        )
+        if not fits:
+            raise ValueError(
+                f"baselines[{i}] of shape {list(baseline.shape)} does not broadcast to "
+                f"inputs[{i}] of shape {list(inp.shape)}: expected a number, the input's shape, "
+                "or the input's shape with a first dimension of 1"
+            )
+        formatted.append(baseline.to(inp.dtype))
+    return tuple(formatted)
+
+
+def format_additional_args(args: Any) -> tuple[Any, ...] | None:
+    if args is None:
+        return None
+    return args if isinstance(args, tuple) else (args,)
+
+
+def check_additional_args(args: tuple[Any, ...] | None, batch: int) -> None:
+    for i, arg in enumerate(args or ()):
+        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] != batch:
+            raise ValueError(
+                f"additional_forward_args[{i}] must have the batch size of inputs ({batch}) in "
+                f"dimension 0 to be repeated along the path, got shape {list(arg.shape)}"
+            )
+
+
+def repeat_additional_args(args: tuple[Any, ...] | None, steps: int) -> tuple[Any, ...]:
+    """Tensors repeated once per step (step-major, as the path is); the rest as they are."""
+    if args is None:
+        return ()
+    return tuple(
+        arg.repeat(steps, *([1] * (arg.dim() - 1)))
+        if isinstance(arg, Tensor) and arg.dim() > 0
+        else arg
+        for arg in args
+    )
+
+
+def check_target(target: TargetType, batch: int) -> None:
+    """The forms captum accepts, checked against the batch before any work is done."""
+    if target is None or (isinstance(target, int) and not isinstance(target, bool)):
+        return
+    if isinstance(target, tuple):
+        if not all(isinstance(t, (int, slice)) for t in target):
+            raise TypeError(f"a tuple target must hold ints, got {target!r}")
+        return
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"a tensor target must hold integers, got {target.dtype}")
+        if target.numel() != 1 and (target.dim() != 1 or target.numel() != batch):
+            raise ValueError(
+                f"a tensor target must hold one index, or one per example ({batch}), "
+                f"got shape {list(target.shape)}"
+            )
+        return
+    if isinstance(target, list):
+        if len(target) != batch:
+            raise ValueError(
+                f"a list target must have one entry per example ({batch}), got {len(target)}"
+            )
+        if target and not (
+            all(isinstance(t, int) and not isinstance(t, bool) for t in target)
+            or all(isinstance(t, tuple) for t in target)
+        ):
+            raise TypeError("a list target must hold ints, or tuples of ints, one per example")
+        return
+    raise TypeError(
+        f"target must be None, an int, a tuple, a list or a tensor, got {type(target).__name__}"
+    )
+
+
+def repeat_target(target: TargetType, steps: int) -> TargetType:
+    """Per-example targets repeated once per step (step-major, as the path is)."""
+    if isinstance(target, list):
+        return target * steps
+    if isinstance(target, Tensor) and target.numel() > 1:
+        return target.repeat(steps)
+    return target
+
+
+def _check_index(index: int, size: int, what: str) -> None:
+    if not -size <= index < size:
+        raise IndexError(f"target {what} {index} is out of range for an output dimension of {size}")
+
+
+def select_targets(output: Tensor, target: TargetType) -> Tensor:
+    """The per-example value to attribute: captum's target semantics, with range checks."""
+    if not isinstance(output, Tensor):
+        raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}")
+    if target is None:
+        return output
+    if output.dim() < 2:
+        raise ValueError(
+            f"target {target!r} needs an output with a dimension to select from; the output "
+            f"has shape {list(output.shape)}"
+        )
+    if isinstance(target, Tensor) and target.numel() == 1:
+        target = int(target.item())
+    if isinstance(target, (int, tuple)):
+        index = (target,) if isinstance(target, int) else target
+        if len(index) > output.dim() - 1:
+            raise ValueError(
+                f"target {target!r} has more indices than the output of shape "
+                f"{list(output.shape)} has dimensions after the batch"
+            )
+        for dim, i in enumerate(index, start=1):
+            if isinstance(i, int):
+                _check_index(i, output.shape[dim], "index")
+        return output[(slice(None), *index)]
+    if isinstance(target, list) and target and isinstance(target[0], tuple):
+        return torch.stack([output[(row, *index)] for row, index in enumerate(target)])
+    indices = (
+        target
+        if isinstance(target, Tensor)
+        else torch.tensor(target, dtype=torch.long, device=output.device)
+    )
+    if output.dim() != 2:
+        raise ValueError(
+            f"per-example integer targets need a 2-D output, got shape {list(output.shape)}"
+        )
+    if indices.numel() and (
+        int(indices.min()) < -output.shape[1] or int(indices.max()) >= output.shape[1]
+    ):
+        raise IndexError(
+            f"target holds indices in [{int(indices.min())}, {int(indices.max())}], out of range "
+            f"for an output with {output.shape[1]} columns"
+        )
+    indices = indices.to(output.device).reshape(-1, 1) % output.shape[1]
+    return output.gather(1, indices).squeeze(1)
+
+
+def run_forward(
+    forward_func: Callable[..., Any],
+    inputs: tuple[Tensor, ...],
+    target: TargetType,
+    additional_args: tuple[Any, ...] | None,
+) -> Tensor:
+    output = forward_func(*inputs, *(additional_args or ()))
+    return select_targets(output, target)
+
+
+def per_example(output: Tensor, batch: int) -> Tensor:
+    """The selected output as one value per example, or a clear error when it is not."""
+    if output.dim() == 0 or output.shape[0] != batch or output.numel() != batch:
+        raise ValueError(
+            "forward_func must give one value per example after target selection "
+            f"({batch} values), got shape {list(output.shape)}: pass a target that selects one "
+            "output per example"
+        )
+    return output.reshape(batch)

@@ -1,0 +1,185 @@
+"""The path integral shared by the integrated-gradients methods.
+
+Steps are streamed in chunks: for each chunk the interpolation op builds the path, the caller's
+``evaluate`` runs the model on it, one backward of the summed per-example outputs gives the
+gradients, and the quadrature op folds them into one in-place accumulator. Memory is bounded
+by the chunk, not by ``n_steps``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastattr import ops
+from fastattr._quadrature import quadrature_table
+
+# How much the saved activations of one chunk may take. More buys no throughput: a chunk this
+# size already keeps a GPU or the CPU's cores busy.
+CUDA_CHUNK_BYTES = 1 << 30
+CPU_CHUNK_BYTES = 1 << 29
+
+# Evaluates the model on a chunk of the path: (paths, steps in the chunk) -> one value per row,
+# differentiable with respect to the paths.
+Evaluate = Callable[[tuple[Tensor, ...], int], Tensor]
+
+
+@dataclass
+class PathIntegral:
+    """What streaming the path produced."""
+
+    attributions: tuple[Tensor, ...]
+    # Per-example sum of every attribution (for the convergence delta), from the finishing pass.
+    row_sums: Tensor
+    # The model's per-example output at the start and end of the path, when the quadrature
+    # evaluated it there (Riemann left/right/trapezoid nodes include 0 or 1); else None.
+    start_output: Tensor | None
+    end_output: Tensor | None
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Bytes one chunk's activations may take on ``device``: a fraction of what is free,
+    capped where larger chunks stop paying off."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return min(CUDA_CHUNK_BYTES, (free + cached) // 2)
+    return min(CPU_CHUNK_BYTES, _available_host_memory() // 4)
+
+
+class _SavedTensorMeter:
+    """Counts the bytes autograd keeps for the backward pass (the activations), excluding the
+    model's own parameters and buffers, which do not grow with the chunk."""
+
+    def __init__(self, exclude: Iterable[Tensor]) -> None:
+        self._seen = {t.untyped_storage().data_ptr() for t in exclude}
+        self.bytes = 0
+
+    def pack(self, tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+
+def model_state_tensors(forward_func: object) -> list[Tensor]:
+    """Parameters and buffers of the module behind ``forward_func``, if there is one."""
+    module = forward_func if isinstance(forward_func, nn.Module) else None
+    if module is None and isinstance(getattr(forward_func, "__self__", None), nn.Module):
+        module = forward_func.__self__  # a bound method such as model.forward
+    if module is None:
+        return []
+    return [*module.parameters(), *module.buffers()]
+
+
+def steps_per_chunk_for(internal_batch_size: int | None, batch: int) -> int | None:
+    """Captum's meaning of internal_batch_size: how many steps of the whole batch fit in it."""
+    if internal_batch_size is None:
+        return None
+    if not isinstance(internal_batch_size, int) or isinstance(internal_batch_size, bool):
+        raise TypeError(
+            f"internal_batch_size must be an int or None, got {type(internal_batch_size).__name__}"
+        )
+    if internal_batch_size < 1:
+        raise ValueError(f"internal_batch_size must be at least 1, got {internal_batch_size}")
+    if internal_batch_size < batch:
+        warnings.warn(
+            f"internal_batch_size ({internal_batch_size}) is smaller than the number of "
+            f"examples ({batch}); each chunk holds one step of the whole batch instead",
+            stacklevel=4,
+        )
+    return max(1, internal_batch_size // max(batch, 1))
+
+
+def integrate_path(
+    ends: tuple[Tensor, ...],
+    starts: tuple[Tensor, ...],
+    evaluate: Evaluate,
+    *,
+    method: str,
+    n_steps: int,
+    steps_per_chunk: int | None,
+    multiply_by_inputs: bool,
+    model_tensors: Iterable[Tensor] = (),
+) -> PathIntegral:
+    """Integrate the gradients of ``evaluate`` along the straight paths ``starts -> ends``.
+
+    ``steps_per_chunk=None`` sizes the chunks from free memory: the first chunk (one step)
+    measures what autograd keeps per step, the rest are as large as the budget allows.
+    """
+    alphas, weights = quadrature_table(method, n_steps)
+    batch = ends[0].shape[0]
+    accumulators = [
+        torch.zeros_like(end, dtype=accumulator_dtype(end.dtype), requires_grad=False)
+        for end in ends
+    ]
+    start_output = end_output = None
+    step = 0
+    chunk = 1 if steps_per_chunk is None else steps_per_chunk
+    meter = _SavedTensorMeter(model_tensors) if steps_per_chunk is None else None
+    while step < n_steps and batch > 0:
+        stop = min(step + chunk, n_steps)
+        chunk_alphas = alphas[step:stop]
+        with torch.enable_grad():
+            paths = tuple(
+                ops.interpolate_path(end.detach(), start.detach(), chunk_alphas).requires_grad_()
+                for end, start in zip(ends, starts)
+            )
+            if meter is not None:
+                with meter.hooks():
+                    outputs = evaluate(paths, stop - step)
+            else:
+                outputs = evaluate(paths, stop - step)
+            grads = torch.autograd.grad(
+                outputs, paths, grad_outputs=torch.ones_like(outputs), allow_unused=True
+            )
+        for accumulator, grad in zip(accumulators, grads):
+            if grad is not None:
+                ops.quadrature_accumulate(accumulator, grad, weights[step:stop])
+        per_step = outputs.detach().reshape(stop - step, batch)
+        for k, alpha in enumerate(chunk_alphas.tolist()):
+            if alpha == 0.0:
+                start_output = per_step[k]
+            elif alpha == 1.0:
+                end_output = per_step[k]
+        if meter is not None:
+            path_bytes = sum(p.numel() * p.element_size() for p in paths)
+            # The path, its gradient and that gradient in the accumulator's layout live too.
+            per_step_bytes = max(1, meter.bytes + 3 * path_bytes)
+            chunk = max(1, chunk_budget(ends[0].device) // per_step_bytes)
+            meter = None
+        del paths, outputs, grads
+        step = stop
+
+    attributions, row_sums = [], None
+    for accumulator, end, start in zip(accumulators, ends, starts):
+        attribution, sums = ops.quadrature_finish(
+            accumulator, end.detach(), start.detach(), multiply_by_inputs
+        )
+        attributions.append(attribution)
+        row_sums = sums if row_sums is None else row_sums + sums
+    return PathIntegral(tuple(attributions), row_sums, start_output, end_output)
