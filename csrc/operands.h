@@ -32,8 +32,11 @@ inline int64_t row_numel(const at::Tensor& t) {
   return n;
 }
 
+// The four dtypes the kernels are dispatched for (at::isFloatingType also admits float8).
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                       dtype == at::kDouble,
                    name, " must be a floating point tensor (float16, bfloat16, float32 or "
                    "float64), got ", t.scalar_type());
 }

@@ -36,32 +36,39 @@ void for_each_index(int64_t n, const F& f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One block per row: out[j] = term(b, j) and row_sums[b] = sum_j term(b, j), reduced in a
-// fixed order so that results are deterministic.
-template <typename out_t, typename acc_t, typename Term>
-__global__ void rowwise_terms_kernel(int64_t row, out_t* out, acc_t* row_sums, Term term) {
-  __shared__ acc_t partial[kThreads];
-  const int64_t b = blockIdx.x;
-  acc_t sum = 0;
-  for (int64_t j = b * row + threadIdx.x; j < (b + 1) * row; j += blockDim.x) {
-    const acc_t value = term(b, j);
-    out[j] = static_cast<out_t>(value);
-    sum += value;
-  }
-  partial[threadIdx.x] = sum;
-  __syncthreads();
-  for (int half = kThreads / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+// A block per row (grid-striding over the rows): out[j] = term(b, j) and row_sums[b] =
+// sum_j term(b, j), accumulated in double as on the CPU and reduced in a fixed order so that
+// results are deterministic.
+template <typename out_t, typename sum_t, typename Term>
+__global__ void rowwise_terms_kernel(int64_t batch, int64_t row, out_t* out, sum_t* row_sums,
+                                     Term term) {
+  __shared__ double partial[kThreads];
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+    double sum = 0;
+    for (int64_t j = b * row + threadIdx.x; j < (b + 1) * row; j += blockDim.x) {
+      const auto value = term(b, j);
+      out[j] = static_cast<out_t>(value);
+      sum += static_cast<double>(value);
+    }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = kThreads / 2; half > 0; half /= 2) {
+      if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) row_sums[b] = static_cast<sum_t>(partial[0]);
+    // partial[0] is read above before the next row overwrites the buffer.
     __syncthreads();
   }
-  if (threadIdx.x == 0) row_sums[b] = partial[0];
 }
 
-template <typename out_t, typename acc_t, typename Term>
-void rowwise_terms(int64_t batch, int64_t row, out_t* out, acc_t* row_sums, const Term& term) {
+template <typename out_t, typename sum_t, typename Term>
+void rowwise_terms(int64_t batch, int64_t row, out_t* out, sum_t* row_sums, const Term& term) {
   if (batch == 0) return;
-  rowwise_terms_kernel<<<batch, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      row, out, row_sums, term);
+  // The grid's x dimension is capped; the kernel strides over any further rows.
+  const int64_t blocks = std::min<int64_t>(batch, int64_t{1} << 30);
+  rowwise_terms_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0,
+                         c10::cuda::getCurrentCUDAStream()>>>(batch, row, out, row_sums, term);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

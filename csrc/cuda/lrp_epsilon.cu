@@ -13,8 +13,8 @@ namespace fastattr::cuda {
 
 at::Tensor epsilon_ratio(const at::Tensor& relevance, const at::Tensor& z, double epsilon) {
   check_epsilon(epsilon);
-  const c10::cuda::CUDAGuard guard(relevance.device());
   PairOperands op = prepare_pair(relevance, "relevance", z, "z");
+  const c10::cuda::CUDAGuard guard(relevance.device());
   at::Tensor ratio = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, relevance.scalar_type(), "epsilon_ratio_cuda", [&] {
@@ -36,8 +36,8 @@ at::Tensor epsilon_ratio(const at::Tensor& relevance, const at::Tensor& z, doubl
 std::tuple<at::Tensor, at::Tensor> relevance_product(const at::Tensor& activations,
                                                      const at::Tensor& contributions) {
   check_batched(activations, "activations");
-  const c10::cuda::CUDAGuard guard(activations.device());
   PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
+  const c10::cuda::CUDAGuard guard(activations.device());
   at::Tensor relevance = at::empty_like(op.first);
   const auto sum_dtype = at::toOpMathType(activations.scalar_type());
   at::Tensor row_sums = at::empty({activations.size(0)}, activations.options().dtype(sum_dtype));

@@ -11,8 +11,8 @@ namespace fastattr::cuda {
 
 at::Tensor interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
                             const at::Tensor& alphas) {
-  const c10::cuda::CUDAGuard guard(inputs.device());
   PathOperands op = prepare_path(inputs, baselines, alphas);
+  const c10::cuda::CUDAGuard guard(inputs.device());
   const at::Tensor alphas_on_device = op.alphas.to(inputs.options().dtype(at::kDouble));
   const int64_t block = op.batch * op.row, row = op.row;
   const bool shared = op.baselines.shared;

@@ -26,8 +26,8 @@ void accumulate(const at::Tensor& accumulator, const AccumulateOperands& op) {
 
 void quadrature_accumulate(const at::Tensor& accumulator, const at::Tensor& grads,
                            const at::Tensor& weights) {
-  const c10::cuda::CUDAGuard guard(accumulator.device());
   AccumulateOperands op = prepare_accumulate(accumulator, grads, weights);
+  const c10::cuda::CUDAGuard guard(accumulator.device());
   if (op.block == 0 || op.weights.numel() == 0) return;
   const bool double_acc = accumulator.scalar_type() == at::kDouble;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -60,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> quadrature_finish(const at::Tensor& accumulat
                                                      const at::Tensor& inputs,
                                                      const at::Tensor& baselines,
                                                      bool multiply_by_inputs) {
-  const c10::cuda::CUDAGuard guard(accumulator.device());
   FinishOperands op = prepare_finish(accumulator, inputs, baselines);
+  const c10::cuda::CUDAGuard guard(accumulator.device());
   const bool double_acc = accumulator.scalar_type() == at::kDouble;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, inputs.scalar_type(), "quadrature_finish_cuda", [&] {

@@ -1,10 +1,15 @@
-"""Fake (meta) implementations, so the compiled ops trace under torch.compile."""
+"""Fake (meta) implementations, so the compiled ops trace under torch.compile.
+
+They check their arguments as the kernels do: the dispatcher also routes here any call that
+mixes a meta tensor with real ones, which must fail rather than return an empty tensor.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from fastattr.ops import reference
 from fastattr.ops.reference import opmath_dtype
 
 
@@ -21,30 +26,34 @@ def _row_layout(tensor: Tensor) -> torch.memory_format:
 
 @torch.library.register_fake("fastattr::interpolate_path")
 def _(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
+    reference.check_interpolate_path(inputs, baselines, alphas, read_values=False)
     size = (alphas.shape[0] * inputs.shape[0], *inputs.shape[1:])
     return inputs.new_empty(size).contiguous(memory_format=_row_layout(inputs))
 
 
 @torch.library.register_fake("fastattr::quadrature_accumulate")
 def _(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
-    return None
+    reference.check_quadrature_accumulate(accumulator, grads, weights, read_values=False)
 
 
 @torch.library.register_fake("fastattr::quadrature_finish")
 def _(
     accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
 ) -> tuple[Tensor, Tensor]:
+    reference.check_quadrature_finish(accumulator, inputs, baselines)
     attributions = torch.empty_like(accumulator, memory_format=_row_layout(accumulator))
     return attributions, accumulator.new_empty(accumulator.shape[0])
 
 
 @torch.library.register_fake("fastattr::epsilon_ratio")
 def _(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    reference.check_epsilon_ratio(relevance, z, epsilon)
     return torch.empty_like(relevance, memory_format=_row_layout(relevance))
 
 
 @torch.library.register_fake("fastattr::relevance_product")
 def _(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
+    reference.check_relevance_product(activations, contributions)
     product = torch.empty_like(activations, memory_format=_row_layout(activations))
     sums = activations.new_empty(activations.shape[0], dtype=opmath_dtype(activations.dtype))
     return product, sums

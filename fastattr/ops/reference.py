@@ -48,7 +48,9 @@ def _check_same(tensor: Tensor, name: str, ref: Tensor, ref_name: str, *, shape:
         )
 
 
-def _check_coefficients(coefficients: Tensor, name: str, data: Tensor, data_name: str) -> None:
+def _check_coefficients(
+    coefficients: Tensor, name: str, data: Tensor, data_name: str, *, read_values: bool
+) -> None:
     if coefficients.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {list(coefficients.shape)}")
     if coefficients.dtype != torch.float64:
@@ -58,6 +60,8 @@ def _check_coefficients(coefficients: Tensor, name: str, data: Tensor, data_name
             f"{name} must be on the CPU or on the device of {data_name} ({data.device}), "
             f"got {coefficients.device}"
         )
+    if not read_values:
+        return
     finite = torch.isfinite(coefficients)
     if not bool(finite.all()):
         index = int((~finite).nonzero()[0, 0])
@@ -94,22 +98,39 @@ def _check_accumulator(accumulator: Tensor) -> None:
         )
 
 
-def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
-    """Row ``k * B + b`` is ``baselines_b + alphas_k * (inputs_b - baselines_b)``."""
+def _row_sums(values: Tensor) -> Tensor:
+    """Per-example sums in ``values``' dtype, accumulated in float64 as the kernels do."""
+    rows = values.reshape(values.shape[0], math.prod(values.shape[1:]))
+    return rows.sum(1, dtype=torch.float64).to(values.dtype)
+
+
+# The check_* functions raise what the kernels raise for bad arguments. The fake (meta)
+# implementations run them too, with read_values=False: fake tensors have no data to read.
+
+
+def check_interpolate_path(
+    inputs: Tensor, baselines: Tensor, alphas: Tensor, *, read_values: bool = True
+) -> None:
     _check_batched(inputs, "inputs")
     _check_floating(inputs, "inputs")
     _check_baselines(baselines, inputs)
-    _check_coefficients(alphas, "alphas", inputs, "inputs")
+    _check_coefficients(alphas, "alphas", inputs, "inputs", read_values=read_values)
+
+
+def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
+    """Row ``k * B + b`` is ``baselines_b + alphas_k * (inputs_b - baselines_b)``."""
+    check_interpolate_path(inputs, baselines, alphas)
     compute = opmath_dtype(inputs.dtype)
     x = inputs.to(compute)
     base = baselines.to(compute).expand_as(inputs)
     steps = alphas.to(device=inputs.device, dtype=compute).view(-1, *([1] * inputs.dim()))
     path = base + steps * (x - base)
-    return path.reshape(-1, *inputs.shape[1:]).to(inputs.dtype)
+    return path.reshape(alphas.numel() * inputs.shape[0], *inputs.shape[1:]).to(inputs.dtype)
 
 
-def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
-    """``accumulator_b += sum_k weights_k * grads_{k * B + b}``, in place, step by step."""
+def check_quadrature_accumulate(
+    accumulator: Tensor, grads: Tensor, weights: Tensor, *, read_values: bool = True
+) -> None:
     _check_accumulator(accumulator)
     _check_batched(grads, "grads")
     _check_floating(grads, "grads")
@@ -120,24 +141,26 @@ def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -
         )
     if grads.dtype == torch.float64 and accumulator.dtype != torch.float64:
         raise TypeError(f"accumulator must be float64 for float64 grads, got {accumulator.dtype}")
-    _check_coefficients(weights, "weights", grads, "grads")
+    _check_coefficients(weights, "weights", grads, "grads", read_values=read_values)
     steps, batch = weights.numel(), accumulator.shape[0]
     if grads.shape[1:] != accumulator.shape[1:] or grads.shape[0] != steps * batch:
         raise ValueError(
             f"grads must have shape ({steps} * {batch}, ...) matching the {steps} weights and "
             f"the accumulator of shape {list(accumulator.shape)}, got {list(grads.shape)}"
         )
+
+
+def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
+    """``accumulator_b += sum_k weights_k * grads_{k * B + b}``, in place, step by step."""
+    check_quadrature_accumulate(accumulator, grads, weights)
+    steps = weights.numel()
     per_step = grads.reshape(steps, *accumulator.shape).to(accumulator.dtype)
     w = weights.to(device=accumulator.device, dtype=accumulator.dtype)
     for k in range(steps):
         accumulator.add_(w[k] * per_step[k])
 
 
-def quadrature_finish(
-    accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
-) -> tuple[Tensor, Tensor]:
-    """The attributions (the accumulator, times ``inputs - baselines`` if asked) in the
-    accumulator's dtype, and their per-example sums."""
+def check_quadrature_finish(accumulator: Tensor, inputs: Tensor, baselines: Tensor) -> None:
     _check_accumulator(accumulator)
     _check_floating(inputs, "inputs")
     if inputs.device != accumulator.device:
@@ -151,31 +174,47 @@ def quadrature_finish(
             f"got {list(inputs.shape)}"
         )
     _check_baselines(baselines, inputs)
+
+
+def quadrature_finish(
+    accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
+) -> tuple[Tensor, Tensor]:
+    """The attributions (the accumulator, times ``inputs - baselines`` if asked) in the
+    accumulator's dtype, and their per-example sums."""
+    check_quadrature_finish(accumulator, inputs, baselines)
     if multiply_by_inputs:
         dtype = accumulator.dtype
         attributions = accumulator * (inputs.to(dtype) - baselines.to(dtype))
     else:
         attributions = accumulator.clone()
-    return attributions, attributions.reshape(attributions.shape[0], -1).sum(1)
+    return attributions, _row_sums(attributions)
 
 
-def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
-    """``relevance / (z + epsilon * sign(z))`` with ``sign(0) = +1``."""
+def check_epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> None:
     if not (math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"epsilon must be finite and non-negative, got {epsilon}")
     _check_floating(relevance, "relevance")
     _check_same(z, "z", relevance, "relevance", shape=True)
+
+
+def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    """``relevance / (z + epsilon * sign(z))`` with ``sign(0) = +1``."""
+    check_epsilon_ratio(relevance, z, epsilon)
     compute = opmath_dtype(relevance.dtype)
     zc = z.to(compute)
     sign = torch.where(zc < 0, -1.0, 1.0).to(compute)
     return (relevance.to(compute) / (zc + sign * epsilon)).to(relevance.dtype)
 
 
+def check_relevance_product(activations: Tensor, contributions: Tensor) -> None:
+    _check_batched(activations, "activations")
+    _check_floating(activations, "activations")
+    _check_same(contributions, "contributions", activations, "activations", shape=True)
+
+
 def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
     """``activations * contributions`` and its per-example sums (in float32 or float64)."""
-    _check_floating(activations, "activations")
-    _check_batched(activations, "activations")
-    _check_same(contributions, "contributions", activations, "activations", shape=True)
+    check_relevance_product(activations, contributions)
     compute = opmath_dtype(activations.dtype)
     product = activations.to(compute) * contributions.to(compute)
-    return product.to(activations.dtype), product.reshape(product.shape[0], -1).sum(1)
+    return product.to(activations.dtype), _row_sums(product)
