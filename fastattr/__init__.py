@@ -6,12 +6,18 @@ Captum's.
 """
 
 from fastattr._backend import build_info, current_backend, use_backend
-from fastattr.attr import IntegratedGradients
+from fastattr.attr import (
+    IntegratedGradients,
+    LayerIntegratedGradients,
+    NeuronIntegratedGradients,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IntegratedGradients",
+    "LayerIntegratedGradients",
+    "NeuronIntegratedGradients",
     "__version__",
     "build_info",
     "current_backend",

@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,14 +87,19 @@ class _SavedTensorMeter:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
 
 
+def module_of(forward_func: object) -> nn.Module | None:
+    """The module behind ``forward_func``: the module itself, or the owner of a bound method
+    such as ``model.forward``."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
 def model_state_tensors(forward_func: object) -> list[Tensor]:
     """Parameters and buffers of the module behind ``forward_func``, if there is one."""
-    module = forward_func if isinstance(forward_func, nn.Module) else None
-    if module is None and isinstance(getattr(forward_func, "__self__", None), nn.Module):
-        module = forward_func.__self__  # a bound method such as model.forward
-    if module is None:
-        return []
-    return [*module.parameters(), *module.buffers()]
+    module = module_of(forward_func)
+    return [] if module is None else [*module.parameters(), *module.buffers()]
 
 
 def steps_per_chunk_for(internal_batch_size: int | None, batch: int) -> int | None:
@@ -125,6 +131,7 @@ def integrate_path(
     steps_per_chunk: int | None,
     multiply_by_inputs: bool,
     model_tensors: Iterable[Tensor] = (),
+    grad_kwargs: dict[str, Any] | None = None,
 ) -> PathIntegral:
     """Integrate the gradients of ``evaluate`` along the straight paths ``starts -> ends``.
 
@@ -155,7 +162,10 @@ def integrate_path(
             else:
                 outputs = evaluate(paths, stop - step)
             grads = torch.autograd.grad(
-                outputs, paths, grad_outputs=torch.ones_like(outputs), allow_unused=True
+                outputs,
+                paths,
+                grad_outputs=torch.ones_like(outputs),
+                **{"allow_unused": True, **(grad_kwargs or {})},
             )
         for accumulator, grad in zip(accumulators, grads):
             if grad is not None:

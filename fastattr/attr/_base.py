@@ -32,7 +32,8 @@ def forward_per_example(
     batch = inputs[0].shape[0]
     with torch.no_grad():
         output = run_forward(forward_func, inputs, target, args)
-    return output.reshape(batch, -1).sum(1)
+    # An explicit width: reshape(0, -1) is ambiguous for an empty batch.
+    return output.reshape(batch, output.numel() // max(batch, 1)).sum(1)
 
 
 class PathAttribution:

@@ -1,0 +1,207 @@
+"""LayerIntegratedGradients: captum's API; the layer's values come from one pass that stops at
+the layer, and the path through them streams through the compiled ops."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from fastattr._formatting import (
+    BaselineType,
+    TargetType,
+    TensorOrTuple,
+    as_tensor_tuple,
+    check_additional_args,
+    check_floating,
+    check_target,
+    format_additional_args,
+    format_baselines,
+    format_output,
+    per_example,
+    repeat_additional_args,
+    repeat_target,
+    run_forward,
+)
+from fastattr._path_integral import (
+    integrate_path,
+    model_state_tensors,
+    module_of,
+    steps_per_chunk_for,
+)
+from fastattr._quadrature import check_steps
+from fastattr.attr._base import PathAttribution, forward_per_example
+from fastattr.attr._layers import (
+    LayerValues,
+    ModuleOrList,
+    as_layer_list,
+    capture_layers,
+    check_layers_in_model,
+    replaced_layers,
+)
+
+LayerAttributions = Union[TensorOrTuple, list[TensorOrTuple]]
+
+
+def _group(flat: tuple[Tensor, ...], counts: list[int]) -> list[LayerValues]:
+    groups, start = [], 0
+    for count in counts:
+        groups.append(flat[start : start + count])
+        start += count
+    return groups
+
+
+class LayerIntegratedGradients(PathAttribution):
+    """Integrated Gradients of a layer's output (or input), as
+    ``captum.attr.LayerIntegratedGradients``.
+
+    The path runs from the layer's values at the baselines to its values at the inputs; the
+    model runs on the inputs with the layer's values replaced by each point of the path. For
+    integer inputs such as token ids, attribute the embedding layer with baselines of token
+    ids.
+
+    Args:
+        forward_func: the model or any callable returning its output.
+        layer: a module of the model, or a list of modules (then a list of results).
+        device_ids: accepted for captum compatibility; the forward function runs as given.
+        multiply_by_inputs: multiply by the difference of the layer's values at the inputs
+            and the baselines. Default: True.
+    """
+
+    def __init__(
+        self,
+        forward_func: Any,
+        layer: ModuleOrList,
+        device_ids: list[int] | None = None,
+        multiply_by_inputs: bool = True,
+    ) -> None:
+        super().__init__(forward_func, multiply_by_inputs)
+        as_layer_list(layer)
+        self.layer = layer
+        self.device_ids = device_ids
+
+    def _layer_values(
+        self,
+        inputs: tuple[Tensor, ...],
+        starts: tuple[Tensor, ...],
+        args: tuple[Any, ...] | None,
+        on_input: bool,
+    ) -> tuple[list[LayerValues], list[LayerValues]]:
+        """The layers' values at the inputs and at the baselines, from one pass over both
+        that stops at the last layer needed."""
+        layers = as_layer_list(self.layer)
+        batch = inputs[0].shape[0]
+        model = module_of(self.forward_func)
+        with torch.no_grad():
+            if model is None or not any(m.training for m in model.modules()):
+                both = tuple(torch.cat([x, s]) for x, s in zip(inputs, starts))
+                captured = capture_layers(
+                    lambda: self.forward_func(*both, *repeat_additional_args(args, 2)),
+                    layers,
+                    on_input,
+                )
+                if all(v.shape[0] == 2 * batch for values in captured for v in values):
+                    return (
+                        [tuple(v[:batch] for v in values) for values in captured],
+                        [tuple(v[batch:] for v in values) for values in captured],
+                    )
+            # Batch statistics (training mode) or values not batched along dimension 0: the
+            # inputs and the baselines need passes of their own.
+            at_inputs = capture_layers(
+                lambda: self.forward_func(*inputs, *(args or ())), layers, on_input
+            )
+            at_starts = capture_layers(
+                lambda: self.forward_func(*starts, *(args or ())), layers, on_input
+            )
+        return at_inputs, at_starts
+
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        baselines: BaselineType = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
+    ) -> LayerAttributions | tuple[LayerAttributions, Tensor]:
+        """Attribute the selected output of ``forward_func`` to the layer's values.
+
+        Args:
+            inputs: the model's inputs: a tensor or a tuple of tensors (integers allowed,
+                e.g. token ids), with the examples along dimension 0.
+            baselines: the model's inputs at the start of the path, in the forms
+                ``IntegratedGradients.attribute`` accepts (None: zeros).
+            target: which output to attribute, as in ``IntegratedGradients.attribute``.
+            additional_forward_args: further arguments of ``forward_func``, as in
+                ``IntegratedGradients.attribute``.
+            n_steps: the number of quadrature nodes. Default: 50.
+            method: the quadrature rule, as in ``IntegratedGradients.attribute``.
+            internal_batch_size: at most how many path points to run at once (captum's
+                meaning); None sizes the chunks from free memory.
+            return_convergence_delta: also return captum's convergence delta per example
+                (the sum of all layers' attributions against the model's output change).
+            attribute_to_layer_input: attribute the layer's input instead of its output.
+            grad_kwargs: extra keyword arguments of ``torch.autograd.grad``.
+
+        Returns:
+            For one layer, a tensor shaped as its output (or input), or a tuple when it has
+            several; for a list of layers, a list of those. With
+            ``return_convergence_delta``, the pair ``(attributions, delta)``.
+        """
+        layers = as_layer_list(self.layer)
+        check_layers_in_model(self.forward_func, layers, "layer")
+        model_inputs = as_tensor_tuple(inputs)
+        baseline_tuple = format_baselines(baselines, model_inputs)
+        starts = tuple(b.expand_as(x).contiguous() for b, x in zip(baseline_tuple, model_inputs))
+        check_steps(method, n_steps)
+        batch = model_inputs[0].shape[0]
+        check_target(target, batch)
+        args = format_additional_args(additional_forward_args)
+        check_additional_args(args, batch)
+        steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)
+
+        at_inputs, at_starts = self._layer_values(
+            model_inputs, starts, args, attribute_to_layer_input
+        )
+        counts = [len(values) for values in at_inputs]
+        ends = tuple(v for values in at_inputs for v in values)
+        path_starts = tuple(v for values in at_starts for v in values)
+        check_floating(ends, "the values of layer", "; choose a layer with floating point values")
+
+        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
+            with replaced_layers(layers, _group(paths, counts), attribute_to_layer_input):
+                output = run_forward(
+                    self.forward_func,
+                    repeat_additional_args(model_inputs, steps),
+                    repeat_target(target, steps),
+                    repeat_additional_args(args, steps),
+                )
+            return per_example(output, steps * batch)
+
+        result = integrate_path(
+            ends,
+            path_starts,
+            evaluate,
+            method=method,
+            n_steps=n_steps,
+            steps_per_chunk=steps_per_chunk,
+            multiply_by_inputs=self.multiplies_by_inputs,
+            model_tensors=model_state_tensors(self.forward_func),
+            grad_kwargs=grad_kwargs,
+        )
+        per_layer = [
+            format_output(len(group) > 1, group) for group in _group(result.attributions, counts)
+        ]
+        attributions = per_layer if isinstance(self.layer, list) else per_layer[0]
+        if not return_convergence_delta:
+            return attributions
+        # The path's own outputs can't stand in for the model's at the inputs and baselines:
+        # branches that bypass the layer saw the inputs all along the path.
+        start_out = forward_per_example(self.forward_func, starts, target, args)
+        end_out = forward_per_example(self.forward_func, model_inputs, target, args)
+        return attributions, result.row_sums - (end_out - start_out)

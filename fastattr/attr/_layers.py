@@ -1,0 +1,139 @@
+"""Reading and replacing a layer's values during a forward pass, with hooks that never
+outlive the call."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Union
+
+from torch import Tensor, nn
+
+from fastattr._path_integral import module_of
+
+LayerValues = tuple[Tensor, ...]
+ModuleOrList = Union[nn.Module, list[nn.Module]]
+
+
+class _LayersReached(BaseException):
+    """Ends a forward pass once every layer of interest has been seen. A BaseException, so that
+    a model's own ``except Exception`` does not swallow it."""
+
+
+def as_layer_list(layer: ModuleOrList, name: str = "layer") -> list[nn.Module]:
+    layers = layer if isinstance(layer, list) else [layer]
+    if not layers or not all(isinstance(m, nn.Module) for m in layers):
+        raise TypeError(f"{name} must be a torch.nn.Module or a non-empty list of them")
+    return layers
+
+
+def check_layers_in_model(forward_func: object, layers: Sequence[nn.Module], name: str) -> None:
+    """When ``forward_func`` is a module, every layer must be one of its submodules."""
+    model = module_of(forward_func)
+    if model is None:
+        return
+    members = {id(m) for m in model.modules()}
+    for i, layer in enumerate(layers):
+        if id(layer) not in members:
+            raise ValueError(
+                f"{name}[{i}] ({type(layer).__name__}) is not a submodule of the model"
+                if len(layers) > 1
+                else f"{name} ({type(layer).__name__}) is not a submodule of the model"
+            )
+
+
+def _as_values(values: Any, layer: nn.Module, name: str) -> LayerValues:
+    values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+    if not all(isinstance(v, Tensor) for v in values):
+        raise TypeError(
+            f"{name} ({type(layer).__name__}) must take and return tensors or tuples of "
+            f"tensors to be attributed, got {[type(v).__name__ for v in values]}"
+        )
+    return values
+
+
+@contextlib.contextmanager
+def _hooks(
+    layers: Sequence[nn.Module], on_input: bool, hook: Callable[[int, Any], Any]
+) -> Iterator[None]:
+    handles = []
+    try:
+        for index, layer in enumerate(layers):
+            if on_input:
+                handles.append(
+                    layer.register_forward_pre_hook(
+                        lambda module, args, index=index: hook(index, args)
+                    )
+                )
+            else:
+                handles.append(
+                    layer.register_forward_hook(
+                        lambda module, args, output, index=index: hook(index, output)
+                    )
+                )
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_all_called(seen: Sequence[Any], layers: Sequence[nn.Module], name: str) -> None:
+    missing = [type(layers[i]).__name__ for i, value in enumerate(seen) if value is None]
+    if missing:
+        raise ValueError(
+            f"{name} was never called by forward_func ({', '.join(missing)}): "
+            "pass a module that the forward pass runs"
+        )
+
+
+def capture_layers(
+    run: Callable[[], Any],
+    layers: Sequence[nn.Module],
+    on_input: bool,
+    name: str = "layer",
+    detach: bool = True,
+) -> list[LayerValues]:
+    """Each layer's output (or input) in the forward pass that ``run`` starts (its first call
+    when a layer runs more than once). The pass stops as soon as every layer has been seen:
+    what comes after never runs, forward or backward."""
+    seen: list[LayerValues | None] = [None] * len(layers)
+
+    def record(index: int, values: Any) -> None:
+        if seen[index] is None:
+            captured = _as_values(values, layers[index], name)
+            seen[index] = tuple(v.detach() for v in captured) if detach else captured
+        if all(s is not None for s in seen):
+            raise _LayersReached
+
+    with _hooks(layers, on_input, record):
+        try:
+            run()
+        except _LayersReached:
+            pass
+    _check_all_called(seen, layers, name)
+    return seen  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def replaced_layers(
+    layers: Sequence[nn.Module],
+    replacements: Sequence[LayerValues],
+    on_input: bool,
+    name: str = "layer",
+) -> Iterator[None]:
+    """Within the block, each layer's output (or input) is replaced by the given tensors."""
+    called = [None] * len(layers)
+
+    def replace(index: int, values: Any) -> Any:
+        _as_values(values, layers[index], name)
+        called[index] = True
+        new = replacements[index]
+        if isinstance(values, list):
+            return list(new)
+        if on_input or isinstance(values, tuple):
+            return tuple(new)
+        return new[0]
+
+    with _hooks(layers, on_input, replace):
+        yield
+    _check_all_called(called, layers, name)

@@ -1,0 +1,170 @@
+"""NeuronIntegratedGradients: captum's API; the forward pass stops at the neuron's layer, so
+the rest of the model never runs, forward or backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from fastattr._formatting import (
+    BaselineType,
+    TensorOrTuple,
+    as_tensor_tuple,
+    check_additional_args,
+    check_floating,
+    format_additional_args,
+    format_baselines,
+    format_output,
+    per_example,
+    repeat_additional_args,
+)
+from fastattr._path_integral import integrate_path, model_state_tensors, steps_per_chunk_for
+from fastattr._quadrature import check_steps
+from fastattr.attr._base import PathAttribution
+from fastattr.attr._layers import LayerValues, capture_layers, check_layers_in_model
+
+NeuronSelector = Union[int, tuple[Union[int, slice], ...], Callable[..., Tensor]]
+
+
+def select_neuron(values: LayerValues, selector: NeuronSelector, rows: int) -> Tensor:
+    """The selected neuron's value per row; slices select a region, summed per row."""
+    if callable(selector):
+        selected = selector(values if len(values) > 1 else values[0])
+        if not isinstance(selected, Tensor):
+            raise TypeError(
+                f"a callable neuron_selector must return a tensor, got {type(selected).__name__}"
+            )
+    else:
+        if len(values) > 1:
+            raise ValueError(
+                f"the layer gives {len(values)} tensors: neuron_selector must be a callable "
+                "that picks the neuron from the tuple"
+            )
+        layer_value = values[0]
+        index = (selector,) if isinstance(selector, int) else selector
+        if not isinstance(index, tuple) or not all(isinstance(i, (int, slice)) for i in index):
+            raise TypeError(
+                "neuron_selector must be an int, a tuple of ints and slices, or a callable, "
+                f"got {selector!r}"
+            )
+        if len(index) > layer_value.dim() - 1:
+            raise ValueError(
+                f"neuron_selector {selector!r} has more indices than the layer's values of "
+                f"shape {list(layer_value.shape)} have dimensions after the batch"
+            )
+        for dim, i in enumerate(index, start=1):
+            size = layer_value.shape[dim]
+            if isinstance(i, int) and not -size <= i < size:
+                raise IndexError(
+                    f"neuron_selector index {i} is out of range for dimension {dim} of the "
+                    f"layer's values of shape {list(layer_value.shape)}"
+                )
+        selected = layer_value[(slice(None), *index)]
+        if any(isinstance(i, slice) for i in index):
+            selected = selected.reshape(rows, -1).sum(1)
+    if selected.numel() != rows:
+        raise ValueError(
+            "neuron_selector must select one value per example, got shape "
+            f"{list(selected.shape)} for {rows} rows: index every dimension after the batch, "
+            "or use slices to sum a region"
+        )
+    return selected.reshape(rows)
+
+
+class NeuronIntegratedGradients(PathAttribution):
+    """Integrated Gradients of one neuron of a layer with respect to the model's inputs, as
+    ``captum.attr.NeuronIntegratedGradients``.
+
+    Only the part of the model up to the layer runs: the forward pass stops there.
+
+    Args:
+        forward_func: the model or any callable returning its output.
+        layer: the module whose output (or input) holds the neuron.
+        device_ids: accepted for captum compatibility; the forward function runs as given.
+        multiply_by_inputs: multiply by ``inputs - baselines``. Default: True.
+    """
+
+    def __init__(
+        self,
+        forward_func: Any,
+        layer: nn.Module,
+        device_ids: list[int] | None = None,
+        multiply_by_inputs: bool = True,
+    ) -> None:
+        super().__init__(forward_func, multiply_by_inputs)
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+        self.layer = layer
+        self.device_ids = device_ids
+
+    def has_convergence_delta(self) -> bool:
+        """A neuron's integrated gradients come without a convergence delta: False."""
+        return False
+
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        neuron_selector: NeuronSelector,
+        baselines: BaselineType = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        attribute_to_neuron_input: bool = False,
+    ) -> TensorOrTuple:
+        """Attribute one neuron of the layer to ``inputs``.
+
+        Args:
+            inputs: a tensor or a tuple of floating point tensors, examples along dimension 0.
+            neuron_selector: the neuron: an int or a tuple of ints indexing the layer's values
+                after the batch dimension; slices in the tuple select a region whose values
+                are summed; or a callable taking the layer's values (a tensor, or a tuple for
+                a layer with several) and returning one value per example.
+            baselines: where each path starts, as in ``IntegratedGradients.attribute``.
+            additional_forward_args: further arguments of ``forward_func``.
+            n_steps: the number of quadrature nodes. Default: 50.
+            method: the quadrature rule, as in ``IntegratedGradients.attribute``.
+            internal_batch_size: at most how many path points to run at once (captum's
+                meaning); None sizes the chunks from free memory.
+            attribute_to_neuron_input: take the neuron from the layer's input instead of its
+                output.
+
+        Returns:
+            The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
+            tuple).
+        """
+        check_layers_in_model(self.forward_func, [self.layer], "layer")
+        is_tuple = isinstance(inputs, tuple)
+        ends = as_tensor_tuple(inputs)
+        check_floating(ends, "inputs")
+        starts = format_baselines(baselines, ends)
+        check_steps(method, n_steps)
+        batch = ends[0].shape[0]
+        args = format_additional_args(additional_forward_args)
+        check_additional_args(args, batch)
+
+        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
+            repeated_args = repeat_additional_args(args, steps)
+            (values,) = capture_layers(
+                lambda: self.forward_func(*paths, *repeated_args),
+                [self.layer],
+                attribute_to_neuron_input,
+                detach=False,
+            )
+            return per_example(select_neuron(values, neuron_selector, steps * batch), steps * batch)
+
+        with torch.enable_grad():
+            result = integrate_path(
+                ends,
+                starts,
+                evaluate,
+                method=method,
+                n_steps=n_steps,
+                steps_per_chunk=steps_per_chunk_for(internal_batch_size, batch),
+                multiply_by_inputs=self.multiplies_by_inputs,
+                model_tensors=model_state_tensors(self.forward_func),
+            )
+        return format_output(is_tuple, result.attributions)
