@@ -1,4 +1,4 @@
-"""``python -m fastattr info`` (and, installed, the ``fastattr`` console script)."""
+"""``python -m fastattr info|bench`` (and, installed, the ``fastattr`` console script)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+
+from fastattr.bench import cli as bench_cli
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -19,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastattr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print how fastattr was built").set_defaults(run=_info)
+    bench_cli.add_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,154 @@
+"""The benchmark's built-in models: defined here, seeded, nothing downloaded.
+
+Every activation is its own module instance (no module is called twice in a forward), so
+module hooks — which Captum's LRP and the layer methods rely on — see each use separately.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+IMAGE_SHAPE = (3, 32, 32)
+MLP_FEATURES = 64
+NUM_CLASSES = 10
+VOCAB_SIZE = 1000
+SEQUENCE_LENGTH = 32
+PAD_TOKEN = 0
+
+
+class MLP(nn.Module):
+    """64 features, two hidden layers of 256, 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(MLP_FEATURES, 256)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(256, 256)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(256, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+
+class SmallCNN(nn.Module):
+    """Two conv + ReLU + max-pool stages and a linear head on 3x32x32 images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(32 * 8 * 8, 64)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        # torch.flatten rather than nn.Flatten: Captum's LRP has no rule for nn.Flatten.
+        return self.fc2(self.relu3(self.fc1(torch.flatten(x, 1))))
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the (projected, when the shape changes) input, then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-style CNN: a conv-BN-ReLU stem, three residual blocks, global average pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+        self.relu = nn.ReLU()
+        self.block1 = ResidualBlock(16, 16, 1)
+        self.block2 = ResidualBlock(16, 32, 2)
+        self.block3 = ResidualBlock(32, 64, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block3(self.block2(self.block1(self.relu(self.stem(x)))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+class TextTransformer(nn.Module):
+    """Token ids -> embedding + learned positions -> two encoder layers -> mean pool -> classes.
+
+    ``classify`` runs everything after the token embedding, so the benchmark's floor for
+    LayerIntegratedGradients can start from an interpolated embedding.
+    """
+
+    def __init__(self, dim: int = 64, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB_SIZE, dim, padding_idx=PAD_TOKEN)
+        self.positions = nn.Parameter(torch.randn(SEQUENCE_LENGTH, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 4)
+
+    def classify(self, embedded: Tensor) -> Tensor:
+        hidden = self.encoder(embedded + self.positions[: embedded.shape[1]])
+        return self.head(hidden.mean(dim=1))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.classify(self.embedding(tokens))
+
+
+def _build(cls: type[nn.Module], seed: int) -> nn.Module:
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = cls()
+        # Non-trivial BatchNorm statistics, so eval mode is not an identity.
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                nn.init.uniform_(module.weight, 0.5, 1.5)
+                nn.init.uniform_(module.bias, -0.1, 0.1)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.eval()
+
+
+def mlp() -> nn.Module:
+    return _build(MLP, 0)
+
+
+def cnn() -> nn.Module:
+    return _build(SmallCNN, 1)
+
+
+def resnet() -> nn.Module:
+    return _build(SmallResNet, 2)
+
+
+def transformer() -> nn.Module:
+    return _build(TextTransformer, 3)

@@ -1,0 +1,163 @@
+"""The benchmark report as a text table, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("case", "<"),
+    ("batch", ">"),
+    ("impl", "<"),
+    ("examples/s", ">"),
+    ("vs captum", ">"),
+    ("time/floor", ">"),
+    ("peak MiB", ">"),
+    ("err vs ref", ">"),
+    ("err vs captum", ">"),
+)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _row(result: dict[str, Any], name: str, record: dict[str, Any]) -> list[str]:
+    status = record["status"]
+    if status != "ok":
+        shown = "OOM" if status == "oom" else "error"
+        return [result["case"], str(result["batch"]), name, shown, *["-"] * 5]
+    speedup = record.get("speedup_vs_captum")
+    peak = record.get("peak_bytes")
+    return [
+        result["case"],
+        str(result["batch"]),
+        name,
+        _number(record.get("examples_per_s"), ".4g"),
+        "-" if speedup is None or name == "captum" else f"{speedup:.2f}x",
+        _number(record.get("time_over_floor"), ".2f"),
+        "-" if peak is None else f"{peak / 2**20:.1f}",
+        _number(record.get("rel_err_reference"), ".1e"),
+        _number(record.get("rel_err_captum"), ".1e"),
+    ]
+
+
+def table(report: dict[str, Any], markdown: bool = False) -> str:
+    """One row per case, batch and implementation; the notes and how things were measured."""
+    rows = [
+        _row(result, name, record)
+        for result in report["results"]
+        for name, record in result["implementations"].items()
+    ]
+    headers = [name for name, _ in COLUMNS]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.ljust(width) if align == "<" else cell.rjust(width)
+            for cell, width, (_, align) in zip(cells, widths, COLUMNS)
+        ]
+        return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded)
+
+    out = [line(headers)]
+    if markdown:
+        out.append(
+            "|"
+            + "|".join(
+                "-" * (w + 1) + ":" if a == ">" else ":" + "-" * (w + 1)
+                for w, (_, a) in zip(widths, COLUMNS)
+            )
+            + "|"
+        )
+    else:
+        out.append("  ".join("-" * w for w in widths))
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def legend(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    lines = [
+        f"device: {meta['device_name']} ({meta['device']}); torch {meta['torch_version']}, "
+        f"{meta['torch_threads']} threads; captum {meta['captum_version'] or 'not installed'}; "
+        f"fastattr backend {meta['build']['backend']}",
+        f"n_steps {meta['n_steps']} (IG methods; the floor runs the same n_steps * batch rows); "
+        f"timing: {meta['timing']}, {meta['warmup']} warm-up + {meta['repeats']} repeats",
+        "vs captum: Captum's time / this time; time/floor: this time / the model's own "
+        "forward+backward over the same rows",
+        f"peak MiB: {meta['memory_method'] or 'not measured'}",
+        "err: max |fastattr - ref| / max |ref| against the reference backend and Captum",
+    ]
+    lines += [f"note: {note}" for note in report["notes"]]
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+
+
+def plot(report: dict[str, Any], path: Path) -> str | None:
+    """Throughput against batch size, one panel per method, one line per implementation
+    (and model). Returns why no plot was drawn, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    methods = list(dict.fromkeys(result["method"] for result in report["results"]))
+    if not methods:
+        return "nothing was measured: no plot"
+    figure, axes = plt.subplots(
+        1, len(methods), figsize=(4.2 * len(methods), 3.8), squeeze=False, sharey=False
+    )
+    colors = {"fastattr": "tab:blue", "captum": "tab:orange", "floor": "tab:gray"}
+    markers = ["o", "s", "^", "D", "v"]
+    for axis, method in zip(axes[0], methods):
+        results = [r for r in report["results"] if r["method"] == method]
+        model_names = list(dict.fromkeys(r["model"] for r in results))
+        for model_index, model in enumerate(model_names):
+            for impl, color in colors.items():
+                points = [
+                    (r["batch"], r["implementations"][impl]["examples_per_s"])
+                    for r in results
+                    if r["model"] == model
+                    and "examples_per_s" in r["implementations"].get(impl, {})
+                ]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                axis.plot(
+                    xs,
+                    ys,
+                    color=color,
+                    marker=markers[model_index % len(markers)],
+                    linestyle="--" if impl == "floor" else "-",
+                    label=f"{impl} ({model})",
+                )
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_title(method)
+        axis.set_xlabel("batch size")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    axes[0][0].set_ylabel("examples / s")
+    meta = report["meta"]
+    figure.suptitle(f"fastattr bench: {meta['device_name']}, n_steps {meta['n_steps']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return None

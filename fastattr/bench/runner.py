@@ -1,0 +1,420 @@
+"""Runs the benchmark cases: fastattr, Captum (when installed) and the floor, side by side.
+
+For every case and batch size each implementation first runs once on its own (which checks it
+works and gives the attributions to compare), then all that worked are timed together with
+:func:`fastattr.bench.timing.interleaved_medians`. Running out of memory, or any other
+failure, is recorded for that implementation and batch; the benchmark goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import fastattr
+from fastattr.bench import memory
+from fastattr.bench.cases import Case, select
+from fastattr.bench.timing import interleaved_medians
+
+IMPLEMENTATIONS = ("fastattr", "captum", "floor")
+# fastattr's float32 attributions must agree this closely with the reference backend's and
+# Captum's; a larger error is reported as a failed check.
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Config:
+    device: torch.device
+    batch_sizes: tuple[int, ...]
+    n_steps: int
+    cases: tuple[Case, ...]
+    warmup: int
+    repeats: int
+    measure_memory: bool = True
+    progress: bool = True
+
+
+def _captum_attr() -> ModuleType | None:
+    try:
+        return importlib.import_module("captum.attr")
+    except ImportError:
+        return None
+
+
+def captum_version() -> str | None:
+    try:
+        return importlib.import_module("captum").__version__
+    except ImportError:
+        return None
+
+
+def _fastattr_class(method: str) -> type | None:
+    return getattr(fastattr, method, None)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    # Allocation failures inside the CPU allocator and cuBLAS arrive as RuntimeErrors.
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _failure(error: BaseException) -> dict[str, Any]:
+    _release_memory()
+    if is_out_of_memory(error):
+        return {"status": "oom"}
+    return {"status": "error", "message": f"{type(error).__name__}: {error}"[:300]}
+
+
+class Implementation:
+    """One contender on one case: its own copy of the model and how to make a timed call."""
+
+    def __init__(self, prepare: Callable[[Tensor, Tensor, int], Callable[[], Any]]) -> None:
+        self.prepare = prepare
+
+
+def _attributor_call(case: Case, attributor: Any, quiet: bool) -> Implementation:
+    def prepare(inputs: Tensor, baselines: Tensor, n_steps: int) -> Callable[[], Any]:
+        def call() -> Any:
+            if not quiet:
+                return case.attribute(attributor, inputs, baselines, n_steps)
+            # Captum warns on every call that it set requires_grad on the inputs.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return case.attribute(attributor, inputs, baselines, n_steps)
+
+        return call
+
+    return Implementation(prepare)
+
+
+def implementations(case: Case, device: torch.device) -> dict[str, Implementation | dict[str, Any]]:
+    """Each contender of ``case`` ready to run, or the reason it cannot run at all."""
+    model = case.make_model().to(device)
+    contenders: dict[str, Implementation | dict[str, Any]] = {}
+    fast_cls = _fastattr_class(case.method)
+    if fast_cls is None:
+        return {}
+    try:
+        contenders["fastattr"] = _attributor_call(
+            case, case.construct(fast_cls, copy.deepcopy(model)), quiet=False
+        )
+    except Exception as error:
+        contenders["fastattr"] = _failure(error)
+    captum_attr = _captum_attr()
+    if captum_attr is not None:
+        try:
+            captum_cls = getattr(captum_attr, case.method)
+            contenders["captum"] = _attributor_call(
+                case, case.construct(captum_cls, copy.deepcopy(model)), quiet=True
+            )
+        except Exception as error:
+            contenders["captum"] = _failure(error)
+    floor_model = copy.deepcopy(model)
+    contenders["floor"] = Implementation(
+        lambda inputs, baselines, n_steps: case.floor(floor_model, inputs, baselines, n_steps)
+    )
+    return contenders
+
+
+def _flat(result: Any) -> Tensor:
+    tensors = result if isinstance(result, (tuple, list)) else (result,)
+    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+
+
+def relative_error(result: Any, reference: Any) -> float:
+    """``max |result - reference| / max |reference|`` (the absolute error if the reference is 0)."""
+    got, want = _flat(result), _flat(reference)
+    if got.shape != want.shape:
+        return math.inf
+    if got.numel() == 0:
+        return 0.0
+    scale = want.abs().max().item()
+    error = (got - want).abs().max().item()
+    return error / scale if scale > 0 else error
+
+
+def _batch(case: Case, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(batch)
+    inputs, baselines = case.make_batch(batch, generator)
+    return inputs.to(device), baselines.to(device)
+
+
+class _Guarded:
+    """A timed call that records running out of memory instead of raising."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.call = call
+        self.failure: dict[str, Any] | None = None
+
+    def __call__(self) -> None:
+        if self.failure is not None:
+            return
+        try:
+            self.call()
+        except Exception as error:
+            self.failure = _failure(error)
+
+
+def _measure_batch(
+    case: Case,
+    contenders: dict[str, Implementation | dict[str, Any]],
+    batch: int,
+    config: Config,
+) -> dict[str, Any]:
+    device = config.device
+    inputs, baselines = _batch(case, batch, device)
+    records: dict[str, dict[str, Any]] = {}
+    calls: dict[str, Callable[[], Any]] = {}
+    outputs: dict[str, Any] = {}
+    for name, contender in contenders.items():
+        if not isinstance(contender, Implementation):
+            records[name] = dict(contender)
+            continue
+        try:
+            call = contender.prepare(inputs, baselines, config.n_steps)
+            outputs[name] = call()
+            record: dict[str, Any] = {"status": "ok"}
+            if device.type == "cuda" and config.measure_memory:
+                record["peak_bytes"] = memory.peak_bytes(call, device)
+        except Exception as error:
+            outputs.pop(name, None)
+            records[name] = _failure(error)
+            continue
+        records[name] = record
+        calls[name] = call
+    if "fastattr" in outputs:
+        fast = records["fastattr"]
+        try:
+            with fastattr.use_backend("reference"):
+                reference = calls["fastattr"]()
+            fast["rel_err_reference"] = relative_error(outputs["fastattr"], reference)
+        except Exception as error:
+            fast["reference_error"] = f"{type(error).__name__}: {error}"[:300]
+        if "captum" in outputs:
+            fast["rel_err_captum"] = relative_error(outputs["fastattr"], outputs["captum"])
+    outputs.clear()
+
+    guarded = {name: _Guarded(call) for name, call in calls.items()}
+    if guarded:
+        medians = interleaved_medians(
+            guarded, device=device, warmup=config.warmup, repeats=config.repeats
+        )
+        for name, guard in guarded.items():
+            if guard.failure is not None:
+                records[name] = guard.failure
+            else:
+                records[name]["seconds"] = medians[name]
+                records[name]["examples_per_s"] = batch / medians[name]
+    _release_memory()
+
+    floor_s = records.get("floor", {}).get("seconds")
+    captum_s = records.get("captum", {}).get("seconds")
+    for record in records.values():
+        seconds = record.get("seconds")
+        if seconds:
+            if captum_s:
+                record["speedup_vs_captum"] = captum_s / seconds
+            if floor_s:
+                record["time_over_floor"] = seconds / floor_s
+    return {
+        "case": case.name,
+        "method": case.method,
+        "model": case.model,
+        "batch": batch,
+        "n_steps": config.n_steps if case.uses_path else None,
+        "implementations": records,
+    }
+
+
+def memory_worker(request: dict[str, Any]) -> dict[str, Any]:
+    """Peak bytes of every contender on every case and batch of ``request`` (see ``run``)."""
+    device = torch.device(request["device"])
+    cases = {case.name: case for case in select()}
+    peaks: dict[str, dict[str, dict[str, Any]]] = {}
+    for case_name in request["cases"]:
+        case = cases[case_name]
+        contenders = implementations(case, device)
+        peaks[case_name] = {}
+        for batch in request["batch_sizes"]:
+            inputs, baselines = _batch(case, batch, device)
+            per_batch: dict[str, Any] = {}
+            for name, contender in contenders.items():
+                if not isinstance(contender, Implementation):
+                    continue
+                try:
+                    call = contender.prepare(inputs, baselines, request["n_steps"])
+                    call()  # first call: lazy set-up, hooks, caches
+                    per_batch[name] = memory.peak_bytes(call, device)
+                except Exception as error:
+                    per_batch[name] = _failure(error)["status"]
+            peaks[case_name][str(batch)] = per_batch
+    return peaks
+
+
+def _cpu_peaks(config: Config, cases: list[Case], notes: list[str]) -> dict[str, Any]:
+    if not memory.cpu_measurement_supported():
+        notes.append("peak memory not measured: needs Linux's /proc/self/clear_refs")
+        return {}
+    request = {
+        "device": "cpu",
+        "cases": [case.name for case in cases],
+        "batch_sizes": list(config.batch_sizes),
+        "n_steps": config.n_steps,
+    }
+    try:
+        return memory.measure_in_worker(request)
+    except Exception as error:
+        notes.append(f"peak memory not measured: {error}")
+        return {}
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc="fastattr bench", unit="run", file=sys.stderr)
+        except ImportError:
+            pass
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            processor = next(
+                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return f"{processor}, {os.cpu_count()} CPU cores"
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Measures every case of ``config``; returns the report that ``report`` prints and saves."""
+    notes: list[str] = []
+    if _captum_attr() is None:
+        notes.append("captum is not installed: no Captum column")
+    runnable: list[Case] = []
+    for case in config.cases:
+        if _fastattr_class(case.method) is None:
+            note = f"skipped {case.method}: fastattr.{case.method} does not exist yet"
+            if note not in notes:
+                notes.append(note)
+        else:
+            runnable.append(case)
+
+    results: list[dict[str, Any]] = []
+    bar = _progress(len(runnable) * len(config.batch_sizes), config.progress)
+    try:
+        for case in runnable:
+            contenders = implementations(case, config.device)
+            for batch in config.batch_sizes:
+                if bar is not None:
+                    bar.set_postfix_str(f"{case.name} batch {batch}")
+                results.append(_measure_batch(case, contenders, batch, config))
+                if bar is not None:
+                    bar.update()
+            del contenders
+            _release_memory()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    memory_method = None
+    if config.measure_memory and runnable:
+        if config.device.type == "cuda":
+            memory_method = memory.CUDA_METHOD
+        else:
+            print("measuring peak memory in a worker process ...", file=sys.stderr)
+            peaks = _cpu_peaks(config, runnable, notes)
+            if peaks:
+                memory_method = memory.CPU_METHOD
+            for result in results:
+                by_impl = peaks.get(result["case"], {}).get(str(result["batch"]), {})
+                for name, record in result["implementations"].items():
+                    if isinstance(by_impl.get(name), int) and record["status"] == "ok":
+                        record["peak_bytes"] = by_impl[name]
+
+    return {
+        "meta": {
+            "device": config.device.type,
+            "device_name": device_name(config.device),
+            "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "captum_version": captum_version(),
+            "fastattr_version": fastattr.__version__,
+            "build": fastattr.build_info(),
+            "python_version": platform.python_version(),
+            "batch_sizes": list(config.batch_sizes),
+            "n_steps": config.n_steps,
+            "warmup": config.warmup,
+            "repeats": config.repeats,
+            "timing": (
+                "median of interleaved repeats after warm-ups"
+                + (", CUDA-synchronized" if config.device.type == "cuda" else "")
+            ),
+            "memory_method": memory_method,
+            "tolerance": TOLERANCE,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "notes": notes,
+        "results": results,
+    }
+
+
+def failed_checks(report: dict[str, Any]) -> list[str]:
+    """fastattr results that errored or disagree with the reference backend or Captum."""
+    problems = []
+    for result in report["results"]:
+        fast = result["implementations"].get("fastattr")
+        if fast is None:
+            continue
+        where = f"{result['case']} batch {result['batch']}"
+        if fast["status"] == "error":
+            problems.append(f"{where}: fastattr failed: {fast.get('message')}")
+        if "reference_error" in fast:
+            problems.append(f"{where}: reference backend failed: {fast['reference_error']}")
+        for key in ("rel_err_reference", "rel_err_captum"):
+            error = fast.get(key)
+            if error is not None and not error <= TOLERANCE:
+                problems.append(f"{where}: {key} = {error:.3g} > {TOLERANCE:g}")
+    return problems
+
+
+def _main_memory_worker(lines: Iterable[str]) -> None:
+    request = json.loads("".join(lines))
+    torch.manual_seed(0)
+    print(json.dumps(memory_worker(request)))
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--memory-worker"]:
+    _main_memory_worker(sys.stdin)

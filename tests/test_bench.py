@@ -1,0 +1,178 @@
+"""`fastattr bench`: the CLI's quick path on a tiny configuration, its report, and how it
+reports a contender running out of memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastattr
+from fastattr.__main__ import main
+from fastattr.bench import cases, models, report, runner
+from fastattr.bench.cases import METHODS
+
+captum_attr = pytest.importorskip("captum.attr")
+
+AVAILABLE = [method for method in METHODS if hasattr(fastattr, method)]
+TINY = ["--quick", "--batch-sizes", "2", "--n-steps", "4", "--repeats", "1", "--warmup", "0"]
+
+
+def _bench(tmp_path, *extra: str) -> tuple[int, dict]:
+    code = main(
+        ["bench", "--device", "cpu", *TINY, "--no-progress", "--out", str(tmp_path), *extra]
+    )
+    return code, json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_quick_run_reports_every_available_method(tmp_path, capsys):
+    # One model per method keeps this fast; memory is measured in its worker process.
+    models_arg = "mlp,transformer"
+    code, result = _bench(tmp_path, "--models", models_arg)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+    meta = result["meta"]
+    assert meta["device"] == "cpu" and meta["n_steps"] == 4 and meta["batch_sizes"] == [2]
+    assert meta["captum_version"] is not None and meta["memory_method"] is not None
+    measured = {r["method"] for r in result["results"]}
+    assert measured == set(AVAILABLE)
+    for method in set(METHODS) - set(AVAILABLE):
+        assert any(method in note for note in result["notes"])
+
+    for entry in result["results"]:
+        impls = entry["implementations"]
+        assert set(impls) == {"fastattr", "captum", "floor"}
+        for name, record in impls.items():
+            assert record["status"] == "ok", (entry["case"], name, record)
+            assert record["seconds"] > 0
+            assert record["examples_per_s"] == pytest.approx(2 / record["seconds"])
+            assert record["peak_bytes"] >= 0
+        fast = impls["fastattr"]
+        assert fast["rel_err_reference"] <= runner.TOLERANCE
+        assert fast["rel_err_captum"] <= runner.TOLERANCE
+        assert fast["speedup_vs_captum"] == pytest.approx(
+            impls["captum"]["seconds"] / fast["seconds"]
+        )
+        assert fast["time_over_floor"] == pytest.approx(fast["seconds"] / impls["floor"]["seconds"])
+        assert entry["case"] in out
+
+
+@pytest.mark.skipif("IntegratedGradients" not in AVAILABLE, reason="needs fastattr's IG")
+def test_captum_out_of_memory_is_reported_not_raised(tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(captum_attr.IntegratedGradients, "attribute", out_of_memory)
+    code, result = _bench(tmp_path, "--methods", "ig", "--models", "mlp", "--no-memory")
+    out = capsys.readouterr().out
+    assert code == 0
+    (entry,) = result["results"]
+    impls = entry["implementations"]
+    assert impls["captum"] == {"status": "oom"}
+    assert impls["fastattr"]["status"] == impls["floor"]["status"] == "ok"
+    assert "rel_err_captum" not in impls["fastattr"]
+    assert "speedup_vs_captum" not in impls["fastattr"]
+    assert any(line.split()[2:4] == ["captum", "OOM"] for line in out.splitlines())
+
+
+def test_out_of_memory_during_timing_is_recorded():
+    calls = []
+
+    def flaky():
+        calls.append(None)
+        if len(calls) > 1:
+            raise MemoryError
+
+    guarded = runner._Guarded(flaky)
+    guarded()
+    assert guarded.failure is None
+    guarded()
+    guarded()
+    assert guarded.failure == {"status": "oom"} and len(calls) == 2
+
+
+def test_a_failing_fastattr_fails_the_check():
+    failing = {
+        "results": [
+            {
+                "case": "ig-mlp",
+                "batch": 1,
+                "implementations": {
+                    "fastattr": {"status": "ok", "rel_err_reference": 0.0, "rel_err_captum": 0.5}
+                },
+            },
+            {
+                "case": "ig-cnn",
+                "batch": 1,
+                "implementations": {"fastattr": {"status": "error", "message": "boom"}},
+            },
+        ]
+    }
+    problems = runner.failed_checks(failing)
+    assert len(problems) == 2
+    assert "rel_err_captum" in problems[0] and "boom" in problems[1]
+
+
+def test_relative_error():
+    reference = torch.tensor([[1.0, -4.0], [2.0, 0.0]])
+    assert runner.relative_error(reference.clone(), reference) == 0.0
+    assert runner.relative_error(reference + 0.5, reference) == pytest.approx(0.5 / 4.0)
+    assert runner.relative_error((reference,), (reference * 2,)) == pytest.approx(0.5)
+    assert runner.relative_error(reference[:1], reference) == float("inf")
+
+
+def test_bad_arguments_are_refused(capsys):
+    assert main(["bench", "--device", "cpu", "--methods", "shap", "--no-progress"]) == 2
+    assert "unknown method 'shap'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch-sizes", "0,4"])
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_selecting_cases():
+    assert {c.method for c in cases.select(["lrp", "IntegratedGradients"])} == {
+        "LRP",
+        "IntegratedGradients",
+    }
+    assert all(c.model == "cnn" for c in cases.select(None, ["cnn"]))
+    with pytest.raises(ValueError, match="unknown model"):
+        cases.select(None, ["vit"])
+
+
+@pytest.mark.parametrize("case", cases.CASES, ids=lambda case: case.name)
+def test_floor_gradient_matches_autograd_on_the_same_rows(case):
+    """The floor is a real forward+backward: its gradient has the path's shape and is not 0."""
+    model = case.make_model()
+    inputs, baselines = case.make_batch(2, torch.Generator().manual_seed(0))
+    (grad,) = case.floor(model, inputs, baselines, 3)()
+    rows = 2 * 3 if case.uses_path else 2
+    assert grad.shape[0] == rows and grad.abs().sum() > 0
+
+
+def test_models_are_deterministic_and_left_in_eval_mode():
+    for factory in (models.mlp, models.cnn, models.resnet, models.transformer):
+        first, second = factory(), factory()
+        assert not first.training
+        for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_table_shows_out_of_memory():
+    fake = {
+        "results": [
+            {
+                "case": "ig-cnn",
+                "batch": 64,
+                "method": "IntegratedGradients",
+                "model": "cnn",
+                "implementations": {"captum": {"status": "oom"}},
+            }
+        ]
+    }
+    (row,) = report.table(fake).splitlines()[2:]
+    assert row.split()[:4] == ["ig-cnn", "64", "captum", "OOM"]
