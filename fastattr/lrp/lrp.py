@@ -1,0 +1,213 @@
+"""LRP and LayerLRP with captum's API and numbers, in one forward and one backward."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from fastattr._formatting import (
+    TargetType,
+    TensorOrTuple,
+    as_tensor_tuple,
+    check_target,
+    format_additional_args,
+    format_output,
+    per_example,
+    run_forward,
+)
+from fastattr.lrp.propagation import Propagation, plan_rules, user_rules
+
+LayerType = Union[nn.Module, list[nn.Module]]
+
+
+def _per_example_sum(tensors: tuple[Tensor, ...]) -> Tensor:
+    return sum(t.reshape(t.shape[0], -1).sum(1) for t in tensors)  # type: ignore[return-value]
+
+
+def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
+    # The backward starts from 1 at the target, as captum's does; scaling at the end gives its
+    # rounding.
+    return relevance * output.reshape((-1,) + (1,) * (relevance.dim() - 1))
+
+
+class LRP:
+    """Layer-wise relevance propagation: the target output, sent back layer by layer by each
+    module's rule (``module.rule``, or the default of its type) down to the inputs.
+
+    The relevance of each example sums to its target output, less what the rules' stabilizers
+    and biases absorb.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        user_rules(model)
+        self.model = model
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """LRP's relevance includes the input factor: always True."""
+        return True
+
+    def has_convergence_delta(self) -> bool:
+        """LRP has a convergence delta: always True."""
+        return True
+
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        verbose: bool = False,
+    ) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
+        """The relevance of every input feature for the target output.
+
+        Args:
+            inputs: a tensor, or a tuple of tensors, with the examples along dimension 0.
+            target: the output to explain, in captum's forms: None for a model with one output
+                per example, an int or a one-element tensor for the same column of every example,
+                a tuple of indices after the batch dimension, or a list / (B,) tensor with one
+                index per example.
+            additional_forward_args: further arguments of the model, after the inputs; not
+                attributed.
+            return_convergence_delta: also return the per-example delta of
+                :meth:`compute_convergence_delta`.
+            verbose: print the rule applied on each layer.
+
+        Returns:
+            The relevance in the inputs' shapes (a tuple for tuple inputs), and with
+            ``return_convergence_delta`` the (B,) deltas.
+        """
+        is_tuple, tensors, args = self._prepare(inputs, target, additional_forward_args)
+        plan = plan_rules(self.model)
+        with Propagation(self.model, plan, verbose=verbose):
+            grads, output = self._backward(tensors, target, args, ())
+        relevances = tuple(_scaled(g, output) for g in grads)
+        result = format_output(is_tuple, relevances)
+        if return_convergence_delta:
+            return result, self.compute_convergence_delta(relevances, output)
+        return result
+
+    def compute_convergence_delta(self, attributions: TensorOrTuple, output: Tensor) -> Tensor:
+        """Per example, the target output minus the summed relevance: zero when the rules
+        conserve relevance exactly, otherwise what stabilizers and biases absorbed.
+
+        Args:
+            attributions: relevance as returned by ``attribute`` (a tensor or a tuple).
+            output: the target output, one value per example.
+
+        Returns:
+            A (B,) tensor of deltas.
+        """
+        tensors = as_tensor_tuple(attributions, "attributions")
+        if not isinstance(output, Tensor):
+            raise TypeError(f"output must be a tensor, got {type(output).__name__}")
+        return output.flatten() - _per_example_sum(tensors).flatten()
+
+    def _prepare(
+        self, inputs: Any, target: TargetType, additional_forward_args: Any
+    ) -> tuple[bool, tuple[Tensor, ...], tuple[Any, ...] | None]:
+        tensors = as_tensor_tuple(inputs)
+        for i, tensor in enumerate(tensors):
+            if not tensor.is_floating_point():
+                raise TypeError(f"inputs[{i}] must be a floating point tensor, got {tensor.dtype}")
+        check_target(target, tensors[0].shape[0])
+        return isinstance(inputs, tuple), tensors, format_additional_args(additional_forward_args)
+
+    def _backward(
+        self,
+        tensors: tuple[Tensor, ...],
+        target: TargetType,
+        args: tuple[Any, ...] | None,
+        layer_tensors: Any,
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Relevance (normalized to 1 at the target) at the inputs, and the target output."""
+        with torch.enable_grad():
+            leaves = tuple(t.detach().requires_grad_() for t in tensors)
+            # Views give the inputs a grad_fn, which marks them as activations for the
+            # residual-addition rule.
+            output = per_example(
+                run_forward(self.model, tuple(x.view_as(x) for x in leaves), target, args),
+                tensors[0].shape[0],
+            )
+            wanted = leaves + tuple(layer_tensors() if callable(layer_tensors) else ())
+            grads = torch.autograd.grad(output, wanted, torch.ones_like(output), allow_unused=True)
+        grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted))
+        return grads, output.detach()
+
+
+class LayerLRP(LRP):
+    """LRP relevance at the output (or input) of one layer, or of each layer in a list."""
+
+    def __init__(self, model: nn.Module, layer: LayerType) -> None:
+        super().__init__(model)
+        layers = layer if isinstance(layer, list) else [layer]
+        if not layers or not all(isinstance(m, nn.Module) for m in layers):
+            raise TypeError("layer must be a module of the model or a non-empty list of them")
+        owned = set(map(id, model.modules()))
+        for m in layers:
+            if id(m) not in owned:
+                raise ValueError(f"layer {type(m).__name__} is not a module of the model")
+        self.layer = layer
+
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        verbose: bool = False,
+    ) -> Any:
+        """The relevance at the layer's output (or input, with ``attribute_to_layer_input``).
+
+        Arguments as for :meth:`LRP.attribute`. Returns a tensor (a tuple for a layer with
+        several inputs), or a list of those when ``layer`` is a list; with
+        ``return_convergence_delta`` also the (B,) deltas (a list of them for a list of layers).
+        """
+        if not isinstance(attribute_to_layer_input, bool):
+            raise TypeError(
+                "attribute_to_layer_input must be a bool, got "
+                f"{type(attribute_to_layer_input).__name__}"
+            )
+        _, tensors, args = self._prepare(inputs, target, additional_forward_args)
+        layers = self.layer if isinstance(self.layer, list) else [self.layer]
+        plan = plan_rules(self.model)
+        for layer in layers:
+            if plan.rule_of(layer) is None:
+                raise ValueError(
+                    f"layer {type(layer).__name__} carries no LRP rule of its own (it is a "
+                    "container or a reshape), so no relevance is recorded at it: pick one of its "
+                    "submodules, or set a rule on it"
+                )
+        propagation = Propagation(self.model, plan, verbose=verbose, taps=layers)
+
+        def recorded() -> tuple[Tensor, ...]:
+            found = []
+            for layer in layers:
+                if id(layer) not in propagation.tapped:
+                    raise ValueError(f"layer {type(layer).__name__} did not run in the forward")
+                layer_inputs, layer_output = propagation.tapped[id(layer)]
+                found.extend(layer_inputs if attribute_to_layer_input else (layer_output,))
+            return tuple(found)
+
+        with propagation:
+            grads, output = self._backward(tensors, target, args, recorded)
+        grads = grads[len(tensors) :]
+        results: list[TensorOrTuple] = []
+        for layer in layers:
+            count = len(propagation.tapped[id(layer)][0]) if attribute_to_layer_input else 1
+            scaled = tuple(_scaled(g, output) for g in grads[:count])
+            grads = grads[count:]
+            results.append(scaled if len(scaled) > 1 else scaled[0])
+        if not isinstance(self.layer, list):
+            relevance = results[0]
+            if return_convergence_delta:
+                return relevance, self.compute_convergence_delta(relevance, output)
+            return relevance
+        if return_convergence_delta:
+            return results, [self.compute_convergence_delta(r, output) for r in results]
+        return results

@@ -1,0 +1,239 @@
+"""One forward that installs each rule's backward, then one backward that runs them.
+
+:func:`plan_rules` decides, before any work, which rule every module gets (and fails once, listing
+every module type without one). :class:`Propagation` installs the rules as forward hooks for the
+duration of a ``with`` block, routes additions of two activations written with ``+`` in forward
+through the epsilon rule (residual connections), and leaves the model exactly as it found it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from fastattr.lrp._autograd import Product, Ratio
+from fastattr.lrp.rules import (
+    STABILIZER,
+    STRUCTURAL_TYPES,
+    PassRule,
+    PropagationRule,
+    as_rule,
+    default_rule,
+)
+
+
+@dataclass
+class RulePlan:
+    """Every module that carries a rule, with its rule and where it came from."""
+
+    rules: list[tuple[str, nn.Module, PropagationRule, bool]]  # (name, module, rule, user-set)
+
+    def rule_of(self, module: nn.Module) -> PropagationRule | None:
+        return next((rule for _, m, rule, _ in self.rules if m is module), None)
+
+
+def user_rules(model: nn.Module) -> None:
+    """Check every ``module.rule`` the user set (captum's check at construction)."""
+    for name, module in model.named_modules():
+        rule = getattr(module, "rule", None)
+        if rule is not None:
+            as_rule(rule, f"model.{name}" if name else "model")
+
+
+def plan_rules(model: nn.Module) -> RulePlan:
+    """The rule of each module: the user's ``module.rule`` (which then covers the module's
+    submodules), else its type's default on leaves and on modules with parameters of their own.
+
+    Raises a TypeError naming every module type that has neither, before anything runs.
+    """
+    rules: list[tuple[str, nn.Module, PropagationRule, bool]] = []
+    missing: dict[str, list[str]] = {}
+
+    def visit(name: str, module: nn.Module) -> None:
+        where = f"model.{name}" if name else "model"
+        user_rule = getattr(module, "rule", None)
+        if user_rule is not None:
+            rule = as_rule(user_rule, where)
+            reason = rule.unsupported_reason(module)
+            if reason is not None:
+                raise TypeError(f"{where}: {reason}")
+            rules.append((name, module, rule, True))
+            return
+        children = list(module.named_children())
+        own_parameters = next(module.parameters(recurse=False), None) is not None
+        if not children or own_parameters:
+            rule = default_rule(module)
+            if rule is not None:
+                rules.append((name, module, rule, False))
+                return
+            if not isinstance(module, STRUCTURAL_TYPES) or own_parameters:
+                missing.setdefault(type(module).__name__, []).append(where)
+                return
+        for child_name, child in children:
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    if missing:
+        listing = "; ".join(f"{kind} ({', '.join(names)})" for kind, names in missing.items())
+        raise TypeError(
+            f"LRP has no rule for these module types: {listing}. Set a rule on each "
+            "(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate."
+        )
+    return RulePlan(rules)
+
+
+def _on_relevance_path(value: object) -> bool:
+    # Activations derived from the inputs have a grad_fn: the inputs enter the model as views.
+    return isinstance(value, Tensor) and value.grad_fn is not None and value.is_floating_point()
+
+
+class _ResidualAdditions(TorchFunctionMode):
+    """Sends ``a + b`` (and ``a += b``) of two activations through the epsilon rule, the LRP rule
+    of a sum, instead of copying the relevance into both branches; leaves everything else alone.
+
+    Additions inside a module that carries its own rule are the rule's business and are skipped.
+    """
+
+    _OUT_OF_PLACE = (torch.Tensor.add, torch.add)
+
+    def __init__(self, copy: bool) -> None:
+        super().__init__()
+        self.copy = copy
+        self.depth = 0  # > 0 inside a module with a rule
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        in_place = func is torch.Tensor.add_
+        if (
+            (in_place or func in self._OUT_OF_PLACE)
+            and self.depth == 0
+            and len(args) == 2
+            and set(kwargs) <= {"alpha"}
+            and _on_relevance_path(args[0])
+            and _on_relevance_path(args[1])
+        ):
+            return self._add(args[0], args[1], kwargs.get("alpha", 1), in_place)
+        return func(*args, **kwargs)
+
+    def _add(self, a: Tensor, b: Tensor, alpha: float, in_place: bool) -> Tensor:
+        first = Product.apply(a.clone() if in_place else a)
+        second = Product.apply(b if alpha == 1 else alpha * b)
+        total = Ratio.apply(first + second, None, STABILIZER, self.copy or in_place)
+        if not in_place:
+            return total
+        # a.add_(b) must change a itself: write the sum into it, so that its history is the sum.
+        return a.copy_(total)
+
+
+@dataclass
+class Propagation:
+    """Installs the plan's rules on entry; on exit removes every hook and restores the buffers
+    of modules in training mode (running statistics), also when the forward raised."""
+
+    model: nn.Module
+    plan: RulePlan
+    verbose: bool = False
+    taps: Sequence[nn.Module] = ()
+    tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = field(default_factory=dict)
+    _handles: list[RemovableHandle] = field(default_factory=list)
+    _buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    _mode: _ResidualAdditions | None = None
+
+    def __enter__(self) -> Propagation:
+        try:
+            self._save_buffers()
+            copy = any(getattr(m, "inplace", False) is True for m in self.model.modules())
+            self._mode = _ResidualAdditions(copy)
+            for _, module, rule, user_set in self.plan.rules:
+                self._install(module, rule, copy)
+                if self.verbose and (user_set or not isinstance(rule, PassRule)):
+                    print(f"Applied {rule} on layer {module}")
+            self._mode.__enter__()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._mode is not None:
+                self._mode.__exit__(*exc)
+        finally:
+            self._restore()
+
+    def _save_buffers(self) -> None:
+        for module in self.model.modules():
+            if module.training:
+                self._buffers.extend((b, b.clone()) for b in module.buffers(recurse=False))
+
+    def _restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        with torch.no_grad():
+            for buffer, saved in self._buffers:
+                buffer.copy_(saved)
+        self._buffers.clear()
+
+    def _install(self, module: nn.Module, rule: PropagationRule, copy: bool) -> None:
+        tap = any(module is t for t in self.taps)
+        self._handles.append(module.register_forward_pre_hook(self._pre_hook(rule, tap)))
+        self._handles.append(module.register_forward_hook(self._post_hook(rule, tap, copy)))
+
+    def _pre_hook(self, rule: PropagationRule, tap: bool) -> Callable:
+        mode_depth = self._enter_module
+
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            mode_depth(+1)
+            if tap:
+                # A private view per call: its gradient is this module's input relevance alone.
+                args = tuple(a.view_as(a) if isinstance(a, Tensor) else a for a in args)
+                self._record(module, args, None)
+            if not rule.relevance_at_input:
+                return args
+            return tuple(
+                Product.apply(a) if isinstance(a, Tensor) and a.is_floating_point() else a
+                for a in args
+            )
+
+        return hook
+
+    def _post_hook(self, rule: PropagationRule, tap: bool, copy: bool) -> Callable:
+        mode_depth = self._enter_module
+
+        def hook(module: nn.Module, args: tuple, output: object) -> Tensor:
+            mode_depth(-1)
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"LRP rules need modules that return one tensor; {type(module).__name__} "
+                    f"returned {type(output).__name__}"
+                )
+            propagated = rule.propagate(module, args, output, copy)
+            if tap:
+                self._record(module, None, propagated)
+            return propagated
+
+        return hook
+
+    def _enter_module(self, step: int) -> None:
+        if self._mode is not None:
+            self._mode.depth += step
+
+    def _record(self, module: nn.Module, inputs: tuple | None, output: Tensor | None) -> None:
+        key = id(module)
+        if inputs is not None:
+            if key in self.tapped:
+                raise ValueError(
+                    f"layer {type(module).__name__} runs more than once in the forward, so its "
+                    "relevance is ambiguous; LayerLRP needs a layer that runs once"
+                )
+            tensors = tuple(a for a in inputs if isinstance(a, Tensor))
+            self.tapped[key] = (tensors, torch.empty(0))
+        else:
+            assert output is not None
+            self.tapped[key] = (self.tapped[key][0], output)
