@@ -1,0 +1,542 @@
+"""The compiled CPU kernels (torch.ops.fastattr.*) against their PyTorch twins.
+
+The CPU kernels are built without FMA contraction and compute in the twins' precision and
+order, so the elementwise results must be bit-identical. Only the per-example sums may differ:
+both accumulate in float64, but in a different order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from fastattr import ops, use_backend
+from fastattr.ops import reference
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+BACKENDS = ("compiled", "reference")
+RANDOM = settings(max_examples=35, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing operands
+
+
+def layouts_for(dim: int) -> list[str]:
+    """Every memory layout a tensor of `dim` dimensions can be given here."""
+    layouts = ["contiguous", "sliced"]
+    if dim >= 2:
+        layouts.append("transposed")
+    if dim == 4:
+        layouts.append("channels_last")
+    if dim == 5:
+        layouts.append("channels_last_3d")
+    return layouts
+
+
+def dense_layouts_for(dim: int) -> list[str]:
+    """The layouts an accumulator may have."""
+    return [layout for layout in layouts_for(dim) if layout not in ("sliced", "transposed")]
+
+
+def make_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, layout: str, generator: torch.Generator
+) -> Tensor:
+    """Standard normal values of `shape`, stored as `layout` says."""
+    shape = tuple(shape)
+
+    def randn(*size: int) -> Tensor:
+        return torch.randn(size, generator=generator, dtype=torch.float64).to(dtype)
+
+    if layout == "sliced":
+        if not shape:
+            return randn(2)[::2][0]
+        return randn(*shape[:-1], 2 * shape[-1])[..., ::2]
+    if layout == "transposed":
+        return randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+    tensor = randn(*shape)
+    if layout == "channels_last":
+        return tensor.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last_3d":
+        return tensor.contiguous(memory_format=torch.channels_last_3d)
+    assert layout == "contiguous", layout
+    return tensor
+
+
+@st.composite
+def batched_shapes(draw: st.DrawFn, max_dims: int = 5) -> tuple[int, ...]:
+    """(B, ...) with 1 to `max_dims` dimensions; B may be 0."""
+    dims = draw(st.integers(1, max_dims))
+    batch = draw(st.integers(0, 4))
+    return (batch, *draw(st.lists(st.integers(1, 4), min_size=dims - 1, max_size=dims - 1)))
+
+
+def draw_generator(data: st.DataObject) -> torch.Generator:
+    return torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+
+
+def draw_baselines(
+    data: st.DataObject, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
+) -> Tensor:
+    """A baseline broadcastable to `shape` in one of the forms the ops accept."""
+    form = data.draw(
+        st.sampled_from(["scalar", "one", "full", "expanded", "lower_rank"]), label="baselines"
+    )
+    if form == "scalar":
+        return make_tensor((), dtype, "contiguous", generator)
+    if form == "one":
+        return make_tensor((1, *shape[1:]), dtype, "contiguous", generator)
+    if form == "full":
+        layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="baselines layout")
+        return make_tensor(shape, dtype, layout, generator)
+    if form == "expanded":  # (B, ...) in size, one row in memory (stride 0)
+        return make_tensor((1, *shape[1:]), dtype, "contiguous", generator).expand(shape)
+    # Trailing dimensions only, some of them broadcast from 1.
+    offset = data.draw(st.integers(1, len(shape)), label="dropped dims")
+    kept = [size if data.draw(st.booleans(), label="keep dim") else 1 for size in shape[offset:]]
+    return make_tensor(tuple(kept), dtype, "contiguous", generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+
+
+def assert_identical(actual: Tensor, expected: Tensor) -> None:
+    """Same shape, dtype, device and bits (NaN where the twin has NaN)."""
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    assert actual.device == expected.device
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def assert_row_sums_close(actual: Tensor, expected: Tensor, terms: Tensor) -> None:
+    """Per-example sums that were accumulated in float64 in two different orders.
+
+    The two float64 sums of row b differ by at most n * eps64 * sum_j |term_j|; rounding each
+    to the output dtype adds at most one unit in the last place.
+    """
+    assert actual.shape == expected.shape == (terms.shape[0],)
+    assert actual.dtype == expected.dtype
+    rows = terms.detach().double().reshape(terms.shape[0], math.prod(terms.shape[1:]))
+    order_error = rows.shape[1] * torch.finfo(torch.float64).eps * rows.abs().sum(1)
+    rounding = torch.finfo(actual.dtype).eps * expected.double().abs()
+    error = (actual.double() - expected.double()).abs()
+    assert bool((error <= order_error + rounding).all()), (actual, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The twins compute what the ops are defined to compute
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interpolate_path_is_step_major(backend: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64)
+    baselines = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64)
+    alphas = torch.tensor([0.0, 0.25, 1.0, 1.5], dtype=torch.float64)
+    with use_backend(backend):
+        path = ops.interpolate_path(inputs, baselines, alphas)
+    assert path.shape == (12, 2, 5)
+    for k, alpha in enumerate(alphas.tolist()):
+        for b in range(3):
+            row = baselines[b] + alpha * (inputs[b] - baselines[b])
+            torch.testing.assert_close(path[k * 3 + b], row, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(path[:3], baselines, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quadrature_is_a_weighted_sum_over_steps(backend: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    steps, batch = 5, 3
+    grads = torch.randn(steps * batch, 4, generator=generator, dtype=torch.float64)
+    weights = torch.rand(steps, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(batch, 4, generator=generator, dtype=torch.float64)
+    baselines = torch.randn(4, generator=generator, dtype=torch.float64)
+    start = torch.randn(batch, 4, generator=generator, dtype=torch.float64)
+    accumulator = start.clone()
+    with use_backend(backend):
+        ops.quadrature_accumulate(accumulator, grads, weights)
+        scaled, scaled_sums = ops.quadrature_finish(accumulator, inputs, baselines, True)
+        plain, plain_sums = ops.quadrature_finish(accumulator, inputs, baselines, False)
+    integral = start + torch.einsum("k,kbd->bd", weights, grads.view(steps, batch, 4))
+    torch.testing.assert_close(accumulator, integral, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(scaled, integral * (inputs - baselines), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(scaled_sums, scaled.sum(1), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(plain, accumulator, rtol=0, atol=0)
+    torch.testing.assert_close(plain_sums, accumulator.sum(1), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_epsilon_ratio_takes_sign_of_zero_as_positive(backend: str, dtype: torch.dtype) -> None:
+    relevance = torch.tensor([1.0, 1.0, 1.0, -2.0], dtype=dtype)
+    z = torch.tensor([0.0, -0.0, -1.0, 3.0], dtype=dtype)
+    with use_backend(backend):
+        ratio = ops.epsilon_ratio(relevance, z, 0.5)
+    expected = torch.tensor([2.0, 2.0, -1.0 / 1.5, -2.0 / 3.5], dtype=torch.float64)
+    torch.testing.assert_close(ratio.double(), expected, rtol=torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relevance_product_sums_each_example(backend: str) -> None:
+    generator = torch.Generator().manual_seed(2)
+    activations = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    contributions = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    with use_backend(backend):
+        product, sums = ops.relevance_product(activations, contributions)
+    torch.testing.assert_close(product, activations * contributions, rtol=0, atol=0)
+    torch.testing.assert_close(sums, product.sum((1, 2)), rtol=1e-14, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels against twins on random operands
+
+
+@RANDOM
+@given(data=st.data())
+def test_interpolate_path_matches_twin(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = data.draw(batched_shapes(), label="shape")
+    layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="layout")
+    steps = data.draw(st.integers(1, 4), label="steps")
+    generator = draw_generator(data)
+    inputs = make_tensor(shape, dtype, layout, generator)
+    baselines = draw_baselines(data, shape, dtype, generator)
+    # Alphas outside [0, 1] too: the op does not assume a particular quadrature.
+    alphas = 2 * torch.rand(steps, generator=generator, dtype=torch.float64) - 0.5
+    expected = reference.interpolate_path(inputs, baselines, alphas)
+    assert_identical(torch.ops.fastattr.interpolate_path(inputs, baselines, alphas), expected)
+
+
+@RANDOM
+@given(data=st.data())
+def test_quadrature_accumulate_matches_twin_streamed_in_chunks(data: st.DataObject) -> None:
+    grad_dtype = data.draw(st.sampled_from(DTYPES), label="grad dtype")
+    accumulator_dtypes = (
+        [torch.float64]
+        if grad_dtype == torch.float64
+        else [
+            torch.float32,
+            torch.float64,
+        ]
+    )
+    accumulator_dtype = data.draw(st.sampled_from(accumulator_dtypes), label="acc dtype")
+    shape = data.draw(batched_shapes(), label="shape")
+    accumulator_layout = data.draw(st.sampled_from(dense_layouts_for(len(shape))))
+    grad_layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="grad layout")
+    steps = data.draw(st.integers(1, 6), label="steps")
+    cuts = sorted(data.draw(st.sets(st.integers(1, steps - 1)), label="cuts")) if steps > 1 else []
+    generator = draw_generator(data)
+    batch = shape[0]
+    start = make_tensor(shape, accumulator_dtype, accumulator_layout, generator)
+    grads = make_tensor((steps * batch, *shape[1:]), grad_dtype, grad_layout, generator)
+    weights = torch.rand(steps, generator=generator, dtype=torch.float64)
+
+    expected = start.clone()
+    reference.quadrature_accumulate(expected, grads, weights)
+
+    whole = start.clone()
+    torch.ops.fastattr.quadrature_accumulate(whole, grads, weights)
+    assert_identical(whole, expected)
+    assert whole.stride() == start.stride()
+
+    # Each element accumulates its steps in order whatever the chunking, so streaming is exact.
+    streamed = start.clone()
+    bounds = [0, *cuts, steps]
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        chunk = grads[low * batch : high * batch]
+        torch.ops.fastattr.quadrature_accumulate(streamed, chunk, weights[low:high])
+    assert_identical(streamed, expected)
+
+
+@RANDOM
+@given(data=st.data())
+def test_quadrature_finish_matches_twin(data: st.DataObject) -> None:
+    accumulator_dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    input_dtype = data.draw(st.sampled_from(DTYPES), label="input dtype")
+    shape = data.draw(batched_shapes(), label="shape")
+    accumulator_layout = data.draw(st.sampled_from(dense_layouts_for(len(shape))))
+    input_layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="input layout")
+    multiply_by_inputs = data.draw(st.booleans(), label="multiply_by_inputs")
+    generator = draw_generator(data)
+    accumulator = make_tensor(shape, accumulator_dtype, accumulator_layout, generator)
+    inputs = make_tensor(shape, input_dtype, input_layout, generator)
+    baselines = draw_baselines(data, shape, input_dtype, generator)
+
+    expected, expected_sums = reference.quadrature_finish(
+        accumulator, inputs, baselines, multiply_by_inputs
+    )
+    actual, sums = torch.ops.fastattr.quadrature_finish(
+        accumulator, inputs, baselines, multiply_by_inputs
+    )
+    assert_identical(actual, expected)
+    assert_row_sums_close(sums, expected_sums, expected)
+
+
+@RANDOM
+@given(data=st.data())
+def test_epsilon_ratio_matches_twin(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dims = data.draw(st.integers(0, 5), label="dims")
+    shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=dims, max_size=dims)))
+    relevance_layout = data.draw(st.sampled_from(layouts_for(dims)), label="relevance layout")
+    z_layout = data.draw(st.sampled_from(layouts_for(dims)), label="z layout")
+    epsilon = data.draw(
+        st.one_of(st.sampled_from([0.0, 1e-9, 0.25]), st.floats(0, 10)), label="epsilon"
+    )
+    generator = draw_generator(data)
+    relevance = make_tensor(shape, dtype, relevance_layout, generator)
+    z = make_tensor(shape, dtype, z_layout, generator)
+    # Exact zeros of both signs, where the sign convention decides the result.
+    pick = torch.rand(shape, generator=generator)
+    z = torch.where(pick < 0.2, torch.zeros((), dtype=dtype), z)
+    z = torch.where(pick > 0.9, torch.full((), -0.0, dtype=dtype), z)
+    expected = reference.epsilon_ratio(relevance, z, epsilon)
+    assert_identical(torch.ops.fastattr.epsilon_ratio(relevance, z, epsilon), expected)
+
+
+@RANDOM
+@given(data=st.data())
+def test_relevance_product_matches_twin(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = data.draw(batched_shapes(), label="shape")
+    activation_layout = data.draw(st.sampled_from(layouts_for(len(shape))))
+    contribution_layout = data.draw(st.sampled_from(layouts_for(len(shape))))
+    generator = draw_generator(data)
+    activations = make_tensor(shape, dtype, activation_layout, generator)
+    contributions = make_tensor(shape, dtype, contribution_layout, generator)
+    expected, expected_sums = reference.relevance_product(activations, contributions)
+    actual, sums = torch.ops.fastattr.relevance_product(activations, contributions)
+    assert_identical(actual, expected)
+    terms = activations.to(sums.dtype) * contributions.to(sums.dtype)
+    assert_row_sums_close(sums, expected_sums, terms)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "steps"),
+    [((0,), 3), ((0, 3), 1), ((2, 0), 3), ((3, 0, 2), 2), ((2, 3), 0), ((0, 2, 2, 2), 0)],
+)
+def test_empty_operands_match_twin(shape: tuple[int, ...], steps: int, dtype: torch.dtype) -> None:
+    """Empty batches, empty rows and zero steps give empty or zero results, no error."""
+    generator = torch.Generator().manual_seed(3)
+    inputs = make_tensor(shape, dtype, "contiguous", generator)
+    baselines = torch.zeros((), dtype=dtype)
+    alphas = torch.rand(steps, generator=generator, dtype=torch.float64)
+    assert_identical(
+        torch.ops.fastattr.interpolate_path(inputs, baselines, alphas),
+        reference.interpolate_path(inputs, baselines, alphas),
+    )
+    accumulator_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    start = make_tensor(shape, accumulator_dtype, "contiguous", generator)
+    grads = make_tensor((steps * shape[0], *shape[1:]), dtype, "contiguous", generator)
+    actual, expected = start.clone(), start.clone()
+    torch.ops.fastattr.quadrature_accumulate(actual, grads, alphas)
+    reference.quadrature_accumulate(expected, grads, alphas)
+    assert_identical(actual, expected)
+    for multiply_by_inputs in (True, False):
+        for got, want in zip(
+            torch.ops.fastattr.quadrature_finish(actual, inputs, baselines, multiply_by_inputs),
+            reference.quadrature_finish(actual, inputs, baselines, multiply_by_inputs),
+        ):
+            assert_identical(got, want)
+    for got, want in zip(
+        torch.ops.fastattr.relevance_product(inputs, inputs),
+        reference.relevance_product(inputs, inputs),
+    ):
+        assert_identical(got, want)
+    assert_identical(
+        torch.ops.fastattr.epsilon_ratio(inputs, inputs, 0.1),
+        reference.epsilon_ratio(inputs, inputs, 0.1),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: schemas, fake implementations, torch.compile
+
+
+def _opcheck_samples() -> list[tuple[str, tuple]]:
+    generator = torch.Generator().manual_seed(4)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    def channels_last(tensor: Tensor) -> Tensor:
+        return tensor.contiguous(memory_format=torch.channels_last)
+
+    alphas = torch.rand(3, generator=generator, dtype=torch.float64)
+    image = channels_last(randn(2, 3, 4, 5))
+    half_image = channels_last(randn(2, 3, 4, 5, dtype=torch.float16))
+    volume = randn(2, 3, 2, 2, 2).contiguous(memory_format=torch.channels_last_3d)
+    return [
+        ("interpolate_path", (randn(4, 6), randn(1, 6), alphas)),
+        ("interpolate_path", (image, randn(4, 5), alphas)),
+        ("interpolate_path", (volume.double(), torch.zeros((), dtype=torch.float64), alphas)),
+        ("interpolate_path", (randn(5, 3).t(), randn(5, 3).t(), alphas[:1])),
+        ("quadrature_accumulate", (randn(2, 6), randn(6, 6), alphas)),
+        ("quadrature_accumulate", (channels_last(randn(2, 3, 4, 5)), randn(6, 3, 4, 5), alphas)),
+        (
+            "quadrature_accumulate",
+            (randn(2, 6, dtype=torch.float64), randn(6, 6).bfloat16(), alphas),
+        ),
+        ("quadrature_finish", (randn(2, 6), randn(2, 6), randn(6), True)),
+        (
+            "quadrature_finish",
+            (
+                channels_last(randn(2, 3, 4, 5)),
+                half_image,
+                randn(1, 3, 4, 5, dtype=torch.float16),
+                True,
+            ),
+        ),
+        ("quadrature_finish", (randn(3, 4, dtype=torch.float64), randn(3, 4), randn(), False)),
+        ("epsilon_ratio", (randn(3, 4), randn(3, 4), 1e-6)),
+        ("epsilon_ratio", (image, channels_last(randn(2, 3, 4, 5)), 0.25)),
+        ("epsilon_ratio", (randn().bfloat16(), randn().bfloat16(), 0.0)),
+        ("relevance_product", (randn(3, 4), randn(3, 4))),
+        ("relevance_product", (half_image, randn(2, 3, 4, 5, dtype=torch.float16))),
+        ("relevance_product", (volume, volume.clone())),
+    ]
+
+
+@pytest.mark.parametrize(("name", "args"), _opcheck_samples())
+def test_opcheck(name: str, args: tuple) -> None:
+    torch.library.opcheck(getattr(torch.ops.fastattr, name), args)
+
+
+def test_compiles_with_fullgraph() -> None:
+    def attribute(
+        accumulator: Tensor, inputs: Tensor, baselines: Tensor, alphas: Tensor, weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        path = torch.ops.fastattr.interpolate_path(inputs, baselines, alphas)
+        torch.ops.fastattr.quadrature_accumulate(accumulator, path, weights)
+        return torch.ops.fastattr.quadrature_finish(accumulator, inputs, baselines, True)
+
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+    baselines = torch.randn(3, generator=generator, dtype=torch.float64)
+    alphas = torch.rand(4, generator=generator, dtype=torch.float64)
+    weights = torch.rand(4, generator=generator, dtype=torch.float64)
+    eager_accumulator = torch.zeros(2, 3, dtype=torch.float64)
+    compiled_accumulator = eager_accumulator.clone()
+    expected = attribute(eager_accumulator, inputs, baselines, alphas, weights)
+    compiled = torch.compile(attribute, fullgraph=True)
+    actual = compiled(compiled_accumulator, inputs, baselines, alphas, weights)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The in-place accumulation reaches the caller's tensor under compile too.
+    torch.testing.assert_close(compiled_accumulator, eager_accumulator, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad arguments: both backends raise the same exception, naming the same argument
+
+
+def t(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Tensor:
+    return torch.ones(shape, dtype=dtype, device=device)
+
+
+def a(*values: float, device: str = "cpu") -> Tensor:
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+F16, BF16, F64, I32, I64 = torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64
+NAN, INF, META = math.nan, math.inf, "meta"
+
+# op: [(exception, the argument its message names, the arguments)]
+BAD_CALLS = {
+    "interpolate_path": [  # (inputs, baselines, alphas)
+        (ValueError, "inputs", lambda: (t(), t(), a(0.5))),
+        (TypeError, "inputs", lambda: (t(2, dtype=I64), t(2, dtype=I64), a(0.5))),
+        (TypeError, "inputs", lambda: (t(2, dtype=torch.float8_e4m3fn), t(), a(0.5))),
+        (TypeError, "inputs", lambda: (t(2, dtype=torch.complex64), t(), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3), t(2, 4), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3), t(3, 1), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3), t(1, 2, 3), a(0.5))),
+        (TypeError, "baselines", lambda: (t(2, 3), t(2, 3, dtype=F64), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3), t(2, 3, device=META), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3, device=META), t(3), a(0.5))),
+        (TypeError, "alphas", lambda: (t(2, 3), t(3), a(0.5).float())),
+        (TypeError, "alphas", lambda: (t(2, 3), t(3), torch.tensor([0, 1]))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(0.5, 1.0).view(1, 2))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(0.5)[0])),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(0.5, NAN))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(-INF))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(0.5, device=META))),
+    ],
+    "quadrature_accumulate": [  # (accumulator, grads, weights)
+        (ValueError, "accumulator", lambda: (t(), t(2), a(0.5))),
+        (TypeError, "accumulator", lambda: (t(2, dtype=F16), t(2), a(0.5))),
+        (TypeError, "accumulator", lambda: (t(2, dtype=BF16), t(2), a(0.5))),
+        (TypeError, "accumulator", lambda: (t(2, dtype=I32), t(2), a(0.5))),
+        (TypeError, "accumulator", lambda: (t(2, 3), t(2, 3, dtype=F64), a(0.5))),
+        (ValueError, "accumulator", lambda: (t(3, 2).t(), t(2, 3), a(0.5))),
+        (ValueError, "accumulator", lambda: (t(2, 6)[:, ::2], t(2, 3), a(0.5))),
+        (TypeError, "grads", lambda: (t(2, 3), t(2, 3, dtype=I64), a(0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(), a(0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(4, 3), a(0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(4, 4), a(0.5, 0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(4, 3, 1), a(0.5, 0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(2, 3, device=META), a(0.5))),
+        (ValueError, "grads", lambda: (t(2, 3, device=META), t(2, 3), a(0.5))),
+        (ValueError, "weights", lambda: (t(2, 3), t(2, 3), a(0.5).view(1, 1))),
+        (TypeError, "weights", lambda: (t(2, 3), t(2, 3), a(0.5).float())),
+        (ValueError, "weights", lambda: (t(2, 3), t(4, 3), a(0.5, INF))),
+        (ValueError, "weights", lambda: (t(2, 3), t(4, 3), a(NAN, 0.5))),
+        (ValueError, "weights", lambda: (t(2, 3), t(2, 3), a(0.5, device=META))),
+    ],
+    "quadrature_finish": [  # (accumulator, inputs, baselines, multiply_by_inputs)
+        (TypeError, "accumulator", lambda: (t(2, 3, dtype=F16), t(2, 3), t(3), True)),
+        (ValueError, "accumulator", lambda: (t(3, 2).t(), t(2, 3), t(3), True)),
+        (ValueError, "accumulator", lambda: (t(), t(), t(), True)),
+        (TypeError, "inputs", lambda: (t(2, 3), t(2, 3, dtype=I64), t(3), True)),
+        (ValueError, "inputs", lambda: (t(2, 3), t(2, 4), t(4), True)),
+        (ValueError, "inputs", lambda: (t(2, 3), t(2, 3, device=META), t(3), True)),
+        (TypeError, "baselines", lambda: (t(2, 3), t(2, 3), t(3, dtype=F64), True)),
+        (ValueError, "baselines", lambda: (t(2, 3), t(2, 3), t(2), False)),
+        (ValueError, "baselines", lambda: (t(2, 3), t(2, 3), t(3, device=META), True)),
+    ],
+    "epsilon_ratio": [  # (relevance, z, epsilon)
+        (ValueError, "epsilon", lambda: (t(2), t(2), -1e-9)),
+        (ValueError, "epsilon", lambda: (t(2), t(2), NAN)),
+        (ValueError, "epsilon", lambda: (t(2), t(2), INF)),
+        (TypeError, "relevance", lambda: (t(2, dtype=I64), t(2, dtype=I64), 0.1)),
+        (TypeError, "z", lambda: (t(2), t(2, dtype=F64), 0.1)),
+        (ValueError, "z", lambda: (t(2), t(3), 0.1)),
+        (ValueError, "z", lambda: (t(2, 3), t(3), 0.1)),
+        (ValueError, "z", lambda: (t(2), t(2, device=META), 0.1)),
+    ],
+    "relevance_product": [  # (activations, contributions)
+        (ValueError, "activations", lambda: (t(), t())),
+        (TypeError, "activations", lambda: (t(2, dtype=I64), t(2, dtype=I64))),
+        (TypeError, "activations", lambda: (t(2, dtype=torch.bool), t(2, dtype=torch.bool))),
+        (TypeError, "contributions", lambda: (t(2), t(2, dtype=F16))),
+        (ValueError, "contributions", lambda: (t(2, 3), t(3, 2))),
+        (ValueError, "contributions", lambda: (t(2, 3), t(2, 3, device=META))),
+    ],
+}
+BAD_CASES = [
+    pytest.param(name, make_args, error, argument, id=f"{name}-{argument}-{i}")
+    for name, cases in BAD_CALLS.items()
+    for i, (error, argument, make_args) in enumerate(cases)
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("name", "make_args", "error", "argument"), BAD_CASES)
+def test_bad_arguments_raise_naming_the_argument(
+    backend: str, name: str, make_args, error: type[Exception], argument: str
+) -> None:
+    args = make_args()
+    before = [arg.clone() if isinstance(arg, Tensor) else arg for arg in args]
+    with use_backend(backend), pytest.raises(error, match=rf"^{argument}\b"):
+        getattr(ops, name)(*args)
+    # Nothing was written before the error: the in-place accumulator is untouched.
+    for arg, original in zip(args, before):
+        if isinstance(arg, Tensor) and arg.device.type != "meta":
+            assert_identical(arg, original)
