@@ -140,6 +140,8 @@ def test_selecting_cases():
         "IntegratedGradients",
     }
     assert all(c.model == "cnn" for c in cases.select(None, ["cnn"]))
+    quick = cases.select(quick=True)
+    assert sorted(c.method for c in quick) == sorted(METHODS)
     with pytest.raises(ValueError, match="unknown model"):
         cases.select(None, ["vit"])
 

@@ -8,7 +8,7 @@ An entry says how to build the model and a batch, how to construct the attributi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +39,8 @@ class Case:
     call_kwargs: dict[str, Any]
     floor: Floor
     uses_path: bool = True
-    notes: tuple[str, ...] = field(default=())
+    # In the --quick run: one representative case per method.
+    quick: bool = False
 
     @property
     def name(self) -> str:
@@ -136,7 +137,7 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         "IntegratedGradients", "cnn", models.cnn, _images, _whole_model,
-        {"target": TARGET}, _target_floor,
+        {"target": TARGET}, _target_floor, quick=True,
     ),
     Case(
         "IntegratedGradients", "resnet", models.resnet, _images, _whole_model,
@@ -144,11 +145,11 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         "LayerIntegratedGradients", "transformer", models.transformer, _tokens,
-        _at_layer("embedding"), {"target": TARGET}, _embedding_floor,
+        _at_layer("embedding"), {"target": TARGET}, _embedding_floor, quick=True,
     ),
     Case(
         "NeuronIntegratedGradients", "mlp", models.mlp, _features, _at_layer("fc2"),
-        {"neuron_selector": 7}, _neuron_floor("fc2", (7,)),
+        {"neuron_selector": 7}, _neuron_floor("fc2", (7,)), quick=True,
     ),
     Case(
         "NeuronIntegratedGradients", "cnn", models.cnn, _images, _at_layer("conv2"),
@@ -160,14 +161,19 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         "LRP", "cnn", models.cnn, _images, _whole_model, {"target": TARGET}, _lrp_floor,
-        uses_path=False,
+        uses_path=False, quick=True,
     ),
 )  # fmt: skip
 
 
-def select(methods: list[str] | None = None, model_names: list[str] | None = None) -> list[Case]:
-    """The cases of the given methods (class or short names) and models; all by default."""
-    chosen = list(CASES)
+def select(
+    methods: list[str] | None = None,
+    model_names: list[str] | None = None,
+    quick: bool = False,
+) -> list[Case]:
+    """The cases of the given methods (class or short names) and models; all by default.
+    ``quick`` keeps the quick cases unless models are named."""
+    chosen = [case for case in CASES if case.quick or not quick or model_names]
     if methods:
         wanted = set()
         for name in methods:

@@ -16,7 +16,7 @@ from fastattr.bench.runner import Config, failed_checks, run
 # minutes on two cores; --quick finishes within a minute there.
 PRESETS = {
     ("cpu", False): ((1, 4, 16), 50, 1, 5),
-    ("cpu", True): ((1, 4), 8, 1, 3),
+    ("cpu", True): ((1, 8), 8, 1, 3),
     ("cuda", False): ((1, 8, 32, 128, 512), 50, 3, 10),
     ("cuda", True): ((1, 16), 16, 2, 5),
 }
@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
         print("fastattr bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
     try:
-        cases = select(args.methods, args.models)
+        cases = select(args.methods, args.models, quick=args.quick)
     except ValueError as error:
         print(f"fastattr bench: {error}", file=sys.stderr)
         return 2
