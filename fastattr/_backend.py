@@ -45,9 +45,12 @@ def _check_backend(name: str) -> str:
 
 def _default_backend() -> str:
     requested = os.environ.get("FASTATTR_BACKEND")
-    if requested:
+    if not requested:
+        return "compiled" if _C is not None else "reference"
+    try:
         return _check_backend(requested)
-    return "compiled" if _C is not None else "reference"
+    except (ValueError, RuntimeError) as error:
+        raise type(error)(f"FASTATTR_BACKEND={requested!r}: {error}") from None
 
 
 _DEFAULT_BACKEND = _default_backend()
