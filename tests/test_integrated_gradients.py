@@ -289,6 +289,18 @@ def test_targets(backend, target, method):
         )
 
 
+def test_negative_per_example_targets_count_from_the_end(backend):
+    # captum rejects negative indices in a per-example target; fastattr reads them as Python
+    # does, which must equal the same targets counted from the start.
+    model, x = mlp(classes=5), data(BATCH, FEATURES)
+    for negative, positive in (
+        ([0, -1, 2, -5], [0, 4, 2, 0]),
+        (torch.tensor([-2, 1, -3, 3]), [3, 1, 2, 3]),
+    ):
+        ours = IntegratedGradients(model).attribute(x, target=negative, n_steps=5)
+        assert_close(ours, compare(model, x, target=positive, n_steps=5))
+
+
 @pytest.mark.parametrize("internal_batch_size", [None, BATCH, 3 * BATCH + 1])
 @pytest.mark.parametrize("mode", ["exp", "plain"])
 def test_additional_forward_args(backend, internal_batch_size, mode):
