@@ -237,6 +237,17 @@ def captum_oom_batch(device: torch.device, start: int, limit: int) -> dict[str, 
 # ----------------------------------------------------------------------------- report
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -274,7 +285,7 @@ def main() -> None:
     machine = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     )
     print(
         f"# IntegratedGradients on {device} ({machine}); torch {torch.__version__}, "
