@@ -45,13 +45,18 @@ def dense_layouts_for(dim: int) -> list[str]:
 
 
 def make_tensor(
-    shape: tuple[int, ...], dtype: torch.dtype, layout: str, generator: torch.Generator
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    layout: str,
+    generator: torch.Generator,
+    device: str = "cpu",
 ) -> Tensor:
-    """Standard normal values of `shape`, stored as `layout` says."""
+    """Standard normal values of `shape` on `device`, stored as `layout` says."""
     shape = tuple(shape)
 
     def randn(*size: int) -> Tensor:
-        return torch.randn(size, generator=generator, dtype=torch.float64).to(dtype)
+        values = torch.randn(size, generator=generator, dtype=torch.float64)
+        return values.to(device=device, dtype=dtype)
 
     if layout == "sliced":
         if not shape:
@@ -81,25 +86,29 @@ def draw_generator(data: st.DataObject) -> torch.Generator:
 
 
 def draw_baselines(
-    data: st.DataObject, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
+    data: st.DataObject,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    device: str = "cpu",
 ) -> Tensor:
     """A baseline broadcastable to `shape` in one of the forms the ops accept."""
     form = data.draw(
         st.sampled_from(["scalar", "one", "full", "expanded", "lower_rank"]), label="baselines"
     )
     if form == "scalar":
-        return make_tensor((), dtype, "contiguous", generator)
+        return make_tensor((), dtype, "contiguous", generator, device)
     if form == "one":
-        return make_tensor((1, *shape[1:]), dtype, "contiguous", generator)
+        return make_tensor((1, *shape[1:]), dtype, "contiguous", generator, device)
     if form == "full":
         layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="baselines layout")
-        return make_tensor(shape, dtype, layout, generator)
+        return make_tensor(shape, dtype, layout, generator, device)
     if form == "expanded":  # (B, ...) in size, one row in memory (stride 0)
-        return make_tensor((1, *shape[1:]), dtype, "contiguous", generator).expand(shape)
+        return make_tensor((1, *shape[1:]), dtype, "contiguous", generator, device).expand(shape)
     # Trailing dimensions only, some of them broadcast from 1.
     offset = data.draw(st.integers(1, len(shape)), label="dropped dims")
     kept = [size if data.draw(st.booleans(), label="keep dim") else 1 for size in shape[offset:]]
-    return make_tensor(tuple(kept), dtype, "contiguous", generator)
+    return make_tensor(tuple(kept), dtype, "contiguous", generator, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +301,10 @@ def test_epsilon_ratio_matches_twin(data: st.DataObject) -> None:
     generator = draw_generator(data)
     relevance = make_tensor(shape, dtype, relevance_layout, generator)
     z = make_tensor(shape, dtype, z_layout, generator)
-    # Exact zeros of both signs, where the sign convention decides the result.
+    # Exact zeros of both signs, where the sign convention decides the result (in place, so
+    # that z keeps its layout).
     pick = torch.rand(shape, generator=generator)
-    z = torch.where(pick < 0.2, torch.zeros((), dtype=dtype), z)
-    z = torch.where(pick > 0.9, torch.full((), -0.0, dtype=dtype), z)
+    z.masked_fill_(pick < 0.2, 0.0).masked_fill_(pick > 0.9, -0.0)
     expected = reference.epsilon_ratio(relevance, z, epsilon)
     assert_identical(torch.ops.fastattr.epsilon_ratio(relevance, z, epsilon), expected)
 
