@@ -328,6 +328,51 @@ def test_relevance_product_matches_twin(data: st.DataObject) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
+    ("shape", "layout"), [((3, 4, 2, 5), "channels_last"), ((2, 3, 2, 4, 3), "channels_last_3d")]
+)
+def test_channels_last_operands_match_twin(
+    shape: tuple[int, ...], layout: str, dtype: torch.dtype
+) -> None:
+    """Every op on channels_last data, mixed with contiguous operands (the random tests reach
+    these layouts only now and then)."""
+    generator = torch.Generator().manual_seed(7)
+    inputs = make_tensor(shape, dtype, layout, generator)
+    other = make_tensor(shape, dtype, "contiguous", generator)
+    alphas = torch.rand(3, generator=generator, dtype=torch.float64)
+    for baselines in (other, other[:1], make_tensor(shape[1:], dtype, "contiguous", generator)):
+        assert_identical(
+            torch.ops.fastattr.interpolate_path(inputs, baselines, alphas),
+            reference.interpolate_path(inputs, baselines, alphas),
+        )
+    accumulator_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for accumulator_layout in (layout, "contiguous"):
+        start = make_tensor(shape, accumulator_dtype, accumulator_layout, generator)
+        for grads_layout in (layout, "contiguous"):
+            grads = make_tensor((3 * shape[0], *shape[1:]), dtype, grads_layout, generator)
+            actual, expected = start.clone(), start.clone()
+            torch.ops.fastattr.quadrature_accumulate(actual, grads, alphas)
+            reference.quadrature_accumulate(expected, grads, alphas)
+            assert_identical(actual, expected)
+        for finish_inputs in (inputs, other):
+            attributions, sums = torch.ops.fastattr.quadrature_finish(
+                start, finish_inputs, other[:1], True
+            )
+            want, want_sums = reference.quadrature_finish(start, finish_inputs, other[:1], True)
+            assert_identical(attributions, want)
+            assert_row_sums_close(sums, want_sums, want)
+    for first, second in ((inputs, other), (other, inputs)):
+        assert_identical(
+            torch.ops.fastattr.epsilon_ratio(first, second, 0.01),
+            reference.epsilon_ratio(first, second, 0.01),
+        )
+        product, sums = torch.ops.fastattr.relevance_product(first, second)
+        want, want_sums = reference.relevance_product(first, second)
+        assert_identical(product, want)
+        assert_row_sums_close(sums, want_sums, first.to(sums.dtype) * second.to(sums.dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
     ("shape", "steps"),
     [((0,), 3), ((0, 3), 1), ((2, 0), 3), ((3, 0, 2), 2), ((2, 3), 0), ((0, 2, 2, 2), 0)],
 )
