@@ -7,16 +7,28 @@ Captum's.
 
 from fastattr._backend import build_info, current_backend, use_backend
 from fastattr.attr import (
+    LRP,
+    Alpha1_Beta0_Rule,
+    EpsilonRule,
+    GammaRule,
+    IdentityRule,
     IntegratedGradients,
     LayerIntegratedGradients,
+    LayerLRP,
     NeuronIntegratedGradients,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LRP",
+    "Alpha1_Beta0_Rule",
+    "EpsilonRule",
+    "GammaRule",
+    "IdentityRule",
     "IntegratedGradients",
     "LayerIntegratedGradients",
+    "LayerLRP",
     "NeuronIntegratedGradients",
     "__version__",
     "build_info",

@@ -3,9 +3,16 @@
 from fastattr.attr._integrated_gradients import IntegratedGradients
 from fastattr.attr._layer_integrated_gradients import LayerIntegratedGradients
 from fastattr.attr._neuron_integrated_gradients import NeuronIntegratedGradients
+from fastattr.lrp import LRP, Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, LayerLRP
 
 __all__ = [
+    "LRP",
+    "Alpha1_Beta0_Rule",
+    "EpsilonRule",
+    "GammaRule",
+    "IdentityRule",
     "IntegratedGradients",
     "LayerIntegratedGradients",
+    "LayerLRP",
     "NeuronIntegratedGradients",
 ]

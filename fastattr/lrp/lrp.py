@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Union
 
 import torch
@@ -17,7 +18,7 @@ from fastattr._formatting import (
     per_example,
     run_forward,
 )
-from fastattr.lrp.propagation import Propagation, plan_rules, user_rules
+from fastattr.lrp.propagation import CopiesNeeded, Propagation, plan_rules, user_rules
 
 LayerType = Union[nn.Module, list[nn.Module]]
 
@@ -45,6 +46,9 @@ class LRP:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         user_rules(model)
         self.model = model
+        # Set once a forward modified a rule's output in place (`out += x`): from then on the
+        # rules hand out copies, as captum's always do.
+        self._copies = False
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -83,8 +87,13 @@ class LRP:
         """
         is_tuple, tensors, args = self._prepare(inputs, target, additional_forward_args)
         plan = plan_rules(self.model)
-        with Propagation(self.model, plan, verbose=verbose):
-            grads, output = self._backward(tensors, target, args, ())
+        grads, output = self._propagate(
+            lambda copy: Propagation(self.model, plan, verbose=verbose, copy=copy),
+            tensors,
+            target,
+            args,
+            (),
+        )
         relevances = tuple(_scaled(g, output) for g in grads)
         result = format_output(is_tuple, relevances)
         if return_convergence_delta:
@@ -116,6 +125,23 @@ class LRP:
                 raise TypeError(f"inputs[{i}] must be a floating point tensor, got {tensor.dtype}")
         check_target(target, tensors[0].shape[0])
         return isinstance(inputs, tuple), tensors, format_additional_args(additional_forward_args)
+
+    def _propagate(
+        self,
+        propagation: Callable[[bool], Propagation],
+        tensors: tuple[Tensor, ...],
+        target: TargetType,
+        args: tuple[Any, ...] | None,
+        layer_tensors: Any,
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        if not self._copies:
+            try:
+                with propagation(False):
+                    return self._backward(tensors, target, args, layer_tensors)
+            except CopiesNeeded:
+                self._copies = True
+        with propagation(True):
+            return self._backward(tensors, target, args, layer_tensors)
 
     def _backward(
         self,
@@ -185,6 +211,11 @@ class LayerLRP(LRP):
                 )
         propagation = Propagation(self.model, plan, verbose=verbose, taps=layers)
 
+        def propagation_with(copy: bool) -> Propagation:
+            nonlocal propagation
+            propagation = Propagation(self.model, plan, verbose=verbose, taps=layers, copy=copy)
+            return propagation
+
         def recorded() -> tuple[Tensor, ...]:
             found = []
             for layer in layers:
@@ -194,8 +225,7 @@ class LayerLRP(LRP):
                 found.extend(layer_inputs if attribute_to_layer_input else (layer_output,))
             return tuple(found)
 
-        with propagation:
-            grads, output = self._backward(tensors, target, args, recorded)
+        grads, output = self._propagate(propagation_with, tensors, target, args, recorded)
         grads = grads[len(tensors) :]
         results: list[TensorOrTuple] = []
         for layer in layers:

@@ -92,6 +92,17 @@ def _on_relevance_path(value: object) -> bool:
     return isinstance(value, Tensor) and value.grad_fn is not None and value.is_floating_point()
 
 
+class CopiesNeeded(Exception):
+    """The forward modifies a rule's output in place: run it again with copied outputs."""
+
+
+def _custom_function_view(tensor: Tensor) -> bool:
+    base = tensor._base
+    return base is not None and isinstance(
+        tensor.grad_fn, torch.autograd.function.BackwardCFunction
+    )
+
+
 class _ResidualAdditions(TorchFunctionMode):
     """Sends ``a + b`` (and ``a += b``) of two activations through the epsilon rule, the LRP rule
     of a sum, instead of copying the relevance into both branches; leaves everything else alone.
@@ -99,7 +110,7 @@ class _ResidualAdditions(TorchFunctionMode):
     Additions inside a module that carries its own rule are the rule's business and are skipped.
     """
 
-    _OUT_OF_PLACE = (torch.Tensor.add, torch.add)
+    _ADDITIONS = frozenset((torch.Tensor.add, torch.add, torch.Tensor.add_))
 
     def __init__(self, copy: bool) -> None:
         super().__init__()
@@ -107,17 +118,18 @@ class _ResidualAdditions(TorchFunctionMode):
         self.depth = 0  # > 0 inside a module with a rule
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Every torch call of the forward comes through here: keep the common case short.
+        if func not in self._ADDITIONS:
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
-        in_place = func is torch.Tensor.add_
         if (
-            (in_place or func in self._OUT_OF_PLACE)
-            and self.depth == 0
+            self.depth == 0
             and len(args) == 2
             and set(kwargs) <= {"alpha"}
             and _on_relevance_path(args[0])
             and _on_relevance_path(args[1])
         ):
-            return self._add(args[0], args[1], kwargs.get("alpha", 1), in_place)
+            return self._add(args[0], args[1], kwargs.get("alpha", 1), func is torch.Tensor.add_)
         return func(*args, **kwargs)
 
     def _add(self, a: Tensor, b: Tensor, alpha: float, in_place: bool) -> Tensor:
@@ -127,6 +139,9 @@ class _ResidualAdditions(TorchFunctionMode):
         if not in_place:
             return total
         # a.add_(b) must change a itself: write the sum into it, so that its history is the sum.
+        # Autograd forbids that on the view a rule's node handed out: ask for copies instead.
+        if _custom_function_view(a):
+            raise CopiesNeeded
         return a.copy_(total)
 
 
@@ -138,6 +153,7 @@ class Propagation:
     model: nn.Module
     plan: RulePlan
     verbose: bool = False
+    copy: bool = False  # copy every rule's output, not only when modules work in place
     taps: Sequence[nn.Module] = ()
     tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = field(default_factory=dict)
     _handles: list[RemovableHandle] = field(default_factory=list)
@@ -147,7 +163,9 @@ class Propagation:
     def __enter__(self) -> Propagation:
         try:
             self._save_buffers()
-            copy = any(getattr(m, "inplace", False) is True for m in self.model.modules())
+            copy = self.copy or any(
+                getattr(m, "inplace", False) is True for m in self.model.modules()
+            )
             self._mode = _ResidualAdditions(copy)
             for _, module, rule, user_set in self.plan.rules:
                 self._install(module, rule, copy)

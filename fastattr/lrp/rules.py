@@ -259,9 +259,15 @@ _PASS_TYPES = (
 STRUCTURAL_TYPES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Sequential, nn.ModuleList)
 
 
+def _is_captum_addition(module: nn.Module) -> bool:
+    # captum's stand-in for `+`, found in models prepared for captum's LRP.
+    kind = type(module)
+    return kind.__name__ == "Addition_Module" and kind.__module__.startswith("captum.")
+
+
 def default_rule(module: nn.Module) -> PropagationRule | None:
     """The rule a module gets when none is set, or None when its type has no default."""
-    if isinstance(module, _EPSILON_TYPES):
+    if isinstance(module, _EPSILON_TYPES) or _is_captum_addition(module):
         return EpsilonRule()
     if isinstance(module, _PASS_TYPES):
         return PassRule()

@@ -1,0 +1,550 @@
+"""LRP and LayerLRP: against captum on the models it runs, against zennit on those it cannot,
+conservation, the model left as found, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import captum.attr as captum_attr
+import captum.attr._utils.lrp_rules as captum_rules
+import pytest
+import torch
+from captum.attr._utils.custom_modules import Addition_Module
+from torch import nn
+from zennit.composites import LayerMapComposite
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Norm, Pass
+from zennit.types import Activation
+
+import fastattr
+from fastattr import LRP, Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, LayerLRP
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # float64 agrees to rounding; float32 to its own rounding of the same operations.
+    tol = 1e-12 if expected.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(16, 16)
+        self.tanh = nn.Tanh()
+        self.drop = nn.Dropout(0.3)
+        self.fc3 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.drop(self.tanh(self.fc2(self.relu(self.fc1(x))))))
+
+
+class CNN(nn.Module):
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=inplace)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu2 = nn.ReLU(inplace=inplace)
+        self.pool2 = nn.AvgPool2d(2)
+        self.adapt = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(32, 10)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.adapt(self.pool2(self.relu2(self.bn(self.conv2(x)))))
+        return self.fc2(self.relu3(self.fc1(x.view(x.shape[0], -1))))
+
+
+class TwoInputs(nn.Module):
+    """Tuple inputs, an additional forward argument and captum's Addition_Module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Linear(6, 8)
+        self.right = nn.Linear(4, 8)
+        self.add = Addition_Module()
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.head(self.relu(self.add(self.left(a), self.right(b)))) * scale
+
+
+class GridOutput(nn.Module):
+    """Output of shape (B, 2, 5), for tuple targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(7, 12)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(x))).view(-1, 2, 5)
+
+
+def _seeded(module: nn.Module, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.5)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return module.to(dtype).eval()
+
+
+def _captum(cls, model, inputs, layer=None, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = cls(model) if layer is None else cls(model, layer)
+        return method.attribute(inputs, **kwargs)
+
+
+CAPTUM_MODELS = {
+    "mlp": (MLP, (12,), 0),
+    "cnn": (CNN, (3, 12, 12), [0, 1, 2, 3, 0]),
+    "cnn_inplace_relu": (lambda: CNN(inplace=True), (3, 12, 12), torch.tensor([3, 2, 1, 0, 1])),
+    "grid": (GridOutput, (7,), (1, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CAPTUM_MODELS))
+def test_lrp_matches_captum(name: str, dtype: torch.dtype) -> None:
+    build, shape, target = CAPTUM_MODELS[name]
+    model = _seeded(build(), dtype)
+    x = torch.randn(5, *shape, dtype=dtype)
+    ours, delta = LRP(model).attribute(x, target=target, return_convergence_delta=True)
+    theirs, their_delta = _captum(
+        captum_attr.LRP, model, x, target=target, return_convergence_delta=True
+    )
+    _close(ours, theirs)
+    _close(delta, their_delta)
+    assert ours.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tuple_inputs_additional_args_and_addition_module_match_captum(dtype: torch.dtype) -> None:
+    model = _seeded(TwoInputs(), dtype)
+    a, b = torch.randn(4, 6, dtype=dtype), torch.randn(4, 4, dtype=dtype)
+    ours = LRP(model).attribute((a, b), target=1, additional_forward_args=(2.0,))
+    theirs = _captum(captum_attr.LRP, model, (a, b), target=1, additional_forward_args=(2.0,))
+    assert isinstance(ours, tuple) and len(ours) == 2
+    for mine, expected in zip(ours, theirs):
+        _close(mine, expected)
+
+
+RULE_PAIRS = [
+    (lambda: EpsilonRule(1e-2), lambda: captum_rules.EpsilonRule(1e-2)),
+    (lambda: GammaRule(), lambda: captum_rules.GammaRule()),
+    (lambda: GammaRule(0.7, set_bias_to_zero=True), lambda: captum_rules.GammaRule(0.7, True)),
+    (lambda: Alpha1_Beta0_Rule(), lambda: captum_rules.Alpha1_Beta0_Rule()),
+    (lambda: Alpha1_Beta0_Rule(True), lambda: captum_rules.Alpha1_Beta0_Rule(True)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pair", range(len(RULE_PAIRS)))
+def test_user_rules_match_captum(pair: int, dtype: torch.dtype) -> None:
+    ours_rule, their_rule = RULE_PAIRS[pair]
+    model = _seeded(CNN(), dtype)
+    x = torch.randn(3, 3, 12, 12, dtype=dtype)
+    layers = (model.conv1, model.conv2, model.bn, model.pool2, model.fc1)
+    for layer in layers:
+        layer.rule = ours_rule()
+    model.relu2.rule = IdentityRule()
+    ours = LRP(model).attribute(x, target=2)
+    for layer in layers:
+        layer.rule = their_rule()
+    model.relu2.rule = captum_rules.IdentityRule()
+    # captum's rule objects are accepted as they are.
+    ours_from_captum_rules = LRP(model).attribute(x, target=2)
+    theirs = _captum(captum_attr.LRP, model, x, target=2)  # removes the rules it finds
+    _close(ours, theirs)
+    _close(ours_from_captum_rules, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("to_input", [False, True])
+def test_layer_lrp_matches_captum(to_input: bool, dtype: torch.dtype) -> None:
+    model = _seeded(CNN(), dtype)
+    x = torch.randn(4, 3, 12, 12, dtype=dtype)
+    for layer in (model.conv1, model.conv2, model.bn, model.pool1, model.fc2):
+        ours, delta = LayerLRP(model, layer).attribute(
+            x, target=1, attribute_to_layer_input=to_input, return_convergence_delta=True
+        )
+        theirs, their_delta = _captum(
+            captum_attr.LayerLRP,
+            model,
+            x,
+            layer,
+            target=1,
+            attribute_to_layer_input=to_input,
+            return_convergence_delta=True,
+        )
+        _close(ours, theirs)
+        _close(delta, their_delta)
+
+
+def test_layer_lrp_list_of_layers_and_multiple_inputs_match_captum() -> None:
+    model = _seeded(TwoInputs(), torch.float64)
+    a, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    layers = [model.left, model.add]
+    for to_input in (False, True):
+        ours = LayerLRP(model, layers).attribute(
+            (a, b), target=0, additional_forward_args=3.0, attribute_to_layer_input=to_input
+        )
+        theirs = _captum(
+            captum_attr.LayerLRP,
+            model,
+            (a, b),
+            layers,
+            target=0,
+            additional_forward_args=3.0,
+            attribute_to_layer_input=to_input,
+        )
+        assert isinstance(ours, list) and len(ours) == 2
+        _close(ours[0], theirs[0])
+        if to_input:
+            assert isinstance(ours[1], tuple) and len(ours[1]) == 2
+            # fastattr lists the inputs in order; captum in the order its backward hooks fired.
+            for mine, expected in zip(ours[1], reversed(theirs[1])):
+                _close(mine, expected)
+        else:
+            _close(ours[1], theirs[1])
+
+
+def test_layer_lrp_on_an_activation_passes_relevance() -> None:
+    # captum fails on a layer without a rule of its own; relevance passes through a ReLU.
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    at_output = LayerLRP(model, model.relu).attribute(x, target=2)
+    at_input = LayerLRP(model, model.relu).attribute(x, target=2, attribute_to_layer_input=True)
+    at_fc2_input = LayerLRP(model, model.fc2).attribute(x, target=2, attribute_to_layer_input=True)
+    _close(at_output, at_fc2_input)
+    _close(at_input, at_output)
+
+
+def test_verbose_prints_the_rules(capsys: pytest.CaptureFixture) -> None:
+    model = _seeded(MLP(), torch.float32)
+    model.fc2.rule = GammaRule(0.5)
+    LRP(model).attribute(torch.randn(2, 12), target=0, verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"Applied EpsilonRule(epsilon=1e-09) on layer {model.fc1}",
+        f"Applied GammaRule(gamma=0.5, set_bias_to_zero=False) on layer {model.fc2}",
+        f"Applied EpsilonRule(epsilon=1e-09) on layer {model.fc3}",
+    ]
+
+
+# Beyond captum: checked against zennit with the same rules (epsilon on linear maps, a
+# stabilized ratio on parameter-free linear modules, relevance passed through activations).
+
+
+def _zennit(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    linear = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+    parameter_free = (
+        nn.modules.pooling._AvgPoolNd,
+        nn.modules.pooling._MaxPoolNd,
+        nn.modules.pooling._AdaptiveAvgPoolNd,
+        nn.Upsample,
+        Sum,
+    )
+    composite = LayerMapComposite(
+        [
+            (Activation, Pass()),
+            (nn.modules.dropout._DropoutNd, Pass()),
+            (linear, Epsilon(1e-9)),
+            (parameter_free, Norm(1e-9)),
+        ]
+    )
+    x = x.clone().requires_grad_()
+    with composite.context(model) as modified:
+        output = modified(x)
+        seed = torch.zeros_like(output)
+        seed[:, target] = output[:, target]
+        (relevance,) = torch.autograd.grad(output, x, seed)
+    return relevance
+
+
+class Beyond(nn.Module):
+    """Every module type captum has no rule for, flattening with nn.Flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1),
+            nn.BatchNorm1d(4),
+            nn.ReLU(),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.AvgPool1d(2),
+            nn.Identity(),
+            nn.Unflatten(1, (1, 4)),
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.ConvTranspose2d(3, 2, 2, stride=2),
+            nn.GELU(),
+            nn.Unflatten(1, (2, 1)),
+            nn.Conv3d(2, 2, 1),
+            nn.MaxPool3d((1, 2, 2)),
+            nn.AvgPool3d(1),
+            nn.Dropout(0.5),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * 4 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class Block(nn.Module):
+    """A ResNet-style block whose residual addition is written with `+` (or a zennit Sum)."""
+
+    def __init__(self, zennit_sum: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 4, bias=False)
+        self.sum = Sum(-1) if zennit_sum else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.conv2(self.relu1(self.bn1(self.conv1(x))))
+        if self.sum is not None:
+            out = self.sum(torch.stack([branch, x], dim=-1))
+        else:
+            out = branch + x
+        return self.fc(self.pool(self.relu2(out)).flatten(1))
+
+
+def test_models_captum_cannot_run_match_zennit() -> None:
+    model = _seeded(Beyond(), torch.float64)
+    model.features[1].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    with pytest.raises(TypeError):
+        _captum(captum_attr.LRP, model, x, target=1)
+    _close(LRP(model).attribute(x, target=1), _zennit(model, x, 1))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_residual_addition_matches_zennit_and_conserves(in_place: bool) -> None:
+    model = _seeded(Block(), torch.float64)
+    if in_place:
+        # `out += x`, as torchvision writes it.
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = model.conv2(model.relu1(model.bn1(model.conv1(x))))
+            out += x
+            return model.fc(model.pool(model.relu2(out)).flatten(1))
+
+        model.forward = forward
+    reference = _seeded(Block(zennit_sum=True), torch.float64)
+    reference.load_state_dict(_seeded(Block(), torch.float64).state_dict())
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    relevance, delta = LRP(model).attribute(x, target=2, return_convergence_delta=True)
+    _close(relevance, _zennit(reference, x, 2))
+    # Only bn1's shift absorbs relevance: without it the sum is the output.
+    model.bn1.bias.data.zero_()
+    model.bn1.running_mean.zero_()
+    _, delta = LRP(model).attribute(x, target=2, return_convergence_delta=True)
+    output = model(x)[:, 2]
+    torch.testing.assert_close(
+        delta, torch.zeros_like(delta), atol=1e-7 * float(output.abs().max()), rtol=0
+    )
+
+
+def test_bias_free_relu_network_conserves_exactly_and_is_gradient_times_input() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, bias=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, bias=False),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 8, bias=False),
+        nn.ReLU(),
+        nn.Linear(8, 3, bias=False),
+    ).double()
+    for module in model:
+        if not isinstance(module, (nn.ReLU, nn.Flatten)):
+            module.rule = EpsilonRule(1e-12)
+    x = torch.randn(5, 2, 14, 14, dtype=torch.float64, requires_grad=True)
+    relevance, delta = LRP(model).attribute(x, target=1, return_convergence_delta=True)
+    output = model(x)[:, 1]
+    # What epsilon = 1e-12 takes, relative to the output's scale.
+    scale = 1e-9 * float(output.abs().max())
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), output.detach(), rtol=0, atol=scale)
+    torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=scale)
+    (gradient,) = torch.autograd.grad(output.sum(), x)
+    torch.testing.assert_close(relevance, gradient * x.detach(), rtol=1e-9, atol=scale)
+
+
+def test_biases_absorb_relevance() -> None:
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    relevance, delta = LRP(model).attribute(x, target=3, return_convergence_delta=True)
+    output = model(x)[:, 3].detach()
+    torch.testing.assert_close(delta, output - relevance.sum(1), rtol=0, atol=1e-12)
+    assert delta.abs().max() > 1e-3  # the biases take their share
+    for layer in (model.fc1, model.fc2, model.fc3):
+        layer.bias.data.zero_()
+    # tanh is not homogeneous, but without biases nothing is absorbed along the way.
+    _, delta = LRP(model).attribute(x, target=3, return_convergence_delta=True)
+    assert delta.abs().max() < 1e-7
+
+
+@pytest.mark.parametrize(
+    "target",
+    [3, torch.tensor(3), torch.tensor([3]), [3, 0, 1, 2], torch.tensor([3, 0, 1, 2])],
+)
+def test_target_forms(target: object) -> None:
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    expected = _captum(captum_attr.LRP, model, x, target=target)
+    _close(LRP(model).attribute(x, target=target), expected)
+
+
+# Left as found.
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model: nn.Module, state: dict, rules: dict, modes: dict) -> None:
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for name, module in model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, name
+        assert not module._backward_hooks and not module._backward_pre_hooks, name
+        assert module.training == modes[name], name
+        if name in rules:
+            assert module.rule is rules[name]
+        else:
+            assert not hasattr(module, "rule"), name
+
+
+class Raises(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(4, 2)
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.fc1(x)))
+        if self.fail:
+            raise RuntimeError("forward failed mid-way")
+        return self.fc2(x)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_model_left_as_found(fail: bool) -> None:
+    model = Raises()
+    model.train()
+    model.fc1.eval()
+    model.fc2.rule = GammaRule()
+    model.fail = fail
+    state, modes = _snapshot(model), {n: m.training for n, m in model.named_modules()}
+    rules = {"fc2": model.fc2.rule}
+    x = torch.randn(6, 4)
+    if fail:
+        with pytest.raises(RuntimeError, match="mid-way"):
+            LRP(model).attribute(x, target=0)
+        with pytest.raises(RuntimeError, match="mid-way"):
+            LayerLRP(model, model.bn).attribute(x, target=0)
+    else:
+        LRP(model).attribute(x, target=0)
+        LayerLRP(model, model.bn).attribute(x, target=0, attribute_to_layer_input=True)
+    _assert_untouched(model, state, rules, modes)
+
+
+def test_unsupported_modules_listed_before_any_work() -> None:
+    calls = []
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+            self.fc = nn.Linear(4, 4)
+            self.norm2 = nn.LayerNorm(4)
+            self.soft = nn.Softmax(dim=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return self.soft(self.norm2(self.fc(self.norm(x))))
+
+    with pytest.raises(TypeError, match=r"LayerNorm \(model.norm, model.norm2\); Softmax"):
+        LRP(Model()).attribute(torch.randn(2, 4), target=0)
+    assert not calls
+
+
+def test_bad_inputs() -> None:
+    model = _seeded(MLP(), torch.float32)
+    lrp = LRP(model)
+    x = torch.randn(3, 12)
+    with pytest.raises(TypeError, match="inputs"):
+        lrp.attribute([x], target=0)
+    with pytest.raises(TypeError, match="inputs"):
+        lrp.attribute(torch.ones(3, 12, dtype=torch.long), target=0)
+    with pytest.raises(IndexError, match="target"):
+        lrp.attribute(x, target=5)
+    with pytest.raises(ValueError, match="target"):
+        lrp.attribute(x, target=[0, 1])
+    with pytest.raises(TypeError, match="target"):
+        lrp.attribute(x, target=1.5)
+    with pytest.raises(ValueError, match="one value per example"):
+        lrp.attribute(x)
+    with pytest.raises(TypeError, match="model"):
+        LRP(lambda x: x)
+    with pytest.raises(ValueError, match="epsilon"):
+        EpsilonRule(-1.0)
+    with pytest.raises(TypeError, match="gamma"):
+        GammaRule("big")
+    with pytest.raises(TypeError, match="set_bias_to_zero"):
+        Alpha1_Beta0_Rule(set_bias_to_zero=1)
+    model.fc1.rule = "epsilon"
+    with pytest.raises(TypeError, match=r"model.fc1.rule"):
+        LRP(model)
+    del model.fc1.rule
+    with pytest.raises(ValueError, match="not a module of the model"):
+        LayerLRP(model, nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="attribute_to_layer_input"):
+        LayerLRP(model, model.fc1).attribute(x, target=0, attribute_to_layer_input=1)
+    norm = nn.Sequential(nn.Linear(12, 4), nn.LayerNorm(4))
+    norm[1].rule = GammaRule()
+    with pytest.raises(TypeError, match="GammaRule cannot recompute LayerNorm"):
+        LRP(norm).attribute(x, target=0)
+    shrink = nn.Sequential(nn.Linear(12, 4))
+    shrink[0].rule = IdentityRule()
+    with pytest.raises(ValueError, match="IdentityRule"):
+        LRP(shrink).attribute(x, target=0)
+
+
+def test_exported_from_fastattr_and_attr() -> None:
+    for name in (
+        "LRP",
+        "LayerLRP",
+        "EpsilonRule",
+        "GammaRule",
+        "Alpha1_Beta0_Rule",
+        "IdentityRule",
+    ):
+        assert getattr(fastattr, name) is getattr(fastattr.attr, name)
+    assert copy.copy(EpsilonRule(0.5)).epsilon == 0.5
