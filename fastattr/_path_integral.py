@@ -170,12 +170,15 @@ def integrate_path(
         for accumulator, grad in zip(accumulators, grads):
             if grad is not None:
                 ops.quadrature_accumulate(accumulator, grad, weights[step:stop])
-        per_step = outputs.detach().reshape(stop - step, batch)
-        for k, alpha in enumerate(chunk_alphas.tolist()):
-            if alpha == 0.0:
-                start_output = per_step[k]
-            elif alpha == 1.0:
-                end_output = per_step[k]
+        # (A layer's values may hold several rows per example: then the outputs, one per
+        # example, don't line up with the path's rows.)
+        if outputs.numel() == (stop - step) * batch:
+            per_step = outputs.detach().reshape(stop - step, batch)
+            for k, alpha in enumerate(chunk_alphas.tolist()):
+                if alpha == 0.0:
+                    start_output = per_step[k]
+                elif alpha == 1.0:
+                    end_output = per_step[k]
         if meter is not None:
             path_bytes = sum(p.numel() * p.element_size() for p in paths)
             # The path, its gradient and that gradient in the accumulator's layout live too.

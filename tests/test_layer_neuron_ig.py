@@ -707,19 +707,109 @@ def test_neuron_ig_reference_backend():
 
 
 class Tripwire(nn.Module):
+    """Records the rows of each forward call; raises if a backward pass reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
     def forward(self, x):
-        raise AssertionError("the model ran past the neuron's layer")
+        self.rows.append(x.shape[0])
+        out = x.clone()
+        if out.requires_grad:
+            out.register_hook(self._backward)
+        return out
+
+    @staticmethod
+    def _backward(grad):
+        raise AssertionError("a backward pass ran past the neuron's layer")
 
 
 def test_neuron_ig_stops_at_the_layer():
-    # What comes after the layer never runs, forward or backward.
+    # What comes after the layer runs only once, in the first chunk's forward (which counts
+    # the layer's calls), and never backward.
     model = seeded(mlp)
     torch.manual_seed(10)
     x = torch.randn(4, 6, dtype=torch.float64)
     expected = captum_attr.NeuronIntegratedGradients(model, model[2]).attribute(x, 1, n_steps=6)
-    model[3] = Tripwire()
+    model.insert(3, Tripwire())
     ours = fastattr.NeuronIntegratedGradients(model, model[2]).attribute(x, 1, n_steps=6)
     assert_same(ours, expected)
+    assert model[3].rows == [4]
+
+
+class SharedActivation(nn.Module):
+    """One activation module called twice, as torchvision's ResNet blocks call theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.act = nn.Softplus()
+        self.head = nn.Linear(2 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv1(x))
+        h = self.act(self.conv2(h) + x)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_layer_called_twice_is_taken_at_its_last_call(on_input):
+    model = seeded(SharedActivation)
+    torch.manual_seed(12)
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    ours, theirs = lig_both(
+        model,
+        model.act,
+        x,
+        target=1,
+        n_steps=6,
+        attribute_to_layer_input=on_input,
+        return_convergence_delta=True,
+    )
+    assert_same(ours, theirs)
+    for internal_batch_size in (None, 6):
+        ours, theirs = nig_both(
+            model,
+            model.act,
+            x,
+            (1, 2, 3),
+            n_steps=6,
+            internal_batch_size=internal_batch_size,
+            attribute_to_neuron_input=on_input,
+        )
+        assert_same(ours, theirs)
+
+
+class PerToken(nn.Module):
+    """A layer run on every token: its values hold several rows per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Linear(4, 4)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.token(x.reshape(x.shape[0] * 3, 4)))
+        return self.head(h.reshape(x.shape[0], 12))
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_layer_ig_values_with_several_rows_per_example(on_input):
+    model = seeded(PerToken)
+    torch.manual_seed(13)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    ours, theirs = lig_both(
+        model, model.token, x, target=1, n_steps=6, attribute_to_layer_input=on_input
+    )
+    assert ours.shape == (15, 4)
+    assert_same(ours, theirs)
+    # No per-example delta for such a layer: a clear error (captum fails on an assertion).
+    with pytest.raises(ValueError, match="return_convergence_delta"):
+        fastattr.LayerIntegratedGradients(model, model.token).attribute(
+            x, target=1, n_steps=6, return_convergence_delta=True
+        )
 
 
 class SwallowsErrors(nn.Module):

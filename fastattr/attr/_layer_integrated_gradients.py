@@ -33,6 +33,7 @@ from fastattr._path_integral import (
 from fastattr._quadrature import check_steps
 from fastattr.attr._base import PathAttribution, forward_per_example
 from fastattr.attr._layers import (
+    LayerCalledAgain,
     LayerValues,
     ModuleOrList,
     as_layer_list,
@@ -87,9 +88,11 @@ class LayerIntegratedGradients(PathAttribution):
         starts: tuple[Tensor, ...],
         args: tuple[Any, ...] | None,
         on_input: bool,
+        last: bool = False,
     ) -> tuple[list[LayerValues], list[LayerValues]]:
         """The layers' values at the inputs and at the baselines, from one pass over both
-        that stops at the last layer needed."""
+        that stops at the last layer needed (with ``last``: that runs to the end and takes
+        each layer's last call)."""
         layers = as_layer_list(self.layer)
         batch = inputs[0].shape[0]
         model = module_of(self.forward_func)
@@ -100,6 +103,7 @@ class LayerIntegratedGradients(PathAttribution):
                     lambda: self.forward_func(*both, *repeat_additional_args(args, 2)),
                     layers,
                     on_input,
+                    last=last,
                 )
                 if all(v.shape[0] == 2 * batch for values in captured for v in values):
                     return (
@@ -109,10 +113,10 @@ class LayerIntegratedGradients(PathAttribution):
             # Batch statistics (training mode) or values not batched along dimension 0: the
             # inputs and the baselines need passes of their own.
             at_inputs = capture_layers(
-                lambda: self.forward_func(*inputs, *(args or ())), layers, on_input
+                lambda: self.forward_func(*inputs, *(args or ())), layers, on_input, last=last
             )
             at_starts = capture_layers(
-                lambda: self.forward_func(*starts, *(args or ())), layers, on_input
+                lambda: self.forward_func(*starts, *(args or ())), layers, on_input, last=last
             )
         return at_inputs, at_starts
 
@@ -165,35 +169,55 @@ class LayerIntegratedGradients(PathAttribution):
         check_additional_args(args, batch)
         steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)
 
-        at_inputs, at_starts = self._layer_values(
-            model_inputs, starts, args, attribute_to_layer_input
-        )
-        counts = [len(values) for values in at_inputs]
-        ends = tuple(v for values in at_inputs for v in values)
-        path_starts = tuple(v for values in at_starts for v in values)
-        check_floating(ends, "the values of layer", "; choose a layer with floating point values")
-
-        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-            with replaced_layers(layers, _group(paths, counts), attribute_to_layer_input):
-                output = run_forward(
-                    self.forward_func,
-                    repeat_additional_args(model_inputs, steps),
-                    repeat_target(target, steps),
-                    repeat_additional_args(args, steps),
+        # A layer that runs more than once is replaced at every call, so only its last call
+        # reaches the output: its path must run between its last call's values (captum's
+        # convention). The first chunk tells; then the values come from a full pass.
+        for last in (False, True):
+            at_inputs, at_starts = self._layer_values(
+                model_inputs, starts, args, attribute_to_layer_input, last
+            )
+            counts = [len(values) for values in at_inputs]
+            ends = tuple(v for values in at_inputs for v in values)
+            path_starts = tuple(v for values in at_starts for v in values)
+            check_floating(
+                ends, "the values of layer", "; choose a layer with floating point values"
+            )
+            if return_convergence_delta and any(v.shape[0] != batch for v in ends):
+                raise ValueError(
+                    "return_convergence_delta needs the values of layer to hold the examples "
+                    f"along dimension 0 ({batch}), got shapes {[list(v.shape) for v in ends]}"
                 )
-            return per_example(output, steps * batch)
 
-        result = integrate_path(
-            ends,
-            path_starts,
-            evaluate,
-            method=method,
-            n_steps=n_steps,
-            steps_per_chunk=steps_per_chunk,
-            multiply_by_inputs=self.multiplies_by_inputs,
-            model_tensors=model_state_tensors(self.forward_func),
-            grad_kwargs=grad_kwargs,
-        )
+            def evaluate(paths: tuple[Tensor, ...], steps: int, counts=counts, last=last) -> Tensor:
+                calls = [0] * len(layers)
+                with replaced_layers(
+                    layers, _group(paths, counts), attribute_to_layer_input, calls=calls
+                ):
+                    output = run_forward(
+                        self.forward_func,
+                        repeat_additional_args(model_inputs, steps),
+                        repeat_target(target, steps),
+                        repeat_additional_args(args, steps),
+                    )
+                if not last and max(calls) > 1:
+                    raise LayerCalledAgain
+                return per_example(output, steps * batch)
+
+            try:
+                result = integrate_path(
+                    ends,
+                    path_starts,
+                    evaluate,
+                    method=method,
+                    n_steps=n_steps,
+                    steps_per_chunk=steps_per_chunk,
+                    multiply_by_inputs=self.multiplies_by_inputs,
+                    model_tensors=model_state_tensors(self.forward_func),
+                    grad_kwargs=grad_kwargs,
+                )
+                break
+            except LayerCalledAgain:
+                continue
         per_layer = [
             format_output(len(group) > 1, group) for group in _group(result.attributions, counts)
         ]

@@ -86,23 +86,36 @@ def _check_all_called(seen: Sequence[Any], layers: Sequence[nn.Module], name: st
         )
 
 
+class LayerCalledAgain(Exception):
+    """A layer ran more than once in a pass whose values were taken at its first call."""
+
+
 def capture_layers(
     run: Callable[[], Any],
     layers: Sequence[nn.Module],
     on_input: bool,
     name: str = "layer",
     detach: bool = True,
+    last: bool = False,
+    calls: list[int] | None = None,
 ) -> list[LayerValues]:
-    """Each layer's output (or input) in the forward pass that ``run`` starts (its first call
-    when a layer runs more than once). The pass stops as soon as every layer has been seen:
-    what comes after never runs, forward or backward."""
+    """Each layer's output (or input) in the forward pass that ``run`` starts.
+
+    By default the values are those of each layer's first call and the pass stops as soon as
+    every layer has been seen: what comes after never runs, forward or backward. With
+    ``last``, the pass runs to its end and a layer called more than once gives its last
+    call's values (captum's convention). ``calls``, when given, receives how many times each
+    layer ran."""
     seen: list[LayerValues | None] = [None] * len(layers)
+    counts = [0] * len(layers) if calls is None else calls
+    counts[:] = [0] * len(layers)
 
     def record(index: int, values: Any) -> None:
-        if seen[index] is None:
+        counts[index] += 1
+        if last or seen[index] is None:
             captured = _as_values(values, layers[index], name)
             seen[index] = tuple(v.detach() for v in captured) if detach else captured
-        if all(s is not None for s in seen):
+        if not last and all(s is not None for s in seen):
             raise _LayersReached
 
     with _hooks(layers, on_input, record):
@@ -120,13 +133,18 @@ def replaced_layers(
     replacements: Sequence[LayerValues],
     on_input: bool,
     name: str = "layer",
+    calls: list[int] | None = None,
 ) -> Iterator[None]:
-    """Within the block, each layer's output (or input) is replaced by the given tensors."""
+    """Within the block, each layer's output (or input) is replaced by the given tensors, at
+    every call. ``calls``, when given, receives how many times each layer ran."""
     called = [None] * len(layers)
+    counts = [0] * len(layers) if calls is None else calls
+    counts[:] = [0] * len(layers)
 
     def replace(index: int, values: Any) -> Any:
         _as_values(values, layers[index], name)
         called[index] = True
+        counts[index] += 1
         new = replacements[index]
         if isinstance(values, list):
             return list(new)
