@@ -16,7 +16,9 @@ from fastattr.bench.cases import METHODS
 captum_attr = pytest.importorskip("captum.attr")
 
 AVAILABLE = [method for method in METHODS if hasattr(fastattr, method)]
+# One thread: steady on a shared machine, and it exercises --threads.
 TINY = ["--quick", "--batch-sizes", "2", "--n-steps", "4", "--repeats", "1", "--warmup", "0"]
+TINY += ["--threads", "1"]
 
 
 def _bench(tmp_path, *extra: str) -> tuple[int, dict]:
@@ -29,6 +31,7 @@ def _bench(tmp_path, *extra: str) -> tuple[int, dict]:
 def test_quick_run_reports_every_available_method(tmp_path, capsys):
     # One model per method keeps this fast; memory is measured in its worker process.
     models_arg = "mlp,transformer"
+    threads_before = torch.get_num_threads()
     code, result = _bench(tmp_path, "--models", models_arg)
     out = capsys.readouterr().out
     assert code == 0, out
@@ -37,6 +40,7 @@ def test_quick_run_reports_every_available_method(tmp_path, capsys):
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["n_steps"] == 4 and meta["batch_sizes"] == [2]
     assert meta["captum_version"] is not None and meta["memory_method"] is not None
+    assert meta["torch_threads"] == 1 and torch.get_num_threads() == threads_before
     measured = {r["method"] for r in result["results"]}
     assert measured == set(AVAILABLE)
     for method in set(METHODS) - set(AVAILABLE):

@@ -71,6 +71,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("fastattr-bench"), help="directory for JSON and PNG"
     )
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        help="torch CPU threads (default: torch's own choice); 1 gives steadier figures on a "
+        "machine other work shares",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=main)
@@ -97,7 +103,13 @@ def main(args: argparse.Namespace) -> int:
         measure_memory=not args.no_memory,
         progress=not args.no_progress,
     )
-    result = run(config)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = run(config)
+    finally:
+        torch.set_num_threads(threads)
     print(report.table(result))
     print(report.legend(result))
     args.out.mkdir(parents=True, exist_ok=True)

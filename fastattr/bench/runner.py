@@ -285,6 +285,7 @@ def _cpu_peaks(config: Config, cases: list[Case], notes: list[str]) -> dict[str,
         "cases": [case.name for case in cases],
         "batch_sizes": list(config.batch_sizes),
         "n_steps": config.n_steps,
+        "threads": torch.get_num_threads(),
     }
     try:
         return memory.measure_in_worker(request)
@@ -412,7 +413,7 @@ def failed_checks(report: dict[str, Any]) -> list[str]:
 
 def _main_memory_worker(lines: Iterable[str]) -> None:
     request = json.loads("".join(lines))
-    torch.manual_seed(0)
+    torch.set_num_threads(request["threads"])
     print(json.dumps(memory_worker(request)))
 
 
