@@ -163,6 +163,11 @@ CASES: tuple[Case, ...] = (
         "LRP", "cnn", models.cnn, _images, _whole_model, {"target": TARGET}, _lrp_floor,
         uses_path=False, quick=True,
     ),
+    # Captum's LRP has no rule for the residual `+` (and nn.Identity); fastattr's has.
+    Case(
+        "LRP", "resnet", models.resnet, _images, _whole_model, {"target": TARGET},
+        _lrp_floor, uses_path=False,
+    ),
 )  # fmt: skip
 
 

@@ -350,6 +350,13 @@ def run(config: Config) -> dict[str, Any]:
         if bar is not None:
             bar.close()
 
+    failed = {}
+    for result in results:
+        for name, record in result["implementations"].items():
+            if record["status"] == "error":
+                failed.setdefault((name, result["case"]), record["message"])
+    notes += [f"{name} failed on {case}: {message}" for (name, case), message in failed.items()]
+
     memory_method = None
     if config.measure_memory and runnable:
         if config.device.type == "cuda":
