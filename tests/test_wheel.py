@@ -57,6 +57,7 @@ CALLS = {
     "quadrature_finish": lambda op: op(accumulator, inputs, baselines, True),
     "epsilon_ratio": lambda op: op(relevance, z, 0.01),
     "relevance_product": lambda op: op(relevance, z),
+    "input_relevance": lambda op: op(relevance, z),
 }
 
 registered = sorted(
