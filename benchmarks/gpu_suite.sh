@@ -53,7 +53,7 @@ shopt -s nullglob
 wheels=(.whl/*.whl)
 if ((${#wheels[@]})); then
     echo "gpu_suite: installing ${#wheels[@]} wheels from .whl/ into $SITE"
-    "$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" "${wheels[@]}" || exit 1
+    "$PYTHON" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "${wheels[@]}" || exit 1
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
     echo "gpu_suite: no .whl/ wheels; captum and hypothesis only if already installed"
