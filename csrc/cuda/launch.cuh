@@ -2,6 +2,7 @@
 // always on the current stream.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -12,6 +13,14 @@
 namespace fastattr::cuda {
 
 constexpr int kThreads = 256;
+
+// A host coefficient table (alphas, weights) in `dtype` on `device`. The copy goes through
+// pinned memory without blocking: from pageable memory it would make the host wait for the
+// stream to drain on every call, serialising chunked attribution with the GPU.
+inline at::Tensor coefficients_to_device(const at::Tensor& host, at::Device device,
+                                         at::ScalarType dtype) {
+  return host.to(dtype).pin_memory().to(device, dtype, /*non_blocking=*/true);
+}
 
 // Enough blocks to fill the device; the grid-stride loop covers the rest.
 inline int grid_for(int64_t n) {

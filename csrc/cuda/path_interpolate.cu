@@ -13,7 +13,8 @@ at::Tensor interpolate_path(const at::Tensor& inputs, const at::Tensor& baseline
                             const at::Tensor& alphas) {
   PathOperands op = prepare_path(inputs, baselines, alphas);
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const at::Tensor alphas_on_device = op.alphas.to(inputs.options().dtype(at::kDouble));
+  const at::Tensor alphas_on_device =
+      coefficients_to_device(op.alphas, inputs.device(), at::kDouble);
   const int64_t block = op.batch * op.row, row = op.row;
   const bool shared = op.baselines.shared;
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -12,7 +12,8 @@ namespace fastattr::cuda {
 
 template <typename grad_t, typename acc_t>
 void accumulate(const at::Tensor& accumulator, const AccumulateOperands& op) {
-  const at::Tensor weights = op.weights.to(accumulator.options());
+  const at::Tensor weights =
+      coefficients_to_device(op.weights, accumulator.device(), accumulator.scalar_type());
   const acc_t* w = weights.const_data_ptr<acc_t>();
   const grad_t* g = op.grads.const_data_ptr<grad_t>();
   acc_t* acc = accumulator.mutable_data_ptr<acc_t>();
