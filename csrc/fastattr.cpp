@@ -16,6 +16,8 @@ TORCH_LIBRARY(fastattr, m) {
   m.def("epsilon_ratio(Tensor relevance, Tensor z, float epsilon) -> Tensor");
   // (activations * contributions, per-row sums).
   m.def("relevance_product(Tensor activations, Tensor contributions) -> (Tensor, Tensor)");
+  // activations * contributions: LRP's relevance at a module's input, without row sums.
+  m.def("input_relevance(Tensor activations, Tensor contributions) -> Tensor");
 }
 
 #ifdef FASTATTR_WITH_CUDA

@@ -3,7 +3,7 @@
 A module with a relevance rule becomes ``output = Ratio(module(Product(input)))``: the backward
 divides the relevance arriving at the output by the stabilized output (``epsilon_ratio``), lets
 ATen's own backward of the module apply the transposed linear map, and multiplies what arrives
-at the input by the input (``relevance_product``). Modules that pass relevance through get a
+at the input by the input (``input_relevance``). Modules that pass relevance through get a
 ``Pass`` node that hands the relevance at the output straight to the input.
 """
 
@@ -32,7 +32,7 @@ class Product(torch.autograd.Function):
     @staticmethod
     def backward(ctx, contribution: Tensor) -> Tensor:  # type: ignore[override]
         (activation,) = ctx.saved_tensors
-        return ops.relevance_product(activation, contribution.to(activation.dtype))[0]
+        return ops.input_relevance(activation, contribution.to(activation.dtype))
 
 
 class Ratio(torch.autograd.Function):

@@ -57,3 +57,9 @@ def _(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
     product = torch.empty_like(activations, memory_format=_row_layout(activations))
     sums = activations.new_empty(activations.shape[0], dtype=opmath_dtype(activations.dtype))
     return product, sums
+
+
+@torch.library.register_fake("fastattr::input_relevance")
+def _(activations: Tensor, contributions: Tensor) -> Tensor:
+    reference.check_input_relevance(activations, contributions)
+    return torch.empty_like(activations, memory_format=_row_layout(activations))

@@ -218,3 +218,15 @@ def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tenso
     compute = opmath_dtype(activations.dtype)
     product = activations.to(compute) * contributions.to(compute)
     return product.to(activations.dtype), _row_sums(product)
+
+
+def check_input_relevance(activations: Tensor, contributions: Tensor) -> None:
+    _check_floating(activations, "activations")
+    _check_same(contributions, "contributions", activations, "activations", shape=True)
+
+
+def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
+    """``activations * contributions`` (computed in float32 or float64)."""
+    check_input_relevance(activations, contributions)
+    compute = opmath_dtype(activations.dtype)
+    return (activations.to(compute) * contributions.to(compute)).to(activations.dtype)

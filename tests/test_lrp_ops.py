@@ -1,0 +1,84 @@
+"""input_relevance, the op LRP's backward runs at each module's input: compiled kernel against
+its PyTorch twin, its argument checks, and its registration (opcheck)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastattr import ops
+from fastattr._backend import is_compiled
+
+pytestmark = pytest.mark.skipif(not is_compiled(), reason="fastattr._C is not built")
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _compiled(activations: torch.Tensor, contributions: torch.Tensor) -> torch.Tensor:
+    return torch.ops.fastattr.input_relevance(activations, contributions)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_twin(shape: list[int], dtype: torch.dtype, transposed: bool, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    activations = torch.randn(shape, generator=generator).to(dtype)
+    contributions = torch.randn(shape, generator=generator).to(dtype)
+    if transposed and len(shape) > 1:
+        # Non-contiguous operands: the kernel lays them out itself.
+        activations = activations.mT.contiguous().mT
+        contributions = contributions.mT.contiguous().mT
+    result = _compiled(activations, contributions)
+    expected = ops.reference.input_relevance(activations, contributions)
+    assert result.dtype == dtype and result.shape == activations.shape
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d"])
+def test_channels_last(layout: str) -> None:
+    shape, fmt = {
+        "channels_last": ((2, 3, 4, 5), torch.channels_last),
+        "channels_last_3d": ((2, 3, 2, 4, 5), torch.channels_last_3d),
+    }[layout]
+    activations = torch.randn(shape).contiguous(memory_format=fmt)
+    contributions = torch.randn(shape)
+    result = _compiled(activations, contributions)
+    assert result.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(result, activations * contributions, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_bad_arguments(backend: str) -> None:
+    from fastattr import use_backend
+
+    a = torch.randn(3, 4)
+    with use_backend(backend):
+        with pytest.raises(TypeError, match="activations"):
+            ops.input_relevance(a.long(), a.long())
+        with pytest.raises(TypeError, match="contributions"):
+            ops.input_relevance(a, a.double())
+        with pytest.raises(ValueError, match="contributions"):
+            ops.input_relevance(a, torch.randn(4, 3))
+
+
+def test_opcheck() -> None:
+    for dtype in (torch.float32, torch.float64):
+        args = (torch.randn(3, 5, dtype=dtype), torch.randn(3, 5, dtype=dtype))
+        torch.library.opcheck(torch.ops.fastattr.input_relevance.default, args)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_twin() -> None:
+    for dtype in DTYPES:
+        activations = torch.randn(7, 33, dtype=dtype, device="cuda")
+        contributions = torch.randn(7, 33, dtype=dtype, device="cuda")
+        expected = ops.reference.input_relevance(activations.cpu(), contributions.cpu())
+        result = _compiled(activations, contributions).cpu()
+        torch.testing.assert_close(result, expected, rtol=0, atol=0)
