@@ -326,6 +326,24 @@ def test_relevance_product_matches_twin(data: st.DataObject) -> None:
     assert_row_sums_close(sums, expected_sums, terms)
 
 
+@RANDOM
+@given(data=st.data())
+def test_input_relevance_matches_twin(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dims = data.draw(st.integers(0, 5), label="dims")
+    shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=dims, max_size=dims)))
+    activation_layout = data.draw(st.sampled_from(layouts_for(dims)))
+    contribution_layout = data.draw(st.sampled_from(layouts_for(dims)))
+    generator = draw_generator(data)
+    activations = make_tensor(shape, dtype, activation_layout, generator)
+    contributions = make_tensor(shape, dtype, contribution_layout, generator)
+    relevance = torch.ops.fastattr.input_relevance(activations, contributions)
+    assert_identical(relevance, reference.input_relevance(activations, contributions))
+    if dims > 0:  # the same product as relevance_product's, without the sums
+        product, _ = torch.ops.fastattr.relevance_product(activations, contributions)
+        assert_identical(relevance, product)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("shape", "layout"), [((3, 4, 2, 5), "channels_last"), ((2, 3, 2, 4, 3), "channels_last_3d")]
@@ -369,6 +387,10 @@ def test_channels_last_operands_match_twin(
         want, want_sums = reference.relevance_product(first, second)
         assert_identical(product, want)
         assert_row_sums_close(sums, want_sums, first.to(sums.dtype) * second.to(sums.dtype))
+        assert_identical(
+            torch.ops.fastattr.input_relevance(first, second),
+            reference.input_relevance(first, second),
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -407,6 +429,10 @@ def test_empty_operands_match_twin(shape: tuple[int, ...], steps: int, dtype: to
     assert_identical(
         torch.ops.fastattr.epsilon_ratio(inputs, inputs, 0.1),
         reference.epsilon_ratio(inputs, inputs, 0.1),
+    )
+    assert_identical(
+        torch.ops.fastattr.input_relevance(inputs, inputs),
+        reference.input_relevance(inputs, inputs),
     )
 
 
@@ -455,6 +481,10 @@ def _opcheck_samples() -> list[tuple[str, tuple]]:
         ("relevance_product", (randn(3, 4), randn(3, 4))),
         ("relevance_product", (half_image, randn(2, 3, 4, 5, dtype=torch.float16))),
         ("relevance_product", (volume, volume.clone())),
+        ("input_relevance", (randn(3, 4), randn(3, 4))),
+        ("input_relevance", (image, randn(2, 3, 4, 5))),
+        ("input_relevance", (randn().double(), randn().double())),
+        ("input_relevance", (volume.bfloat16(), volume.bfloat16())),
     ]
 
 
@@ -572,6 +602,15 @@ BAD_CALLS = {
         (TypeError, "contributions", lambda: (t(2), t(2, dtype=F16))),
         (ValueError, "contributions", lambda: (t(2, 3), t(3, 2))),
         (ValueError, "contributions", lambda: (t(2, 3), t(2, 3, device=META))),
+    ],
+    "input_relevance": [  # (activations, contributions)
+        (TypeError, "activations", lambda: (t(2, dtype=I64), t(2, dtype=I64))),
+        (TypeError, "activations", lambda: (t(2, dtype=torch.float8_e5m2), t(2))),
+        (TypeError, "contributions", lambda: (t(2), t(2, dtype=F64))),
+        (ValueError, "contributions", lambda: (t(2, 3), t(3, 2))),
+        (ValueError, "contributions", lambda: (t(), t(1))),
+        (ValueError, "contributions", lambda: (t(2, 3), t(2, 3, device=META))),
+        (ValueError, "contributions", lambda: (t(2, 3, device=META), t(2, 3))),
     ],
 }
 BAD_CASES = [

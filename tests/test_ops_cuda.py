@@ -174,6 +174,24 @@ def test_relevance_product(data: st.DataObject) -> None:
     assert_row_sums_close(sums.cpu(), cpu_sums, terms.cpu())
 
 
+@RANDOM
+@given(data=st.data())
+def test_input_relevance(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dims = data.draw(st.integers(0, 5), label="dims")
+    shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=dims, max_size=dims)))
+    activation_layout = data.draw(st.sampled_from(layouts_for(dims)))
+    contribution_layout = data.draw(st.sampled_from(layouts_for(dims)))
+    generator = draw_generator(data)
+    activations = make_tensor(shape, dtype, activation_layout, generator, DEVICE)
+    contributions = make_tensor(shape, dtype, contribution_layout, generator, DEVICE)
+
+    relevance = torch.ops.fastattr.input_relevance(activations, contributions)
+    assert_identical(relevance, reference.input_relevance(activations, contributions))
+    cpu_relevance = torch.ops.fastattr.input_relevance(*on_cpu(activations, contributions))
+    assert_identical(relevance.cpu(), cpu_relevance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_large_operands_cross_every_block_and_grid_boundary(dtype: torch.dtype) -> None:
     """More elements than one grid covers (the kernels grid-stride) and rows longer than a
@@ -210,6 +228,7 @@ def test_large_operands_cross_every_block_and_grid_boundary(dtype: torch.dtype) 
     want, want_sums = reference.relevance_product(inputs, z)
     assert_identical(product, want)
     assert_row_sums_close(product_sums, want_sums, inputs.float() * z.float())
+    assert_identical(torch.ops.fastattr.input_relevance(inputs, z), want)
 
 
 def test_kernels_run_on_the_current_stream() -> None:
@@ -287,6 +306,10 @@ MIXED_DEVICES = {
         ("z", lambda: (_t(2, 3, device=OTHER), _t(2, 3), 0.1)),
     ],
     "relevance_product": [
+        ("contributions", lambda: (_t(2, 3), _t(2, 3, device=OTHER))),
+        ("contributions", lambda: (_t(2, 3, device=OTHER), _t(2, 3))),
+    ],
+    "input_relevance": [
         ("contributions", lambda: (_t(2, 3), _t(2, 3, device=OTHER))),
         ("contributions", lambda: (_t(2, 3, device=OTHER), _t(2, 3))),
     ],
