@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -90,14 +90,13 @@ def _failure(error: BaseException) -> dict[str, Any]:
     return {"status": "error", "message": f"{type(error).__name__}: {error}"[:300]}
 
 
-class Implementation:
-    """One contender on one case: its own copy of the model and how to make a timed call."""
+# How a contender makes its call on a batch: (inputs, baselines, n_steps) -> the timed call.
+Prepare = Callable[[Tensor, Tensor, int], Callable[[], Any]]
+# A contender that cannot run at all is its failure record instead.
+Contender = Union[Prepare, dict[str, Any]]
 
-    def __init__(self, prepare: Callable[[Tensor, Tensor, int], Callable[[], Any]]) -> None:
-        self.prepare = prepare
 
-
-def _attributor_call(case: Case, attributor: Any, quiet: bool) -> Implementation:
+def _attributor_call(case: Case, attributor: Any, quiet: bool) -> Prepare:
     def prepare(inputs: Tensor, baselines: Tensor, n_steps: int) -> Callable[[], Any]:
         def call() -> Any:
             if not quiet:
@@ -109,13 +108,13 @@ def _attributor_call(case: Case, attributor: Any, quiet: bool) -> Implementation
 
         return call
 
-    return Implementation(prepare)
+    return prepare
 
 
-def implementations(case: Case, device: torch.device) -> dict[str, Implementation | dict[str, Any]]:
-    """Each contender of ``case`` ready to run, or the reason it cannot run at all."""
+def implementations(case: Case, device: torch.device) -> dict[str, Contender]:
+    """Each contender of ``case``, each on its own copy of the model, or why it cannot run."""
     model = case.make_model().to(device)
-    contenders: dict[str, Implementation | dict[str, Any]] = {}
+    contenders: dict[str, Contender] = {}
     fast_cls = _fastattr_class(case.method)
     if fast_cls is None:
         return {}
@@ -135,8 +134,8 @@ def implementations(case: Case, device: torch.device) -> dict[str, Implementatio
         except Exception as error:
             contenders["captum"] = _failure(error)
     floor_model = copy.deepcopy(model)
-    contenders["floor"] = Implementation(
-        lambda inputs, baselines, n_steps: case.floor(floor_model, inputs, baselines, n_steps)
+    contenders["floor"] = lambda inputs, baselines, n_steps: case.floor(
+        floor_model, inputs, baselines, n_steps
     )
     return contenders
 
@@ -182,7 +181,7 @@ class _Guarded:
 
 def _measure_batch(
     case: Case,
-    contenders: dict[str, Implementation | dict[str, Any]],
+    contenders: dict[str, Contender],
     batch: int,
     config: Config,
 ) -> dict[str, Any]:
@@ -192,11 +191,11 @@ def _measure_batch(
     calls: dict[str, Callable[[], Any]] = {}
     outputs: dict[str, Any] = {}
     for name, contender in contenders.items():
-        if not isinstance(contender, Implementation):
+        if isinstance(contender, dict):
             records[name] = dict(contender)
             continue
         try:
-            call = contender.prepare(inputs, baselines, config.n_steps)
+            call = contender(inputs, baselines, config.n_steps)
             outputs[name] = call()
             record: dict[str, Any] = {"status": "ok"}
             if device.type == "cuda" and config.measure_memory:
@@ -264,10 +263,10 @@ def memory_worker(request: dict[str, Any]) -> dict[str, Any]:
             inputs, baselines = _batch(case, batch, device)
             per_batch: dict[str, Any] = {}
             for name, contender in contenders.items():
-                if not isinstance(contender, Implementation):
+                if isinstance(contender, dict):
                     continue
                 try:
-                    call = contender.prepare(inputs, baselines, request["n_steps"])
+                    call = contender(inputs, baselines, request["n_steps"])
                     call()  # first call: lazy set-up, hooks, caches
                     per_batch[name] = memory.peak_bytes(call, device)
                 except Exception as error:
