@@ -548,3 +548,80 @@ def test_exported_from_fastattr_and_attr() -> None:
     ):
         assert getattr(fastattr, name) is getattr(fastattr.attr, name)
     assert copy.copy(EpsilonRule(0.5)).epsilon == 0.5
+
+
+def test_rules_changed_between_calls_are_seen() -> None:
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    lrp = LRP(model)
+    default = lrp.attribute(x, target=1)
+    model.fc2.rule = GammaRule(0.5)
+    with_gamma = lrp.attribute(x, target=1)
+    del model.fc2.rule
+    _close(lrp.attribute(x, target=1), default)
+    model.fc2.rule = captum_rules.GammaRule(0.5)
+    _close(with_gamma, _captum(captum_attr.LRP, model, x, target=1))
+    assert (with_gamma - default).abs().max() > 1e-6
+
+
+def test_layer_lrp_refuses_a_layer_that_runs_twice() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.fc(x))
+
+    model = Twice()
+    state = _snapshot(model)
+    with pytest.raises(ValueError, match="more than once"):
+        LayerLRP(model, model.fc).attribute(torch.randn(2, 4), target=0)
+    _assert_untouched(model, state, {}, {"": True, "fc": True})
+    # LRP itself treats each call as its own layer.
+    relevance, delta = LRP(model).attribute(
+        torch.randn(2, 4), target=0, return_convergence_delta=True
+    )
+    assert relevance.shape == (2, 4) and delta.shape == (2,)
+
+
+def test_in_place_residual_retries_once_with_copies(capsys: pytest.CaptureFixture) -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(5, 5, bias=False)
+            self.fc2 = nn.Linear(5, 5, bias=False)
+            self.relu = nn.ReLU()
+            self.head = nn.Linear(5, 2, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fc2(self.relu(self.fc1(x)))
+            out.add_(x)  # result discarded: only an in-place update keeps this model right
+            return self.head(self.relu(out))
+
+    model = InPlace().double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    lrp = LRP(model)
+    relevance, delta = lrp.attribute(x, target=1, return_convergence_delta=True, verbose=True)
+    assert len(capsys.readouterr().out.splitlines()) == 3  # printed once, despite the retry
+    scale = float(model(x)[:, 1].abs().max())
+    torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=1e-7 * scale)
+    _close(lrp.attribute(x, target=1), relevance)
+
+
+def test_bench_resnet_conserves_and_transformer_is_refused() -> None:
+    from fastattr.bench.models import resnet, transformer
+
+    model = resnet().double()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            # Shift-free batch norms: relevance is then conserved up to epsilon.
+            module.bias.data.zero_()
+            module.running_mean.zero_()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model.fc.bias.data.zero_()
+    _, delta = LRP(model).attribute(x, target=4, return_convergence_delta=True)
+    scale = float(model(x)[:, 4].abs().max())
+    torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=1e-6 * scale)
+    with pytest.raises(TypeError, match="Embedding"):
+        LRP(transformer()).attribute(torch.zeros(2, 32, dtype=torch.long), target=0)

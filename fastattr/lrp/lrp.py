@@ -18,7 +18,14 @@ from fastattr._formatting import (
     per_example,
     run_forward,
 )
-from fastattr.lrp.propagation import CopiesNeeded, Propagation, plan_rules, user_rules
+from fastattr.lrp.propagation import (
+    CopiesNeeded,
+    Propagation,
+    RulePlan,
+    plan_rules,
+    rules_key,
+    user_rules,
+)
 
 LayerType = Union[nn.Module, list[nn.Module]]
 
@@ -49,6 +56,7 @@ class LRP:
         # Set once a forward modified a rule's output in place (`out += x`): from then on the
         # rules hand out copies, as captum's always do.
         self._copies = False
+        self._plan: tuple[tuple, RulePlan] | None = None
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -85,10 +93,12 @@ class LRP:
             The relevance in the inputs' shapes (a tuple for tuple inputs), and with
             ``return_convergence_delta`` the (B,) deltas.
         """
+        plan = self._rule_plan()
         is_tuple, tensors, args = self._prepare(inputs, target, additional_forward_args)
-        plan = plan_rules(self.model)
+        if verbose:
+            plan.report()
         grads, output = self._propagate(
-            lambda copy: Propagation(self.model, plan, verbose=verbose, copy=copy),
+            lambda copy: Propagation(self.model, plan, copy=copy),
             tensors,
             target,
             args,
@@ -116,6 +126,12 @@ class LRP:
             raise TypeError(f"output must be a tensor, got {type(output).__name__}")
         return output.flatten() - _per_example_sum(tensors).flatten()
 
+    def _rule_plan(self) -> RulePlan:
+        key = rules_key(self.model)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, plan_rules(self.model))
+        return self._plan[1]
+
     def _prepare(
         self, inputs: Any, target: TargetType, additional_forward_args: Any
     ) -> tuple[bool, tuple[Tensor, ...], tuple[Any, ...] | None]:
@@ -136,15 +152,16 @@ class LRP:
     ) -> tuple[tuple[Tensor, ...], Tensor]:
         if not self._copies:
             try:
-                with propagation(False):
-                    return self._backward(tensors, target, args, layer_tensors)
+                with propagation(False) as active:
+                    return self._backward(active, tensors, target, args, layer_tensors)
             except CopiesNeeded:
                 self._copies = True
-        with propagation(True):
-            return self._backward(tensors, target, args, layer_tensors)
+        with propagation(True) as active:
+            return self._backward(active, tensors, target, args, layer_tensors)
 
     def _backward(
         self,
+        propagation: Propagation,
         tensors: tuple[Tensor, ...],
         target: TargetType,
         args: tuple[Any, ...] | None,
@@ -156,7 +173,7 @@ class LRP:
             # Views give the inputs a grad_fn, which marks them as activations for the
             # residual-addition rule.
             output = per_example(
-                run_forward(self.model, tuple(x.view_as(x) for x in leaves), target, args),
+                run_forward(propagation.forward, tuple(x.view_as(x) for x in leaves), target, args),
                 tensors[0].shape[0],
             )
             wanted = leaves + tuple(layer_tensors() if callable(layer_tensors) else ())
@@ -199,9 +216,9 @@ class LayerLRP(LRP):
                 "attribute_to_layer_input must be a bool, got "
                 f"{type(attribute_to_layer_input).__name__}"
             )
+        plan = self._rule_plan()
         _, tensors, args = self._prepare(inputs, target, additional_forward_args)
         layers = self.layer if isinstance(self.layer, list) else [self.layer]
-        plan = plan_rules(self.model)
         for layer in layers:
             if plan.rule_of(layer) is None:
                 raise ValueError(
@@ -209,11 +226,13 @@ class LayerLRP(LRP):
                     "container or a reshape), so no relevance is recorded at it: pick one of its "
                     "submodules, or set a rule on it"
                 )
-        propagation = Propagation(self.model, plan, verbose=verbose, taps=layers)
+        if verbose:
+            plan.report()
+        propagation = Propagation(self.model, plan, taps=layers)
 
         def propagation_with(copy: bool) -> Propagation:
             nonlocal propagation
-            propagation = Propagation(self.model, plan, verbose=verbose, taps=layers, copy=copy)
+            propagation = Propagation(self.model, plan, taps=layers, copy=copy)
             return propagation
 
         def recorded() -> tuple[Tensor, ...]:

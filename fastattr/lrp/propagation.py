@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,14 +34,35 @@ class RulePlan:
 
     rules: list[tuple[str, nn.Module, PropagationRule, bool]]  # (name, module, rule, user-set)
 
+    def report(self) -> None:
+        """Prints the rule of each layer, as captum's verbose mode does (activations that just
+        pass relevance on are left out, as there)."""
+        for _, module, rule, user_set in self.rules:
+            if user_set or not isinstance(rule, PassRule):
+                print(f"Applied {rule} on layer {module}")
+
     def rule_of(self, module: nn.Module) -> PropagationRule | None:
         return next((rule for _, m, rule, _ in self.rules if m is module), None)
+
+
+def rule_attribute(module: nn.Module) -> object:
+    """``module.rule``, or None; read from the instance first (a missing attribute would cost
+    an exception in nn.Module.__getattr__)."""
+    if "rule" in module.__dict__:
+        return module.__dict__["rule"]
+    return getattr(type(module), "rule", None)
+
+
+def rules_key(model: nn.Module) -> tuple:
+    """Identifies the modules of ``model`` and the rules set on them: the plan is reused while
+    it stays the same."""
+    return tuple((id(m), id(rule_attribute(m))) for m in model.modules())
 
 
 def user_rules(model: nn.Module) -> None:
     """Check every ``module.rule`` the user set (captum's check at construction)."""
     for name, module in model.named_modules():
-        rule = getattr(module, "rule", None)
+        rule = rule_attribute(module)
         if rule is not None:
             as_rule(rule, f"model.{name}" if name else "model")
 
@@ -56,7 +78,7 @@ def plan_rules(model: nn.Module) -> RulePlan:
 
     def visit(name: str, module: nn.Module) -> None:
         where = f"model.{name}" if name else "model"
-        user_rule = getattr(module, "rule", None)
+        user_rule = rule_attribute(module)
         if user_rule is not None:
             rule = as_rule(user_rule, where)
             reason = rule.unsupported_reason(module)
@@ -73,7 +95,6 @@ def plan_rules(model: nn.Module) -> RulePlan:
                 return
             if not isinstance(module, STRUCTURAL_TYPES) or own_parameters:
                 missing.setdefault(type(module).__name__, []).append(where)
-                return
         for child_name, child in children:
             visit(f"{name}.{child_name}" if name else child_name, child)
 
@@ -152,7 +173,6 @@ class Propagation:
 
     model: nn.Module
     plan: RulePlan
-    verbose: bool = False
     copy: bool = False  # copy every rule's output, not only when modules work in place
     taps: Sequence[nn.Module] = ()
     tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = field(default_factory=dict)
@@ -162,32 +182,33 @@ class Propagation:
 
     def __enter__(self) -> Propagation:
         try:
-            self._save_buffers()
-            copy = self.copy or any(
-                getattr(m, "inplace", False) is True for m in self.model.modules()
-            )
+            copy = self._save_buffers() or self.copy
             self._mode = _ResidualAdditions(copy)
-            for _, module, rule, user_set in self.plan.rules:
+            for _, module, rule, _ in self.plan.rules:
                 self._install(module, rule, copy)
-                if self.verbose and (user_set or not isinstance(rule, PassRule)):
-                    print(f"Applied {rule} on layer {module}")
-            self._mode.__enter__()
         except BaseException:
             self._restore()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            if self._mode is not None:
-                self._mode.__exit__(*exc)
-        finally:
-            self._restore()
+        self._restore()
 
-    def _save_buffers(self) -> None:
+    def forward(self, *args: Any) -> Any:
+        """The model's forward, with its residual additions routed through the sum rule."""
+        assert self._mode is not None, "forward runs inside the with block"
+        with self._mode:
+            return self.model(*args)
+
+    def _save_buffers(self) -> bool:
+        """Saves the buffers of modules in training mode; says whether a module works in place
+        (then every rule's output is copied)."""
+        in_place = False
         for module in self.model.modules():
+            in_place = in_place or getattr(module, "inplace", False) is True
             if module.training:
                 self._buffers.extend((b, b.clone()) for b in module.buffers(recurse=False))
+        return in_place
 
     def _restore(self) -> None:
         for handle in self._handles:
