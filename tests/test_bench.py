@@ -36,6 +36,7 @@ def test_quick_run_reports_every_available_method(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert (tmp_path / "bench.png").stat().st_size > 0
+    summary = (tmp_path / "bench.md").read_text()
 
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["n_steps"] == 4 and meta["batch_sizes"] == [2]
@@ -62,6 +63,7 @@ def test_quick_run_reports_every_available_method(tmp_path, capsys):
         )
         assert fast["time_over_floor"] == pytest.approx(fast["seconds"] / impls["floor"]["seconds"])
         assert entry["case"] in out
+        assert f"| `{entry['case']}` | 2 |" in summary
 
 
 @pytest.mark.skipif("IntegratedGradients" not in AVAILABLE, reason="needs fastattr's IG")
@@ -131,8 +133,10 @@ def test_relative_error():
 def test_bad_arguments_are_refused(capsys):
     assert main(["bench", "--device", "cpu", "--methods", "shap", "--no-progress"]) == 2
     assert "unknown method 'shap'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["bench", "--batch-sizes", "0,4"])
+    for bad in (["--batch-sizes", "0,4"], ["--n-steps", "x"], ["--warmup", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["bench", *bad])
+        assert "expected" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
@@ -182,3 +186,5 @@ def test_table_shows_out_of_memory():
     }
     (row,) = report.table(fake).splitlines()[2:]
     assert row.split()[:4] == ["ig-cnn", "64", "captum", "OOM"]
+    (summary_row,) = report.summary_markdown(fake).splitlines()[2:]
+    assert summary_row.startswith("| `ig-cnn` | 64 | - | OOM | - |")

@@ -38,11 +38,22 @@ def _name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+def _at_least(minimum: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _at_least(1, text)
+
+
+def _non_negative(text: str) -> int:
+    return _at_least(0, text)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -53,7 +64,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Times fastattr, Captum (when installed) and the floor (the model's own "
         "forward+backward over the same rows) on built-in models; checks fastattr's "
         "attributions against the reference backend and Captum; prints a table and writes "
-        "bench.json and bench.png.",
+        "bench.json, bench.md (a Markdown summary) and bench.png.",
     )
     parser.add_argument(
         "--device",
@@ -67,7 +78,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--models", type=_name_list, help="comma-separated: mlp, cnn, ...")
     parser.add_argument("--n-steps", type=_positive, help="integration steps (IG methods)")
     parser.add_argument("--repeats", type=_positive, help="timed rounds per measurement")
-    parser.add_argument("--warmup", type=int, help="untimed rounds before them")
+    parser.add_argument("--warmup", type=_non_negative, help="untimed rounds before them")
     parser.add_argument(
         "--out", type=Path, default=Path("fastattr-bench"), help="directory for JSON and PNG"
     )
@@ -114,7 +125,10 @@ def main(args: argparse.Namespace) -> int:
     print(report.legend(result))
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(result, args.out / "bench.json")
-    print(f"wrote {args.out / 'bench.json'}")
+    (args.out / "bench.md").write_text(
+        report.summary_markdown(result) + "\n\n" + report.legend(result) + "\n"
+    )
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
     why_not = report.plot(result, args.out / "bench.png")
     print(why_not or f"wrote {args.out / 'bench.png'}")
     problems = failed_checks(result)

@@ -24,6 +24,12 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _row(result: dict[str, Any], name: str, record: dict[str, Any]) -> list[str]:
     status = record["status"]
     if status != "ok":
@@ -35,7 +41,7 @@ def _row(result: dict[str, Any], name: str, record: dict[str, Any]) -> list[str]
         result["case"],
         str(result["batch"]),
         name,
-        _number(record.get("examples_per_s"), ".4g"),
+        _rate(record.get("examples_per_s")),
         "-" if speedup is None or name == "captum" else f"{speedup:.2f}x",
         _number(record.get("time_over_floor"), ".2f"),
         "-" if peak is None else f"{peak / 2**20:.1f}",
@@ -44,8 +50,8 @@ def _row(result: dict[str, Any], name: str, record: dict[str, Any]) -> list[str]
     ]
 
 
-def table(report: dict[str, Any], markdown: bool = False) -> str:
-    """One row per case, batch and implementation; the notes and how things were measured."""
+def table(report: dict[str, Any]) -> str:
+    """One row per case, batch and implementation."""
     rows = [
         _row(result, name, record)
         for result in report["results"]
@@ -55,26 +61,52 @@ def table(report: dict[str, Any], markdown: bool = False) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
-        padded = [
+        return "  ".join(
             cell.ljust(width) if align == "<" else cell.rjust(width)
             for cell, width, (_, align) in zip(cells, widths, COLUMNS)
-        ]
-        return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded)
-
-    out = [line(headers)]
-    if markdown:
-        out.append(
-            "|"
-            + "|".join(
-                "-" * (w + 1) + ":" if a == ">" else ":" + "-" * (w + 1)
-                for w, (_, a) in zip(widths, COLUMNS)
-            )
-            + "|"
         )
-    else:
-        out.append("  ".join("-" * w for w in widths))
-    out += [line(r) for r in rows]
-    return "\n".join(out)
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _throughput(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "-"
+    if record["status"] != "ok":
+        return "OOM" if record["status"] == "oom" else "error"
+    return _rate(record.get("examples_per_s"))
+
+
+def _mib(record: dict[str, Any] | None) -> str:
+    peak = (record or {}).get("peak_bytes")
+    return "-" if peak is None else f"{peak / 2**20:.1f}"
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """A Markdown table with one row per case and batch: the three contenders side by side."""
+    lines = [
+        "| case | batch | fastattr ex/s | captum ex/s | floor ex/s | fastattr vs captum "
+        "| fastattr time/floor | peak MiB fastattr / captum / floor | err vs ref | err vs captum |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for result in report["results"]:
+        impls = result["implementations"]
+        fast = impls.get("fastattr", {})
+        speedup = fast.get("speedup_vs_captum")
+        cells = [
+            f"`{result['case']}`",
+            str(result["batch"]),
+            _throughput(impls.get("fastattr")),
+            _throughput(impls.get("captum")),
+            _throughput(impls.get("floor")),
+            "-" if speedup is None else f"{speedup:.2f}x",
+            _number(fast.get("time_over_floor"), ".2f"),
+            " / ".join(_mib(impls.get(name)) for name in ("fastattr", "captum", "floor")),
+            _number(fast.get("rel_err_reference"), ".1e"),
+            _number(fast.get("rel_err_captum"), ".1e"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def legend(report: dict[str, Any]) -> str:
