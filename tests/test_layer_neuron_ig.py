@@ -726,8 +726,8 @@ class Tripwire(nn.Module):
 
 
 def test_neuron_ig_stops_at_the_layer():
-    # What comes after the layer runs only once, in the first chunk's forward (which counts
-    # the layer's calls), and never backward.
+    # Past the layer, the model runs once, over the inputs without a graph (to count the
+    # layer's calls); never over the path, never backward.
     model = seeded(mlp)
     torch.manual_seed(10)
     x = torch.randn(4, 6, dtype=torch.float64)
@@ -736,6 +736,12 @@ def test_neuron_ig_stops_at_the_layer():
     ours = fastattr.NeuronIntegratedGradients(model, model[2]).attribute(x, 1, n_steps=6)
     assert_same(ours, expected)
     assert model[3].rows == [4]
+    # Also when one chunk holds every step.
+    ours = fastattr.NeuronIntegratedGradients(model, model[2]).attribute(
+        x, 1, n_steps=6, internal_batch_size=24
+    )
+    assert_same(ours, expected)
+    assert model[3].rows == [4, 4]
 
 
 class SharedActivation(nn.Module):

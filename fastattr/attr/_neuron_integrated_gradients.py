@@ -78,9 +78,9 @@ class NeuronIntegratedGradients(PathAttribution):
     """Integrated Gradients of one neuron of a layer with respect to the model's inputs, as
     ``captum.attr.NeuronIntegratedGradients``.
 
-    Only the part of the model up to the layer runs: the forward pass stops there, once the
-    first chunk of path points has shown that the layer runs only once (a layer that runs
-    more than once is taken at its last call, as captum takes it).
+    Along the path, only the part of the model up to the layer runs: the forward passes stop
+    there. One pass over the inputs, without a graph, first checks that the layer runs only
+    once (a layer that runs more than once is taken at its last call, as captum takes it).
 
     Args:
         forward_func: the model or any callable returning its output.
@@ -148,21 +148,30 @@ class NeuronIntegratedGradients(PathAttribution):
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
 
-        # Captum takes a layer that runs more than once at its last call. Only the first
-        # chunk runs the model to its end, to count the calls; the others stop at the layer
-        # unless it runs again.
-        calls: list[int] = []
+        # Captum takes a layer that runs more than once at its last call. One pass over the
+        # inputs, without a graph, counts the calls; unless the layer runs again, the passes
+        # over the path stop at the layer.
+        steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)
+        calls = [0]
+        with torch.no_grad():
+            if batch > 0:
+                capture_layers(
+                    lambda: self.forward_func(*ends, *(args or ())),
+                    [self.layer],
+                    attribute_to_neuron_input,
+                    last=True,
+                    calls=calls,
+                )
+        runs_again = calls[0] > 1
 
         def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
             repeated_args = repeat_additional_args(args, steps)
-            full_pass = not calls or calls[0] > 1
             (values,) = capture_layers(
                 lambda: self.forward_func(*paths, *repeated_args),
                 [self.layer],
                 attribute_to_neuron_input,
                 detach=False,
-                last=full_pass,
-                calls=calls if full_pass else None,
+                last=runs_again,
             )
             return per_example(select_neuron(values, neuron_selector, steps * batch), steps * batch)
 
@@ -173,7 +182,7 @@ class NeuronIntegratedGradients(PathAttribution):
                 evaluate,
                 method=method,
                 n_steps=n_steps,
-                steps_per_chunk=steps_per_chunk_for(internal_batch_size, batch),
+                steps_per_chunk=steps_per_chunk,
                 multiply_by_inputs=self.multiplies_by_inputs,
                 model_tensors=model_state_tensors(self.forward_func),
             )
