@@ -625,3 +625,40 @@ def test_bench_resnet_conserves_and_transformer_is_refused() -> None:
     torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=1e-6 * scale)
     with pytest.raises(TypeError, match="Embedding"):
         LRP(transformer()).attribute(torch.zeros(2, 32, dtype=torch.long), target=0)
+
+
+class _Residual(nn.Module):
+    """A residual block whose addition is spelled in different ways."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.fc1 = nn.Linear(6, 6, bias=False)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(6, 6, bias=False)
+        self.head = nn.Linear(6, 2, bias=False)
+
+    def merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.fc2(self.relu(self.fc1(x)))
+        if self.spelling == "helper":
+            out = self.merge(branch, x)
+        elif self.spelling == "torch.add":
+            out = torch.add(branch, x)
+        else:
+            out = branch + x
+        return self.head(self.relu(out))
+
+
+@pytest.mark.parametrize("spelling", ["helper", "torch.add"])
+def test_residual_addition_however_spelled(spelling: str) -> None:
+    x = torch.randn(5, 6, dtype=torch.float64)
+    model = _Residual(spelling).double()
+    plain = _Residual("+").double()
+    plain.load_state_dict(model.state_dict())
+    relevance, delta = LRP(model).attribute(x, target=0, return_convergence_delta=True)
+    _close(relevance, LRP(plain).attribute(x, target=0))
+    scale = float(model(x)[:, 0].abs().max())
+    torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=1e-7 * scale)

@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from fastattr.lrp._autograd import Product, Ratio
+from fastattr.lrp._forward_code import may_add_tensors
 from fastattr.lrp.rules import (
     STABILIZER,
     STRUCTURAL_TYPES,
@@ -33,6 +34,7 @@ class RulePlan:
     """Every module that carries a rule, with its rule and where it came from."""
 
     rules: list[tuple[str, nn.Module, PropagationRule, bool]]  # (name, module, rule, user-set)
+    may_add: bool = True  # whether some forward outside the rules may add tensors
 
     def report(self) -> None:
         """Prints the rule of each layer, as captum's verbose mode does (activations that just
@@ -75,8 +77,10 @@ def plan_rules(model: nn.Module) -> RulePlan:
     """
     rules: list[tuple[str, nn.Module, PropagationRule, bool]] = []
     missing: dict[str, list[str]] = {}
+    may_add = False
 
     def visit(name: str, module: nn.Module) -> None:
+        nonlocal may_add
         where = f"model.{name}" if name else "model"
         user_rule = rule_attribute(module)
         if user_rule is not None:
@@ -95,6 +99,7 @@ def plan_rules(model: nn.Module) -> RulePlan:
                 return
             if not isinstance(module, STRUCTURAL_TYPES) or own_parameters:
                 missing.setdefault(type(module).__name__, []).append(where)
+        may_add = may_add or (bool(children) and may_add_tensors(module))
         for child_name, child in children:
             visit(f"{name}.{child_name}" if name else child_name, child)
 
@@ -105,7 +110,7 @@ def plan_rules(model: nn.Module) -> RulePlan:
             f"LRP has no rule for these module types: {listing}. Set a rule on each "
             "(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate."
         )
-    return RulePlan(rules)
+    return RulePlan(rules, may_add)
 
 
 def _on_relevance_path(value: object) -> bool:
@@ -197,6 +202,8 @@ class Propagation:
     def forward(self, *args: Any) -> Any:
         """The model's forward, with its residual additions routed through the sum rule."""
         assert self._mode is not None, "forward runs inside the with block"
+        if not self.plan.may_add:
+            return self.model(*args)
         with self._mode:
             return self.model(*args)
 
