@@ -437,17 +437,20 @@ class BatchStatsNet(nn.Module):
         return self.head(torch.tanh(self.after(h)))
 
 
-def test_layer_ig_training_mode_batch_statistics():
+@pytest.mark.parametrize("wrapped", [False, True], ids=["module", "function"])
+def test_layer_ig_training_mode_batch_statistics(wrapped):
     # The layer's values at the inputs and at the baselines each come from their own batch
-    # statistics, as captum computes them.
+    # statistics, as captum computes them; also behind a plain function, whose model's mode
+    # can't be seen.
     torch.manual_seed(7)
     x = torch.randn(6, 5, dtype=torch.float64)
     baselines = torch.randn(6, 5, dtype=torch.float64) * 0.1
     results = []
     for cls in (fastattr.LayerIntegratedGradients, captum_attr.LayerIntegratedGradients):
         model = seeded(BatchStatsNet).train()
+        forward = (lambda inp, model=model: model(inp)) if wrapped else model
         results.append(
-            cls(model, model.layer).attribute(
+            cls(forward, model.layer).attribute(
                 x, baselines=baselines, target=0, n_steps=8, return_convergence_delta=True
             )
         )

@@ -97,7 +97,9 @@ class LayerIntegratedGradients(PathAttribution):
         batch = inputs[0].shape[0]
         model = module_of(self.forward_func)
         with torch.no_grad():
-            if model is None or not any(m.training for m in model.modules()):
+            # Only a model known to be in eval mode may see inputs and baselines together:
+            # behind a plain function there may be one in training mode.
+            if model is not None and not any(m.training for m in model.modules()):
                 both = tuple(torch.cat([x, s]) for x, s in zip(inputs, starts))
                 captured = capture_layers(
                     lambda: self.forward_func(*both, *repeat_additional_args(args, 2)),
@@ -110,8 +112,8 @@ class LayerIntegratedGradients(PathAttribution):
                         [tuple(v[:batch] for v in values) for values in captured],
                         [tuple(v[batch:] for v in values) for values in captured],
                     )
-            # Batch statistics (training mode) or values not batched along dimension 0: the
-            # inputs and the baselines need passes of their own.
+            # Batch statistics (training mode, or not known) or values not batched along
+            # dimension 0: the inputs and the baselines need passes of their own.
             at_inputs = capture_layers(
                 lambda: self.forward_func(*inputs, *(args or ())), layers, on_input, last=last
             )
