@@ -791,6 +791,34 @@ def test_layer_called_twice_is_taken_at_its_last_call(on_input):
         assert_same(ours, theirs)
 
 
+def _inplace_convnet(inplace):
+    model = seeded(convnet)
+    model[1] = nn.ReLU(inplace=inplace)
+    model[3] = nn.ReLU(inplace=inplace)
+    return model
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_layer_ig_with_in_place_activations(on_input):
+    # captum fails when the model changes the layer's output in place (ReLU(inplace=True), as
+    # in torchvision's models); fastattr gives captum's numbers for the same model without
+    # in-place activations.
+    x = _conv_case(torch.float64)[2]
+    kwargs = {"target": 2, "n_steps": 6, "attribute_to_layer_input": on_input}
+    model = _inplace_convnet(True)
+    layer = model[3] if on_input else model[2]
+    ours = fastattr.LayerIntegratedGradients(model, layer).attribute(
+        x, return_convergence_delta=True, **kwargs
+    )
+    plain = _inplace_convnet(False)
+    layer = plain[3] if on_input else plain[2]
+    theirs = captum_attr.LayerIntegratedGradients(plain, layer).attribute(
+        x, return_convergence_delta=True, **kwargs
+    )
+    assert_same(ours, theirs)
+    assert ours[0].abs().max() > 1e-3
+
+
 class PerToken(nn.Module):
     """A layer run on every token: its values hold several rows per example."""
 

@@ -145,7 +145,9 @@ def replaced_layers(
         _as_values(values, layers[index], name)
         called[index] = True
         counts[index] += 1
-        new = replacements[index]
+        # Copies: the model may change the values in place (ReLU(inplace=True) after the
+        # layer), which autograd refuses on the path itself, a leaf.
+        new = tuple(v.clone() for v in replacements[index])
         if isinstance(values, list):
             return list(new)
         if on_input or isinstance(values, tuple):
