@@ -194,9 +194,11 @@ def in_fresh_process(library: str, device: torch.device, batch: int) -> dict[str
             "--memory-worker",
             library,
             "--device",
-            str(device),
+            str(device.type),
             "--batch",
             str(batch),
+            "--threads",
+            str(torch.get_num_threads()),
         ],
         capture_output=True,
         text=True,
@@ -267,11 +269,16 @@ def main() -> None:
         "--skip", nargs="*", default=[], choices=["mlp", "cnn", "memory", "oom"], help="sections"
     )
     parser.add_argument("--oom-limit", type=int, default=1 << 15, help="largest batch to try")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's, one per core)"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=MEMORY_BATCH, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.device, args.batch)))
