@@ -56,10 +56,11 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    _CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current resident size
     before = _status_bytes("VmRSS")
+    _CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current resident size
     fn()
-    return _status_bytes("VmHWM") - before
+    # Pages freed between the two readings can leave the peak a little below `before`.
+    return max(0, _status_bytes("VmHWM") - before)
 
 
 def measure_in_worker(request: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:

@@ -153,12 +153,14 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
     methods = list(dict.fromkeys(result["method"] for result in report["results"]))
     if not methods:
         return "nothing was measured: no plot"
-    figure, axes = plt.subplots(
-        1, len(methods), figsize=(4.2 * len(methods), 3.8), squeeze=False, sharey=False
-    )
+    columns = min(2, len(methods))
+    rows = -(-len(methods) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    for unused in axes.flat[len(methods) :]:
+        unused.set_visible(False)
     colors = {"fastattr": "tab:blue", "captum": "tab:orange", "floor": "tab:gray"}
     markers = ["o", "s", "^", "D", "v"]
-    for axis, method in zip(axes[0], methods):
+    for axis, method in zip(axes.flat, methods):
         results = [r for r in report["results"] if r["method"] == method]
         model_names = list(dict.fromkeys(r["model"] for r in results))
         for model_index, model in enumerate(model_names):
@@ -180,13 +182,17 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
                     linestyle="--" if impl == "floor" else "-",
                     label=f"{impl} ({model})",
                 )
+        batches = sorted({r["batch"] for r in results})
         axis.set_xscale("log", base=2)
+        axis.set_xticks(batches, [str(b) for b in batches])
+        axis.minorticks_off()
         axis.set_yscale("log")
         axis.set_title(method)
         axis.set_xlabel("batch size")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
-    axes[0][0].set_ylabel("examples / s")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("examples / s")
     meta = report["meta"]
     figure.suptitle(f"fastattr bench: {meta['device_name']}, n_steps {meta['n_steps']}")
     figure.tight_layout()
