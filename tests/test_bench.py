@@ -10,7 +10,7 @@ import torch
 
 import fastattr
 from fastattr.__main__ import main
-from fastattr.bench import cases, models, report, runner
+from fastattr.bench import cases, memory, models, report, runner
 from fastattr.bench.cases import METHODS
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -188,3 +188,19 @@ def test_table_shows_out_of_memory():
     assert row.split()[:4] == ["ig-cnn", "64", "captum", "OOM"]
     (summary_row,) = report.summary_markdown(fake).splitlines()[2:]
     assert summary_row.startswith("| `ig-cnn` | 64 | - | OOM | - |")
+
+
+@pytest.mark.skipif(not memory.cpu_measurement_supported(), reason="needs /proc/self/clear_refs")
+def test_cpu_peak_counts_what_the_call_touched_and_then_freed():
+    size = 64 * 2**20
+    peak = memory.peak_bytes(lambda: torch.ones(size // 4).sum(), torch.device("cpu"))
+    assert size <= peak < size + 16 * 2**20
+
+
+@pytest.mark.cuda
+def test_cuda_peak_counts_what_the_call_allocated_and_then_freed():
+    size = 64 * 2**20
+    peak = memory.peak_bytes(
+        lambda: torch.ones(size // 4, device="cuda").sum(), torch.device("cuda")
+    )
+    assert size <= peak < size + 2**20
