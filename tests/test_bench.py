@@ -204,3 +204,12 @@ def test_cuda_peak_counts_what_the_call_allocated_and_then_freed():
         lambda: torch.ones(size // 4, device="cuda").sum(), torch.device("cuda")
     )
     assert size <= peak < size + 2**20
+
+
+@pytest.mark.skipif("LRP" not in AVAILABLE, reason="needs fastattr's LRP")
+def test_running_on_the_reference_kernels_is_said(tmp_path):
+    with fastattr.use_backend("reference"):
+        code, result = _bench(tmp_path, "--methods", "lrp", "--models", "mlp", "--no-memory")
+    assert code == 0
+    assert any("reference kernels" in note for note in result["notes"])
+    assert result["meta"]["build"]["backend"] == "reference"

@@ -321,6 +321,11 @@ def device_name(device: torch.device) -> str:
 def run(config: Config) -> dict[str, Any]:
     """Measures every case of ``config``; returns the report that ``report`` prints and saves."""
     notes: list[str] = []
+    if fastattr.current_backend() != "compiled":
+        notes.append(
+            "fastattr runs on its reference kernels (fastattr._C not built, or "
+            "FASTATTR_BACKEND=reference): its times are not the compiled ones"
+        )
     if _captum_attr() is None:
         notes.append("captum is not installed: no Captum column")
     runnable: list[Case] = []
