@@ -18,6 +18,11 @@ TORCH_LIBRARY(fastattr, m) {
   m.def("relevance_product(Tensor activations, Tensor contributions) -> (Tensor, Tensor)");
   // activations * contributions: LRP's relevance at a module's input, without row sums.
   m.def("input_relevance(Tensor activations, Tensor contributions) -> Tensor");
+  // LRP's autograd nodes (csrc/lrp_nodes.cpp): identity forwards (the output aliases an input
+  // unless copy) whose backwards run epsilon_ratio / input_relevance / a plain pass.
+  m.def("lrp_product_node(Tensor(a) activation) -> Tensor(a)");
+  m.def("lrp_ratio_node(Tensor z, Tensor? shown, float epsilon, bool copy) -> Tensor");
+  m.def("lrp_pass_node(Tensor source, Tensor shown, bool copy) -> Tensor");
 }
 
 #ifdef FASTATTR_WITH_CUDA

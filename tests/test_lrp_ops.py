@@ -82,3 +82,75 @@ def test_cuda_matches_twin() -> None:
         expected = ops.reference.input_relevance(activations.cpu(), contributions.cpu())
         result = _compiled(activations, contributions).cpu()
         torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+# LRP's autograd nodes (csrc/lrp_nodes.cpp) against their twins in fastattr.ops.reference.
+
+
+def _grads_through(node, inputs: tuple, upstream: torch.Tensor) -> tuple:
+    output = node(*inputs)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return (output.detach().clone(), *torch.autograd.grad(output, leaves, upstream))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    node=st.sampled_from(["product", "ratio", "ratio_shown", "pass"]),
+    copy=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_nodes_match_twins(
+    shape: list[int], dtype: torch.dtype, node: str, copy: bool, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randn(shape, generator=generator, dtype=dtype).requires_grad_()
+    second = torch.randn(shape, generator=generator, dtype=dtype)
+    upstream = torch.randn(shape, generator=generator, dtype=dtype)
+    first.data[(0,) * len(shape)] = 0.0  # sign(0) = +1 in the ratio
+    compiled, twin = {
+        "product": (
+            lambda a: torch.ops.fastattr.lrp_product_node(a),
+            lambda a: ops.reference.lrp_product_node(a),
+        ),
+        "ratio": (
+            lambda z: torch.ops.fastattr.lrp_ratio_node(z, None, 1e-3, copy),
+            lambda z: ops.reference.lrp_ratio_node(z, None, 1e-3, copy),
+        ),
+        "ratio_shown": (
+            lambda z: torch.ops.fastattr.lrp_ratio_node(z, second, 0.0, copy),
+            lambda z: ops.reference.lrp_ratio_node(z, second, 0.0, copy),
+        ),
+        "pass": (
+            lambda s: torch.ops.fastattr.lrp_pass_node(s, second, copy),
+            lambda s: ops.reference.lrp_pass_node(s, second, copy),
+        ),
+    }[node]
+    results = _grads_through(compiled, (first,), upstream)
+    expected = _grads_through(twin, (first,), upstream)
+    for result, reference_result in zip(results, expected):
+        torch.testing.assert_close(result, reference_result, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_nodes_alias_their_input_unless_copying(copy: bool) -> None:
+    z = torch.randn(3, 4, requires_grad=True)
+    shown = torch.randn(3, 4)
+    outputs = [
+        (torch.ops.fastattr.lrp_ratio_node(z, None, 1e-9, copy), z),
+        (torch.ops.fastattr.lrp_ratio_node(z, shown, 1e-9, copy), shown),
+        (torch.ops.fastattr.lrp_pass_node(z, shown, copy), shown),
+    ]
+    for output, source in outputs:
+        assert (output.data_ptr() == source.data_ptr()) != copy
+        assert torch.equal(output, source)
+    assert torch.ops.fastattr.lrp_product_node(z).data_ptr() == z.data_ptr()
+
+
+def test_nodes_under_inference_mode_are_identities() -> None:
+    z, shown = torch.randn(2, 3), torch.randn(2, 3)
+    with torch.inference_mode():
+        assert torch.equal(torch.ops.fastattr.lrp_product_node(z), z)
+        assert torch.equal(torch.ops.fastattr.lrp_ratio_node(z, shown, 1e-9, False), shown)
+        assert torch.equal(torch.ops.fastattr.lrp_pass_node(z, shown, True), shown)

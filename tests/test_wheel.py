@@ -51,6 +51,11 @@ def accumulate(op):
     return out
 
 
+def backward_of(node):
+    leaf = z.clone().requires_grad_()
+    return torch.autograd.grad(node(leaf), leaf, relevance)[0]
+
+
 CALLS = {
     "interpolate_path": lambda op: op(inputs, baselines, alphas),
     "quadrature_accumulate": accumulate,
@@ -58,6 +63,10 @@ CALLS = {
     "epsilon_ratio": lambda op: op(relevance, z, 0.01),
     "relevance_product": lambda op: op(relevance, z),
     "input_relevance": lambda op: op(relevance, z),
+    # LRP's autograd nodes: what their backward sends back.
+    "lrp_product_node": lambda op: backward_of(op),
+    "lrp_ratio_node": lambda op: backward_of(lambda t: op(t, None, 0.01, False)),
+    "lrp_pass_node": lambda op: backward_of(lambda t: op(t, relevance, False)),
 }
 
 registered = sorted(

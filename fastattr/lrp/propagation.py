@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from fastattr.lrp._autograd import Product, Ratio
+from fastattr import ops
 from fastattr.lrp._forward_code import may_add_tensors
 from fastattr.lrp.rules import (
     STABILIZER,
@@ -122,13 +122,6 @@ class CopiesNeeded(Exception):
     """The forward modifies a rule's output in place: run it again with copied outputs."""
 
 
-def _custom_function_view(tensor: Tensor) -> bool:
-    base = tensor._base
-    return base is not None and isinstance(
-        tensor.grad_fn, torch.autograd.function.BackwardCFunction
-    )
-
-
 class _ResidualAdditions(TorchFunctionMode):
     """Sends ``a + b`` (and ``a += b``) of two activations through the epsilon rule, the LRP rule
     of a sum, instead of copying the relevance into both branches; leaves everything else alone.
@@ -159,16 +152,20 @@ class _ResidualAdditions(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _add(self, a: Tensor, b: Tensor, alpha: float, in_place: bool) -> Tensor:
-        first = Product.apply(a.clone() if in_place else a)
-        second = Product.apply(b if alpha == 1 else alpha * b)
-        total = Ratio.apply(first + second, None, STABILIZER, self.copy or in_place)
+        first = ops.lrp_product_node(a.clone() if in_place else a)
+        second = ops.lrp_product_node(b if alpha == 1 else alpha * b)
+        total = ops.lrp_ratio_node(first + second, None, STABILIZER, self.copy or in_place)
         if not in_place:
             return total
         # a.add_(b) must change a itself: write the sum into it, so that its history is the sum.
         # Autograd forbids that on the view a rule's node handed out: ask for copies instead.
-        if _custom_function_view(a):
-            raise CopiesNeeded
-        return a.copy_(total)
+        try:
+            return a.copy_(total)
+        except RuntimeError as error:
+            # Refused before anything was written.
+            if "custom Function" in str(error):
+                raise CopiesNeeded from error
+            raise
 
 
 @dataclass
@@ -243,7 +240,7 @@ class Propagation:
             if not rule.relevance_at_input:
                 return args
             return tuple(
-                Product.apply(a) if isinstance(a, Tensor) and a.is_floating_point() else a
+                ops.lrp_product_node(a) if isinstance(a, Tensor) and a.is_floating_point() else a
                 for a in args
             )
 

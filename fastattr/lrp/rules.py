@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastattr.lrp._autograd import Pass, Ratio
+from fastattr import ops
 
 # captum's stabilizer for the rules that take no epsilon.
 STABILIZER = 1e-9
@@ -55,7 +55,7 @@ class EpsilonRule(PropagationRule):
         self.epsilon = float(epsilon)
 
     def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
-        return Ratio.apply(output, None, self.epsilon, copy)
+        return ops.lrp_ratio_node(output, None, self.epsilon, copy)
 
     def __repr__(self) -> str:
         return f"EpsilonRule(epsilon={self.epsilon})"
@@ -89,7 +89,7 @@ class _ModifiedWeightRule(PropagationRule):
 
     def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
         if not self._changes(module):
-            return Ratio.apply(output, None, STABILIZER, copy)
+            return ops.lrp_ratio_node(output, None, STABILIZER, copy)
         weight = module.weight
         if weight is not None:
             weight = self.modify_weight(weight.detach())
@@ -97,7 +97,7 @@ class _ModifiedWeightRule(PropagationRule):
         if bias is not None:
             bias = torch.zeros_like(bias) if self.set_bias_to_zero else bias.detach()
         modified = _MODIFIED_FORWARDS[type(module)](module, inputs[0], weight, bias, output)
-        return Ratio.apply(modified, output.detach(), STABILIZER, copy)
+        return ops.lrp_ratio_node(modified, output.detach(), STABILIZER, copy)
 
 
 class GammaRule(_ModifiedWeightRule):
@@ -146,7 +146,7 @@ class IdentityRule(PropagationRule):
                 f"inputs of shapes {[list(x.shape) for x in tensors]} and output of shape "
                 f"{list(output.shape) if isinstance(output, Tensor) else type(output).__name__}"
             )
-        return Pass.apply(tensors[0], output.detach(), copy)
+        return ops.lrp_pass_node(tensors[0], output.detach(), copy)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -86,10 +86,37 @@ def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
     return reference.input_relevance(activations, contributions)
 
 
+def lrp_product_node(activation: Tensor) -> Tensor:
+    """LRP's node at a module's input: ``activation`` itself, whose backward turns the
+    contribution arriving into the relevance ``activation * contribution``."""
+    if _compiled():
+        return torch.ops.fastattr.lrp_product_node(activation)
+    return reference.lrp_product_node(activation)
+
+
+def lrp_ratio_node(z: Tensor, shown: Tensor | None, epsilon: float, copy: bool) -> Tensor:
+    """LRP's node at a module's output: ``shown`` (``z`` when None; a copy if ``copy``), whose
+    backward sends ``relevance / (z + epsilon * sign(z))`` into ``z``'s graph."""
+    if _compiled():
+        return torch.ops.fastattr.lrp_ratio_node(z, shown, epsilon, copy)
+    return reference.lrp_ratio_node(z, shown, epsilon, copy)
+
+
+def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
+    """LRP's pass-through node: ``shown`` (a copy if ``copy``), whose backward hands the
+    relevance to ``source`` unchanged."""
+    if _compiled():
+        return torch.ops.fastattr.lrp_pass_node(source, shown, copy)
+    return reference.lrp_pass_node(source, shown, copy)
+
+
 __all__ = [
     "epsilon_ratio",
     "input_relevance",
     "interpolate_path",
+    "lrp_pass_node",
+    "lrp_product_node",
+    "lrp_ratio_node",
     "quadrature_accumulate",
     "quadrature_finish",
     "reference",

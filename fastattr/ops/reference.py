@@ -230,3 +230,64 @@ def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
     check_input_relevance(activations, contributions)
     compute = opmath_dtype(activations.dtype)
     return (activations.to(compute) * contributions.to(compute)).to(activations.dtype)
+
+
+# LRP's autograd nodes. Each forward hands on a tensor unchanged (a copy with ``copy``, else an
+# alias of the input returned); each backward applies one step of a rule.
+
+
+def _shown(value: Tensor, copy: bool) -> Tensor:
+    return value.clone() if copy else value.view_as(value)
+
+
+class _ProductNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, activation: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(activation)
+        return activation.view_as(activation)
+
+    @staticmethod
+    def backward(ctx, contribution: Tensor) -> Tensor:  # type: ignore[override]
+        (activation,) = ctx.saved_tensors
+        return input_relevance(activation, contribution.to(activation.dtype))
+
+
+class _RatioNode(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, z: Tensor, shown: Tensor | None, epsilon: float, copy: bool
+    ) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.epsilon = epsilon
+        return _shown(z if shown is None else shown, copy)
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return epsilon_ratio(relevance.to(z.dtype), z, ctx.epsilon), None, None, None
+
+
+class _PassNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, source: Tensor, shown: Tensor, copy: bool) -> Tensor:  # type: ignore[override]
+        return _shown(shown, copy)
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):  # type: ignore[override]
+        return relevance, None, None
+
+
+def lrp_product_node(activation: Tensor) -> Tensor:
+    """``activation``; backward ``activation * contribution`` (:func:`input_relevance`)."""
+    return _ProductNode.apply(activation)
+
+
+def lrp_ratio_node(z: Tensor, shown: Tensor | None, epsilon: float, copy: bool) -> Tensor:
+    """``shown`` (``z`` when None); backward :func:`epsilon_ratio` of the relevance and ``z``,
+    into ``z``."""
+    return _RatioNode.apply(z, shown, epsilon, copy)
+
+
+def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
+    """``shown``; backward the relevance, unchanged, into ``source``."""
+    return _PassNode.apply(source, shown, copy)
