@@ -194,7 +194,9 @@ def test_table_shows_out_of_memory():
 def test_cpu_peak_counts_what_the_call_touched_and_then_freed():
     size = 64 * 2**20
     peak = memory.peak_bytes(lambda: torch.ones(size // 4).sum(), torch.device("cpu"))
-    assert size <= peak < size + 16 * 2**20
+    # Resident memory is the whole process's: pages the allocator hands back to the system
+    # during the call (trimming) offset a little of the rise.
+    assert size - 2**20 <= peak < size + 16 * 2**20
 
 
 @pytest.mark.cuda
