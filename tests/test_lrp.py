@@ -662,3 +662,43 @@ def test_residual_addition_however_spelled(spelling: str) -> None:
     _close(relevance, LRP(plain).attribute(x, target=0))
     scale = float(model(x)[:, 0].abs().max())
     torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=1e-7 * scale)
+
+
+class EveryWeightedType(nn.Module):
+    """Each module type whose weights the gamma and alpha-beta rules recompute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(2, 4, 3, padding=1)
+        self.bn1d = nn.BatchNorm1d(4)
+        self.relu1 = nn.ReLU()
+        self.up = nn.ConvTranspose2d(1, 2, 3, stride=2, padding=1, output_padding=1)
+        self.relu2 = nn.ReLU()
+        self.conv3d = nn.Conv3d(2, 2, (1, 3, 3))
+        self.bn3d = nn.BatchNorm3d(2)
+        self.relu3 = nn.ReLU()
+        self.fc = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1d(self.conv1d(x)))  # (B, 4, 4)
+        x = self.relu2(self.up(x.unsqueeze(1)))  # (B, 2, 8, 8)
+        x = self.relu3(self.bn3d(self.conv3d(x.unsqueeze(2))))  # (B, 2, 1, 6, 6)
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("pair", range(len(RULE_PAIRS)))
+def test_rules_on_every_weighted_type_match_captum(pair: int) -> None:
+    # captum runs any module once a rule is set on it.
+    ours_rule, their_rule = RULE_PAIRS[pair]
+    model = _seeded(EveryWeightedType(), torch.float64)
+    for bn in (model.bn1d, model.bn3d):
+        bn.running_var.uniform_(0.5, 1.5)
+    weighted = (model.conv1d, model.bn1d, model.up, model.conv3d, model.bn3d, model.fc)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    for layer in weighted:
+        layer.rule = ours_rule()
+    ours = LRP(model).attribute(x, target=1)
+    for layer in weighted:
+        layer.rule = their_rule()
+    theirs = _captum(captum_attr.LRP, model, x, target=1)
+    _close(ours, theirs)

@@ -209,7 +209,7 @@ class Propagation:
         (then every rule's output is copied)."""
         in_place = False
         for module in self.model.modules():
-            in_place = in_place or getattr(module, "inplace", False) is True
+            in_place = in_place or module.__dict__.get("inplace") is True
             if module.training:
                 self._buffers.extend((b, b.clone()) for b in module.buffers(recurse=False))
         return in_place
