@@ -225,14 +225,20 @@ class Propagation:
 
     def _install(self, module: nn.Module, rule: PropagationRule, copy: bool) -> None:
         tap = any(module is t for t in self.taps)
-        self._handles.append(module.register_forward_pre_hook(self._pre_hook(rule, tap)))
-        self._handles.append(module.register_forward_hook(self._post_hook(rule, tap, copy)))
+        # Depth counting only matters under the residual-addition mode.
+        counts = self.plan.may_add
+        if rule.relevance_at_input or tap or counts:
+            pre_hook = self._pre_hook(rule, tap, counts)
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
+        post_hook = self._post_hook(rule, tap, copy, counts)
+        self._handles.append(module.register_forward_hook(post_hook))
 
-    def _pre_hook(self, rule: PropagationRule, tap: bool) -> Callable:
+    def _pre_hook(self, rule: PropagationRule, tap: bool, counts: bool) -> Callable:
         mode_depth = self._enter_module
 
         def hook(module: nn.Module, args: tuple) -> tuple:
-            mode_depth(+1)
+            if counts:
+                mode_depth(+1)
             if tap:
                 # A private view per call: its gradient is this module's input relevance alone.
                 args = tuple(a.view_as(a) if isinstance(a, Tensor) else a for a in args)
@@ -246,11 +252,12 @@ class Propagation:
 
         return hook
 
-    def _post_hook(self, rule: PropagationRule, tap: bool, copy: bool) -> Callable:
+    def _post_hook(self, rule: PropagationRule, tap: bool, copy: bool, counts: bool) -> Callable:
         mode_depth = self._enter_module
 
         def hook(module: nn.Module, args: tuple, output: object) -> Tensor:
-            mode_depth(-1)
+            if counts:
+                mode_depth(-1)
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"LRP rules need modules that return one tensor; {type(module).__name__} "
