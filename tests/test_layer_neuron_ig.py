@@ -1039,6 +1039,12 @@ def test_layer_not_a_module(layer):
         fastattr.NeuronIntegratedGradients(model, layer)
 
 
+def test_layer_list_with_a_module_twice():
+    model = seeded(mlp)
+    with pytest.raises(ValueError, match=r"layer\[2\] is layer\[0\]"):
+        fastattr.LayerIntegratedGradients(model, [model[2], model[0], model[2]])
+
+
 @pytest.mark.parametrize(
     ("selector", "error"),
     [

@@ -24,6 +24,12 @@ def as_layer_list(layer: ModuleOrList, name: str = "layer") -> list[nn.Module]:
     layers = layer if isinstance(layer, list) else [layer]
     if not layers or not all(isinstance(m, nn.Module) for m in layers):
         raise TypeError(f"{name} must be a torch.nn.Module or a non-empty list of them")
+    for i, layer in enumerate(layers):
+        first = next(j for j, other in enumerate(layers) if other is layer)
+        if first != i:
+            raise ValueError(
+                f"{name}[{i}] is {name}[{first}] again: each module may appear once in {name}"
+            )
     return layers
 
 
