@@ -1083,6 +1083,34 @@ def test_layer_input_of_integer_values():
     _assert_as_found(model, _snapshot(model))
 
 
+class KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(input=x)))
+
+
+def test_layer_input_passed_by_keyword():
+    model = seeded(KeywordCall)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    snapshot = _snapshot(model)
+    with pytest.raises(TypeError, match=r"layer.*keyword"):
+        fastattr.LayerIntegratedGradients(model, model.layer).attribute(
+            x, target=1, attribute_to_layer_input=True
+        )
+    with pytest.raises(TypeError, match=r"layer.*keyword"):
+        fastattr.NeuronIntegratedGradients(model, model.layer).attribute(
+            x, 1, attribute_to_neuron_input=True
+        )
+    _assert_as_found(model, snapshot)
+    # Its output is attributed as usual.
+    ours, theirs = lig_both(model, model.layer, x, target=1, n_steps=4)
+    assert_same(ours, theirs)
+
+
 def test_neuron_ig_integer_inputs():
     model = seeded(TextNet)
     ids, mask = text_batch()

@@ -50,6 +50,11 @@ def check_layers_in_model(forward_func: object, layers: Sequence[nn.Module], nam
 
 def _as_values(values: Any, layer: nn.Module, name: str) -> LayerValues:
     values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+    if not values:
+        raise TypeError(
+            f"{name} ({type(layer).__name__}) was called without positional tensors (only "
+            "keyword arguments reach no hook): its input can't be attributed"
+        )
     if not all(isinstance(v, Tensor) for v in values):
         raise TypeError(
             f"{name} ({type(layer).__name__}) must take and return tensors or tuples of "
