@@ -702,3 +702,14 @@ def test_rules_on_every_weighted_type_match_captum(pair: int) -> None:
         layer.rule = their_rule()
     theirs = _captum(captum_attr.LRP, model, x, target=1)
     _close(ours, theirs)
+
+
+def test_list_of_tuple_targets_and_a_scalar_output_match_captum() -> None:
+    model = _seeded(GridOutput(), torch.float64)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    target = [(0, 1), (1, 2), (1, 4)]
+    _close(
+        LRP(model).attribute(x, target=target), _captum(captum_attr.LRP, model, x, target=target)
+    )
+    scalar = _seeded(nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 1)), torch.float64)
+    _close(LRP(scalar).attribute(x), _captum(captum_attr.LRP, scalar, x))
