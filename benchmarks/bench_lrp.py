@@ -4,7 +4,8 @@ and zennit, interleaved round by round, on the CPU.
 
     python benchmarks/bench_lrp.py [--threads 2] [--repeats 15]
 
-Prints a markdown table of median times and ratios to the floor.
+Checks that fastattr's relevance agrees with captum's, then prints a markdown table of median
+times and ratios.
 """
 
 from __future__ import annotations
@@ -78,9 +79,16 @@ def main() -> None:
         f"torch {torch.__version__}, captum {captum.__version__}, fastattr "
         f"{fastattr.__version__}; medians of {options.repeats} interleaved rounds\n"
     )
-    print("| model | floor (ms) | fastattr (ms) | captum (ms) | zennit (ms) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | floor | fastattr | captum | zennit | fastattr/floor | captum/fastattr "
+        "| zennit/fastattr |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, model, x in cases:
+        # Timings only count when the numbers agree.
+        ours = fastattr.LRP(model).attribute(x, target=TARGET)
+        theirs = captum.attr.LRP(model).attribute(x, target=TARGET)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
         medians = interleaved_medians(
             {
                 "floor": floor(model, x),
@@ -91,11 +99,14 @@ def main() -> None:
             warmup=options.warmup,
             repeats=options.repeats,
         )
-        base = medians["floor"]
-        cells = [f"{base * 1e3:.2f}"] + [
-            f"{medians[k] * 1e3:.2f} ({medians[k] / base:.2f}x)"
-            for k in ("fastattr", "captum", "zennit")
-        ]
+        ms = {k: f"{v * 1e3:.2f} ms" for k, v in medians.items()}
+        ratios = (
+            medians["fastattr"] / medians["floor"],
+            medians["captum"] / medians["fastattr"],
+            medians["zennit"] / medians["fastattr"],
+        )
+        cells = [ms["floor"], ms["fastattr"], ms["captum"], ms["zennit"]]
+        cells += [f"{r:.2f}" for r in ratios]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
