@@ -713,3 +713,19 @@ def test_list_of_tuple_targets_and_a_scalar_output_match_captum() -> None:
     )
     scalar = _seeded(nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 1)), torch.float64)
     _close(LRP(scalar).attribute(x), _captum(captum_attr.LRP, scalar, x))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu() -> None:
+    model = _seeded(CNN(inplace=True), torch.float64)
+    model.conv2.rule = GammaRule()
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    expected = LayerLRP(model, [model.conv1, model.fc1]).attribute(x, target=[0, 1, 2, 3])
+    expected.append(LRP(model).attribute(x, target=[0, 1, 2, 3]))
+    model.cuda()
+    cuda_x = x.cuda()
+    found = LayerLRP(model, [model.conv1, model.fc1]).attribute(cuda_x, target=[0, 1, 2, 3])
+    found.append(LRP(model).attribute(cuda_x, target=[0, 1, 2, 3]))
+    for on_cuda, on_cpu in zip(found, expected):
+        assert on_cuda.is_cuda
+        torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-9, atol=1e-12)
