@@ -11,8 +11,12 @@ to the path.
 
 Peak memory runs each implementation in a fresh process. CPU: ``ru_maxrss`` after the call
 minus ``ru_maxrss`` after imports, model and input set-up and a warm-up forward on a small
-batch. CUDA: ``torch.cuda.max_memory_allocated`` during the call minus what was allocated
-before it.
+batch (cross-checked by sampling the anonymous resident size every millisecond, which the
+libraries' file-backed pages cannot disturb). CUDA: ``torch.cuda.max_memory_allocated`` during
+the call minus what was allocated before it.
+
+``--threads 1`` times with one torch thread: on a CPU shared with other work, two-thread
+parallel regions stall whenever a thread is descheduled, which swamps the ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -159,6 +164,10 @@ def memory_worker(library: str, device_name: str, batch: int) -> dict[str, Any]:
         model(inputs[:2])
     gc.collect()
     result: dict[str, Any] = {"library": library, "batch": batch}
+    # How the library split the path: rows of each forward call.
+    forward_rows: list[int] = []
+    model.register_forward_pre_hook(lambda _module, args: forward_rows.append(args[0].shape[0]))
+    result["forward_rows"] = forward_rows
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -177,13 +186,59 @@ def memory_worker(library: str, device_name: str, batch: int) -> dict[str, Any]:
             return result
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out = run()
         # ru_maxrss is in KiB on Linux.
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        status_before = memory_status()
+        sampler = AnonymousPeak(status_before.get("RssAnon", 0))
+        sampler.start()
+        try:
+            out = run()
+        finally:
+            sampler.stop()
         result["peak_bytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        result["maxrss_before_bytes"] = before * 1024
+        result["anonymous_peak_bytes"] = sampler.peak - status_before.get("RssAnon", 0)
+        # ru_maxrss counts the libraries' file-backed pages too: if memory pressure evicted
+        # some during the run, the call's own growth is partly hidden.
+        result["file_pages_evicted_bytes"] = max(
+            0, status_before.get("RssFile", 0) - memory_status().get("RssFile", 0)
+        )
     result["oom"] = False
     result["finite"] = bool(torch.isfinite(out).all())
     return result
+
+
+def memory_status() -> dict[str, int]:
+    """The process's resident sizes (VmRSS, RssAnon, RssFile) in bytes; empty off Linux."""
+    sizes = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    sizes[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return sizes
+
+
+class AnonymousPeak(threading.Thread):
+    """Samples the process's anonymous resident size every millisecond: a cross-check of
+    ru_maxrss that file-backed pages (evicted or not) cannot disturb."""
+
+    def __init__(self, initial: int) -> None:
+        super().__init__(daemon=True)
+        self.peak = initial
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, memory_status().get("RssAnon", 0))
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+        self.peak = max(self.peak, memory_status().get("RssAnon", 0))
 
 
 def in_fresh_process(library: str, device: torch.device, batch: int) -> dict[str, Any]:
@@ -356,6 +411,23 @@ def main() -> None:
                 f"{mib(peaks['captum']['peak_bytes'])}: fastattr/captum {ratio:.2f} "
                 f"({check('fastattr/captum peak memory', ratio)})"
             )
+            steps = [rows // MEMORY_BATCH for rows in peaks["fastattr"]["forward_rows"]]
+            print(f"- fastattr's chunks (steps per forward): {steps}")
+            if device.type == "cpu":
+                anonymous = {lib: peaks[lib]["anonymous_peak_bytes"] for lib in peaks}
+                print(
+                    f"- cross-check, sampled peak of anonymous memory (RssAnon every 1 ms): "
+                    f"fastattr {mib(anonymous['fastattr'])}, captum {mib(anonymous['captum'])}: "
+                    f"{anonymous['fastattr'] / anonymous['captum']:.2f}"
+                )
+                for lib in peaks:
+                    evicted = peaks[lib]["file_pages_evicted_bytes"]
+                    if evicted > 16 << 20:
+                        print(
+                            f"- WARNING: {mib(evicted)} of {lib}'s file-backed pages were evicted "
+                            "during its run (memory pressure): its ru_maxrss figure is too low; "
+                            "run again on a quieter machine"
+                        )
 
     if device.type == "cuda" and "oom" not in args.skip:
         found = captum_oom_batch(device, MEMORY_BATCH, args.oom_limit)
