@@ -185,9 +185,11 @@ class Propagation:
     def __enter__(self) -> Propagation:
         try:
             copy = self._save_buffers() or self.copy
-            self._mode = _ResidualAdditions(copy)
+            if self.plan.may_add:
+                self._mode = _ResidualAdditions(copy)
+            taps = {id(t) for t in self.taps}
             for _, module, rule, _ in self.plan.rules:
-                self._install(module, rule, copy)
+                self._install(module, rule, copy, id(module) in taps)
         except BaseException:
             self._restore()
             raise
@@ -198,8 +200,7 @@ class Propagation:
 
     def forward(self, *args: Any) -> Any:
         """The model's forward, with its residual additions routed through the sum rule."""
-        assert self._mode is not None, "forward runs inside the with block"
-        if not self.plan.may_add:
+        if self._mode is None:
             return self.model(*args)
         with self._mode:
             return self.model(*args)
@@ -223,8 +224,7 @@ class Propagation:
                 buffer.copy_(saved)
         self._buffers.clear()
 
-    def _install(self, module: nn.Module, rule: PropagationRule, copy: bool) -> None:
-        tap = any(module is t for t in self.taps)
+    def _install(self, module: nn.Module, rule: PropagationRule, copy: bool, tap: bool) -> None:
         # Depth counting only matters under the residual-addition mode.
         counts = self.plan.may_add
         if rule.relevance_at_input or tap or counts:
