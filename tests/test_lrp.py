@@ -729,3 +729,16 @@ def test_cuda_matches_cpu() -> None:
     for on_cuda, on_cpu in zip(found, expected):
         assert on_cuda.is_cuda
         torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-9, atol=1e-12)
+
+
+def test_a_new_captum_rule_object_is_seen_even_at_a_reused_address() -> None:
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    lrp = LRP(model)
+    results = []
+    for epsilon in (1e-9, 1.0, 1e-9, 1.0):
+        model.fc2.rule = captum_rules.EpsilonRule(epsilon)  # the old object may be freed
+        results.append(lrp.attribute(x, target=0))
+    _close(results[2], results[0])
+    _close(results[3], results[1])
+    assert (results[1] - results[0]).abs().max() > 1e-6

@@ -24,6 +24,7 @@ from fastattr.lrp.propagation import (
     RulePlan,
     plan_rules,
     rules_key,
+    same_key,
     user_rules,
 )
 
@@ -128,7 +129,7 @@ class LRP:
 
     def _rule_plan(self) -> RulePlan:
         key = rules_key(self.model)
-        if self._plan is None or self._plan[0] != key:
+        if self._plan is None or not same_key(self._plan[0], key):
             self._plan = (key, plan_rules(self.model))
         return self._plan[1]
 

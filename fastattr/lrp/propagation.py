@@ -56,9 +56,13 @@ def rule_attribute(module: nn.Module) -> object:
 
 
 def rules_key(model: nn.Module) -> tuple:
-    """Identifies the modules of ``model`` and the rules set on them: the plan is reused while
-    it stays the same."""
-    return tuple((id(m), id(rule_attribute(m))) for m in model.modules())
+    """The modules of ``model`` and the rules set on them, as objects: holding them keeps their
+    ids from being reused, so that comparing ids tells whether a plan still holds."""
+    return tuple(item for m in model.modules() for item in (m, rule_attribute(m)))
+
+
+def same_key(first: tuple, second: tuple) -> bool:
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second))
 
 
 def user_rules(model: nn.Module) -> None:
