@@ -215,3 +215,18 @@ def test_running_on_the_reference_kernels_is_said(tmp_path):
     assert code == 0
     assert any("reference kernels" in note for note in result["notes"])
     assert result["meta"]["build"]["backend"] == "reference"
+
+
+@pytest.mark.skipif("IntegratedGradients" not in AVAILABLE, reason="needs fastattr's IG")
+def test_without_captum_there_is_no_captum_column(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        runner, "_import_captum", lambda: (None, "captum is not installed: no Captum column")
+    )
+    code, result = _bench(tmp_path, "--methods", "ig", "--models", "mlp", "--no-memory")
+    assert code == 0
+    assert result["meta"]["captum_version"] is None
+    assert "captum is not installed: no Captum column" in result["notes"]
+    (entry,) = result["results"]
+    assert set(entry["implementations"]) == {"fastattr", "floor"}
+    fast = entry["implementations"]["fastattr"]
+    assert fast["rel_err_reference"] <= runner.TOLERANCE and "rel_err_captum" not in fast

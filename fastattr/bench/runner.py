@@ -49,18 +49,27 @@ class Config:
     progress: bool = True
 
 
-def _captum_attr() -> ModuleType | None:
+def _import_captum() -> tuple[ModuleType | None, str | None]:
+    """``captum.attr``, or why it cannot be used (not installed, or broken on this torch)."""
     try:
-        return importlib.import_module("captum.attr")
+        return importlib.import_module("captum.attr"), None
     except ImportError:
-        return None
+        return None, "captum is not installed: no Captum column"
+    except Exception as error:
+        return (
+            None,
+            f"captum could not be imported ({type(error).__name__}: {error}): no Captum column",
+        )
+
+
+def _captum_attr() -> ModuleType | None:
+    return _import_captum()[0]
 
 
 def captum_version() -> str | None:
-    try:
-        return importlib.import_module("captum").__version__
-    except ImportError:
+    if _captum_attr() is None:
         return None
+    return importlib.import_module("captum").__version__
 
 
 def _fastattr_class(method: str) -> type | None:
@@ -326,8 +335,9 @@ def run(config: Config) -> dict[str, Any]:
             "fastattr runs on its reference kernels (fastattr._C not built, or "
             "FASTATTR_BACKEND=reference): its times are not the compiled ones"
         )
-    if _captum_attr() is None:
-        notes.append("captum is not installed: no Captum column")
+    captum_problem = _import_captum()[1]
+    if captum_problem:
+        notes.append(captum_problem)
     runnable: list[Case] = []
     for case in config.cases:
         if _fastattr_class(case.method) is None:
