@@ -742,3 +742,9 @@ def test_a_new_captum_rule_object_is_seen_even_at_a_reused_address() -> None:
     _close(results[2], results[0])
     _close(results[3], results[1])
     assert (results[1] - results[0]).abs().max() > 1e-6
+    model.fc2.rule.STABILITY_FACTOR = 1e-9  # changed in place
+    _close(lrp.attribute(x, target=0), results[0])
+    model.fc2.rule = EpsilonRule(1.0)
+    _close(lrp.attribute(x, target=0), results[1])
+    model.fc2.rule.epsilon = 1e-9
+    _close(lrp.attribute(x, target=0), results[0])

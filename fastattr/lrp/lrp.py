@@ -129,7 +129,7 @@ class LRP:
 
     def _rule_plan(self) -> RulePlan:
         key = rules_key(self.model)
-        if self._plan is None or not same_key(self._plan[0], key):
+        if self._plan is None or not same_key(self._plan[0], key) or not self._plan[1].reusable:
             self._plan = (key, plan_rules(self.model))
         return self._plan[1]
 

@@ -35,6 +35,8 @@ class RulePlan:
 
     rules: list[tuple[str, nn.Module, PropagationRule, bool]]  # (name, module, rule, user-set)
     may_add: bool = True  # whether some forward outside the rules may add tensors
+    # False when a captum rule was translated: the translation would miss later changes to it.
+    reusable: bool = True
 
     def report(self) -> None:
         """Prints the rule of each layer, as captum's verbose mode does (activations that just
@@ -82,13 +84,15 @@ def plan_rules(model: nn.Module) -> RulePlan:
     rules: list[tuple[str, nn.Module, PropagationRule, bool]] = []
     missing: dict[str, list[str]] = {}
     may_add = False
+    reusable = True
 
     def visit(name: str, module: nn.Module) -> None:
-        nonlocal may_add
+        nonlocal may_add, reusable
         where = f"model.{name}" if name else "model"
         user_rule = rule_attribute(module)
         if user_rule is not None:
             rule = as_rule(user_rule, where)
+            reusable = reusable and rule is user_rule
             reason = rule.unsupported_reason(module)
             if reason is not None:
                 raise TypeError(f"{where}: {reason}")
@@ -114,7 +118,7 @@ def plan_rules(model: nn.Module) -> RulePlan:
             f"LRP has no rule for these module types: {listing}. Set a rule on each "
             "(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate."
         )
-    return RulePlan(rules, may_add)
+    return RulePlan(rules, may_add, reusable)
 
 
 def _on_relevance_path(value: object) -> bool:
