@@ -4,6 +4,7 @@ reports a contender running out of memory."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -230,3 +231,10 @@ def test_without_captum_there_is_no_captum_column(tmp_path, monkeypatch):
     assert set(entry["implementations"]) == {"fastattr", "floor"}
     fast = entry["implementations"]["fastattr"]
     assert fast["rel_err_reference"] <= runner.TOLERANCE and "rel_err_captum" not in fast
+
+
+def test_without_matplotlib_there_is_no_plot_and_it_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    fake = {"meta": {}, "results": [{"method": "LRP", "implementations": {}}]}
+    assert report.plot(fake, tmp_path / "bench.png") == "matplotlib is not installed: no plot"
+    assert not (tmp_path / "bench.png").exists()
