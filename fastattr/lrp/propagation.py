@@ -290,7 +290,8 @@ class Propagation:
                     f"layer {type(module).__name__} runs more than once in the forward, so its "
                     "relevance is ambiguous; LayerLRP needs a layer that runs once"
                 )
-            tensors = tuple(a for a in inputs if isinstance(a, Tensor))
+            # The inputs relevance reaches: floating tensors on the graph.
+            tensors = tuple(a for a in inputs if isinstance(a, Tensor) and a.requires_grad)
             self.tapped[key] = (tensors, torch.empty(0))
         else:
             assert output is not None
