@@ -173,7 +173,8 @@ def _batch(case: Case, batch: int, device: torch.device) -> tuple[Tensor, Tensor
 
 
 class _Guarded:
-    """A timed call that records running out of memory instead of raising."""
+    """A timed call that records its failure (running out of memory, mostly) instead of raising,
+    and is not run again after it."""
 
     def __init__(self, call: Callable[[], Any]) -> None:
         self.call = call
