@@ -18,11 +18,15 @@
 #       --platform manylinux_2_28_x86_64 -d .whl \
 #       captum==0.9.0 matplotlib==3.11.2 contourpy==1.3.3 cycler==0.12.1 fonttools==4.68.0 \
 #       kiwisolver==1.5.1 pillow==13.0.0 pyparsing==3.3.3 python-dateutil==4.0.0 six \
-#       packaging==26.3 tqdm==4.70.1 hypothesis==6.170.15 sortedcontainers==2.4.0
+#       packaging==26.3 tqdm==4.70.1 hypothesis==6.170.15 sortedcontainers==2.4.0 \
+#       zennit==0.5.1 click torchvision==0.26.0
 #
-# (captum.attr imports matplotlib and tqdm, hence their wheels; numpy and torch are not
-# downloaded: the machine's own are used.) Without .whl/ the suite still runs: tests that need
-# captum or hypothesis skip, and the benchmark has no Captum column.
+# captum.attr imports matplotlib and tqdm, hence their wheels; the LRP tests compare with zennit,
+# which imports torchvision: take the torchvision release that matches the machine's torch
+# (0.26 for torch 2.11) and leave it out if the machine has one. numpy and torch are never
+# downloaded: the machine's own are used. Without .whl/ the suite still runs: test modules that
+# cannot import captum, hypothesis or zennit are reported as collection errors (the tests step
+# then fails, the others run), and the benchmark has no Captum column.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,6 +63,14 @@ else
     echo "gpu_suite: no .whl/ wheels; captum and hypothesis only if already installed"
 fi
 
+for module in captum hypothesis zennit; do
+    if "$PYTHON" -c "import $module" > /dev/null 2>&1; then
+        echo "gpu_suite: $module: available"
+    else
+        echo "gpu_suite: $module: NOT importable; tests that need it cannot run"
+    fi
+done
+
 # Compile for exactly the visible GPUs unless the caller chose.
 if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
     TORCH_CUDA_ARCH_LIST="$("$PYTHON" -c "import torch
@@ -94,9 +106,10 @@ step info "$PYTHON" -m fastattr info
 }
 
 # `-m cuda` are the CUDA-only tests; `-k cuda` adds the tests parametrized over devices whose
-# id names cuda (pytest's -k also matches marker names, so one run covers both).
+# id names cuda (pytest's -k also matches marker names, so one run covers both). A module that
+# cannot be imported here (a missing wheel) must not hide the others' results.
 step tests-cuda "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
-    --junitxml="$OUT/tests-cuda.xml" tests
+    --continue-on-collection-errors --junitxml="$OUT/tests-cuda.xml" tests
 
 step bench "$PYTHON" -m fastattr bench --device cuda --no-progress --out "$OUT"
 
