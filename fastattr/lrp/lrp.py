@@ -22,13 +22,15 @@ from fastattr.lrp.propagation import (
     CopiesNeeded,
     Propagation,
     RulePlan,
+    check_user_rules,
     plan_rules,
     rules_key,
     same_key,
-    user_rules,
 )
 
 LayerType = Union[nn.Module, list[nn.Module]]
+# The layer tensors to differentiate as well, known once the forward has run.
+LayerTensors = Union[Callable[[], tuple[Tensor, ...]], None]
 
 
 def _per_example_sum(tensors: tuple[Tensor, ...]) -> Tensor:
@@ -52,7 +54,7 @@ class LRP:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        user_rules(model)
+        check_user_rules(model)
         self.model = model
         # Set once a forward modified a rule's output in place (`out += x`): from then on the
         # rules hand out copies, as captum's always do.
@@ -103,7 +105,7 @@ class LRP:
             tensors,
             target,
             args,
-            (),
+            None,
         )
         relevances = tuple(_scaled(g, output) for g in grads)
         result = format_output(is_tuple, relevances)
@@ -149,8 +151,10 @@ class LRP:
         tensors: tuple[Tensor, ...],
         target: TargetType,
         args: tuple[Any, ...] | None,
-        layer_tensors: Any,
+        layer_tensors: LayerTensors,
     ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """The backward of :meth:`_backward`, run again with copied rule outputs when the
+        forward turned out to modify one in place."""
         if not self._copies:
             try:
                 with propagation(False) as active:
@@ -166,9 +170,10 @@ class LRP:
         tensors: tuple[Tensor, ...],
         target: TargetType,
         args: tuple[Any, ...] | None,
-        layer_tensors: Any,
+        layer_tensors: LayerTensors,
     ) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Relevance (normalized to 1 at the target) at the inputs, and the target output."""
+        """Relevance (normalized to 1 at the target) at the inputs, then at the tensors
+        ``layer_tensors`` names once the forward has run; and the target output."""
         with torch.enable_grad():
             leaves = tuple(t.detach().requires_grad_() for t in tensors)
             # Views give the inputs a grad_fn, which marks them as activations for the
@@ -177,7 +182,7 @@ class LRP:
                 run_forward(propagation.forward, tuple(x.view_as(x) for x in leaves), target, args),
                 tensors[0].shape[0],
             )
-            wanted = leaves + tuple(layer_tensors() if callable(layer_tensors) else ())
+            wanted = leaves + (layer_tensors() if layer_tensors is not None else ())
             grads = torch.autograd.grad(output, wanted, torch.ones_like(output), allow_unused=True)
         grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted))
         return grads, output.detach()

@@ -67,7 +67,7 @@ def same_key(first: tuple, second: tuple) -> bool:
     return len(first) == len(second) and all(a is b for a, b in zip(first, second))
 
 
-def user_rules(model: nn.Module) -> None:
+def check_user_rules(model: nn.Module) -> None:
     """Check every ``module.rule`` the user set (captum's check at construction)."""
     for name, module in model.named_modules():
         rule = rule_attribute(module)
