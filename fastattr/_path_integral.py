@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,24 +130,38 @@ def integrate_path(
     n_steps: int,
     steps_per_chunk: int | None,
     multiply_by_inputs: bool,
-    model_tensors: Iterable[Tensor] = (),
+    model: object = None,
     grad_kwargs: dict[str, Any] | None = None,
+    step_costs: MutableMapping[Hashable, int] | None = None,
+    cost_key: Hashable = None,
 ) -> PathIntegral:
     """Integrate the gradients of ``evaluate`` along the straight paths ``starts -> ends``.
 
     ``steps_per_chunk=None`` sizes the chunks from free memory: the first chunk (one step)
-    measures what autograd keeps per step, the rest are as large as the budget allows.
+    measures what autograd keeps per step (not counting ``model``'s parameters and buffers),
+    the rest are as large as the budget allows. The measured cost is kept in ``step_costs``
+    under ``cost_key`` and the ends' shapes, so later calls of the same shape skip the
+    measuring chunk.
     """
     alphas, weights = quadrature_table(method, n_steps)
     batch = ends[0].shape[0]
+    device = ends[0].device
     accumulators = [
         torch.zeros_like(end, dtype=accumulator_dtype(end.dtype), requires_grad=False)
         for end in ends
     ]
     start_output = end_output = None
     step = 0
-    chunk = 1 if steps_per_chunk is None else steps_per_chunk
-    meter = _SavedTensorMeter(model_tensors) if steps_per_chunk is None else None
+    cost_key = (cost_key, tuple((tuple(e.shape), e.dtype, str(e.device)) for e in ends))
+    known_cost = None if step_costs is None else step_costs.get(cost_key)
+    meter = None
+    if steps_per_chunk is not None:
+        chunk = steps_per_chunk
+    elif known_cost is not None:
+        chunk = max(1, chunk_budget(device) // known_cost)
+    else:
+        chunk = 1
+        meter = _SavedTensorMeter(model_state_tensors(model))
     while step < n_steps and batch > 0:
         stop = min(step + chunk, n_steps)
         chunk_alphas = alphas[step:stop]
@@ -182,8 +196,10 @@ def integrate_path(
         if meter is not None:
             path_bytes = sum(p.numel() * p.element_size() for p in paths)
             # The path, its gradient and that gradient in the accumulator's layout live too.
-            per_step_bytes = max(1, meter.bytes + 3 * path_bytes)
-            chunk = max(1, chunk_budget(ends[0].device) // per_step_bytes)
+            step_cost = max(1, meter.bytes + 3 * path_bytes)
+            if step_costs is not None:
+                step_costs[cost_key] = step_cost
+            chunk = max(1, chunk_budget(device) // step_cost)
             meter = None
         del paths, outputs, grads
         step = stop

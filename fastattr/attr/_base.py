@@ -3,7 +3,7 @@ multiply-by-inputs switch and captum's convergence delta."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -44,6 +44,9 @@ class PathAttribution:
             raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
         self.forward_func = forward_func
         self._multiply_by_inputs = bool(multiply_by_inputs)
+        # Bytes one step of the path takes, per input signature: measured once, so later
+        # calls size their chunks without a measuring chunk.
+        self._step_costs: dict[Hashable, int] = {}
 
     @property
     def multiplies_by_inputs(self) -> bool:

@@ -25,7 +25,6 @@ from fastattr._formatting import (
 from fastattr._path_integral import (
     PathIntegral,
     integrate_path,
-    model_state_tensors,
     steps_per_chunk_for,
 )
 from fastattr._quadrature import check_steps
@@ -139,7 +138,8 @@ class IntegratedGradients(PathAttribution):
             n_steps=n_steps,
             steps_per_chunk=steps_per_chunk_for(internal_batch_size, batch),
             multiply_by_inputs=self.multiplies_by_inputs,
-            model_tensors=model_state_tensors(self.forward_func),
+            model=self.forward_func,
+            step_costs=self._step_costs,
         )
         attributions = format_output(is_tuple, result.attributions)
         if not return_convergence_delta:

@@ -26,7 +26,6 @@ from fastattr._formatting import (
 )
 from fastattr._path_integral import (
     integrate_path,
-    model_state_tensors,
     module_of,
     steps_per_chunk_for,
 )
@@ -214,7 +213,9 @@ class LayerIntegratedGradients(PathAttribution):
                     n_steps=n_steps,
                     steps_per_chunk=steps_per_chunk,
                     multiply_by_inputs=self.multiplies_by_inputs,
-                    model_tensors=model_state_tensors(self.forward_func),
+                    model=self.forward_func,
+                    step_costs=self._step_costs,
+                    cost_key=(tuple(x.shape for x in model_inputs), attribute_to_layer_input),
                     grad_kwargs=grad_kwargs,
                 )
                 break

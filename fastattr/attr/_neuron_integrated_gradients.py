@@ -21,7 +21,7 @@ from fastattr._formatting import (
     per_example,
     repeat_additional_args,
 )
-from fastattr._path_integral import integrate_path, model_state_tensors, steps_per_chunk_for
+from fastattr._path_integral import integrate_path, steps_per_chunk_for
 from fastattr._quadrature import check_steps
 from fastattr.attr._base import PathAttribution
 from fastattr.attr._layers import LayerValues, capture_layers, check_layers_in_model
@@ -184,6 +184,8 @@ class NeuronIntegratedGradients(PathAttribution):
                 n_steps=n_steps,
                 steps_per_chunk=steps_per_chunk,
                 multiply_by_inputs=self.multiplies_by_inputs,
-                model_tensors=model_state_tensors(self.forward_func),
+                model=self.forward_func,
+                step_costs=self._step_costs,
+                cost_key=attribute_to_neuron_input,
             )
         return format_output(is_tuple, result.attributions)
