@@ -189,6 +189,12 @@ def memory_worker(library: str, device_name: str, batch: int) -> dict[str, Any]:
         # ru_maxrss is in KiB on Linux.
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         status_before = memory_status()
+        if before * 1024 > status_before.get("VmRSS", before * 1024) + (64 << 20):
+            raise RuntimeError(
+                f"ru_maxrss ({before >> 10} MiB) is far above the resident size before the "
+                f"call ({status_before['VmRSS'] >> 20} MiB): a peak inherited from the parent "
+                "process would hide the call's own"
+            )
         sampler = AnonymousPeak(status_before.get("RssAnon", 0))
         sampler.start()
         try:
@@ -242,8 +248,15 @@ class AnonymousPeak(threading.Thread):
 
 
 def in_fresh_process(library: str, device: torch.device, batch: int) -> dict[str, Any]:
+    # Linux carries a process's peak RSS across exec (and fork copies it), so a worker started
+    # straight from this (large) process would begin with our ru_maxrss. A shell in between,
+    # which forks the worker from its own small image, gives it a fresh one.
     completed = subprocess.run(
         [
+            "/bin/sh",
+            "-c",
+            '"$@" & wait $!',
+            "sh",
             sys.executable,
             os.path.abspath(__file__),
             "--memory-worker",
