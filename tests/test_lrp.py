@@ -331,9 +331,35 @@ class Block(nn.Module):
         return self.fc(self.pool(self.relu2(out)).flatten(1))
 
 
-def test_models_captum_cannot_run_match_zennit() -> None:
-    model = _seeded(Beyond(), torch.float64)
-    model.features[1].running_var.uniform_(0.5, 1.5)
+class BeyondToo(nn.Module):
+    """The remaining 1-D and 3-D variants: transposed convolutions, adaptive pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ConvTranspose1d(2, 3, 3, stride=2),
+            nn.Tanh(),
+            nn.MaxPool1d(2),
+            nn.AdaptiveAvgPool1d(6),
+            nn.Unflatten(2, (1, 2, 3)),
+            nn.ConvTranspose3d(3, 2, 2, stride=2),
+            nn.BatchNorm3d(2),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool3d((2, 2, 3)),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * 2 * 2 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("build", [Beyond, BeyondToo])
+def test_models_captum_cannot_run_match_zennit(build: type) -> None:
+    model = _seeded(build(), torch.float64)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_var.uniform_(0.5, 1.5)
     x = torch.randn(3, 2, 8, dtype=torch.float64)
     with pytest.raises(TypeError):
         _captum(captum_attr.LRP, model, x, target=1)
