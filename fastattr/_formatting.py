@@ -4,6 +4,7 @@ checked up front so that bad input fails with an error naming the argument."""
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -14,6 +15,17 @@ TensorOrTuple = Union[Tensor, tuple[Tensor, ...]]
 Baseline = Union[None, int, float, Tensor]
 BaselineType = Union[Baseline, tuple[Baseline, ...]]
 TargetType = Union[None, int, tuple, Tensor, list]
+
+
+def as_int(value: Any, name: str, expected: str = "an int") -> int:
+    """``value`` as a Python int. Takes what captum takes for counts: ints and integer-likes
+    (numpy integers, 0-dim integer tensors); never bools or floats."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
 def as_tensor_tuple(inputs: Any, name: str = "inputs") -> tuple[Tensor, ...]:

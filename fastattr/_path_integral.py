@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattr import ops
+from fastattr._formatting import as_int
 from fastattr._quadrature import quadrature_table
 
 # How much the saved activations of one chunk may take. More buys no throughput: a chunk this
@@ -106,10 +107,7 @@ def steps_per_chunk_for(internal_batch_size: int | None, batch: int) -> int | No
     """Captum's meaning of internal_batch_size: how many steps of the whole batch fit in it."""
     if internal_batch_size is None:
         return None
-    if not isinstance(internal_batch_size, int) or isinstance(internal_batch_size, bool):
-        raise TypeError(
-            f"internal_batch_size must be an int or None, got {type(internal_batch_size).__name__}"
-        )
+    internal_batch_size = as_int(internal_batch_size, "internal_batch_size", "an int or None")
     if internal_batch_size < 1:
         raise ValueError(f"internal_batch_size must be at least 1, got {internal_batch_size}")
     if internal_batch_size < batch:
@@ -144,6 +142,7 @@ def integrate_path(
     measuring chunk.
     """
     alphas, weights = quadrature_table(method, n_steps)
+    n_steps = as_int(n_steps, "n_steps")  # plain int chunk bounds, whatever integer came in
     batch = ends[0].shape[0]
     device = ends[0].device
     accumulators = [

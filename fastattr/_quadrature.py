@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastattr._formatting import as_int
+
 RIEMANN_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 METHODS = (*RIEMANN_METHODS, "gausslegendre")
 
@@ -16,8 +18,7 @@ METHODS = (*RIEMANN_METHODS, "gausslegendre")
 def check_steps(method: str, n_steps: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool):
-        raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
+    n_steps = as_int(n_steps, "n_steps")
     least = 2 if method in RIEMANN_METHODS else 1
     if n_steps < least:
         raise ValueError(f"n_steps must be at least {least} for method {method!r}, got {n_steps}")
@@ -32,7 +33,7 @@ def quadrature_table(method: str, n_steps: int) -> tuple[Tensor, Tensor]:
     same tables is what lets the attributions agree with captum's to float64 rounding.
     """
     check_steps(method, n_steps)
-    return _table(method, n_steps, torch.get_default_dtype())
+    return _table(method, as_int(n_steps, "n_steps"), torch.get_default_dtype())
 
 
 # Gauss-Legendre nodes cost more to compute than a small attribution takes.

@@ -10,6 +10,7 @@ import math
 import warnings
 
 import captum.attr as captum_attr
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -321,6 +322,41 @@ def test_additional_forward_arg_not_in_a_tuple(backend):
     model = seeded(TwoInputs())
     y = data(BATCH, 3, 2, seed=8)
     compare(model, data(BATCH, FEATURES), target=0, additional_forward_args=y, n_steps=5)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        dict(n_steps=np.int64(6)),
+        dict(n_steps=torch.tensor(6)),
+        dict(n_steps=6, internal_batch_size=np.int32(2 * BATCH)),
+        dict(n_steps=np.int16(8), internal_batch_size=torch.tensor(3 * BATCH)),
+    ],
+    ids=["numpy-n_steps", "tensor-n_steps", "numpy-internal_batch_size", "both"],
+)
+def test_integer_like_counts_are_taken_like_captum(backend, counts):
+    # captum takes numpy integers and 0-dim integer tensors for its counts; so must fastattr,
+    # with chunk sizes (and per-example targets repeated per chunk) as for plain ints.
+    compare(mlp(), data(BATCH, FEATURES), target=[1, 0, 3, 2], method="riemann_right", **counts)
+
+
+def test_measured_step_cost_is_reused_per_instance_and_shape(backend):
+    model, x = mlp(), data(BATCH, FEATURES)
+    kwargs = dict(target=[1, 0, 3, 2], n_steps=12)
+    theirs = captum_attr.IntegratedGradients(model).attribute(x, **kwargs)
+    counter = CountingForward(model)
+    ig = IntegratedGradients(counter)
+    assert_close(ig.attribute(x, **kwargs), theirs)
+    assert counter.rows == [BATCH, 11 * BATCH]  # a measuring step, then the rest
+    counter.rows.clear()
+    assert_close(ig.attribute(x, **kwargs), theirs)
+    assert counter.rows == [12 * BATCH]  # the same shape: measured already
+    counter.rows.clear()
+    ig.attribute(data(2 * BATCH, FEATURES), target=1, n_steps=12)
+    assert counter.rows[0] == 2 * BATCH  # a new shape is measured
+    counter.rows.clear()
+    IntegratedGradients(counter).attribute(x, **kwargs)
+    assert counter.rows[0] == BATCH  # and so is a new instance
 
 
 def captum_row_counts(model, x, **kwargs) -> list[int]:
