@@ -48,6 +48,18 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def new_accumulator(end: Tensor) -> Tensor:
+    """Zeros for ``end``'s gradients in a layout the kernels take: channels_last where
+    ``end`` is, contiguous otherwise (zeros_like would copy any other strides, e.g. of a
+    transposed input, which the kernels reject)."""
+    layout = torch.contiguous_format
+    if not end.is_contiguous():
+        for candidate, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if end.dim() == dim and end.is_contiguous(memory_format=candidate):
+                layout = candidate
+    return torch.zeros_like(end, dtype=accumulator_dtype(end.dtype), memory_format=layout)
+
+
 def _available_host_memory() -> int:
     try:
         with open("/proc/meminfo") as meminfo:
@@ -145,10 +157,7 @@ def integrate_path(
     n_steps = as_int(n_steps, "n_steps")  # plain int chunk bounds, whatever integer came in
     batch = ends[0].shape[0]
     device = ends[0].device
-    accumulators = [
-        torch.zeros_like(end, dtype=accumulator_dtype(end.dtype), requires_grad=False)
-        for end in ends
-    ]
+    accumulators = [new_accumulator(end) for end in ends]
     start_output = end_output = None
     step = 0
     cost_key = (cost_key, tuple((tuple(e.shape), e.dtype, str(e.device)) for e in ends))

@@ -465,6 +465,20 @@ def test_channels_last_model_and_inputs(backend):
     compare(model, x, baselines=data(BATCH, 3, 8, 8, seed=13), target=2, n_steps=6)
 
 
+def test_strided_inputs_and_baselines(backend):
+    # Dense but neither contiguous nor channels_last (a transposed matrix, a permuted image
+    # batch), and a sliced one: captum takes them all.
+    transposed = data(FEATURES, BATCH).t()
+    sliced = data(BATCH, 2 * FEATURES)[:, ::2]
+    compare(mlp(), transposed, baselines=sliced, target=[1, 0, 3, 2], n_steps=5)
+    compare(mlp(), sliced, baselines=transposed, target=2, method="riemann_trapezoid", n_steps=4)
+    permuted = data(BATCH, 8, 8, 3).permute(0, 3, 2, 1)
+    channels_last = data(BATCH, 3, 8, 8, seed=15).contiguous(memory_format=torch.channels_last)
+    cnn = seeded(CNN())
+    compare(cnn, permuted, baselines=channels_last, target=1, n_steps=4)
+    compare(cnn, channels_last, baselines=permuted[:1], target=3, n_steps=4)
+
+
 def test_import_from_fastattr_attr():
     from fastattr.attr import IntegratedGradients as FromAttr
 
