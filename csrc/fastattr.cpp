@@ -14,15 +14,23 @@ TORCH_LIBRARY(fastattr, m) {
       "bool multiply_by_inputs) -> (Tensor, Tensor)");
   // relevance / (z + epsilon * sign(z)), with sign(0) taken as +1.
   m.def("epsilon_ratio(Tensor relevance, Tensor z, float epsilon) -> Tensor");
+  // epsilon_ratio(input_relevance(activations, contributions), z, epsilon) in one pass: the
+  // product at a module's input and the ratio at the previous module's output, when only
+  // pass-through modules lie between them.
+  m.def(
+      "epsilon_ratio_of_product(Tensor activations, Tensor contributions, Tensor z, "
+      "float epsilon) -> Tensor");
   // (activations * contributions, per-row sums).
   m.def("relevance_product(Tensor activations, Tensor contributions) -> (Tensor, Tensor)");
   // activations * contributions: LRP's relevance at a module's input, without row sums.
   m.def("input_relevance(Tensor activations, Tensor contributions) -> Tensor");
   // LRP's autograd nodes (csrc/lrp_nodes.cpp): identity forwards (the output aliases an input
-  // unless copy) whose backwards run epsilon_ratio / input_relevance / a plain pass.
+  // unless copy) whose backwards run epsilon_ratio / input_relevance / a plain pass /
+  // epsilon_ratio_of_product.
   m.def("lrp_product_node(Tensor(a) activation) -> Tensor(a)");
   m.def("lrp_ratio_node(Tensor z, Tensor? shown, float epsilon, bool copy) -> Tensor");
   m.def("lrp_pass_node(Tensor source, Tensor shown, bool copy) -> Tensor");
+  m.def("lrp_product_ratio_node(Tensor z, Tensor(a) activation, float epsilon) -> Tensor(a)");
 }
 
 #ifdef FASTATTR_WITH_CUDA

@@ -1,4 +1,4 @@
-// epsilon_ratio and relevance_product: operands shared by the CPU and CUDA kernels.
+// LRP's element-wise ops: operands shared by the CPU and CUDA kernels.
 #pragma once
 
 #include "operands.h"
@@ -10,14 +10,20 @@ struct PairOperands {
   at::Tensor second;  // dense in the same layout
 };
 
+// `other`, checked against `first`, dense in `first`'s layout.
+inline at::Tensor prepare_like(const at::Tensor& other, const char* name, const at::Tensor& first,
+                               const char* first_name) {
+  check_same_device(other, name, first, first_name);
+  check_same_dtype(other, name, first, first_name);
+  check_same_shape(other, name, first, first_name);
+  return other.contiguous(row_layout(first));
+}
+
 inline PairOperands prepare_pair(const at::Tensor& first, const char* first_name,
                                  const at::Tensor& second, const char* second_name) {
   check_floating(first, first_name);
-  check_same_device(second, second_name, first, first_name);
-  check_same_dtype(second, second_name, first, first_name);
-  check_same_shape(second, second_name, first, first_name);
-  const at::MemoryFormat layout = row_layout(first);
-  return {first.contiguous(layout), second.contiguous(layout)};
+  at::Tensor second_dense = prepare_like(second, second_name, first, first_name);
+  return {first.contiguous(row_layout(first)), second_dense};
 }
 
 inline void check_epsilon(double epsilon) {

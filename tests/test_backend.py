@@ -24,6 +24,7 @@ OPS = (
     "epsilon_ratio",
     "relevance_product",
     "input_relevance",
+    "epsilon_ratio_of_product",
 )
 
 

@@ -635,6 +635,38 @@ def test_in_place_residual_retries_once_with_copies(capsys: pytest.CaptureFixtur
     _close(lrp.attribute(x, target=1), relevance)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_folded_products_round_as_the_nodes_they_replace(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fc1 -> relu -> fc2 and fc2 -> tanh -> dropout -> fc3: each product at a linear layer's
+    # input folds into the previous layer's ratio, unless the rule outputs are copies.
+    from fastattr import ops
+
+    folded = []
+    fold = ops.lrp_product_ratio_node
+
+    def counted(*args: object) -> torch.Tensor:
+        folded.append(args)
+        return fold(*args)
+
+    monkeypatch.setattr(ops, "lrp_product_ratio_node", counted)
+    model = _seeded(MLP(), dtype)
+    x = torch.randn(5, 12, dtype=dtype)
+    lrp = LRP(model)
+    fused = lrp.attribute(x, target=[0, 1, 2, 3, 4])
+    assert len(folded) == 2
+    lrp._copies = True
+    separate = lrp.attribute(x, target=[0, 1, 2, 3, 4])
+    assert len(folded) == 2
+    torch.testing.assert_close(fused, separate, rtol=0, atol=0)
+    # A tapped layer keeps the nodes its relevance must reach: only the other pair folds.
+    for layer, folds in ((model.relu, 1), (model.fc1, 1), (model.fc2, 0)):
+        folded.clear()
+        LayerLRP(model, layer).attribute(x, target=0)
+        assert len(folded) == folds
+
+
 def test_bench_resnet_conserves_and_transformer_is_refused() -> None:
     from fastattr.bench.models import resnet, transformer
 

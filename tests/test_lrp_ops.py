@@ -1,5 +1,7 @@
-"""input_relevance, the op LRP's backward runs at each module's input: compiled kernel against
-its PyTorch twin, its argument checks, and its registration (opcheck)."""
+"""input_relevance, the op LRP's backward runs at each module's input, and
+epsilon_ratio_of_product, which folds it into the previous module's ratio: compiled kernels
+against their PyTorch twins, their argument checks, and their registration (opcheck); LRP's
+autograd nodes against theirs."""
 
 from __future__ import annotations
 
@@ -84,6 +86,61 @@ def test_cuda_matches_twin() -> None:
         torch.testing.assert_close(result, expected, rtol=0, atol=0)
 
 
+def _ratio_of_product(a: torch.Tensor, c: torch.Tensor, z: torch.Tensor, eps: float):
+    return torch.ops.fastattr.epsilon_ratio_of_product(a, c, z, eps)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    transposed=st.booleans(),
+    epsilon=st.sampled_from([0.0, 1e-9, 0.25]),
+    seed=st.integers(0, 2**16),
+)
+def test_ratio_of_product_matches_twin(
+    shape: list[int], dtype: torch.dtype, transposed: bool, epsilon: float, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    a, c, z = (torch.randn(shape, generator=generator).to(dtype) for _ in range(3))
+    z[(0,) * len(shape)] = 0.0  # sign(0) = +1
+    if transposed and len(shape) > 1:
+        a, z = a.mT.contiguous().mT, z.mT.contiguous().mT
+    result = _ratio_of_product(a, c, z, epsilon)
+    expected = ops.reference.epsilon_ratio_of_product(a, c, z, epsilon)
+    assert result.dtype == dtype and result.shape == a.shape
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    # Exactly the two ops it replaces, one after the other.
+    unfused = ops.reference.epsilon_ratio(ops.reference.input_relevance(a, c), z, epsilon)
+    torch.testing.assert_close(result, unfused, rtol=0, atol=0)
+
+
+def test_ratio_of_product_channels_last() -> None:
+    a = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    c, z = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    result = _ratio_of_product(a, c, z, 0.1)
+    assert result.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(
+        result, ops.reference.epsilon_ratio_of_product(a, c, z, 0.1), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_ratio_of_product_bad_arguments(backend: str) -> None:
+    from fastattr import use_backend
+
+    a = torch.randn(3, 4)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="epsilon"):
+            ops.epsilon_ratio_of_product(a, a, a, -1.0)
+        with pytest.raises(TypeError, match="activations"):
+            ops.epsilon_ratio_of_product(a.long(), a.long(), a.long(), 0.1)
+        with pytest.raises(TypeError, match="z"):
+            ops.epsilon_ratio_of_product(a, a, a.double(), 0.1)
+        with pytest.raises(ValueError, match="z"):
+            ops.epsilon_ratio_of_product(a, a, torch.randn(4, 3), 0.1)
+
+
 # LRP's autograd nodes (csrc/lrp_nodes.cpp) against their twins in fastattr.ops.reference.
 
 
@@ -97,7 +154,7 @@ def _grads_through(node, inputs: tuple, upstream: torch.Tensor) -> tuple:
 @given(
     shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
     dtype=st.sampled_from([torch.float32, torch.float64]),
-    node=st.sampled_from(["product", "ratio", "ratio_shown", "pass"]),
+    node=st.sampled_from(["product", "ratio", "ratio_shown", "pass", "product_ratio"]),
     copy=st.booleans(),
     seed=st.integers(0, 2**16),
 )
@@ -126,6 +183,10 @@ def test_nodes_match_twins(
             lambda s: torch.ops.fastattr.lrp_pass_node(s, second, copy),
             lambda s: ops.reference.lrp_pass_node(s, second, copy),
         ),
+        "product_ratio": (
+            lambda z: torch.ops.fastattr.lrp_product_ratio_node(z, second, 1e-3),
+            lambda z: ops.reference.lrp_product_ratio_node(z, second, 1e-3),
+        ),
     }[node]
     results = _grads_through(compiled, (first,), upstream)
     expected = _grads_through(twin, (first,), upstream)
@@ -146,6 +207,7 @@ def test_nodes_alias_their_input_unless_copying(copy: bool) -> None:
         assert (output.data_ptr() == source.data_ptr()) != copy
         assert torch.equal(output, source)
     assert torch.ops.fastattr.lrp_product_node(z).data_ptr() == z.data_ptr()
+    assert torch.ops.fastattr.lrp_product_ratio_node(z, shown, 1e-9).data_ptr() == shown.data_ptr()
 
 
 def test_nodes_under_inference_mode_are_identities() -> None:
@@ -154,3 +216,4 @@ def test_nodes_under_inference_mode_are_identities() -> None:
         assert torch.equal(torch.ops.fastattr.lrp_product_node(z), z)
         assert torch.equal(torch.ops.fastattr.lrp_ratio_node(z, shown, 1e-9, False), shown)
         assert torch.equal(torch.ops.fastattr.lrp_pass_node(z, shown, True), shown)
+        assert torch.equal(torch.ops.fastattr.lrp_product_ratio_node(z, shown, 1e-9), shown)

@@ -485,6 +485,10 @@ def _opcheck_samples() -> list[tuple[str, tuple]]:
         ("input_relevance", (image, randn(2, 3, 4, 5))),
         ("input_relevance", (randn().double(), randn().double())),
         ("input_relevance", (volume.bfloat16(), volume.bfloat16())),
+        ("epsilon_ratio_of_product", (randn(3, 4), randn(3, 4), randn(3, 4), 1e-6)),
+        ("epsilon_ratio_of_product", (image, randn(2, 3, 4, 5), randn(2, 3, 4, 5), 0.25)),
+        ("epsilon_ratio_of_product", (randn().double(), randn().double(), randn().double(), 0.0)),
+        ("epsilon_ratio_of_product", (volume.half(), volume.half(), volume.half(), 1e-3)),
     ]
 
 

@@ -192,6 +192,25 @@ def test_input_relevance(data: st.DataObject) -> None:
     assert_identical(relevance.cpu(), cpu_relevance)
 
 
+@RANDOM
+@given(data=st.data())
+def test_epsilon_ratio_of_product(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dims = data.draw(st.integers(0, 5), label="dims")
+    shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=dims, max_size=dims)))
+    layouts = [data.draw(st.sampled_from(layouts_for(dims))) for _ in range(3)]
+    epsilon = data.draw(st.sampled_from([0.0, 1e-9, 0.25]), label="epsilon")
+    generator = draw_generator(data)
+    a, c, z = (make_tensor(shape, dtype, layout, generator, DEVICE) for layout in layouts)
+    pick = torch.rand(shape, generator=generator).to(DEVICE)
+    z.masked_fill_(pick < 0.2, 0.0).masked_fill_(pick > 0.9, -0.0)
+
+    ratio = torch.ops.fastattr.epsilon_ratio_of_product(a, c, z, epsilon)
+    assert_identical(ratio, reference.epsilon_ratio_of_product(a, c, z, epsilon))
+    cpu_ratio = torch.ops.fastattr.epsilon_ratio_of_product(*on_cpu(a, c, z), epsilon)
+    assert_identical(ratio.cpu(), cpu_ratio)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_large_operands_cross_every_block_and_grid_boundary(dtype: torch.dtype) -> None:
     """More elements than one grid covers (the kernels grid-stride) and rows longer than a
@@ -312,6 +331,10 @@ MIXED_DEVICES = {
     "input_relevance": [
         ("contributions", lambda: (_t(2, 3), _t(2, 3, device=OTHER))),
         ("contributions", lambda: (_t(2, 3, device=OTHER), _t(2, 3))),
+    ],
+    "epsilon_ratio_of_product": [
+        ("contributions", lambda: (_t(2, 3), _t(2, 3, device=OTHER), _t(2, 3), 0.1)),
+        ("z", lambda: (_t(2, 3), _t(2, 3), _t(2, 3, device=OTHER), 0.1)),
     ],
 }
 

@@ -1,4 +1,4 @@
-// epsilon_ratio and relevance_product on the CPU.
+// epsilon_ratio, epsilon_ratio_of_product and relevance_product on the CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -6,30 +6,45 @@
 #include <tuple>
 
 #include "../lrp_epsilon.h"
+#include "elementwise.h"
 #include "rowwise.h"
 
 namespace fastattr::cpu {
 namespace {
 
+constexpr int64_t kGrain = int64_t{1} << 15;
+
 at::Tensor epsilon_ratio(const at::Tensor& relevance, const at::Tensor& z, double epsilon) {
   check_epsilon(epsilon);
   PairOperands op = prepare_pair(relevance, "relevance", z, "z");
   at::Tensor ratio = at::empty_like(op.first);
-  const int64_t n = ratio.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, relevance.scalar_type(), "epsilon_ratio_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* r = op.first.const_data_ptr<scalar_t>();
         const scalar_t* zs = op.second.const_data_ptr<scalar_t>();
         scalar_t* out = ratio.mutable_data_ptr<scalar_t>();
-        const acc_t eps = static_cast<acc_t>(epsilon);
-        at::parallel_for(0, n, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const acc_t zi = static_cast<acc_t>(zs[i]);
-            // sign(0) is +1 so that a zero pre-activation is pushed away from zero.
-            const acc_t stabilized = zi + (zi < acc_t(0) ? -eps : eps);
-            out[i] = static_cast<scalar_t>(static_cast<acc_t>(r[i]) / stabilized);
-          }
+        at::parallel_for(0, ratio.numel(), kGrain, [&](int64_t begin, int64_t end) {
+          epsilon_ratio_range(r, zs, out, begin, end, epsilon);
+        });
+      });
+  return ratio;
+}
+
+at::Tensor epsilon_ratio_of_product(const at::Tensor& activations,
+                                    const at::Tensor& contributions, const at::Tensor& z,
+                                    double epsilon) {
+  check_epsilon(epsilon);
+  PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
+  const at::Tensor zs = prepare_like(z, "z", activations, "activations");
+  at::Tensor ratio = at::empty_like(op.first);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, activations.scalar_type(), "epsilon_ratio_of_product_cpu", [&] {
+        const scalar_t* a = op.first.const_data_ptr<scalar_t>();
+        const scalar_t* c = op.second.const_data_ptr<scalar_t>();
+        const scalar_t* zp = zs.const_data_ptr<scalar_t>();
+        scalar_t* out = ratio.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, ratio.numel(), kGrain, [&](int64_t begin, int64_t end) {
+          epsilon_ratio_of_product_range(a, c, zp, out, begin, end, epsilon);
         });
       });
   return ratio;
@@ -60,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> relevance_product(const at::Tensor& activatio
 
 TORCH_LIBRARY_IMPL(fastattr, CPU, m) {
   m.impl("epsilon_ratio", &epsilon_ratio);
+  m.impl("epsilon_ratio_of_product", &epsilon_ratio_of_product);
   m.impl("relevance_product", &relevance_product);
 }
 

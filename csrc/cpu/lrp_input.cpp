@@ -1,11 +1,11 @@
 // input_relevance on the CPU: the product at a module's input, without row sums, so that the
 // loop vectorizes (relevance_product's per-row double sums serialize it).
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../lrp_epsilon.h"
+#include "elementwise.h"
 
 namespace fastattr::cpu {
 namespace {
@@ -13,17 +13,13 @@ namespace {
 at::Tensor input_relevance(const at::Tensor& activations, const at::Tensor& contributions) {
   PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
   at::Tensor relevance = at::empty_like(op.first);
-  const int64_t n = relevance.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, activations.scalar_type(), "input_relevance_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* a = op.first.const_data_ptr<scalar_t>();
         const scalar_t* c = op.second.const_data_ptr<scalar_t>();
         scalar_t* out = relevance.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, n, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            out[i] = static_cast<scalar_t>(static_cast<acc_t>(a[i]) * static_cast<acc_t>(c[i]));
-          }
+        at::parallel_for(0, relevance.numel(), int64_t{1} << 15, [&](int64_t begin, int64_t end) {
+          product_range(a, c, out, begin, end);
         });
       });
   return relevance;

@@ -22,10 +22,13 @@ from fastattr.lrp._forward_code import may_add_tensors
 from fastattr.lrp.rules import (
     STABILIZER,
     STRUCTURAL_TYPES,
+    IdentityRule,
     PassRule,
     PropagationRule,
+    RatioRule,
     as_rule,
     default_rule,
+    ratio_node,
 )
 
 
@@ -189,6 +192,10 @@ class Propagation:
     _handles: list[RemovableHandle] = field(default_factory=list)
     _buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     _mode: _ResidualAdditions | None = None
+    # Rule outputs whose epsilon ratio a product at a later module's input may fold into, by id:
+    # (the output, or what pass-through rules made of it; z; epsilon). Holding the output keeps
+    # its id from being reused.
+    _ratios: dict[int, tuple[Tensor, Tensor, float]] = field(default_factory=dict)
 
     def __enter__(self) -> Propagation:
         try:
@@ -231,18 +238,31 @@ class Propagation:
             for buffer, saved in self._buffers:
                 buffer.copy_(saved)
         self._buffers.clear()
+        self._ratios.clear()
 
     def _install(self, module: nn.Module, rule: PropagationRule, copy: bool, tap: bool) -> None:
         # Depth counting only matters under the residual-addition mode.
         counts = self.plan.may_add
+        # Folding a product into the previous ratio skips the nodes between, so not where a
+        # tapped layer's relevance must reach them; and not on copies (in-place forwards).
+        fuse = not copy and not tap
         if rule.relevance_at_input or tap or counts:
-            pre_hook = self._pre_hook(rule, tap, counts)
+            pre_hook = self._pre_hook(rule, tap, counts, fuse)
             self._handles.append(module.register_forward_pre_hook(pre_hook))
-        post_hook = self._post_hook(rule, tap, copy, counts)
+        post_hook = self._post_hook(rule, tap, copy, counts, fuse)
         self._handles.append(module.register_forward_hook(post_hook))
 
-    def _pre_hook(self, rule: PropagationRule, tap: bool, counts: bool) -> Callable:
+    def _pre_hook(self, rule: PropagationRule, tap: bool, counts: bool, fuse: bool) -> Callable:
         mode_depth = self._enter_module
+        ratios = self._ratios
+
+        def product(a: object) -> object:
+            if not isinstance(a, Tensor) or not a.is_floating_point():
+                return a
+            found = ratios.get(id(a)) if fuse else None
+            if found is not None and found[0] is a:
+                return ops.lrp_product_ratio_node(found[1], a.detach(), found[2])
+            return ops.lrp_product_node(a)
 
         def hook(module: nn.Module, args: tuple) -> tuple:
             if counts:
@@ -253,15 +273,17 @@ class Propagation:
                 self._record(module, args, None)
             if not rule.relevance_at_input:
                 return args
-            return tuple(
-                ops.lrp_product_node(a) if isinstance(a, Tensor) and a.is_floating_point() else a
-                for a in args
-            )
+            return tuple(product(a) for a in args)
 
         return hook
 
-    def _post_hook(self, rule: PropagationRule, tap: bool, copy: bool, counts: bool) -> Callable:
+    def _post_hook(
+        self, rule: PropagationRule, tap: bool, copy: bool, counts: bool, fuse: bool
+    ) -> Callable:
         mode_depth = self._enter_module
+        ratios = self._ratios
+        ratio_rule = rule if fuse and isinstance(rule, RatioRule) else None
+        passes = fuse and isinstance(rule, IdentityRule)
 
         def hook(module: nn.Module, args: tuple, output: object) -> Tensor:
             if counts:
@@ -271,7 +293,19 @@ class Propagation:
                     f"LRP rules need modules that return one tensor; {type(module).__name__} "
                     f"returned {type(output).__name__}"
                 )
+            if ratio_rule is not None:
+                z, epsilon = ratio_rule.ratio_operands(module, args, output)
+                propagated = ratio_node(z, output, epsilon, copy)
+                if z.dtype == propagated.dtype and z.shape == propagated.shape:
+                    ratios[id(propagated)] = (propagated, z, epsilon)
+                return propagated
             propagated = rule.propagate(module, args, output, copy)
+            if passes:
+                # The relevance crosses unchanged: a ratio before still awaits its product.
+                source = next(a for a in args if isinstance(a, Tensor))
+                found = ratios.get(id(source))
+                if found is not None and found[0] is source and found[1].dtype == output.dtype:
+                    ratios[id(propagated)] = (propagated, found[1], found[2])
             if tap:
                 self._record(module, None, propagated)
             return propagated

@@ -40,7 +40,28 @@ class PropagationRule(ABC):
         """The output the model continues with, carrying this rule's backward."""
 
 
-class EpsilonRule(PropagationRule):
+def ratio_node(z: Tensor, output: Tensor, epsilon: float, copy: bool) -> Tensor:
+    """``output`` to continue with, whose backward divides the relevance by ``z + epsilon *
+    sign(z)`` and sends it into ``z``'s graph."""
+    return ops.lrp_ratio_node(z, None if z is output else output.detach(), epsilon, copy)
+
+
+class RatioRule(PropagationRule):
+    """A rule whose backward starts with the epsilon ratio at ``z``, the output or a
+    recomputation of it; a product at the next module's input can then fold into that ratio."""
+
+    @abstractmethod
+    def ratio_operands(
+        self, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> tuple[Tensor, float]:
+        """``(z, epsilon)``: the tensor whose graph receives the relevance, and the stabilizer."""
+
+    def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
+        z, epsilon = self.ratio_operands(module, inputs, output)
+        return ratio_node(z, output, epsilon, copy)
+
+
+class EpsilonRule(RatioRule):
     """LRP-epsilon: ``R_in = x * J^T (R_out / (z + epsilon * sign(z)))``, with ``sign(0) = 1``.
 
     The default for linear maps, convolutions, pooling, batch norm, upsampling and residual
@@ -54,8 +75,10 @@ class EpsilonRule(PropagationRule):
             raise ValueError(f"epsilon must be finite and non-negative, got {epsilon}")
         self.epsilon = float(epsilon)
 
-    def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
-        return ops.lrp_ratio_node(output, None, self.epsilon, copy)
+    def ratio_operands(
+        self, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> tuple[Tensor, float]:
+        return output, self.epsilon
 
     def __repr__(self) -> str:
         return f"EpsilonRule(epsilon={self.epsilon})"
@@ -67,7 +90,7 @@ def _check_flag(value: object, name: str) -> bool:
     return value
 
 
-class _ModifiedWeightRule(PropagationRule):
+class _ModifiedWeightRule(RatioRule):
     """Epsilon with a stabilizer of 1e-9 on ``z' = module(x; modified weight, bias)``; the
     model continues on the true output."""
 
@@ -87,9 +110,11 @@ class _ModifiedWeightRule(PropagationRule):
             return f"{type(self).__name__} cannot recompute {name} with modified weights"
         return None
 
-    def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
+    def ratio_operands(
+        self, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> tuple[Tensor, float]:
         if not self._changes(module):
-            return ops.lrp_ratio_node(output, None, STABILIZER, copy)
+            return output, STABILIZER
         weight = module.weight
         if weight is not None:
             weight = self.modify_weight(weight.detach())
@@ -97,7 +122,7 @@ class _ModifiedWeightRule(PropagationRule):
         if bias is not None:
             bias = torch.zeros_like(bias) if self.set_bias_to_zero else bias.detach()
         modified = _MODIFIED_FORWARDS[type(module)](module, inputs[0], weight, bias, output)
-        return ops.lrp_ratio_node(modified, output.detach(), STABILIZER, copy)
+        return modified, STABILIZER
 
 
 class GammaRule(_ModifiedWeightRule):

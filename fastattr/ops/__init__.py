@@ -71,6 +71,16 @@ def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     return reference.epsilon_ratio(relevance, z, epsilon)
 
 
+def epsilon_ratio_of_product(
+    activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float
+) -> Tensor:
+    """``epsilon_ratio(input_relevance(activations, contributions), z, epsilon)`` in one pass:
+    LRP's product at a module's input and ratio at the previous module's output."""
+    if _compiled():
+        return torch.ops.fastattr.epsilon_ratio_of_product(activations, contributions, z, epsilon)
+    return reference.epsilon_ratio_of_product(activations, contributions, z, epsilon)
+
+
 def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
     """The relevance ``activations * contributions`` and its per-example sums."""
     if _compiled():
@@ -110,12 +120,23 @@ def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
     return reference.lrp_pass_node(source, shown, copy)
 
 
+def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Tensor:
+    """LRP's product node at a module's input fused with the ratio node at the previous
+    module's output, when only pass-through modules lie between: ``activation`` itself, whose
+    backward sends ``activation * relevance / (z + epsilon * sign(z))`` into ``z``'s graph."""
+    if _compiled():
+        return torch.ops.fastattr.lrp_product_ratio_node(z, activation, epsilon)
+    return reference.lrp_product_ratio_node(z, activation, epsilon)
+
+
 __all__ = [
     "epsilon_ratio",
+    "epsilon_ratio_of_product",
     "input_relevance",
     "interpolate_path",
     "lrp_pass_node",
     "lrp_product_node",
+    "lrp_product_ratio_node",
     "lrp_ratio_node",
     "quadrature_accumulate",
     "quadrature_finish",

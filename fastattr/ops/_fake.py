@@ -51,6 +51,12 @@ def _(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     return torch.empty_like(relevance, memory_format=_row_layout(relevance))
 
 
+@torch.library.register_fake("fastattr::epsilon_ratio_of_product")
+def _(activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    reference.check_epsilon_ratio_of_product(activations, contributions, z, epsilon)
+    return torch.empty_like(activations, memory_format=_row_layout(activations))
+
+
 @torch.library.register_fake("fastattr::relevance_product")
 def _(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
     reference.check_relevance_product(activations, contributions)

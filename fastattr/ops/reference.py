@@ -232,6 +232,24 @@ def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
     return (activations.to(compute) * contributions.to(compute)).to(activations.dtype)
 
 
+def check_epsilon_ratio_of_product(
+    activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float
+) -> None:
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be finite and non-negative, got {epsilon}")
+    check_input_relevance(activations, contributions)
+    _check_same(z, "z", activations, "activations", shape=True)
+
+
+def epsilon_ratio_of_product(
+    activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float
+) -> Tensor:
+    """:func:`epsilon_ratio` of :func:`input_relevance`: the product at a module's input and the
+    ratio at the previous module's output, with the product rounded to the dtype in between."""
+    check_epsilon_ratio_of_product(activations, contributions, z, epsilon)
+    return epsilon_ratio(input_relevance(activations, contributions), z, epsilon)
+
+
 # LRP's autograd nodes. Each forward hands on a tensor unchanged (a copy with ``copy``, else an
 # alias of the input returned); each backward applies one step of a rule.
 
@@ -277,6 +295,22 @@ class _PassNode(torch.autograd.Function):
         return relevance, None, None
 
 
+class _ProductRatioNode(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, z: Tensor, activation: Tensor, epsilon: float
+    ) -> Tensor:
+        ctx.save_for_backward(z, activation)
+        ctx.epsilon = epsilon
+        return activation.view_as(activation)
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):  # type: ignore[override]
+        z, activation = ctx.saved_tensors
+        ratio = epsilon_ratio_of_product(activation, relevance.to(activation.dtype), z, ctx.epsilon)
+        return ratio, None, None
+
+
 def lrp_product_node(activation: Tensor) -> Tensor:
     """``activation``; backward ``activation * contribution`` (:func:`input_relevance`)."""
     return _ProductNode.apply(activation)
@@ -291,3 +325,10 @@ def lrp_ratio_node(z: Tensor, shown: Tensor | None, epsilon: float, copy: bool) 
 def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
     """``shown``; backward the relevance, unchanged, into ``source``."""
     return _PassNode.apply(source, shown, copy)
+
+
+def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Tensor:
+    """``activation``; backward :func:`epsilon_ratio_of_product` of it, the relevance and ``z``,
+    into ``z``: the product node at a module's input, the pass nodes before it and the ratio
+    node at the previous module's output, in one."""
+    return _ProductRatioNode.apply(z, activation, epsilon)
