@@ -153,6 +153,11 @@ def integrate_path(
     under ``cost_key`` and the ends' shapes, so later calls of the same shape skip the
     measuring chunk.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "integrated gradients need autograd, which torch.inference_mode() turns off: call "
+            "attribute outside it (torch.no_grad() is fine)"
+        )
     alphas, weights = quadrature_table(method, n_steps)
     n_steps = as_int(n_steps, "n_steps")  # plain int chunk bounds, whatever integer came in
     batch = ends[0].shape[0]

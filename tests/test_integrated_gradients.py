@@ -499,6 +499,17 @@ def test_grad_disabled_outside_is_respected_and_restored(backend):
     assert_close(ours, theirs)
 
 
+def test_inference_mode_is_a_clear_error_and_inference_tensors_work(backend):
+    model = mlp()
+    with torch.inference_mode():
+        x = data(BATCH, FEATURES) * 1.0
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            IntegratedGradients(model).attribute(x, target=1, n_steps=4)
+    # Tensors made under inference mode are fine as inputs outside it.
+    assert x.is_inference()
+    compare(model, x, baselines=x.flip(0), target=1, n_steps=4)
+
+
 # ----------------------------------------------------------------------------- chunking
 
 
