@@ -672,13 +672,17 @@ def test_model_and_inputs_left_as_found(backend, internal_batch_size, input_requ
     assert_close(ours.detach(), theirs)
 
 
+@pytest.mark.parametrize("fail_on", [1, 2], ids=["first-chunk", "second-chunk"])
 @pytest.mark.parametrize("internal_batch_size", [None, BATCH])
 @pytest.mark.parametrize("grad_enabled", [True, False])
-def test_model_left_as_found_when_forward_raises(backend, internal_batch_size, grad_enabled):
+def test_model_left_as_found_when_forward_raises(
+    backend, internal_batch_size, grad_enabled, fail_on
+):
+    # Failing on the first chunk fails inside the memory meter's saved-tensor hooks.
     model = instrumented_model()
     x = data(BATCH, FEATURES).requires_grad_()
     before = snapshot(model)
-    failing = CountingForward(model, fail_on=2)
+    failing = CountingForward(model, fail_on=fail_on)
     with torch.set_grad_enabled(grad_enabled):
         before["grad_enabled"] = torch.is_grad_enabled()
         with pytest.raises(RuntimeError, match="model failed mid-way"):
@@ -686,8 +690,9 @@ def test_model_left_as_found_when_forward_raises(backend, internal_batch_size, g
                 x, target=1, n_steps=6, internal_batch_size=internal_batch_size
             )
         assert_same_state(before, snapshot(model))
-    assert len(failing.rows) == 2
+    assert len(failing.rows) == fail_on
     assert x.requires_grad and x.grad is None
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
     # Still usable afterwards, with the same numbers as captum.
     compare(model, x.detach(), target=1, n_steps=6)
 
