@@ -8,6 +8,7 @@ through the epsilon rule (residual connections), and leaves the model exactly as
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ class RulePlan:
     """Every module that carries a rule, with its rule and where it came from."""
 
     rules: list[tuple[str, nn.Module, PropagationRule, bool]]  # (name, module, rule, user-set)
+    modules: tuple[nn.Module, ...] = ()  # every module of the model, as walk_modules lists them
     may_add: bool = True  # whether some forward outside the rules may add tensors
     # False when a captum rule was translated: the translation would miss later changes to it.
     reusable: bool = True
@@ -60,14 +62,27 @@ def rule_attribute(module: nn.Module) -> object:
     return getattr(type(module), "rule", None)
 
 
+def walk_modules(model: nn.Module) -> tuple[nn.Module, ...]:
+    """``model.modules()``, without building the names that walk builds and drops."""
+    found = [model]
+    seen = {id(model)}
+    for module in found:  # grows as it goes
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return tuple(found)
+
+
 def rules_key(model: nn.Module) -> tuple:
     """The modules of ``model`` and the rules set on them, as objects: holding them keeps their
     ids from being reused, so that comparing ids tells whether a plan still holds."""
-    return tuple(item for m in model.modules() for item in (m, rule_attribute(m)))
+    modules = walk_modules(model)
+    return (*modules, *map(rule_attribute, modules))
 
 
 def same_key(first: tuple, second: tuple) -> bool:
-    return len(first) == len(second) and all(a is b for a, b in zip(first, second))
+    return len(first) == len(second) and all(map(operator.is_, first, second))
 
 
 def check_user_rules(model: nn.Module) -> None:
@@ -121,7 +136,7 @@ def plan_rules(model: nn.Module) -> RulePlan:
             f"LRP has no rule for these module types: {listing}. Set a rule on each "
             "(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate."
         )
-    return RulePlan(rules, may_add, reusable)
+    return RulePlan(rules, walk_modules(model), may_add, reusable)
 
 
 def _on_relevance_path(value: object) -> bool:
@@ -215,18 +230,23 @@ class Propagation:
 
     def forward(self, *args: Any) -> Any:
         """The model's forward, with its residual additions routed through the sum rule."""
-        if self._mode is None:
-            return self.model(*args)
-        with self._mode:
-            return self.model(*args)
+        try:
+            if self._mode is None:
+                return self.model(*args)
+            with self._mode:
+                return self.model(*args)
+        finally:
+            # Held past the forward, the ratios that nothing folded into would keep their nodes,
+            # and the tensors those save, alive through the backward.
+            self._ratios.clear()
 
     def _save_buffers(self) -> bool:
         """Saves the buffers of modules in training mode; says whether a module works in place
         (then every rule's output is copied)."""
         in_place = False
-        for module in self.model.modules():
+        for module in self.plan.modules:
             in_place = in_place or module.__dict__.get("inplace") is True
-            if module.training:
+            if module.training and module._buffers:
                 self._buffers.extend((b, b.clone()) for b in module.buffers(recurse=False))
         return in_place
 
@@ -234,10 +254,11 @@ class Propagation:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        with torch.no_grad():
-            for buffer, saved in self._buffers:
-                buffer.copy_(saved)
-        self._buffers.clear()
+        if self._buffers:
+            with torch.no_grad():
+                for buffer, saved in self._buffers:
+                    buffer.copy_(saved)
+            self._buffers.clear()
         self._ratios.clear()
 
     def _install(self, module: nn.Module, rule: PropagationRule, copy: bool, tap: bool) -> None:
