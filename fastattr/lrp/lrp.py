@@ -60,6 +60,8 @@ class LRP:
         # rules hand out copies, as captum's always do.
         self._copies = False
         self._plan: tuple[tuple, RulePlan] | None = None
+        # One per copy flag, reused while the plan holds (its hooks are built once).
+        self._propagations: dict[bool, Propagation] = {}
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -101,7 +103,7 @@ class LRP:
         if verbose:
             plan.report()
         grads, output = self._propagate(
-            lambda copy: Propagation(self.model, plan, copy=copy),
+            lambda copy: self._propagation(plan, copy),
             tensors,
             target,
             args,
@@ -134,6 +136,12 @@ class LRP:
         if self._plan is None or not same_key(self._plan[0], key) or not self._plan[1].reusable:
             self._plan = (key, plan_rules(self.model))
         return self._plan[1]
+
+    def _propagation(self, plan: RulePlan, copy: bool) -> Propagation:
+        found = self._propagations.get(copy)
+        if found is None or found.plan is not plan or found.active:
+            found = self._propagations[copy] = Propagation(self.model, plan, copy=copy)
+        return found
 
     def _prepare(
         self, inputs: Any, target: TargetType, additional_forward_args: Any
@@ -177,10 +185,10 @@ class LRP:
         with torch.enable_grad():
             leaves = tuple(t.detach().requires_grad_() for t in tensors)
             # Views give the inputs a grad_fn, which marks them as activations for the
-            # residual-addition rule.
+            # residual-addition rule (when some forward may add).
+            inputs = tuple(x.view_as(x) for x in leaves) if propagation.plan.may_add else leaves
             output = per_example(
-                run_forward(propagation.forward, tuple(x.view_as(x) for x in leaves), target, args),
-                tensors[0].shape[0],
+                run_forward(propagation.forward, inputs, target, args), tensors[0].shape[0]
             )
             wanted = leaves + (layer_tensors() if layer_tensors is not None else ())
             grads = torch.autograd.grad(output, wanted, torch.ones_like(output), allow_unused=True)

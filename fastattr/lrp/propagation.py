@@ -211,15 +211,29 @@ class Propagation:
     # (the output, or what pass-through rules made of it; z; epsilon). Holding the output keeps
     # its id from being reused.
     _ratios: dict[int, tuple[Tensor, Tensor, float]] = field(default_factory=dict)
+    # (module, pre-hook or None, hook) for each value of the effective copy flag, built on first
+    # use: entered again, a Propagation only registers them.
+    _hooks: dict[bool, list[tuple[nn.Module, Callable | None, Callable]]] = field(
+        default_factory=dict
+    )
+    active: bool = False  # between entry and exit
 
     def __enter__(self) -> Propagation:
+        if self.active:
+            raise RuntimeError("this Propagation is installed already")
+        self.active = True
         try:
             copy = self._save_buffers() or self.copy
             if self.plan.may_add:
                 self._mode = _ResidualAdditions(copy)
-            taps = {id(t) for t in self.taps}
-            for _, module, rule, _ in self.plan.rules:
-                self._install(module, rule, copy, id(module) in taps)
+            hooks = self._hooks.get(copy)
+            if hooks is None:
+                hooks = self._hooks[copy] = self._make_hooks(copy)
+            self.tapped.clear()
+            for module, pre_hook, hook in hooks:
+                if pre_hook is not None:
+                    self._handles.append(module.register_forward_pre_hook(pre_hook))
+                self._handles.append(module.register_forward_hook(hook))
         except BaseException:
             self._restore()
             raise
@@ -260,18 +274,23 @@ class Propagation:
                     buffer.copy_(saved)
             self._buffers.clear()
         self._ratios.clear()
+        self.active = False
 
-    def _install(self, module: nn.Module, rule: PropagationRule, copy: bool, tap: bool) -> None:
+    def _make_hooks(self, copy: bool) -> list[tuple[nn.Module, Callable | None, Callable]]:
+        taps = {id(t) for t in self.taps}
         # Depth counting only matters under the residual-addition mode.
         counts = self.plan.may_add
-        # Folding a product into the previous ratio skips the nodes between, so not where a
-        # tapped layer's relevance must reach them; and not on copies (in-place forwards).
-        fuse = not copy and not tap
-        if rule.relevance_at_input or tap or counts:
-            pre_hook = self._pre_hook(rule, tap, counts, fuse)
-            self._handles.append(module.register_forward_pre_hook(pre_hook))
-        post_hook = self._post_hook(rule, tap, copy, counts, fuse)
-        self._handles.append(module.register_forward_hook(post_hook))
+        hooks = []
+        for _, module, rule, _ in self.plan.rules:
+            tap = id(module) in taps
+            # Folding a product into the previous ratio skips the nodes between, so not where a
+            # tapped layer's relevance must reach them; and not on copies (in-place forwards).
+            fuse = not copy and not tap
+            pre_hook = None
+            if rule.relevance_at_input or tap or counts:
+                pre_hook = self._pre_hook(rule, tap, counts, fuse)
+            hooks.append((module, pre_hook, self._post_hook(rule, tap, copy, counts, fuse)))
+        return hooks
 
     def _pre_hook(self, rule: PropagationRule, tap: bool, counts: bool, fuse: bool) -> Callable:
         mode_depth = self._enter_module
@@ -317,13 +336,14 @@ class Propagation:
             if ratio_rule is not None:
                 z, epsilon = ratio_rule.ratio_operands(module, args, output)
                 propagated = ratio_node(z, output, epsilon, copy)
-                if z.dtype == propagated.dtype and z.shape == propagated.shape:
+                if z is output or (z.dtype == output.dtype and z.shape == output.shape):
                     ratios[id(propagated)] = (propagated, z, epsilon)
                 return propagated
             propagated = rule.propagate(module, args, output, copy)
             if passes:
-                # The relevance crosses unchanged: a ratio before still awaits its product.
-                source = next(a for a in args if isinstance(a, Tensor))
+                # The relevance crosses unchanged: a ratio before still awaits its product. (The
+                # one tensor input comes first but for odd calls, which then just don't fold.)
+                source = args[0]
                 found = ratios.get(id(source))
                 if found is not None and found[0] is source and found[1].dtype == output.dtype:
                     ratios[id(propagated)] = (propagated, found[1], found[2])
