@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 
 import fastattr
 from fastattr.bench import models
+from fastattr.bench.runner import device_name
 from fastattr.bench.timing import interleaved_medians
 
 N_STEPS = 50
@@ -316,17 +316,6 @@ def captum_oom_batch(device: torch.device, start: int, limit: int) -> dict[str, 
 # ----------------------------------------------------------------------------- report
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -366,11 +355,9 @@ def main() -> None:
         parser.error("--device cuda needs a CUDA GPU")
     import captum
 
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    )
+    machine = device_name(device)
+    if device.type == "cpu":
+        machine += f", {torch.get_num_threads()} threads"
     print(
         f"# IntegratedGradients on {device} ({machine}); torch {torch.__version__}, "
         f"captum {captum.__version__}, fastattr {fastattr.__version__} "

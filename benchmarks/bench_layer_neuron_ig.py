@@ -21,8 +21,6 @@ layer over the prebuilt input path, plus one gradient of the neuron's summed val
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import fastattr
+from fastattr.bench.runner import device_name
 from fastattr.bench.timing import interleaved_medians
 
 N_STEPS = 50
@@ -166,17 +165,6 @@ def run_case(
     return {"case": label, "relative_error": relative_error, **medians}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -194,11 +182,9 @@ def main() -> None:
         parser.error("--device cuda needs a CUDA GPU")
     import captum
 
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    )
+    machine = device_name(device)
+    if device.type == "cpu":
+        machine += f", {torch.get_num_threads()} threads"
     print(
         f"# LayerIntegratedGradients / NeuronIntegratedGradients on {device} ({machine}); "
         f"torch {torch.__version__}, captum {captum.__version__}, fastattr "
