@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fastattr import ops
 from fastattr._formatting import as_int
 from fastattr._quadrature import quadrature_table
+from fastattr.ops.reference import row_layout
 
 # How much the saved activations of one chunk may take. More buys no throughput: a chunk this
 # size already keeps a GPU or the CPU's cores busy.
@@ -49,15 +50,9 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def new_accumulator(end: Tensor) -> Tensor:
-    """Zeros for ``end``'s gradients in a layout the kernels take: channels_last where
-    ``end`` is, contiguous otherwise (zeros_like would copy any other strides, e.g. of a
-    transposed input, which the kernels reject)."""
-    layout = torch.contiguous_format
-    if not end.is_contiguous():
-        for candidate, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-            if end.dim() == dim and end.is_contiguous(memory_format=candidate):
-                layout = candidate
-    return torch.zeros_like(end, dtype=accumulator_dtype(end.dtype), memory_format=layout)
+    """Zeros for ``end``'s gradients in a layout the kernels take (zeros_like would copy any
+    other strides, e.g. of a transposed input, which the kernels reject)."""
+    return torch.zeros_like(end, dtype=accumulator_dtype(end.dtype), memory_format=row_layout(end))
 
 
 def _available_host_memory() -> int:

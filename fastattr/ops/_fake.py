@@ -10,25 +10,14 @@ import torch
 from torch import Tensor
 
 from fastattr.ops import reference
-from fastattr.ops.reference import opmath_dtype
-
-
-def _row_layout(tensor: Tensor) -> torch.memory_format:
-    """The layout the kernels give their outputs: the leading operand's, when it is
-    channels_last, else contiguous (mirrors ``row_layout`` in csrc/operands.h)."""
-    if not tensor.is_contiguous():
-        if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
-    return torch.contiguous_format
+from fastattr.ops.reference import opmath_dtype, row_layout
 
 
 @torch.library.register_fake("fastattr::interpolate_path")
 def _(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
     reference.check_interpolate_path(inputs, baselines, alphas, read_values=False)
     size = (alphas.shape[0] * inputs.shape[0], *inputs.shape[1:])
-    return inputs.new_empty(size).contiguous(memory_format=_row_layout(inputs))
+    return inputs.new_empty(size).contiguous(memory_format=row_layout(inputs))
 
 
 @torch.library.register_fake("fastattr::quadrature_accumulate")
@@ -41,26 +30,26 @@ def _(
     accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
 ) -> tuple[Tensor, Tensor]:
     reference.check_quadrature_finish(accumulator, inputs, baselines)
-    attributions = torch.empty_like(accumulator, memory_format=_row_layout(accumulator))
+    attributions = torch.empty_like(accumulator, memory_format=row_layout(accumulator))
     return attributions, accumulator.new_empty(accumulator.shape[0])
 
 
 @torch.library.register_fake("fastattr::epsilon_ratio")
 def _(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     reference.check_epsilon_ratio(relevance, z, epsilon)
-    return torch.empty_like(relevance, memory_format=_row_layout(relevance))
+    return torch.empty_like(relevance, memory_format=row_layout(relevance))
 
 
 @torch.library.register_fake("fastattr::epsilon_ratio_of_product")
 def _(activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float) -> Tensor:
     reference.check_epsilon_ratio_of_product(activations, contributions, z, epsilon)
-    return torch.empty_like(activations, memory_format=_row_layout(activations))
+    return torch.empty_like(activations, memory_format=row_layout(activations))
 
 
 @torch.library.register_fake("fastattr::relevance_product")
 def _(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
     reference.check_relevance_product(activations, contributions)
-    product = torch.empty_like(activations, memory_format=_row_layout(activations))
+    product = torch.empty_like(activations, memory_format=row_layout(activations))
     sums = activations.new_empty(activations.shape[0], dtype=opmath_dtype(activations.dtype))
     return product, sums
 
@@ -68,4 +57,4 @@ def _(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.register_fake("fastattr::input_relevance")
 def _(activations: Tensor, contributions: Tensor) -> Tensor:
     reference.check_input_relevance(activations, contributions)
-    return torch.empty_like(activations, memory_format=_row_layout(activations))
+    return torch.empty_like(activations, memory_format=row_layout(activations))

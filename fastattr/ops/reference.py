@@ -82,16 +82,23 @@ def _check_baselines(baselines: Tensor, inputs: Tensor) -> None:
         )
 
 
+def row_layout(tensor: Tensor) -> torch.memory_format:
+    """The layout the kernels walk ``tensor`` in, and give their outputs: channels_last (3d)
+    where ``tensor`` is dense that way, else contiguous (``row_layout`` in csrc/operands.h).
+    Both keep each example's values in one block."""
+    if not tensor.is_contiguous():
+        if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _check_accumulator(accumulator: Tensor) -> None:
     _check_batched(accumulator, "accumulator")
     if accumulator.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"accumulator must be float32 or float64, got {accumulator.dtype}")
-    dense = accumulator.is_contiguous() or any(
-        accumulator.is_contiguous(memory_format=layout)
-        for layout, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5))
-        if accumulator.dim() == dim
-    )
-    if not dense:
+    if not accumulator.is_contiguous(memory_format=row_layout(accumulator)):
         raise ValueError(
             "accumulator must be contiguous (or channels_last), got strides "
             f"{list(accumulator.stride())}"
