@@ -456,6 +456,7 @@ def _assert_untouched(model: nn.Module, state: dict, rules: dict, modes: dict) -
         assert torch.equal(value, state[key]), key
     for name, module in model.named_modules():
         assert not module._forward_hooks and not module._forward_pre_hooks, name
+        assert "forward" not in module.__dict__, name
         assert not module._backward_hooks and not module._backward_pre_hooks, name
         assert module.training == modes[name], name
         if name in rules:
@@ -499,6 +500,34 @@ def test_model_left_as_found(fail: bool) -> None:
         LRP(model).attribute(x, target=0)
         LayerLRP(model, model.bn).attribute(x, target=0, attribute_to_layer_input=True)
     _assert_untouched(model, state, rules, modes)
+
+
+def test_modules_with_their_own_hooks_or_forward_get_the_same_rules() -> None:
+    # Rules go in as instance forwards where a module has no hooks, else as hooks after the
+    # user's: the same numbers either way, and the user's hooks and forwards stay.
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    expected = LRP(model).attribute(x, target=1)
+    expected_at_fc2 = LayerLRP(model, model.fc2).attribute(x, target=1)
+    seen = []
+    handles = [
+        model.fc1.register_forward_pre_hook(lambda m, args: seen.append("pre")),
+        # Registered first, the user's hook sees the module's own output, before the rule's.
+        model.fc2.register_forward_hook(lambda m, args, out: seen.append(out.grad_fn.name())),
+        model.tanh.register_full_backward_hook(lambda m, gin, gout: seen.append("backward")),
+    ]
+    original = model.fc3.forward
+    model.fc3.forward = lambda t: original(t)
+    forward = model.fc3.forward
+    _close(LRP(model).attribute(x, target=1), expected)
+    _close(LayerLRP(model, model.fc2).attribute(x, target=1), expected_at_fc2)
+    assert seen.count("pre") == seen.count("AddmmBackward0") == seen.count("backward") == 2
+    for handle in handles:
+        handle.remove()
+    assert model.fc3.__dict__["forward"] is forward
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+        assert "forward" not in module.__dict__ or module is model.fc3
 
 
 def test_unsupported_modules_listed_before_any_work() -> None:
