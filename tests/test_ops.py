@@ -7,6 +7,7 @@ both accumulate in float64, but in a different order.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -257,7 +258,7 @@ def test_quadrature_accumulate_matches_twin_streamed_in_chunks(data: st.DataObje
     # Each element accumulates its steps in order whatever the chunking, so streaming is exact.
     streamed = start.clone()
     bounds = [0, *cuts, steps]
-    for low, high in zip(bounds[:-1], bounds[1:]):
+    for low, high in itertools.pairwise(bounds):
         chunk = grads[low * batch : high * batch]
         torch.ops.fastattr.quadrature_accumulate(streamed, chunk, weights[low:high])
     assert_identical(streamed, expected)

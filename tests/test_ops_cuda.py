@@ -8,6 +8,8 @@ GPU and is skipped without one.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -91,7 +93,7 @@ def test_quadrature_accumulate_streamed(data: st.DataObject) -> None:
 
     streamed = start.clone()
     bounds = [0, *cuts, steps]
-    for low, high in zip(bounds[:-1], bounds[1:]):
+    for low, high in itertools.pairwise(bounds):
         chunk = grads[low * batch : high * batch]
         torch.ops.fastattr.quadrature_accumulate(streamed, chunk, weights[low:high])
     assert streamed.stride() == start.stride()
