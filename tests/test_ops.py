@@ -1,14 +1,17 @@
-"""The compiled CPU kernels (torch.ops.fastattr.*) against their PyTorch twins.
+"""The compiled kernels (torch.ops.fastattr.*) against their PyTorch twins.
 
 The CPU kernels are built without FMA contraction and compute in the twins' precision and
 order, so the elementwise results must be bit-identical. Only the per-example sums may differ:
-both accumulate in float64, but in a different order.
+both accumulate in float64, but in a different order. The random-operand tests also run on a
+GPU (the "cuda" cases, skipped without one), where the CUDA kernels must match both the twins
+and the CPU kernels; tests/test_ops_cuda.py has the checks only a GPU has.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -80,6 +83,13 @@ def batched_shapes(draw: st.DrawFn, max_dims: int = 5) -> tuple[int, ...]:
     dims = draw(st.integers(1, max_dims))
     batch = draw(st.integers(0, 4))
     return (batch, *draw(st.lists(st.integers(1, 4), min_size=dims - 1, max_size=dims - 1)))
+
+
+@st.composite
+def any_shapes(draw: st.DrawFn) -> tuple[int, ...]:
+    """0 to 5 dimensions of 0 to 4 each (for the ops that take no batch dimension)."""
+    dims = draw(st.integers(0, 5))
+    return tuple(draw(st.lists(st.integers(0, 4), min_size=dims, max_size=dims)))
 
 
 def draw_generator(data: st.DataObject) -> torch.Generator:
@@ -204,28 +214,61 @@ def test_relevance_product_sums_each_example(backend: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels against twins on random operands
+# Kernels against twins on random operands, on each device
+#
+# On a GPU the kernel must also match the CPU kernel on the same operands moved to the CPU
+# (built with --fmad=false, the CUDA kernels round each operation as the CPU kernels do).
+
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
 
 
-@RANDOM
-@given(data=st.data())
-def test_interpolate_path_matches_twin(data: st.DataObject) -> None:
+def on_each_device(test: Callable[[str, st.DataObject], None]) -> Callable:
+    """test(device, data) with RANDOM's settings, parametrized by device."""
+    return pytest.mark.parametrize("device", DEVICES)(RANDOM(given(data=st.data())(test)))
+
+
+def on_cpu(*tensors: Tensor) -> list[Tensor]:
+    return [tensor.cpu() for tensor in tensors]
+
+
+def draw_table(data: st.DataObject, table: Tensor, device: str) -> Tensor:
+    """A float64 table (alphas, weights): on a GPU, either on the CPU or on the GPU (both are
+    accepted)."""
+    if device == "cpu":
+        return table
+    return table.to(data.draw(st.sampled_from(["cpu", device]), label="table device"))
+
+
+def assert_kernel_identical(name: str, tensors: tuple[Tensor, ...], *scalars: object) -> Tensor:
+    """torch.ops.fastattr.<name>(*tensors, *scalars), bit-identical to its twin on the same
+    operands and, off the CPU, to the CPU kernel on the operands moved to the CPU."""
+    kernel = getattr(torch.ops.fastattr, name)
+    actual = kernel(*tensors, *scalars)
+    assert_identical(actual, getattr(reference, name)(*tensors, *scalars))
+    if actual.device.type != "cpu":
+        assert_identical(actual.cpu(), kernel(*on_cpu(*tensors), *scalars))
+    return actual
+
+
+@on_each_device
+def test_interpolate_path_matches_twin(device: str, data: st.DataObject) -> None:
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     shape = data.draw(batched_shapes(), label="shape")
     layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="layout")
     steps = data.draw(st.integers(1, 4), label="steps")
     generator = draw_generator(data)
-    inputs = make_tensor(shape, dtype, layout, generator)
-    baselines = draw_baselines(data, shape, dtype, generator)
+    inputs = make_tensor(shape, dtype, layout, generator, device)
+    baselines = draw_baselines(data, shape, dtype, generator, device)
     # Alphas outside [0, 1] too: the op does not assume a particular quadrature.
     alphas = 2 * torch.rand(steps, generator=generator, dtype=torch.float64) - 0.5
-    expected = reference.interpolate_path(inputs, baselines, alphas)
-    assert_identical(torch.ops.fastattr.interpolate_path(inputs, baselines, alphas), expected)
+    alphas = draw_table(data, alphas, device)
+    assert_kernel_identical("interpolate_path", (inputs, baselines, alphas))
 
 
-@RANDOM
-@given(data=st.data())
-def test_quadrature_accumulate_matches_twin_streamed_in_chunks(data: st.DataObject) -> None:
+@on_each_device
+def test_quadrature_accumulate_matches_twin_streamed_in_chunks(
+    device: str, data: st.DataObject
+) -> None:
     grad_dtype = data.draw(st.sampled_from(DTYPES), label="grad dtype")
     accumulator_dtypes = (
         [torch.float64]
@@ -243,9 +286,10 @@ def test_quadrature_accumulate_matches_twin_streamed_in_chunks(data: st.DataObje
     cuts = sorted(data.draw(st.sets(st.integers(1, steps - 1)), label="cuts")) if steps > 1 else []
     generator = draw_generator(data)
     batch = shape[0]
-    start = make_tensor(shape, accumulator_dtype, accumulator_layout, generator)
-    grads = make_tensor((steps * batch, *shape[1:]), grad_dtype, grad_layout, generator)
+    start = make_tensor(shape, accumulator_dtype, accumulator_layout, generator, device)
+    grads = make_tensor((steps * batch, *shape[1:]), grad_dtype, grad_layout, generator, device)
     weights = torch.rand(steps, generator=generator, dtype=torch.float64)
+    weights = draw_table(data, weights, device)
 
     expected = start.clone()
     reference.quadrature_accumulate(expected, grads, weights)
@@ -261,12 +305,17 @@ def test_quadrature_accumulate_matches_twin_streamed_in_chunks(data: st.DataObje
     for low, high in itertools.pairwise(bounds):
         chunk = grads[low * batch : high * batch]
         torch.ops.fastattr.quadrature_accumulate(streamed, chunk, weights[low:high])
+    assert streamed.stride() == start.stride()
     assert_identical(streamed, expected)
 
+    if device != "cpu":
+        on_host = start.cpu()
+        torch.ops.fastattr.quadrature_accumulate(on_host, *on_cpu(grads, weights))
+        assert_identical(streamed.cpu(), on_host)
 
-@RANDOM
-@given(data=st.data())
-def test_quadrature_finish_matches_twin(data: st.DataObject) -> None:
+
+@on_each_device
+def test_quadrature_finish_matches_twin(device: str, data: st.DataObject) -> None:
     accumulator_dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
     input_dtype = data.draw(st.sampled_from(DTYPES), label="input dtype")
     shape = data.draw(batched_shapes(), label="shape")
@@ -274,9 +323,9 @@ def test_quadrature_finish_matches_twin(data: st.DataObject) -> None:
     input_layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="input layout")
     multiply_by_inputs = data.draw(st.booleans(), label="multiply_by_inputs")
     generator = draw_generator(data)
-    accumulator = make_tensor(shape, accumulator_dtype, accumulator_layout, generator)
-    inputs = make_tensor(shape, input_dtype, input_layout, generator)
-    baselines = draw_baselines(data, shape, input_dtype, generator)
+    accumulator = make_tensor(shape, accumulator_dtype, accumulator_layout, generator, device)
+    inputs = make_tensor(shape, input_dtype, input_layout, generator, device)
+    baselines = draw_baselines(data, shape, input_dtype, generator, device)
 
     expected, expected_sums = reference.quadrature_finish(
         accumulator, inputs, baselines, multiply_by_inputs
@@ -286,63 +335,87 @@ def test_quadrature_finish_matches_twin(data: st.DataObject) -> None:
     )
     assert_identical(actual, expected)
     assert_row_sums_close(sums, expected_sums, expected)
+    if device != "cpu":
+        cpu_actual, cpu_sums = torch.ops.fastattr.quadrature_finish(
+            *on_cpu(accumulator, inputs, baselines), multiply_by_inputs
+        )
+        assert_identical(actual.cpu(), cpu_actual)
+        assert_row_sums_close(sums.cpu(), cpu_sums, cpu_actual)
 
 
-@RANDOM
-@given(data=st.data())
-def test_epsilon_ratio_matches_twin(data: st.DataObject) -> None:
+def draw_signed_zeros(z: Tensor, generator: torch.Generator) -> None:
+    """Exact zeros of both signs in `z`, where the sign convention decides the result (in
+    place, so that z keeps its layout)."""
+    pick = torch.rand(z.shape, generator=generator).to(z.device)
+    z.masked_fill_(pick < 0.2, 0.0).masked_fill_(pick > 0.9, -0.0)
+
+
+@on_each_device
+def test_epsilon_ratio_matches_twin(device: str, data: st.DataObject) -> None:
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    dims = data.draw(st.integers(0, 5), label="dims")
-    shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=dims, max_size=dims)))
+    shape = data.draw(any_shapes(), label="shape")
+    dims = len(shape)
     relevance_layout = data.draw(st.sampled_from(layouts_for(dims)), label="relevance layout")
     z_layout = data.draw(st.sampled_from(layouts_for(dims)), label="z layout")
     epsilon = data.draw(
         st.one_of(st.sampled_from([0.0, 1e-9, 0.25]), st.floats(0, 10)), label="epsilon"
     )
     generator = draw_generator(data)
-    relevance = make_tensor(shape, dtype, relevance_layout, generator)
-    z = make_tensor(shape, dtype, z_layout, generator)
-    # Exact zeros of both signs, where the sign convention decides the result (in place, so
-    # that z keeps its layout).
-    pick = torch.rand(shape, generator=generator)
-    z.masked_fill_(pick < 0.2, 0.0).masked_fill_(pick > 0.9, -0.0)
-    expected = reference.epsilon_ratio(relevance, z, epsilon)
-    assert_identical(torch.ops.fastattr.epsilon_ratio(relevance, z, epsilon), expected)
+    relevance = make_tensor(shape, dtype, relevance_layout, generator, device)
+    z = make_tensor(shape, dtype, z_layout, generator, device)
+    draw_signed_zeros(z, generator)
+    assert_kernel_identical("epsilon_ratio", (relevance, z), epsilon)
 
 
-@RANDOM
-@given(data=st.data())
-def test_relevance_product_matches_twin(data: st.DataObject) -> None:
+@on_each_device
+def test_relevance_product_matches_twin(device: str, data: st.DataObject) -> None:
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     shape = data.draw(batched_shapes(), label="shape")
     activation_layout = data.draw(st.sampled_from(layouts_for(len(shape))))
     contribution_layout = data.draw(st.sampled_from(layouts_for(len(shape))))
     generator = draw_generator(data)
-    activations = make_tensor(shape, dtype, activation_layout, generator)
-    contributions = make_tensor(shape, dtype, contribution_layout, generator)
+    activations = make_tensor(shape, dtype, activation_layout, generator, device)
+    contributions = make_tensor(shape, dtype, contribution_layout, generator, device)
     expected, expected_sums = reference.relevance_product(activations, contributions)
     actual, sums = torch.ops.fastattr.relevance_product(activations, contributions)
     assert_identical(actual, expected)
     terms = activations.to(sums.dtype) * contributions.to(sums.dtype)
     assert_row_sums_close(sums, expected_sums, terms)
+    if device != "cpu":
+        cpu_actual, cpu_sums = torch.ops.fastattr.relevance_product(
+            *on_cpu(activations, contributions)
+        )
+        assert_identical(actual.cpu(), cpu_actual)
+        assert_row_sums_close(sums.cpu(), cpu_sums, terms.cpu())
 
 
-@RANDOM
-@given(data=st.data())
-def test_input_relevance_matches_twin(data: st.DataObject) -> None:
+@on_each_device
+def test_input_relevance_matches_twin(device: str, data: st.DataObject) -> None:
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    dims = data.draw(st.integers(0, 5), label="dims")
-    shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=dims, max_size=dims)))
+    shape = data.draw(any_shapes(), label="shape")
+    dims = len(shape)
     activation_layout = data.draw(st.sampled_from(layouts_for(dims)))
     contribution_layout = data.draw(st.sampled_from(layouts_for(dims)))
     generator = draw_generator(data)
-    activations = make_tensor(shape, dtype, activation_layout, generator)
-    contributions = make_tensor(shape, dtype, contribution_layout, generator)
-    relevance = torch.ops.fastattr.input_relevance(activations, contributions)
-    assert_identical(relevance, reference.input_relevance(activations, contributions))
+    activations = make_tensor(shape, dtype, activation_layout, generator, device)
+    contributions = make_tensor(shape, dtype, contribution_layout, generator, device)
+    relevance = assert_kernel_identical("input_relevance", (activations, contributions))
     if dims > 0:  # the same product as relevance_product's, without the sums
         product, _ = torch.ops.fastattr.relevance_product(activations, contributions)
         assert_identical(relevance, product)
+
+
+@on_each_device
+def test_epsilon_ratio_of_product_matches_twin(device: str, data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = data.draw(any_shapes(), label="shape")
+    dims = len(shape)
+    layouts = [data.draw(st.sampled_from(layouts_for(dims))) for _ in range(3)]
+    epsilon = data.draw(st.sampled_from([0.0, 1e-9, 0.25]), label="epsilon")
+    generator = draw_generator(data)
+    a, c, z = (make_tensor(shape, dtype, layout, generator, device) for layout in layouts)
+    draw_signed_zeros(z, generator)
+    assert_kernel_identical("epsilon_ratio_of_product", (a, c, z), epsilon)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -625,16 +698,22 @@ BAD_CASES = [
 ]
 
 
+def assert_raises_untouched(
+    backend: str, name: str, args: tuple, error: type[Exception], match: str
+) -> None:
+    """ops.<name>(*args) on `backend` raises `error` with a message matching `match`, and
+    writes nothing before it: the in-place accumulator is untouched."""
+    before = [arg.clone() if isinstance(arg, Tensor) else arg for arg in args]
+    with use_backend(backend), pytest.raises(error, match=match):
+        getattr(ops, name)(*args)
+    for arg, original in zip(args, before):
+        if isinstance(arg, Tensor) and arg.device.type != "meta":
+            assert_identical(arg, original)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("name", "make_args", "error", "argument"), BAD_CASES)
 def test_bad_arguments_raise_naming_the_argument(
     backend: str, name: str, make_args, error: type[Exception], argument: str
 ) -> None:
-    args = make_args()
-    before = [arg.clone() if isinstance(arg, Tensor) else arg for arg in args]
-    with use_backend(backend), pytest.raises(error, match=rf"^{argument}\b"):
-        getattr(ops, name)(*args)
-    # Nothing was written before the error: the in-place accumulator is untouched.
-    for arg, original in zip(args, before):
-        if isinstance(arg, Tensor) and arg.device.type != "meta":
-            assert_identical(arg, original)
+    assert_raises_untouched(backend, name, make_args(), error, rf"^{argument}\b")
