@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
@@ -85,7 +86,8 @@ def format_baselines(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tup
         if baseline is None:
             baseline = 0
         if isinstance(baseline, numbers.Number) and not isinstance(baseline, bool):
-            formatted.append(torch.tensor(baseline, dtype=inp.dtype, device=inp.device))
+            # A fill on the device: torch.tensor would copy from the host and synchronize.
+            formatted.append(torch.full((), baseline, dtype=inp.dtype, device=inp.device))
             continue
         if not isinstance(baseline, Tensor):
             raise TypeError(
@@ -137,14 +139,32 @@ def repeat_additional_args(args: tuple[Any, ...] | None, steps: int) -> tuple[An
     )
 
 
-def check_target(target: TargetType, batch: int) -> None:
-    """The forms captum accepts, checked against the batch before any work is done."""
+@dataclass(frozen=True)
+class ColumnIndices:
+    """A tensor target of one column per example, with its smallest and largest index read
+    once per call: on a GPU, reading them is a synchronization, which every forward of a
+    chunked path would otherwise pay."""
+
+    indices: Tensor
+    low: int
+    high: int
+
+    def repeat(self, steps: int) -> ColumnIndices:
+        return ColumnIndices(self.indices.repeat(steps), self.low, self.high)
+
+
+def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
+    """The forms captum accepts, checked against the batch before any work is done.
+
+    Returns the target to pass on: as given, except that a one-element tensor becomes its int
+    and a tensor of per-example indices a :class:`ColumnIndices`.
+    """
     if target is None or (isinstance(target, int) and not isinstance(target, bool)):
-        return
+        return target
     if isinstance(target, tuple):
         if not all(isinstance(t, (int, slice)) for t in target):
             raise TypeError(f"a tuple target must hold ints, got {target!r}")
-        return
+        return target
     if isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"a tensor target must hold integers, got {target.dtype}")
@@ -153,7 +173,12 @@ def check_target(target: TargetType, batch: int) -> None:
                 f"a tensor target must hold one index, or one per example ({batch}), "
                 f"got shape {list(target.shape)}"
             )
-        return
+        if target.numel() == 1:
+            return int(target.item())
+        if batch == 0:
+            return ColumnIndices(target, 0, -1)
+        low, high = torch.stack(torch.aminmax(target)).tolist()
+        return ColumnIndices(target, low, high)
     if isinstance(target, list):
         if len(target) != batch:
             raise ValueError(
@@ -164,17 +189,17 @@ def check_target(target: TargetType, batch: int) -> None:
             or all(isinstance(t, tuple) for t in target)
         ):
             raise TypeError("a list target must hold ints, or tuples of ints, one per example")
-        return
+        return target
     raise TypeError(
         f"target must be None, an int, a tuple, a list or a tensor, got {type(target).__name__}"
     )
 
 
-def repeat_target(target: TargetType, steps: int) -> TargetType:
+def repeat_target(target: TargetType | ColumnIndices, steps: int) -> TargetType | ColumnIndices:
     """Per-example targets repeated once per step (step-major, as the path is)."""
     if isinstance(target, list):
         return target * steps
-    if isinstance(target, Tensor) and target.numel() > 1:
+    if isinstance(target, ColumnIndices):
         return target.repeat(steps)
     return target
 
@@ -184,7 +209,7 @@ def _check_index(index: int, size: int, what: str) -> None:
         raise IndexError(f"target {what} {index} is out of range for an output dimension of {size}")
 
 
-def select_targets(output: Tensor, target: TargetType) -> Tensor:
+def select_targets(output: Tensor, target: TargetType | ColumnIndices) -> Tensor:
     """The per-example value to attribute: captum's target semantics, with range checks."""
     if not isinstance(output, Tensor):
         raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}")
@@ -195,8 +220,8 @@ def select_targets(output: Tensor, target: TargetType) -> Tensor:
             f"target {target!r} needs an output with a dimension to select from; the output "
             f"has shape {list(output.shape)}"
         )
-    if isinstance(target, Tensor) and target.numel() == 1:
-        target = int(target.item())
+    if isinstance(target, Tensor):  # not through check_target
+        target = check_target(target, output.shape[0])
     if isinstance(target, (int, tuple)):
         index = (target,) if isinstance(target, int) else target
         if len(index) > output.dim() - 1:
@@ -210,21 +235,19 @@ def select_targets(output: Tensor, target: TargetType) -> Tensor:
         return output[(slice(None), *index)]
     if isinstance(target, list) and target and isinstance(target[0], tuple):
         return torch.stack([output[(row, *index)] for row, index in enumerate(target)])
-    indices = (
-        target
-        if isinstance(target, Tensor)
-        else torch.tensor(target, dtype=torch.long, device=output.device)
-    )
+    if isinstance(target, ColumnIndices):
+        indices, low, high = target.indices, target.low, target.high
+    else:
+        indices = torch.tensor(target, dtype=torch.long, device=output.device)
+        low, high = (min(target), max(target)) if target else (0, -1)
     if output.dim() != 2:
         raise ValueError(
             f"per-example integer targets need a 2-D output, got shape {list(output.shape)}"
         )
-    if indices.numel() and (
-        int(indices.min()) < -output.shape[1] or int(indices.max()) >= output.shape[1]
-    ):
+    if low <= high and (low < -output.shape[1] or high >= output.shape[1]):
         raise IndexError(
-            f"target holds indices in [{int(indices.min())}, {int(indices.max())}], out of range "
-            f"for an output with {output.shape[1]} columns"
+            f"target holds indices in [{low}, {high}], out of range for an output with "
+            f"{output.shape[1]} columns"
         )
     indices = indices.to(output.device).reshape(-1, 1) % output.shape[1]
     return output.gather(1, indices).squeeze(1)
@@ -233,7 +256,7 @@ def select_targets(output: Tensor, target: TargetType) -> Tensor:
 def run_forward(
     forward_func: Callable[..., Any],
     inputs: tuple[Tensor, ...],
-    target: TargetType,
+    target: TargetType | ColumnIndices,
     additional_args: tuple[Any, ...] | None,
 ) -> Tensor:
     output = forward_func(*inputs, *(additional_args or ()))

@@ -153,6 +153,8 @@ def integrate_path(
             "integrated gradients need autograd, which torch.inference_mode() turns off: call "
             "attribute outside it (torch.no_grad() is fine)"
         )
+    # On the CPU even for a GPU: the kernels check the tables there and copy them without a
+    # synchronization.
     alphas, weights = quadrature_table(method, n_steps)
     n_steps = as_int(n_steps, "n_steps")  # plain int chunk bounds, whatever integer came in
     batch = ends[0].shape[0]

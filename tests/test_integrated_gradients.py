@@ -742,6 +742,28 @@ def test_empty_batch(backend, method):
     assert [t.shape for t in pair] == [(0, FEATURES), (0, 3, 2)]
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+def test_cuda_matches_captum_and_synchronizes_once_per_call(backend, method):
+    model = seeded(CNN()).cuda()
+    x = data(BATCH, 3, 8, 8).cuda()
+    target = torch.tensor([0, 3, 1, 2], device="cuda")
+    # Five chunks of two steps: the path is streamed, yet the target's range is read once.
+    kwargs = dict(target=target, method=method, n_steps=10, internal_batch_size=2 * BATCH)
+    explainer = IntegratedGradients(model)
+    compare(model, x, **kwargs)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            explainer.attribute(x, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+    assert len(syncs) <= 1, syncs
+
+
 def test_meta_device_inputs_run_without_data():
     model = mlp().to("meta")
     out = IntegratedGradients(model).attribute(

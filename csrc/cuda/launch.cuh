@@ -14,12 +14,14 @@ namespace fastattr::cuda {
 
 constexpr int kThreads = 256;
 
-// A host coefficient table (alphas, weights) in `dtype` on `device`. The copy goes through
-// pinned memory without blocking: from pageable memory it would make the host wait for the
-// stream to drain on every call, serialising chunked attribution with the GPU.
-inline at::Tensor coefficients_to_device(const at::Tensor& host, at::Device device,
+// A coefficient table (alphas, weights), on the CPU or already on `device`, in `dtype` on
+// `device`. A host table's copy goes through pinned memory without blocking: from pageable
+// memory it would make the host wait for the stream to drain on every call, serialising
+// chunked attribution with the GPU.
+inline at::Tensor coefficients_to_device(const at::Tensor& table, at::Device device,
                                          at::ScalarType dtype) {
-  return host.to(dtype).pin_memory().to(device, dtype, /*non_blocking=*/true);
+  if (!table.is_cpu()) return table.to(dtype);
+  return table.to(dtype).pin_memory().to(device, dtype, /*non_blocking=*/true);
 }
 
 // Enough blocks to fill the device; the grid-stride loop covers the rest.

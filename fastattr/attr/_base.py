@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fastattr._formatting import (
     BaselineType,
+    ColumnIndices,
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
@@ -25,7 +26,7 @@ from fastattr._formatting import (
 def forward_per_example(
     forward_func: Callable[..., Any],
     inputs: tuple[Tensor, ...],
-    target: TargetType,
+    target: TargetType | ColumnIndices,
     args: tuple[Any, ...] | None,
 ) -> Tensor:
     """The selected output summed per example, without a graph (captum's delta convention)."""
@@ -92,7 +93,7 @@ class PathAttribution:
                 f"attributions and end_point must have the same number of examples, got "
                 f"{attribution_tuple[0].shape[0]} and {batch}"
             )
-        check_target(target, batch)
+        target = check_target(target, batch)
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
         start_out = forward_per_example(self.forward_func, starts, target, args)

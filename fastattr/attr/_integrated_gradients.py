@@ -8,6 +8,7 @@ from torch import Tensor
 
 from fastattr._formatting import (
     BaselineType,
+    ColumnIndices,
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
@@ -36,7 +37,7 @@ def convergence_delta(
     forward_func: Any,
     ends: tuple[Tensor, ...],
     starts: tuple[Tensor, ...],
-    target: TargetType,
+    target: TargetType | ColumnIndices,
     args: tuple[Any, ...] | None,
 ) -> Tensor:
     """Captum's delta, reusing the path's own outputs at its ends where the quadrature
@@ -117,7 +118,7 @@ class IntegratedGradients(PathAttribution):
         starts = format_baselines(baselines, ends)
         check_steps(method, n_steps)
         batch = ends[0].shape[0]
-        check_target(target, batch)
+        target = check_target(target, batch)
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
 

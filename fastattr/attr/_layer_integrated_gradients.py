@@ -165,7 +165,7 @@ class LayerIntegratedGradients(PathAttribution):
         starts = tuple(b.expand_as(x).contiguous() for b, x in zip(baseline_tuple, model_inputs))
         check_steps(method, n_steps)
         batch = model_inputs[0].shape[0]
-        check_target(target, batch)
+        target = check_target(target, batch)
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
         steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattr._formatting import (
+    ColumnIndices,
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
@@ -99,7 +100,7 @@ class LRP:
             ``return_convergence_delta`` the (B,) deltas.
         """
         plan = self._rule_plan()
-        is_tuple, tensors, args = self._prepare(inputs, target, additional_forward_args)
+        is_tuple, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
         if verbose:
             plan.report()
         grads, output = self._propagate(
@@ -145,19 +146,20 @@ class LRP:
 
     def _prepare(
         self, inputs: Any, target: TargetType, additional_forward_args: Any
-    ) -> tuple[bool, tuple[Tensor, ...], tuple[Any, ...] | None]:
+    ) -> tuple[bool, tuple[Tensor, ...], TargetType | ColumnIndices, tuple[Any, ...] | None]:
         tensors = as_tensor_tuple(inputs)
         for i, tensor in enumerate(tensors):
             if not tensor.is_floating_point():
                 raise TypeError(f"inputs[{i}] must be a floating point tensor, got {tensor.dtype}")
-        check_target(target, tensors[0].shape[0])
-        return isinstance(inputs, tuple), tensors, format_additional_args(additional_forward_args)
+        target = check_target(target, tensors[0].shape[0])
+        args = format_additional_args(additional_forward_args)
+        return isinstance(inputs, tuple), tensors, target, args
 
     def _propagate(
         self,
         propagation: Callable[[bool], Propagation],
         tensors: tuple[Tensor, ...],
-        target: TargetType,
+        target: TargetType | ColumnIndices,
         args: tuple[Any, ...] | None,
         layer_tensors: LayerTensors,
     ) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -176,7 +178,7 @@ class LRP:
         self,
         propagation: Propagation,
         tensors: tuple[Tensor, ...],
-        target: TargetType,
+        target: TargetType | ColumnIndices,
         args: tuple[Any, ...] | None,
         layer_tensors: LayerTensors,
     ) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -231,7 +233,7 @@ class LayerLRP(LRP):
                 f"{type(attribute_to_layer_input).__name__}"
             )
         plan = self._rule_plan()
-        _, tensors, args = self._prepare(inputs, target, additional_forward_args)
+        _, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
         layers = self.layer if isinstance(self.layer, list) else [self.layer]
         for layer in layers:
             if plan.rule_of(layer) is None:
