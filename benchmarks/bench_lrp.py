@@ -1,8 +1,9 @@
 """LRP (epsilon on linear layers, relevance passed through activations) side by side: the floor
 (one plain forward + backward of the summed target output w.r.t. the input), fastattr, captum
-and zennit, interleaved round by round, on the CPU.
+and zennit, interleaved round by round.
 
     python benchmarks/bench_lrp.py [--threads 2] [--repeats 15]
+    python benchmarks/bench_lrp.py --device cuda    # the issue's shapes and GPU-sized batches
 
 Checks that fastattr's relevance agrees with captum's, then prints a markdown table of median
 times and ratios.
@@ -11,7 +12,6 @@ times and ratios.
 from __future__ import annotations
 
 import argparse
-import platform
 import warnings
 from collections.abc import Callable
 
@@ -24,6 +24,7 @@ from zennit.types import Activation, AvgPool
 
 import fastattr
 from fastattr.bench.models import IMAGE_SHAPE, MLP_FEATURES, cnn, mlp
+from fastattr.bench.runner import device_name
 from fastattr.bench.timing import interleaved_medians
 
 TARGET = 3
@@ -64,20 +65,30 @@ def attribution(method: object, x: Tensor) -> Callable[[], object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     warnings.filterwarnings("ignore")
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
+    # The issue's shapes; on a GPU they are launch-bound, so larger batches are added too.
+    mlp_batches, cnn_batches = (
+        ([256, 16384], [64, 1024]) if device.type == "cuda" else ([256], [64])
+    )
     cases = [
-        ("MLP 64-256-256-10, batch 256", mlp(), torch.randn(256, MLP_FEATURES)),
-        ("small CNN 3x32x32, batch 64", cnn(), torch.randn(64, *IMAGE_SHAPE)),
+        (f"MLP 64-256-256-10, batch {b}", mlp(), torch.randn(b, MLP_FEATURES)) for b in mlp_batches
+    ] + [
+        (f"small CNN 3x32x32, batch {b}", cnn(), torch.randn(b, *IMAGE_SHAPE)) for b in cnn_batches
     ]
+    threads = f", {options.threads} threads" if device.type == "cpu" else ""
     print(
-        f"CPU ({platform.processor() or platform.machine()}), {options.threads} threads, "
-        f"torch {torch.__version__}, captum {captum.__version__}, fastattr "
-        f"{fastattr.__version__}; medians of {options.repeats} interleaved rounds\n"
+        f"{device_name(device)}{threads}, torch {torch.__version__}, captum "
+        f"{captum.__version__}, fastattr {fastattr.__version__}; medians of {options.repeats} "
+        "interleaved rounds\n"
     )
     print(
         "| model | floor | fastattr | captum | zennit | fastattr/floor | captum/fastattr "
@@ -85,6 +96,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, model, x in cases:
+        model, x = model.to(device), x.to(device)
         # Timings only count when the numbers agree.
         ours = fastattr.LRP(model).attribute(x, target=TARGET)
         theirs = captum.attr.LRP(model).attribute(x, target=TARGET)
@@ -96,6 +108,7 @@ def main() -> None:
                 "captum": attribution(captum.attr.LRP(model), x),
                 "zennit": zennit_lrp(model, x),
             },
+            device=device,
             warmup=options.warmup,
             repeats=options.repeats,
         )

@@ -123,6 +123,51 @@ def test_a_failing_fastattr_fails_the_check():
     assert "rel_err_captum" in problems[0] and "boom" in problems[1]
 
 
+def _disagreeing(ours_to_float64: float, captum_to_float64: float) -> list[dict]:
+    return [
+        {
+            "case": "ig-resnet",
+            "batch": 512,
+            "implementations": {
+                "fastattr": {
+                    "status": "ok",
+                    "rel_err_reference": 0.0,
+                    "rel_err_captum": 2e-3,
+                    "rel_err_float64": ours_to_float64,
+                },
+                "captum": {"status": "ok", "rel_err_float64": captum_to_float64},
+            },
+        }
+    ]
+
+
+def test_float64_decides_when_fastattr_and_captum_disagree():
+    # Each as far from float64: rounding the model amplifies, said in a note, not a failure.
+    results = _disagreeing(2.9e-3, 2.9e-3)
+    assert runner.failed_checks({"results": results}) == []
+    (note,) = runner.float32_notes(results)
+    assert "ig-resnet batch 512" in note and "float64" in note
+    # fastattr further off than captum: a failure.
+    results = _disagreeing(3e-2, 2.9e-3)
+    (problem,) = runner.failed_checks({"results": results})
+    assert "rel_err_captum" in problem
+    assert runner.float32_notes(results) == []
+
+
+@pytest.mark.skipif("IntegratedGradients" not in AVAILABLE, reason="needs fastattr's IG")
+def test_a_disagreement_with_captum_is_measured_against_float64(tmp_path, monkeypatch):
+    # A tolerance below float32 rounding makes every batch disagree.
+    monkeypatch.setattr(runner, "TOLERANCE", 1e-12)
+    _, result = _bench(tmp_path, "--methods", "ig", "--models", "cnn", "--no-memory")
+    (entry,) = result["results"]
+    fast, captum = entry["implementations"]["fastattr"], entry["implementations"]["captum"]
+    assert fast["rel_err_captum"] > 1e-12
+    # Both float32 results lie within float32 rounding of the float64 one.
+    assert 0 < fast["rel_err_float64"] < 1e-5 and 0 < captum["rel_err_float64"] < 1e-5
+    flagged = any("rel_err_captum" in p for p in runner.failed_checks(result))
+    assert flagged == (fast["rel_err_float64"] > captum["rel_err_float64"] + 1e-12)
+
+
 def test_relative_error():
     reference = torch.tensor([[1.0, -4.0], [2.0, 0.0]])
     assert runner.relative_error(reference.clone(), reference) == 0.0

@@ -120,7 +120,8 @@ def legend(report: dict[str, Any]) -> str:
         "vs captum: Captum's time / this time; time/floor: this time / the model's own "
         "forward+backward over the same rows",
         f"peak MiB: {meta['memory_method'] or 'not measured'}",
-        "err: max |fastattr - ref| / max |ref| against the reference backend and Captum",
+        "err: max |fastattr - ref| / max |ref| against the reference backend and Captum, computed "
+        "with TF32 off",
     ]
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
