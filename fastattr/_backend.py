@@ -64,6 +64,10 @@ def current_backend() -> str:
     return _active.get()
 
 
+# current_backend without its Python frame, for the ops, which LRP calls once per module.
+backend_in_context = _active.get
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed code on ``"compiled"`` or ``"reference"`` kernels.

@@ -673,13 +673,18 @@ def test_folded_products_round_as_the_nodes_they_replace(
     from fastattr import ops
 
     folded = []
-    fold = ops.lrp_product_ratio_node
+    backend_nodes = ops.lrp_nodes
 
-    def counted(*args: object) -> torch.Tensor:
-        folded.append(args)
-        return fold(*args)
+    def counting_nodes() -> ops.LrpNodes:
+        nodes = backend_nodes()
 
-    monkeypatch.setattr(ops, "lrp_product_ratio_node", counted)
+        def counted(*args: object) -> torch.Tensor:
+            folded.append(args)
+            return nodes.product_ratio(*args)
+
+        return nodes._replace(product_ratio=counted)
+
+    monkeypatch.setattr(ops, "lrp_nodes", counting_nodes)
     model = _seeded(MLP(), dtype)
     x = torch.randn(5, 12, dtype=dtype)
     lrp = LRP(model)

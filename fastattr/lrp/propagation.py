@@ -198,9 +198,10 @@ class _ResidualAdditions(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _add(self, a: Tensor, b: Tensor, alpha: float, in_place: bool) -> Tensor:
-        first = ops.lrp_product_node(a.clone() if in_place else a)
-        second = ops.lrp_product_node(b if alpha == 1 else alpha * b)
-        total = ops.lrp_ratio_node(first + second, None, STABILIZER, self.copy or in_place)
+        nodes = ops.lrp_nodes()
+        first = nodes.product(a.clone() if in_place else a)
+        second = nodes.product(b if alpha == 1 else alpha * b)
+        total = nodes.ratio(first + second, None, STABILIZER, self.copy or in_place)
         if not in_place:
             return total
         # a.add_(b) must change a itself: write the sum into it, so that its history is the sum.
@@ -238,12 +239,15 @@ class Propagation:
         default_factory=dict
     )
     _overridden: list[tuple[nn.Module, Callable | None]] = field(default_factory=list)
+    # The backend's node constructors, looked up on entry rather than at every module.
+    _nodes: ops.LrpNodes = field(default_factory=ops.lrp_nodes)
     active: bool = False  # between entry and exit
 
     def __enter__(self) -> Propagation:
         if self.active:
             raise RuntimeError("this Propagation is installed already")
         self.active = True
+        self._nodes = ops.lrp_nodes()
         try:
             copy = self._save_buffers() or self.copy
             if self.plan.may_add:
@@ -348,8 +352,8 @@ class Propagation:
                 return a
             found = ratios.get(id(a)) if fuse else None
             if found is not None and found[0] is a:
-                return ops.lrp_product_ratio_node(found[1], a.detach(), found[2])
-            return ops.lrp_product_node(a)
+                return self._nodes.product_ratio(found[1], a.detach(), found[2])
+            return self._nodes.product(a)
 
         def hook(module: nn.Module, args: tuple) -> tuple:
             if counts:
@@ -370,7 +374,8 @@ class Propagation:
         mode_depth = self._enter_module
         ratios = self._ratios
         ratio_rule = rule if fuse and isinstance(rule, RatioRule) else None
-        passes = fuse and isinstance(rule, IdentityRule)
+        pass_rule = rule if isinstance(rule, IdentityRule) else None
+        passes = fuse and pass_rule is not None
 
         def hook(module: nn.Module, args: tuple, output: object) -> Tensor:
             if counts:
@@ -382,15 +387,17 @@ class Propagation:
                 )
             if ratio_rule is not None:
                 z, epsilon = ratio_rule.ratio_operands(module, args, output)
-                propagated = ratio_node(z, output, epsilon, copy)
+                propagated = ratio_node(self._nodes, z, output, epsilon, copy)
                 if z is output or (z.dtype == output.dtype and z.shape == output.shape):
                     ratios[id(propagated)] = (propagated, z, epsilon)
                 return propagated
-            propagated = rule.propagate(module, args, output, copy)
+            if pass_rule is not None:
+                source = pass_rule.source(module, args, output)
+                propagated = self._nodes.passing(source, output.detach(), copy)
+            else:
+                propagated = rule.propagate(module, args, output, copy)
             if passes:
-                # The relevance crosses unchanged: a ratio before still awaits its product. (The
-                # one tensor input comes first but for odd calls, which then just don't fold.)
-                source = args[0]
+                # The relevance crosses unchanged: a ratio before still awaits its product.
                 found = ratios.get(id(source))
                 if found is not None and found[0] is source and found[1].dtype == output.dtype:
                     ratios[id(propagated)] = (propagated, found[1], found[2])

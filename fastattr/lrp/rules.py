@@ -40,10 +40,12 @@ class PropagationRule(ABC):
         """The output the model continues with, carrying this rule's backward."""
 
 
-def ratio_node(z: Tensor, output: Tensor, epsilon: float, copy: bool) -> Tensor:
+def ratio_node(
+    nodes: ops.LrpNodes, z: Tensor, output: Tensor, epsilon: float, copy: bool
+) -> Tensor:
     """``output`` to continue with, whose backward divides the relevance by ``z + epsilon *
     sign(z)`` and sends it into ``z``'s graph."""
-    return ops.lrp_ratio_node(z, None if z is output else output.detach(), epsilon, copy)
+    return nodes.ratio(z, None if z is output else output.detach(), epsilon, copy)
 
 
 class RatioRule(PropagationRule):
@@ -58,7 +60,7 @@ class RatioRule(PropagationRule):
 
     def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
         z, epsilon = self.ratio_operands(module, inputs, output)
-        return ratio_node(z, output, epsilon, copy)
+        return ratio_node(ops.lrp_nodes(), z, output, epsilon, copy)
 
 
 class EpsilonRule(RatioRule):
@@ -164,6 +166,10 @@ class IdentityRule(PropagationRule):
     relevance_at_input = False
 
     def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
+        return ops.lrp_pass_node(self.source(module, inputs, output), output.detach(), copy)
+
+    def source(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        """The input that receives the output's relevance: the module's one tensor input."""
         tensors = [x for x in inputs if isinstance(x, Tensor)]
         if len(tensors) != 1 or not isinstance(output, Tensor) or tensors[0].shape != output.shape:
             raise ValueError(
@@ -171,7 +177,7 @@ class IdentityRule(PropagationRule):
                 f"inputs of shapes {[list(x.shape) for x in tensors]} and output of shape "
                 f"{list(output.shape) if isinstance(output, Tensor) else type(output).__name__}"
             )
-        return ops.lrp_pass_node(tensors[0], output.detach(), copy)
+        return tensors[0]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

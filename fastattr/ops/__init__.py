@@ -7,18 +7,17 @@ PyTorch twin in :mod:`fastattr.ops.reference`. Both check their arguments and ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from fastattr._backend import current_backend, is_compiled
+from fastattr._backend import backend_in_context, is_compiled
 from fastattr.ops import reference
 
 if is_compiled():
     from fastattr.ops import _fake  # noqa: F401  (registers the fake implementations)
-
-
-def _compiled() -> bool:
-    return current_backend() == "compiled"
 
 
 def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
@@ -29,8 +28,8 @@ def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tenso
     ``k * B + b`` of the (K * B, ...) result is ``baselines_b + alphas_k * (inputs_b -
     baselines_b)``, computed in float32 for float16/bfloat16 inputs.
     """
-    if _compiled():
-        return torch.ops.fastattr.interpolate_path(inputs, baselines, alphas)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.interpolate_path.default(inputs, baselines, alphas)
     return reference.interpolate_path(inputs, baselines, alphas)
 
 
@@ -42,8 +41,8 @@ def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -
     float64 grads). Calling it once per chunk of steps streams a whole path into one
     accumulator.
     """
-    if _compiled():
-        torch.ops.fastattr.quadrature_accumulate(accumulator, grads, weights)
+    if backend_in_context() == "compiled":
+        torch.ops.fastattr.quadrature_accumulate.default(accumulator, grads, weights)
     else:
         reference.quadrature_accumulate(accumulator, grads, weights)
 
@@ -56,8 +55,8 @@ def quadrature_finish(
     Returns ``accumulator * (inputs - baselines)`` (or the accumulator itself when
     ``multiply_by_inputs`` is false) in the accumulator's dtype, and its (B,) row sums.
     """
-    if _compiled():
-        return torch.ops.fastattr.quadrature_finish(
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.quadrature_finish.default(
             accumulator, inputs, baselines, multiply_by_inputs
         )
     return reference.quadrature_finish(accumulator, inputs, baselines, multiply_by_inputs)
@@ -66,8 +65,8 @@ def quadrature_finish(
 def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     """The LRP epsilon rule's stabilized ratio ``relevance / (z + epsilon * sign(z))``, with
     ``sign(0) = +1``."""
-    if _compiled():
-        return torch.ops.fastattr.epsilon_ratio(relevance, z, epsilon)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.epsilon_ratio.default(relevance, z, epsilon)
     return reference.epsilon_ratio(relevance, z, epsilon)
 
 
@@ -76,47 +75,49 @@ def epsilon_ratio_of_product(
 ) -> Tensor:
     """``epsilon_ratio(input_relevance(activations, contributions), z, epsilon)`` in one pass:
     LRP's product at a module's input and ratio at the previous module's output."""
-    if _compiled():
-        return torch.ops.fastattr.epsilon_ratio_of_product(activations, contributions, z, epsilon)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.epsilon_ratio_of_product.default(
+            activations, contributions, z, epsilon
+        )
     return reference.epsilon_ratio_of_product(activations, contributions, z, epsilon)
 
 
 def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
     """The relevance ``activations * contributions`` and its per-example sums."""
-    if _compiled():
-        return torch.ops.fastattr.relevance_product(activations, contributions)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.relevance_product.default(activations, contributions)
     return reference.relevance_product(activations, contributions)
 
 
 def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
     """``activations * contributions``: LRP's relevance at a module's input, without the row
     sums of :func:`relevance_product` (which cost more than the product on the CPU)."""
-    if _compiled():
-        return torch.ops.fastattr.input_relevance(activations, contributions)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.input_relevance.default(activations, contributions)
     return reference.input_relevance(activations, contributions)
 
 
 def lrp_product_node(activation: Tensor) -> Tensor:
     """LRP's node at a module's input: ``activation`` itself, whose backward turns the
     contribution arriving into the relevance ``activation * contribution``."""
-    if _compiled():
-        return torch.ops.fastattr.lrp_product_node(activation)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_product_node.default(activation)
     return reference.lrp_product_node(activation)
 
 
 def lrp_ratio_node(z: Tensor, shown: Tensor | None, epsilon: float, copy: bool) -> Tensor:
     """LRP's node at a module's output: ``shown`` (``z`` when None; a copy if ``copy``), whose
     backward sends ``relevance / (z + epsilon * sign(z))`` into ``z``'s graph."""
-    if _compiled():
-        return torch.ops.fastattr.lrp_ratio_node(z, shown, epsilon, copy)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_ratio_node.default(z, shown, epsilon, copy)
     return reference.lrp_ratio_node(z, shown, epsilon, copy)
 
 
 def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
     """LRP's pass-through node: ``shown`` (a copy if ``copy``), whose backward hands the
     relevance to ``source`` unchanged."""
-    if _compiled():
-        return torch.ops.fastattr.lrp_pass_node(source, shown, copy)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_pass_node.default(source, shown, copy)
     return reference.lrp_pass_node(source, shown, copy)
 
 
@@ -124,16 +125,51 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
     """LRP's product node at a module's input fused with the ratio node at the previous
     module's output, when only pass-through modules lie between: ``activation`` itself, whose
     backward sends ``activation * relevance / (z + epsilon * sign(z))`` into ``z``'s graph."""
-    if _compiled():
-        return torch.ops.fastattr.lrp_product_ratio_node(z, activation, epsilon)
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_product_ratio_node.default(z, activation, epsilon)
     return reference.lrp_product_ratio_node(z, activation, epsilon)
 
 
+class LrpNodes(NamedTuple):
+    """One backend's LRP node constructors: the four functions above, without the per-call
+    choice of backend (LRP makes one or two nodes per module)."""
+
+    product: Callable[[Tensor], Tensor]
+    ratio: Callable[[Tensor, Tensor | None, float, bool], Tensor]
+    passing: Callable[[Tensor, Tensor, bool], Tensor]
+    product_ratio: Callable[[Tensor, Tensor, float], Tensor]
+
+
+_REFERENCE_NODES = LrpNodes(
+    reference.lrp_product_node,
+    reference.lrp_ratio_node,
+    reference.lrp_pass_node,
+    reference.lrp_product_ratio_node,
+)
+_COMPILED_NODES = (
+    LrpNodes(
+        torch.ops.fastattr.lrp_product_node.default,
+        torch.ops.fastattr.lrp_ratio_node.default,
+        torch.ops.fastattr.lrp_pass_node.default,
+        torch.ops.fastattr.lrp_product_ratio_node.default,
+    )
+    if is_compiled()
+    else _REFERENCE_NODES
+)
+
+
+def lrp_nodes() -> LrpNodes:
+    """The LRP nodes of the backend in this context."""
+    return _COMPILED_NODES if backend_in_context() == "compiled" else _REFERENCE_NODES
+
+
 __all__ = [
+    "LrpNodes",
     "epsilon_ratio",
     "epsilon_ratio_of_product",
     "input_relevance",
     "interpolate_path",
+    "lrp_nodes",
     "lrp_pass_node",
     "lrp_product_node",
     "lrp_product_ratio_node",
