@@ -249,7 +249,9 @@ def select_targets(output: Tensor, target: TargetType | ColumnIndices) -> Tensor
             f"target holds indices in [{low}, {high}], out of range for an output with "
             f"{output.shape[1]} columns"
         )
-    indices = indices.to(output.device).reshape(-1, 1) % output.shape[1]
+    indices = indices.to(output.device).reshape(-1, 1)
+    if low < 0:  # negative indices count from the end, as in captum
+        indices = indices % output.shape[1]
     return output.gather(1, indices).squeeze(1)
 
 
