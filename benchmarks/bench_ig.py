@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 import fastattr
 from fastattr.bench import models
-from fastattr.bench.runner import device_name
+from fastattr.bench.runner import script_device
 from fastattr.bench.timing import interleaved_medians
 
 N_STEPS = 50
@@ -350,14 +350,9 @@ def main() -> None:
         print(json.dumps(memory_worker(args.memory_worker, args.device, args.batch)))
         return
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA GPU")
+    device, machine = script_device(args.device, parser.error)
     import captum
 
-    machine = device_name(device)
-    if device.type == "cpu":
-        machine += f", {torch.get_num_threads()} threads"
     print(
         f"# IntegratedGradients on {device} ({machine}); torch {torch.__version__}, "
         f"captum {captum.__version__}, fastattr {fastattr.__version__} "

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import fastattr
-from fastattr.bench.runner import device_name
+from fastattr.bench.runner import script_device
 from fastattr.bench.timing import interleaved_medians
 
 N_STEPS = 50
@@ -177,14 +177,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA GPU")
+    device, machine = script_device(args.device, parser.error)
     import captum
 
-    machine = device_name(device)
-    if device.type == "cpu":
-        machine += f", {torch.get_num_threads()} threads"
     print(
         f"# LayerIntegratedGradients / NeuronIntegratedGradients on {device} ({machine}); "
         f"torch {torch.__version__}, captum {captum.__version__}, fastattr "

@@ -24,7 +24,7 @@ from zennit.types import Activation, AvgPool
 
 import fastattr
 from fastattr.bench.models import IMAGE_SHAPE, MLP_FEATURES, cnn, mlp
-from fastattr.bench.runner import device_name
+from fastattr.bench.runner import script_device
 from fastattr.bench.timing import interleaved_medians
 
 TARGET = 3
@@ -72,9 +72,7 @@ def main() -> None:
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     warnings.filterwarnings("ignore")
-    device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA GPU")
+    device, machine = script_device(options.device, parser.error)
     # The shapes; on a GPU they are launch-bound, so larger batches are added too.
     mlp_batches, cnn_batches = (
         ([256, 16384], [64, 1024]) if device.type == "cuda" else ([256], [64])
@@ -84,9 +82,8 @@ def main() -> None:
     ] + [
         (f"small CNN 3x32x32, batch {b}", cnn(), torch.randn(b, *IMAGE_SHAPE)) for b in cnn_batches
     ]
-    threads = f", {options.threads} threads" if device.type == "cpu" else ""
     print(
-        f"{device_name(device)}{threads}, torch {torch.__version__}, captum "
+        f"{machine}, torch {torch.__version__}, captum "
         f"{captum.__version__}, fastattr {fastattr.__version__}; medians of {options.repeats} "
         "interleaved rounds\n"
     )

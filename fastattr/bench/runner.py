@@ -366,6 +366,19 @@ def device_name(device: torch.device) -> str:
     return f"{processor}, {os.cpu_count()} CPU cores"
 
 
+def script_device(name: str, error: Callable[[str], Any]) -> tuple[torch.device, str]:
+    """The benchmark scripts' ``--device``: the device, and the machine line of their reports
+    (with the torch thread count on a CPU); ``error`` (argparse's) when CUDA is asked for and
+    there is none."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        error("--device cuda needs a CUDA GPU")
+    machine = device_name(device)
+    if device.type == "cpu":
+        machine += f", {torch.get_num_threads()} threads"
+    return device, machine
+
+
 def run(config: Config) -> dict[str, Any]:
     """Measures every case of ``config``; returns the report that ``report`` prints and saves."""
     notes: list[str] = []
