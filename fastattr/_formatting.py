@@ -31,6 +31,8 @@ def as_int(value: Any, name: str, expected: str = "an int") -> int:
 
 def as_tensor_tuple(inputs: Any, name: str = "inputs") -> tuple[Tensor, ...]:
     """``inputs`` as a non-empty tuple of tensors sharing a batch size and a device."""
+    if isinstance(inputs, Tensor) and inputs.dim() > 0:  # the common case, without the loops
+        return (inputs,)
     tensors = inputs if isinstance(inputs, tuple) else (inputs,)
     if not tensors or not all(isinstance(t, Tensor) for t in tensors):
         got = type(inputs).__name__
@@ -273,4 +275,5 @@ def per_example(output: Tensor, batch: int) -> Tensor:
             f"({batch} values), got shape {list(output.shape)}: pass a target that selects one "
             "output per example"
         )
-    return output.reshape(batch)
+    # (A reshape to its own shape would still add a node to the graph.)
+    return output if output.dim() == 1 else output.reshape(batch)

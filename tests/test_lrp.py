@@ -840,3 +840,188 @@ def test_a_new_captum_rule_object_is_seen_even_at_a_reused_address() -> None:
     _close(lrp.attribute(x, target=0), results[1])
     model.fc2.rule.epsilon = 1e-9
     _close(lrp.attribute(x, target=0), results[0])
+
+
+class _Steps(nn.Module):
+    """fc1 -> relu -> fc2 -> relu, then a flatten, then fc3, written as statements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(8, 8)
+        self.act = nn.GELU()
+        self.fc3 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.fc1(x))
+        x = self.act(self.fc2(x))
+        x = torch.flatten(x, 1)
+        return self.fc3(x)
+
+
+class _Reused(_Steps):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc3(self.act(self.fc2(self.relu(h)))) * h.sum()
+
+
+class _TwoUses(_Steps):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.fc1(x))
+        return self.fc3(self.act(self.fc2(x))) + self.fc3(self.act(self.fc2(x)))
+
+
+class _ShapeFromInput(_Steps):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc2(self.relu(self.fc1(x))))
+        return self.fc3(x.view(x.shape[0], -1))
+
+
+def test_call_chains_are_proven_only_from_single_use_code() -> None:
+    from fastattr.lrp._forward_code import call_chain
+
+    steps = _Steps()
+    names = {id(m): n for n, m in steps.named_children()}
+    assert [names[id(m)] if m is not None else None for m in call_chain(steps)] == [
+        "fc1",
+        "relu",
+        "fc2",
+        "act",
+        None,
+        "fc3",
+    ]
+    sequential = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    assert call_chain(sequential) == list(sequential)
+    for unproven in (_Reused(), _TwoUses(), _ShapeFromInput(), nn.ModuleList([nn.ReLU()])):
+        assert call_chain(unproven) is None
+    steps.forward = steps.forward  # an instance forward could be anything
+    assert call_chain(steps) is None
+
+
+def _counting_nodes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    from fastattr import ops
+
+    made = {"ratio": 0, "passing": 0, "product_ratio": 0}
+    backend_nodes = ops.lrp_nodes
+
+    def counting() -> ops.LrpNodes:
+        nodes = backend_nodes()
+
+        def counted(kind: str):
+            def make(*args: object) -> torch.Tensor:
+                made[kind] += 1
+                return getattr(nodes, kind)(*args)
+
+            return make
+
+        return nodes._replace(**{kind: counted(kind) for kind in made})
+
+    monkeypatch.setattr(ops, "lrp_nodes", counting)
+    return made
+
+
+def _unproven(model: nn.Module) -> nn.Module:
+    """The same model, with a forward whose code LRP cannot read (so every node is made)."""
+    twin = copy.deepcopy(model)
+    forward = type(twin).forward
+    twin.forward = lambda *args: forward(twin, *args)
+    return twin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_proven_chains_hand_outputs_on_without_nodes_and_change_no_bit(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a proven chain a layer's output goes into the next layer only: its ratio folds into
+    # that layer's product with no ratio or pass-through node made on the way; elsewhere (the
+    # flatten, the output) the nodes are made as before. Same bits either way.
+    made = _counting_nodes(monkeypatch)
+    model = _seeded(_Steps(), dtype)
+    x = torch.randn(5, 6, dtype=dtype)
+    chained = LRP(model).attribute(x, target=[0, 1, 2, 0, 1])
+    # act makes fc2's ratio node, as torch.flatten stands between it and fc3; fc3's own; the
+    # products at fc2 and fc3 fold (flattening a 2-D tensor returns it).
+    assert made == {"ratio": 2, "passing": 1, "product_ratio": 2}
+    made.update(dict.fromkeys(made, 0))
+    expected = LRP(_unproven(model)).attribute(x, target=[0, 1, 2, 0, 1])
+    assert made == {"ratio": 3, "passing": 2, "product_ratio": 2}
+    torch.testing.assert_close(chained, expected, rtol=0, atol=0)
+    # A tapped layer keeps the nodes its relevance must reach.
+    twin = _unproven(model)
+    for name in ("fc1", "relu", "fc2", "act"):
+        for to_input in (False, True):
+            torch.testing.assert_close(
+                LayerLRP(model, getattr(model, name)).attribute(
+                    x, target=1, attribute_to_layer_input=to_input
+                ),
+                LayerLRP(twin, getattr(twin, name)).attribute(
+                    x, target=1, attribute_to_layer_input=to_input
+                ),
+                rtol=0,
+                atol=0,
+            )
+
+
+def test_a_layer_run_twice_or_followed_by_a_reshape_module_gets_its_nodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The shared ReLU runs twice: the layers before it hand their outputs on, and it makes
+    # their ratio nodes itself (which the next products fold away). The layer before
+    # nn.Identity makes its own.
+    made = _counting_nodes(monkeypatch)
+    relu = nn.ReLU()
+    model = _seeded(
+        nn.Sequential(
+            nn.Linear(6, 8),
+            relu,
+            nn.Linear(8, 8),
+            relu,
+            nn.Linear(8, 8),
+            nn.Identity(),
+            nn.Tanh(),
+            nn.Linear(8, 3),
+        ),
+        torch.float64,
+    )
+    x = torch.randn(4, 6, dtype=torch.float64)
+    relevance = LRP(model).attribute(x, target=2)
+    assert made == {"ratio": 4, "passing": 3, "product_ratio": 3}
+    torch.testing.assert_close(
+        relevance, LRP(_unproven(model)).attribute(x, target=2), rtol=0, atol=0
+    )
+    _close(relevance, _zennit(model, x, 2))
+
+
+def test_a_forward_replaced_between_calls_is_read_again() -> None:
+    # The chain proof holds for the class's forward; an instance forward set later uses fc1's
+    # output twice, so its ratio node must be made again.
+    model = _seeded(_Steps(), torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    lrp = LRP(model)
+    lrp.attribute(x, target=0)
+
+    def reusing(t: torch.Tensor) -> torch.Tensor:
+        z = model.fc1(t)
+        return model.fc3(model.act(model.fc2(model.relu(z)))) * z.mean()
+
+    model.forward = reusing
+    torch.testing.assert_close(
+        lrp.attribute(x, target=0), LRP(model).attribute(x, target=0), rtol=0, atol=0
+    )
+
+
+def test_input_gradients_agree_with_autograd_grad_for_plain_tensors_and_subclasses() -> None:
+    from fastattr._autograd import input_gradients
+
+    class Marked(torch.Tensor):
+        pass
+
+    for wrap in (lambda t: t, lambda t: t.as_subclass(Marked)):
+        x = wrap(torch.randn(3, 4)).requires_grad_()
+        unused = torch.randn(2, requires_grad=True)
+        output = (x * x).sum(1)
+        seed = torch.randn(3)
+        grads = input_gradients(output, (x, unused), seed)
+        assert grads[1] is None
+        torch.testing.assert_close(grads[0], 2 * x.detach() * seed[:, None], rtol=0, atol=1e-6)

@@ -8,6 +8,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from fastattr._autograd import input_gradients
 from fastattr._formatting import (
     ColumnIndices,
     TargetType,
@@ -193,7 +194,7 @@ class LRP:
                 run_forward(propagation.forward, inputs, target, args), tensors[0].shape[0]
             )
             wanted = leaves + (layer_tensors() if layer_tensors is not None else ())
-            grads = torch.autograd.grad(output, wanted, torch.ones_like(output), allow_unused=True)
+            grads = input_gradients(output, wanted, torch.ones_like(output))
         grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted))
         return grads, output.detach()
 

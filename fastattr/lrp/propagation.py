@@ -9,6 +9,7 @@ leaves the model exactly as it found it.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from fastattr import ops
-from fastattr.lrp._forward_code import may_add_tensors
+from fastattr.lrp._forward_code import call_chain, may_add_tensors
 from fastattr.lrp.rules import (
     STABILIZER,
     STRUCTURAL_TYPES,
@@ -44,6 +45,9 @@ class RulePlan:
     may_add: bool = True  # whether some forward outside the rules may add tensors
     # False when a captum rule was translated: the translation would miss later changes to it.
     reusable: bool = True
+    # id(module) -> the module its output goes into, and nowhere else, as the forwards' code
+    # proves (see call_chain); empty unless every container's forward is proven.
+    successors: dict[int, nn.Module] = field(default_factory=dict)
 
     def report(self) -> None:
         """Prints the rule of each layer, as captum's verbose mode does (activations that just
@@ -77,10 +81,16 @@ def walk_modules(model: nn.Module) -> tuple[nn.Module, ...]:
 
 
 def rules_key(model: nn.Module) -> tuple:
-    """The modules of ``model`` and the rules set on them, as objects: holding them keeps their
-    ids from being reused, so that comparing ids tells whether a plan still holds."""
+    """The modules of ``model``, the rules set on them and their instance forwards (which
+    change what the code proves), as objects: holding them keeps their ids from being reused,
+    so that comparing ids tells whether a plan still holds."""
     modules = walk_modules(model)
-    return (*modules, *map(rule_attribute, modules))
+    key: list[object] = list(modules)
+    for module in modules:
+        own = module.__dict__  # rule_attribute, inlined: this runs on every call
+        key.append(own["rule"] if "rule" in own else getattr(type(module), "rule", None))
+        key.append(own.get("forward"))
+    return tuple(key)
 
 
 def same_key(first: tuple, second: tuple) -> bool:
@@ -105,6 +115,7 @@ def plan_rules(model: nn.Module) -> RulePlan:
     missing: dict[str, list[str]] = {}
     may_add = False
     reusable = True
+    containers: list[nn.Module] = []
 
     def visit(name: str, module: nn.Module) -> None:
         nonlocal may_add, reusable
@@ -127,7 +138,9 @@ def plan_rules(model: nn.Module) -> RulePlan:
                 return
             if not isinstance(module, STRUCTURAL_TYPES) or own_parameters:
                 missing.setdefault(type(module).__name__, []).append(where)
-        may_add = may_add or (bool(children) and may_add_tensors(module))
+        if children:
+            may_add = may_add or may_add_tensors(module)
+            containers.append(module)
         for child_name, child in children:
             visit(f"{name}.{child_name}" if name else child_name, child)
 
@@ -138,21 +151,42 @@ def plan_rules(model: nn.Module) -> RulePlan:
             f"LRP has no rule for these module types: {listing}. Set a rule on each "
             "(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate."
         )
-    return RulePlan(rules, walk_modules(model), may_add, reusable)
+    ruled = {id(module) for _, module, _, _ in rules}
+    return RulePlan(rules, walk_modules(model), may_add, reusable, _successors(containers, ruled))
+
+
+def _successors(containers: list[nn.Module], ruled: set[int]) -> dict[int, nn.Module]:
+    """For each module with a rule that runs once, in a chain, right before another module with
+    a rule: that module. Empty when some container's forward is not a proven chain, as then a
+    module could be called, and its output used, where no chain shows it."""
+    chains = []
+    for container in containers:
+        chain = call_chain(container)
+        if chain is None:
+            return {}
+        chains.append(chain)
+    calls: dict[int, int] = {}
+    for chain in chains:
+        for module in chain:
+            if module is not None:
+                calls[id(module)] = calls.get(id(module), 0) + 1
+    successors = {}
+    for chain in chains:
+        for producer, consumer in itertools.pairwise(chain):
+            if (
+                producer is not None
+                and consumer is not None
+                and calls[id(producer)] == 1
+                and id(producer) in ruled
+                and id(consumer) in ruled
+            ):
+                successors[id(producer)] = consumer
+    return successors
 
 
 def _on_relevance_path(value: object) -> bool:
     # Activations derived from the inputs have a grad_fn: the inputs enter the model as views.
     return isinstance(value, Tensor) and value.grad_fn is not None and value.is_floating_point()
-
-
-def _has_global_hooks() -> bool:
-    return bool(
-        module_hooks._global_forward_hooks
-        or module_hooks._global_forward_pre_hooks
-        or module_hooks._global_backward_hooks
-        or module_hooks._global_backward_pre_hooks
-    )
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -161,6 +195,29 @@ def _has_hooks(module: nn.Module) -> bool:
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
+    )
+
+
+def _torch_code(module: nn.Module) -> bool:
+    """Whether ``module`` runs torch's own forward, which keeps no reference to its tensors."""
+    return type(module).__module__.startswith("torch.nn.") and "forward" not in module.__dict__
+
+
+def _takes_ratio(module: nn.Module, rule: PropagationRule | None) -> bool:
+    """Whether ``module`` (with ``rule``, None when it folds nothing) can take an output handed
+    on without its ratio node: its product folds the ratio in before the module's code sees
+    the tensor, or it is a torch module whose pass-through hook makes the node."""
+    if rule is None:
+        return False
+    return rule.relevance_at_input or (isinstance(rule, IdentityRule) and _torch_code(module))
+
+
+def _has_global_hooks() -> bool:
+    return bool(
+        module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
     )
 
 
@@ -230,12 +287,12 @@ class Propagation:
     _buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     _mode: _ResidualAdditions | None = None
     # Rule outputs whose epsilon ratio a product at a later module's input may fold into, by id:
-    # (the output, or what pass-through rules made of it; z; epsilon). Holding the output keeps
-    # its id from being reused.
-    _ratios: dict[int, tuple[Tensor, Tensor, float]] = field(default_factory=dict)
-    # (module, pre-hook or None, hook) for each value of the effective copy flag, built on first
-    # use: entered again, a Propagation only registers them.
-    _hooks: dict[bool, list[tuple[nn.Module, Callable | None, Callable]]] = field(
+    # (the output, or what pass-through rules made of it; z; epsilon; whether it was handed on
+    # without its ratio node). Holding the output keeps its id from being reused.
+    _ratios: dict[int, tuple[Tensor, Tensor, float, bool]] = field(default_factory=dict)
+    # (module, pre-hook or None, hook) for each (effective copy flag, hand-on flag), built on
+    # first use: entered again, a Propagation only registers them.
+    _hooks: dict[tuple[bool, bool], list[tuple[nn.Module, Callable | None, Callable]]] = field(
         default_factory=dict
     )
     _overridden: list[tuple[nn.Module, Callable | None]] = field(default_factory=list)
@@ -252,13 +309,16 @@ class Propagation:
             copy = self._save_buffers() or self.copy
             if self.plan.may_add:
                 self._mode = _ResidualAdditions(copy)
-            hooks = self._hooks.get(copy)
-            if hooks is None:
-                hooks = self._hooks[copy] = self._make_hooks(copy)
-            self.tapped.clear()
             hooked = _has_global_hooks()
-            for module, pre_hook, hook in hooks:
-                if hooked or _has_hooks(module):
+            via_hooks = [hooked or _has_hooks(module) for _, module, _, _ in self.plan.rules]
+            # Hooks may see a module's output: hand none on without its node then.
+            hand_on = bool(self.plan.successors) and not any(via_hooks)
+            hooks = self._hooks.get((copy, hand_on))
+            if hooks is None:
+                hooks = self._hooks[copy, hand_on] = self._make_hooks(copy, hand_on)
+            self.tapped.clear()
+            for (module, pre_hook, hook), hooked_module in zip(hooks, via_hooks):
+                if hooked_module:
                     if pre_hook is not None:
                         self._handles.append(module.register_forward_pre_hook(pre_hook))
                     self._handles.append(module.register_forward_hook(hook))
@@ -327,20 +387,30 @@ class Propagation:
         self._ratios.clear()
         self.active = False
 
-    def _make_hooks(self, copy: bool) -> list[tuple[nn.Module, Callable | None, Callable]]:
+    def _make_hooks(
+        self, copy: bool, hand_on: bool
+    ) -> list[tuple[nn.Module, Callable | None, Callable]]:
         taps = {id(t) for t in self.taps}
         # Depth counting only matters under the residual-addition mode.
         counts = self.plan.may_add
+        # Folding a product into the previous ratio skips the nodes between, so not where a
+        # tapped layer's relevance must reach them; and not on copies (in-place forwards).
+        fused = {id(m): rule for _, m, rule, _ in self.plan.rules if not copy and id(m) not in taps}
         hooks = []
         for _, module, rule, _ in self.plan.rules:
             tap = id(module) in taps
-            # Folding a product into the previous ratio skips the nodes between, so not where a
-            # tapped layer's relevance must reach them; and not on copies (in-place forwards).
-            fuse = not copy and not tap
+            fuse = id(module) in fused
+            successor = self.plan.successors.get(id(module)) if hand_on and fuse else None
+            hands_on = (
+                successor is not None
+                and _torch_code(module)
+                and _takes_ratio(successor, fused.get(id(successor)))
+            )
             pre_hook = None
             if rule.relevance_at_input or tap or counts:
                 pre_hook = self._pre_hook(rule, tap, counts, fuse)
-            hooks.append((module, pre_hook, self._post_hook(rule, tap, copy, counts, fuse)))
+            post_hook = self._post_hook(rule, tap, copy, counts, fuse, hands_on)
+            hooks.append((module, pre_hook, post_hook))
         return hooks
 
     def _pre_hook(self, rule: PropagationRule, tap: bool, counts: bool, fuse: bool) -> Callable:
@@ -364,13 +434,21 @@ class Propagation:
                 self._record(module, args, None)
             if not rule.relevance_at_input:
                 return args
-            return tuple(product(a) for a in args)
+            return tuple(map(product, args))
 
         return hook
 
     def _post_hook(
-        self, rule: PropagationRule, tap: bool, copy: bool, counts: bool, fuse: bool
+        self,
+        rule: PropagationRule,
+        tap: bool,
+        copy: bool,
+        counts: bool,
+        fuse: bool,
+        hands_on: bool,
     ) -> Callable:
+        """``hands_on``: the output goes into one module, which folds the ratio into its product
+        or makes the ratio node itself; the output is then handed on without a node."""
         mode_depth = self._enter_module
         ratios = self._ratios
         ratio_rule = rule if fuse and isinstance(rule, RatioRule) else None
@@ -387,20 +465,31 @@ class Propagation:
                 )
             if ratio_rule is not None:
                 z, epsilon = ratio_rule.ratio_operands(module, args, output)
+                foldable = z is output or (z.dtype == output.dtype and z.shape == output.shape)
+                if hands_on and foldable:
+                    ratios[id(output)] = (output, z, epsilon, True)
+                    return output
                 propagated = ratio_node(self._nodes, z, output, epsilon, copy)
-                if z is output or (z.dtype == output.dtype and z.shape == output.shape):
-                    ratios[id(propagated)] = (propagated, z, epsilon)
+                if foldable:
+                    ratios[id(propagated)] = (propagated, z, epsilon, False)
                 return propagated
+            found = None
             if pass_rule is not None:
                 source = pass_rule.source(module, args, output)
+                found = ratios.get(id(source))
+                if found is not None and found[0] is not source:
+                    found = None
+                if found is not None and found[3]:  # a ratio handed on without its node
+                    if hands_on and found[1].dtype == output.dtype:
+                        ratios[id(output)] = (output, found[1], found[2], True)
+                        return output
+                    source = ratio_node(self._nodes, found[1], source, found[2], copy)
                 propagated = self._nodes.passing(source, output.detach(), copy)
             else:
                 propagated = rule.propagate(module, args, output, copy)
-            if passes:
+            if passes and found is not None and found[1].dtype == output.dtype:
                 # The relevance crosses unchanged: a ratio before still awaits its product.
-                found = ratios.get(id(source))
-                if found is not None and found[0] is source and found[1].dtype == output.dtype:
-                    ratios[id(propagated)] = (propagated, found[1], found[2])
+                ratios[id(propagated)] = (propagated, found[1], found[2], False)
             if tap:
                 self._record(module, None, propagated)
             return propagated

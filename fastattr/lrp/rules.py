@@ -170,6 +170,8 @@ class IdentityRule(PropagationRule):
 
     def source(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         """The input that receives the output's relevance: the module's one tensor input."""
+        if len(inputs) == 1 and isinstance(inputs[0], Tensor) and inputs[0].shape == output.shape:
+            return inputs[0]  # the common case, checked without building the list below
         tensors = [x for x in inputs if isinstance(x, Tensor)]
         if len(tensors) != 1 or not isinstance(output, Tensor) or tensors[0].shape != output.shape:
             raise ValueError(
