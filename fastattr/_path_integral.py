@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattr import ops
+from fastattr._autograd import input_gradients
 from fastattr._formatting import as_int
 from fastattr._quadrature import quadrature_table
 from fastattr.ops.reference import row_layout
@@ -185,12 +186,13 @@ def integrate_path(
                     outputs = evaluate(paths, stop - step)
             else:
                 outputs = evaluate(paths, stop - step)
-            grads = torch.autograd.grad(
-                outputs,
-                paths,
-                grad_outputs=torch.ones_like(outputs),
-                **{"allow_unused": True, **(grad_kwargs or {})},
-            )
+            seed = torch.ones_like(outputs)
+            if grad_kwargs:
+                grads = torch.autograd.grad(
+                    outputs, paths, grad_outputs=seed, **{"allow_unused": True, **grad_kwargs}
+                )
+            else:
+                grads = input_gradients(outputs, paths, seed)
         for accumulator, grad in zip(accumulators, grads):
             if grad is not None:
                 ops.quadrature_accumulate(accumulator, grad, weights[step:stop])
