@@ -5,6 +5,11 @@ every module type without one). :class:`Propagation` installs the rules as forwa
 instance forwards doing their work) for the duration of a ``with`` block, routes additions of two
 activations written with ``+`` in forward through the epsilon rule (residual connections), and
 leaves the model exactly as it found it.
+
+A product at a module's input folds into the previous module's epsilon ratio when only
+pass-through rules lie between. Where the forwards' code proves that a module's output goes
+into the next module and nowhere else, the output is handed on without its ratio node: the
+next module folds the ratio in, or makes the node itself.
 """
 
 from __future__ import annotations
