@@ -51,7 +51,7 @@ def convergence_delta(
     return result.row_sums - (end_out - start_out)
 
 
-class IntegratedGradients(PathAttribution):
+class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
     """Integrated Gradients (Sundararajan et al., 2017), as ``captum.attr.IntegratedGradients``.
 
     The attribution of each input feature is the path integral of the model's gradient along

@@ -30,7 +30,7 @@ from fastattr._path_integral import (
     steps_per_chunk_for,
 )
 from fastattr._quadrature import check_steps
-from fastattr.attr._base import PathAttribution, forward_per_example
+from fastattr.attr._base import LayerAttribution, PathAttribution, forward_per_example
 from fastattr.attr._layers import (
     LayerCalledAgain,
     LayerValues,
@@ -52,7 +52,9 @@ def _group(flat: tuple[Tensor, ...], counts: list[int]) -> list[LayerValues]:
     return groups
 
 
-class LayerIntegratedGradients(PathAttribution):
+class LayerIntegratedGradients(
+    PathAttribution, LayerAttribution, captum_class="LayerIntegratedGradients"
+):
     """Integrated Gradients of a layer's output (or input), as
     ``captum.attr.LayerIntegratedGradients``.
 

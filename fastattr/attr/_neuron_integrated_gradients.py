@@ -74,7 +74,7 @@ def select_neuron(values: LayerValues, selector: NeuronSelector, rows: int) -> T
     return selected.reshape(rows)
 
 
-class NeuronIntegratedGradients(PathAttribution):
+class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedGradients"):
     """Integrated Gradients of one neuron of a layer with respect to the model's inputs, as
     ``captum.attr.NeuronIntegratedGradients``.
 

@@ -20,6 +20,7 @@ from fastattr._formatting import (
     per_example,
     run_forward,
 )
+from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.lrp.propagation import (
     CopiesNeeded,
     Propagation,
@@ -45,7 +46,7 @@ def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
     return relevance * output.reshape((-1,) + (1,) * (relevance.dim() - 1))
 
 
-class LRP:
+class LRP(Attribution, captum_class="LRP"):
     """Layer-wise relevance propagation: the target output, sent back layer by layer by each
     module's rule (``module.rule``, or the default of its type) down to the inputs.
 
@@ -57,6 +58,7 @@ class LRP:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_user_rules(model)
+        super().__init__(model)
         self.model = model
         # Set once a forward modified a rule's output in place (`out += x`): from then on the
         # rules hand out copies, as captum's always do.
@@ -199,7 +201,7 @@ class LRP:
         return grads, output.detach()
 
 
-class LayerLRP(LRP):
+class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
     """LRP relevance at the output (or input) of one layer, or of each layer in a list."""
 
     def __init__(self, model: nn.Module, layer: LayerType) -> None:
