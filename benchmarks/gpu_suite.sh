@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: on a machine with a CUDA GPU and no network, build fastattr._C in place
-# against the torch that is there, run the CUDA tests, run `fastattr bench --device cuda`,
-# and leave logs, JSON and the plot in one directory.
+# against the torch that is there, run the CUDA tests, run `fastattr bench --device cuda` and
+# the studies, and leave logs, JSON and the plots in one directory.
 #
 #   benchmarks/gpu_suite.sh [OUT_DIR]        (default OUT_DIR: benchmarks/out)
 #
@@ -112,6 +112,16 @@ step tests-cuda "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
     --continue-on-collection-errors --junitxml="$OUT/tests-cuda.xml" tests
 
 step bench "$PYTHON" -m fastattr bench --device cuda --no-progress --out "$OUT"
+
+# The studies of benchmarks/RESULTS.md, each in a directory of its own: layer and neuron IG on
+# a deeper MLP and a masked text model; LRP against Captum and zennit at large batches; IG's
+# peak memory where Captum (and the floor) run out of GPU memory.
+step study-layer-neuron "$PYTHON" -m fastattr bench --device cuda --no-progress \
+    --cases benchmarks/cases/layer_neuron_ig.py --batch-sizes 32,64,512 --out "$OUT/layer_neuron_ig"
+step study-lrp-large "$PYTHON" -m fastattr bench --device cuda --no-progress \
+    --methods lrp --models mlp,cnn --batch-sizes 1024,16384 --out "$OUT/lrp_large"
+step study-ig-memory "$PYTHON" -m fastattr bench --device cuda --no-progress \
+    --methods ig --models cnn --batch-sizes 2048,8192,16384 --repeats 3 --out "$OUT/ig_memory"
 
 if ((${#failed[@]})); then
     echo "gpu_suite: failed steps: ${failed[*]} (results in $OUT)"

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import fastattr
 from fastattr.__main__ import main
-from fastattr.bench import cases, memory, models, report, runner
+from fastattr.bench import cases, floors, memory, models, report, runner
 from fastattr.bench.cases import METHODS
 
 captum_attr = pytest.importorskip("captum.attr")
+ROOT = Path(__file__).resolve().parents[1]
 
 AVAILABLE = [method for method in METHODS if hasattr(fastattr, method)]
 # One thread: steady on a shared machine, and it exercises --threads.
@@ -50,7 +53,8 @@ def test_quick_run_reports_every_available_method(tmp_path, capsys):
 
     for entry in result["results"]:
         impls = entry["implementations"]
-        assert set(impls) == {"fastattr", "captum", "floor"}
+        others = {"zennit"} if entry["case"] == "lrp-mlp" else set()
+        assert set(impls) == {"fastattr", "captum", "floor", *others}
         for name, record in impls.items():
             assert record["status"] == "ok", (entry["case"], name, record)
             assert record["seconds"] > 0
@@ -59,6 +63,11 @@ def test_quick_run_reports_every_available_method(tmp_path, capsys):
         fast = impls["fastattr"]
         assert fast["rel_err_reference"] <= runner.TOLERANCE
         assert fast["rel_err_captum"] <= runner.TOLERANCE
+        for other in others:
+            assert fast[f"rel_err_{other}"] <= runner.TOLERANCE
+            assert fast[f"speedup_vs_{other}"] == pytest.approx(
+                impls[other]["seconds"] / fast["seconds"]
+            )
         assert fast["speedup_vs_captum"] == pytest.approx(
             impls["captum"]["seconds"] / fast["seconds"]
         )
@@ -200,12 +209,106 @@ def test_selecting_cases():
         cases.select(None, ["vit"])
 
 
-@pytest.mark.parametrize("case", cases.CASES, ids=lambda case: case.name)
-def test_floor_gradient_matches_autograd_on_the_same_rows(case):
-    """The floor is a real forward+backward: its gradient has the path's shape and is not 0."""
+CASE_FILE = """
+from fastattr.bench import models
+from fastattr.bench.cases import Case, features
+from fastattr.bench.floors import path_floor
+
+
+def doubled(model, arguments):
+    # fastattr's own attributions, doubled: a contender that disagrees.
+    from fastattr import IntegratedGradients
+
+    attributor = IntegratedGradients(model)
+    return lambda: 2 * attributor.attribute(**arguments)
+
+
+CASES = (
+    Case("IntegratedGradients", "mlp", models.mlp, features, path_floor,
+         call_kwargs={"target": 0}, others={"doubled": doubled}, name="ig-doubled"),
+)
+"""
+
+
+@pytest.mark.skipif("IntegratedGradients" not in AVAILABLE, reason="needs fastattr's IG")
+def test_a_case_file_runs_with_its_contenders_and_float64_tells_who_is_off(tmp_path):
+    case_file = tmp_path / "my_cases.py"
+    case_file.write_text(textwrap.dedent(CASE_FILE))
+    code, result = _bench(tmp_path, "--cases", str(case_file))
+    # fastattr is right; the doubled contender is named as the one off.
+    assert code == 0
+    assert any("doubled is the further from float64" in note for note in result["notes"])
+    assert result["meta"]["cases"] == str(case_file)
+    (entry,) = result["results"]
+    impls = entry["implementations"]
+    assert set(impls) == {"fastattr", "captum", "doubled", "floor"}
+    fast = impls["fastattr"]
+    assert fast["rel_err_captum"] <= runner.TOLERANCE
+    assert fast["rel_err_doubled"] == pytest.approx(0.5)
+    # float64 decided: fastattr is right, the doubled contender is not.
+    assert fast["rel_err_float64"] < 1e-5 and impls["doubled"]["rel_err_float64"] > 0.9
+    # The memory worker, a fresh process, found the case in the file.
+    assert all(record["peak_bytes"] >= 0 for record in impls.values())
+    summary = (tmp_path / "bench.md").read_text()
+    assert "| fastattr vs doubled |" in summary and "| err vs doubled |" in summary
+
+
+def test_listing_cases(capsys):
+    source = str(ROOT / "benchmarks" / "cases" / "layer_neuron_ig.py")
+    assert main(["bench", "--cases", source, "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == [f"{c.name}: {c.method} on {c.model}" for c in STUDY_CASES]
+    assert main(["bench", "--list", "--methods", "lrp"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "lrp-mlp: LRP on mlp"
+
+
+def test_bad_case_sources_are_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    twice = tmp_path / "twice.py"
+    twice.write_text(
+        "from fastattr.bench.cases import CASES as BUILT_IN\nCASES = BUILT_IN[:1] * 2\n"
+    )
+    for source, message in (
+        (str(empty), "has no CASES"),
+        (str(twice), "several cases named ['ig-mlp']"),
+        (str(tmp_path / "missing.py"), "no case file"),
+        ("fastattr.no_such_module", "cannot import"),
+    ):
+        assert main(["bench", "--cases", source, "--list"]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="add its short name to METHODS"):
+        cases.Case("Saliency", "mlp", models.mlp, cases.features, floors.input_floor)
+
+
+STUDY_CASES = cases.load(str(ROOT / "benchmarks" / "cases" / "layer_neuron_ig.py"))
+
+
+def _readme_case_file(tmp_path: Path) -> Path:
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "readme_cases.py"
+    path.write_text(example)
+    return path
+
+
+def test_the_readme_example_case_file_works(tmp_path):
+    example = cases.load(str(_readme_case_file(tmp_path)))
+    assert [case.name for case in example] == ["lig-wide-mlp", "lrp-cnn-zennit"]
+    for case in example:
+        arguments = runner.batch_arguments(case, 2, 3, torch.device("cpu"))
+        contenders = runner.implementations(case, torch.device("cpu"))
+        results = {name: prepare(arguments)() for name, prepare in contenders.items()}
+        for name in set(results) - {"fastattr", "floor"}:
+            assert runner.relative_error(results["fastattr"], results[name]) <= runner.TOLERANCE
+
+
+@pytest.mark.parametrize("case", cases.CASES + STUDY_CASES, ids=lambda case: case.name)
+def test_floor_is_a_forward_and_backward_over_the_same_rows(case):
+    """The floor's gradient has the path's rows (n_steps * batch) and is not 0."""
     model = case.make_model()
-    inputs, baselines = case.make_batch(2, torch.Generator().manual_seed(0))
-    (grad,) = case.floor(model, inputs, baselines, 3)()
+    arguments = runner.batch_arguments(case, 2, 3, torch.device("cpu"))
+    (grad,) = case.floor(model, arguments)()
     rows = 2 * 3 if case.uses_path else 2
     assert grad.shape[0] == rows and grad.abs().sum() > 0
 

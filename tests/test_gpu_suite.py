@@ -64,9 +64,16 @@ def test_with_a_gpu_it_builds_tests_and_benchmarks_and_collects_the_statuses(
     assert build.startswith("FASTATTR_CUDA=1 ARCH=9.0 ")
     tests = next(line for line in recorded if "-m pytest" in line)
     assert "-k cuda" in tests and f"--junitxml={out}/tests-cuda.xml" in tests
-    bench = next(line for line in recorded if "-m fastattr bench" in line)
-    assert f"--device cuda --no-progress --out {out}" in bench
-    assert recorded.index(build) < recorded.index(tests) < recorded.index(bench)
+    benches = [line for line in recorded if "-m fastattr bench" in line]
+    assert f"--device cuda --no-progress --out {out}" in benches[0]
+    assert recorded.index(build) < recorded.index(tests) < recorded.index(benches[0])
+    # The studies: each a `fastattr bench` run on the GPU into a directory of its own.
+    studies = benches[1:]
+    assert len(studies) == 3 and all("--device cuda" in line for line in studies)
+    assert "--cases benchmarks/cases/layer_neuron_ig.py" in studies[0]
+    case_file = Path(__file__).resolve().parents[1] / "benchmarks/cases/layer_neuron_ig.py"
+    assert case_file.is_file()
+    assert len({line.split("--out ")[1] for line in studies}) == 3
 
     summary = (out / "summary.txt").read_text().splitlines()
     assert summary == [
@@ -74,6 +81,9 @@ def test_with_a_gpu_it_builds_tests_and_benchmarks_and_collects_the_statuses(
         "info: exit 0",
         f"tests-cuda: exit {pytest_status}",
         "bench: exit 0",
+        "study-layer-neuron: exit 0",
+        "study-lrp-large: exit 0",
+        "study-ig-memory: exit 0",
     ]
     for written in ("suite.log", "environment.txt", "build.log", "tests-cuda.log", "bench.log"):
         assert (out / written).exists(), written

@@ -858,36 +858,3 @@ def test_output_with_several_values_per_example_needs_target(backend):
         IntegratedGradients(seeded(Output3D())).attribute(X, target=1)
     with pytest.raises(ValueError, match="target"):
         IntegratedGradients(seeded(Scalar())).attribute(X, target=0)
-
-
-# ----------------------------------------------------------------------------- benchmark code
-
-
-def load_bench_ig():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ig.py"
-    spec = importlib.util.spec_from_file_location("bench_ig", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_ig_runs_on_small_cases(monkeypatch):
-    # Not a timing: checks the benchmark's code still runs (floor, fastattr, captum, the
-    # memory worker) so that it does not rot between measurements.
-    bench = load_bench_ig()
-    monkeypatch.setattr(bench, "N_STEPS", 4)
-    cpu = torch.device("cpu")
-    inputs, target = bench.make_inputs((FEATURES,), BATCH, cpu)
-    model = mlp(torch.float32, classes=bench.models.NUM_CLASSES)
-    row = bench.time_case("mlp", model, inputs, target, cpu, warmup=0, repeats=1)
-    assert row["rows"] == 4 * BATCH and row["max |fastattr - captum| / max |captum|"] < 1e-4
-    floor_grad = bench.floor_fn(model, inputs, target)()[0]
-    assert floor_grad.shape == (4 * BATCH, FEATURES)
-    monkeypatch.setattr(bench, "MEMORY_SHAPE", (3, 8, 8))
-    for library in ("fastattr", "captum"):
-        result = bench.memory_worker(library, "cpu", 2, fresh_process=False)
-        assert result["finite"] and not result["oom"] and result["peak_bytes"] >= 0
-        assert sum(result["forward_rows"]) == 4 * 2

@@ -1,21 +1,30 @@
-"""What ``fastattr bench`` measures: one declarative entry per (method, model).
+"""What ``fastattr bench`` measures: one declarative :class:`Case` per (method, model).
 
-An entry says how to build the model and a batch, how to construct the attribution class
-(fastattr's and Captum's take the same arguments, so one recipe serves both), how to call
-``attribute``, and the floor: the model's own forward and backward over the same work.
+A case says how to build the model and one batch's ``attribute()`` arguments, how to construct
+the attribution class (fastattr's and Captum's take the same arguments, so one recipe serves
+both), the floor (the model's own forward and backward over the same work) and any other
+contenders, such as zennit's LRP. ``fastattr bench`` runs :data:`CASES`; ``fastattr bench
+--cases FILE`` runs the ``CASES`` of a Python file (or module) instead, which is how the
+studies in ``benchmarks/`` are written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import importlib.util
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from fastattr.bench import models
+from fastattr.bench import contenders, models
+from fastattr.bench.floors import input_floor, layer_floor, neuron_floor, path_floor
 
+# The source of the built-in cases, for --cases and the memory worker.
+BUILT_IN = "fastattr.bench.cases"
 TARGET = 1
 
 # The method's class name (in fastattr and captum.attr) and its short name on the command line.
@@ -26,159 +35,191 @@ METHODS = {
     "LRP": "lrp",
 }
 
-Floor = Callable[[nn.Module, Tensor, Tensor, int], Callable[[], Any]]
+# ``attribute()``'s keyword arguments: inputs, baselines, target, n_steps, ...
+Arguments = dict[str, Any]
+# Given its own copy of the model and one batch's arguments, returns the call to time.
+Contender = Callable[[nn.Module, Arguments], Callable[[], Any]]
 
 
 @dataclass(frozen=True)
 class Case:
+    """One benchmark case.
+
+    Attributes:
+        method: The attribution class's name, in fastattr and in ``captum.attr`` (a key of
+            :data:`METHODS`). Cases of one method share a panel of the plot.
+        model: The model's short name (``--models`` selects by it).
+        make_model: Builds the model, seeded, in eval mode.
+        make_batch: ``(batch_size, generator) -> arguments`` of one batch: ``inputs`` and, for
+            path methods, ``baselines``; any per-batch argument such as
+            ``additional_forward_args``.
+        floor: The model's own work on the same rows (see :mod:`fastattr.bench.floors`).
+        layer: For the layer and neuron methods, the layer's name in the model.
+        call_kwargs: Fixed ``attribute()`` arguments (``target``, ``neuron_selector``, ...);
+            an ``n_steps`` here wins over the command line's.
+        uses_path: Whether the method integrates along a path: it gets ``baselines`` and
+            ``n_steps``; otherwise ``baselines`` is dropped.
+        others: Further contenders by name, timed and compared with fastattr.
+        construct: ``(library, model) -> attributor``, where library is ``fastattr`` or
+            ``captum.attr``; by default ``library.<method>(model[, layer])``.
+        quick: Whether ``--quick`` keeps this case (one per method).
+        name: Unique within its source; by default ``<short method>-<model>``.
+    """
+
     method: str
     model: str
     make_model: Callable[[], nn.Module]
-    make_batch: Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
-    construct: Callable[[type, nn.Module], Any]
-    call_kwargs: dict[str, Any]
-    floor: Floor
+    make_batch: Callable[[int, torch.Generator], Arguments]
+    floor: Contender
+    layer: str | None = None
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     uses_path: bool = True
-    # In the --quick run: one representative case per method.
+    others: Mapping[str, Contender] = field(default_factory=dict)
+    construct: Callable[[Any, nn.Module], Any] | None = None
     quick: bool = False
+    name: str = ""
 
-    @property
-    def name(self) -> str:
-        return f"{METHODS[self.method]}-{self.model}"
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: add its short name to METHODS")
+        if not self.name:
+            object.__setattr__(self, "name", f"{METHODS[self.method]}-{self.model}")
 
-    def attribute(self, attributor: Any, inputs: Tensor, baselines: Tensor, n_steps: int) -> Any:
-        kwargs = dict(self.call_kwargs)
+    def build(self, library: Any, model: nn.Module) -> Any:
+        """The attribution object of ``library`` (``fastattr`` or ``captum.attr``) on ``model``."""
+        if self.construct is not None:
+            return self.construct(library, model)
+        cls = getattr(library, self.method)
+        if self.layer is None:
+            return cls(model)
+        return cls(model, model.get_submodule(self.layer))
+
+    def arguments(self, batch: Arguments, n_steps: int) -> Arguments:
+        """Every ``attribute()`` argument for one batch (the floor and others get the same)."""
+        arguments = {**self.call_kwargs, **batch}
         if self.uses_path:
-            kwargs.update(baselines=baselines, n_steps=n_steps)
-        return attributor.attribute(inputs, **kwargs)
+            arguments.setdefault("n_steps", n_steps)
+        else:
+            arguments.pop("baselines", None)
+        return arguments
 
 
-def _straight_path(start: Tensor, end: Tensor, n_steps: int) -> Tensor:
-    """The (n_steps * B, ...) step-major path, built once, outside the timed region."""
-    alphas = torch.linspace(0, 1, n_steps, device=end.device, dtype=end.dtype)
-    alphas = alphas.view(-1, *([1] * end.dim()))
-    path = start + alphas * (end - start)
-    return path.reshape(-1, *end.shape[1:]).detach().requires_grad_(True)
+def features(batch: int, generator: torch.Generator, count: int = models.MLP_FEATURES) -> Arguments:
+    """Standard-normal feature vectors and zero baselines."""
+    inputs = torch.randn(batch, count, generator=generator)
+    return {"inputs": inputs, "baselines": torch.zeros_like(inputs)}
 
 
-def _target_floor(
-    model: nn.Module, inputs: Tensor, baselines: Tensor, n_steps: int
-) -> Callable[[], Any]:
-    path = _straight_path(baselines, inputs, n_steps)
-    return lambda: torch.autograd.grad(model(path)[:, TARGET].sum(), path)
-
-
-def _embedding_floor(
-    model: nn.Module, tokens: Tensor, pad_tokens: Tensor, n_steps: int
-) -> Callable[[], Any]:
-    with torch.no_grad():
-        start, end = model.embedding(pad_tokens), model.embedding(tokens)
-    path = _straight_path(start, end, n_steps)
-    return lambda: torch.autograd.grad(model.classify(path)[:, TARGET].sum(), path)
-
-
-def _neuron_floor(layer_name: str, selector: tuple[int, ...]) -> Floor:
-    def floor(
-        model: nn.Module, inputs: Tensor, baselines: Tensor, n_steps: int
-    ) -> Callable[[], Any]:
-        path = _straight_path(baselines, inputs, n_steps)
-        layer = model.get_submodule(layer_name)
-
-        def forward_backward() -> Any:
-            captured: list[Tensor] = []
-            handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
-            try:
-                model(path)
-            finally:
-                handle.remove()
-            neuron = captured[0][(slice(None), *selector)]
-            return torch.autograd.grad(neuron.sum(), path)
-
-        return forward_backward
-
-    return floor
-
-
-def _lrp_floor(
-    model: nn.Module, inputs: Tensor, baselines: Tensor, n_steps: int
-) -> Callable[[], Any]:
-    x = inputs.detach().requires_grad_(True)
-    return lambda: torch.autograd.grad(model(x)[:, TARGET].sum(), x)
-
-
-def _features(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    inputs = torch.randn(batch, models.MLP_FEATURES, generator=generator)
-    return inputs, torch.zeros_like(inputs)
-
-
-def _images(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def images(batch: int, generator: torch.Generator) -> Arguments:
+    """Standard-normal ``3x32x32`` images and zero baselines."""
     inputs = torch.randn(batch, *models.IMAGE_SHAPE, generator=generator)
-    return inputs, torch.zeros_like(inputs)
+    return {"inputs": inputs, "baselines": torch.zeros_like(inputs)}
 
 
-def _tokens(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def tokens(batch: int, generator: torch.Generator, masked: bool = False) -> Arguments:
+    """Token ids and baselines of padding tokens; ``masked``: each sequence padded after a
+    random length of at least half, the mask passed as an additional forward argument."""
     shape = (batch, models.SEQUENCE_LENGTH)
-    tokens = torch.randint(1, models.VOCAB_SIZE, shape, generator=generator)
-    return tokens, torch.full_like(tokens, models.PAD_TOKEN)
-
-
-def _whole_model(cls: type, model: nn.Module) -> Any:
-    return cls(model)
-
-
-def _at_layer(layer_name: str) -> Callable[[type, nn.Module], Any]:
-    return lambda cls, model: cls(model, model.get_submodule(layer_name))
+    ids = torch.randint(1, models.VOCAB_SIZE, shape, generator=generator)
+    arguments: Arguments = {"baselines": torch.full_like(ids, models.PAD_TOKEN)}
+    if masked:
+        length = models.SEQUENCE_LENGTH
+        lengths = torch.randint(length // 2, length + 1, (batch, 1), generator=generator)
+        mask = (torch.arange(length) < lengths).long()
+        ids = ids * mask
+        arguments["additional_forward_args"] = (mask,)
+    arguments["inputs"] = ids
+    return arguments
 
 
 CASES: tuple[Case, ...] = (
     Case(
-        "IntegratedGradients", "mlp", models.mlp, _features, _whole_model,
-        {"target": TARGET}, _target_floor,
+        "IntegratedGradients", "mlp", models.mlp, features, path_floor,
+        call_kwargs={"target": TARGET},
     ),
     Case(
-        "IntegratedGradients", "cnn", models.cnn, _images, _whole_model,
-        {"target": TARGET}, _target_floor, quick=True,
+        "IntegratedGradients", "cnn", models.cnn, images, path_floor,
+        call_kwargs={"target": TARGET}, quick=True,
     ),
     Case(
-        "IntegratedGradients", "resnet", models.resnet, _images, _whole_model,
-        {"target": TARGET}, _target_floor,
+        "IntegratedGradients", "resnet", models.resnet, images, path_floor,
+        call_kwargs={"target": TARGET},
     ),
     Case(
-        "LayerIntegratedGradients", "transformer", models.transformer, _tokens,
-        _at_layer("embedding"), {"target": TARGET}, _embedding_floor, quick=True,
+        "LayerIntegratedGradients", "transformer", models.transformer, tokens,
+        layer_floor("embedding"), layer="embedding", call_kwargs={"target": TARGET},
+        quick=True,
     ),
     Case(
-        "NeuronIntegratedGradients", "mlp", models.mlp, _features, _at_layer("fc2"),
-        {"neuron_selector": 7}, _neuron_floor("fc2", (7,)), quick=True,
+        "NeuronIntegratedGradients", "mlp", models.mlp, features, neuron_floor("fc2"),
+        layer="fc2", call_kwargs={"neuron_selector": 7}, quick=True,
     ),
     Case(
-        "NeuronIntegratedGradients", "cnn", models.cnn, _images, _at_layer("conv2"),
-        {"neuron_selector": (5, 4, 4)}, _neuron_floor("conv2", (5, 4, 4)),
+        "NeuronIntegratedGradients", "cnn", models.cnn, images, neuron_floor("conv2"),
+        layer="conv2", call_kwargs={"neuron_selector": (5, 4, 4)},
     ),
     Case(
-        "LRP", "mlp", models.mlp, _features, _whole_model, {"target": TARGET}, _lrp_floor,
+        "LRP", "mlp", models.mlp, features, input_floor, call_kwargs={"target": TARGET},
+        uses_path=False, others={"zennit": contenders.zennit_epsilon},
+    ),
+    Case(
+        "LRP", "cnn", models.cnn, images, input_floor, call_kwargs={"target": TARGET},
+        uses_path=False, others={"zennit": contenders.zennit_epsilon}, quick=True,
+    ),
+    # Neither Captum's LRP nor zennit's rules above handle the residual `+` (and Captum has no
+    # rule for nn.Identity); fastattr's has.
+    Case(
+        "LRP", "resnet", models.resnet, images, input_floor, call_kwargs={"target": TARGET},
         uses_path=False,
     ),
-    Case(
-        "LRP", "cnn", models.cnn, _images, _whole_model, {"target": TARGET}, _lrp_floor,
-        uses_path=False, quick=True,
-    ),
-    # Captum's LRP has no rule for the residual `+` (and nn.Identity); fastattr's has.
-    Case(
-        "LRP", "resnet", models.resnet, _images, _whole_model, {"target": TARGET},
-        _lrp_floor, uses_path=False,
-    ),
 )  # fmt: skip
+
+
+def load(source: str = BUILT_IN) -> tuple[Case, ...]:
+    """The ``CASES`` of ``source``: a Python file (``benchmarks/cases/x.py``) or a module name.
+
+    Raises:
+        ValueError: ``source`` cannot be imported, has no ``CASES`` of :class:`Case`, or two of
+            its cases share a name.
+    """
+    if source.endswith(".py") or Path(source).is_file():
+        path = Path(source).resolve()
+        if not path.is_file():
+            raise ValueError(f"no case file {source!r}")
+        spec = importlib.util.spec_from_file_location(f"fastattr_bench_cases_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as error:
+            raise ValueError(f"cannot import the cases of {source!r}: {error}") from None
+    found = getattr(module, "CASES", None)
+    if not isinstance(found, Sequence) or not all(isinstance(c, Case) for c in found):
+        raise ValueError(f"{source!r} has no CASES: a sequence of fastattr.bench.cases.Case")
+    names = [case.name for case in found]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{source!r} has several cases named {repeated}")
+    return tuple(found)
 
 
 def select(
     methods: list[str] | None = None,
     model_names: list[str] | None = None,
     quick: bool = False,
+    cases: Sequence[Case] = CASES,
 ) -> list[Case]:
-    """The cases of the given methods (class or short names) and models; all by default.
-    ``quick`` keeps the quick cases unless models are named."""
-    chosen = [case for case in CASES if case.quick or not quick or model_names]
+    """The ``cases`` of the given methods (class or short names) and models; all by default.
+
+    ``quick`` keeps the cases marked quick, unless models are named or none is marked.
+
+    Raises:
+        ValueError: A method or model is unknown.
+    """
+    chosen = list(cases)
+    if quick and not model_names and any(case.quick for case in cases):
+        chosen = [case for case in chosen if case.quick]
     if methods:
         wanted = set()
         for name in methods:
@@ -189,7 +230,7 @@ def select(
             wanted.update(matches)
         chosen = [case for case in chosen if case.method in wanted]
     if model_names:
-        known_models = sorted({case.model for case in CASES})
+        known_models = sorted({case.model for case in cases})
         unknown = sorted(set(model_names) - set(known_models))
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; known: {known_models}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fastattr.bench import report
-from fastattr.bench.cases import METHODS, select
+from fastattr.bench.cases import BUILT_IN, METHODS, load, select
 from fastattr.bench.runner import Config, failed_checks, run
 
 # (batch sizes, n_steps, warm-up rounds, timed rounds): the defaults keep a CPU run to a few
@@ -72,6 +72,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="where to run (default: cuda when available)",
     )
+    parser.add_argument(
+        "--cases",
+        default=BUILT_IN,
+        metavar="SOURCE",
+        help="a Python file (or module) whose CASES to run instead of the built-in ones, "
+        "e.g. benchmarks/cases/layer_neuron_ig.py",
+    )
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--quick", action="store_true", help="a small run (under a minute on CPU)")
     parser.add_argument("--batch-sizes", type=_int_list, help="comma-separated, e.g. 1,8,32")
     parser.add_argument("--methods", type=_name_list, help=f"comma-separated: {method_help}")
@@ -99,10 +107,14 @@ def main(args: argparse.Namespace) -> int:
         print("fastattr bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
     try:
-        cases = select(args.methods, args.models, quick=args.quick)
+        cases = select(args.methods, args.models, args.quick, load(args.cases))
     except ValueError as error:
         print(f"fastattr bench: {error}", file=sys.stderr)
         return 2
+    if args.list:
+        for case in cases:
+            print(f"{case.name}: {case.method} on {case.model}")
+        return 0
     batch_sizes, n_steps, warmup, repeats = PRESETS[(device.type, args.quick)]
     config = Config(
         device=device,
@@ -113,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         repeats=args.repeats or repeats,
         measure_memory=not args.no_memory,
         progress=not args.no_progress,
+        source=args.cases,
     )
     threads = torch.get_num_threads()
     if args.threads:

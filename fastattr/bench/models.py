@@ -6,6 +6,9 @@ module hooks — which Captum's LRP and the layer methods rely on — see each u
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -15,21 +18,6 @@ NUM_CLASSES = 10
 VOCAB_SIZE = 1000
 SEQUENCE_LENGTH = 32
 PAD_TOKEN = 0
-
-
-class MLP(nn.Module):
-    """64 features, two hidden layers of 256, 10 classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(MLP_FEATURES, 256)
-        self.relu1 = nn.ReLU()
-        self.fc2 = nn.Linear(256, 256)
-        self.relu2 = nn.ReLU()
-        self.fc3 = nn.Linear(256, NUM_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
 
 
 class SmallCNN(nn.Module):
@@ -99,8 +87,8 @@ class SmallResNet(nn.Module):
 class TextTransformer(nn.Module):
     """Token ids -> embedding + learned positions -> two encoder layers -> mean pool -> classes.
 
-    ``classify`` runs everything after the token embedding, so the benchmark's floor for
-    LayerIntegratedGradients can start from an interpolated embedding.
+    ``forward(tokens, mask=None)``: with a mask (1 for tokens, 0 for padding) the encoder
+    ignores the padding and the pool averages over the tokens only.
     """
 
     def __init__(self, dim: int = 64, heads: int = 4, layers: int = 2) -> None:
@@ -113,19 +101,20 @@ class TextTransformer(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(dim, 4)
 
-    def classify(self, embedded: Tensor) -> Tensor:
-        hidden = self.encoder(embedded + self.positions[: embedded.shape[1]])
-        return self.head(hidden.mean(dim=1))
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        hidden = self.embedding(tokens) + self.positions[: tokens.shape[1]]
+        if mask is None:
+            return self.head(self.encoder(hidden).mean(dim=1))
+        hidden = self.encoder(hidden, src_key_padding_mask=mask == 0)
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return self.head((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1))
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.classify(self.embedding(tokens))
 
-
-def _build(cls: type[nn.Module], seed: int) -> nn.Module:
+def _build(make: Callable[[], nn.Module], seed: int) -> nn.Module:
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = cls()
+        model = make()
         # Non-trivial BatchNorm statistics, so eval mode is not an identity.
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -138,8 +127,22 @@ def _build(cls: type[nn.Module], seed: int) -> nn.Module:
     return model.eval()
 
 
-def mlp() -> nn.Module:
-    return _build(MLP, 0)
+def _perceptron(features: int, width: int, layers: int) -> nn.Sequential:
+    named: OrderedDict[str, nn.Module] = OrderedDict()
+    for index in range(1, layers + 1):
+        last = index == layers
+        named[f"fc{index}"] = nn.Linear(
+            features if index == 1 else width, NUM_CLASSES if last else width
+        )
+        if not last:
+            named[f"relu{index}"] = nn.ReLU()
+    return nn.Sequential(named)
+
+
+def mlp(features: int = MLP_FEATURES, width: int = 256, layers: int = 3) -> nn.Module:
+    """``layers`` linear layers (``fc1`` ... ) with a ReLU (``relu1`` ...) between them:
+    ``features`` inputs, hidden layers of ``width``, 10 classes. By default 64-256-256-10."""
+    return _build(lambda: _perceptron(features, width, layers), 0)
 
 
 def cnn() -> nn.Module:

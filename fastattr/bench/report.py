@@ -16,7 +16,7 @@ COLUMNS = (
     ("time/floor", ">"),
     ("peak MiB", ">"),
     ("err vs ref", ">"),
-    ("err vs captum", ">"),
+    ("err vs others", "<"),
 )
 
 
@@ -37,16 +37,21 @@ def _row(result: dict[str, Any], name: str, record: dict[str, Any]) -> list[str]
         return [result["case"], str(result["batch"]), name, shown, *["-"] * 5]
     speedup = record.get("speedup_vs_captum")
     peak = record.get("peak_bytes")
+    errors = [
+        f"{key[len('rel_err_') :]} {value:.1e}"
+        for key, value in record.items()
+        if key.startswith("rel_err_") and key not in ("rel_err_reference", "rel_err_float64")
+    ]
     return [
         result["case"],
         str(result["batch"]),
         name,
         _rate(record.get("examples_per_s")),
-        "-" if speedup is None or name == "captum" else f"{speedup:.2f}x",
+        "-" if speedup is None else f"{speedup:.2f}x",
         _number(record.get("time_over_floor"), ".2f"),
         "-" if peak is None else f"{peak / 2**20:.1f}",
         _number(record.get("rel_err_reference"), ".1e"),
-        _number(record.get("rel_err_captum"), ".1e"),
+        ", ".join(errors) or "-",
     ]
 
 
@@ -82,28 +87,46 @@ def _mib(record: dict[str, Any] | None) -> str:
     return "-" if peak is None else f"{peak / 2**20:.1f}"
 
 
+def contender_names(report: dict[str, Any]) -> list[str]:
+    """Every contender in the report: fastattr first, the floor last, the others as found."""
+    names = dict.fromkeys(
+        name for result in report["results"] for name in result["implementations"]
+    )
+    others = [name for name in names if name not in ("fastattr", "floor")]
+    return ["fastattr", *others, "floor"]
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
-    """A Markdown table with one row per case and batch: the three contenders side by side."""
+    """A Markdown table with one row per case and batch: the contenders side by side."""
+    names = contender_names(report)
+    others = names[1:-1]
+    header = [
+        "case",
+        "batch",
+        *(f"{name} ex/s" for name in names),
+        *(f"fastattr vs {name}" for name in others),
+        "fastattr time/floor",
+        f"peak MiB {' / '.join(names)}",
+        "err vs ref",
+        *(f"err vs {name}" for name in others),
+    ]
     lines = [
-        "| case | batch | fastattr ex/s | captum ex/s | floor ex/s | fastattr vs captum "
-        "| fastattr time/floor | peak MiB fastattr / captum / floor | err vs ref | err vs captum |",
-        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| " + " | ".join(header) + " |",
+        "|:--|" + "--:|" * (len(header) - 1),
     ]
     for result in report["results"]:
         impls = result["implementations"]
         fast = impls.get("fastattr", {})
-        speedup = fast.get("speedup_vs_captum")
+        speedups = (fast.get(f"speedup_vs_{name}") for name in others)
         cells = [
             f"`{result['case']}`",
             str(result["batch"]),
-            _throughput(impls.get("fastattr")),
-            _throughput(impls.get("captum")),
-            _throughput(impls.get("floor")),
-            "-" if speedup is None else f"{speedup:.2f}x",
+            *(_throughput(impls.get(name)) for name in names),
+            *("-" if speedup is None else f"{speedup:.2f}x" for speedup in speedups),
             _number(fast.get("time_over_floor"), ".2f"),
-            " / ".join(_mib(impls.get(name)) for name in ("fastattr", "captum", "floor")),
+            " / ".join(_mib(impls.get(name)) for name in names),
             _number(fast.get("rel_err_reference"), ".1e"),
-            _number(fast.get("rel_err_captum"), ".1e"),
+            *(_number(fast.get(f"rel_err_{name}"), ".1e") for name in others),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -117,11 +140,11 @@ def legend(report: dict[str, Any]) -> str:
         f"fastattr backend {meta['build']['backend']}",
         f"n_steps {meta['n_steps']} (IG methods; the floor runs the same n_steps * batch rows); "
         f"timing: {meta['timing']}, {meta['warmup']} warm-up + {meta['repeats']} repeats",
-        "vs captum: Captum's time / this time; time/floor: this time / the model's own "
+        "vs X: X's time / this time; time/floor: this time / the model's own "
         "forward+backward over the same rows",
         f"peak MiB: {meta['memory_method'] or 'not measured'}",
-        "err: max |fastattr - ref| / max |ref| against the reference backend and Captum, computed "
-        "with TF32 off",
+        "err: max |fastattr - ref| / max |ref| against the reference backend and each other "
+        "contender, computed with TF32 off",
     ]
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
@@ -159,7 +182,9 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
     for unused in axes.flat[len(methods) :]:
         unused.set_visible(False)
-    colors = {"fastattr": "tab:blue", "captum": "tab:orange", "floor": "tab:gray"}
+    palette = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"])
+    colors = {name: next(palette, "tab:olive") for name in contender_names(report)}
+    colors.update(fastattr="tab:blue", floor="tab:gray")
     markers = ["o", "s", "^", "D", "v"]
     for axis, method in zip(axes.flat, methods):
         results = [r for r in report["results"] if r["method"] == method]

@@ -1,4 +1,5 @@
-"""Runs the benchmark cases: fastattr, Captum (when installed) and the floor, side by side.
+"""Runs the benchmark cases: fastattr, Captum (when installed), the case's other contenders
+and the floor, side by side.
 
 For every case and batch size each implementation first runs once on its own (which checks it
 works and gives the attributions to compare), then all that worked are timed together with
@@ -19,7 +20,7 @@ import os
 import platform
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Union
@@ -29,10 +30,9 @@ from torch import Tensor
 
 import fastattr
 from fastattr.bench import memory
-from fastattr.bench.cases import Case, select
+from fastattr.bench.cases import BUILT_IN, Arguments, Case, load
 from fastattr.bench.timing import interleaved_medians
 
-IMPLEMENTATIONS = ("fastattr", "captum", "floor")
 # fastattr's float32 attributions must agree this closely with the reference backend's and
 # Captum's; a larger error is reported as a failed check.
 TOLERANCE = 1e-4
@@ -48,6 +48,9 @@ class Config:
     repeats: int
     measure_memory: bool = True
     progress: bool = True
+    # Where the cases come from (a module name or a file, see cases.load): the CPU memory
+    # worker, a fresh process, loads them from there.
+    source: str = BUILT_IN
 
 
 def _import_captum() -> tuple[ModuleType | None, str | None]:
@@ -100,53 +103,50 @@ def _failure(error: BaseException) -> dict[str, Any]:
     return {"status": "error", "message": f"{type(error).__name__}: {error}"[:300]}
 
 
-# How a contender makes its call on a batch: (inputs, baselines, n_steps) -> the timed call.
-Prepare = Callable[[Tensor, Tensor, int], Callable[[], Any]]
+# A contender set up for a case: one batch's arguments -> the call to time.
+Prepare = Callable[[Arguments], Callable[[], Any]]
 # A contender that cannot run at all is its failure record instead.
 Contender = Union[Prepare, dict[str, Any]]
 
 
-def _attributor_call(case: Case, attributor: Any, quiet: bool) -> Prepare:
-    def prepare(inputs: Tensor, baselines: Tensor, n_steps: int) -> Callable[[], Any]:
+def _attributor_call(attributor: Any, quiet: bool) -> Prepare:
+    def prepare(arguments: Arguments) -> Callable[[], Any]:
         def call() -> Any:
             if not quiet:
-                return case.attribute(attributor, inputs, baselines, n_steps)
+                return attributor.attribute(**arguments)
             # Captum warns on every call that it set requires_grad on the inputs.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return case.attribute(attributor, inputs, baselines, n_steps)
+                return attributor.attribute(**arguments)
 
         return call
 
     return prepare
 
 
+def _on_own_copy(contender: Callable[..., Callable[[], Any]], model: torch.nn.Module) -> Prepare:
+    return lambda arguments: contender(model, arguments)
+
+
 def implementations(case: Case, device: torch.device) -> dict[str, Contender]:
-    """Each contender of ``case``, each on its own copy of the model, or why it cannot run."""
+    """Each contender of ``case`` (fastattr, Captum when installed, the case's others, the
+    floor), each on its own copy of the model, or why it cannot run."""
+    if _fastattr_class(case.method) is None:
+        return {}
     model = case.make_model().to(device)
     contenders: dict[str, Contender] = {}
-    fast_cls = _fastattr_class(case.method)
-    if fast_cls is None:
-        return {}
-    try:
-        contenders["fastattr"] = _attributor_call(
-            case, case.construct(fast_cls, copy.deepcopy(model)), quiet=False
-        )
-    except Exception as error:
-        contenders["fastattr"] = _failure(error)
-    captum_attr = _captum_attr()
-    if captum_attr is not None:
+    libraries = {"fastattr": fastattr, "captum": _captum_attr()}
+    for name, library in libraries.items():
+        if library is None:
+            continue
         try:
-            captum_cls = getattr(captum_attr, case.method)
-            contenders["captum"] = _attributor_call(
-                case, case.construct(captum_cls, copy.deepcopy(model)), quiet=True
-            )
+            attributor = case.build(library, copy.deepcopy(model))
+            contenders[name] = _attributor_call(attributor, quiet=name != "fastattr")
         except Exception as error:
-            contenders["captum"] = _failure(error)
-    floor_model = copy.deepcopy(model)
-    contenders["floor"] = lambda inputs, baselines, n_steps: case.floor(
-        floor_model, inputs, baselines, n_steps
-    )
+            contenders[name] = _failure(error)
+    for name, other in case.others.items():
+        contenders[name] = _on_own_copy(other, copy.deepcopy(model))
+    contenders["floor"] = _on_own_copy(case.floor, copy.deepcopy(model))
     return contenders
 
 
@@ -184,23 +184,33 @@ def full_float32() -> Iterator[None]:
             matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
-def _float64_attributions(case: Case, inputs: Tensor, baselines: Tensor, n_steps: int) -> Any:
+def _converted(value: Any, **to: Any) -> Any:
+    """``value`` with its tensors (inside tuples too) moved or cast by ``Tensor.to(**to)``;
+    ``dtype`` casts floating tensors only."""
+    if isinstance(value, tuple):
+        return tuple(_converted(item, **to) for item in value)
+    if not isinstance(value, Tensor):
+        return value
+    if "dtype" in to and not value.is_floating_point():
+        return value
+    return value.to(**to)
+
+
+def _float64_attributions(case: Case, arguments: Arguments) -> Any:
     """fastattr's attributions of the case's model and batch, computed in float64."""
-    model = case.make_model().to(device=inputs.device, dtype=torch.float64)
-    attributor = case.construct(_fastattr_class(case.method), model)
-    floating = inputs.is_floating_point()
-    return case.attribute(
-        attributor,
-        inputs.double() if floating else inputs,
-        baselines.double() if floating else baselines,
-        n_steps,
-    )
+    device = arguments["inputs"].device
+    model = case.make_model().to(device=device, dtype=torch.float64)
+    attributor = case.build(fastattr, model)
+    in_float64 = {key: _converted(value, dtype=torch.float64) for key, value in arguments.items()}
+    return attributor.attribute(**in_float64)
 
 
-def _batch(case: Case, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def batch_arguments(case: Case, batch: int, n_steps: int, device: torch.device) -> Arguments:
+    """The case's ``attribute()`` arguments for a batch of ``batch`` (seeded by its size)."""
     generator = torch.Generator().manual_seed(batch)
-    inputs, baselines = case.make_batch(batch, generator)
-    return inputs.to(device), baselines.to(device)
+    made = case.make_batch(batch, generator)
+    on_device = {key: _converted(value, device=device) for key, value in made.items()}
+    return case.arguments(on_device, n_steps)
 
 
 class _Guarded:
@@ -220,6 +230,38 @@ class _Guarded:
             self.failure = _failure(error)
 
 
+def _compared(records: Mapping[str, Any]) -> list[str]:
+    """The contenders whose results are compared with fastattr's: all but fastattr and floor."""
+    return [name for name in records if name not in ("fastattr", "floor")]
+
+
+def _check(
+    case: Case,
+    arguments: Arguments,
+    outputs: dict[str, Any],
+    records: dict[str, dict[str, Any]],
+    fastattr_call: Callable[[], Any],
+) -> None:
+    """fastattr's errors against its reference backend and each compared contender."""
+    fast = records["fastattr"]
+    try:
+        with fastattr.use_backend("reference"), full_float32():
+            reference = fastattr_call()
+        fast["rel_err_reference"] = relative_error(outputs["fastattr"], reference)
+    except Exception as error:
+        fast["reference_error"] = f"{type(error).__name__}: {error}"[:300]
+    exact = None
+    for name in _compared(outputs):
+        error = fast[f"rel_err_{name}"] = relative_error(outputs["fastattr"], outputs[name])
+        if not error <= TOLERANCE:
+            # More apart than float32 rounding: float64 tells which is off (a deep model can
+            # amplify rounding past the tolerance in both).
+            if exact is None:
+                exact = _float64_attributions(case, arguments)
+                fast["rel_err_float64"] = relative_error(outputs["fastattr"], exact)
+            records[name]["rel_err_float64"] = relative_error(outputs[name], exact)
+
+
 def _measure_batch(
     case: Case,
     contenders: dict[str, Contender],
@@ -227,7 +269,7 @@ def _measure_batch(
     config: Config,
 ) -> dict[str, Any]:
     device = config.device
-    inputs, baselines = _batch(case, batch, device)
+    arguments = batch_arguments(case, batch, config.n_steps, device)
     records: dict[str, dict[str, Any]] = {}
     calls: dict[str, Callable[[], Any]] = {}
     outputs: dict[str, Any] = {}
@@ -236,7 +278,7 @@ def _measure_batch(
             records[name] = dict(contender)
             continue
         try:
-            call = contender(inputs, baselines, config.n_steps)
+            call = contender(arguments)
             with full_float32():
                 outputs[name] = call()
             record: dict[str, Any] = {"status": "ok"}
@@ -248,22 +290,9 @@ def _measure_batch(
             continue
         records[name] = record
         calls[name] = call
+    outputs.pop("floor", None)
     if "fastattr" in outputs:
-        fast = records["fastattr"]
-        try:
-            with fastattr.use_backend("reference"), full_float32():
-                reference = calls["fastattr"]()
-            fast["rel_err_reference"] = relative_error(outputs["fastattr"], reference)
-        except Exception as error:
-            fast["reference_error"] = f"{type(error).__name__}: {error}"[:300]
-        if "captum" in outputs:
-            fast["rel_err_captum"] = relative_error(outputs["fastattr"], outputs["captum"])
-            if not fast["rel_err_captum"] <= TOLERANCE:
-                # More apart than float32 rounding: float64 tells which is off (a deep model
-                # can amplify rounding past the tolerance in both).
-                exact = _float64_attributions(case, inputs, baselines, config.n_steps)
-                fast["rel_err_float64"] = relative_error(outputs["fastattr"], exact)
-                records["captum"]["rel_err_float64"] = relative_error(outputs["captum"], exact)
+        _check(case, arguments, outputs, records, calls["fastattr"])
     outputs.clear()
 
     guarded = {name: _Guarded(call) for name, call in calls.items()}
@@ -280,14 +309,16 @@ def _measure_batch(
     _release_memory()
 
     floor_s = records.get("floor", {}).get("seconds")
-    captum_s = records.get("captum", {}).get("seconds")
     for record in records.values():
         seconds = record.get("seconds")
-        if seconds:
-            if captum_s:
-                record["speedup_vs_captum"] = captum_s / seconds
-            if floor_s:
-                record["time_over_floor"] = seconds / floor_s
+        if not seconds:
+            continue
+        for name in _compared(records):
+            other_s = records[name].get("seconds")
+            if other_s and record is not records[name]:
+                record[f"speedup_vs_{name}"] = other_s / seconds
+        if floor_s:
+            record["time_over_floor"] = seconds / floor_s
     return {
         "case": case.name,
         "method": case.method,
@@ -301,20 +332,20 @@ def _measure_batch(
 def memory_worker(request: dict[str, Any]) -> dict[str, Any]:
     """Peak bytes of every contender on every case and batch of ``request`` (see ``run``)."""
     device = torch.device(request["device"])
-    cases = {case.name: case for case in select()}
+    cases = {case.name: case for case in load(request["source"])}
     peaks: dict[str, dict[str, dict[str, Any]]] = {}
     for case_name in request["cases"]:
         case = cases[case_name]
         contenders = implementations(case, device)
         peaks[case_name] = {}
         for batch in request["batch_sizes"]:
-            inputs, baselines = _batch(case, batch, device)
+            arguments = batch_arguments(case, batch, request["n_steps"], device)
             per_batch: dict[str, Any] = {}
             for name, contender in contenders.items():
                 if isinstance(contender, dict):
                     continue
                 try:
-                    call = contender(inputs, baselines, request["n_steps"])
+                    call = contender(arguments)
                     call()  # first call: lazy set-up, hooks, caches
                     per_batch[name] = memory.peak_bytes(call, device)
                 except Exception as error:
@@ -329,6 +360,7 @@ def _cpu_peaks(config: Config, cases: list[Case], notes: list[str]) -> dict[str,
         return {}
     request = {
         "device": "cpu",
+        "source": config.source,
         "cases": [case.name for case in cases],
         "batch_sizes": list(config.batch_sizes),
         "n_steps": config.n_steps,
@@ -364,19 +396,6 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"{processor}, {os.cpu_count()} CPU cores"
-
-
-def script_device(name: str, error: Callable[[str], Any]) -> tuple[torch.device, str]:
-    """The benchmark scripts' ``--device``: the device, and the machine line of their reports
-    (with the torch thread count on a CPU); ``error`` (argparse's) when CUDA is asked for and
-    there is none."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        error("--device cuda needs a CUDA GPU")
-    machine = device_name(device)
-    if device.type == "cpu":
-        machine += f", {torch.get_num_threads()} threads"
-    return device, machine
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -451,6 +470,7 @@ def run(config: Config) -> dict[str, Any]:
             "python_version": platform.python_version(),
             "batch_sizes": list(config.batch_sizes),
             "n_steps": config.n_steps,
+            "cases": config.source,
             "warmup": config.warmup,
             "repeats": config.repeats,
             "timing": (
@@ -466,34 +486,46 @@ def run(config: Config) -> dict[str, Any]:
     }
 
 
-def _as_close_to_float64(fast: dict[str, Any], captum: dict[str, Any]) -> bool:
-    """Whether fastattr, though apart from Captum, is no further from the float64 result."""
-    ours, theirs = fast.get("rel_err_float64"), captum.get("rel_err_float64")
+def _as_close_to_float64(fast: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether fastattr, though apart from the other contender, is no further from the
+    float64 result."""
+    ours, theirs = fast.get("rel_err_float64"), other.get("rel_err_float64")
     return ours is not None and theirs is not None and ours <= theirs + TOLERANCE
 
 
 def float32_notes(results: list[dict[str, Any]]) -> list[str]:
-    """A line for each batch where fastattr and Captum differ by more than the tolerance yet
-    are equally close to float64: rounding the model amplifies, not a wrong result."""
+    """A line for each batch where fastattr and another contender differ by more than the
+    tolerance while fastattr is no further from float64: rounding the model amplifies when
+    both are as far, the other contender's error when it is the further."""
     notes = []
     for result in results:
-        fast = result["implementations"].get("fastattr", {})
-        captum = result["implementations"].get("captum", {})
-        if fast.get("rel_err_captum", 0) > TOLERANCE and _as_close_to_float64(fast, captum):
-            notes.append(
-                f"{result['case']} batch {result['batch']}: fastattr and Captum differ by "
-                f"{fast['rel_err_captum']:.1e}, and each is as far from float64 (fastattr "
-                f"{fast['rel_err_float64']:.1e}, Captum {captum['rel_err_float64']:.1e}): float32 "
-                "rounding that this model amplifies"
-            )
+        impls = result["implementations"]
+        fast = impls.get("fastattr", {})
+        for name in _compared(impls):
+            other = impls[name]
+            apart = fast.get(f"rel_err_{name}", 0)
+            if not (apart > TOLERANCE and _as_close_to_float64(fast, other)):
+                continue
+            ours, theirs = fast["rel_err_float64"], other["rel_err_float64"]
+            where = f"{result['case']} batch {result['batch']}: fastattr and {name} differ by"
+            distances = f"(fastattr {ours:.1e}, {name} {theirs:.1e})"
+            if theirs > ours + TOLERANCE:
+                notes.append(f"{where} {apart:.1e}; {name} is the further from float64 {distances}")
+            else:
+                notes.append(
+                    f"{where} {apart:.1e}, and each is as far from float64 {distances}: float32 "
+                    "rounding that this model amplifies"
+                )
     return notes
 
 
 def failed_checks(report: dict[str, Any]) -> list[str]:
-    """fastattr results that errored or disagree with the reference backend or Captum."""
+    """fastattr results that errored or disagree with the reference backend or another
+    contender."""
     problems = []
     for result in report["results"]:
-        fast = result["implementations"].get("fastattr")
+        impls = result["implementations"]
+        fast = impls.get("fastattr")
         if fast is None:
             continue
         where = f"{result['case']} batch {result['batch']}"
@@ -501,12 +533,11 @@ def failed_checks(report: dict[str, Any]) -> list[str]:
             problems.append(f"{where}: fastattr failed: {fast.get('message')}")
         if "reference_error" in fast:
             problems.append(f"{where}: reference backend failed: {fast['reference_error']}")
-        for key in ("rel_err_reference", "rel_err_captum"):
-            error = fast.get(key)
-            if error is None or error <= TOLERANCE:
+        for key, error in fast.items():
+            if not key.startswith("rel_err_") or key == "rel_err_float64" or error <= TOLERANCE:
                 continue
-            captum = result["implementations"].get("captum", {})
-            if key == "rel_err_captum" and _as_close_to_float64(fast, captum):
+            name = key[len("rel_err_") :]
+            if name != "reference" and _as_close_to_float64(fast, impls.get(name, {})):
                 continue
             problems.append(f"{where}: {key} = {error:.3g} > {TOLERANCE:g}")
     return problems
