@@ -70,10 +70,12 @@ def _want_cuda() -> bool:
     return available
 
 
+# The oldest torch pyproject.toml claims, the one `make test` tests (test-oldest-torch).
+OLDEST_TORCH = (2, 13)
 _torch_version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-# The stable ABI lets one wheel serve every Python from 3.10 on (torch defines
-# Py_LIMITED_API=3.10 for such extensions); torch supports it from 2.6.
-_limited_api = _torch_version >= (2, 6)
+if _torch_version < OLDEST_TORCH:
+    oldest = ".".join(map(str, OLDEST_TORCH))
+    sys.exit(f"fastattr needs torch {oldest} or newer, found {torch.__version__}")
 _with_cuda = _want_cuda()
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -113,7 +115,9 @@ if _with_cuda:
             "nvcc": ["-O3", "--extended-lambda", "--fmad=false"],
         },
         extra_link_args=openmp,
-        py_limited_api=_limited_api,
+        # The stable ABI lets one wheel serve every Python from 3.10 on (torch defines
+        # Py_LIMITED_API=3.10 for such extensions).
+        py_limited_api=True,
     )
 else:
     extension = CppExtension(
@@ -122,11 +126,11 @@ else:
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=openmp,
-        py_limited_api=_limited_api,
+        py_limited_api=True,
     )
 
 setup(
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if _limited_api else {},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -119,7 +119,7 @@ step bench "$PYTHON" -m fastattr bench --device cuda --no-progress --out "$OUT"
 step study-layer-neuron "$PYTHON" -m fastattr bench --device cuda --no-progress \
     --cases benchmarks/cases/layer_neuron_ig.py --batch-sizes 32,64,512 --out "$OUT/layer_neuron_ig"
 step study-lrp-large "$PYTHON" -m fastattr bench --device cuda --no-progress \
-    --methods lrp --models mlp,cnn --batch-sizes 1024,16384 --out "$OUT/lrp_large"
+    --methods lrp --models mlp,cnn --batch-sizes 64,256,1024,16384 --out "$OUT/lrp_large"
 step study-ig-memory "$PYTHON" -m fastattr bench --device cuda --no-progress \
     --methods ig --models cnn --batch-sizes 2048,8192,16384 --repeats 3 --out "$OUT/ig_memory"
 

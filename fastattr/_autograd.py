@@ -17,6 +17,10 @@ def input_gradients(
     their ``__torch_function__``.
     """
     if type(output) is Tensor and all(type(t) is Tensor for t in inputs):
+        # Private: the engine call torch.autograd.grad itself ends in, with its positional
+        # arguments (tensors, grad_tensors, keep_graph, create_graph, inputs,
+        # allow_unreachable, accumulate_grad). Checked on torch 2.13 and 2.14;
+        # tests/test_torch_private_api.py fails if it moves.
         return Variable._execution_engine.run_backward(  # type: ignore[attr-defined]
             (output,), (seed,), False, False, inputs, True, False
         )

@@ -72,8 +72,22 @@ backend_in_context = _active.get
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed code on ``"compiled"`` or ``"reference"`` kernels.
 
-    ``FASTATTR_BACKEND`` sets the default. Asking for ``"compiled"`` when the extension is
-    not built raises ``RuntimeError``.
+    ``FASTATTR_BACKEND`` sets the default. The choice holds for the enclosed code in this
+    thread (and the tasks it starts), not for other threads.
+
+    Args:
+        name: ``"compiled"`` (fastattr's C++/CUDA kernels) or ``"reference"`` (their
+            pure-PyTorch twins in [fastattr.ops.reference][]).
+
+    Raises:
+        ValueError: ``name`` is neither.
+        RuntimeError: ``"compiled"`` when the extension is not built.
+
+    Examples:
+        >>> import fastattr
+        >>> with fastattr.use_backend("reference"):
+        ...     fastattr.current_backend()
+        'reference'
     """
     token = _active.set(_check_backend(name))
     try:

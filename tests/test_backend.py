@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastattr
 from fastattr import build_info, current_backend, ops, use_backend
 from fastattr.ops import reference
 
-ROOT = Path(__file__).resolve().parents[1]
+# Where the fastattr under test lives: this checkout, or an install of it (the oldest-torch
+# run of `make test` imports a build installed elsewhere).
+ROOT = Path(fastattr.__file__).resolve().parents[1]
 OPS = (
     "interpolate_path",
     "quadrature_accumulate",
@@ -29,7 +32,7 @@ OPS = (
 
 
 def run_python(*args: str, **env: str) -> subprocess.CompletedProcess:
-    """`python *args` in a fresh interpreter importing this checkout's fastattr, with the
+    """`python *args` in a fresh interpreter importing the fastattr under test, with the
     default backend unless `env` sets FASTATTR_BACKEND."""
     environment = {k: v for k, v in os.environ.items() if k != "FASTATTR_BACKEND"}
     environment.update(env)

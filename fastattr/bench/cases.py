@@ -1,11 +1,12 @@
-"""What ``fastattr bench`` measures: one declarative :class:`Case` per (method, model).
+"""What ``fastattr bench`` measures: one declarative [Case][fastattr.bench.cases.Case] per
+(method, model).
 
 A case says how to build the model and one batch's ``attribute()`` arguments, how to construct
 the attribution class (fastattr's and Captum's take the same arguments, so one recipe serves
 both), the floor (the model's own forward and backward over the same work) and any other
-contenders, such as zennit's LRP. ``fastattr bench`` runs :data:`CASES`; ``fastattr bench
---cases FILE`` runs the ``CASES`` of a Python file (or module) instead, which is how the
-studies in ``benchmarks/`` are written.
+contenders, such as zennit's LRP. ``fastattr bench`` runs
+[CASES][fastattr.bench.cases.CASES]; ``fastattr bench --cases FILE`` runs the ``CASES`` of a
+Python file (or module) instead, which is how the studies in ``benchmarks/`` are written.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ class Case:
 
     Attributes:
         method: The attribution class's name, in fastattr and in ``captum.attr`` (a key of
-            :data:`METHODS`). Cases of one method share a panel of the plot.
+            [METHODS][fastattr.bench.cases.METHODS]). Cases of one method share a panel of the plot.
         model: The model's short name (``--models`` selects by it).
         make_model: Builds the model, seeded, in eval mode.
         make_batch: ``(batch_size, generator) -> arguments`` of one batch: ``inputs`` and, for
             path methods, ``baselines``; any per-batch argument such as
             ``additional_forward_args``.
-        floor: The model's own work on the same rows (see :mod:`fastattr.bench.floors`).
+        floor: The model's own work on the same rows (see [fastattr.bench.floors][]).
         layer: For the layer and neuron methods, the layer's name in the model.
         call_kwargs: Fixed ``attribute()`` arguments (``target``, ``neuron_selector``, ...);
             an ``n_steps`` here wins over the command line's.
@@ -86,7 +87,12 @@ class Case:
             object.__setattr__(self, "name", f"{METHODS[self.method]}-{self.model}")
 
     def build(self, library: Any, model: nn.Module) -> Any:
-        """The attribution object of ``library`` (``fastattr`` or ``captum.attr``) on ``model``."""
+        """The attribution object of ``library`` on ``model``.
+
+        Args:
+            library: ``fastattr`` or ``captum.attr``.
+            model: The contender's copy of the model.
+        """
         if self.construct is not None:
             return self.construct(library, model)
         cls = getattr(library, self.method)
@@ -95,7 +101,12 @@ class Case:
         return cls(model, model.get_submodule(self.layer))
 
     def arguments(self, batch: Arguments, n_steps: int) -> Arguments:
-        """Every ``attribute()`` argument for one batch (the floor and others get the same)."""
+        """Every ``attribute()`` argument for one batch (the floor and others get the same).
+
+        Args:
+            batch: The batch's arguments, from ``make_batch``.
+            n_steps: Integration steps, for path methods unless ``call_kwargs`` fixes them.
+        """
         arguments = {**self.call_kwargs, **batch}
         if self.uses_path:
             arguments.setdefault("n_steps", n_steps)
@@ -105,20 +116,37 @@ class Case:
 
 
 def features(batch: int, generator: torch.Generator, count: int = models.MLP_FEATURES) -> Arguments:
-    """Standard-normal feature vectors and zero baselines."""
+    """Standard-normal feature vectors and zero baselines.
+
+    Args:
+        batch: The batch size.
+        generator: The random source.
+        count: Features per example.
+    """
     inputs = torch.randn(batch, count, generator=generator)
     return {"inputs": inputs, "baselines": torch.zeros_like(inputs)}
 
 
 def images(batch: int, generator: torch.Generator) -> Arguments:
-    """Standard-normal ``3x32x32`` images and zero baselines."""
+    """Standard-normal ``3x32x32`` images and zero baselines.
+
+    Args:
+        batch: The batch size.
+        generator: The random source.
+    """
     inputs = torch.randn(batch, *models.IMAGE_SHAPE, generator=generator)
     return {"inputs": inputs, "baselines": torch.zeros_like(inputs)}
 
 
 def tokens(batch: int, generator: torch.Generator, masked: bool = False) -> Arguments:
-    """Token ids and baselines of padding tokens; ``masked``: each sequence padded after a
-    random length of at least half, the mask passed as an additional forward argument."""
+    """Token ids and baselines of padding tokens.
+
+    Args:
+        batch: The batch size.
+        generator: The random source.
+        masked: Pad each sequence after a random length of at least half, and pass the mask
+            (1 for tokens, 0 for padding) as an additional forward argument.
+    """
     shape = (batch, models.SEQUENCE_LENGTH)
     ids = torch.randint(1, models.VOCAB_SIZE, shape, generator=generator)
     arguments: Arguments = {"baselines": torch.full_like(ids, models.PAD_TOKEN)}
@@ -176,11 +204,14 @@ CASES: tuple[Case, ...] = (
 
 
 def load(source: str = BUILT_IN) -> tuple[Case, ...]:
-    """The ``CASES`` of ``source``: a Python file (``benchmarks/cases/x.py``) or a module name.
+    """The ``CASES`` of a Python file or module.
+
+    Args:
+        source: A path ending in ``.py`` (``benchmarks/cases/x.py``) or a module name.
 
     Raises:
-        ValueError: ``source`` cannot be imported, has no ``CASES`` of :class:`Case`, or two of
-            its cases share a name.
+        ValueError: ``source`` cannot be imported, has no ``CASES`` of
+            [Case][fastattr.bench.cases.Case], or two of its cases share a name.
     """
     if source.endswith(".py") or Path(source).is_file():
         path = Path(source).resolve()
@@ -210,9 +241,13 @@ def select(
     quick: bool = False,
     cases: Sequence[Case] = CASES,
 ) -> list[Case]:
-    """The ``cases`` of the given methods (class or short names) and models; all by default.
+    """The cases of the given methods and models; all by default.
 
-    ``quick`` keeps the cases marked quick, unless models are named or none is marked.
+    Args:
+        methods: Class or short names (``IntegratedGradients`` or ``ig``).
+        model_names: Model names of the cases.
+        quick: Keep only the cases marked quick, unless models are named or none is marked.
+        cases: The cases to choose from.
 
     Raises:
         ValueError: A method or model is unknown.

@@ -57,6 +57,11 @@ def _non_negative(text: str) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Adds the ``bench`` command and its options.
+
+    Args:
+        commands: The ``fastattr`` command's subparsers.
+    """
     method_help = ", ".join(f"{short} ({name})" for name, short in METHODS.items())
     parser = commands.add_parser(
         "bench",
@@ -102,6 +107,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Runs ``fastattr bench``: prints the table, writes ``bench.json``, ``bench.md`` and
+    ``bench.png`` under ``--out``.
+
+    Args:
+        args: The parsed options.
+
+    Returns:
+        0 when every check passed, 1 when one failed, 2 for bad options.
+    """
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("fastattr bench: --device cuda but no CUDA GPU is available", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Contenders other than fastattr and Captum's class of the same name.
 
-Each has a contender's signature (:data:`fastattr.bench.cases.Contender`): given its own copy
+Each has a contender's signature ([fastattr.bench.cases.Contender][]): given its own copy
 of the model and one batch's ``attribute()`` arguments, it returns the call to time, whose
 result is compared with fastattr's. The library it needs is imported when it is set up, so a
 missing one fails that contender alone (recorded, and named in the notes).
@@ -21,7 +21,12 @@ def zennit_epsilon(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     """zennit's LRP with the rules fastattr and Captum apply by default to models of linear
     and convolutional layers, activations and pooling: epsilon (1e-9) on linear and
     convolutional layers, relevance passed through activations, and the pooling layers
-    redistributing by their share of the output."""
+    redistributing by their share of the output.
+
+    Args:
+        model: The contender's copy of the model.
+        arguments: The batch's ``attribute()`` arguments (``inputs``, ``target``).
+    """
     from zennit.composites import LayerMapComposite
     from zennit.rules import Epsilon, Norm, Pass
     from zennit.types import Activation, AvgPool

@@ -1,6 +1,6 @@
 """The floors: the model's own forward and backward over the work an attribution method does.
 
-A floor has a contender's signature (:data:`fastattr.bench.cases.Contender`): given its own
+A floor has a contender's signature ([fastattr.bench.cases.Contender][]): given its own
 copy of the model and one batch's ``attribute()`` arguments, it returns the call to time.
 Whatever can be built before the call (the interpolated path, the expanded arguments) is
 built outside it, so the floor times the model alone.
@@ -22,8 +22,16 @@ Arguments = dict[str, Any]
 
 
 def straight_path(start: Tensor, end: Tensor, n_steps: int) -> Tensor:
-    """The ``(n_steps * B, ...)`` step-major straight path from ``start`` to ``end``, as a leaf
-    that requires grad."""
+    """The step-major straight path from ``start`` to ``end``, as a leaf that requires grad.
+
+    Args:
+        start: The baselines, broadcasting to ``end``.
+        end: (B, ...) inputs.
+        n_steps: Points on the path, ``start`` and ``end`` included.
+
+    Returns:
+        The ``(n_steps * B, ...)`` path.
+    """
     alphas = torch.linspace(0, 1, n_steps, device=end.device, dtype=end.dtype)
     alphas = alphas.view(-1, *([1] * end.dim()))
     path = start + alphas * (end - start)
@@ -49,7 +57,12 @@ def _selected(output: Tensor, target: int | None) -> Tensor:
 
 def path_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     """IntegratedGradients: the model over the prebuilt path (``n_steps * B`` rows) and one
-    gradient of the summed target outputs with respect to the path."""
+    gradient of the summed target outputs with respect to the path.
+
+    Args:
+        model: The floor's copy of the model.
+        arguments: The batch's ``attribute()`` arguments.
+    """
     n_steps = arguments["n_steps"]
     path = straight_path(arguments["baselines"], arguments["inputs"], n_steps)
     extra = _forward_args(arguments, n_steps)
@@ -60,7 +73,11 @@ def path_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
 def layer_floor(layer_name: str) -> Callable[[nn.Module, Arguments], Callable[[], Any]]:
     """LayerIntegratedGradients at ``layer_name``: the model over the expanded inputs with the
     layer's output replaced by the prebuilt path between its values at the baselines and the
-    inputs, and one gradient of the summed target outputs with respect to that path."""
+    inputs, and one gradient of the summed target outputs with respect to that path.
+
+    Args:
+        layer_name: The layer's name in the model.
+    """
 
     def floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
         n_steps = arguments["n_steps"]
@@ -96,7 +113,11 @@ def layer_floor(layer_name: str) -> Callable[[nn.Module, Arguments], Callable[[]
 def neuron_floor(layer_name: str) -> Callable[[nn.Module, Arguments], Callable[[], Any]]:
     """NeuronIntegratedGradients at ``layer_name``: the whole model over the prebuilt input path
     and one gradient of the selected neuron's summed values. (The method itself runs the
-    forward only up to the layer, so it can beat this floor.)"""
+    forward only up to the layer, so it can beat this floor.)
+
+    Args:
+        layer_name: The layer's name in the model.
+    """
 
     def floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
         n_steps = arguments["n_steps"]
@@ -123,7 +144,12 @@ def neuron_floor(layer_name: str) -> Callable[[nn.Module, Arguments], Callable[[
 
 def input_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     """LRP and other single-pass methods: one forward over the batch and one gradient of the
-    summed target outputs with respect to the inputs."""
+    summed target outputs with respect to the inputs.
+
+    Args:
+        model: The floor's copy of the model.
+        arguments: The batch's ``attribute()`` arguments.
+    """
     inputs = arguments["inputs"].detach().requires_grad_(True)
     extra = _forward_args(arguments, 1)
     target = arguments.get("target")

@@ -47,7 +47,15 @@ def _status_bytes(field: str) -> int:
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Bytes the call needed at its peak beyond what was in use when it started."""
+    """Bytes the call needed at its peak beyond what was in use when it started.
+
+    On the CPU the figure is the process's: run it in a process of its own (as
+    [fastattr.bench.memory.measure_in_worker][] does) for a figure free of earlier calls.
+
+    Args:
+        fn: The call.
+        device: Where it runs.
+    """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -64,7 +72,19 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 
 
 def measure_in_worker(request: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
-    """Runs :func:`fastattr.bench.runner.memory_worker` on ``request`` in a fresh process."""
+    """Peak bytes of the cases of ``request``, measured in a fresh process.
+
+    Args:
+        request: The device, the source of the cases and their names, the batch sizes,
+            ``n_steps`` and the thread count.
+        timeout_s: How long the worker may take.
+
+    Returns:
+        Peak bytes (or a failure status) by case, batch size and contender.
+
+    Raises:
+        RuntimeError: The worker failed.
+    """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     completed = subprocess.run(
         [sys.executable, "-m", "fastattr.bench.runner", "--memory-worker"],

@@ -36,6 +36,11 @@ class SmallCNN(nn.Module):
         self.fc2 = nn.Linear(64, NUM_CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Class scores.
+
+        Args:
+            x: (B, 3, 32, 32) images.
+        """
         x = self.pool1(self.relu1(self.conv1(x)))
         x = self.pool2(self.relu2(self.conv2(x)))
         # torch.flatten rather than nn.Flatten: Captum's LRP has no rule for nn.Flatten.
@@ -43,7 +48,13 @@ class SmallCNN(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus the (projected, when the shape changes) input, then ReLU."""
+    """conv-BN-ReLU-conv-BN plus the (projected, when the shape changes) input, then ReLU.
+
+    Args:
+        in_channels: Channels in.
+        out_channels: Channels out.
+        stride: The first convolution's (and the projection's) stride.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
@@ -61,6 +72,11 @@ class ResidualBlock(nn.Module):
         self.relu2 = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
+        """The block's output.
+
+        Args:
+            x: (B, in_channels, H, W) features.
+        """
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
         return self.relu2(out + self.shortcut(x))
 
@@ -80,6 +96,11 @@ class SmallResNet(nn.Module):
         self.fc = nn.Linear(64, NUM_CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Class scores.
+
+        Args:
+            x: (B, 3, H, W) images.
+        """
         x = self.block3(self.block2(self.block1(self.relu(self.stem(x)))))
         return self.fc(self.flatten(self.pool(x)))
 
@@ -87,8 +108,10 @@ class SmallResNet(nn.Module):
 class TextTransformer(nn.Module):
     """Token ids -> embedding + learned positions -> two encoder layers -> mean pool -> classes.
 
-    ``forward(tokens, mask=None)``: with a mask (1 for tokens, 0 for padding) the encoder
-    ignores the padding and the pool averages over the tokens only.
+    Args:
+        dim: Embedding width.
+        heads: Attention heads.
+        layers: Encoder layers.
     """
 
     def __init__(self, dim: int = 64, heads: int = 4, layers: int = 2) -> None:
@@ -102,6 +125,13 @@ class TextTransformer(nn.Module):
         self.head = nn.Linear(dim, 4)
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Class scores.
+
+        Args:
+            tokens: (B, L) token ids, L at most 32.
+            mask: (B, L), 1 for tokens and 0 for padding: the encoder then ignores the padding
+                and the pool averages over the tokens only.
+        """
         hidden = self.embedding(tokens) + self.positions[: tokens.shape[1]]
         if mask is None:
             return self.head(self.encoder(hidden).mean(dim=1))
@@ -140,18 +170,27 @@ def _perceptron(features: int, width: int, layers: int) -> nn.Sequential:
 
 
 def mlp(features: int = MLP_FEATURES, width: int = 256, layers: int = 3) -> nn.Module:
-    """``layers`` linear layers (``fc1`` ... ) with a ReLU (``relu1`` ...) between them:
-    ``features`` inputs, hidden layers of ``width``, 10 classes. By default 64-256-256-10."""
+    """A multilayer perceptron with 10 classes: linear layers ``fc1``, ``fc2``, ... with a
+    ReLU (``relu1``, ...) between each two. By default 64-256-256-10.
+
+    Args:
+        features: Inputs per example.
+        width: Width of the hidden layers.
+        layers: Linear layers.
+    """
     return _build(lambda: _perceptron(features, width, layers), 0)
 
 
 def cnn() -> nn.Module:
+    """The seeded [fastattr.bench.models.SmallCNN][], in eval mode."""
     return _build(SmallCNN, 1)
 
 
 def resnet() -> nn.Module:
+    """The seeded [fastattr.bench.models.SmallResNet][], in eval mode."""
     return _build(SmallResNet, 2)
 
 
 def transformer() -> nn.Module:
+    """The seeded [fastattr.bench.models.TextTransformer][], in eval mode."""
     return _build(TextTransformer, 3)

@@ -56,7 +56,11 @@ def _row(result: dict[str, Any], name: str, record: dict[str, Any]) -> list[str]
 
 
 def table(report: dict[str, Any]) -> str:
-    """One row per case, batch and implementation."""
+    """The terminal table: one row per case, batch and contender.
+
+    Args:
+        report: A report of [fastattr.bench.runner.run][].
+    """
     rows = [
         _row(result, name, record)
         for result in report["results"]
@@ -88,7 +92,11 @@ def _mib(record: dict[str, Any] | None) -> str:
 
 
 def contender_names(report: dict[str, Any]) -> list[str]:
-    """Every contender in the report: fastattr first, the floor last, the others as found."""
+    """Every contender in the report: fastattr first, the floor last, the others as found.
+
+    Args:
+        report: A report of [fastattr.bench.runner.run][].
+    """
     names = dict.fromkeys(
         name for result in report["results"] for name in result["implementations"]
     )
@@ -97,7 +105,11 @@ def contender_names(report: dict[str, Any]) -> list[str]:
 
 
 def summary_markdown(report: dict[str, Any]) -> str:
-    """A Markdown table with one row per case and batch: the contenders side by side."""
+    """A Markdown table with one row per case and batch: the contenders side by side.
+
+    Args:
+        report: A report of [fastattr.bench.runner.run][].
+    """
     names = contender_names(report)
     others = names[1:-1]
     header = [
@@ -133,6 +145,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
 
 
 def legend(report: dict[str, Any]) -> str:
+    """What the tables' columns mean, the machine and settings, and the notes.
+
+    Args:
+        report: A report of [fastattr.bench.runner.run][].
+    """
     meta = report["meta"]
     lines = [
         f"device: {meta['device_name']} ({meta['device']}); torch {meta['torch_version']}, "
@@ -161,12 +178,25 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
+    """Saves the report (infinities as strings, which JSON lacks).
+
+    Args:
+        report: A report of [fastattr.bench.runner.run][].
+        path: The file to write.
+    """
     path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
 
 
 def plot(report: dict[str, Any], path: Path) -> str | None:
-    """Throughput against batch size, one panel per method, one line per implementation
-    (and model). Returns why no plot was drawn, or None."""
+    """Throughput against batch size, one panel per method, one line per contender and model.
+
+    Args:
+        report: A report of [fastattr.bench.runner.run][].
+        path: The PNG to write.
+
+    Returns:
+        Why no plot was drawn (matplotlib missing, nothing measured), or None.
+    """
     try:
         import matplotlib
 

@@ -3,7 +3,7 @@ and the floor, side by side.
 
 For every case and batch size each implementation first runs once on its own (which checks it
 works and gives the attributions to compare), then all that worked are timed together with
-:func:`fastattr.bench.timing.interleaved_medians`. Running out of memory, or any other
+[fastattr.bench.timing.interleaved_medians][]. Running out of memory, or any other
 failure, is recorded for that implementation and batch; the benchmark goes on.
 """
 
@@ -33,6 +33,16 @@ from fastattr.bench import memory
 from fastattr.bench.cases import BUILT_IN, Arguments, Case, load
 from fastattr.bench.timing import interleaved_medians
 
+__all__ = [
+    "Config",
+    "batch_arguments",
+    "device_name",
+    "failed_checks",
+    "implementations",
+    "relative_error",
+    "run",
+]
+
 # fastattr's float32 attributions must agree this closely with the reference backend's and
 # Captum's; a larger error is reported as a failed check.
 TOLERANCE = 1e-4
@@ -40,6 +50,21 @@ TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class Config:
+    """What one run measures, and how.
+
+    Attributes:
+        device: Where everything runs.
+        batch_sizes: The batch sizes, each case at each.
+        n_steps: Integration steps of the path methods.
+        cases: The cases, all from ``source``.
+        warmup: Untimed rounds before the timed ones.
+        repeats: Timed rounds; each time is their median.
+        measure_memory: Measure peak memory (on the CPU in a worker process).
+        progress: Show a progress bar (when tqdm is installed).
+        source: Where the cases come from, as [fastattr.bench.cases.load][] takes it: the CPU
+            memory worker, a fresh process, loads them from there.
+    """
+
     device: torch.device
     batch_sizes: tuple[int, ...]
     n_steps: int
@@ -48,8 +73,6 @@ class Config:
     repeats: int
     measure_memory: bool = True
     progress: bool = True
-    # Where the cases come from (a module name or a file, see cases.load): the CPU memory
-    # worker, a fresh process, loads them from there.
     source: str = BUILT_IN
 
 
@@ -71,6 +94,7 @@ def _captum_attr() -> ModuleType | None:
 
 
 def captum_version() -> str | None:
+    """Captum's version, or None when it cannot be used."""
     if _captum_attr() is None:
         return None
     return importlib.import_module("captum").__version__
@@ -81,6 +105,7 @@ def _fastattr_class(method: str) -> type | None:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure, on either device."""
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     # Allocation failures inside the CPU allocator and cuBLAS arrive as RuntimeErrors.
@@ -129,8 +154,17 @@ def _on_own_copy(contender: Callable[..., Callable[[], Any]], model: torch.nn.Mo
 
 
 def implementations(case: Case, device: torch.device) -> dict[str, Contender]:
-    """Each contender of ``case`` (fastattr, Captum when installed, the case's others, the
-    floor), each on its own copy of the model, or why it cannot run."""
+    """Each contender of ``case``, set up on its own copy of the model.
+
+    Args:
+        case: The case.
+        device: Where its model runs.
+
+    Returns:
+        By name (fastattr, Captum when installed, the case's others, the floor): a function
+        from a batch's arguments to the call to time, or the failure record of a contender
+        that cannot be set up. Empty when fastattr has no such method.
+    """
     if _fastattr_class(case.method) is None:
         return {}
     model = case.make_model().to(device)
@@ -156,7 +190,12 @@ def _flat(result: Any) -> Tensor:
 
 
 def relative_error(result: Any, reference: Any) -> float:
-    """``max |result - reference| / max |reference|`` (the absolute error if the reference is 0)."""
+    """``max |result - reference| / max |reference|`` (the absolute error if the reference is 0).
+
+    Args:
+        result: A tensor or a tuple of tensors.
+        reference: The same structure; a different number of elements gives ``inf``.
+    """
     got, want = _flat(result), _flat(reference)
     if got.shape != want.shape:
         return math.inf
@@ -206,7 +245,14 @@ def _float64_attributions(case: Case, arguments: Arguments) -> Any:
 
 
 def batch_arguments(case: Case, batch: int, n_steps: int, device: torch.device) -> Arguments:
-    """The case's ``attribute()`` arguments for a batch of ``batch`` (seeded by its size)."""
+    """The case's ``attribute()`` arguments for one batch, seeded by its size.
+
+    Args:
+        case: The case.
+        batch: The batch size.
+        n_steps: Integration steps (for path methods, unless the case fixes them).
+        device: Where the tensors go.
+    """
     generator = torch.Generator().manual_seed(batch)
     made = case.make_batch(batch, generator)
     on_device = {key: _converted(value, device=device) for key, value in made.items()}
@@ -385,6 +431,11 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and core count, for the reports.
+
+    Args:
+        device: A CPU or CUDA device.
+    """
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     processor = platform.processor() or platform.machine()
@@ -399,7 +450,17 @@ def device_name(device: torch.device) -> str:
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Measures every case of ``config``; returns the report that ``report`` prints and saves."""
+    """Measures every case of ``config`` at every batch size.
+
+    Args:
+        config: What to measure.
+
+    Returns:
+        The report ``fastattr bench`` saves as ``bench.json``: ``meta`` (machine, versions,
+        settings), ``notes`` and ``results``, one per case and batch, each with a record per
+        contender (``status``, ``seconds``, ``examples_per_s``, ``peak_bytes``,
+        ``speedup_vs_<name>``, ``time_over_floor``, and on fastattr's ``rel_err_<name>``).
+    """
     notes: list[str] = []
     if fastattr.current_backend() != "compiled":
         notes.append(
@@ -521,7 +582,14 @@ def float32_notes(results: list[dict[str, Any]]) -> list[str]:
 
 def failed_checks(report: dict[str, Any]) -> list[str]:
     """fastattr results that errored or disagree with the reference backend or another
-    contender."""
+    contender (unless float64 showed the other contender to be no closer).
+
+    Args:
+        report: A report of [fastattr.bench.runner.run][].
+
+    Returns:
+        One line per problem; empty when every check passed.
+    """
     problems = []
     for result in report["results"]:
         impls = result["implementations"]

@@ -28,6 +28,21 @@ def interleaved_medians(
     Every round runs each candidate once, in a rotating order; the first ``warmup`` rounds
     are discarded. On CUDA each run is bracketed by synchronizations, so the time is the
     device's as well as the host's.
+
+    Args:
+        candidates: The calls to time, by name.
+        device: Where they run (CUDA calls are synchronized).
+        warmup: Untimed rounds first.
+        repeats: Timed rounds.
+
+    Returns:
+        The median seconds of each candidate, by name.
+
+    Examples:
+        >>> from fastattr.bench.timing import interleaved_medians
+        >>> medians = interleaved_medians({"sum": lambda: sum(range(100))}, warmup=0, repeats=3)
+        >>> sorted(medians)
+        ['sum']
     """
     device = torch.device(device)
     names = list(candidates)

@@ -52,6 +52,21 @@ class LRP(Attribution, captum_class="LRP"):
 
     The relevance of each example sums to its target output, less what the rules' stabilizers
     and biases absorb.
+
+    Args:
+        model: The model. Its modules' ``rule`` attributes, where set, choose their rules.
+
+    Raises:
+        TypeError: ``model`` is not a module, or a module's ``rule`` is not an LRP rule.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> relevance = LRP(model).attribute(torch.randn(2, 4), target=0)
+        >>> relevance.shape
+        torch.Size([2, 4])
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -95,7 +110,7 @@ class LRP(Attribution, captum_class="LRP"):
             additional_forward_args: further arguments of the model, after the inputs; not
                 attributed.
             return_convergence_delta: also return the per-example delta of
-                :meth:`compute_convergence_delta`.
+                [compute_convergence_delta][fastattr.LRP.compute_convergence_delta].
             verbose: print the rule applied on each layer.
 
         Returns:
@@ -202,7 +217,16 @@ class LRP(Attribution, captum_class="LRP"):
 
 
 class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
-    """LRP relevance at the output (or input) of one layer, or of each layer in a list."""
+    """LRP relevance at the output (or input) of one layer, or of each layer in a list.
+
+    Args:
+        model: The model, as for [fastattr.LRP][].
+        layer: A module of ``model`` that carries a rule, or a non-empty list of them.
+
+    Raises:
+        TypeError: ``layer`` is not a module or a list of modules.
+        ValueError: A layer is not a module of ``model``.
+    """
 
     def __init__(self, model: nn.Module, layer: LayerType) -> None:
         super().__init__(model)
@@ -226,9 +250,22 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
     ) -> Any:
         """The relevance at the layer's output (or input, with ``attribute_to_layer_input``).
 
-        Arguments as for :meth:`LRP.attribute`. Returns a tensor (a tuple for a layer with
-        several inputs), or a list of those when ``layer`` is a list; with
-        ``return_convergence_delta`` also the (B,) deltas (a list of them for a list of layers).
+        Args:
+            inputs: As for [fastattr.LRP.attribute][].
+            target: As for [fastattr.LRP.attribute][].
+            additional_forward_args: As for [fastattr.LRP.attribute][].
+            return_convergence_delta: Also return each example's convergence delta.
+            attribute_to_layer_input: The relevance at the layer's inputs instead of its
+                output.
+            verbose: Print the rule each module gets.
+
+        Returns:
+            A tensor (a tuple for a layer with several inputs), or a list of those when
+            ``layer`` is a list; with ``return_convergence_delta`` also the (B,) deltas (a list
+            of them for a list of layers).
+
+        Raises:
+            ValueError: A layer carries no rule of its own, or did not run in the forward.
         """
         if not isinstance(attribute_to_layer_input, bool):
             raise TypeError(

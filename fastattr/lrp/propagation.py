@@ -1,7 +1,7 @@
 """One forward that installs each rule's backward, then one backward that runs them.
 
-:func:`plan_rules` decides, before any work, which rule every module gets (and fails once, listing
-every module type without one). :class:`Propagation` installs the rules as forward hooks (or
+``plan_rules`` decides, before any work, which rule every module gets (and fails once, listing
+every module type without one). ``Propagation`` installs the rules as forward hooks (or
 instance forwards doing their work) for the duration of a ``with`` block, routes additions of two
 activations written with ``+`` in forward through the epsilon rule (residual connections), and
 leaves the model exactly as it found it.
@@ -39,6 +39,9 @@ from fastattr.lrp.rules import (
     default_rule,
     ratio_node,
 )
+
+# LRP's machinery: no name here is public API (fastattr.lrp exports what is).
+__all__: list[str] = []
 
 
 @dataclass

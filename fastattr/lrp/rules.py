@@ -1,8 +1,9 @@
 """LRP rules: small objects that each know how to send relevance through one module.
 
 Set one on a module as ``module.rule = EpsilonRule(epsilon=1e-6)`` (captum's convention); modules
-without one get the default of their type (:func:`default_rule`). A rule never changes the
-module: rules with modified weights compute them on the fly from detached parameters.
+without one get the default of their type ([default_rule][fastattr.lrp.rules.default_rule]). A
+rule never changes the module: rules with modified weights compute them on the fly from detached
+parameters.
 """
 
 from __future__ import annotations
@@ -32,12 +33,24 @@ class PropagationRule(ABC):
     relevance_at_input: bool = True
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
-        """Why this rule cannot run on ``module``, or None when it can."""
+        """Why this rule cannot run on ``module``, or None when it can.
+
+        Args:
+            module: The module the rule is set on.
+        """
         return None
 
     @abstractmethod
     def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
-        """The output the model continues with, carrying this rule's backward."""
+        """The output the model continues with, carrying this rule's backward.
+
+        Args:
+            module: The module the rule is set on.
+            inputs: The module's positional inputs in this forward.
+            output: The module's output.
+            copy: Hand out a copy of the output rather than a view of it (a later in-place
+                change of the output must not reach the rule's saved values).
+        """
 
 
 def ratio_node(
@@ -56,7 +69,13 @@ class RatioRule(PropagationRule):
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
     ) -> tuple[Tensor, float]:
-        """``(z, epsilon)``: the tensor whose graph receives the relevance, and the stabilizer."""
+        """``(z, epsilon)``: the tensor whose graph receives the relevance, and the stabilizer.
+
+        Args:
+            module: The module the rule is set on.
+            inputs: The module's positional inputs in this forward.
+            output: The module's output.
+        """
 
     def propagate(self, module: nn.Module, inputs: tuple, output: Tensor, copy: bool) -> Tensor:
         z, epsilon = self.ratio_operands(module, inputs, output)
@@ -68,6 +87,13 @@ class EpsilonRule(RatioRule):
 
     The default for linear maps, convolutions, pooling, batch norm, upsampling and residual
     additions.
+
+    Args:
+        epsilon: The stabilizer, finite and non-negative.
+
+    Raises:
+        TypeError: ``epsilon`` is not a real number.
+        ValueError: ``epsilon`` is negative or not finite.
     """
 
     def __init__(self, epsilon: float = 1e-9) -> None:
@@ -100,7 +126,12 @@ class _ModifiedWeightRule(RatioRule):
         self.set_bias_to_zero = _check_flag(set_bias_to_zero, "set_bias_to_zero")
 
     @abstractmethod
-    def modify_weight(self, weight: Tensor) -> Tensor: ...
+    def modify_weight(self, weight: Tensor) -> Tensor:
+        """The weight the rule's ``z`` is computed with.
+
+        Args:
+            weight: The module's weight, detached.
+        """
 
     def _changes(self, module: nn.Module) -> bool:
         has_bias = getattr(module, "bias", None) is not None
@@ -129,7 +160,16 @@ class _ModifiedWeightRule(RatioRule):
 
 class GammaRule(_ModifiedWeightRule):
     """LRP-gamma as captum defines it: epsilon (1e-9) on the module with its weight replaced by
-    ``w + gamma * max(w, 0)``, and its bias by zero if ``set_bias_to_zero``."""
+    ``w + gamma * max(w, 0)``, and its bias by zero if ``set_bias_to_zero``.
+
+    Args:
+        gamma: How much the positive weights are boosted; finite.
+        set_bias_to_zero: Compute ``z`` without the bias.
+
+    Raises:
+        TypeError: ``gamma`` is not a real number, or ``set_bias_to_zero`` not a bool.
+        ValueError: ``gamma`` is not finite.
+    """
 
     def __init__(self, gamma: float = 0.25, set_bias_to_zero: bool = False) -> None:
         if not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
@@ -148,7 +188,14 @@ class GammaRule(_ModifiedWeightRule):
 
 class Alpha1_Beta0_Rule(_ModifiedWeightRule):  # captum's name
     """LRP-alpha1-beta0 as captum defines it: epsilon (1e-9) on the module with its weight
-    replaced by ``max(w, 0)``, and its bias by zero if ``set_bias_to_zero``."""
+    replaced by ``max(w, 0)``, and its bias by zero if ``set_bias_to_zero``.
+
+    Args:
+        set_bias_to_zero: Compute ``z`` without the bias.
+
+    Raises:
+        TypeError: ``set_bias_to_zero`` is not a bool.
+    """
 
     def __init__(self, set_bias_to_zero: bool = False) -> None:
         super().__init__(set_bias_to_zero)
@@ -169,7 +216,16 @@ class IdentityRule(PropagationRule):
         return ops.lrp_pass_node(self.source(module, inputs, output), output.detach(), copy)
 
     def source(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        """The input that receives the output's relevance: the module's one tensor input."""
+        """The input that receives the output's relevance: the module's one tensor input.
+
+        Args:
+            module: The module the rule is set on.
+            inputs: The module's positional inputs in this forward.
+            output: The module's output.
+
+        Raises:
+            ValueError: The module has not exactly one tensor input of the output's shape.
+        """
         if len(inputs) == 1 and isinstance(inputs[0], Tensor) and inputs[0].shape == output.shape:
             return inputs[0]  # the common case, checked without building the list below
         tensors = [x for x in inputs if isinstance(x, Tensor)]
@@ -299,7 +355,11 @@ def _is_captum_addition(module: nn.Module) -> bool:
 
 
 def default_rule(module: nn.Module) -> PropagationRule | None:
-    """The rule a module gets when none is set, or None when its type has no default."""
+    """The rule a module gets when none is set, or None when its type has no default.
+
+    Args:
+        module: Any module.
+    """
     if isinstance(module, _EPSILON_TYPES) or _is_captum_addition(module):
         return EpsilonRule()
     if isinstance(module, _PASS_TYPES):

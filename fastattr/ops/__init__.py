@@ -1,7 +1,7 @@
-"""fastattr's kernels, each on the backend chosen by :func:`fastattr.use_backend`.
+"""fastattr's kernels, each on the backend chosen by [fastattr.use_backend][].
 
 Every op exists twice: compiled (``torch.ops.fastattr.<name>``, CPU and CUDA) and as a
-PyTorch twin in :mod:`fastattr.ops.reference`. Both check their arguments and raise
+PyTorch twin in [fastattr.ops.reference][]. Both check their arguments and raise
 ``ValueError`` / ``TypeError`` naming the argument at fault.
 """
 
@@ -23,10 +23,21 @@ if is_compiled():
 def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
     """The straight-line path from ``baselines`` to ``inputs``, step-major.
 
-    ``inputs`` is (B, ...), ``baselines`` broadcasts to it (a scalar tensor, (1, ...) or
-    (B, ...)), ``alphas`` is a float64 (K,) table on the CPU or the inputs' device. Row
-    ``k * B + b`` of the (K * B, ...) result is ``baselines_b + alphas_k * (inputs_b -
+    Row ``k * B + b`` of the (K * B, ...) result is ``baselines_b + alphas_k * (inputs_b -
     baselines_b)``, computed in float32 for float16/bfloat16 inputs.
+
+    Args:
+        inputs: (B, ...) floating tensor, the path's end.
+        baselines: The path's start, broadcasting to ``inputs``: a scalar tensor, (1, ...) or
+            (B, ...).
+        alphas: float64 (K,) table of the steps' positions, on the CPU or the inputs' device.
+
+    Returns:
+        The (K * B, ...) path, in the dtype of ``inputs``.
+
+    Raises:
+        ValueError: The shapes do not fit, or ``alphas`` is not a 1-D table.
+        TypeError: A dtype is not floating, or ``alphas`` not float64.
     """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.interpolate_path.default(inputs, baselines, alphas)
@@ -36,10 +47,17 @@ def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tenso
 def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
     """``accumulator_b += sum_k weights_k * grads_{k * B + b}`` in place.
 
-    ``grads`` is (K * B, ...) in the layout :func:`interpolate_path` produces, ``weights`` a
-    float64 (K,) table, ``accumulator`` a float32 or float64 (B, ...) tensor (float64 for
-    float64 grads). Calling it once per chunk of steps streams a whole path into one
-    accumulator.
+    Calling it once per chunk of steps streams a whole path into one accumulator.
+
+    Args:
+        accumulator: float32 or float64 (B, ...) tensor (float64 for float64 grads), updated
+            in place.
+        grads: (K * B, ...) gradients in the layout [fastattr.ops.interpolate_path][] produces.
+        weights: float64 (K,) table of the steps' quadrature weights.
+
+    Raises:
+        ValueError: The shapes do not fit.
+        TypeError: A dtype is not accepted.
     """
     if backend_in_context() == "compiled":
         torch.ops.fastattr.quadrature_accumulate.default(accumulator, grads, weights)
@@ -52,8 +70,16 @@ def quadrature_finish(
 ) -> tuple[Tensor, Tensor]:
     """Attributions from a full accumulator, and their per-example sums, in one pass.
 
-    Returns ``accumulator * (inputs - baselines)`` (or the accumulator itself when
-    ``multiply_by_inputs`` is false) in the accumulator's dtype, and its (B,) row sums.
+    Args:
+        accumulator: (B, ...) accumulated gradients.
+        inputs: (B, ...) inputs.
+        baselines: Baselines broadcasting to ``inputs``.
+        multiply_by_inputs: Multiply by ``inputs - baselines``; otherwise the accumulator is
+            the attribution.
+
+    Returns:
+        ``accumulator * (inputs - baselines)`` (or the accumulator itself when
+        ``multiply_by_inputs`` is false) in the accumulator's dtype, and its (B,) row sums.
     """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.quadrature_finish.default(
@@ -64,7 +90,16 @@ def quadrature_finish(
 
 def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     """The LRP epsilon rule's stabilized ratio ``relevance / (z + epsilon * sign(z))``, with
-    ``sign(0) = +1``."""
+    ``sign(0) = +1``.
+
+    Args:
+        relevance: The relevance at a module's output.
+        z: The module's output (or its recomputation), of the same shape.
+        epsilon: The stabilizer, non-negative.
+
+    Returns:
+        The ratio, in the dtype of ``z``.
+    """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.epsilon_ratio.default(relevance, z, epsilon)
     return reference.epsilon_ratio(relevance, z, epsilon)
@@ -74,7 +109,17 @@ def epsilon_ratio_of_product(
     activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float
 ) -> Tensor:
     """``epsilon_ratio(input_relevance(activations, contributions), z, epsilon)`` in one pass:
-    LRP's product at a module's input and ratio at the previous module's output."""
+    LRP's product at a module's input and ratio at the previous module's output.
+
+    Args:
+        activations: The module's input.
+        contributions: The contributions arriving at that input, of the same shape.
+        z: The previous module's output, of the same shape.
+        epsilon: The stabilizer, non-negative.
+
+    Returns:
+        The ratio, in the dtype of ``z``.
+    """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.epsilon_ratio_of_product.default(
             activations, contributions, z, epsilon
@@ -83,7 +128,15 @@ def epsilon_ratio_of_product(
 
 
 def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
-    """The relevance ``activations * contributions`` and its per-example sums."""
+    """The relevance ``activations * contributions`` and its per-example sums.
+
+    Args:
+        activations: (B, ...) values at a module's input.
+        contributions: (B, ...) contributions arriving there.
+
+    Returns:
+        The (B, ...) product and its (B,) row sums.
+    """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.relevance_product.default(activations, contributions)
     return reference.relevance_product(activations, contributions)
@@ -91,7 +144,12 @@ def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tenso
 
 def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
     """``activations * contributions``: LRP's relevance at a module's input, without the row
-    sums of :func:`relevance_product` (which cost more than the product on the CPU)."""
+    sums of [fastattr.ops.relevance_product][] (which cost more than the product on the CPU).
+
+    Args:
+        activations: (B, ...) values at a module's input.
+        contributions: (B, ...) contributions arriving there.
+    """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.input_relevance.default(activations, contributions)
     return reference.input_relevance(activations, contributions)
@@ -99,23 +157,39 @@ def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
 
 def lrp_product_node(activation: Tensor) -> Tensor:
     """LRP's node at a module's input: ``activation`` itself, whose backward turns the
-    contribution arriving into the relevance ``activation * contribution``."""
+    contribution arriving into the relevance ``activation * contribution``.
+
+    Args:
+        activation: The module's input.
+    """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_product_node.default(activation)
     return reference.lrp_product_node(activation)
 
 
 def lrp_ratio_node(z: Tensor, shown: Tensor | None, epsilon: float, copy: bool) -> Tensor:
-    """LRP's node at a module's output: ``shown`` (``z`` when None; a copy if ``copy``), whose
-    backward sends ``relevance / (z + epsilon * sign(z))`` into ``z``'s graph."""
+    """LRP's node at a module's output, whose backward sends ``relevance / (z + epsilon *
+    sign(z))`` into ``z``'s graph.
+
+    Args:
+        z: The tensor whose graph receives the relevance.
+        shown: The value the model continues with; ``z`` when None.
+        epsilon: The stabilizer, non-negative.
+        copy: Return a copy of ``shown`` rather than ``shown`` itself.
+    """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_ratio_node.default(z, shown, epsilon, copy)
     return reference.lrp_ratio_node(z, shown, epsilon, copy)
 
 
 def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
-    """LRP's pass-through node: ``shown`` (a copy if ``copy``), whose backward hands the
-    relevance to ``source`` unchanged."""
+    """LRP's pass-through node, whose backward hands the relevance to ``source`` unchanged.
+
+    Args:
+        source: The tensor that receives the relevance.
+        shown: The value the model continues with.
+        copy: Return a copy of ``shown`` rather than ``shown`` itself.
+    """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_pass_node.default(source, shown, copy)
     return reference.lrp_pass_node(source, shown, copy)
@@ -124,15 +198,28 @@ def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
 def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Tensor:
     """LRP's product node at a module's input fused with the ratio node at the previous
     module's output, when only pass-through modules lie between: ``activation`` itself, whose
-    backward sends ``activation * relevance / (z + epsilon * sign(z))`` into ``z``'s graph."""
+    backward sends ``activation * relevance / (z + epsilon * sign(z))`` into ``z``'s graph.
+
+    Args:
+        z: The previous module's output.
+        activation: The module's input.
+        epsilon: The stabilizer, non-negative.
+    """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_product_ratio_node.default(z, activation, epsilon)
     return reference.lrp_product_ratio_node(z, activation, epsilon)
 
 
 class LrpNodes(NamedTuple):
-    """One backend's LRP node constructors: the four functions above, without the per-call
-    choice of backend (LRP makes one or two nodes per module)."""
+    """One backend's LRP node constructors, without the per-call choice of backend (LRP makes
+    one or two nodes per module).
+
+    Attributes:
+        product: [fastattr.ops.lrp_product_node][].
+        ratio: [fastattr.ops.lrp_ratio_node][].
+        passing: [fastattr.ops.lrp_pass_node][].
+        product_ratio: [fastattr.ops.lrp_product_ratio_node][].
+    """
 
     product: Callable[[Tensor], Tensor]
     ratio: Callable[[Tensor, Tensor | None, float, bool], Tensor]

@@ -134,7 +134,9 @@ def _table_on(table: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor
 
 
 def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
-    """Row ``k * B + b`` is ``baselines_b + alphas_k * (inputs_b - baselines_b)``."""
+    """Twin of [fastattr.ops.interpolate_path][].
+
+    Row ``k * B + b`` is ``baselines_b + alphas_k * (inputs_b - baselines_b)``."""
     check_interpolate_path(inputs, baselines, alphas)
     compute = opmath_dtype(inputs.dtype)
     x = inputs.to(compute)
@@ -167,7 +169,9 @@ def check_quadrature_accumulate(
 
 
 def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
-    """``accumulator_b += sum_k weights_k * grads_{k * B + b}``, in place, step by step."""
+    """Twin of [fastattr.ops.quadrature_accumulate][].
+
+    ``accumulator_b += sum_k weights_k * grads_{k * B + b}``, in place, step by step."""
     check_quadrature_accumulate(accumulator, grads, weights)
     steps = weights.numel()
     per_step = grads.reshape(steps, *accumulator.shape).to(accumulator.dtype)
@@ -195,7 +199,9 @@ def check_quadrature_finish(accumulator: Tensor, inputs: Tensor, baselines: Tens
 def quadrature_finish(
     accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
 ) -> tuple[Tensor, Tensor]:
-    """The attributions (the accumulator, times ``inputs - baselines`` if asked) in the
+    """Twin of [fastattr.ops.quadrature_finish][].
+
+    The attributions (the accumulator, times ``inputs - baselines`` if asked) in the
     accumulator's dtype, and their per-example sums."""
     check_quadrature_finish(accumulator, inputs, baselines)
     if multiply_by_inputs:
@@ -214,7 +220,9 @@ def check_epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> None:
 
 
 def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
-    """``relevance / (z + epsilon * sign(z))`` with ``sign(0) = +1``."""
+    """Twin of [fastattr.ops.epsilon_ratio][].
+
+    ``relevance / (z + epsilon * sign(z))`` with ``sign(0) = +1``."""
     check_epsilon_ratio(relevance, z, epsilon)
     compute = opmath_dtype(relevance.dtype)
     zc = z.to(compute)
@@ -229,7 +237,9 @@ def check_relevance_product(activations: Tensor, contributions: Tensor) -> None:
 
 
 def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
-    """``activations * contributions`` and its per-example sums (in float32 or float64)."""
+    """Twin of [fastattr.ops.relevance_product][].
+
+    ``activations * contributions`` and its per-example sums (in float32 or float64)."""
     check_relevance_product(activations, contributions)
     compute = opmath_dtype(activations.dtype)
     product = activations.to(compute) * contributions.to(compute)
@@ -242,7 +252,9 @@ def check_input_relevance(activations: Tensor, contributions: Tensor) -> None:
 
 
 def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
-    """``activations * contributions`` (computed in float32 or float64)."""
+    """Twin of [fastattr.ops.input_relevance][].
+
+    ``activations * contributions`` (computed in float32 or float64)."""
     check_input_relevance(activations, contributions)
     compute = opmath_dtype(activations.dtype)
     return (activations.to(compute) * contributions.to(compute)).to(activations.dtype)
@@ -260,8 +272,12 @@ def check_epsilon_ratio_of_product(
 def epsilon_ratio_of_product(
     activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float
 ) -> Tensor:
-    """:func:`epsilon_ratio` of :func:`input_relevance`: the product at a module's input and the
-    ratio at the previous module's output, with the product rounded to the dtype in between."""
+    """Twin of [fastattr.ops.epsilon_ratio_of_product][].
+
+    [epsilon_ratio][fastattr.ops.reference.epsilon_ratio] of
+    [input_relevance][fastattr.ops.reference.input_relevance]: the product at a module's input
+    and the ratio at the previous module's output, with the product rounded to the dtype in
+    between."""
     check_epsilon_ratio_of_product(activations, contributions, z, epsilon)
     return epsilon_ratio(input_relevance(activations, contributions), z, epsilon)
 
@@ -328,23 +344,50 @@ class _ProductRatioNode(torch.autograd.Function):
 
 
 def lrp_product_node(activation: Tensor) -> Tensor:
-    """``activation``; backward ``activation * contribution`` (:func:`input_relevance`)."""
+    """Twin of [fastattr.ops.lrp_product_node][].
+
+    ``activation``; backward ``activation * contribution``
+    ([input_relevance][fastattr.ops.reference.input_relevance])."""
     return _ProductNode.apply(activation)
 
 
 def lrp_ratio_node(z: Tensor, shown: Tensor | None, epsilon: float, copy: bool) -> Tensor:
-    """``shown`` (``z`` when None); backward :func:`epsilon_ratio` of the relevance and ``z``,
-    into ``z``."""
+    """Twin of [fastattr.ops.lrp_ratio_node][].
+
+    ``shown`` (``z`` when None); backward [epsilon_ratio][fastattr.ops.reference.epsilon_ratio]
+    of the relevance and ``z``, into ``z``."""
     return _RatioNode.apply(z, shown, epsilon, copy)
 
 
 def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
-    """``shown``; backward the relevance, unchanged, into ``source``."""
+    """Twin of [fastattr.ops.lrp_pass_node][].
+
+    ``shown``; backward the relevance, unchanged, into ``source``."""
     return _PassNode.apply(source, shown, copy)
 
 
 def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Tensor:
-    """``activation``; backward :func:`epsilon_ratio_of_product` of it, the relevance and ``z``,
-    into ``z``: the product node at a module's input, the pass nodes before it and the ratio
-    node at the previous module's output, in one."""
+    """Twin of [fastattr.ops.lrp_product_ratio_node][].
+
+    ``activation``; backward
+    [epsilon_ratio_of_product][fastattr.ops.reference.epsilon_ratio_of_product] of it, the
+    relevance and ``z``, into ``z``: the product node at a module's input, the pass nodes
+    before it and the ratio node at the previous module's output, in one."""
     return _ProductRatioNode.apply(z, activation, epsilon)
+
+
+# The public names: the twins. (The check_* functions and layout helpers serve the ops,
+# their fakes and the accumulators.)
+__all__ = [
+    "epsilon_ratio",
+    "epsilon_ratio_of_product",
+    "input_relevance",
+    "interpolate_path",
+    "lrp_pass_node",
+    "lrp_product_node",
+    "lrp_product_ratio_node",
+    "lrp_ratio_node",
+    "quadrature_accumulate",
+    "quadrature_finish",
+    "relevance_product",
+]

@@ -1,0 +1,136 @@
+"""The private torch APIs fastattr relies on: each still exists and still means what fastattr
+takes it to mean. A failure here names the API that moved; the comment at its use in fastattr
+says what it is for and which torch versions it was checked on.
+
+Checked by `make test` on the torch of the main venv and on the oldest torch pyproject.toml
+claims (`make test-oldest-torch`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import Variable
+from torch.nn.modules import module as module_hooks
+
+
+def test_the_engine_runs_backward_with_the_arguments_fastattr_passes():
+    # fastattr/_autograd.py: Variable._execution_engine.run_backward(tensors, grad_tensors,
+    # keep_graph, create_graph, inputs, allow_unreachable, accumulate_grad).
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    output = x @ weight
+    seed = torch.randn_like(output)
+    grads = Variable._execution_engine.run_backward(
+        (output,), (seed,), False, False, (x, unused), True, False
+    )
+    assert isinstance(grads, tuple) and len(grads) == 2
+    torch.testing.assert_close(grads[0], seed @ weight.T, rtol=0, atol=1e-12)
+    assert grads[1] is None  # allow_unreachable: an unused input gets None
+    assert x.grad is None  # accumulate_grad=False: nothing lands in .grad
+    with pytest.raises(RuntimeError):  # keep_graph=False freed the graph
+        output.sum().backward()
+
+
+HOOK_REGISTRIES = [
+    ("_global_forward_hooks", module_hooks.register_module_forward_hook, lambda *a: None),
+    ("_global_forward_pre_hooks", module_hooks.register_module_forward_pre_hook, lambda *a: None),
+    ("_global_backward_hooks", module_hooks.register_module_full_backward_hook, lambda *a: None),
+    (
+        "_global_backward_pre_hooks",
+        module_hooks.register_module_full_backward_pre_hook,
+        lambda *a: None,
+    ),
+]
+
+
+@pytest.mark.parametrize("name, register, hook", HOOK_REGISTRIES, ids=lambda v: str(v)[:30])
+def test_global_module_hooks_live_in_the_dicts_lrp_reads(name, register, hook):
+    # fastattr/lrp/propagation.py reads torch.nn.modules.module._global_*_hooks to tell
+    # whether any global module hook is registered.
+    registry = getattr(module_hooks, name)
+    before = len(registry)
+    handle = register(hook)
+    try:
+        assert len(registry) == before + 1 and hook in registry.values()
+    finally:
+        handle.remove()
+    assert len(registry) == before
+
+
+@pytest.mark.parametrize(
+    "attribute, register",
+    [
+        ("_forward_hooks", lambda m: m.register_forward_hook(lambda *a: None)),
+        ("_forward_pre_hooks", lambda m: m.register_forward_pre_hook(lambda *a: None)),
+        ("_backward_hooks", lambda m: m.register_full_backward_hook(lambda *a: None)),
+        ("_backward_pre_hooks", lambda m: m.register_full_backward_pre_hook(lambda *a: None)),
+    ],
+)
+def test_a_modules_own_hooks_live_in_the_dicts_lrp_reads(attribute, register):
+    # fastattr/lrp/propagation.py reads a module's _forward_hooks, _forward_pre_hooks,
+    # _backward_hooks and _backward_pre_hooks to tell whether it has hooks of its own.
+    module = nn.Linear(2, 2)
+    assert not getattr(module, attribute)
+    handle = register(module)
+    assert len(getattr(module, attribute)) == 1
+    handle.remove()
+    assert not getattr(module, attribute)
+
+
+def test_children_and_buffers_live_in_modules_and_buffers():
+    # fastattr/lrp reads module._modules (children by name, in order) and module._buffers.
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    assert list(model._modules) == ["0", "1"] and model._modules["1"] is model[1]
+    assert set(model[1]._buffers) == {"running_mean", "running_var", "num_batches_tracked"}
+    assert not model[0]._buffers
+
+
+@pytest.mark.parametrize("cls, shape", [(nn.Conv1d, (2, 3, 9)), (nn.Conv2d, (2, 3, 9, 8))])
+def test_conv_forward_takes_the_weight_and_bias_to_use(cls, shape):
+    # fastattr/lrp/rules.py: module._conv_forward(x, weight, bias) recomputes a convolution
+    # with modified weights and the module's own padding mode, stride, dilation and groups.
+    module = cls(3, 6, 3, stride=2, padding=1, dilation=1, groups=3, padding_mode="circular")
+    x = torch.randn(*shape)
+    weight, bias = module.weight.detach() * 2, torch.zeros(6)
+    expected = cls(3, 6, 3, stride=2, padding=1, groups=3, padding_mode="circular")
+    with torch.no_grad():
+        expected.weight.copy_(weight)
+        expected.bias.zero_()
+    torch.testing.assert_close(module._conv_forward(x, weight, bias), expected(x))
+
+
+def test_output_padding_recovers_what_the_output_size_pinned():
+    # fastattr/lrp/rules.py: module._output_padding(input, output_size, stride, padding,
+    # kernel_size, num_spatial_dims, dilation) gives the output padding of a transposed
+    # convolution that produced `output_size`.
+    module = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1)
+    x = torch.randn(1, 2, 5, 5)
+    for size in ([9, 9], [10, 10]):
+        output = module(x, output_size=size)
+        padding = module._output_padding(
+            x, size, module.stride, module.padding, module.kernel_size, 2, module.dilation
+        )
+        assert list(padding) == [size[0] - 9, size[1] - 9]
+        assert list(output.shape[-2:]) == size
+
+
+@pytest.mark.parametrize(
+    "base, public",
+    [
+        (nn.modules.conv._ConvNd, [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d]),
+        (nn.modules.pooling._AvgPoolNd, [nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d]),
+        (nn.modules.pooling._MaxPoolNd, [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d]),
+        (nn.modules.pooling._AdaptiveAvgPoolNd, [nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d]),
+        (nn.modules.pooling._AdaptiveMaxPoolNd, [nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d]),
+        (nn.modules.batchnorm._BatchNorm, [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d]),
+        (nn.modules.dropout._DropoutNd, [nn.Dropout, nn.Dropout2d, nn.AlphaDropout]),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_the_private_base_classes_lrp_matches_on_still_cover_the_public_ones(base, public):
+    # fastattr/lrp/rules.py picks default rules by isinstance against these private bases.
+    for cls in public:
+        assert issubclass(cls, base), f"{cls.__name__} no longer derives from {base.__name__}"
