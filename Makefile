@@ -57,9 +57,10 @@ $(OLDEST_VENV)/.installed: Makefile
 	touch $@
 
 # fastattr built (CPU kernels) from a copy of the sources, installed into the oldest torch's
-# venv, and the core tests run from outside the tree so that they import that build.
+# venv, and the core tests run from outside the tree so that they import that build. The copy
+# keeps the sources' times, so a rerun recompiles only what changed.
 test-oldest-torch: $(OLDEST_VENV)/.installed
-	rm -rf $(OLDEST_BUILD) && mkdir -p $(OLDEST_BUILD)/src
+	mkdir -p $(OLDEST_BUILD)/src && rm -rf $(OLDEST_BUILD)/src/csrc $(OLDEST_BUILD)/src/fastattr
 	tar --exclude='*.so' --exclude=__pycache__ -cf - setup.py pyproject.toml README.md csrc \
 		fastattr | tar -xf - -C $(OLDEST_BUILD)/src
 	cd $(OLDEST_BUILD)/src && FASTATTR_CUDA=0 ../../../$(OLDEST_PY) -m pip install --quiet \

@@ -254,10 +254,10 @@ def test_a_case_file_runs_with_its_contenders_and_float64_tells_who_is_off(tmp_p
 
 
 def test_listing_cases(capsys):
-    source = str(ROOT / "benchmarks" / "cases" / "layer_neuron_ig.py")
-    assert main(["bench", "--cases", source, "--list"]) == 0
+    source = ROOT / "benchmarks" / "cases" / "layer_neuron_ig.py"
+    assert main(["bench", "--cases", str(source), "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert listed == [f"{c.name}: {c.method} on {c.model}" for c in STUDY_CASES]
+    assert listed == [f"{c.name}: {c.method} on {c.model}" for c in cases.load(str(source))]
     assert main(["bench", "--list", "--methods", "lrp"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "lrp-mlp: LRP on mlp"
 
@@ -281,7 +281,12 @@ def test_bad_case_sources_are_refused(tmp_path, capsys):
         cases.Case("Saliency", "mlp", models.mlp, cases.features, floors.input_floor)
 
 
-STUDY_CASES = cases.load(str(ROOT / "benchmarks" / "cases" / "layer_neuron_ig.py"))
+# Every case file of benchmarks/cases, so that a new study's floors and batches are run too.
+STUDY_CASES = tuple(
+    case
+    for path in sorted((ROOT / "benchmarks" / "cases").glob("*.py"))
+    for case in cases.load(str(path))
+)
 
 
 def _readme_case_file(tmp_path: Path) -> Path:
