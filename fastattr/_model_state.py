@@ -1,0 +1,91 @@
+"""Leaving a model as it was found: its buffers kept across an attribution (also when several
+threads attribute at once, or an interrupt arrives), and what tells whether its forward couples
+the examples of a batch."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastattr._path_integral import module_of
+
+
+def uses_batch_statistics(forward_func: object) -> bool:
+    """Whether the module behind ``forward_func`` normalizes with the statistics of the batch
+    it is given (batch normalization in training mode, or without running statistics), so that
+    an example's output depends on the other rows of its batch."""
+    model = module_of(forward_func)
+    return model is not None and any(
+        isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+        for m in model.modules()
+    )
+
+
+def run_to_completion(cleanup: Callable[[], None]) -> None:
+    """Run an idempotent ``cleanup`` to its end even when a KeyboardInterrupt arrives during
+    it (it is run again), then raise that interrupt."""
+    interrupt = None
+    while True:
+        try:
+            cleanup()
+        except KeyboardInterrupt as error:
+            interrupt = error
+        else:
+            break
+    if interrupt is not None:
+        raise interrupt
+
+
+# (id of the module, buffer name) -> (the calls holding it, module, the buffer, its saved
+# value). Concurrent calls on one model share a snapshot: the first saves it, the last to leave
+# restores it.
+_held: dict[tuple[int, str], tuple[set[object], nn.Module, Tensor, Tensor]] = {}
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def kept_buffers(forward_func: object) -> Iterator[None]:
+    """Within the block the model may update its buffers (running statistics of modules in
+    training mode); on exit each is restored, the same tensor with its old values, also after
+    an exception or an interrupt. Modules in eval mode are not watched: their forward leaves
+    buffers alone. A plain function, whose modules can't be seen, is run as it is."""
+    model = module_of(forward_func)
+    if model is None:
+        yield
+        return
+    call = object()
+
+    def release() -> None:
+        # Idempotent (run again after an interrupt): finds this call's holds by its token.
+        with _held_lock:
+            for key, (calls, module, buffer, saved) in list(_held.items()):
+                if call not in calls:
+                    continue
+                calls.discard(call)
+                if not calls:
+                    with torch.no_grad():
+                        buffer.copy_(saved)
+                    module._buffers[key[1]] = buffer  # in case the forward replaced it
+                    del _held[key]
+
+    try:
+        with _held_lock:
+            for module in model.modules():
+                if not module.training:
+                    continue
+                for name, buffer in module._buffers.items():
+                    if buffer is None:
+                        continue
+                    held = _held.get((id(module), name))
+                    if held is None:  # one store: an interrupt leaves no entry without a call
+                        _held[id(module), name] = ({call}, module, buffer, buffer.detach().clone())
+                    else:
+                        held[0].add(call)
+        yield
+    finally:
+        run_to_completion(release)
