@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,21 +24,6 @@ def uses_batch_statistics(forward_func: object) -> bool:
         isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
         for m in model.modules()
     )
-
-
-def run_to_completion(cleanup: Callable[[], None]) -> None:
-    """Run an idempotent ``cleanup`` to its end even when a KeyboardInterrupt arrives during
-    it (it is run again), then raise that interrupt."""
-    interrupt = None
-    while True:
-        try:
-            cleanup()
-        except KeyboardInterrupt as error:
-            interrupt = error
-        else:
-            break
-    if interrupt is not None:
-        raise interrupt
 
 
 # (id of the module, buffer name) -> (the calls holding it, module, the buffer, its saved
@@ -61,17 +46,18 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
     call = object()
 
     def release() -> None:
-        # Idempotent (run again after an interrupt): finds this call's holds by its token.
+        # Idempotent (run again after an interrupt): finds this call's holds by its token, and
+        # lets a hold go only once its buffer is restored.
         with _held_lock:
             for key, (calls, module, buffer, saved) in list(_held.items()):
                 if call not in calls:
                     continue
-                calls.discard(call)
-                if not calls:
+                if len(calls) == 1:
                     with torch.no_grad():
                         buffer.copy_(saved)
                     module._buffers[key[1]] = buffer  # in case the forward replaced it
                     del _held[key]
+                calls.discard(call)
 
     try:
         with _held_lock:
@@ -88,4 +74,15 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
                         held[0].add(call)
         yield
     finally:
-        run_to_completion(release)
+        # Inline rather than in a helper: an interrupt can arrive as a function is entered, and
+        # only here, inside the loop's try, is that entry covered.
+        interrupt = None
+        while True:
+            try:
+                release()
+            except KeyboardInterrupt as error:  # release again, to its end
+                interrupt = error
+            else:
+                break
+        if interrupt is not None:
+            raise interrupt

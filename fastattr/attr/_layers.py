@@ -10,7 +10,6 @@ from typing import Any, Union
 
 from torch import Tensor, nn
 
-from fastattr._model_state import run_to_completion
 from fastattr._path_integral import module_of
 
 LayerValues = tuple[Tensor, ...]
@@ -104,7 +103,18 @@ def _hooks(
                 layer.register_forward_hook(function)
         yield
     finally:
-        run_to_completion(remove)
+        # Inline rather than in a helper: an interrupt can arrive as a function is entered, and
+        # only here, inside the loop's try, is that entry covered.
+        interrupt = None
+        while True:
+            try:
+                remove()
+            except KeyboardInterrupt as error:  # remove again, to the end
+                interrupt = error
+            else:
+                break
+        if interrupt is not None:
+            raise interrupt
 
 
 def _check_all_called(seen: Sequence[Any], layers: Sequence[nn.Module], name: str) -> None:
