@@ -20,6 +20,8 @@ def uses_batch_statistics(forward_func: object) -> bool:
     it is given (batch normalization in training mode, or without running statistics), so that
     an example's output depends on the other rows of its batch."""
     model = module_of(forward_func)
+    # (_BatchNorm, private, is the base of every batch normalization: checked, with what its
+    # forward does, in tests/test_torch_private_api.py.)
     return model is not None and any(
         isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
         for m in model.modules()
@@ -55,7 +57,9 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
                 if len(calls) == 1:
                     with torch.no_grad():
                         buffer.copy_(saved)
-                    module._buffers[key[1]] = buffer  # in case the forward replaced it
+                    # In case the forward replaced it (module._buffers: torch's private
+                    # registry, see tests/test_torch_private_api.py).
+                    module._buffers[key[1]] = buffer
                     del _held[key]
                 calls.discard(call)
 

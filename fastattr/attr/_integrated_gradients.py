@@ -91,9 +91,13 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 input), or a tuple of those, one per input tensor.
             target: which output to attribute when the output has more than one value per
                 example: an int or a tuple of ints (the same for every example), a list or a
-                1-D tensor with one index per example, or a list of tuples.
+                1-D tensor with one index per example, or a list of tuples. As in captum, a
+                selected output that is not one value per example but one value per entry of
+                its first dimension (``model(x)[0].unsqueeze(0)``) is differentiated as the
+                sum of its values; each forward then sees the rows captum's forward sees.
             additional_forward_args: further arguments of ``forward_func``, after the inputs.
-                Tensors with a batch dimension are repeated along the path with the inputs;
+                Tensors with at least one dimension are repeated along dimension 0 once per
+                step of the path, whatever their first dimension, as captum repeats them;
                 anything else is passed as it is.
             n_steps: the number of quadrature nodes. Default: 50.
             method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,

@@ -118,7 +118,9 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             neuron_selector: the neuron: an int or a tuple of ints indexing the layer's values
                 after the batch dimension; slices in the tuple select a region whose values
                 are summed; or a callable taking the layer's values (a tensor, or a tuple for
-                a layer with several) and returning one value per example.
+                a layer with several) and returning one value per example, or, as captum
+                allows, one value in all or per entry of a 1-D result (e.g. a sum over the
+                batch: ``lambda v: v[:, 2:].sum()``), differentiated as their sum.
             baselines: where each path starts, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``.
             n_steps: the number of quadrature nodes. Default: 50.
