@@ -85,7 +85,7 @@ def test_memory_is_linear():
 
 
 def test_tables_are_captums_bit_for_bit_up_to_the_switch():
-    for n in (1, 2, 7, 50, 300, LEGGAUSS_MAX_STEPS):
+    for n in (1, 7, 50, LEGGAUSS_MAX_STEPS):
         weights, alphas = (
             torch.tensor(f(n), dtype=torch.float64)
             for f in approximation_parameters("gausslegendre")
