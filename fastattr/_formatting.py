@@ -271,6 +271,12 @@ def per_example(output: Tensor, batch: int) -> Tensor:
     return output if output.dim() == 1 else output.reshape(batch)
 
 
+class OutputShapeError(ValueError, AssertionError):
+    """The selected output can't be differentiated as captum does (e.g. no target for an
+    output with several values per example). A ValueError, and an AssertionError too, which is
+    what captum raises there, so that code catching captum's error catches fastattr's."""
+
+
 class RowsCoupled(Exception):
     """The selected output is not one value per row of the path: its gradient then depends on
     which rows each forward sees, so the path must be chunked as captum chunks it."""
@@ -295,7 +301,7 @@ def path_output(output: Tensor, rows: int, whole: bool, what: str = "forward_fun
         if what == "forward_func"
         else ": index every dimension after the batch, or use slices to sum a region"
     )
-    raise ValueError(
+    raise OutputShapeError(
         f"{what} must give one value per example ({rows} values), or one value per entry of "
         f"its first dimension, got shape {list(output.shape)}{hint}"
     )

@@ -101,6 +101,15 @@ def test_neuron_selector_with_several_values_per_example_is_refused():
         fastattr.NeuronIntegratedGradients(model, model[2]).attribute(x, lambda v: v[:, :2])
 
 
+def test_a_missing_target_is_captums_assertion_error_too():
+    model, x = mlp(), inputs()
+    for method in (captum_attr.IntegratedGradients(model), fastattr.IntegratedGradients(model)):
+        with pytest.raises(AssertionError):
+            method.attribute(x)
+    with pytest.raises(ValueError, match="pass a target"):
+        fastattr.IntegratedGradients(model).attribute(x)
+
+
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
 def test_forward_whose_first_dimension_is_not_the_batch(method):
     # captum differentiates the sum of the selected outputs of each forward; which rows a
