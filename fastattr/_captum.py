@@ -92,6 +92,8 @@ def _adopt(cls: type, captum_name: str, module: ModuleType) -> None:
 def _loaded_captum_attr() -> ModuleType | None:
     """``captum.attr`` if it has been imported, else None (without importing it)."""
     module = sys.modules.get(CAPTUM_ATTR)
+    # (spec._initializing is importlib's private mark of a module still executing;
+    # test_captum_imported_by_another_thread_meanwhile depends on it.)
     if module is not None and getattr(module.__spec__, "_initializing", False):
         # Another thread is importing it, past the finder: wait until it has finished.
         module = importlib.import_module(CAPTUM_ATTR)

@@ -120,17 +120,9 @@ def format_additional_args(args: Any) -> tuple[Any, ...] | None:
     return args if isinstance(args, tuple) else (args,)
 
 
-def check_additional_args(args: tuple[Any, ...] | None, batch: int) -> None:
-    for i, arg in enumerate(args or ()):
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] != batch:
-            raise ValueError(
-                f"additional_forward_args[{i}] must have the batch size of inputs ({batch}) in "
-                f"dimension 0 to be repeated along the path, got shape {list(arg.shape)}"
-            )
-
-
 def repeat_additional_args(args: tuple[Any, ...] | None, steps: int) -> tuple[Any, ...]:
-    """Tensors repeated once per step (step-major, as the path is); the rest as they are."""
+    """Tensors repeated once per step along dimension 0 (step-major, as the path is), whatever
+    their first dimension, as captum repeats them; 0-dim tensors and the rest as they are."""
     if args is None:
         return ()
     return tuple(
@@ -277,3 +269,46 @@ def per_example(output: Tensor, batch: int) -> Tensor:
         )
     # (A reshape to its own shape would still add a node to the graph.)
     return output if output.dim() == 1 else output.reshape(batch)
+
+
+class OutputShapeError(ValueError, AssertionError):
+    """The selected output can't be differentiated as captum does (e.g. no target for an
+    output with several values per example). A ValueError, and an AssertionError too, which is
+    what captum raises there, so that code catching captum's error catches fastattr's."""
+
+
+class RowsCoupled(Exception):
+    """The selected output is not one value per row of the path: its gradient then depends on
+    which rows each forward sees, so the path must be chunked as captum chunks it."""
+
+
+def path_output(output: Tensor, rows: int, whole: bool, what: str = "forward_func") -> Tensor:
+    """The selected output of a forward over ``rows`` rows of the path, to be differentiated.
+
+    One value per row; or, as captum allows, any output holding one value per entry of its
+    first dimension (its gradient is that of their sum), when the forward saw the rows
+    captum's forward sees (``whole``; otherwise :class:`RowsCoupled` is raised).
+    """
+    if output.dim() > 0 and output.numel() == output.shape[0]:
+        if output.shape[0] == rows:
+            # (A reshape to its own shape would still add a node to the graph.)
+            return output if output.dim() == 1 else output.reshape(rows)
+        if whole:
+            return output.reshape(-1)
+        raise RowsCoupled
+    hint = (
+        ": pass a target that selects one output per example"
+        if what == "forward_func"
+        else ": index every dimension after the batch, or use slices to sum a region"
+    )
+    raise OutputShapeError(
+        f"{what} must give one value per example ({rows} values), or one value per entry of "
+        f"its first dimension, got shape {list(output.shape)}{hint}"
+    )
+
+
+def row_sums(output: Tensor) -> Tensor:
+    """The output summed over all but its first dimension (captum's convention for deltas)."""
+    if output.dim() == 0:
+        raise ValueError("forward_func must return an output with a first dimension, got a scalar")
+    return output if output.dim() == 1 else output.flatten(1).sum(1)

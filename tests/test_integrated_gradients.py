@@ -806,11 +806,6 @@ BAD_INPUTS = {
         TypeError,
         "internal_batch_size",
     ),
-    "additional-args-batch": (
-        dict(additional_forward_args=torch.zeros(3, 2)),
-        ValueError,
-        "additional_forward_args",
-    ),
 }
 
 
@@ -818,11 +813,7 @@ BAD_INPUTS = {
 def test_bad_arguments(backend, case):
     kwargs, error, match = BAD_INPUTS[case]
     kwargs = {"target": 0, **kwargs}
-    forward = mlp()
-    if "additional_forward_args" in kwargs:
-        forward = seeded(TwoInputs())
-        kwargs["additional_forward_args"] = data(3, 3, 2)
-    counter = CountingForward(forward)
+    counter = CountingForward(mlp())
     with pytest.raises(error, match=match):
         IntegratedGradients(counter).attribute(X, **kwargs)
     if error is not IndexError:  # range checks need the output's shape: one forward at most

@@ -1132,7 +1132,6 @@ def test_neuron_ig_integer_inputs():
         ({"internal_batch_size": 2.5}, TypeError, "internal_batch_size"),
         ({"baselines": torch.zeros(3, 6)}, ValueError, "baselines"),
         ({"baselines": (0, 0)}, ValueError, "baselines"),
-        ({"additional_forward_args": torch.zeros(3, 1)}, ValueError, "additional_forward_args"),
     ],
 )
 def test_argument_errors(cls, kwargs, error, name):

@@ -134,3 +134,51 @@ def test_the_private_base_classes_lrp_matches_on_still_cover_the_public_ones(bas
     # fastattr/lrp/rules.py picks default rules by isinstance against these private bases.
     for cls in public:
         assert issubclass(cls, base), f"{cls.__name__} no longer derives from {base.__name__}"
+
+
+def test_a_hook_removed_from_its_dict_is_gone():
+    # fastattr/attr/_layers.py removes its layer hooks by popping their entries from
+    # module._forward_hooks / _forward_pre_hooks (found by identity, so that a hook whose
+    # handle an interrupt lost is removed too); a plain registration adds to no other dict.
+    module = nn.Linear(2, 2)
+    calls = []
+    hooks = [lambda *a: calls.append("post"), lambda *a: calls.append("pre")]
+    module.register_forward_hook(hooks[0])
+    module.register_forward_pre_hook(hooks[1])
+    assert not module._forward_hooks_with_kwargs and not module._forward_hooks_always_called
+    assert not module._forward_pre_hooks_with_kwargs
+    for registry, hook in (
+        (module._forward_hooks, hooks[0]),
+        (module._forward_pre_hooks, hooks[1]),
+    ):
+        (key,) = [k for k, value in registry.items() if value is hook]
+        registry.pop(key)
+    module(torch.randn(1, 2))
+    assert calls == []
+
+
+def test_batch_norm_uses_batch_statistics_when_training_or_without_running_ones():
+    # fastattr/_model_state.py (uses_batch_statistics): a _BatchNorm normalizes with the batch's
+    # statistics in training mode, or when it keeps no running statistics (running_mean None).
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for module in (nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False).eval()):
+        module = module.double()
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        both = module(x)
+        torch.testing.assert_close(
+            module(x[:3]), (x[:3] - x[:3].mean(0)) / x[:3].var(0, unbiased=False).add(1e-5).sqrt()
+        )
+        assert not torch.allclose(both[:3], module(x[:3]))
+    assert nn.BatchNorm1d(3, track_running_stats=False).running_mean is None
+    assert issubclass(nn.SyncBatchNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def test_a_buffer_put_back_in_buffers_is_the_modules_buffer_again():
+    # fastattr/_model_state.py restores a buffer a forward replaced by assigning the original
+    # tensor to module._buffers[name].
+    module = nn.BatchNorm1d(3)
+    original = module.running_mean
+    module.running_mean = torch.ones(3)
+    module._buffers["running_mean"] = original
+    assert module.running_mean is original
+    assert dict(module.named_buffers())["running_mean"] is original

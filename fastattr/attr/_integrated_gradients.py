@@ -12,27 +12,27 @@ from fastattr._formatting import (
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
-    check_additional_args,
     check_floating,
     check_target,
     format_additional_args,
     format_baselines,
     format_output,
-    per_example,
     repeat_additional_args,
     repeat_target,
     run_forward,
 )
-from fastattr._path_integral import (
-    PathIntegral,
-    integrate_path,
-    steps_per_chunk_for,
-)
+from fastattr._model_state import kept_buffers
+from fastattr._path_integral import PathIntegral
 from fastattr._quadrature import check_steps
-from fastattr.attr._base import PathAttribution, forward_per_example
+from fastattr.attr._base import (
+    PathAttribution,
+    convergence_delta,
+    forward_row_sums,
+    integrate_as_captum,
+)
 
 
-def convergence_delta(
+def path_delta(
     result: PathIntegral,
     forward_func: Any,
     ends: tuple[Tensor, ...],
@@ -45,10 +45,10 @@ def convergence_delta(
     start_out, end_out = result.start_output, result.end_output
     if start_out is None:
         starts = tuple(start.expand_as(end).contiguous() for start, end in zip(starts, ends))
-        start_out = forward_per_example(forward_func, starts, target, args)
+        start_out = forward_row_sums(forward_func, starts, target, args)
     if end_out is None:
-        end_out = forward_per_example(forward_func, ends, target, args)
-    return result.row_sums - (end_out - start_out)
+        end_out = forward_row_sums(forward_func, ends, target, args)
+    return convergence_delta(result.row_sums, end_out, start_out)
 
 
 class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
@@ -91,9 +91,13 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 input), or a tuple of those, one per input tensor.
             target: which output to attribute when the output has more than one value per
                 example: an int or a tuple of ints (the same for every example), a list or a
-                1-D tensor with one index per example, or a list of tuples.
+                1-D tensor with one index per example, or a list of tuples. As in captum, a
+                selected output that is not one value per example but one value per entry of
+                its first dimension (``model(x)[0].unsqueeze(0)``) is differentiated as the
+                sum of its values; each forward then sees the rows captum's forward sees.
             additional_forward_args: further arguments of ``forward_func``, after the inputs.
-                Tensors with a batch dimension are repeated along the path with the inputs;
+                Tensors with at least one dimension are repeated along dimension 0 once per
+                step of the path, whatever their first dimension, as captum repeats them;
                 anything else is passed as it is.
             n_steps: the number of quadrature nodes. Default: 50.
             method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,
@@ -120,30 +124,30 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         batch = ends[0].shape[0]
         target = check_target(target, batch)
         args = format_additional_args(additional_forward_args)
-        check_additional_args(args, batch)
 
         def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-            output = run_forward(
+            return run_forward(
                 self.forward_func,
                 paths,
                 repeat_target(target, steps),
                 repeat_additional_args(args, steps),
             )
-            return per_example(output, steps * batch)
 
-        result = integrate_path(
-            ends,
-            starts,
-            evaluate,
-            method=method,
-            n_steps=n_steps,
-            steps_per_chunk=steps_per_chunk_for(internal_batch_size, batch),
-            multiply_by_inputs=self.multiplies_by_inputs,
-            model=self.forward_func,
-            step_costs=self._step_costs,
-        )
-        attributions = format_output(is_tuple, result.attributions)
-        if not return_convergence_delta:
-            return attributions
-        delta = convergence_delta(result, self.forward_func, ends, starts, target, args)
+        with kept_buffers(self.forward_func):
+            result = integrate_as_captum(
+                ends,
+                starts,
+                evaluate,
+                batch=batch,
+                forward_func=self.forward_func,
+                n_steps=n_steps,
+                internal_batch_size=internal_batch_size,
+                method=method,
+                multiply_by_inputs=self.multiplies_by_inputs,
+                step_costs=self._step_costs,
+            )
+            attributions = format_output(is_tuple, result.attributions)
+            if not return_convergence_delta:
+                return attributions
+            delta = path_delta(result, self.forward_func, ends, starts, target, args)
         return attributions, delta

@@ -1,8 +1,10 @@
-"""LayerIntegratedGradients: captum's API; the layer's values come from one pass that stops at
-the layer, and the path through them streams through the compiled ops."""
+"""LayerIntegratedGradients: captum's API; the layer's values come from a pass over the inputs
+and one over the baselines, each stopping at the layer, and the path through them streams
+through the compiled ops."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Union
 
 import torch
@@ -10,27 +12,29 @@ from torch import Tensor
 
 from fastattr._formatting import (
     BaselineType,
+    ColumnIndices,
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
-    check_additional_args,
     check_floating,
     check_target,
     format_additional_args,
     format_baselines,
     format_output,
-    per_example,
     repeat_additional_args,
     repeat_target,
     run_forward,
 )
-from fastattr._path_integral import (
-    integrate_path,
-    module_of,
-    steps_per_chunk_for,
-)
+from fastattr._model_state import kept_buffers
+from fastattr._path_integral import PathIntegral
 from fastattr._quadrature import check_steps
-from fastattr.attr._base import LayerAttribution, PathAttribution, forward_per_example
+from fastattr.attr._base import (
+    LayerAttribution,
+    PathAttribution,
+    convergence_delta,
+    forward_row_sums,
+    integrate_as_captum,
+)
 from fastattr.attr._layers import (
     LayerCalledAgain,
     LayerValues,
@@ -91,37 +95,21 @@ class LayerIntegratedGradients(
         on_input: bool,
         last: bool = False,
     ) -> tuple[list[LayerValues], list[LayerValues]]:
-        """The layers' values at the inputs and at the baselines, from one pass over both
-        that stops at the last layer needed (with ``last``: that runs to the end and takes
-        each layer's last call)."""
+        """The layers' values at the inputs and at the baselines, from a pass over each (as
+        captum takes them: one pass over both would let a model that mixes the examples of a
+        batch mix inputs and baselines) that stops at the last layer needed (with ``last``: that
+        runs to the end and takes each layer's last call)."""
         layers = as_layer_list(self.layer)
-        batch = inputs[0].shape[0]
-        model = module_of(self.forward_func)
         with torch.no_grad():
-            # Only a model known to be in eval mode may see inputs and baselines together:
-            # behind a plain function there may be one in training mode.
-            if model is not None and not any(m.training for m in model.modules()):
-                both = tuple(torch.cat([x, s]) for x, s in zip(inputs, starts))
-                captured = capture_layers(
-                    lambda: self.forward_func(*both, *repeat_additional_args(args, 2)),
+            return tuple(  # type: ignore[return-value]
+                capture_layers(
+                    lambda points=points: self.forward_func(*points, *(args or ())),
                     layers,
                     on_input,
                     last=last,
                 )
-                if all(v.shape[0] == 2 * batch for values in captured for v in values):
-                    return (
-                        [tuple(v[:batch] for v in values) for values in captured],
-                        [tuple(v[batch:] for v in values) for values in captured],
-                    )
-            # Batch statistics (training mode, or not known) or values not batched along
-            # dimension 0: the inputs and the baselines need passes of their own.
-            at_inputs = capture_layers(
-                lambda: self.forward_func(*inputs, *(args or ())), layers, on_input, last=last
+                for points in (inputs, starts)
             )
-            at_starts = capture_layers(
-                lambda: self.forward_func(*starts, *(args or ())), layers, on_input, last=last
-            )
-        return at_inputs, at_starts
 
     def attribute(
         self,
@@ -169,68 +157,95 @@ class LayerIntegratedGradients(
         batch = model_inputs[0].shape[0]
         target = check_target(target, batch)
         args = format_additional_args(additional_forward_args)
-        check_additional_args(args, batch)
-        steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)
-
-        # A layer that runs more than once is replaced at every call, so only its last call
-        # reaches the output: its path must run between its last call's values (captum's
-        # convention). The first chunk tells; then the values come from a full pass.
-        for last in (False, True):
-            at_inputs, at_starts = self._layer_values(
-                model_inputs, starts, args, attribute_to_layer_input, last
-            )
-            counts = [len(values) for values in at_inputs]
-            ends = tuple(v for values in at_inputs for v in values)
-            path_starts = tuple(v for values in at_starts for v in values)
-            check_floating(
-                ends, "the values of layer", "; choose a layer with floating point values"
-            )
-            if return_convergence_delta and any(v.shape[0] != batch for v in ends):
-                raise ValueError(
-                    "return_convergence_delta needs the values of layer to hold the examples "
-                    f"along dimension 0 ({batch}), got shapes {[list(v.shape) for v in ends]}"
-                )
-
-            def evaluate(paths: tuple[Tensor, ...], steps: int, counts=counts, last=last) -> Tensor:
-                calls = [0] * len(layers)
-                with replaced_layers(
-                    layers, _group(paths, counts), attribute_to_layer_input, calls=calls
-                ):
-                    output = run_forward(
-                        self.forward_func,
-                        repeat_additional_args(model_inputs, steps),
-                        repeat_target(target, steps),
-                        repeat_additional_args(args, steps),
-                    )
-                if not last and max(calls) > 1:
-                    raise LayerCalledAgain
-                return per_example(output, steps * batch)
-
+        integrate = functools.partial(
+            self._integrate,
+            model_inputs,
+            starts,
+            target,
+            args,
+            n_steps,
+            method,
+            internal_batch_size,
+            attribute_to_layer_input,
+            grad_kwargs,
+            return_convergence_delta,
+        )
+        with kept_buffers(self.forward_func):
+            # A layer that runs more than once is replaced at every call, so only its last
+            # call reaches the output: its path must run between its last call's values
+            # (captum's convention). The first chunk tells; then the values come from a full
+            # pass.
             try:
-                result = integrate_path(
-                    ends,
-                    path_starts,
-                    evaluate,
-                    method=method,
-                    n_steps=n_steps,
-                    steps_per_chunk=steps_per_chunk,
-                    multiply_by_inputs=self.multiplies_by_inputs,
-                    model=self.forward_func,
-                    step_costs=self._step_costs,
-                    cost_key=(tuple(x.shape for x in model_inputs), attribute_to_layer_input),
-                    grad_kwargs=grad_kwargs,
-                )
-                break
+                result, counts = integrate(last=False)
             except LayerCalledAgain:
-                continue
-        per_layer = [
-            format_output(len(group) > 1, group) for group in _group(result.attributions, counts)
-        ]
-        attributions = per_layer if isinstance(self.layer, list) else per_layer[0]
-        if not return_convergence_delta:
-            return attributions
-        # The path's own outputs can't stand in for the model's at the inputs and baselines:
-        # branches that bypass the layer saw the inputs all along the path.
-        start_out = forward_per_example(self.forward_func, starts, target, args)
-        end_out = forward_per_example(self.forward_func, model_inputs, target, args)
-        return attributions, result.row_sums - (end_out - start_out)
+                result, counts = integrate(last=True)
+            per_layer = [
+                format_output(len(group) > 1, group)
+                for group in _group(result.attributions, counts)
+            ]
+            attributions = per_layer if isinstance(self.layer, list) else per_layer[0]
+            if not return_convergence_delta:
+                return attributions
+            # The path's own outputs can't stand in for the model's at the inputs and
+            # baselines: branches that bypass the layer saw the inputs all along the path.
+            start_out = forward_row_sums(self.forward_func, starts, target, args)
+            end_out = forward_row_sums(self.forward_func, model_inputs, target, args)
+        return attributions, convergence_delta(result.row_sums, end_out, start_out)
+
+    def _integrate(
+        self,
+        model_inputs: tuple[Tensor, ...],
+        starts: tuple[Tensor, ...],
+        target: TargetType | ColumnIndices,
+        args: tuple[Any, ...] | None,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
+        on_input: bool,
+        grad_kwargs: dict[str, Any] | None,
+        with_delta: bool,
+        last: bool,
+    ) -> tuple[PathIntegral, list[int]]:
+        """The path between the layers' values (with ``last``, those of each layer's last
+        call); and how many tensors each layer gives."""
+        layers = as_layer_list(self.layer)
+        batch = model_inputs[0].shape[0]
+        at_inputs, at_starts = self._layer_values(model_inputs, starts, args, on_input, last)
+        counts = [len(values) for values in at_inputs]
+        ends = tuple(v for values in at_inputs for v in values)
+        path_starts = tuple(v for values in at_starts for v in values)
+        check_floating(ends, "the values of layer", "; choose a layer with floating point values")
+        if with_delta and any(v.shape[0] != batch for v in ends):
+            raise ValueError(
+                "return_convergence_delta needs the values of layer to hold the examples "
+                f"along dimension 0 ({batch}), got shapes {[list(v.shape) for v in ends]}"
+            )
+
+        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
+            calls = [0] * len(layers)
+            with replaced_layers(layers, _group(paths, counts), on_input, calls=calls):
+                output = run_forward(
+                    self.forward_func,
+                    repeat_additional_args(model_inputs, steps),
+                    repeat_target(target, steps),
+                    repeat_additional_args(args, steps),
+                )
+            if not last and max(calls) > 1:
+                raise LayerCalledAgain
+            return output
+
+        result = integrate_as_captum(
+            ends,
+            path_starts,
+            evaluate,
+            batch=batch,
+            forward_func=self.forward_func,
+            n_steps=n_steps,
+            internal_batch_size=internal_batch_size,
+            method=method,
+            multiply_by_inputs=self.multiplies_by_inputs,
+            step_costs=self._step_costs,
+            cost_key=(tuple(x.shape for x in model_inputs), on_input),
+            grad_kwargs=grad_kwargs,
+        )
+        return result, counts

@@ -4,6 +4,7 @@ outlive the call."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Union
 
@@ -67,33 +68,63 @@ def _as_values(values: Any, layer: nn.Module, name: str) -> LayerValues:
 def _hooks(
     layers: Sequence[nn.Module], on_input: bool, hook: Callable[[int, Any], Any]
 ) -> Iterator[None]:
-    handles = []
+    """Within the block, ``hook(index, values)`` sees each layer's input (or output) in this
+    thread's forward passes, and may replace it. Other threads running the same modules at the
+    same time (another attribution, or plain inference) are not seen, nor changed. The hooks
+    are removed on exit, also when an interrupt arrives while they are being added or removed.
+    """
+    owner = threading.get_ident()
+
+    def made(index: int) -> Callable[..., Any]:
+        if on_input:
+            return lambda module, args: (
+                hook(index, args) if threading.get_ident() == owner else None
+            )
+        return lambda module, args, output: (
+            hook(index, output) if threading.get_ident() == owner else None
+        )
+
+    installed = [(layer, made(index)) for index, layer in enumerate(layers)]
+
+    def remove() -> None:
+        # By identity rather than by handle: an interrupt inside a registration would lose
+        # the handle of a hook that is in place already. (The dicts are torch's private
+        # registries: tests/test_torch_private_api.py checks what this relies on.)
+        for layer, function in installed:
+            registry = layer._forward_pre_hooks if on_input else layer._forward_hooks
+            for key, value in list(registry.items()):
+                if value is function:
+                    registry.pop(key, None)
+
     try:
-        for index, layer in enumerate(layers):
+        for layer, function in installed:
             if on_input:
-                handles.append(
-                    layer.register_forward_pre_hook(
-                        lambda module, args, index=index: hook(index, args)
-                    )
-                )
+                layer.register_forward_pre_hook(function)
             else:
-                handles.append(
-                    layer.register_forward_hook(
-                        lambda module, args, output, index=index: hook(index, output)
-                    )
-                )
+                layer.register_forward_hook(function)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        # Inline rather than in a helper: an interrupt can arrive as a function is entered, and
+        # only here, inside the loop's try, is that entry covered.
+        interrupt = None
+        while True:
+            try:
+                remove()
+            except KeyboardInterrupt as error:  # remove again, to the end
+                interrupt = error
+            else:
+                break
+        if interrupt is not None:
+            raise interrupt
 
 
 def _check_all_called(seen: Sequence[Any], layers: Sequence[nn.Module], name: str) -> None:
     missing = [type(layers[i]).__name__ for i, value in enumerate(seen) if value is None]
     if missing:
         raise ValueError(
-            f"{name} was never called by forward_func ({', '.join(missing)}): "
-            "pass a module that the forward pass runs"
+            f"{name} was never called by forward_func ({', '.join(missing)}) in the calling "
+            "thread: pass a module that the forward pass runs (a forward that runs it in other "
+            "threads, as DataParallel over several devices does, can't be attributed)"
         )
 
 

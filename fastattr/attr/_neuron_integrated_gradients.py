@@ -13,24 +13,23 @@ from fastattr._formatting import (
     BaselineType,
     TensorOrTuple,
     as_tensor_tuple,
-    check_additional_args,
     check_floating,
     format_additional_args,
     format_baselines,
     format_output,
-    per_example,
     repeat_additional_args,
 )
-from fastattr._path_integral import integrate_path, steps_per_chunk_for
+from fastattr._model_state import kept_buffers
 from fastattr._quadrature import check_steps
-from fastattr.attr._base import PathAttribution
+from fastattr.attr._base import PathAttribution, integrate_as_captum
 from fastattr.attr._layers import LayerValues, capture_layers, check_layers_in_model
 
 NeuronSelector = Union[int, tuple[Union[int, slice], ...], Callable[..., Tensor]]
 
 
 def select_neuron(values: LayerValues, selector: NeuronSelector, rows: int) -> Tensor:
-    """The selected neuron's value per row; slices select a region, summed per row."""
+    """The selected neuron's value per row (slices select a region, summed per row), or what a
+    callable selector returns."""
     if callable(selector):
         selected = selector(values if len(values) > 1 else values[0])
         if not isinstance(selected, Tensor):
@@ -65,13 +64,8 @@ def select_neuron(values: LayerValues, selector: NeuronSelector, rows: int) -> T
         selected = layer_value[(slice(None), *index)]
         if any(isinstance(i, slice) for i in index):
             selected = selected.reshape(rows, -1).sum(1)
-    if selected.numel() != rows:
-        raise ValueError(
-            "neuron_selector must select one value per example, got shape "
-            f"{list(selected.shape)} for {rows} rows: index every dimension after the batch, "
-            "or use slices to sum a region"
-        )
-    return selected.reshape(rows)
+    # A single value (a selector that sums over the batch too) is differentiated as it is.
+    return selected.reshape(1) if selected.numel() == 1 and selected.dim() != 1 else selected
 
 
 class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedGradients"):
@@ -124,7 +118,9 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             neuron_selector: the neuron: an int or a tuple of ints indexing the layer's values
                 after the batch dimension; slices in the tuple select a region whose values
                 are summed; or a callable taking the layer's values (a tensor, or a tuple for
-                a layer with several) and returning one value per example.
+                a layer with several) and returning one value per example, or, as captum
+                allows, one value in all or per entry of a 1-D result (e.g. a sum over the
+                batch: ``lambda v: v[:, 2:].sum()``), differentiated as their sum.
             baselines: where each path starts, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``.
             n_steps: the number of quadrature nodes. Default: 50.
@@ -146,46 +142,47 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         check_steps(method, n_steps)
         batch = ends[0].shape[0]
         args = format_additional_args(additional_forward_args)
-        check_additional_args(args, batch)
 
-        # Captum takes a layer that runs more than once at its last call. One pass over the
-        # inputs, without a graph, counts the calls; unless the layer runs again, the passes
-        # over the path stop at the layer.
-        steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)
-        calls = [0]
-        with torch.no_grad():
-            if batch > 0:
-                capture_layers(
-                    lambda: self.forward_func(*ends, *(args or ())),
+        with kept_buffers(self.forward_func):
+            # Captum takes a layer that runs more than once at its last call. One pass over the
+            # inputs, without a graph, counts the calls; unless the layer runs again, the
+            # passes over the path stop at the layer.
+            calls = [0]
+            with torch.no_grad():
+                if batch > 0:
+                    capture_layers(
+                        lambda: self.forward_func(*ends, *(args or ())),
+                        [self.layer],
+                        attribute_to_neuron_input,
+                        last=True,
+                        calls=calls,
+                    )
+            runs_again = calls[0] > 1
+
+            def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
+                repeated_args = repeat_additional_args(args, steps)
+                (values,) = capture_layers(
+                    lambda: self.forward_func(*paths, *repeated_args),
                     [self.layer],
                     attribute_to_neuron_input,
-                    last=True,
-                    calls=calls,
+                    detach=False,
+                    last=runs_again,
                 )
-        runs_again = calls[0] > 1
+                return select_neuron(values, neuron_selector, steps * batch)
 
-        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-            repeated_args = repeat_additional_args(args, steps)
-            (values,) = capture_layers(
-                lambda: self.forward_func(*paths, *repeated_args),
-                [self.layer],
-                attribute_to_neuron_input,
-                detach=False,
-                last=runs_again,
-            )
-            return per_example(select_neuron(values, neuron_selector, steps * batch), steps * batch)
-
-        with torch.enable_grad():
-            result = integrate_path(
-                ends,
-                starts,
-                evaluate,
-                method=method,
-                n_steps=n_steps,
-                steps_per_chunk=steps_per_chunk,
-                multiply_by_inputs=self.multiplies_by_inputs,
-                model=self.forward_func,
-                step_costs=self._step_costs,
-                cost_key=attribute_to_neuron_input,
-            )
+            with torch.enable_grad():
+                result = integrate_as_captum(
+                    ends,
+                    starts,
+                    evaluate,
+                    batch=batch,
+                    forward_func=self.forward_func,
+                    n_steps=n_steps,
+                    internal_batch_size=internal_batch_size,
+                    what="neuron_selector",
+                    method=method,
+                    multiply_by_inputs=self.multiplies_by_inputs,
+                    step_costs=self._step_costs,
+                    cost_key=attribute_to_neuron_input,
+                )
         return format_output(is_tuple, result.attributions)

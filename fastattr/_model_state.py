@@ -1,0 +1,92 @@
+"""Leaving a model as it was found: its buffers kept across an attribution (also when several
+threads attribute at once, or an interrupt arrives), and what tells whether its forward couples
+the examples of a batch."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastattr._path_integral import module_of
+
+
+def uses_batch_statistics(forward_func: object) -> bool:
+    """Whether the module behind ``forward_func`` normalizes with the statistics of the batch
+    it is given (batch normalization in training mode, or without running statistics), so that
+    an example's output depends on the other rows of its batch."""
+    model = module_of(forward_func)
+    # (_BatchNorm, private, is the base of every batch normalization: checked, with what its
+    # forward does, in tests/test_torch_private_api.py.)
+    return model is not None and any(
+        isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+        for m in model.modules()
+    )
+
+
+# (id of the module, buffer name) -> (the calls holding it, module, the buffer, its saved
+# value). Concurrent calls on one model share a snapshot: the first saves it, the last to leave
+# restores it.
+_held: dict[tuple[int, str], tuple[set[object], nn.Module, Tensor, Tensor]] = {}
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def kept_buffers(forward_func: object) -> Iterator[None]:
+    """Within the block the model may update its buffers (running statistics of modules in
+    training mode); on exit each is restored, the same tensor with its old values, also after
+    an exception or an interrupt. Modules in eval mode are not watched: their forward leaves
+    buffers alone. A plain function, whose modules can't be seen, is run as it is."""
+    model = module_of(forward_func)
+    if model is None:
+        yield
+        return
+    call = object()
+
+    def release() -> None:
+        # Idempotent (run again after an interrupt): finds this call's holds by its token, and
+        # lets a hold go only once its buffer is restored.
+        with _held_lock:
+            for key, (calls, module, buffer, saved) in list(_held.items()):
+                if call not in calls:
+                    continue
+                if len(calls) == 1:
+                    with torch.no_grad():
+                        buffer.copy_(saved)
+                    # In case the forward replaced it (module._buffers: torch's private
+                    # registry, see tests/test_torch_private_api.py).
+                    module._buffers[key[1]] = buffer
+                    del _held[key]
+                calls.discard(call)
+
+    try:
+        with _held_lock:
+            for module in model.modules():
+                if not module.training:
+                    continue
+                for name, buffer in module._buffers.items():
+                    if buffer is None:
+                        continue
+                    held = _held.get((id(module), name))
+                    if held is None:  # one store: an interrupt leaves no entry without a call
+                        _held[id(module), name] = ({call}, module, buffer, buffer.detach().clone())
+                    else:
+                        held[0].add(call)
+        yield
+    finally:
+        # Inline rather than in a helper: an interrupt can arrive as a function is entered, and
+        # only here, inside the loop's try, is that entry covered.
+        interrupt = None
+        while True:
+            try:
+                release()
+            except KeyboardInterrupt as error:  # release again, to its end
+                interrupt = error
+            else:
+                break
+        if interrupt is not None:
+            raise interrupt

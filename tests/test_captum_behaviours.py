@@ -1,0 +1,390 @@
+"""captum's behaviours the integrated-gradients family follows, with captum as the oracle, and
+the model left as found: batch-reducing outputs and neuron selectors, forward arguments that
+are not batched, models that couple the examples of a batch, several threads, interrupts."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+
+import captum.attr as captum_attr
+import pytest
+import torch
+from torch import Tensor, nn
+
+import fastattr
+from fastattr import _model_state
+
+F64 = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def mlp(batch_norm: bool = False, **norm) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)]
+    if batch_norm:
+        layers.insert(1, nn.BatchNorm1d(8, **norm))
+    return nn.Sequential(*layers).double().eval()
+
+
+def inputs(batch: int = 3) -> Tensor:
+    torch.manual_seed(1)
+    return torch.randn(batch, 5, dtype=torch.float64)
+
+
+def both(name: str, *args, **kwargs):
+    return getattr(fastattr, name)(*args, **kwargs), getattr(captum_attr, name)(*args, **kwargs)
+
+
+def assert_same(ours, theirs) -> None:
+    if isinstance(theirs, (tuple, list)):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            assert_same(a, b)
+    else:
+        torch.testing.assert_close(ours, theirs, **F64)
+
+
+def snapshot(model: nn.Module):
+    """Everything a call could change: tensors (identity and values), each module's own
+    attributes (hook dictionaries, instance forwards, training flags)."""
+    tensors = [
+        (n, t, t.detach().clone()) for n, t in [*model.named_parameters(), *model.named_buffers()]
+    ]
+    modules = [
+        (m, {k: dict(v) if isinstance(v, dict) else v for k, v in vars(m).items()})
+        for m in model.modules()
+    ]
+    return tensors, modules
+
+
+def assert_as_found(model: nn.Module, state) -> None:
+    tensors, modules = state
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == {n for n, _, _ in tensors}
+    for name, tensor, value in tensors:
+        assert now[name] is tensor, name
+        assert torch.equal(tensor, value), name
+        assert tensor.grad is None, name
+    for module, attributes in modules:
+        current = vars(module)
+        assert current.keys() == attributes.keys(), type(module).__name__
+        for key, value in attributes.items():
+            if isinstance(value, dict):
+                assert dict(current[key]).keys() == value.keys(), key
+                assert all(current[key][k] is v for k, v in value.items()), key
+            else:
+                assert current[key] is value or current[key] == value, key
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_neuron_selector_summing_over_the_batch():
+    model, x = mlp(), inputs()
+    for selector in (
+        lambda v: v[:, 2:].sum(),
+        lambda v: v.sum(0),
+        lambda v: v[:, 1].sum().reshape(1, 1),
+    ):
+        for extra in ({}, {"internal_batch_size": 6}):
+            ours, theirs = both("NeuronIntegratedGradients", model, model[2])
+            kwargs = {"n_steps": 7, **extra}
+            assert_same(
+                ours.attribute(x, selector, **kwargs), theirs.attribute(x, selector, **kwargs)
+            )
+
+
+def test_neuron_selector_with_several_values_per_example_is_refused():
+    model, x = mlp(), inputs()
+    with pytest.raises(ValueError, match="neuron_selector must give one value per example"):
+        fastattr.NeuronIntegratedGradients(model, model[2]).attribute(x, lambda v: v[:, :2])
+
+
+def test_a_missing_target_is_captums_assertion_error_too():
+    model, x = mlp(), inputs()
+    for method in (captum_attr.IntegratedGradients(model), fastattr.IntegratedGradients(model)):
+        with pytest.raises(AssertionError):
+            method.attribute(x)
+    with pytest.raises(ValueError, match="pass a target"):
+        fastattr.IntegratedGradients(model).attribute(x)
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+def test_forward_whose_first_dimension_is_not_the_batch(method):
+    # captum differentiates the sum of the selected outputs of each forward; which rows a
+    # forward sees matters (here only the first row of the expanded batch reaches the output),
+    # so fastattr runs the path as captum chunks it.
+    model, x = mlp(), inputs()
+
+    def first_row(v):
+        return model(v)[0].unsqueeze(0)
+
+    def column_sums(v):
+        return model(v).sum(0, keepdim=True)
+
+    for forward in (first_row, column_sums):
+        for extra in ({}, {"internal_batch_size": 6}):
+            kwargs = {"target": 1, "n_steps": 6, "method": method, **extra}
+            ours, theirs = both("IntegratedGradients", forward)
+            assert_same(ours.attribute(x, **kwargs), theirs.attribute(x, **kwargs))
+            deltas = [
+                m.attribute(x, return_convergence_delta=True, **kwargs) for m in (ours, theirs)
+            ]
+            assert_same(*deltas)
+            ours, theirs = both("LayerIntegratedGradients", forward, model[2])
+            assert_same(ours.attribute(x, **kwargs), theirs.attribute(x, **kwargs))
+
+
+def test_delta_rows_that_do_not_broadcast_are_refused():
+    model, x = mlp(), inputs()
+    method = fastattr.IntegratedGradients(lambda v: model(v)[:2])
+    with pytest.raises(ValueError, match="one output row per example"):
+        method.compute_convergence_delta(torch.zeros_like(x), 0.0, x, target=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["IntegratedGradients", "LayerIntegratedGradients", "NeuronIntegratedGradients"]
+)
+def test_forward_arguments_that_are_not_batched(name):
+    model, x = mlp(), inputs()
+    weights = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)  # (4,), batch of 3
+
+    class Weighted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, v, w, index):
+            return self.model(v) * w[index]
+
+    forward = Weighted()
+    ours, theirs = both(
+        name, *((forward,) if name == "IntegratedGradients" else (forward, model[2]))
+    )
+    kwargs = {"additional_forward_args": (weights, 2), "n_steps": 5}
+    if name == "NeuronIntegratedGradients":
+        kwargs["neuron_selector"] = 4
+    else:
+        kwargs["target"] = 2
+    assert_same(ours.attribute(x, **kwargs), theirs.attribute(x, **kwargs))
+
+
+# ----------------------------------------------------------------------------- coupled examples
+
+
+def test_layer_ig_takes_inputs_and_baselines_apart():
+    # BatchNorm without running statistics normalizes with the batch even in eval mode: one
+    # pass over inputs and baselines together mixed them (39-99% off captum before).
+    model, x = mlp(batch_norm=True, track_running_stats=False), inputs(4)
+    baselines = torch.randn(4, 5, dtype=torch.float64)
+    for layer in (model[3], model[5]):
+        ours, theirs = both("LayerIntegratedGradients", model, layer)
+        kwargs = {
+            "baselines": baselines,
+            "target": 0,
+            "n_steps": 9,
+            "return_convergence_delta": True,
+        }
+        assert_same(ours.attribute(x, **kwargs), theirs.attribute(x, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "name", ["IntegratedGradients", "LayerIntegratedGradients", "NeuronIntegratedGradients"]
+)
+def test_train_mode_batch_norm_gives_captums_numbers_and_keeps_buffers(name):
+    model, x = mlp(batch_norm=True).train(), inputs(4)
+    state = snapshot(model)
+    ours = getattr(fastattr, name)(
+        *((model,) if name == "IntegratedGradients" else (model, model[4]))
+    )
+    kwargs = {"neuron_selector": 1} if name == "NeuronIntegratedGradients" else {"target": 1}
+    for extra in ({}, {"internal_batch_size": 8}):
+        got = ours.attribute(x, n_steps=5, **kwargs, **extra)
+        assert_as_found(model, state)
+        theirs = getattr(captum_attr, name)(
+            *((model,) if name == "IntegratedGradients" else (model, model[4]))
+        )
+        expected = theirs.attribute(x, n_steps=5, **kwargs, **extra)
+        assert not torch.equal(model[1].running_mean, state[0][-3][2])  # captum updated them
+        with torch.no_grad():
+            for _, tensor, value in state[0]:
+                tensor.copy_(value)
+        assert_same(got, expected)
+
+
+def test_buffers_are_restored_after_an_error():
+    model, x = mlp(batch_norm=True).train(), inputs(4)
+    state = snapshot(model)
+
+    class Failing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, v):
+            self.model(v)
+            raise RuntimeError("after the forward")
+
+    for method in (
+        fastattr.IntegratedGradients(Failing()),
+        fastattr.IntegratedGradients(model.forward),
+    ):
+        with pytest.raises((RuntimeError, IndexError)):
+            method.attribute(x, target=7)  # the bound method: an out-of-range target
+        assert_as_found(model, state)
+
+
+def test_uses_batch_statistics():
+    assert not _model_state.uses_batch_statistics(mlp(batch_norm=True))
+    assert _model_state.uses_batch_statistics(mlp(batch_norm=True).train())
+    assert _model_state.uses_batch_statistics(mlp(batch_norm=True, track_running_stats=False))
+    assert not _model_state.uses_batch_statistics(lambda v: v)
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+@pytest.fixture
+def eager_switching():
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def run_threads(work, count: int = 4) -> list:
+    results, errors = [None] * count, []
+
+    def run(index):
+        try:
+            results[index] = work(index)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("name", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+def test_threads_on_one_model(name, eager_switching):
+    model, x = mlp(batch_norm=True), inputs(4)
+    layer = model[3]
+    kwargs = {"neuron_selector": 2} if name == "NeuronIntegratedGradients" else {"target": 2}
+    expected = getattr(fastattr, name)(model, layer).attribute(x, n_steps=4, **kwargs)
+    plain = model(x)
+    state = snapshot(model)
+
+    def work(index):
+        if index == 0:  # plain inference alongside: never sees the attributions' hooks
+            return [torch.equal(model(x), plain) for _ in range(60)]
+        method = getattr(fastattr, name)(model, layer)
+        return [method.attribute(x, n_steps=4, **kwargs) for _ in range(15)]
+
+    inference, *attributions = run_threads(work)
+    assert all(inference)
+    for results in attributions:
+        for result in results:
+            torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    assert_as_found(model, state)
+
+
+def test_threads_on_a_train_mode_model_leave_its_statistics(eager_switching):
+    model, x = mlp(batch_norm=True).train(), inputs(4)
+    state = snapshot(model)
+    expected = fastattr.IntegratedGradients(model).attribute(x, target=0, n_steps=4)
+    results = run_threads(
+        lambda _: (
+            [
+                fastattr.LayerIntegratedGradients(model, model[0]).attribute(x, target=0, n_steps=4)
+                for _ in range(10)
+            ]
+            + [
+                fastattr.IntegratedGradients(model).attribute(x, target=0, n_steps=4)
+                for _ in range(10)
+            ]
+        )
+    )
+    for result in results:
+        for got in result[10:]:
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert_as_found(model, state)
+
+
+def test_a_layer_run_in_another_thread_is_a_clear_error():
+    # DataParallel over several devices runs replicas in worker threads: not attributable.
+    class InWorker(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, v):
+            out = []
+            worker = threading.Thread(target=lambda: out.append(self.inner(v)))
+            worker.start()
+            worker.join()
+            return out[0]
+
+    inner = mlp()
+    model = InWorker(inner)
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="other threads"):
+        fastattr.LayerIntegratedGradients(model, inner[2]).attribute(inputs(), target=0, n_steps=3)
+    assert_as_found(model, state)
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+class Interrupt:
+    """A tracer that raises KeyboardInterrupt as the ``at``-th Python function is entered
+    (fastattr's, torch's, the model's, contextlib's), where CPython handles a pending SIGINT;
+    None: only counts the entries."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.entries = at, 0
+
+    def __call__(self, frame, event, arg):
+        if event == "call":
+            self.entries += 1
+            if self.entries - 1 == self.at:
+                raise KeyboardInterrupt
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # in finalizers
+@pytest.mark.parametrize("name", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+def test_an_interrupt_anywhere_leaves_the_model_as_found(name):
+    # Interrupts at a sample of the function entries of a call on a train-mode model (hooks
+    # being added, forwards, buffers being saved and restored, hooks being removed).
+    model, x = mlp(batch_norm=True).train(), inputs(4)
+    method = getattr(fastattr, name)(model, model[3])
+    kwargs = {"neuron_selector": 1} if name == "NeuronIntegratedGradients" else {"target": 1}
+    expected = method.attribute(x, n_steps=3, **kwargs)
+    state = snapshot(model)
+    counter = Interrupt(None)
+    sys.settrace(counter)
+    try:
+        method.attribute(x, n_steps=3, **kwargs)
+    finally:
+        sys.settrace(None)
+    interrupted = 0
+    for at in range(0, counter.entries, max(1, counter.entries // 80)):
+        sys.settrace(Interrupt(at))
+        try:
+            method.attribute(x, n_steps=3, **kwargs)
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        assert_as_found(model, state)
+    assert interrupted > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(
+            method.attribute(x, n_steps=3, **kwargs), expected, rtol=0, atol=0
+        )
