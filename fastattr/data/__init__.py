@@ -1,0 +1,19 @@
+"""Whole datasets as the unit of work: :func:`attribute_dataset` runs an attribution method
+over every example of a dataset, on one process or on every rank of a torch.distributed job,
+into a resumable zarr store that :func:`open_store` reads lazily. Needs zarr 3
+(``pip install 'fastattr[data]'``)."""
+
+from fastattr.data.batches import labeled
+from fastattr.data.distributed import JobFailed
+from fastattr.data.pipeline import StoreWriteError, attribute_dataset
+from fastattr.data.store import AttributionStore, Rows, open_store
+
+__all__ = [
+    "AttributionStore",
+    "JobFailed",
+    "Rows",
+    "StoreWriteError",
+    "attribute_dataset",
+    "labeled",
+    "open_store",
+]

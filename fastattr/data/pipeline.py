@@ -1,0 +1,717 @@
+"""attribute_dataset: a whole dataset through an attribution method into a store, on one
+process or on every rank of a torch.distributed job, resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+import platform
+import queue
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data._utils.collate import default_convert
+
+from fastattr._path_integral import chunk_budget
+from fastattr.data.batches import (
+    Batch,
+    Collate,
+    IndexedItems,
+    ItemFormat,
+    Target,
+    UnitBatches,
+    check_target,
+    has_labels,
+    resolve_target,
+)
+from fastattr.data.distributed import FailureBoard, Ranks, current_ranks, from_rank0, seeded
+from fastattr.data.job import (
+    PER_BATCH_ARGUMENTS,
+    WRAPPED_ATTRIBUTES,
+    Describer,
+    attribute_parameters,
+    differences,
+    effective_arguments,
+    forward_of,
+    model_digest,
+    model_of,
+    qualified_name,
+    wrapped_attributions,
+)
+from fastattr.data.results import flatten, split_result
+from fastattr.data.store import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    ArraySpec,
+    AttributionStore,
+    Layout,
+    StoreLike,
+    UnitWriter,
+    completed_units,
+    create_store,
+    import_zarr,
+    read_metadata,
+)
+
+DEFAULT_BATCH_SIZE = 32
+# Batches between the computing loop and the writer thread: enough to ride out a slow write,
+# few enough to keep memory bounded.
+WRITE_QUEUE_BATCHES = 4
+MAX_DEFAULT_WORKERS = 4
+
+
+class StoreWriteError(OSError):
+    """Writing results into the store failed (a full disk, an unwritable path). The units
+    already marked complete are intact; rerunning the job resumes from them."""
+
+
+def _loader_settings(data: Any) -> tuple[Dataset, dict[str, Any], Any, int | None]:
+    """The dataset, the DataLoader settings to keep, the user's collate function (None for
+    torch's default) and the batch size a DataLoader brings."""
+    if isinstance(data, DataLoader):
+        dataset = data.dataset
+        settings = {
+            "num_workers": data.num_workers,
+            "pin_memory": data.pin_memory,
+            "worker_init_fn": data.worker_init_fn,
+            "multiprocessing_context": data.multiprocessing_context,
+            "timeout": data.timeout,
+        }
+        if data.num_workers > 0:
+            settings["prefetch_factor"] = data.prefetch_factor
+        collate = None if data.collate_fn in (default_collate, default_convert) else data.collate_fn
+        batch_size = data.batch_size
+    else:
+        dataset, settings, collate, batch_size = data, {}, None, None
+    if isinstance(dataset, IterableDataset) or not (
+        hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+    ):
+        raise TypeError(
+            "data must be a map-style dataset (with __len__ and __getitem__) or a DataLoader "
+            f"over one, got {type(dataset).__name__}: the store keeps each example at its index"
+        )
+    return dataset, settings, collate, batch_size
+
+
+def _default_workers(ranks: Ranks) -> int:
+    """DataLoader workers per process: the CPUs this process may use, less one for it."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus // max(1, local_world) - 1))
+
+
+def _device_of(attribution: Any, ranks: Ranks) -> torch.device:
+    model = model_of(attribution)
+    tensors = [] if model is None else [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if ranks.distributed and device.type == "cuda" and device.index != ranks.local_rank:
+        warnings.warn(
+            f"rank {ranks.rank} runs its model on {device}, not on its LOCAL_RANK device "
+            f"cuda:{ranks.local_rank}",
+            stacklevel=3,
+        )
+    return device
+
+
+def _measuring_copy(attribution: Any) -> Any:
+    """A shallow copy of ``attribution`` (and of any attribution it wraps) with an empty table
+    of measured step costs, so the probe's measurement is its own."""
+    duplicate = copy.copy(attribution)
+    if isinstance(getattr(duplicate, "_step_costs", None), dict):
+        duplicate._step_costs = {}
+    for name in WRAPPED_ATTRIBUTES:
+        if hasattr(duplicate, name):
+            setattr(duplicate, name, _measuring_copy(getattr(duplicate, name)))
+    return duplicate
+
+
+def _measured_step_cost(attribution: Any) -> int | None:
+    costs = [
+        cost
+        for inner in wrapped_attributions(attribution)
+        for cost in getattr(inner, "_step_costs", {}).values()
+    ]
+    return max(costs) if costs else None
+
+
+def _host_dtype(dtype: torch.dtype) -> torch.dtype:
+    # numpy (and so zarr) has no bfloat16.
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def _numpy_dtype(dtype: torch.dtype) -> str:
+    return torch.empty((), dtype=_host_dtype(dtype)).numpy().dtype.name
+
+
+@dataclass
+class _Plan:
+    """What rank 0 tells every rank before they start."""
+
+    metadata: dict[str, Any]
+    remaining: list[int]
+
+
+class _Job:
+    """Everything needed to compute one batch, the same way in every process and run."""
+
+    def __init__(
+        self,
+        attribution: Any,
+        dataset: Dataset,
+        collate: Any,
+        target: Target,
+        batch_size: int,
+        kwargs: dict[str, Any],
+        device: torch.device,
+    ) -> None:
+        self.attribution = attribution
+        self.dataset = dataset
+        self.user_collate = collate
+        self.target = target
+        self.batch_size = batch_size
+        self.kwargs = kwargs
+        self.device = device
+        self.parameters, _ = attribute_parameters(attribution)
+        self.takes_target = "target" in self.parameters
+        self.with_delta = bool(kwargs.get("return_convergence_delta", False))
+        self.forward = forward_of(attribution)
+        # Set from the store's metadata before any batch that counts is computed.
+        self.item_format: ItemFormat | None = None
+        self.fixed_kwargs: dict[str, Any] = {}
+
+    def identity(self, item_format: ItemFormat) -> dict[str, Any]:
+        """What a resumed run must match, as JSON."""
+        model = model_of(self.attribution)
+        describe = Describer(model)
+        return {
+            "method": qualified_name(self.attribution),
+            "attribution": describe.attribution(self.attribution),
+            "model": None
+            if model is None
+            else {"class": qualified_name(model), "sha256": model_digest(model)},
+            "arguments": describe(effective_arguments(self.parameters, self.kwargs)),
+            "target": describe(self.target),
+            "batch_size": self.batch_size,
+            "dataset": {"length": len(self.dataset), "items": item_format.as_json()},  # type: ignore[arg-type]
+        }
+
+    def compute(
+        self, batch: Batch, attribution: Any, fixed_kwargs: Mapping[str, Any]
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """The batch's results as ``(structure of the attributions, columns by array name)``,
+        each column with one row per example."""
+        assert self.item_format is not None
+        inputs = tuple(t.to(self.device, non_blocking=True) for t in batch.inputs)
+        labels = batch.labels
+        if isinstance(labels, Tensor):
+            labels = labels.to(self.device, non_blocking=True)
+        kwargs = {**self.kwargs, **fixed_kwargs}
+        # The batch's first index seeds it: the same noise whichever process computes it.
+        with seeded(batch.first, self.device):
+            resolved = resolve_target(
+                self.target,
+                inputs,
+                labels,
+                is_tuple=self.item_format.is_tuple,
+                forward=self.forward,
+                additional_args=kwargs.get("additional_forward_args"),
+            )
+            if self.takes_target:
+                kwargs["target"] = resolved.value
+            result = attribution.attribute(
+                inputs if self.item_format.is_tuple else inputs[0], **kwargs
+            )
+        attributions, delta, extras = split_result(result, self.with_delta)
+        structure, leaves = flatten(attributions)
+        columns = {f"attributions/{i}": leaf for i, leaf in enumerate(leaves)}
+        named = {"delta": delta, "target": resolved.rows, "output": resolved.output}
+        named.update({f"extras/{k}": v for k, v in extras.items()})
+        for name, value in named.items():
+            if value is None:
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"attribute() returned {name} of type {type(value).__name__}: "
+                    "attribute_dataset stores tensors with one row per example"
+                )
+            columns[name] = value
+        last = batch.first + len(batch) - 1
+        for name, column in columns.items():
+            if column.dim() == 0 or column.shape[0] != len(batch):
+                raise ValueError(
+                    f"attribute() returned {name} of shape {list(column.shape)} for dataset "
+                    f"items {batch.first}..{last}: attribute_dataset stores one row per example "
+                    f"({len(batch)} here)"
+                )
+        return structure, columns
+
+    def probe(self, batch: Batch) -> tuple[Any, dict[str, Tensor], int | None]:
+        """Run the first batch once to learn the results' shapes and, for methods that chunk
+        the path, a fixed chunk size: the engine sizes chunks from free memory, which varies
+        between runs, and a chunk's size can change the last bits of the results."""
+        measuring = _measuring_copy(self.attribution)
+        structure, columns = self.compute(batch, measuring, {})
+        internal = None
+        if "internal_batch_size" in self.parameters and "internal_batch_size" not in self.kwargs:
+            cost = _measured_step_cost(measuring)
+            if cost is None:
+                warnings.warn(
+                    f"{type(self.attribution).__name__} measured no step cost: using one step "
+                    "per chunk; pass internal_batch_size to choose",
+                    stacklevel=4,
+                )
+                steps = 1
+            else:
+                steps = max(1, chunk_budget(self.device) // cost)
+            internal = steps * len(batch)
+        return structure, columns, internal
+
+
+def _results_metadata(structure: Any, columns: Mapping[str, Tensor]) -> dict[str, Any]:
+    return {
+        "structure": structure,
+        "attributions": [n for n in columns if n.startswith("attributions/")],
+        "delta": "delta" if "delta" in columns else None,
+        "target": "target" if "target" in columns else None,
+        "output": "output" if "output" in columns else None,
+        "extras": {n.removeprefix("extras/"): n for n in columns if n.startswith("extras/")},
+    }
+
+
+def _versions(device: torch.device) -> dict[str, str]:
+    from fastattr import __version__
+    from fastattr.data.store import import_zarr as _zarr
+
+    return {
+        "fastattr": __version__,
+        "torch": torch.__version__,
+        "zarr": _zarr().__version__,
+        "python": platform.python_version(),
+        "device_type": device.type,
+    }
+
+
+def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
+    """Rank 0: check or create the store; list the units left to do."""
+    zarr = import_zarr()
+    length = len(job.dataset)  # type: ignore[arg-type]
+    if length == 0:
+        raise ValueError("data holds no examples")
+    item_format = ItemFormat.of(job.dataset, job.dataset[0])
+    job.item_format = item_format
+    identity = job.identity(item_format)
+    stored = read_metadata(out)
+    if stored is not None and resume:
+        if stored.get("format") != FORMAT_VERSION:
+            raise ValueError(
+                f"out ({os.fspath(out)}) holds a store of format {stored.get('format')}, this "
+                f"fastattr writes format {FORMAT_VERSION}: pass resume=False to start over"
+            )
+        found = differences(stored["job"], identity)
+        if found:
+            listed = "\n  ".join(found[:12])
+            raise ValueError(
+                f"out ({os.fspath(out)}) holds a different job:\n  {listed}\nPass resume=False "
+                "(CLI: --overwrite) to discard it and start over, or choose another out."
+            )
+        versions = _versions(job.device)
+        changed = [k for k, v in stored["versions"].items() if versions.get(k) != v]
+        if changed:
+            warnings.warn(
+                f"the store at {os.fspath(out)} was started with other "
+                f"{', '.join(changed)} ({', '.join(str(stored['versions'][k]) for k in changed)}"
+                f"): rows computed now may differ from earlier ones in the last bits",
+                stacklevel=4,
+            )
+        group = zarr.open_group(out, mode="r+")
+        metadata = stored
+    else:
+        first = Collate(item_format, job.user_collate)(
+            [(i, job.dataset[i]) for i in range(min(job.batch_size, length))]
+        )
+        structure, columns, internal = job.probe(first)
+        specs = [
+            ArraySpec(name, tuple(column.shape[1:]), _numpy_dtype(column.dtype))
+            for name, column in columns.items()
+        ]
+        layout = Layout.choose(length, job.batch_size, sum(s.row_bytes for s in specs))
+        metadata = {
+            "format": FORMAT_VERSION,
+            "job": identity,
+            "results": _results_metadata(structure, columns),
+            "arrays": [spec.as_json() for spec in specs],
+            "layout": layout.as_json(),
+            "internal_batch_size": internal,
+            "seeds": "each batch runs with torch's generators seeded with its first index",
+            "dataset_class": qualified_name(job.dataset),
+            "versions": _versions(job.device),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "runs": [],
+        }
+        group = create_store(out, metadata, specs, layout, overwrite=stored is not None)
+    FailureBoard(group, ranks).clear()
+    remaining = np.flatnonzero(~completed_units(group)).tolist()
+    return _Plan(metadata, remaining)
+
+
+class _HostRows:
+    """A column on its way to the host: on a GPU a non-blocking copy into pinned memory, which
+    the writer waits for, so the device is never synchronized for it."""
+
+    def __init__(self, column: Tensor) -> None:
+        column = column.detach()
+        if column.dtype != _host_dtype(column.dtype):
+            column = column.to(_host_dtype(column.dtype))
+        if column.device.type == "cpu":
+            self.tensor, self.event = column, None
+        else:
+            self.tensor = torch.empty(column.shape, dtype=column.dtype, pin_memory=True)
+            self.tensor.copy_(column, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor.numpy()
+
+
+class _Writer:
+    """Collects each unit's batches and writes the unit once it is whole, on a thread of its
+    own behind a bounded queue, so the computing loop waits for the disk only when the disk
+    falls behind by more than the queue."""
+
+    def __init__(self, unit_writer: UnitWriter, layout: Layout, specs: list[ArraySpec]) -> None:
+        self.unit_writer = unit_writer
+        self.layout = layout
+        self.specs = specs
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fastattr-writer", daemon=True)
+        self.thread.start()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, first: int, columns: dict[str, _HostRows]) -> None:
+        while True:
+            self._raise_error()
+            try:
+                self.queue.put((first, columns), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        buffers: dict[int, dict[str, np.ndarray]] = {}
+        filled: dict[int, int] = {}
+        try:
+            while not self.stop.is_set():
+                item = self.queue.get()
+                if item is None:
+                    return
+                first, columns = item
+                unit = first // self.layout.rows_per_unit
+                start, stop = self.layout.rows(unit)
+                if unit not in buffers:
+                    buffers[unit] = {
+                        s.name: np.empty((stop - start, *s.row_shape), dtype=s.dtype)
+                        for s in self.specs
+                    }
+                    filled[unit] = 0
+                for name, rows in columns.items():
+                    values = rows.numpy()
+                    buffers[unit][name][first - start : first - start + len(values)] = values
+                filled[unit] += len(next(iter(columns.values())).tensor)
+                if filled[unit] == stop - start:
+                    try:
+                        self.unit_writer.write(unit, start, buffers.pop(unit))
+                    except Exception as error:
+                        raise StoreWriteError(
+                            f"writing examples {start}..{stop - 1} into the store failed: "
+                            f"{type(error).__name__}: {error}. The units already marked "
+                            "complete are intact; run the same job again to resume."
+                        ) from error
+                    del filled[unit]
+        except BaseException as error:
+            self.error = error
+
+    def close(self) -> None:
+        """Write what is queued, then stop; raise the writer's error if it had one."""
+        while self.thread.is_alive():
+            self._raise_error()
+            try:
+                self.queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self.thread.join()
+        self._raise_error()
+
+    def abort(self) -> None:
+        """After a failure elsewhere: write the whole units already queued (at most the
+        queue's few batches), unless writing is what failed; never raise."""
+        if self.error is None:
+            with contextlib.suppress(BaseException):
+                self.close()
+        self.stop.set()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)
+        self.thread.join(timeout=60)
+
+
+class _Progress:
+    """A tqdm bar where tqdm is installed, else a line every ten seconds, on stderr."""
+
+    def __init__(self, total: int, enabled: bool, label: str) -> None:
+        self.total, self.done, self.label = total, 0, label
+        self.bar = None
+        self.enabled = enabled
+        self._next_line = time.monotonic() + 10
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, unit="ex", desc=label, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif self.enabled and time.monotonic() >= self._next_line:
+            self._next_line = time.monotonic() + 10
+            print(f"{self.label}: {self.done}/{self.total} examples", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def _reproducible_cudnn(device: torch.device) -> Iterator[None]:
+    """cuDNN's deterministic algorithms, not benchmark-picked ones, for the job on a GPU (so a
+    batch computes the same in every run); the caller's settings are restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
+def _run_units(
+    job: _Job,
+    plan: _Plan,
+    group: Any,
+    board: FailureBoard,
+    ranks: Ranks,
+    settings: dict[str, Any],
+    progress: bool,
+) -> int:
+    """Compute and write this rank's share of the remaining units; returns its example count."""
+    layout = Layout.from_json(plan.metadata["layout"])
+    specs = [ArraySpec.from_json(a) for a in plan.metadata["arrays"]]
+    units = plan.remaining[ranks.rank :: ranks.world]
+    if not units:
+        return 0
+    assert job.item_format is not None
+    settings = {"num_workers": _default_workers(ranks), **settings}
+    if job.device.type == "cuda":
+        settings["pin_memory"] = True
+    loader = DataLoader(
+        IndexedItems(job.dataset),
+        batch_sampler=UnitBatches(layout, units),
+        collate_fn=Collate(job.item_format, job.user_collate),
+        # Its own generator for the workers' seeds: the caller's random state is left alone.
+        generator=torch.Generator().manual_seed(0),
+        **settings,
+    )
+    rows = sum(stop - start for start, stop in map(layout.rows, units))
+    label = f"fastattr (rank 0 of {ranks.world})" if ranks.distributed else "fastattr"
+    bar = _Progress(rows, progress and ranks.rank == 0, label)
+    batches = iter(loader)  # workers start here, before the writer thread exists
+    writer = _Writer(UnitWriter(group, specs), layout, specs)
+    try:
+        for batch in batches:
+            board.check()
+            _, columns = job.compute(batch, job.attribution, job.fixed_kwargs)
+            for spec in specs:
+                column = columns.get(spec.name)
+                if column is None or tuple(column.shape[1:]) != spec.row_shape:
+                    got = "nothing" if column is None else f"shape {list(column.shape)}"
+                    raise ValueError(
+                        f"attribute() returned {spec.name} of {got} for dataset items "
+                        f"{batch.first}..{batch.first + len(batch) - 1}; the job's rows have "
+                        f"shape {list(spec.row_shape)}"
+                    )
+            writer.put(batch.first, {n: _HostRows(c) for n, c in columns.items()})
+            bar.update(len(batch))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        del batches
+    return rows
+
+
+def attribute_dataset(
+    attribution: Any,
+    data: Dataset | DataLoader,
+    out: StoreLike,
+    *,
+    target: Target = None,
+    batch_size: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    **attribute_kwargs: Any,
+) -> AttributionStore:
+    """Attribute every example of a dataset and store the results, one row per example.
+
+    The dataset is cut into batches of consecutive examples and the batches into units of
+    work; each unit's results are written into a zarr store at ``out`` and then marked
+    complete. Run again, the same call skips the complete units, so a job that was killed
+    resumes where it stopped, and the finished store is the same bit for bit as one written
+    without interruption (float32 on the same kind of device), whatever the number of
+    processes: every batch is the same examples, computed with the same internal chunking and
+    random seed in every run.
+
+    When ``torch.distributed`` is initialized (e.g. under ``torchrun``), each rank takes its
+    share of the units, computes them on its model's device and writes its own rows; rank 0
+    checks or creates the store. A rank that fails stops the job on every rank with its error.
+
+    Args:
+        attribution: a fastattr attribution object (IntegratedGradients,
+            LayerIntegratedGradients, NeuronIntegratedGradients, LRP, LayerLRP, NoiseTunnel).
+            Inputs go to the device of its model.
+        data: a map-style dataset, or a DataLoader over one (its workers, pinning and collate
+            function are used; batches are always consecutive examples). An item is a tensor
+            or a tuple of tensors (one per model input; a tuple of one tensor, as
+            ``TensorDataset(x)`` gives, counts as that tensor); a dataset marked with
+            :func:`fastattr.data.labeled` (or ``fastattr_labels = True``) has items
+            ``(inputs, label)``. The dataset must give the same item for an index every time.
+        out: the store's directory (created if missing).
+        target: None, an int or a tuple of ints (the same output for every example),
+            ``"label"`` (each example's label), ``"predicted"`` (the model's argmax on the
+            inputs; the outputs are stored too), or a callable of the batch (the inputs, or
+            ``(inputs, labels)`` for a labeled dataset) returning any target attribute()
+            takes. Must be None for NeuronIntegratedGradients (use ``neuron_selector``).
+        batch_size: examples per batch (default: the DataLoader's, else 32).
+        resume: continue the job stored at ``out`` (an error if ``out`` holds a different
+            job); False discards what ``out`` holds and starts over.
+        progress: show a progress bar (rank 0).
+        **attribute_kwargs: passed to ``attribution.attribute()`` for every batch (baselines,
+            n_steps, method, return_convergence_delta, ...). Tensors among them are passed
+            as they are to each batch, so they must not have one row per dataset example.
+
+    Returns:
+        The :class:`fastattr.AttributionStore` at ``out``.
+
+    Raises:
+        ValueError: ``out`` holds a different job (the message lists the differences), a
+            dataset item has the wrong shape (the message names its index), or the
+            arguments can't serve a dataset job.
+        StoreWriteError: the store could not be written (the rows already complete stay
+            valid).
+        JobFailed: another rank of a distributed job failed (the message is its error).
+        ImportError: zarr 3 is missing (``pip install 'fastattr[data]'``).
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> import fastattr
+        >>> from fastattr.data import labeled
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+        >>> data = labeled(torch.utils.data.TensorDataset(torch.randn(100, 8),
+        ...                                               torch.randint(0, 3, (100,))))
+        >>> store = fastattr.attribute_dataset(
+        ...     fastattr.IntegratedGradients(model), data, tempfile.mkdtemp() + "/ig",
+        ...     target="label", batch_size=16, n_steps=32, progress=False)
+        >>> store.attributions[:5].shape, store.target[:5].tolist() == data[:5][1].tolist()
+        ((5, 8), True)
+    """
+    zarr = import_zarr()
+    dataset, settings, collate, loader_batch = _loader_settings(data)
+    batch_size = batch_size if batch_size is not None else loader_batch or DEFAULT_BATCH_SIZE
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not hasattr(attribution, "attribute"):
+        raise TypeError(
+            f"attribution must be an attribution object with attribute(), got "
+            f"{type(attribution).__name__}"
+        )
+    parameters, passes_on = attribute_parameters(attribution)
+    for name in attribute_kwargs:
+        if name in PER_BATCH_ARGUMENTS:
+            raise TypeError(f"{name} is set per batch by attribute_dataset; don't pass it")
+        if name not in parameters and not passes_on:
+            raise TypeError(
+                f"{name!r} is not an argument of {type(attribution).__name__}.attribute()"
+            )
+    ranks = current_ranks()
+    job = _Job(
+        attribution,
+        dataset,
+        collate,
+        target,
+        batch_size,
+        dict(attribute_kwargs),
+        _device_of(attribution, ranks),
+    )
+    check_target(target, has_labels(dataset), job.takes_target)
+    if target == "predicted" and job.forward is None:
+        raise ValueError("target='predicted' needs an attribution with a model to run")
+    started = time.perf_counter()
+    with _reproducible_cudnn(job.device):
+        plan = from_rank0(ranks, lambda: _prepare(job, out, resume, ranks))
+        job.item_format = ItemFormat.from_json(plan.metadata["job"]["dataset"]["items"])
+        internal = plan.metadata["internal_batch_size"]
+        job.fixed_kwargs = {} if internal is None else {"internal_batch_size": internal}
+        group = zarr.open_group(out, mode="r+")
+        board = FailureBoard(group, ranks)
+        try:
+            computed = _run_units(job, plan, group, board, ranks, settings, progress)
+            board.check(now=True)
+            board.wait_for_all()
+        except BaseException as error:
+            board.post(error)
+            raise
+    if ranks.rank == 0:
+        metadata = dict(group.attrs[METADATA_KEY])
+        layout = Layout.from_json(metadata["layout"])
+        metadata["runs"] = [
+            *metadata.get("runs", []),
+            {
+                "processes": ranks.world,
+                "device": str(job.device),
+                "examples": sum(stop - start for start, stop in map(layout.rows, plan.remaining)),
+                "examples_rank0": computed,
+                "seconds": round(time.perf_counter() - started, 3),
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            },
+        ]
+        group.attrs[METADATA_KEY] = metadata
+    return AttributionStore(zarr.open_group(out, mode="r"))
