@@ -576,8 +576,9 @@ def test_reading_the_store(reference):
 
 
 def test_layout_units_hold_whole_chunks():
-    for length, batch, row_bytes in [(24, 2, 256), (10_000, 16, 4), (1000, 64, 600_000)]:
-        layout = store.Layout.choose(length, batch, row_bytes)
+    cases = [(24, 2, 256, 0.1), (10_000, 16, 4, 1e-4), (1000, 64, 600_000, 10), (5000, 8, 40, 0.01)]
+    for length, batch, row_bytes, seconds in cases:
+        layout = store.Layout.choose(length, batch, row_bytes, seconds)
         assert layout.rows_per_unit % batch == 0
         assert layout.units >= min(store.MIN_UNITS, -(-length // batch))
         rows = store.chunk_rows(layout.rows_per_unit, row_bytes)

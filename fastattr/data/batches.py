@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, Sampler, TensorDataset, default_collate, get_worker_info
 
 from fastattr.data.store import Layout
 
@@ -28,6 +28,11 @@ class _Labeled(Dataset):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
         self.fastattr_labels = True
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the items are slices of tensors in memory (a TensorDataset)."""
+        return self._tensors is not None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -166,37 +171,92 @@ class Batch:
 
 
 class IndexedItems(Dataset):
-    """The dataset's items with their indices, so that the collate function can name them."""
+    """The dataset's items fetched a batch at a time, with their indices (so that errors can
+    name them): through the dataset's ``__getitems__`` where it has one, as one slice per
+    tensor for a ``TensorDataset`` (with ``slices``: not when a collate function of the
+    user's stacks the items), else item by item."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, slices: bool = True) -> None:
         self.dataset = dataset
+        inner = dataset.dataset if isinstance(dataset, _Labeled) else dataset
+        tensors = slices and type(inner) is TensorDataset
+        self._tensors = inner.tensors if tensors else None
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the items are slices of tensors in memory (a TensorDataset)."""
+        return self._tensors is not None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[list[int], Any]:
+        if self._tensors is not None:
+            rows = slice(indices[0], indices[-1] + 1)
+            # In a worker, a view would send the whole dataset's storage to shared memory.
+            copy = get_worker_info() is not None
+            return indices, Stacked(
+                tuple(t[rows].clone() if copy else t[rows] for t in self._tensors)
+            )
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(indices) if getitems else [self.dataset[i] for i in indices]
+        return indices, items
+
+
+@dataclass
+class Stacked:
+    """A batch of a TensorDataset, already one tensor per field."""
+
+    tensors: tuple[Tensor, ...]
 
 
 class Collate:
-    """Stacks a batch's items after checking each against the job's item format; with the
-    user's own collate function, that function stacks and the batch is checked."""
+    """Stacks a batch's items; when they don't stack into the job's item format, checks them
+    one by one to name the first that differs. With the user's own collate function, that
+    function stacks and the batch is checked."""
 
     def __init__(self, item_format: ItemFormat, collate_fn: Callable[..., Any] | None) -> None:
         self.format = item_format
         self.collate_fn = collate_fn
 
-    def __call__(self, samples: Sequence[tuple[int, Any]]) -> Batch:
-        indices = [index for index, _ in samples]
+    def _stack(self, items: list[Any]) -> tuple[tuple[Tensor, ...], Any] | None:
+        """The items stacked into the job's format, or None where they don't fit it."""
+        labels = None
+        try:
+            if self.format.labels:
+                items, labels = zip(*items)
+                labels = default_collate(list(labels))
+            parts = [item if isinstance(item, (tuple, list)) else (item,) for item in items]
+            inputs = tuple(torch.stack(column) for column in zip(*parts))
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        fits = len(inputs) == len(self.format.shapes) and all(
+            tuple(t.shape[1:]) == s and _dtype_name(t.dtype) == d
+            for t, s, d in zip(inputs, self.format.shapes, self.format.dtypes)
+        )
+        return (inputs, labels) if fits else None
+
+    def __call__(self, fetched: tuple[list[int], Any]) -> Batch:
+        indices, items = fetched
         first = indices[0]
-        if indices != list(range(first, first + len(indices))):
+        if indices[-1] - first != len(indices) - 1:
             raise ValueError(f"a batch must hold consecutive examples, got {indices}")
+        if isinstance(items, Stacked):
+            tensors = items.tensors
+            if self.format.labels:
+                return Batch(first, tensors[:-1], tensors[-1])
+            return Batch(first, tensors, None)
         if self.collate_fn is None:
-            split = [self.format.split(item, index) for index, item in samples]
-            inputs = tuple(torch.stack(column) for column in zip(*(s[0] for s in split)))
-            labels = default_collate([s[1] for s in split]) if self.format.labels else None
-            return Batch(first, inputs, labels)
-        batch = self.collate_fn([item for _, item in samples])
+            stacked = self._stack(items)
+            if stacked is None:
+                for index, item in zip(indices, items):
+                    self.format.split(item, index)  # raises, naming the item
+                raise ValueError(f"dataset items {first}..{indices[-1]} don't stack")
+            return Batch(first, *stacked)
+        batch = self.collate_fn(items)
         shaped = ItemFormat(self.format.labels, self.format.is_tuple, (), ())
         inputs, labels = shaped.split(batch, first)
         expected = [(len(indices), *s) for s in self.format.shapes]

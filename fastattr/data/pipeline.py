@@ -65,9 +65,9 @@ from fastattr.data.store import (
 )
 
 DEFAULT_BATCH_SIZE = 32
-# Batches between the computing loop and the writer thread: enough to ride out a slow write,
+# Units between the computing loop and the writer thread: enough to ride out a slow write,
 # few enough to keep memory bounded.
-WRITE_QUEUE_BATCHES = 4
+WRITE_QUEUE_UNITS = 2
 MAX_DEFAULT_WORKERS = 4
 
 
@@ -104,8 +104,11 @@ def _loader_settings(data: Any) -> tuple[Dataset, dict[str, Any], Any, int | Non
     return dataset, settings, collate, batch_size
 
 
-def _default_workers(ranks: Ranks) -> int:
-    """DataLoader workers per process: the CPUs this process may use, less one for it."""
+def _default_workers(ranks: Ranks, dataset: Dataset) -> int:
+    """DataLoader workers per process: none for tensors in memory (a slice per batch costs
+    less than a worker's hand-over), else the CPUs this process may use, less one for it."""
+    if IndexedItems(dataset).in_memory:
+        return 0
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -259,12 +262,17 @@ class _Job:
                 )
         return structure, columns
 
-    def probe(self, batch: Batch) -> tuple[Any, dict[str, Tensor], int | None]:
-        """Run the first batch once to learn the results' shapes and, for methods that chunk
-        the path, a fixed chunk size: the engine sizes chunks from free memory, which varies
-        between runs, and a chunk's size can change the last bits of the results."""
+    def probe(self, batch: Batch) -> tuple[Any, dict[str, Tensor], int | None, float]:
+        """Run the first batch once to learn the results' shapes, how long a batch takes
+        and, for methods that chunk the path, a fixed chunk size: the engine sizes chunks from
+        free memory, which varies between runs, and a chunk's size can change the last bits
+        of the results."""
         measuring = _measuring_copy(self.attribution)
+        started = time.perf_counter()
         structure, columns = self.compute(batch, measuring, {})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
         internal = None
         if "internal_batch_size" in self.parameters and "internal_batch_size" not in self.kwargs:
             cost = _measured_step_cost(measuring)
@@ -278,7 +286,7 @@ class _Job:
             else:
                 steps = max(1, chunk_budget(self.device) // cost)
             internal = steps * len(batch)
-        return structure, columns, internal
+        return structure, columns, internal, seconds
 
 
 def _results_metadata(structure: Any, columns: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -341,14 +349,19 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
         metadata = stored
     else:
         first = Collate(item_format, job.user_collate)(
-            [(i, job.dataset[i]) for i in range(min(job.batch_size, length))]
+            IndexedItems(job.dataset, slices=job.user_collate is None).__getitems__(
+                list(range(min(job.batch_size, length)))
+            )
         )
-        structure, columns, internal = job.probe(first)
+        structure, columns, internal, seconds = job.probe(first)
         specs = [
             ArraySpec(name, tuple(column.shape[1:]), _numpy_dtype(column.dtype))
             for name, column in columns.items()
         ]
-        layout = Layout.choose(length, job.batch_size, sum(s.row_bytes for s in specs))
+        row_bytes = sum(s.row_bytes for s in specs)
+        layout = Layout.choose(
+            length, job.batch_size, row_bytes, seconds * job.batch_size / len(first)
+        )
         metadata = {
             "format": FORMAT_VERSION,
             "job": identity,
@@ -391,15 +404,16 @@ class _HostRows:
 
 
 class _Writer:
-    """Collects each unit's batches and writes the unit once it is whole, on a thread of its
-    own behind a bounded queue, so the computing loop waits for the disk only when the disk
-    falls behind by more than the queue."""
+    """Writes whole units on a thread of its own behind a bounded queue, so the computing
+    loop waits for the disk only when the disk falls behind by more than the queue. The loop
+    hands over a unit at a time (its batches' results), so the two threads meet once per
+    unit, not once per batch."""
 
     def __init__(self, unit_writer: UnitWriter, layout: Layout, specs: list[ArraySpec]) -> None:
         self.unit_writer = unit_writer
         self.layout = layout
         self.specs = specs
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=WRITE_QUEUE_UNITS)
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="fastattr-writer", daemon=True)
@@ -409,46 +423,36 @@ class _Writer:
         if self.error is not None:
             raise self.error
 
-    def put(self, first: int, columns: dict[str, _HostRows]) -> None:
+    def put(self, unit: int, batches: list[dict[str, _HostRows]]) -> None:
+        """Queue a whole unit: the results of its batches, in order."""
         while True:
             self._raise_error()
             try:
-                self.queue.put((first, columns), timeout=0.1)
+                self.queue.put((unit, batches), timeout=0.1)
                 return
             except queue.Full:
                 continue
 
     def _run(self) -> None:
-        buffers: dict[int, dict[str, np.ndarray]] = {}
-        filled: dict[int, int] = {}
         try:
             while not self.stop.is_set():
                 item = self.queue.get()
                 if item is None:
                     return
-                first, columns = item
-                unit = first // self.layout.rows_per_unit
+                unit, batches = item
                 start, stop = self.layout.rows(unit)
-                if unit not in buffers:
-                    buffers[unit] = {
-                        s.name: np.empty((stop - start, *s.row_shape), dtype=s.dtype)
-                        for s in self.specs
-                    }
-                    filled[unit] = 0
-                for name, rows in columns.items():
-                    values = rows.numpy()
-                    buffers[unit][name][first - start : first - start + len(values)] = values
-                filled[unit] += len(next(iter(columns.values())).tensor)
-                if filled[unit] == stop - start:
-                    try:
-                        self.unit_writer.write(unit, start, buffers.pop(unit))
-                    except Exception as error:
-                        raise StoreWriteError(
-                            f"writing examples {start}..{stop - 1} into the store failed: "
-                            f"{type(error).__name__}: {error}. The units already marked "
-                            "complete are intact; run the same job again to resume."
-                        ) from error
-                    del filled[unit]
+                columns = {
+                    spec.name: np.concatenate([b[spec.name].numpy() for b in batches])
+                    for spec in self.specs
+                }
+                try:
+                    self.unit_writer.write(unit, start, columns)
+                except Exception as error:
+                    raise StoreWriteError(
+                        f"writing examples {start}..{stop - 1} into the store failed: "
+                        f"{type(error).__name__}: {error}. The units already marked "
+                        "complete are intact; run the same job again to resume."
+                    ) from error
         except BaseException as error:
             self.error = error
 
@@ -465,8 +469,8 @@ class _Writer:
         self._raise_error()
 
     def abort(self) -> None:
-        """After a failure elsewhere: write the whole units already queued (at most the
-        queue's few batches), unless writing is what failed; never raise."""
+        """After a failure elsewhere: write the units already queued (at most the queue's
+        few), unless writing is what failed; never raise."""
         if self.error is None:
             with contextlib.suppress(BaseException):
                 self.close()
@@ -537,11 +541,11 @@ def _run_units(
     if not units:
         return 0
     assert job.item_format is not None
-    settings = {"num_workers": _default_workers(ranks), **settings}
+    settings = {"num_workers": _default_workers(ranks, job.dataset), **settings}
     if job.device.type == "cuda":
         settings["pin_memory"] = True
     loader = DataLoader(
-        IndexedItems(job.dataset),
+        IndexedItems(job.dataset, slices=job.user_collate is None),
         batch_sampler=UnitBatches(layout, units),
         collate_fn=Collate(job.item_format, job.user_collate),
         # Its own generator for the workers' seeds: the caller's random state is left alone.
@@ -553,6 +557,8 @@ def _run_units(
     bar = _Progress(rows, progress and ranks.rank == 0, label)
     batches = iter(loader)  # workers start here, before the writer thread exists
     writer = _Writer(UnitWriter(group, specs), layout, specs)
+    unit_batches: list[dict[str, _HostRows]] = []
+    unit_rows = 0
     try:
         for batch in batches:
             board.check()
@@ -566,7 +572,13 @@ def _run_units(
                         f"{batch.first}..{batch.first + len(batch) - 1}; the job's rows have "
                         f"shape {list(spec.row_shape)}"
                     )
-            writer.put(batch.first, {n: _HostRows(c) for n, c in columns.items()})
+            unit_batches.append({n: _HostRows(c) for n, c in columns.items()})
+            unit_rows += len(batch)
+            unit = batch.first // layout.rows_per_unit
+            start, stop = layout.rows(unit)
+            if unit_rows == stop - start:
+                writer.put(unit, unit_batches)
+                unit_batches, unit_rows = [], 0
             bar.update(len(batch))
         writer.close()
     except BaseException:

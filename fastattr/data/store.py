@@ -42,10 +42,13 @@ FORMAT_VERSION = 1
 METADATA_KEY = "fastattr"
 COMPLETE = "complete"
 FAILURES = "_failures"
-# A unit of work holds at least this many bytes of results (when the dataset has enough
-# batches for MIN_UNITS units): fewer, larger files; a killed run redoes at most one unit.
+# A unit of work holds at least UNIT_BYTES of results and UNIT_SECONDS of compute, so that
+# writing it (a few files, flushed) costs little beside computing it; but the dataset is cut
+# into MIN_UNITS units at least where it has the batches, so that processes share it evenly.
+# A killed run redoes at most the units in flight.
 UNIT_BYTES = 1 << 20
-MIN_UNITS = 64
+UNIT_SECONDS = 2.0
+MIN_UNITS = 16
 # A chunk holds at most this many bytes, so reading one example decompresses little.
 CHUNK_BYTES = 4 << 20
 
@@ -77,9 +80,14 @@ class Layout:
     rows_per_unit: int
 
     @classmethod
-    def choose(cls, length: int, batch_size: int, row_bytes: int) -> Layout:
+    def choose(cls, length: int, batch_size: int, row_bytes: int, batch_seconds: float) -> Layout:
+        """Units of whole batches, sized from the bytes of a row of results and the seconds
+        a batch took to compute."""
         batches = math.ceil(length / batch_size)
-        per_unit = math.ceil(UNIT_BYTES / max(1, batch_size * row_bytes))
+        per_unit = max(
+            math.ceil(UNIT_BYTES / max(1, batch_size * row_bytes)),
+            math.ceil(UNIT_SECONDS / max(batch_seconds, 1e-6)),
+        )
         per_unit = max(1, min(per_unit, batches // MIN_UNITS))
         return cls(length, batch_size, batch_size * per_unit)
 
@@ -197,8 +205,8 @@ def completed_units(group: zarr.Group) -> np.ndarray:
 
 
 def _flush(paths: set[Path]) -> None:
-    """fsync files, then the directories that name them (so a rename is durable too)."""
-    directories = set()
+    """fsync files: their data is on disk before the unit's flag is written. (Journaling file
+    systems commit the renames that put them in place in order, the flag's after theirs.)"""
     for path in sorted(paths):
         try:
             descriptor = os.open(path, os.O_RDONLY)
@@ -208,18 +216,14 @@ def _flush(paths: set[Path]) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        directories.add(path.parent)
-    for directory in sorted(directories):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 class UnitWriter:
     """Writes whole units: their rows into every array, then (on a local file system) an
-    fsync of the files written, then the unit's complete flag, flushed as well."""
+    fsync of the files written, then the unit's complete flag. Every file is replaced
+    atomically (zarr writes a temporary file and renames it), so a killed process leaves each
+    file old or new; the flag goes last, so a flagged unit's rows are there. (The flag needs
+    no fsync: lost, it only makes a unit be redone.)"""
 
     def __init__(self, group: zarr.Group, specs: Sequence[ArraySpec]) -> None:
         self.arrays = {spec.name: group[spec.name] for spec in specs}
@@ -240,10 +244,9 @@ class UnitWriter:
         for name, values in columns.items():
             self.arrays[name][start:stop] = values
         if self._root is not None:
-            _flush({p for n in columns for p in self._chunk_files(self.arrays[n], start, stop)})
+            files = {p for n in columns for p in self._chunk_files(self.arrays[n], start, stop)}
+            _flush(files)
         self.complete[unit] = 1
-        if self._root is not None:
-            _flush(set(self._chunk_files(self.complete, unit, unit + 1)))
 
 
 Index = Union[int, slice, Sequence[int], np.ndarray]
