@@ -6,7 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CUDA build of torch, so the CUDA kernels compile and link even without a GPU.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-TEST_DEPS := pytest hypothesis "captum==0.9.*" zennit ruff expecttest tqdm matplotlib
+# zarr 3 (fastattr[data]: attribute_dataset) needs Python 3.11 or newer.
+TEST_DEPS := pytest hypothesis "captum==0.9.*" zennit ruff expecttest tqdm matplotlib \
+	"zarr==3.1.*; python_version >= '3.11'"
 # The documentation site's tools, pinned: a new release may warn where this one does not, and
 # the strict build fails on any warning.
 DOCS_DEPS := mkdocs==1.6.1 mkdocs-material==9.8.1 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11

@@ -4,7 +4,6 @@ process or on every rank of a torch.distributed job, resumable."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import os
 import platform
@@ -23,12 +22,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from torch.utils.data._utils.collate import default_convert
 
-from fastattr._path_integral import chunk_budget
+from fastattr._path_integral import _SavedTensorMeter, chunk_budget, model_state_tensors
 from fastattr.data.batches import (
     Batch,
     Collate,
     IndexedItems,
     ItemFormat,
+    ResolvedTarget,
     Target,
     UnitBatches,
     check_target,
@@ -38,7 +38,6 @@ from fastattr.data.batches import (
 from fastattr.data.distributed import FailureBoard, Ranks, current_ranks, from_rank0, seeded
 from fastattr.data.job import (
     PER_BATCH_ARGUMENTS,
-    WRAPPED_ATTRIBUTES,
     Describer,
     attribute_parameters,
     differences,
@@ -130,27 +129,6 @@ def _device_of(attribution: Any, ranks: Ranks) -> torch.device:
     return device
 
 
-def _measuring_copy(attribution: Any) -> Any:
-    """A shallow copy of ``attribution`` (and of any attribution it wraps) with an empty table
-    of measured step costs, so the probe's measurement is its own."""
-    duplicate = copy.copy(attribution)
-    if isinstance(getattr(duplicate, "_step_costs", None), dict):
-        duplicate._step_costs = {}
-    for name in WRAPPED_ATTRIBUTES:
-        if hasattr(duplicate, name):
-            setattr(duplicate, name, _measuring_copy(getattr(duplicate, name)))
-    return duplicate
-
-
-def _measured_step_cost(attribution: Any) -> int | None:
-    costs = [
-        cost
-        for inner in wrapped_attributions(attribution)
-        for cost in getattr(inner, "_step_costs", {}).values()
-    ]
-    return max(costs) if costs else None
-
-
 def _host_dtype(dtype: torch.dtype) -> torch.dtype:
     # numpy (and so zarr) has no bfloat16.
     return torch.float32 if dtype == torch.bfloat16 else dtype
@@ -212,32 +190,38 @@ class _Job:
             "dataset": {"length": len(self.dataset), "items": item_format.as_json()},  # type: ignore[arg-type]
         }
 
-    def compute(
-        self, batch: Batch, attribution: Any, fixed_kwargs: Mapping[str, Any]
-    ) -> tuple[Any, dict[str, Tensor]]:
-        """The batch's results as ``(structure of the attributions, columns by array name)``,
-        each column with one row per example."""
+    def _call_arguments(
+        self, batch: Batch, fixed_kwargs: Mapping[str, Any]
+    ) -> tuple[Any, dict[str, Any], ResolvedTarget]:
+        """The batch's inputs on the device, attribute()'s keywords and the resolved target
+        (run under the batch's seed, as the target may run the model)."""
         assert self.item_format is not None
         inputs = tuple(t.to(self.device, non_blocking=True) for t in batch.inputs)
         labels = batch.labels
         if isinstance(labels, Tensor):
             labels = labels.to(self.device, non_blocking=True)
         kwargs = {**self.kwargs, **fixed_kwargs}
+        resolved = resolve_target(
+            self.target,
+            inputs,
+            labels,
+            is_tuple=self.item_format.is_tuple,
+            forward=self.forward,
+            additional_args=kwargs.get("additional_forward_args"),
+        )
+        if self.takes_target:
+            kwargs["target"] = resolved.value
+        return (inputs if self.item_format.is_tuple else inputs[0]), kwargs, resolved
+
+    def compute(
+        self, batch: Batch, fixed_kwargs: Mapping[str, Any]
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """The batch's results as ``(structure of the attributions, columns by array name)``,
+        each column with one row per example."""
         # The batch's first index seeds it: the same noise whichever process computes it.
         with seeded(batch.first, self.device):
-            resolved = resolve_target(
-                self.target,
-                inputs,
-                labels,
-                is_tuple=self.item_format.is_tuple,
-                forward=self.forward,
-                additional_args=kwargs.get("additional_forward_args"),
-            )
-            if self.takes_target:
-                kwargs["target"] = resolved.value
-            result = attribution.attribute(
-                inputs if self.item_format.is_tuple else inputs[0], **kwargs
-            )
+            inputs, kwargs, resolved = self._call_arguments(batch, fixed_kwargs)
+            result = self.attribution.attribute(inputs, **kwargs)
         attributions, delta, extras = split_result(result, self.with_delta)
         structure, leaves = flatten(attributions)
         columns = {f"attributions/{i}": leaf for i, leaf in enumerate(leaves)}
@@ -262,31 +246,45 @@ class _Job:
                 )
         return structure, columns
 
+    def fixed_chunking(self, batch: Batch) -> int | None:
+        """For methods that chunk the path: ``internal_batch_size`` for every batch of the job,
+        unless the caller chose one. The engine sizes its chunks from free memory, which
+        varies between runs, and measures the first chunk of a new shape in a chunk of its
+        own; a chunk's size can change the last bits of the results. So the size is fixed
+        once: what one step of this batch keeps for the backward (measured on a call of one
+        step, one step per chunk), as many steps as the engine's memory budget holds."""
+        if "internal_batch_size" not in self.parameters or "internal_batch_size" in self.kwargs:
+            return None
+        # The method that runs the path: a wrapper (NoiseTunnel) passes the argument on.
+        path_method = list(wrapped_attributions(self.attribution))[-1]
+        parameters, _ = attribute_parameters(path_method)
+        one_step = {"n_steps": 1, "method": "gausslegendre", "internal_batch_size": len(batch)}
+        meter = _SavedTensorMeter(model_state_tensors(model_of(self.attribution)))
+        with seeded(batch.first, self.device):
+            inputs, kwargs, _ = self._call_arguments(batch, {})
+            kwargs = {k: v for k, v in kwargs.items() if k in parameters}
+            kwargs.update(one_step)
+            if "return_convergence_delta" in kwargs:
+                kwargs["return_convergence_delta"] = False
+            with meter.hooks():
+                result = path_method.attribute(inputs, **kwargs)
+        attributions, _, _ = split_result(result, False)
+        _, leaves = flatten(attributions)
+        # The path rows, their gradient and that gradient in the accumulator's layout.
+        path_bytes = sum(leaf.numel() * leaf.element_size() for leaf in leaves)
+        steps = chunk_budget(self.device) // max(1, meter.bytes + 3 * path_bytes)
+        return max(1, steps) * len(batch)
+
     def probe(self, batch: Batch) -> tuple[Any, dict[str, Tensor], int | None, float]:
-        """Run the first batch once to learn the results' shapes, how long a batch takes
-        and, for methods that chunk the path, a fixed chunk size: the engine sizes chunks from
-        free memory, which varies between runs, and a chunk's size can change the last bits
-        of the results."""
-        measuring = _measuring_copy(self.attribution)
+        """Run the first batch as the job will run every batch, to learn the results'
+        shapes, the job's fixed chunking and how long a batch takes."""
+        internal = self.fixed_chunking(batch)
+        fixed = {} if internal is None else {"internal_batch_size": internal}
         started = time.perf_counter()
-        structure, columns = self.compute(batch, measuring, {})
+        structure, columns = self.compute(batch, fixed)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - started
-        internal = None
-        if "internal_batch_size" in self.parameters and "internal_batch_size" not in self.kwargs:
-            cost = _measured_step_cost(measuring)
-            if cost is None:
-                warnings.warn(
-                    f"{type(self.attribution).__name__} measured no step cost: using one step "
-                    "per chunk; pass internal_batch_size to choose",
-                    stacklevel=4,
-                )
-                steps = 1
-            else:
-                steps = max(1, chunk_budget(self.device) // cost)
-            internal = steps * len(batch)
-        return structure, columns, internal, seconds
+        return structure, columns, internal, time.perf_counter() - started
 
 
 def _results_metadata(structure: Any, columns: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -562,7 +560,7 @@ def _run_units(
     try:
         for batch in batches:
             board.check()
-            _, columns = job.compute(batch, job.attribution, job.fixed_kwargs)
+            _, columns = job.compute(batch, job.fixed_kwargs)
             for spec in specs:
                 column = columns.get(spec.name)
                 if column is None or tuple(column.shape[1:]) != spec.row_shape:
