@@ -173,6 +173,9 @@ class _Job:
         # Set from the store's metadata before any batch that counts is computed.
         self.item_format: ItemFormat | None = None
         self.fixed_kwargs: dict[str, Any] = {}
+        # The first batch's results from the probe (rank 0, on a new store, which owns the
+        # first unit): computed as every batch is, so they are stored rather than redone.
+        self.probed: dict[str, Tensor] | None = None
 
     def identity(self, item_format: ItemFormat) -> dict[str, Any]:
         """What a resumed run must match, as JSON."""
@@ -352,6 +355,7 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
             )
         )
         structure, columns, internal, seconds = job.probe(first)
+        job.probed = columns
         specs = [
             ArraySpec(name, tuple(column.shape[1:]), _numpy_dtype(column.dtype))
             for name, column in columns.items()
@@ -560,7 +564,10 @@ def _run_units(
     try:
         for batch in batches:
             board.check()
-            _, columns = job.compute(batch, job.fixed_kwargs)
+            if batch.first == 0 and job.probed is not None:
+                columns, job.probed = job.probed, None
+            else:
+                _, columns = job.compute(batch, job.fixed_kwargs)
             for spec in specs:
                 column = columns.get(spec.name)
                 if column is None or tuple(column.shape[1:]) != spec.row_shape:
