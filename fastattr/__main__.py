@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from fastattr.bench import cli as bench_cli
-from fastattr.data import cli as attribute_cli
+from fastattr.data import _cli as attribute_cli
 
 
 def _info(_: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import torch
 import fastattr
 from fastattr.bench import models
 from fastattr.data import labeled
-from fastattr.data.store import UnitWriter
+from fastattr.data._store import UnitWriter
 
 LENGTH = 24
 FEATURES = models.MLP_FEATURES

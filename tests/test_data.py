@@ -27,18 +27,13 @@ import data_jobs  # noqa: E402 (pytest puts tests/ on sys.path)
 import fastattr  # noqa: E402
 import fastattr._path_integral  # noqa: E402
 from fastattr.__main__ import main as cli  # noqa: E402
-from fastattr.data import (  # noqa: E402  # noqa: E402
-    JobFailed,
-    StoreWriteError,
-    batches,
-    distributed,
-    job,
-    labeled,
-    open_store,
-    pipeline,
-    results,
-    store,
-)
+from fastattr.data import JobFailed, StoreWriteError, labeled, open_store  # noqa: E402
+from fastattr.data import _batches as batches  # noqa: E402
+from fastattr.data import _distributed as distributed  # noqa: E402
+from fastattr.data import _job as job  # noqa: E402
+from fastattr.data import _pipeline as pipeline  # noqa: E402
+from fastattr.data import _results as results  # noqa: E402
+from fastattr.data import _store as store  # noqa: E402
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

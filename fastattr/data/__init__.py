@@ -3,10 +3,10 @@ over every example of a dataset, on one process or on every rank of a torch.dist
 into a resumable zarr store that :func:`open_store` reads lazily. Needs zarr 3
 (``pip install 'fastattr[data]'``)."""
 
-from fastattr.data.batches import labeled
-from fastattr.data.distributed import JobFailed
-from fastattr.data.pipeline import StoreWriteError, attribute_dataset
-from fastattr.data.store import AttributionStore, Rows, open_store
+from fastattr.data._batches import labeled
+from fastattr.data._distributed import JobFailed
+from fastattr.data._pipeline import StoreWriteError, attribute_dataset
+from fastattr.data._store import AttributionStore, Rows, open_store
 
 __all__ = [
     "AttributionStore",

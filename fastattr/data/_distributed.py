@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from fastattr.data.store import FAILURES
+from fastattr.data._store import FAILURES
 
 if TYPE_CHECKING:
     import zarr

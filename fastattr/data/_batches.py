@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, TensorDataset, default_collate, get_worker_info
 
-from fastattr.data.store import Layout
+from fastattr.data._store import Layout
 
 LABELS_ATTRIBUTE = "fastattr_labels"
 Target = Union[None, int, tuple, str, Callable[..., Any]]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from torch.utils.data._utils.collate import default_convert
 
 from fastattr._path_integral import _SavedTensorMeter, chunk_budget, model_state_tensors
-from fastattr.data.batches import (
+from fastattr.data._batches import (
     Batch,
     Collate,
     IndexedItems,
@@ -35,8 +35,8 @@ from fastattr.data.batches import (
     has_labels,
     resolve_target,
 )
-from fastattr.data.distributed import FailureBoard, Ranks, current_ranks, from_rank0, seeded
-from fastattr.data.job import (
+from fastattr.data._distributed import FailureBoard, Ranks, current_ranks, from_rank0, seeded
+from fastattr.data._job import (
     PER_BATCH_ARGUMENTS,
     Describer,
     attribute_parameters,
@@ -48,8 +48,8 @@ from fastattr.data.job import (
     qualified_name,
     wrapped_attributions,
 )
-from fastattr.data.results import flatten, split_result
-from fastattr.data.store import (
+from fastattr.data._results import flatten, split_result
+from fastattr.data._store import (
     FORMAT_VERSION,
     METADATA_KEY,
     ArraySpec,
@@ -303,12 +303,11 @@ def _results_metadata(structure: Any, columns: Mapping[str, Tensor]) -> dict[str
 
 def _versions(device: torch.device) -> dict[str, str]:
     from fastattr import __version__
-    from fastattr.data.store import import_zarr as _zarr
 
     return {
         "fastattr": __version__,
         "torch": torch.__version__,
-        "zarr": _zarr().__version__,
+        "zarr": import_zarr().__version__,
         "python": platform.python_version(),
         "device_type": device.type,
     }

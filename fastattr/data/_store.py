@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastattr.data.results import Structure, rebuild
+from fastattr.data._results import Structure, rebuild
 
 if TYPE_CHECKING:
     import zarr
@@ -255,7 +255,14 @@ Index = Union[int, slice, Sequence[int], np.ndarray]
 class Rows:
     """Lazy rows of one result (one array, or one per tensor for tuple inputs and several
     layers): ``rows[i]``, ``rows[a:b]`` or ``rows[[i, j]]`` read only the chunks holding those
-    examples and give numpy arrays, nested as ``attribute()`` returns them."""
+    examples and give numpy arrays, nested as ``attribute()`` returns them.
+
+    Args:
+        arrays: the zarr arrays, examples along dimension 0 (``rows.arrays``, for zarr, dask
+            or xarray).
+        structure: how the arrays nest: ``"tensor"`` (one array), ``{"tuple": [...]}`` or
+            ``{"list": [...]}``.
+    """
 
     def __init__(self, arrays: Sequence[zarr.Array], structure: Structure = "tensor") -> None:
         self.arrays = tuple(arrays)
@@ -277,7 +284,15 @@ class Rows:
         return rebuild(self.structure, [self._read(array, index) for array in self.arrays])
 
     def tensor(self, index: Index) -> Any:
-        """``self[index]`` as torch tensors (sharing memory with the arrays read)."""
+        """The rows at ``index`` as torch tensors.
+
+        Args:
+            index: an example index, a slice or a sequence of indices.
+
+        Returns:
+            ``self[index]`` as tensors (sharing memory with the numpy arrays read), nested
+            as ``attribute()`` returns them.
+        """
         return rebuild(
             self.structure,
             [torch.from_numpy(np.ascontiguousarray(self._read(a, index))) for a in self.arrays],
@@ -355,9 +370,13 @@ class AttributionStore:
         return bool(completed_units(self.group).all())
 
     def as_dataset(self) -> torch.utils.data.Dataset:
-        """A map-style torch Dataset over the examples, each a dict of tensors
-        (``"attributions"`` and, where stored, ``"delta"``, ``"target"``, ``"output"`` and
-        the extras), read one example at a time (for a DataLoader)."""
+        """The store as a map-style torch Dataset, for a DataLoader.
+
+        Returns:
+            A dataset whose item ``i`` is a dict of tensors: ``"attributions"`` and, where
+            stored, ``"delta"``, ``"target"``, ``"output"`` and the extras by name, read from
+            the store one example at a time.
+        """
         return _StoreDataset(self)
 
 
