@@ -1,6 +1,7 @@
-"""Whole datasets as the unit of work: :func:`attribute_dataset` runs an attribution method
-over every example of a dataset, on one process or on every rank of a torch.distributed job,
-into a resumable zarr store that :func:`open_store` reads lazily. Needs zarr 3
+"""Whole datasets as the unit of work: [`attribute_dataset`][fastattr.attribute_dataset] runs
+an attribution method over every example of a dataset, on one process or on every rank of a
+torch.distributed job, into a resumable zarr store that [`open_store`][fastattr.open_store]
+reads lazily. Needs zarr 3
 (``pip install 'fastattr[data]'``)."""
 
 from fastattr.data._batches import labeled

@@ -3,8 +3,8 @@ units, and the target of each batch.
 
 An item is a tensor, or a tuple (or list) of tensors for a model with several inputs (a tuple
 of one tensor, as ``TensorDataset(x)`` gives, counts as that tensor). A dataset whose items are
-``(inputs, label)`` says so with a true ``fastattr_labels``
-attribute, or is wrapped in :func:`labeled`; its labels then serve ``target="label"``.
+``(inputs, label)`` says so with a true ``fastattr_labels`` attribute, or is wrapped in
+[`labeled`][fastattr.data.labeled]; its labels then serve ``target="label"``.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ def labeled(dataset: Dataset) -> Dataset:
             a tensor or a tuple of tensors and ``label`` an int or an integer tensor.
 
     Returns:
-        A dataset with the same items that :func:`fastattr.attribute_dataset` reads as inputs
-        and label, so ``target="label"`` attributes each example to its label. (A dataset
-        class of your own can say the same with a class attribute ``fastattr_labels = True``.)
+        A dataset with the same items, which
+        [`fastattr.attribute_dataset`][fastattr.attribute_dataset] reads as inputs and label,
+        so ``target="label"`` attributes each example to its label. (A dataset class of your
+        own can say the same with a class attribute ``fastattr_labels = True``.)
 
     Examples:
         >>> import torch

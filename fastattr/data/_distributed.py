@@ -83,7 +83,7 @@ def describe_error(error: BaseException) -> str:
 
 def from_rank0(ranks: Ranks, prepare: Callable[[], T]) -> T:
     """Run ``prepare`` on rank 0 and give every rank its result; if it raises, every rank
-    raises (rank 0 its own error, the others :class:`JobFailed` naming it)."""
+    raises (rank 0 its own error, the others ``JobFailed`` naming it)."""
     if not ranks.distributed:
         return prepare()
     payload: list[Any] = [None]
@@ -130,7 +130,7 @@ class FailureBoard:
         )
 
     def check(self, *, now: bool = False) -> None:
-        """Raise :class:`JobFailed` if another rank has failed (looks at most once per
+        """Raise ``JobFailed`` if another rank has failed (looks at most once per
         CHECK_INTERVAL_S unless ``now``)."""
         if not self.ranks.distributed:
             return

@@ -627,8 +627,9 @@ def attribute_dataset(
             function are used; batches are always consecutive examples). An item is a tensor
             or a tuple of tensors (one per model input; a tuple of one tensor, as
             ``TensorDataset(x)`` gives, counts as that tensor); a dataset marked with
-            :func:`fastattr.data.labeled` (or ``fastattr_labels = True``) has items
-            ``(inputs, label)``. The dataset must give the same item for an index every time.
+            [`fastattr.data.labeled`][fastattr.data.labeled] (or ``fastattr_labels = True``)
+            has items ``(inputs, label)``. The dataset must give the same item for an index
+            every time.
         out: the store's directory (created if missing).
         target: None, an int or a tuple of ints (the same output for every example),
             ``"label"`` (each example's label), ``"predicted"`` (the model's argmax on the
@@ -644,7 +645,7 @@ def attribute_dataset(
             as they are to each batch, so they must not have one row per dataset example.
 
     Returns:
-        The :class:`fastattr.AttributionStore` at ``out``.
+        The [`fastattr.AttributionStore`][fastattr.AttributionStore] at ``out``.
 
     Raises:
         ValueError: ``out`` holds a different job (the message lists the differences), a

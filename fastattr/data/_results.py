@@ -38,7 +38,7 @@ def flatten(tree: Any, what: str = "attributions") -> tuple[Structure, list[Tens
 
 
 def rebuild(structure: Structure, leaves: list[Any]) -> Any:
-    """The inverse of :func:`flatten`, on any leaves (arrays, tensors)."""
+    """The inverse of ``flatten``, on any leaves (arrays, tensors)."""
     items = iter(leaves)
 
     def build(node: Structure) -> Any:

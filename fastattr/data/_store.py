@@ -300,7 +300,8 @@ class Rows:
 
 
 class AttributionStore:
-    """The results of :func:`fastattr.attribute_dataset`, read lazily from its store.
+    """The results of [`fastattr.attribute_dataset`][fastattr.attribute_dataset], read lazily
+    from its store.
 
     Index by example: ``store.attributions[i]`` (a tuple of arrays, one per input, for tuple
     inputs), ``store.delta[i]``, ``store.target[i]``, ``store.output[i]``,
@@ -309,7 +310,7 @@ class AttributionStore:
     still writing it, and rows not yet written read as NaN (floats) or -1 (integers).
 
     Args:
-        group: the zarr group of the store (see :func:`fastattr.open_store`).
+        group: the zarr group of the store (see [`fastattr.open_store`][fastattr.open_store]).
 
     Examples:
         >>> import tempfile, torch
@@ -396,13 +397,14 @@ class _StoreDataset(torch.utils.data.Dataset):
 
 
 def open_store(out: StoreLike) -> AttributionStore:
-    """Open the store that :func:`fastattr.attribute_dataset` wrote (or is writing) at ``out``.
+    """Open the store that [`fastattr.attribute_dataset`][fastattr.attribute_dataset] wrote
+    (or is writing) at ``out``.
 
     Args:
         out: the store's directory (or a URL zarr understands, e.g. ``s3://...`` with fsspec).
 
     Returns:
-        The :class:`AttributionStore`, read lazily.
+        The [`AttributionStore`][fastattr.AttributionStore], read lazily.
 
     Raises:
         FileNotFoundError: nothing is at ``out``.
