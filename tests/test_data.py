@@ -248,6 +248,42 @@ def test_lrp_through_the_pipeline(tmp_path):
     )
 
 
+def _noise_tunnels() -> list:
+    """captum's NoiseTunnel around fastattr's IG, and fastattr's own once it exists."""
+    from captum.attr import NoiseTunnel
+
+    return [NoiseTunnel] + ([fastattr.NoiseTunnel] if hasattr(fastattr, "NoiseTunnel") else [])
+
+
+@pytest.mark.parametrize("NoiseTunnel", _noise_tunnels(), ids=lambda c: c.__module__.split(".")[0])
+def test_noise_tunnel_through_the_pipeline(tmp_path, NoiseTunnel):
+    model = data_jobs.model()
+    features, labels = data_jobs.inputs_and_labels()
+    data = labeled(torch.utils.data.TensorDataset(features, labels))
+    nt = NoiseTunnel(fastattr.IntegratedGradients(model))
+    kwargs = {"nt_samples": 5, "nt_samples_batch_size": 2, "stdevs": 0.1, "n_steps": 8}
+    got = fastattr.attribute_dataset(
+        nt, data, tmp_path / "s", target="label", batch_size=3, progress=False,
+        return_convergence_delta=True, **kwargs,
+    )  # fmt: skip
+    internal = got.metadata["internal_batch_size"]
+    assert internal is not None
+    assert got.delta[:].shape == (data_jobs.LENGTH, 5)
+    for first in range(0, data_jobs.LENGTH, 3):
+        rows = slice(first, first + 3)
+        # Each batch draws its noise from generators seeded with its first index.
+        with distributed.seeded(first, torch.device("cpu")):
+            want, deltas = nt.attribute(
+                features[rows], target=labels[rows], internal_batch_size=internal,
+                return_convergence_delta=True, **kwargs,
+            )  # fmt: skip
+        assert torch.equal(got.attributions.tensor(rows), want)
+        # captum's deltas: partitions of 2, 2 and 1 copies, each example's copies together.
+        for example in range(3):
+            copies = [2 * example, 2 * example + 1, 6 + 2 * example, 7 + 2 * example, 12 + example]
+            assert torch.equal(got.delta.tensor(first + example), deltas[copies])
+
+
 def test_a_dataloader_brings_its_batch_size_workers_and_collate(tmp_path, reference):
     def stack_with_labels(items):
         return torch.stack([f for f, _ in items]), torch.stack([label for _, label in items])

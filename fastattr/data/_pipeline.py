@@ -170,6 +170,8 @@ class _Job:
         self.takes_target = "target" in self.parameters
         self.with_delta = bool(kwargs.get("return_convergence_delta", False))
         self.forward = forward_of(attribution)
+        self.arguments = effective_arguments(self.parameters, kwargs)
+        self.wrapper = len(list(wrapped_attributions(attribution))) > 1
         # Set from the store's metadata before any batch that counts is computed.
         self.item_format: ItemFormat | None = None
         self.fixed_kwargs: dict[str, Any] = {}
@@ -187,7 +189,7 @@ class _Job:
             "model": None
             if model is None
             else {"class": qualified_name(model), "sha256": model_digest(model)},
-            "arguments": describe(effective_arguments(self.parameters, self.kwargs)),
+            "arguments": describe(self.arguments),
             "target": describe(self.target),
             "batch_size": self.batch_size,
             "dataset": {"length": len(self.dataset), "items": item_format.as_json()},  # type: ignore[arg-type]
@@ -226,6 +228,8 @@ class _Job:
             inputs, kwargs, resolved = self._call_arguments(batch, fixed_kwargs)
             result = self.attribution.attribute(inputs, **kwargs)
         attributions, delta, extras = split_result(result, self.with_delta)
+        if delta is not None and self.wrapper:
+            delta = self._delta_per_example(delta, len(batch))
         structure, leaves = flatten(attributions)
         columns = {f"attributions/{i}": leaf for i, leaf in enumerate(leaves)}
         named = {"delta": delta, "target": resolved.rows, "output": resolved.output}
@@ -248,6 +252,22 @@ class _Job:
                     f"({len(batch)} here)"
                 )
         return structure, columns
+
+    def _delta_per_example(self, delta: Tensor, batch: int) -> Tensor:
+        """NoiseTunnel's deltas (one per noisy copy, ``nt_samples * batch``, partition after
+        partition of ``nt_samples_batch_size`` copies, each example's copies together, as
+        captum orders them) as one row of ``nt_samples`` deltas per example."""
+        samples = self.arguments.get("nt_samples")
+        if not isinstance(samples, int) or delta.dim() != 1 or delta.numel() != batch * samples:
+            return delta
+        per_partition = self.arguments.get("nt_samples_batch_size") or samples
+        partitions = [per_partition] * (samples // per_partition)
+        partitions += [samples % per_partition] if samples % per_partition else []
+        rows, start = [], 0
+        for copies in partitions:
+            rows.append(delta[start : start + batch * copies].reshape(batch, copies))
+            start += batch * copies
+        return torch.cat(rows, dim=1)
 
     def fixed_chunking(self, batch: Batch) -> int | None:
         """For methods that chunk the path: ``internal_batch_size`` for every batch of the job,
