@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -601,6 +602,43 @@ def test_reading_the_store(reference):
     # It is a plain zarr group too.
     group = zarr.open_group(reference.path, mode="r")
     assert group["attributions/0"].shape == (data_jobs.LENGTH, data_jobs.FEATURES)
+
+
+def test_the_store_reads_while_the_job_writes(tmp_path, reference):
+    features, labels = data_jobs.inputs_and_labels()
+    reached, resume = threading.Event(), threading.Event()
+
+    class Gated(torch.utils.data.Dataset):
+        fastattr_labels = True
+
+        def __len__(self):
+            return data_jobs.LENGTH
+
+        def __getitem__(self, index):
+            if index == 16:
+                reached.set()
+                resume.wait(SUBPROCESS_TIMEOUT)
+            return features[index], labels[index]
+
+    out = tmp_path / "s"
+    loader = torch.utils.data.DataLoader(Gated(), batch_size=2, num_workers=0)
+    job_thread = threading.Thread(target=data_jobs.run, args=(str(out), loader))
+    job_thread.start()
+    try:
+        assert reached.wait(SUBPROCESS_TIMEOUT)
+        store = open_store(out)
+        deadline = time.monotonic() + 30
+        while not store.complete[:16].all() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        complete = store.complete
+        assert complete[:16].all() and not complete[16:].any()
+        for name in ("attributions/0", "delta", "target"):
+            assert store.group[name][:16].tobytes() == reference.group[name][:16].tobytes()
+        assert np.isnan(store.attributions[16:]).all()
+    finally:
+        resume.set()
+        job_thread.join(SUBPROCESS_TIMEOUT)
+    assert open_store(out).is_complete
 
 
 def test_layout_units_hold_whole_chunks():

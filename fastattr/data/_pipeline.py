@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
-from torch.utils.data._utils.collate import default_convert
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, default_convert
 
 from fastattr._path_integral import _SavedTensorMeter, chunk_budget, model_state_tensors
 from fastattr.data._batches import (
@@ -407,8 +406,9 @@ class _HostRows:
     the writer waits for, so the device is never synchronized for it."""
 
     def __init__(self, column: Tensor) -> None:
-        column = column.detach()
-        if column.dtype != _host_dtype(column.dtype):
+        if column.requires_grad:
+            column = column.detach()
+        if column.dtype == torch.bfloat16:
             column = column.to(_host_dtype(column.dtype))
         if column.device.type == "cpu":
             self.tensor, self.event = column, None
@@ -546,6 +546,32 @@ def _reproducible_cudnn(device: torch.device) -> Iterator[None]:
         cudnn.deterministic, cudnn.benchmark = saved
 
 
+def _batches(
+    job: _Job, layout: Layout, units: list[int], settings: dict[str, Any]
+) -> Iterator[Batch]:
+    """The batches of ``units``, in order: through a DataLoader with workers, or, without
+    workers, fetched and stacked here (a DataLoader would only add its own per-batch cost)."""
+    assert job.item_format is not None
+    items = IndexedItems(job.dataset, slices=job.user_collate is None)
+    sampler = UnitBatches(layout, units)
+    collate = Collate(job.item_format, job.user_collate)
+    if settings["num_workers"] > 0:
+        loader = DataLoader(
+            items,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            # Its own generator for the workers' seeds: the caller's random state is left alone.
+            generator=torch.Generator().manual_seed(0),
+            **settings,
+        )
+        return iter(loader)
+    pin = bool(settings.get("pin_memory"))
+    return (
+        batch.pin_memory() if pin else batch
+        for batch in (collate(items.__getitems__(indices)) for indices in sampler)
+    )
+
+
 def _run_units(
     job: _Job,
     plan: _Plan,
@@ -565,18 +591,10 @@ def _run_units(
     settings = {"num_workers": _default_workers(ranks, job.dataset), **settings}
     if job.device.type == "cuda":
         settings["pin_memory"] = True
-    loader = DataLoader(
-        IndexedItems(job.dataset, slices=job.user_collate is None),
-        batch_sampler=UnitBatches(layout, units),
-        collate_fn=Collate(job.item_format, job.user_collate),
-        # Its own generator for the workers' seeds: the caller's random state is left alone.
-        generator=torch.Generator().manual_seed(0),
-        **settings,
-    )
     rows = sum(stop - start for start, stop in map(layout.rows, units))
     label = f"fastattr (rank 0 of {ranks.world})" if ranks.distributed else "fastattr"
     bar = _Progress(rows, progress and ranks.rank == 0, label)
-    batches = iter(loader)  # workers start here, before the writer thread exists
+    batches = _batches(job, layout, units, settings)  # workers start before the writer thread
     writer = _Writer(UnitWriter(group, specs), layout, specs)
     unit_batches: list[dict[str, _HostRows]] = []
     unit_rows = 0
