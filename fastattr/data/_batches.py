@@ -24,21 +24,21 @@ Target = Union[None, int, tuple, str, Callable[..., Any]]
 TARGET_WORDS = ("label", "predicted")
 
 
-class _Labeled(Dataset):
+class _Wrapped(Dataset):
+    """A dataset with the items of another."""
+
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        self.fastattr_labels = True
-
-    @property
-    def in_memory(self) -> bool:
-        """Whether the items are slices of tensors in memory (a TensorDataset)."""
-        return self._tensors is not None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[index]
+
+
+class _Labeled(_Wrapped):
+    fastattr_labels = True
 
 
 def labeled(dataset: Dataset) -> Dataset:
@@ -171,14 +171,14 @@ class Batch:
         return Batch(self.first, tuple(t.pin_memory() for t in self.inputs), labels)
 
 
-class IndexedItems(Dataset):
+class IndexedItems(_Wrapped):
     """The dataset's items fetched a batch at a time, with their indices (so that errors can
     name them): through the dataset's ``__getitems__`` where it has one, as one slice per
     tensor for a ``TensorDataset`` (with ``slices``: not when a collate function of the
     user's stacks the items), else item by item."""
 
     def __init__(self, dataset: Dataset, slices: bool = True) -> None:
-        self.dataset = dataset
+        super().__init__(dataset)
         inner = dataset.dataset if isinstance(dataset, _Labeled) else dataset
         tensors = slices and type(inner) is TensorDataset
         self._tensors = inner.tensors if tensors else None
@@ -187,12 +187,6 @@ class IndexedItems(Dataset):
     def in_memory(self) -> bool:
         """Whether the items are slices of tensors in memory (a TensorDataset)."""
         return self._tensors is not None
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[list[int], Any]:
         if self._tensors is not None:

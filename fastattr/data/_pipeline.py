@@ -102,10 +102,12 @@ def _loader_settings(data: Any) -> tuple[Dataset, dict[str, Any], Any, int | Non
     return dataset, settings, collate, batch_size
 
 
-def _default_workers(ranks: Ranks, dataset: Dataset) -> int:
-    """DataLoader workers per process: none for tensors in memory (a slice per batch costs
-    less than a worker's hand-over), else the CPUs this process may use, less one for it."""
-    if IndexedItems(dataset).in_memory:
+def _default_workers(ranks: Ranks, dataset: Dataset, device: torch.device) -> int:
+    """DataLoader workers per process: none for tensors in memory computed on the CPU (a
+    slice per batch costs less than a worker's hand-over), else the CPUs this process may use,
+    less one for it (on a GPU, workers and the pinning thread prepare the next batches while
+    the device computes)."""
+    if device.type == "cpu" and IndexedItems(dataset).in_memory:
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -588,7 +590,7 @@ def _run_units(
     if not units:
         return 0
     assert job.item_format is not None
-    settings = {"num_workers": _default_workers(ranks, job.dataset), **settings}
+    settings = {"num_workers": _default_workers(ranks, job.dataset, job.device), **settings}
     if job.device.type == "cuda":
         settings["pin_memory"] = True
     rows = sum(stop - start for start, stop in map(layout.rows, units))
