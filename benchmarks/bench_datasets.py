@@ -6,7 +6,7 @@ Reproduce the figures in RESULTS.md (from the repository root, zarr installed):
     python benchmarks/bench_datasets.py pipeline --threads 1
     python benchmarks/bench_datasets.py processes
 
-``pipeline``: for each case, a dataset sized so that the loop takes about ``--seconds``;
+``pipeline``: for each case, a dataset of a fixed size (``CASES``; ``--scale`` multiplies it);
 ``fastattr.bench.timing.interleaved_medians`` times the loop and the whole attribute_dataset
 call (store created, every batch computed and written, the store closed) round by round. The
 pipeline's results are checked against the loop's. A one-batch job measures the fixed cost
@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,33 +55,30 @@ def _inputs(model: str, count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(count, *models.IMAGE_SHAPE, generator=generator)
 
 
-# name: (model, attribution class, attribute() keywords)
+# name: (model, attribution class, attribute() keywords, examples: about 5 s of the loop on
+# one core of the 2-core machine of RESULTS.md)
 CASES = {
-    "ig-mlp": ("mlp", "IntegratedGradients", {"n_steps": N_STEPS}),
-    "lrp-mlp": ("mlp", "LRP", {}),
-    "ig-cnn": ("cnn", "IntegratedGradients", {"n_steps": N_STEPS}),
-    "lrp-cnn": ("cnn", "LRP", {}),
-    "lig-transformer": ("transformer", "LayerIntegratedGradients", {"n_steps": N_STEPS}),
+    "ig-mlp": ("mlp", "IntegratedGradients", {"n_steps": N_STEPS}, 4096),
+    "lrp-mlp": ("mlp", "LRP", {}, 65536),
+    "ig-cnn": ("cnn", "IntegratedGradients", {"n_steps": N_STEPS}, 64),
+    "lrp-cnn": ("cnn", "LRP", {}, 4096),
+    "lig-transformer": ("transformer", "LayerIntegratedGradients", {"n_steps": N_STEPS}, 128),
 }
 
 
 def _attribution(case: str) -> tuple[object, dict]:
-    model_name, method, kwargs = CASES[case]
+    model_name, method, kwargs, _ = CASES[case]
     model = getattr(models, model_name)()
     if method == "LayerIntegratedGradients":
         return fastattr.LayerIntegratedGradients(model, model.embedding), kwargs
     return getattr(fastattr, method)(model), kwargs
 
 
-def pipeline_vs_loop(case: str, seconds: float, repeats: int) -> dict:
+def pipeline_vs_loop(case: str, scale: float, repeats: int) -> dict:
     attribution, kwargs = _attribution(case)
     generator = torch.Generator().manual_seed(0)
-    probe = _inputs(CASES[case][0], BATCH, generator)
-    attribution.attribute(probe, target=1, **kwargs)  # warm
-    started = time.perf_counter()
-    attribution.attribute(probe, target=1, **kwargs)
-    batches = max(16, round(seconds / (time.perf_counter() - started)))
-    inputs = _inputs(CASES[case][0], batches * BATCH, generator)
+    examples = max(BATCH, round(CASES[case][3] * scale / BATCH) * BATCH)
+    inputs = _inputs(CASES[case][0], examples, generator)
     data = torch.utils.data.TensorDataset(inputs)
     scratch = Path(tempfile.mkdtemp(prefix="fastattr-bench-datasets-"))
 
@@ -209,7 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", choices=("pipeline", "processes"))
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--seconds", type=float, default=4.0, help="the loop's time per case")
+    parser.add_argument("--scale", type=float, default=1.0, help="times each case's examples")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch CPU threads (pipeline)")
     parser.add_argument("--n-steps", type=int, default=16, help="processes: IG steps")
@@ -224,7 +220,7 @@ def main() -> None:
         print("| " + " | ".join(columns) + " |")
         print("|:--|" + "--:|" * (len(columns) - 1))
         for case in args.cases.split(","):
-            r = pipeline_vs_loop(case, args.seconds, args.repeats)
+            r = pipeline_vs_loop(case, args.scale, args.repeats)
             print(
                 f"| `{r['case']}` | {r['examples']} | {r['loop_ex_per_s']:,.0f} | "
                 f"{r['pipeline_ex_per_s']:,.0f} | {r['ratio']:.2f} | {r['fixed_s']:.2f} | "
