@@ -273,7 +273,8 @@ def test_noise_tunnel_through_the_pipeline(tmp_path, NoiseTunnel):
     for first in range(0, data_jobs.LENGTH, 3):
         rows = slice(first, first + 3)
         # Each batch draws its noise from generators seeded with its first index.
-        with distributed.seeded(first, torch.device("cpu")):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(first)
             want, deltas = nt.attribute(
                 features[rows], target=labels[rows], internal_batch_size=internal,
                 return_convergence_delta=True, **kwargs,

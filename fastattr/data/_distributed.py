@@ -159,15 +159,18 @@ class FailureBoard:
         work.wait()
 
 
+def seed_generators(seed: int, device: torch.device) -> None:
+    """Seed torch's generators of the CPU and ``device`` with ``seed``: a batch seeded with
+    its first index draws the same noise (NoiseTunnel) whichever process computes it."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 @contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with the random generators of the CPU and ``device`` seeded with ``seed``, and
-    restore them afterwards: a batch draws the same noise (NoiseTunnel) whichever process
-    computes it, and the caller's generators are left as they were."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        if devices:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
+def restored_generators(device: torch.device) -> Iterator[None]:
+    """Give the caller's generators (the CPU's and ``device``'s) back as they were, however
+    the job seeded them."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         yield

@@ -34,7 +34,14 @@ from fastattr.data._batches import (
     has_labels,
     resolve_target,
 )
-from fastattr.data._distributed import FailureBoard, Ranks, current_ranks, from_rank0, seeded
+from fastattr.data._distributed import (
+    FailureBoard,
+    Ranks,
+    current_ranks,
+    from_rank0,
+    restored_generators,
+    seed_generators,
+)
 from fastattr.data._job import (
     PER_BATCH_ARGUMENTS,
     Describer,
@@ -225,9 +232,9 @@ class _Job:
         """The batch's results as ``(structure of the attributions, columns by array name)``,
         each column with one row per example."""
         # The batch's first index seeds it: the same noise whichever process computes it.
-        with seeded(batch.first, self.device):
-            inputs, kwargs, resolved = self._call_arguments(batch, fixed_kwargs)
-            result = self.attribution.attribute(inputs, **kwargs)
+        seed_generators(batch.first, self.device)
+        inputs, kwargs, resolved = self._call_arguments(batch, fixed_kwargs)
+        result = self.attribution.attribute(inputs, **kwargs)
         attributions, delta, extras = split_result(result, self.with_delta)
         if delta is not None and self.wrapper:
             delta = self._delta_per_example(delta, len(batch))
@@ -284,14 +291,14 @@ class _Job:
         parameters, _ = attribute_parameters(path_method)
         one_step = {"n_steps": 1, "method": "gausslegendre", "internal_batch_size": len(batch)}
         meter = _SavedTensorMeter(model_state_tensors(model_of(self.attribution)))
-        with seeded(batch.first, self.device):
-            inputs, kwargs, _ = self._call_arguments(batch, {})
-            kwargs = {k: v for k, v in kwargs.items() if k in parameters}
-            kwargs.update(one_step)
-            if "return_convergence_delta" in kwargs:
-                kwargs["return_convergence_delta"] = False
-            with meter.hooks():
-                result = path_method.attribute(inputs, **kwargs)
+        seed_generators(batch.first, self.device)
+        inputs, kwargs, _ = self._call_arguments(batch, {})
+        kwargs = {k: v for k, v in kwargs.items() if k in parameters}
+        kwargs.update(one_step)
+        if "return_convergence_delta" in kwargs:
+            kwargs["return_convergence_delta"] = False
+        with meter.hooks():
+            result = path_method.attribute(inputs, **kwargs)
         attributions, _, _ = split_result(result, False)
         _, leaves = flatten(attributions)
         # The path rows, their gradient and that gradient in the accumulator's layout.
@@ -742,7 +749,7 @@ def attribute_dataset(
     if target == "predicted" and job.forward is None:
         raise ValueError("target='predicted' needs an attribution with a model to run")
     started = time.perf_counter()
-    with _reproducible_cudnn(job.device):
+    with _reproducible_cudnn(job.device), restored_generators(job.device):
         plan = from_rank0(ranks, lambda: _prepare(job, out, resume, ranks))
         job.item_format = ItemFormat.from_json(plan.metadata["job"]["dataset"]["items"])
         internal = plan.metadata["internal_batch_size"]
