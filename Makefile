@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # transformers: a small GPT-2 (random weights, no download) for captum's LLMGradientAttribution;
 # mpmath (also torch's, through sympy): high-precision Gauss-Legendre values.
+# zarr 3 (fastattr[data]: attribute_dataset) needs Python 3.11 or newer.
 TEST_DEPS := pytest hypothesis "captum==0.9.*" zennit ruff expecttest tqdm matplotlib \
-	"transformers==4.57.*" mpmath
+	"transformers==4.57.*" mpmath "zarr==3.1.*; python_version >= '3.11'"
 # The documentation site's tools, pinned: a new release may warn where this one does not, and
 # the strict build fails on any warning.
 DOCS_DEPS := mkdocs==1.6.1 mkdocs-material==9.8.1 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11

@@ -17,12 +17,14 @@ from fastattr.attr import (
     LayerLRP,
     NeuronIntegratedGradients,
 )
+from fastattr.data import AttributionStore, attribute_dataset, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LRP",
     "Alpha1_Beta0_Rule",
+    "AttributionStore",
     "EpsilonRule",
     "GammaRule",
     "IdentityRule",
@@ -31,7 +33,9 @@ __all__ = [
     "LayerLRP",
     "NeuronIntegratedGradients",
     "__version__",
+    "attribute_dataset",
     "build_info",
     "current_backend",
+    "open_store",
     "use_backend",
 ]

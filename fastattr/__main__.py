@@ -1,4 +1,5 @@
-"""``python -m fastattr info|bench`` (and, installed, the ``fastattr`` console script)."""
+"""``python -m fastattr info|bench|attribute`` (and, installed, the ``fastattr`` console
+script)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from fastattr.bench import cli as bench_cli
+from fastattr.data import _cli as attribute_cli
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -22,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print how fastattr was built").set_defaults(run=_info)
     bench_cli.add_parser(commands)
+    attribute_cli.add_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
