@@ -255,8 +255,7 @@ class LRP(Attribution, captum_class="LRP"):
     ) -> tuple[tuple[Tensor, ...], Tensor]:
         with torch.enable_grad():
             leaves = tuple(t.detach().requires_grad_() for t in tensors)
-            with relevance.installed(leaves):
-                output = run_forward(self.model, leaves, target, args)
+            output = relevance.run(lambda: run_forward(self.model, leaves, target, args), leaves)
             output = per_example(output, tensors[0].shape[0])
             wanted = leaves + (layer_tensors(relevance) if layer_tensors is not None else ())
             grads = input_gradients(output, wanted, torch.ones_like(output))

@@ -2,7 +2,7 @@
 
 :func:`plan_rules` decides, before any work, which rule every module gets (and fails once,
 listing every module without one). :class:`Relevance` holds one call's state: while it is
-installed, process-wide module hooks hand each module call of *this thread* to the module's
+running, process-wide module hooks hand each module call of *this thread* to the module's
 rule, and a torch-function mode hands the torch calls that op rules take to those rules. The
 model itself is never changed: no hook, forward or attribute is set on it, so other threads
 (and other calls) see it as it is, and an interrupted call has nothing to undo on it.
@@ -20,8 +20,8 @@ The data flow is observed as it happens, tensor by tensor, never guessed from so
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from fastattr import ops
 from fastattr.lrp.rules import (
@@ -184,6 +185,43 @@ _ACTIVE: contextvars.ContextVar[Relevance | None] = contextvars.ContextVar(
 )
 
 
+class _ModuleHook:
+    """A process-wide module (pre-)hook acting for one :class:`Relevance`, only in the context
+    that Relevance's forward runs in. It holds the Relevance weakly: once that is gone (its
+    call over, however it ended), a hook still registered removes itself."""
+
+    __slots__ = ("handle", "pre", "relevance")
+
+    def __init__(self, relevance: Relevance, pre: bool) -> None:
+        self.relevance = weakref.ref(relevance)
+        self.pre = pre
+        self.handle: RemovableHandle | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, *output: object) -> Any:
+        relevance = self.relevance()
+        if relevance is None:
+            if self.handle is not None:
+                self.handle.remove()
+            return None
+        if _ACTIVE.get() is not relevance:
+            return None
+        if self.pre:
+            return relevance._pre_hook(module, args)
+        return relevance._post_hook(module, args, output[0])
+
+
+def _remove(hooks: Sequence[_ModuleHook]) -> None:
+    """Removes the hooks, to the end even through a KeyboardInterrupt (raised once done)."""
+    try:
+        for hook in hooks:
+            if hook.handle is not None:
+                hook.handle.remove()
+    finally:
+        for hook in hooks:
+            if hook.handle is not None:
+                hook.handle.remove()
+
+
 @dataclass(eq=False)
 class _Ratio:
     """A tensor a rule handed on whose relevance goes to an epsilon ratio at ``z``, directly or
@@ -222,9 +260,9 @@ class _OpRules(TorchFunctionMode):
 class Relevance:
     """One LRP call's relevance graph under construction, and the methods rules build it with.
 
-    ``with relevance.installed(inputs):`` routes this thread's module calls to their rules
-    (and torch calls to op rules); on exit nothing of it remains. ``taps`` are the modules
-    whose input and output relevance LayerLRP reads (``tapped``, after the forward).
+    :meth:`run` runs a forward with this thread's module calls routed to their rules (and
+    torch calls to op rules). ``taps`` are the modules whose input and output relevance
+    LayerLRP reads (``tapped``, after the forward).
     """
 
     plan: RulePlan
@@ -272,8 +310,6 @@ class Relevance:
         found = _Ratio(made, made._version, z, epsilon, foldable, raw=output)
         self._ratios[id(made)] = found
         self._raw[id(output)] = found
-        if self.plan.op_rules:
-            self._note_activation(made)
         return made
 
     def passing(self, source: Tensor, output: Tensor) -> Tensor:
@@ -293,8 +329,6 @@ class Relevance:
             self._ratios[id(made)] = _Ratio(
                 made, made._version, found.z, found.epsilon, found.foldable
             )
-        if self.plan.op_rules:
-            self._note_activation(made)
         return made
 
     def writable(self, x: object) -> Any:
@@ -355,27 +389,33 @@ class Relevance:
 
     # The engine.
 
-    @contextmanager
-    def installed(self, inputs: Sequence[Tensor]) -> Iterator[None]:
-        """Rules on this thread's module calls (and op rules on its torch calls) within."""
+    def run(self, forward: Callable[[], Any], inputs: Sequence[Tensor]) -> Any:
+        """``forward()`` with this thread's module calls handed to their rules (and torch calls
+        to op rules); nothing of it remains once it returns or raises.
+
+        The hooks are process-wide but act only in the context ``forward`` runs in, a copy of
+        the caller's made for this call alone: other threads, and this one once the call is
+        over, are untouched even if an interrupt cut the removal of the hooks short (a hook
+        left so removes itself when its call's state is gone).
+        """
         self._inputs = {id(x) for x in inputs}
         self._held = list(inputs)
         self._nodes = ops.lrp_nodes()
-        token = _ACTIVE.set(self)
-        handles = []
+        hooks = (_ModuleHook(self, pre=True), _ModuleHook(self, pre=False))
         try:
-            handles.append(module_hooks.register_module_forward_pre_hook(self._pre_hook))
-            handles.append(module_hooks.register_module_forward_hook(self._post_hook))
-            if self.plan.op_rules:
-                with _OpRules(self):
-                    yield
-            else:
-                yield
+            hooks[0].handle = module_hooks.register_module_forward_pre_hook(hooks[0])
+            hooks[1].handle = module_hooks.register_module_forward_hook(hooks[1])
+            return contextvars.copy_context().run(self._forward, forward)
         finally:
-            for handle in handles:
-                handle.remove()
-            _ACTIVE.reset(token)
+            _remove(hooks)
             self.forget()
+
+    def _forward(self, forward: Callable[[], Any]) -> Any:
+        _ACTIVE.set(self)  # in this call's own context
+        if self.plan.op_rules:
+            with _OpRules(self):
+                return forward()
+        return forward()
 
     def forget(self) -> None:
         """Drops what the forward noted. Held past the forward, the ratios that nothing folded
@@ -388,8 +428,6 @@ class Relevance:
         self._containers.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
-        if _ACTIVE.get() is not self:
-            return None
         found = self.plan.rules.get(id(module))
         if found is None:
             if self.plan.op_rules:
@@ -401,8 +439,6 @@ class Relevance:
         return found[1].forward_inputs(self, module, args)
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> Any:
-        if _ACTIVE.get() is not self:
-            return None
         found = self.plan.rules.get(id(module))
         if found is None:
             if self.plan.op_rules and self._containers:
@@ -426,12 +462,6 @@ class Relevance:
 
     def _handed(self, made: Tensor) -> Tensor:
         return made.clone() if self.copy else made
-
-    def _note_activation(self, made: Tensor) -> None:
-        node = made.grad_fn
-        if node is not None:
-            self._held.append(node)
-            self._reaches[id(node)] = True
 
     def _reaches_inputs(self, start: Any) -> bool:
         """Whether the autograd graph from ``start`` reaches an attributed input (or a node
