@@ -952,3 +952,38 @@ def test_a_rule_on_a_container_covers_it_as_one_layer() -> None:
     model[0].rule = EpsilonRule(0.1)
     leaf[0].rule = EpsilonRule(0.1)
     _close(LRP(model).attribute(x, target=1), LRP(leaf).attribute(x, target=1))
+
+
+class Branching(nn.Module):
+    """h = fc1(x) feeds fc2 and, through a plain `+`, the head: out = head(fc2(h) + h)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(1, 1, bias=False)
+        self.fc2 = nn.Linear(1, 1, bias=False)
+        self.head = nn.Linear(1, 1, bias=False)
+        for layer, weight in ((self.fc1, 2.0), (self.fc2, 3.0), (self.head, 1.0)):
+            nn.init.constant_(layer.weight, weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.head(self.fc2(h) + h)
+
+
+def test_an_activation_used_twice_gets_each_rule_on_its_own_use() -> None:
+    # Deliberate difference. x = 1: h = 2, fc2(h) = 6, output 8. The plain `+` hands the
+    # output's relevance (8) to both branches: fc2 sends 8 back to h, the `+` another 8, and h's
+    # 16 reach x (LRP-0, epsilon negligible). captum's rules are tensor hooks: fc2's input hook
+    # multiplies *all* of h's gradient by h, so the `+` branch's relevance is multiplied by
+    # h = 2 once more (24). zennit applies each rule to the module's own use, as fastattr does.
+    model = Branching().double()
+    x = torch.ones(1, 1, dtype=torch.float64)
+    ours = LRP(model).attribute(x, target=0)
+    torch.testing.assert_close(ours, torch.full_like(x, 16.0), rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        _captum(captum_attr.LRP, model, x, target=0), torch.full_like(x, 24.0), rtol=1e-9, atol=0
+    )
+    _close(ours, _zennit(model, x, 0))
+    # The epsilon rule of the sum splits the 8 by the branches' shares instead: 6 and 2.
+    summed = LRP(model, canonizers=[EpsilonSum()]).attribute(x, target=0)
+    torch.testing.assert_close(summed, torch.full_like(x, 8.0), rtol=1e-9, atol=0)

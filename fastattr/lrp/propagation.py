@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextvars
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,9 +54,14 @@ class RulePlan:
     rules: dict[int, tuple[nn.Module, PropagationRule]]
     op_rules: dict[Callable[..., Any], OpRule]
     modules: tuple[nn.Module, ...]  # every module of the model, once
+    every_call: OpRule | None = None  # offered the torch calls no op rule lists
     applied: tuple[str, ...] = ()
     # False when a captum rule was translated: the translation would miss later changes to it.
     reusable: bool = True
+
+    @property
+    def has_op_rules(self) -> bool:
+        return bool(self.op_rules) or self.every_call is not None
 
     def report(self) -> None:
         """Prints the rule of each layer, as captum's verbose mode does."""
@@ -90,13 +95,20 @@ def walk_modules(model: nn.Module) -> tuple[nn.Module, ...]:
 
 
 def plan_key(model: nn.Module, canonizers: Sequence[Canonizer]) -> tuple:
-    """The modules of ``model`` and the rules set on them, as objects: holding them keeps their
-    ids from being reused, so that comparing ids tells whether a plan still holds."""
-    modules = walk_modules(model)
-    key: list[object] = [*canonizers, *modules]
-    for module in modules:
-        own = module.__dict__  # rule_attribute, inlined: this runs on every call
-        key.append(own["rule"] if "rule" in own else getattr(type(module), "rule", None))
+    """The modules of ``model`` (as :func:`walk_modules` lists them) each followed by the rule
+    set on it, as objects: holding them keeps their ids from being reused, so that comparing
+    ids tells whether a plan still holds. (One pass: this runs on every call.)"""
+    key: list[object] = [*canonizers, model, rule_attribute(model)]
+    modules = [model]
+    seen = {id(model)}
+    for module in modules:  # grows as it goes
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                modules.append(child)
+                own = child.__dict__
+                key.append(child)
+                key.append(own["rule"] if "rule" in own else getattr(type(child), "rule", None))
     return tuple(key)
 
 
@@ -167,11 +179,15 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
             "(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate."
         )
     op_rules: dict[Callable[..., Any], OpRule] = {}
+    every_call = None
     for canonizer in canonizers:
         for op_rule in canonizer.op_rules():
-            for function in op_rule.functions:
+            if op_rule.functions is None:
+                every_call = every_call or op_rule
+            for function in op_rule.functions or ():
                 op_rules.setdefault(function, op_rule)
-    return RulePlan(rules, op_rules, walk_modules(model), tuple(applied), reusable)
+    modules = walk_modules(model)
+    return RulePlan(rules, op_rules, modules, every_call, tuple(applied), reusable)
 
 
 class CopiesNeeded(Exception):
@@ -222,22 +238,32 @@ def _remove(hooks: Sequence[_ModuleHook]) -> None:
                 hook.handle.remove()
 
 
-@dataclass(eq=False)
 class _Ratio:
     """A tensor a rule handed on whose relevance goes to an epsilon ratio at ``z``, directly or
     through pass-through rules; a product at a later module's input may fold into that ratio.
     A ratio node's own output also notes what it shows (``raw``) and, when that is a module's
     output, the module, its rule and the inputs the rule saw."""
 
-    tensor: Tensor  # held: keeps its id from being reused
-    version: int  # the tensor's version then: written into since, it is no longer the ratio's
-    z: Tensor
-    epsilon: float
-    foldable: bool
-    raw: Tensor | None = None  # the tensor the ratio node shows (held too)
-    module: nn.Module | None = None
-    rule: PropagationRule | None = None
-    inputs: tuple = ()
+    __slots__ = ("epsilon", "foldable", "inputs", "module", "raw", "rule", "tensor", "version", "z")
+
+    def __init__(
+        self,
+        tensor: Tensor,
+        z: Tensor,
+        epsilon: float,
+        foldable: bool,
+        raw: Tensor | None = None,
+    ) -> None:
+        self.tensor = tensor  # held: keeps its id from being reused
+        # The tensor's version then: written into since, it is no longer the ratio's output.
+        self.version = tensor._version
+        self.z = z
+        self.epsilon = epsilon
+        self.foldable = foldable
+        self.raw = raw  # the tensor the ratio node shows (held too)
+        self.module: nn.Module | None = None
+        self.rule: PropagationRule | None = None
+        self.inputs: tuple = ()
 
 
 class _OpRules(TorchFunctionMode):
@@ -247,37 +273,61 @@ class _OpRules(TorchFunctionMode):
         super().__init__()
         self.relevance = relevance
         self.rules = relevance.plan.op_rules
+        self.every_call = relevance.plan.every_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # Every torch call of the forward comes through here: keep the common case short.
-        rule = self.rules.get(func)
+        rule = self.rules.get(func, self.every_call)
         if rule is None or self.relevance.depth:
             return func(*args, **(kwargs or {}))
         return rule.apply(self.relevance, func, args, kwargs or {})
 
 
-@dataclass(eq=False)
 class Relevance:
     """One LRP call's relevance graph under construction, and the methods rules build it with.
 
     :meth:`run` runs a forward with this thread's module calls routed to their rules (and
     torch calls to op rules). ``taps`` are the modules whose input and output relevance
     LayerLRP reads (``tapped``, after the forward).
+
+    Args:
+        plan: the rules.
+        copy: hand on copies of what the rules make (the forward writes into one in place).
+        taps: the modules whose relevance LayerLRP reads.
     """
 
-    plan: RulePlan
-    copy: bool = False  # copy every tensor rules hand on (the forward writes into one in place)
-    taps: Sequence[nn.Module] = ()
-    tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = field(default_factory=dict)
-    depth: int = 0  # > 0 inside a module with a rule
-    _nodes: ops.LrpNodes = field(default_factory=ops.lrp_nodes)
-    _ratios: dict[int, _Ratio] = field(default_factory=dict)
-    _raw: dict[int, _Ratio] = field(default_factory=dict)  # by id of the module's own output
-    _writable: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    _containers: list[nn.Module] = field(default_factory=list)
-    _inputs: set[int] = field(default_factory=set)
-    _reaches: dict[int, bool] = field(default_factory=dict)
-    _held: list[object] = field(default_factory=list)
+    __slots__ = (
+        "__weakref__",
+        "_containers",
+        "_held",
+        "_inputs",
+        "_nodes",
+        "_ratios",
+        "_raw",
+        "_reaches",
+        "_writable",
+        "copy",
+        "depth",
+        "plan",
+        "tapped",
+        "taps",
+    )
+
+    def __init__(self, plan: RulePlan, copy: bool = False, taps: Sequence[nn.Module] = ()) -> None:
+        self.plan = plan
+        self.copy = copy
+        self.taps = taps
+        # id(layer) -> (its input tensors, its output), for LayerLRP.
+        self.tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = {}
+        self.depth = 0  # > 0 inside a module with a rule
+        self._nodes = ops.lrp_nodes()
+        self._ratios: dict[int, _Ratio] = {}
+        self._raw: dict[int, _Ratio] = {}  # by id of the tensor the ratio node shows
+        self._writable: dict[int, tuple[Tensor, Tensor]] = {}
+        self._containers: list[nn.Module] = []
+        self._inputs: set[int] = set()
+        self._reaches: dict[int, bool] = {}
+        self._held: list[object] = []
 
     # What rules build with.
 
@@ -298,16 +348,18 @@ class Relevance:
             return self._handed(self._nodes.product_ratio(found.z, x.detach(), found.epsilon))
         return self._handed(self._nodes.product(x))
 
-    def ratio(self, z: Tensor, output: Tensor, epsilon: float) -> Tensor:
+    def ratio(self, z: Tensor, output: Tensor, epsilon: float, copy: bool = False) -> Tensor:
         """``output`` through the node that divides the relevance by ``z + epsilon * sign(z)``
-        and sends it into ``z``'s graph (``z`` is ``output``, or a recomputation of it)."""
+        and sends it into ``z``'s graph (``z`` is ``output``, or a recomputation of it). With
+        ``copy``, a copy the forward may change in place (otherwise a view, which autograd
+        keeps it from changing)."""
         if z is output:
             made = self._nodes.ratio(z, epsilon)
         else:
             made = self._nodes.ratio_shown(z, output.detach(), epsilon)
-        made = self._handed(made)
+        made = made.clone() if copy and not self.copy else self._handed(made)
         foldable = z.dtype == output.dtype and z.shape == output.shape
-        found = _Ratio(made, made._version, z, epsilon, foldable, raw=output)
+        found = _Ratio(made, z, epsilon, foldable, output)
         self._ratios[id(made)] = found
         self._raw[id(output)] = found
         return made
@@ -326,9 +378,7 @@ class Relevance:
             and found.z.dtype == output.dtype
             and found.z.shape == output.shape
         ):
-            self._ratios[id(made)] = _Ratio(
-                made, made._version, found.z, found.epsilon, found.foldable
-            )
+            self._ratios[id(made)] = _Ratio(made, found.z, found.epsilon, found.foldable)
         return made
 
     def writable(self, x: object) -> Any:
@@ -412,7 +462,7 @@ class Relevance:
 
     def _forward(self, forward: Callable[[], Any]) -> Any:
         _ACTIVE.set(self)  # in this call's own context
-        if self.plan.op_rules:
+        if self.plan.has_op_rules:
             with _OpRules(self):
                 return forward()
         return forward()
@@ -430,7 +480,7 @@ class Relevance:
     def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         found = self.plan.rules.get(id(module))
         if found is None:
-            if self.plan.op_rules:
+            if self.plan.has_op_rules:
                 self._containers.append(module)
             return None
         self.depth += 1
@@ -441,7 +491,7 @@ class Relevance:
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> Any:
         found = self.plan.rules.get(id(module))
         if found is None:
-            if self.plan.op_rules and self._containers:
+            if self.plan.has_op_rules and self._containers:
                 self._containers.pop()
             return None
         if not isinstance(output, Tensor):

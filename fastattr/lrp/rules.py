@@ -55,6 +55,8 @@ class PropagationRule(ABC):
     def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
         """The inputs the module runs on: by default each floating tensor input through
         ``relevance.product``, so that it receives ``input * contribution``."""
+        if len(inputs) == 1:  # the common case, without a generator
+            return (relevance.product(inputs[0]),)
         return tuple(relevance.product(x) for x in inputs)
 
     @abstractmethod
@@ -285,12 +287,12 @@ class OpRule(ABC):
 
     ``functions`` lists the torch functions the rule is offered, as ``__torch_function__``
     sees them (``torch.Tensor.add`` for ``a + b``, ``torch.Tensor.add_`` for ``a += b``,
-    ``torch.add``, ...). :meth:`apply` runs in their place and returns what the call returns,
-    carrying the rule's backward; for a call it does not take, it returns ``func(*args,
-    **kwargs)``.
+    ``torch.add``, ...); None offers it every torch call that no other op rule lists.
+    :meth:`apply` runs in their place and returns what the call returns, carrying the rule's
+    backward; for a call it does not take, it returns ``func(*args, **kwargs)``.
     """
 
-    functions: tuple[Callable[..., Any], ...] = ()
+    functions: tuple[Callable[..., Any], ...] | None = ()
 
     @abstractmethod
     def apply(
