@@ -2,19 +2,21 @@
 
 Pass them to ``LRP(model, canonizers=[...])`` or ``LayerLRP(model, layer, canonizers=[...])``.
 They act for that object's calls only and never touch the model: a canonizer changes the rules
-LRP applies (:meth:`Canonizer.module_rule`) and adds rules for torch-level calls
-(:meth:`Canonizer.op_rules`), decided per call from the data flow the call shows. Without a
-canonizer, LRP's numbers are captum's.
+LRP applies ([module_rule][fastattr.canonizers.Canonizer.module_rule]) and adds rules for
+torch-level calls ([op_rules][fastattr.canonizers.Canonizer.op_rules]), decided per call from
+the data flow the call shows. Without a canonizer, LRP's numbers are captum's.
 
-- :class:`EpsilonSum`: ``a + b`` / ``torch.add`` / ``a += b`` of two activations gets the
-  epsilon rule of a sum instead of plain autograd, which copies the relevance into both
-  branches. A parameter or a constant added to an activation is a bias, not a branch, and is
-  left alone.
-- :class:`MergeBatchNorm`: a batch norm (using running statistics) that receives a linear or
-  convolution module's output is merged into it: the rule of the linear module applies to the
-  composite affine map, with its ratio at the batch norm's output.
-- :class:`ResNetCanonizer`: :class:`MergeBatchNorm`, and the epsilon rule on the residual sum
-  of torchvision's ``BasicBlock`` and ``Bottleneck``, as zennit's ``ResNetCanonizer``.
+- [EpsilonSum][fastattr.canonizers.EpsilonSum]: ``a + b`` / ``torch.add`` / ``a += b`` of two
+  activations gets the epsilon rule of a sum instead of plain autograd, which copies the
+  relevance into both branches. A parameter or a constant added to an activation is a bias,
+  not a branch, and is left alone.
+- [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]: a batch norm (using running
+  statistics) that receives a linear or convolution module's output is merged into it: the
+  rule of the linear module applies to the composite affine map, with its ratio at the batch
+  norm's output.
+- [ResNetCanonizer][fastattr.canonizers.ResNetCanonizer]: ``MergeBatchNorm``, and the epsilon
+  rule on the residual sum of torchvision's ``BasicBlock`` and ``Bottleneck``, as zennit's
+  ``ResNetCanonizer``.
 """
 
 from __future__ import annotations
@@ -44,11 +46,23 @@ class Canonizer:
     def module_rule(
         self, module: nn.Module, rule: PropagationRule | None
     ) -> PropagationRule | None:
-        """The rule ``module`` gets with this canonizer, given the one it has without."""
+        """The rule ``module`` gets with this canonizer.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use; by default ``rule``.
+        """
         return rule
 
     def op_rules(self) -> Sequence[OpRule]:
-        """Rules for torch-level calls outside the modules that carry a rule."""
+        """Rules for torch-level calls outside the modules that carry a rule.
+
+        Returns:
+            The op rules; by default none.
+        """
         return ()
 
     def __repr__(self) -> str:
@@ -60,7 +74,11 @@ class EpsilonSum(Canonizer):
     wherever the forward computes them outside a module with a rule of its own.
 
     Args:
-        epsilon: the stabilizer of the sum's ratio.
+        epsilon: The stabilizer of the sum's ratio.
+
+    Raises:
+        TypeError: ``epsilon`` is not a real number.
+        ValueError: ``epsilon`` is negative or not finite.
 
     Examples:
         >>> import torch
@@ -88,6 +106,11 @@ class EpsilonSum(Canonizer):
         return self._rule.epsilon
 
     def op_rules(self) -> Sequence[OpRule]:
+        """The epsilon sum rule.
+
+        Returns:
+            One [EpsilonSumRule][fastattr.lrp.EpsilonSumRule].
+        """
         return (self._rule,)
 
     def __repr__(self) -> str:
@@ -117,8 +140,8 @@ def _merged_parameters(linear: nn.Module, norm: nn.modules.batchnorm._BatchNorm)
     return weight * scale.reshape(shape).to(weight.dtype), bias.to(weight.dtype)
 
 
-class MergedBatchNormRule(PropagationRule):
-    """A batch norm's rule under :class:`MergeBatchNorm`: when its input is the output of a
+class _MergedBatchNormRule(PropagationRule):
+    """A batch norm's rule under ``MergeBatchNorm``: when its input is the output of a
     linear module whose rule is an epsilon-type rule, that rule on the merged affine map
     (relevance through the batch norm's and the linear module's own backward, the ratio at the
     batch norm's output); otherwise ``own``, the rule it has without the canonizer."""
@@ -139,10 +162,10 @@ class MergedBatchNormRule(PropagationRule):
         return found
 
     def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
+        # Merging: the linear module's own output, past its ratio node.
         found = self._producer(relevance, module, inputs[0]) if len(inputs) == 1 else None
         if found is None:
             return self.own.forward_inputs(relevance, module, inputs)
-        # The linear module's own output, past its ratio node: one affine map from its input.
         return (found.raw,)
 
     def forward_output(
@@ -160,7 +183,7 @@ class MergedBatchNormRule(PropagationRule):
         return relevance.ratio(output, output, epsilon)
 
     def __repr__(self) -> str:
-        return f"MergedBatchNormRule({self.own!r})"
+        return f"MergedBatchNorm({self.own!r})"
 
 
 class MergeBatchNorm(Canonizer):
@@ -184,8 +207,17 @@ class MergeBatchNorm(Canonizer):
     def module_rule(
         self, module: nn.Module, rule: PropagationRule | None
     ) -> PropagationRule | None:
+        """A batch norm's rule, wrapped so that it merges into the linear module before it.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The merging rule for batch norms; ``rule`` for other modules.
+        """
         if rule is not None and isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return MergedBatchNormRule(rule)
+            return _MergedBatchNormRule(rule)
         return rule
 
 
@@ -206,11 +238,16 @@ def _is_torchvision_block(module: nn.Module | None) -> bool:
 
 
 class ResNetCanonizer(Canonizer):
-    """For torchvision's ResNets: :class:`MergeBatchNorm`, and the epsilon rule on the residual
-    sum of each ``BasicBlock`` and ``Bottleneck``, as zennit's ``ResNetCanonizer``.
+    """For torchvision's ResNets: [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm], and
+    the epsilon rule on the residual sum of each ``BasicBlock`` and ``Bottleneck``, as zennit's
+    ``ResNetCanonizer``.
 
     Args:
-        epsilon: the stabilizer of the residual sums' ratio.
+        epsilon: The stabilizer of the residual sums' ratio.
+
+    Raises:
+        TypeError: ``epsilon`` is not a real number.
+        ValueError: ``epsilon`` is negative or not finite.
 
     Examples:
         >>> import torch
@@ -231,10 +268,24 @@ class ResNetCanonizer(Canonizer):
     def module_rule(
         self, module: nn.Module, rule: PropagationRule | None
     ) -> PropagationRule | None:
+        """As [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]'s.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use.
+        """
         return self._merge.module_rule(module, rule)
 
     def op_rules(self) -> Sequence[OpRule]:
+        """The epsilon sum rule, on sums in torchvision's residual blocks only.
+
+        Returns:
+            One [EpsilonSumRule][fastattr.lrp.EpsilonSumRule].
+        """
         return (self._sum,)
 
 
-__all__ = ["Canonizer", "EpsilonSum", "MergeBatchNorm", "MergedBatchNormRule", "ResNetCanonizer"]
+__all__ = ["Canonizer", "EpsilonSum", "MergeBatchNorm", "ResNetCanonizer"]

@@ -19,7 +19,15 @@ Arguments = dict[str, Any]
 
 def lrp_with_residual_sums(library: Any, model: nn.Module) -> Any:
     """``library.LRP`` on ``model``; fastattr's with the epsilon rule on residual sums (the
-    :class:`fastattr.canonizers.EpsilonSum` canonizer), which Captum's LRP does not have."""
+    [EpsilonSum][fastattr.canonizers.EpsilonSum] canonizer), which Captum's LRP does not have.
+
+    Args:
+        library: ``fastattr`` or ``captum.attr``.
+        model: The model.
+
+    Returns:
+        The attributor.
+    """
     if library.__name__.startswith("fastattr"):
         from fastattr.canonizers import EpsilonSum
 

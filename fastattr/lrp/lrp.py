@@ -104,7 +104,7 @@ class LRP(Attribution, captum_class="LRP"):
 
     The relevance of each example sums to its target output, less what the rules' stabilizers
     and biases absorb. With no canonizer the numbers are captum's; canonizers
-    (:mod:`fastattr.canonizers`) change how the model is read, for this object's calls only.
+    ([fastattr.canonizers][]) change how the model is read, for this object's calls only.
 
     Args:
         model: the model; rules are read from its modules' ``rule`` attributes at every call.
@@ -161,7 +161,7 @@ class LRP(Attribution, captum_class="LRP"):
             additional_forward_args: further arguments of the model, after the inputs; not
                 attributed.
             return_convergence_delta: also return the per-example delta of
-                :meth:`compute_convergence_delta`.
+                [compute_convergence_delta][fastattr.LRP.compute_convergence_delta].
             verbose: print the rule applied on each layer.
 
         Returns:
@@ -267,9 +267,9 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
     """LRP relevance at the output (or input) of one layer, or of each layer in a list.
 
     Args:
-        model: the model, as for :class:`LRP`.
+        model: The model, as for [fastattr.LRP][].
         layer: a module of the model with a rule (or a list of them).
-        canonizers: as for :class:`LRP`.
+        canonizers: As for [fastattr.LRP][].
 
     Examples:
         >>> import torch
@@ -308,9 +308,9 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
         """The relevance at the layer's output (or input, with ``attribute_to_layer_input``).
 
         Args:
-            inputs: as for :meth:`LRP.attribute`.
-            target: as for :meth:`LRP.attribute`.
-            additional_forward_args: as for :meth:`LRP.attribute`.
+            inputs: As for [fastattr.LRP.attribute][].
+            target: As for [fastattr.LRP.attribute][].
+            additional_forward_args: As for [fastattr.LRP.attribute][].
             return_convergence_delta: also return the per-example deltas.
             attribute_to_layer_input: the relevance at the layer's inputs rather than at its
                 output.

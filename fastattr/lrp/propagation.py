@@ -1,11 +1,12 @@
 """One forward that builds each rule's backward, then one backward that runs them.
 
-:func:`plan_rules` decides, before any work, which rule every module gets (and fails once,
-listing every module without one). :class:`Relevance` holds one call's state: while it is
-running, process-wide module hooks hand each module call of *this thread* to the module's
-rule, and a torch-function mode hands the torch calls that op rules take to those rules. The
-model itself is never changed: no hook, forward or attribute is set on it, so other threads
-(and other calls) see it as it is, and an interrupted call has nothing to undo on it.
+``plan_rules`` decides, before any work, which rule every module gets (and fails once,
+listing every module without one). [Relevance][fastattr.lrp.Relevance] holds one call's
+state: while it is running, process-wide module hooks hand each module call of *this thread*
+to the module's rule, and a torch-function mode hands the torch calls that op rules take to
+those rules. The model itself is never changed: no hook, forward or attribute is set on it,
+so other threads (and other calls) see it as it is, and an interrupted call has nothing to
+undo on it.
 
 The data flow is observed as it happens, tensor by tensor, never guessed from source code:
 
@@ -61,6 +62,8 @@ class RulePlan:
 
     @property
     def has_op_rules(self) -> bool:
+        """Whether some op rule is in use (then LRP's forward runs under a torch-function
+        mode)."""
         return bool(self.op_rules) or self.every_call is not None
 
     def report(self) -> None:
@@ -69,6 +72,14 @@ class RulePlan:
             print(line)
 
     def rule_of(self, module: nn.Module) -> PropagationRule | None:
+        """``module``'s rule in this plan, or None.
+
+        Args:
+            module: A module of the model.
+
+        Returns:
+            The rule, or None for containers, reshapes and modules outside the model.
+        """
         found = self.rules.get(id(module))
         return None if found is None else found[1]
 
@@ -95,7 +106,7 @@ def walk_modules(model: nn.Module) -> tuple[nn.Module, ...]:
 
 
 def plan_key(model: nn.Module, canonizers: Sequence[Canonizer]) -> tuple:
-    """The modules of ``model`` (as :func:`walk_modules` lists them) each followed by the rule
+    """The modules of ``model`` (as ``walk_modules`` lists them) each followed by the rule
     set on it, as objects: holding them keeps their ids from being reused, so that comparing
     ids tells whether a plan still holds. (One pass: this runs on every call.)"""
     key: list[object] = [*canonizers, model, rule_attribute(model)]
@@ -130,6 +141,13 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
     submodules; containers without a rule run as plain autograd. captum passes relevance
     straight through ReLU, Dropout and Tanh whatever rule is set on them, and so does this.
     Canonizers then adjust the rules and add op rules.
+
+    Args:
+        model: The model.
+        canonizers: The canonizers, in order.
+
+    Returns:
+        The plan.
 
     Raises:
         TypeError: naming every module without a rule, before anything runs.
@@ -202,7 +220,7 @@ _ACTIVE: contextvars.ContextVar[Relevance | None] = contextvars.ContextVar(
 
 
 class _ModuleHook:
-    """A process-wide module (pre-)hook acting for one :class:`Relevance`, only in the context
+    """A process-wide module (pre-)hook acting for one Relevance, only in the context
     that Relevance's forward runs in. It holds the Relevance weakly: once that is gone (its
     call over, however it ended), a hook still registered removes itself."""
 
@@ -286,14 +304,17 @@ class _OpRules(TorchFunctionMode):
 class Relevance:
     """One LRP call's relevance graph under construction, and the methods rules build it with.
 
-    :meth:`run` runs a forward with this thread's module calls routed to their rules (and
-    torch calls to op rules). ``taps`` are the modules whose input and output relevance
-    LayerLRP reads (``tapped``, after the forward).
+    Rules receive it as their first argument: [product][fastattr.lrp.Relevance.product],
+    [ratio][fastattr.lrp.Relevance.ratio] and [passing][fastattr.lrp.Relevance.passing] make
+    the nodes (and fold a product into the ratio before it where they can), the rest tell
+    what the data flow of this call is. [run][fastattr.lrp.Relevance.run] runs a forward with
+    this thread's module calls routed to their rules (and torch calls to op rules).
 
     Args:
-        plan: the rules.
-        copy: hand on copies of what the rules make (the forward writes into one in place).
-        taps: the modules whose relevance LayerLRP reads.
+        plan: The rules (made by LRP from the model's modules and canonizers).
+        copy: Hand on copies of what the rules make (the forward writes into one in place).
+        taps: The modules whose input and output relevance LayerLRP reads (in ``tapped``
+            once the forward has run).
     """
 
     __slots__ = (
@@ -334,8 +355,14 @@ class Relevance:
     def product(self, x: object) -> Any:
         """``x`` through the node that turns the contribution arriving into the relevance ``x *
         contribution``; when ``x`` is (a pass-through of) a rule's epsilon-ratio output, one
-        fused node that also divides by that ratio's ``z``. Anything but a floating tensor on
-        the graph is returned as it is."""
+        fused node that also divides by that ratio's ``z``.
+
+        Args:
+            x: A module's (or op's) input.
+
+        Returns:
+            A view of ``x`` carrying the node; anything but a tensor on the graph as it is.
+        """
         if not isinstance(x, Tensor) or not x.requires_grad:
             return x
         found = self._ratios.get(id(x))
@@ -350,9 +377,18 @@ class Relevance:
 
     def ratio(self, z: Tensor, output: Tensor, epsilon: float, copy: bool = False) -> Tensor:
         """``output`` through the node that divides the relevance by ``z + epsilon * sign(z)``
-        and sends it into ``z``'s graph (``z`` is ``output``, or a recomputation of it). With
-        ``copy``, a copy the forward may change in place (otherwise a view, which autograd
-        keeps it from changing)."""
+        and sends it into ``z``'s graph.
+
+        Args:
+            z: ``output``, or a recomputation of it (modified weights).
+            output: The module's (or op's) output.
+            epsilon: The stabilizer, non-negative.
+            copy: Hand on a copy the forward may change in place (otherwise a view, which
+                autograd keeps from changing).
+
+        Returns:
+            What the model continues with.
+        """
         if z is output:
             made = self._nodes.ratio(z, epsilon)
         else:
@@ -365,7 +401,15 @@ class Relevance:
         return made
 
     def passing(self, source: Tensor, output: Tensor) -> Tensor:
-        """``output`` through the node that hands the relevance to ``source`` unchanged."""
+        """``output`` through the node that hands the relevance to ``source`` unchanged.
+
+        Args:
+            source: The input that receives the relevance.
+            output: The module's output.
+
+        Returns:
+            What the model continues with.
+        """
         written = self._writable.get(id(source))
         if written is not None and written[0] is source:
             source = written[1]  # the module wrote into a copy: the relevance goes to the original
@@ -382,8 +426,15 @@ class Relevance:
         return made
 
     def writable(self, x: object) -> Any:
-        """A copy of ``x`` that a module may write into; :meth:`passing` sends relevance from it
-        to ``x`` itself."""
+        """A copy of ``x`` that a module may write into; ``passing`` sends relevance from it
+        to ``x`` itself.
+
+        Args:
+            x: A module's input.
+
+        Returns:
+            The copy (anything but a tensor as it is).
+        """
         if not isinstance(x, Tensor):
             return x
         copied = x.clone()
@@ -392,7 +443,15 @@ class Relevance:
 
     def write_into(self, target: Tensor, value: Tensor) -> Tensor:
         """``target`` with ``value`` written into it (with ``value``'s history), for rules of
-        in-place calls."""
+        in-place calls.
+
+        Args:
+            target: The tensor the call writes into.
+            value: What the rule computed for it.
+
+        Returns:
+            ``target``.
+        """
         try:
             return target.copy_(value)
         except RuntimeError as error:
@@ -403,7 +462,14 @@ class Relevance:
 
     def is_activation(self, value: object) -> bool:
         """Whether ``value`` is a floating tensor that depends on the attributed inputs (rather
-        than on parameters, buffers and constants only), read off its autograd graph."""
+        than on parameters, buffers and constants only), read off its autograd graph.
+
+        Args:
+            value: Anything.
+
+        Returns:
+            True for an activation.
+        """
         if not isinstance(value, Tensor) or not value.requires_grad:
             return False
         if id(value) in self._inputs:
@@ -418,8 +484,16 @@ class Relevance:
         return self._containers[-1] if self._containers else None
 
     def ratio_output(self, x: object) -> _Ratio | None:
-        """When ``x`` is the epsilon-ratio output of a module's rule (not a pass-through of
-        one), what made it: the module, rule, inputs and raw output."""
+        """What made ``x`` when it is the epsilon-ratio output of a module's rule (not a
+        pass-through of one): its record, with ``module``, ``rule``, ``inputs`` (those the
+        module ran on) and ``raw`` (the module's own output).
+
+        Args:
+            x: Anything.
+
+        Returns:
+            The record, or None.
+        """
         found = self._ratios.get(id(x)) if isinstance(x, Tensor) else None
         if (
             found is None
@@ -433,7 +507,14 @@ class Relevance:
 
     def raw_output(self, x: object) -> _Ratio | None:
         """When ``x`` is a module's own output that a rule then handed on through its epsilon
-        ratio, that ratio's record (see :meth:`ratio_output`)."""
+        ratio, that ratio's record (as ``ratio_output`` gives it).
+
+        Args:
+            x: Anything.
+
+        Returns:
+            The record, or None.
+        """
         found = self._raw.get(id(x)) if isinstance(x, Tensor) else None
         return found if found is not None and found.raw is x and found.module is not None else None
 
@@ -447,6 +528,13 @@ class Relevance:
         the caller's made for this call alone: other threads, and this one once the call is
         over, are untouched even if an interrupt cut the removal of the hooks short (a hook
         left so removes itself when its call's state is gone).
+
+        Args:
+            forward: The model's forward, as a function of nothing.
+            inputs: The attributed inputs (leaves of the graph).
+
+        Returns:
+            What ``forward`` returns.
         """
         self._inputs = {id(x) for x in inputs}
         self._held = list(inputs)
@@ -458,7 +546,7 @@ class Relevance:
             return contextvars.copy_context().run(self._forward, forward)
         finally:
             _remove(hooks)
-            self.forget()
+            self._forget()
 
     def _forward(self, forward: Callable[[], Any]) -> Any:
         _ACTIVE.set(self)  # in this call's own context
@@ -467,9 +555,9 @@ class Relevance:
                 return forward()
         return forward()
 
-    def forget(self) -> None:
-        """Drops what the forward noted. Held past the forward, the ratios that nothing folded
-        into would keep their nodes, and the tensors those save, alive through the backward."""
+    def _forget(self) -> None:
+        # Held past the forward, the ratios that nothing folded into would keep their nodes,
+        # and the tensors those save, alive through the backward.
         self._ratios.clear()
         self._raw.clear()
         self._writable.clear()
@@ -560,4 +648,5 @@ class Relevance:
         self.tapped[id(module)] = (self.tapped[id(module)][0], output)
 
 
-__all__ = ["CopiesNeeded", "Relevance", "RulePlan", "plan_rules"]
+# LRP's machinery: of it, rules see Relevance (exported by fastattr.lrp).
+__all__ = ["Relevance"]

@@ -6,15 +6,15 @@ sees. The relevance convention is the backward's: what reaches a rule's output i
 there, and the rule returns, through the autograd nodes it makes, the relevance at its inputs.
 
 Every rule, built in or a user's, goes through the same two steps, each given the
-:class:`Relevance` of the call in progress, whose methods make the nodes:
+[Relevance][fastattr.lrp.Relevance] of the call in progress, whose methods make the nodes:
 
-- :meth:`PropagationRule.forward_inputs`, before the module runs: by default
-  ``relevance.product(x)`` on each input, the node that multiplies the contribution arriving
-  at ``x`` by ``x``;
-- :meth:`PropagationRule.forward_output`, after: by default ``relevance.ratio(z, output,
-  epsilon)`` with ``(z, epsilon)`` from :meth:`RatioRule.ratio_operands`, the node that
-  divides the relevance at the output by ``z + epsilon * sign(z)`` and sends it into ``z``'s
-  graph.
+- [forward_inputs][fastattr.lrp.PropagationRule.forward_inputs], before the module runs: by
+  default ``relevance.product(x)`` on each input, the node that multiplies the contribution
+  arriving at ``x`` by ``x``;
+- [forward_output][fastattr.lrp.PropagationRule.forward_output], after: by default
+  ``relevance.ratio(z, output, epsilon)`` with ``(z, epsilon)`` from
+  [ratio_operands][fastattr.lrp.RatioRule.ratio_operands], the node that divides the relevance
+  at the output by ``z + epsilon * sign(z)`` and sends it into ``z``'s graph.
 
 Between the two, the module's own backward (or that of ``z``'s recomputation) runs. A rule
 never changes the module: rules with modified weights recompute ``z`` from detached
@@ -41,20 +41,51 @@ STABILIZER = 1e-9
 
 
 class PropagationRule(ABC):
-    """How relevance crosses one module (or one torch call, see :class:`OpRule`).
+    """How relevance crosses one module (torch-level calls have [OpRule][fastattr.lrp.OpRule]).
 
-    Subclass it and override :meth:`forward_output` (and :meth:`forward_inputs` when the
-    inputs do not receive ``input * contribution``); see ``docs/lrp/rules.md``.
+    Subclass it and override [forward_output][fastattr.lrp.PropagationRule.forward_output]
+    (and [forward_inputs][fastattr.lrp.PropagationRule.forward_inputs] when the inputs do not
+    receive ``input * contribution``); the LRP page on rules shows how.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.lrp import PropagationRule
+        >>> class HalfRule(PropagationRule):
+        ...     "Epsilon-free LRP-0 on the module, then half of the relevance kept."
+        ...     def forward_output(self, relevance, module, inputs, output):
+        ...         return relevance.ratio(2 * output, output, 0.0)
+        >>> model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 1))
+        >>> model[0].rule = HalfRule()
+        >>> LRP(model).attribute(torch.randn(2, 3)).shape
+        torch.Size([2, 3])
     """
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why this rule cannot run on ``module``, or None when it can (checked before any
-        work)."""
+        work).
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            A reason, worded to follow the module's name, or None.
+        """
         return None
 
     def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
         """The inputs the module runs on: by default each floating tensor input through
-        ``relevance.product``, so that it receives ``input * contribution``."""
+        ``relevance.product``, so that it receives ``input * contribution``.
+
+        Args:
+            relevance: The call's relevance graph, whose methods make the nodes.
+            module: The module the rule is set on.
+            inputs: The module's positional inputs.
+
+        Returns:
+            The inputs the module runs on, in the same order.
+        """
         if len(inputs) == 1:  # the common case, without a generator
             return (relevance.product(inputs[0]),)
         return tuple(relevance.product(x) for x in inputs)
@@ -63,8 +94,17 @@ class PropagationRule(ABC):
     def forward_output(
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
     ) -> Tensor:
-        """The output the model continues with, carrying this rule's backward. ``inputs`` are
-        those :meth:`forward_inputs` returned."""
+        """The output the model continues with, carrying this rule's backward.
+
+        Args:
+            relevance: The call's relevance graph, whose methods make the nodes.
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on (those ``forward_inputs`` returned).
+            output: The module's output.
+
+        Returns:
+            What the model continues with (``output``'s value).
+        """
 
 
 class RatioRule(PropagationRule):
@@ -75,7 +115,16 @@ class RatioRule(PropagationRule):
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
     ) -> tuple[Tensor, float]:
-        """``(z, epsilon)``: the tensor whose graph receives the relevance, and the stabilizer."""
+        """``(z, epsilon)``: the tensor whose graph receives the relevance, and the stabilizer.
+
+        Args:
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on.
+            output: The module's output.
+
+        Returns:
+            ``z`` (``output``, or a recomputation of it in ``inputs``' graph) and epsilon.
+        """
 
     def forward_output(
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
@@ -98,7 +147,11 @@ class EpsilonRule(RatioRule):
     The default for linear maps, convolutions, pooling, batch norm and upsampling.
 
     Args:
-        epsilon: the stabilizer, finite and non-negative.
+        epsilon: The stabilizer, finite and non-negative.
+
+    Raises:
+        TypeError: ``epsilon`` is not a real number.
+        ValueError: ``epsilon`` is negative or not finite.
 
     Examples:
         >>> import torch
@@ -116,6 +169,16 @@ class EpsilonRule(RatioRule):
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
     ) -> tuple[Tensor, float]:
+        """``(output, epsilon)``.
+
+        Args:
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on.
+            output: The module's output.
+
+        Returns:
+            The output itself and the rule's epsilon.
+        """
         return output, self.epsilon
 
     def __repr__(self) -> str:
@@ -130,21 +193,50 @@ def _check_flag(value: object, name: str) -> bool:
 
 class ModifiedWeightRule(RatioRule):
     """Epsilon with a stabilizer of 1e-9 on ``z' = module(x; modified weight, bias)``, as
-    captum's rules with modified weights; the model continues on the true output."""
+    captum's rules with modified weights; the model continues on the true output.
+
+    Args:
+        set_bias_to_zero: Compute ``z'`` without the bias.
+
+    Raises:
+        TypeError: ``set_bias_to_zero`` is not a bool.
+    """
 
     def __init__(self, set_bias_to_zero: bool) -> None:
         self.set_bias_to_zero = _check_flag(set_bias_to_zero, "set_bias_to_zero")
 
     @abstractmethod
     def modify_weight(self, weight: Tensor) -> Tensor:
-        """The weight ``z'`` is computed with, from the detached weight."""
+        """The weight ``z'`` is computed with.
+
+        Args:
+            weight: The module's weight, detached.
+
+        Returns:
+            The modified weight.
+        """
 
     def changes(self, module: nn.Module) -> bool:
-        """Whether ``z'`` differs from the module's output."""
+        """Whether ``z'`` differs from the module's output.
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            True when the module has a weight, or a bias the rule zeroes.
+        """
         has_bias = getattr(module, "bias", None) is not None
         return getattr(module, "weight", None) is not None or (self.set_bias_to_zero and has_bias)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why the rule cannot recompute ``module``: its type has no known map.
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            A reason, or None when the module can be recomputed (or need not be).
+        """
         if self.changes(module) and type(module) not in MODIFIED_FORWARDS:
             name = type(module).__name__
             return f"{type(self).__name__} cannot recompute {name} with modified weights"
@@ -158,8 +250,18 @@ class ModifiedWeightRule(RatioRule):
         bias: Tensor | None,
         output: Tensor,
     ) -> Tensor:
-        """``z'``: ``module``'s map with the weight modified and the bias zeroed if asked, on
-        ``x`` with ``weight`` and ``bias`` (detached) in place of the module's own."""
+        """``z'``: ``module``'s map with the weight modified and the bias zeroed if asked.
+
+        Args:
+            module: The module whose map is recomputed.
+            x: Its input (in the graph the relevance goes into).
+            weight: The (detached) weight to modify and use in place of the module's own.
+            bias: The (detached) bias to use, or None.
+            output: The module's output (its shape pins transposed convolutions' padding).
+
+        Returns:
+            The recomputed output.
+        """
         if weight is not None:
             weight = self.modify_weight(weight)
         if bias is not None and self.set_bias_to_zero:
@@ -169,6 +271,16 @@ class ModifiedWeightRule(RatioRule):
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
     ) -> tuple[Tensor, float]:
+        """``(z', 1e-9)``, ``z'`` recomputed with the modified weight.
+
+        Args:
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on.
+            output: The module's output.
+
+        Returns:
+            ``z'`` (the output itself when nothing changes) and captum's stabilizer.
+        """
         if not self.changes(module):
             return output, STABILIZER
         weight = None if module.weight is None else module.weight.detach()
@@ -181,8 +293,12 @@ class GammaRule(ModifiedWeightRule):
     ``w + gamma * max(w, 0)``, and its bias by zero if ``set_bias_to_zero``.
 
     Args:
-        gamma: how much the positive weights are strengthened.
-        set_bias_to_zero: compute ``z'`` without the bias.
+        gamma: How much the positive weights are strengthened; finite.
+        set_bias_to_zero: Compute ``z'`` without the bias.
+
+    Raises:
+        TypeError: ``gamma`` is not a real number, or ``set_bias_to_zero`` not a bool.
+        ValueError: ``gamma`` is not finite.
 
     Examples:
         >>> import torch
@@ -203,6 +319,14 @@ class GammaRule(ModifiedWeightRule):
         self.gamma = float(gamma)
 
     def modify_weight(self, weight: Tensor) -> Tensor:
+        """``w + gamma * max(w, 0)``.
+
+        Args:
+            weight: The module's weight, detached.
+
+        Returns:
+            The modified weight.
+        """
         return weight + self.gamma * weight.clamp(min=0)
 
     def __repr__(self) -> str:
@@ -214,7 +338,10 @@ class Alpha1_Beta0_Rule(ModifiedWeightRule):  # captum's name
     replaced by ``max(w, 0)``, and its bias by zero if ``set_bias_to_zero``.
 
     Args:
-        set_bias_to_zero: compute ``z'`` without the bias.
+        set_bias_to_zero: Compute ``z'`` without the bias.
+
+    Raises:
+        TypeError: ``set_bias_to_zero`` is not a bool.
 
     Examples:
         >>> import torch
@@ -230,6 +357,14 @@ class Alpha1_Beta0_Rule(ModifiedWeightRule):  # captum's name
         super().__init__(set_bias_to_zero)
 
     def modify_weight(self, weight: Tensor) -> Tensor:
+        """``max(w, 0)``.
+
+        Args:
+            weight: The module's weight, detached.
+
+        Returns:
+            The modified weight.
+        """
         return weight.clamp(min=0)
 
     def __repr__(self) -> str:
@@ -237,7 +372,9 @@ class Alpha1_Beta0_Rule(ModifiedWeightRule):  # captum's name
 
 
 class IdentityRule(PropagationRule):
-    """The relevance at the output, unchanged, at the (single, same-shaped) input.
+    """The relevance at the output, unchanged, at the (single, same-shaped) input. captum passes
+    relevance so through ReLU, Dropout and Tanh whatever rule is set on them, and fastattr
+    through every element-wise activation without a rule.
 
     Examples:
         >>> import torch
@@ -250,6 +387,16 @@ class IdentityRule(PropagationRule):
     """
 
     def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
+        """The inputs unchanged, or copies the module may write into when it works in place.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: The module's positional inputs.
+
+        Returns:
+            The inputs the module runs on.
+        """
         if module.__dict__.get("inplace") is True:
             # The module writes into its input: give it one it may write into.
             return tuple(relevance.writable(x) for x in inputs)
@@ -258,10 +405,33 @@ class IdentityRule(PropagationRule):
     def forward_output(
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
     ) -> Tensor:
+        """The output, whose relevance goes unchanged to the module's input.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on.
+            output: The module's output.
+
+        Returns:
+            What the model continues with.
+        """
         return relevance.passing(self.source(module, inputs, output), output)
 
     def source(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        """The input that receives the output's relevance: the module's one tensor input."""
+        """The input that receives the output's relevance: the module's one tensor input.
+
+        Args:
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on.
+            output: The module's output.
+
+        Returns:
+            The one tensor input.
+
+        Raises:
+            ValueError: The module has not exactly one tensor input of the output's shape.
+        """
         if len(inputs) == 1 and isinstance(inputs[0], Tensor) and inputs[0].shape == output.shape:
             return inputs[0]  # the common case, checked without building the list below
         tensors = [x for x in inputs if isinstance(x, Tensor)]
@@ -283,13 +453,14 @@ class PassRule(IdentityRule):
 
 class OpRule(ABC):
     """How relevance crosses a torch-level call (``a + b``, ``torch.add``, ``softmax``, ...)
-    outside the modules that carry a rule: canonizers attach op rules for the call.
+    outside the modules that carry a rule: canonizers attach op rules to LRP's calls.
 
     ``functions`` lists the torch functions the rule is offered, as ``__torch_function__``
     sees them (``torch.Tensor.add`` for ``a + b``, ``torch.Tensor.add_`` for ``a += b``,
     ``torch.add``, ...); None offers it every torch call that no other op rule lists.
-    :meth:`apply` runs in their place and returns what the call returns, carrying the rule's
-    backward; for a call it does not take, it returns ``func(*args, **kwargs)``.
+    [apply][fastattr.lrp.OpRule.apply] runs in their place and returns what the call returns,
+    carrying the rule's backward; for a call it does not take, it returns ``func(*args,
+    **kwargs)``.
     """
 
     functions: tuple[Callable[..., Any], ...] | None = ()
@@ -302,7 +473,17 @@ class OpRule(ABC):
         args: tuple,
         kwargs: dict[str, Any],
     ) -> Any:
-        """The call's result, with this rule's nodes on the tensors it takes."""
+        """The call's result, with this rule's nodes on the tensors it takes.
+
+        Args:
+            relevance: The call's relevance graph, whose methods make the nodes.
+            func: The torch function called.
+            args: Its positional arguments.
+            kwargs: Its keyword arguments.
+
+        Returns:
+            What ``func(*args, **kwargs)`` returns, in value.
+        """
 
 
 class EpsilonSumRule(OpRule):
@@ -311,12 +492,16 @@ class EpsilonSumRule(OpRule):
     branches. Sums with a parameter or a constant (a bias) are left to plain autograd.
 
     Args:
-        epsilon: the stabilizer.
-        rebind_in_place: for ``a += b``, return the sum as a new tensor instead of writing it
+        epsilon: The stabilizer.
+        rebind_in_place: For ``a += b``, return the sum as a new tensor instead of writing it
             into ``a`` (only where the code is known to rebind ``a``, as torchvision's residual
             blocks do).
-        scope: when given, the rule takes only sums computed directly in the forward of a
+        scope: When given, the rule takes only sums computed directly in the forward of a
             module for which ``scope(module)`` holds.
+
+    Raises:
+        TypeError: ``epsilon`` is not a real number.
+        ValueError: ``epsilon`` is negative or not finite.
     """
 
     functions = (torch.Tensor.add, torch.add, torch.Tensor.add_)
@@ -338,6 +523,17 @@ class EpsilonSumRule(OpRule):
         args: tuple,
         kwargs: dict[str, Any],
     ) -> Any:
+        """The sum, through the epsilon rule when both operands are activations.
+
+        Args:
+            relevance: The call's relevance graph.
+            func: ``torch.Tensor.add``, ``torch.add`` or ``torch.Tensor.add_``.
+            args: Its positional arguments.
+            kwargs: Its keyword arguments.
+
+        Returns:
+            The sum (written into the first operand for an in-place call).
+        """
         if (
             len(args) != 2
             or not set(kwargs) <= {"alpha"}
@@ -475,7 +671,16 @@ def _is_captum_addition(module: nn.Module) -> bool:
 
 
 def default_rule(module: nn.Module) -> PropagationRule | None:
-    """The rule a module gets when none is set, or None when its type has no default."""
+    """The rule a module without submodules gets when none is set.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        Epsilon for linear maps, convolutions, pooling, batch norm, upsampling and captum's
+        ``Addition_Module``; pass-through for element-wise activations and dropout; None
+        otherwise.
+    """
     if isinstance(module, _EPSILON_TYPES) or _is_captum_addition(module):
         return EpsilonRule()
     if isinstance(module, _PASS_TYPES):
@@ -515,7 +720,6 @@ __all__ = [
     "IdentityRule",
     "ModifiedWeightRule",
     "OpRule",
-    "PassRule",
     "PropagationRule",
     "RatioRule",
     "default_rule",
