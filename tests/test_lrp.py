@@ -310,7 +310,8 @@ class Beyond(nn.Module):
 
 
 class BeyondToo(nn.Module):
-    """The remaining 1-D and 3-D variants: transposed convolutions, adaptive pooling."""
+    """The remaining 1-D and 3-D variants: transposed convolutions, adaptive pooling; more
+    activations captum has no rule for (it raises TypeError for a Sigmoid, even unused)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -323,6 +324,7 @@ class BeyondToo(nn.Module):
             nn.ConvTranspose3d(3, 2, 2, stride=2),
             nn.BatchNorm3d(2),
             nn.SiLU(),
+            nn.Sigmoid(),
             nn.AdaptiveAvgPool3d((2, 2, 3)),
             nn.Flatten(),
         )
@@ -987,3 +989,26 @@ def test_an_activation_used_twice_gets_each_rule_on_its_own_use() -> None:
     # The epsilon rule of the sum splits the 8 by the branches' shares instead: 6 and 2.
     summed = LRP(model, canonizers=[EpsilonSum()]).attribute(x, target=0)
     torch.testing.assert_close(summed, torch.full_like(x, 8.0), rtol=1e-9, atol=0)
+
+
+class FirstExampleOnly(nn.Module):
+    """An output whose first dimension is not the batch's: model(x)[0].unsqueeze(0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.lin(x))[0].unsqueeze(0)
+
+
+def test_an_output_not_one_per_example_is_differentiated_as_captum_does() -> None:
+    model = _seeded(FirstExampleOnly(), torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    ours, delta = LRP(model).attribute(x, target=0, return_convergence_delta=True)
+    theirs, their_delta = _captum(captum_attr.LRP, model, x, target=0, return_convergence_delta=True)
+    _close(ours, theirs)
+    _close(delta, their_delta)
+    with pytest.raises(ValueError, match="one value per example"):
+        LRP(model).attribute(x)  # (1, 2): neither per example nor per entry

@@ -18,7 +18,6 @@ from fastattr._formatting import (
     check_target,
     format_additional_args,
     format_output,
-    per_example,
     run_forward,
 )
 from fastattr.attr._base import Attribution, LayerAttribution
@@ -40,6 +39,20 @@ LayerTensors = Union[Callable[[Relevance], tuple[Tensor, ...]], None]
 
 def _per_example_sum(tensors: tuple[Tensor, ...]) -> Tensor:
     return sum(t.reshape(t.shape[0], -1).sum(1) for t in tensors)  # type: ignore[return-value]
+
+
+def _differentiated(output: Tensor, batch: int) -> Tensor:
+    """The selected output as the 1-D tensor the backward starts from: one value per example,
+    or, as captum allows, one value per entry of its first dimension (the gradient is then that
+    of their sum, e.g. for ``model(x)[0].unsqueeze(0)``)."""
+    if output.dim() > 0 and output.numel() == output.shape[0]:
+        # (A reshape to its own shape would still add a node to the graph.)
+        return output if output.dim() == 1 else output.reshape(-1)
+    raise ValueError(
+        f"the model must give one value per example after target selection ({batch} values), "
+        f"or one per entry of its first dimension, got shape {list(output.shape)}: pass a "
+        "target that selects one output per example"
+    )
 
 
 def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
@@ -256,7 +269,7 @@ class LRP(Attribution, captum_class="LRP"):
         with torch.enable_grad():
             leaves = tuple(t.detach().requires_grad_() for t in tensors)
             output = relevance.run(lambda: run_forward(self.model, leaves, target, args), leaves)
-            output = per_example(output, tensors[0].shape[0])
+            output = _differentiated(output, tensors[0].shape[0])
             wanted = leaves + (layer_tensors(relevance) if layer_tensors is not None else ())
             grads = input_gradients(output, wanted, torch.ones_like(output))
         grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted))
