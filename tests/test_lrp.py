@@ -1007,7 +1007,9 @@ def test_an_output_not_one_per_example_is_differentiated_as_captum_does() -> Non
     model = _seeded(FirstExampleOnly(), torch.float64)
     x = torch.randn(3, 2, dtype=torch.float64)
     ours, delta = LRP(model).attribute(x, target=0, return_convergence_delta=True)
-    theirs, their_delta = _captum(captum_attr.LRP, model, x, target=0, return_convergence_delta=True)
+    theirs, their_delta = _captum(
+        captum_attr.LRP, model, x, target=0, return_convergence_delta=True
+    )
     _close(ours, theirs)
     _close(delta, their_delta)
     with pytest.raises(ValueError, match="one value per example"):
