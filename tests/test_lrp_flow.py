@@ -545,3 +545,45 @@ def test_an_interrupt_at_any_line_leaves_the_model_as_found(method: str) -> None
         _no_global_hooks_left(hooks_before)
     torch.manual_seed(1)
     _close(call(), expected)
+
+
+class InPlaceReLUs(nn.Module):
+    """In-place ReLUs after a linear layer: one whose input also goes elsewhere (`h` in the
+    sum) when ``reuse``."""
+
+    def __init__(self, inplace: bool, reuse: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.relu1 = nn.ReLU(inplace=inplace)
+        self.fc2 = nn.Linear(6, 6)
+        self.relu2 = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(6, 2)
+        self.reuse = reuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(self.relu1(self.fc1(x)))
+        out = self.head(self.relu2(h))
+        return out + h[:, :2] if self.reuse else out
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_in_place_relus_write_without_copies_unless_their_input_has_another_use(
+    reuse: bool,
+) -> None:
+    # The ReLU writes into the tensor the ratio before it divides by (no copy); where that
+    # ratio's output is used again (`h`), the backward finds the tensor changed and the call
+    # runs again with the ReLUs writing into copies. Either way: the numbers of the same model
+    # with out-of-place ReLUs.
+    x = torch.randn(4, 5, dtype=F64)
+    model = _seeded(InPlaceReLUs(inplace=True, reuse=reuse))
+    reference = _seeded(InPlaceReLUs(inplace=False, reuse=reuse))
+    lrp = LRP(model)
+    for _ in range(2):
+        _close(lrp.attribute(x, target=1), LRP(reference).attribute(x, target=1))
+    assert lrp._copy_writes == reuse
+    for layer in (model.relu1, model.fc2):
+        _close(
+            LayerLRP(model, layer).attribute(x, target=1),
+            LayerLRP(reference, getattr(reference, "relu1" if layer is model.relu1 else "fc2"))
+            .attribute(x, target=1),
+        )

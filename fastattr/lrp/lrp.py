@@ -24,6 +24,7 @@ from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (
     CopiesNeeded,
+    WritesNeedCopies,
     Relevance,
     RulePlan,
     check_user_rules,
@@ -144,6 +145,9 @@ class LRP(Attribution, captum_class="LRP"):
         # Set once a forward modified a rule's output in place (`out += x`): from then on the
         # rules hand out copies, as captum's always do.
         self._copies = False
+        # Set once the backward found a tensor an in-place ReLU wrote into in use elsewhere:
+        # from then on such modules write into copies.
+        self._copy_writes = False
         self._plan: tuple[tuple, RulePlan] | None = None
 
     @property
@@ -245,18 +249,32 @@ class LRP(Attribution, captum_class="LRP"):
         ``layer_tensors`` reads once the forward has run; and the target output. Run again with
         copied rule outputs when the forward turns out to modify one in place."""
         with _buffers_kept(plan.modules):
-            if not self._copies:
+            while True:
+                relevance = Relevance(
+                    plan, copy=self._copies, taps=taps, copy_writes=self._copy_writes
+                )
                 try:
-                    relevance = Relevance(plan, taps=taps)
                     return self._backward(relevance, tensors, target, args, layer_tensors)
-                except CopiesNeeded:
-                    self._copies = True
-                except RuntimeError as error:
-                    if "custom Function" not in str(error):
+                except (CopiesNeeded, WritesNeedCopies, RuntimeError) as error:
+                    if not self._retry_with_copies(error):
                         raise
-                    self._copies = True
-            relevance = Relevance(plan, copy=True, taps=taps)
-            return self._backward(relevance, tensors, target, args, layer_tensors)
+
+    def _retry_with_copies(self, error: Exception) -> bool:
+        """Whether the call is to run again, with copies, after ``error``: the forward wrote
+        into a rule's output (autograd refuses that), or into a tensor a rule's backward
+        needs (an in-place ReLU's input where its relevance has another use)."""
+        message = str(error)
+        if isinstance(error, WritesNeedCopies):
+            message = "modified by an inplace operation"
+        if isinstance(error, CopiesNeeded) or "custom Function" in message:
+            if self._copies:
+                return False
+            self._copies = True
+            return True
+        if "modified by an inplace operation" in message and not self._copy_writes:
+            self._copy_writes = True
+            return True
+        return False
 
     def _backward(
         self,
@@ -270,6 +288,7 @@ class LRP(Attribution, captum_class="LRP"):
             leaves = tuple(t.detach().requires_grad_() for t in tensors)
             output = relevance.run(lambda: run_forward(self.model, leaves, target, args), leaves)
             output = _differentiated(output, tensors[0].shape[0])
+            relevance.check_writes(output)
             wanted = leaves + (layer_tensors(relevance) if layer_tensors is not None else ())
             grads = input_gradients(output, wanted, torch.ones_like(output))
         grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted))

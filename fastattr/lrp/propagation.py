@@ -212,6 +212,11 @@ class CopiesNeeded(Exception):
     """The forward modified a rule's output in place: run it again with copied outputs."""
 
 
+class WritesNeedCopies(Exception):
+    """A tensor an in-place ReLU wrote into has another use: run again with the ReLUs writing
+    into copies."""
+
+
 # The Relevance being built in this thread (or task), if any: the module hooks and the
 # torch-function mode act for it alone.
 _ACTIVE: contextvars.ContextVar[Relevance | None] = contextvars.ContextVar(
@@ -315,6 +320,8 @@ class Relevance:
         copy: Hand on copies of what the rules make (the forward writes into one in place).
         taps: The modules whose input and output relevance LayerLRP reads (in ``tapped``
             once the forward has run).
+        copy_writes: Give modules that work in place copies to write into, always (see
+            [writable][fastattr.lrp.Relevance.writable]).
     """
 
     __slots__ = (
@@ -326,17 +333,27 @@ class Relevance:
         "_ratios",
         "_raw",
         "_reaches",
+        "_folds",
         "_writable",
+        "_written",
         "copy",
+        "copy_writes",
         "depth",
         "plan",
         "tapped",
         "taps",
     )
 
-    def __init__(self, plan: RulePlan, copy: bool = False, taps: Sequence[nn.Module] = ()) -> None:
+    def __init__(
+        self,
+        plan: RulePlan,
+        copy: bool = False,
+        taps: Sequence[nn.Module] = (),
+        copy_writes: bool = False,
+    ) -> None:
         self.plan = plan
         self.copy = copy
+        self.copy_writes = copy_writes
         self.taps = taps
         # id(layer) -> (its input tensors, its output), for LayerLRP.
         self.tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = {}
@@ -344,7 +361,12 @@ class Relevance:
         self._nodes = ops.lrp_nodes()
         self._ratios: dict[int, _Ratio] = {}
         self._raw: dict[int, _Ratio] = {}  # by id of the tensor the ratio node shows
-        self._writable: dict[int, tuple[Tensor, Tensor]] = {}
+        # id -> (the tensor a module writes into, its input, the ratio written into or None).
+        self._writable: dict[int, tuple[Tensor, Tensor, _Ratio | None]] = {}
+        # Tensors in-place ReLUs wrote into, by their autograd node, and the products folded
+        # into them (see check_writes).
+        self._written: dict[Any, Tensor] = {}
+        self._folds: set[Any] = set()
         self._containers: list[nn.Module] = []
         self._inputs: set[int] = set()
         self._reaches: dict[int, bool] = {}
@@ -372,7 +394,10 @@ class Relevance:
             and found.tensor is x
             and found.version == x._version
         ):
-            return self._handed(self._nodes.product_ratio(found.z, x.detach(), found.epsilon))
+            made = self._nodes.product_ratio(found.z, x.detach(), found.epsilon)
+            if self._written and found.z.grad_fn in self._written:
+                self._folds.add(made.grad_fn)
+            return self._handed(made)
         return self._handed(self._nodes.product(x))
 
     def ratio(self, z: Tensor, output: Tensor, epsilon: float, copy: bool = False) -> Tensor:
@@ -412,6 +437,8 @@ class Relevance:
         """
         written = self._writable.get(id(source))
         if written is not None and written[0] is source:
+            if written[2] is not None:
+                return self._passing_written(output, written[2])
             source = written[1]  # the module wrote into a copy: the relevance goes to the original
         made = self._handed(self._nodes.passing(source, output.detach()))
         found = self._ratios.get(id(source))
@@ -425,21 +452,76 @@ class Relevance:
             self._ratios[id(made)] = _Ratio(made, found.z, found.epsilon, found.foldable)
         return made
 
-    def writable(self, x: object) -> Any:
-        """A copy of ``x`` that a module may write into; ``passing`` sends relevance from it
-        to ``x`` itself.
+    def writable(self, x: object, zero_or_same: bool = False) -> Any:
+        """A tensor holding ``x``'s values that a module may write into; ``passing`` sends
+        relevance from it to ``x`` itself.
 
         Args:
             x: A module's input.
+            zero_or_same: The module writes, element by element, either the value there or
+                zero (an in-place ReLU). When ``x`` is a rule's epsilon-ratio output, the module
+                may then write into the tensor the ratio divides by: where it writes zero, the
+                product at the next module's input is zero anyway. (Should anything else use
+                ``x``'s relevance, the backward finds that tensor changed, and LRP runs the
+                call again with copies.)
 
         Returns:
-            The copy (anything but a tensor as it is).
+            The tensor to write into (anything but a tensor as it is).
         """
         if not isinstance(x, Tensor):
             return x
+        found = self._ratios.get(id(x))
+        if (
+            zero_or_same
+            and not self.copy_writes
+            and found is not None
+            and found.tensor is x
+            and found.version == x._version
+            and found.foldable
+            and found.raw is found.z
+        ):
+            self._writable[id(found.z)] = (found.z, x, found)
+            return found.z
         copied = x.clone()
-        self._writable[id(copied)] = (copied, x)
+        self._writable[id(copied)] = (copied, x, None)
         return copied
+
+    def _passing_written(self, output: Tensor, ratio: _Ratio) -> Tensor:
+        # The module wrote zeros or the same values into the tensor `ratio` divides by, and
+        # returned it: a product folding into it now divides by the module's output, which is
+        # exact (see writable). Nothing else may use it: check_writes sees to that.
+        if ratio.z is not output:
+            raise WritesNeedCopies
+        self._ratios[id(output)] = _Ratio(output, output, ratio.epsilon, ratio.foldable)
+        self._written[output.grad_fn] = output
+        return output
+
+    def check_writes(self, output: Tensor) -> None:
+        """Checks that every tensor an in-place ReLU wrote into (see
+        [writable][fastattr.lrp.Relevance.writable]) is used in ``output``'s graph by products
+        folded into it alone.
+
+        Args:
+            output: What the backward starts from.
+
+        Raises:
+            WritesNeedCopies: It has another use.
+        """
+        written, folds = self._written, self._folds
+        self._written, self._folds = {}, set()
+        if not written or output.grad_fn is None:
+            return
+        stack, seen = [output.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            for following, _ in node.next_functions:
+                if following is None:
+                    continue
+                if following in written and node not in folds:
+                    raise WritesNeedCopies
+                if following not in seen:
+                    seen.add(following)
+                    stack.append(following)
 
     def write_into(self, target: Tensor, value: Tensor) -> Tensor:
         """``target`` with ``value`` written into it (with ``value``'s history), for rules of

@@ -398,8 +398,10 @@ class IdentityRule(PropagationRule):
             The inputs the module runs on.
         """
         if module.__dict__.get("inplace") is True:
-            # The module writes into its input: give it one it may write into.
-            return tuple(relevance.writable(x) for x in inputs)
+            # The module writes into its input: give it one it may write into. A ReLU writes
+            # only zeros or the values there.
+            zero_or_same = type(module) is nn.ReLU
+            return tuple(relevance.writable(x, zero_or_same) for x in inputs)
         return inputs
 
     def forward_output(
