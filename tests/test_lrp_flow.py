@@ -584,6 +584,7 @@ def test_in_place_relus_write_without_copies_unless_their_input_has_another_use(
     for layer in (model.relu1, model.fc2):
         _close(
             LayerLRP(model, layer).attribute(x, target=1),
-            LayerLRP(reference, getattr(reference, "relu1" if layer is model.relu1 else "fc2"))
-            .attribute(x, target=1),
+            LayerLRP(
+                reference, getattr(reference, "relu1" if layer is model.relu1 else "fc2")
+            ).attribute(x, target=1),
         )

@@ -24,9 +24,9 @@ from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (
     CopiesNeeded,
-    WritesNeedCopies,
     Relevance,
     RulePlan,
+    WritesNeedCopies,
     check_user_rules,
     plan_key,
     plan_rules,
