@@ -1014,3 +1014,64 @@ def test_an_output_not_one_per_example_is_differentiated_as_captum_does() -> Non
     _close(delta, their_delta)
     with pytest.raises(ValueError, match="one value per example"):
         LRP(model).attribute(x)  # (1, 2): neither per example nor per entry
+
+
+# attribute_targets: one forward, one backward per target.
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [[0, 3, 1], (2,), [[0, 1, 2, 3], 4], torch.tensor([1, 4]), [torch.tensor([0, 1, 0, 1])]],
+    ids=["ints", "one", "mixed", "tensor", "per-example-tensor"],
+)
+def test_attribute_targets_equals_one_call_per_target(targets: object) -> None:
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    lrp = LRP(model)
+    found = lrp.attribute_targets(x, targets, return_convergence_delta=True)
+    expected_targets = list(targets.unbind(0)) if isinstance(targets, torch.Tensor) else targets
+    assert len(found) == len(expected_targets)
+    for (relevance, delta), target in zip(found, expected_targets):
+        expected, expected_delta = lrp.attribute(x, target=target, return_convergence_delta=True)
+        torch.testing.assert_close(relevance, expected, rtol=0, atol=0)
+        torch.testing.assert_close(delta, expected_delta, rtol=0, atol=0)
+
+
+def test_attribute_targets_with_tuple_inputs_grid_outputs_layers_and_canonizers() -> None:
+    model = _seeded(TwoInputs(), torch.float64)
+    a, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    lrp = LRP(model)
+    for found, target in zip(lrp.attribute_targets((a, b), [0, 2], 2.0), [0, 2]):
+        for mine, expected in zip(found, lrp.attribute((a, b), target, 2.0)):
+            _close(mine, expected)
+    grid = _seeded(GridOutput(), torch.float64)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    targets = [(0, 1), [(1, 2), (0, 0), (1, 4)]]
+    for found, target in zip(LRP(grid).attribute_targets(x, targets), targets):
+        _close(found, LRP(grid).attribute(x, target=target))
+    cnn = _seeded(CNN(inplace=True), torch.float64)
+    images = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    layer_lrp = LayerLRP(cnn, [cnn.conv2, cnn.fc1], canonizers=[EpsilonSum()])
+    for to_input in (False, True):
+        found = layer_lrp.attribute_targets(
+            images, [3, 1], attribute_to_layer_input=to_input, return_convergence_delta=True
+        )
+        for (relevances, deltas), target in zip(found, [3, 1]):
+            expected, expected_deltas = layer_lrp.attribute(
+                images, target, attribute_to_layer_input=to_input, return_convergence_delta=True
+            )
+            for mine, theirs in zip([*relevances, *deltas], [*expected, *expected_deltas]):
+                _close(mine, theirs)
+
+
+def test_attribute_targets_bad_targets() -> None:
+    lrp = LRP(_seeded(MLP(), torch.float32))
+    x = torch.randn(3, 12)
+    with pytest.raises(ValueError, match="at least one target"):
+        lrp.attribute_targets(x, [])
+    with pytest.raises(TypeError, match="targets must be a list or tuple"):
+        lrp.attribute_targets(x, 3)
+    with pytest.raises(IndexError, match=r"targets\[1\]"):
+        lrp.attribute_targets(x, [0, 9])
+    with pytest.raises(ValueError, match="None"):
+        lrp.attribute_targets(x, [None, 1])

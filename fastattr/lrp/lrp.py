@@ -19,6 +19,7 @@ from fastattr._formatting import (
     format_additional_args,
     format_output,
     run_forward,
+    select_targets,
 )
 from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.canonizers import Canonizer
@@ -54,6 +55,41 @@ def _differentiated(output: Tensor, batch: int) -> Tensor:
         f"or one per entry of its first dimension, got shape {list(output.shape)}: pass a "
         "target that selects one output per example"
     )
+
+
+def check_target_sequence(targets: Any, batch: int) -> list[TargetType | ColumnIndices]:
+    """The K targets of ``attribute_targets``: a non-empty list or tuple (or a tensor, one
+    target per entry of its first dimension), each checked as ``target=`` would be."""
+    if isinstance(targets, Tensor) and targets.dim() > 0:
+        targets = list(targets.unbind(0))
+    if not isinstance(targets, (list, tuple)):
+        raise TypeError(
+            "targets must be a list or tuple of targets (or a tensor with one per entry of "
+            f"dimension 0), got {type(targets).__name__}"
+        )
+    if not targets:
+        raise ValueError("targets must hold at least one target, got an empty sequence")
+    checked = []
+    for k, target in enumerate(targets):
+        try:
+            checked.append(check_target(target, batch))
+        except (TypeError, ValueError, IndexError) as error:
+            raise type(error)(f"targets[{k}]: {error}") from None
+    if any(t is None for t in checked) and len(checked) > 1:
+        raise ValueError("targets holds None: one output per example leaves one target to pick")
+    return checked
+
+
+def _or_zeros(grad: Tensor | None, wanted: Tensor) -> Tensor:
+    return torch.zeros_like(wanted) if grad is None else grad
+
+
+def _target_output(output: Any, target: Any, k: int, batch: int) -> Tensor:
+    """The output of ``targets[k]``, naming it in the error when it selects nothing valid."""
+    try:
+        return _differentiated(select_targets(output, target), batch)
+    except (ValueError, IndexError) as error:
+        raise type(error)(f"targets[{k}]: {error}") from None
 
 
 def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
@@ -193,10 +229,62 @@ class LRP(Attribution, captum_class="LRP"):
         is_tuple, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
         if verbose:
             plan.report()
-        grads, output = self._propagate(plan, (), tensors, target, args, None)
+        ((grads, output),) = self._propagate(plan, (), tensors, [target], args, None)
+        return self._result(is_tuple, grads, output, return_convergence_delta)
+
+    def attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        verbose: bool = False,
+    ) -> list[Any]:
+        """The relevance for several targets at once: one forward serves them all, then one
+        backward per target.
+
+        Args:
+            inputs: As for [attribute][fastattr.LRP.attribute].
+            targets: K targets, a list or a tuple (or a tensor: one target per entry of its
+                first dimension), each in any form ``attribute``'s ``target`` takes.
+            additional_forward_args: As for [attribute][fastattr.LRP.attribute].
+            return_convergence_delta: As for [attribute][fastattr.LRP.attribute].
+            verbose: As for [attribute][fastattr.LRP.attribute].
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, target=targets[k], ...)`` with the same other arguments.
+
+        Raises:
+            TypeError: A module of the model has no rule, or ``targets`` is not a sequence.
+            ValueError: ``targets`` is empty, or mixes None with indexing targets.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import LRP
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> per_class = LRP(model).attribute_targets(torch.randn(2, 4), [0, 1, 2])
+            >>> len(per_class), per_class[0].shape
+            (3, torch.Size([2, 4]))
+        """
+        plan = self._rule_plan()
+        is_tuple, tensors, _, args = self._prepare(inputs, None, additional_forward_args)
+        checked = check_target_sequence(targets, tensors[0].shape[0])
+        if verbose:
+            plan.report()
+        found = self._propagate(plan, (), tensors, checked, args, None)
+        return [
+            self._result(is_tuple, grads, output, return_convergence_delta)
+            for grads, output in found
+        ]
+
+    def _result(
+        self, is_tuple: bool, grads: tuple[Tensor, ...], output: Tensor, with_delta: bool
+    ) -> Any:
         relevances = tuple(_scaled(g, output) for g in grads)
         result = format_output(is_tuple, relevances)
-        if return_convergence_delta:
+        if with_delta:
             return result, self.compute_convergence_delta(relevances, output)
         return result
 
@@ -241,20 +329,21 @@ class LRP(Attribution, captum_class="LRP"):
         plan: RulePlan,
         taps: Sequence[nn.Module],
         tensors: tuple[Tensor, ...],
-        target: TargetType | ColumnIndices,
+        targets: Sequence[TargetType | ColumnIndices],
         args: tuple[Any, ...] | None,
         layer_tensors: LayerTensors,
-    ) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Relevance (normalized to 1 at the target) at the inputs, then at the tensors
-        ``layer_tensors`` reads once the forward has run; and the target output. Run again with
-        copied rule outputs when the forward turns out to modify one in place."""
+    ) -> list[tuple[tuple[Tensor, ...], Tensor]]:
+        """For each target: relevance (normalized to 1 at the target) at the inputs, then at
+        the tensors ``layer_tensors`` reads once the forward has run; and the target output.
+        One forward serves all targets. Run again with copied rule outputs when the forward
+        turns out to modify one in place."""
         with _buffers_kept(plan.modules):
             while True:
                 relevance = Relevance(
                     plan, copy=self._copies, taps=taps, copy_writes=self._copy_writes
                 )
                 try:
-                    return self._backward(relevance, tensors, target, args, layer_tensors)
+                    return self._backward(relevance, tensors, targets, args, layer_tensors)
                 except (CopiesNeeded, WritesNeedCopies, RuntimeError) as error:
                     if not self._retry_with_copies(error):
                         raise
@@ -280,19 +369,30 @@ class LRP(Attribution, captum_class="LRP"):
         self,
         relevance: Relevance,
         tensors: tuple[Tensor, ...],
-        target: TargetType | ColumnIndices,
+        targets: Sequence[TargetType | ColumnIndices],
         args: tuple[Any, ...] | None,
         layer_tensors: LayerTensors,
-    ) -> tuple[tuple[Tensor, ...], Tensor]:
+    ) -> list[tuple[tuple[Tensor, ...], Tensor]]:
+        batch = tensors[0].shape[0]
+        results = []
         with torch.enable_grad():
             leaves = tuple(t.detach().requires_grad_() for t in tensors)
-            output = relevance.run(lambda: run_forward(self.model, leaves, target, args), leaves)
-            output = _differentiated(output, tensors[0].shape[0])
-            relevance.check_writes(output)
+            if len(targets) == 1:
+                selected = relevance.run(
+                    lambda: run_forward(self.model, leaves, targets[0], args), leaves
+                )
+                outputs = [_differentiated(selected, batch)]
+            else:
+                full = relevance.run(lambda: run_forward(self.model, leaves, None, args), leaves)
+                outputs = [_target_output(full, t, k, batch) for k, t in enumerate(targets)]
+            relevance.check_writes(outputs)
             wanted = leaves + (layer_tensors(relevance) if layer_tensors is not None else ())
-            grads = input_gradients(output, wanted, torch.ones_like(output))
-        grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted))
-        return grads, output.detach()
+            for k, output in enumerate(outputs):
+                keep = k < len(outputs) - 1  # the graph serves the next target too
+                found = input_gradients(output, wanted, torch.ones_like(output), keep)
+                grads = tuple(_or_zeros(g, w) for g, w in zip(found, wanted))
+                results.append((grads, output.detach()))
+        return results
 
 
 class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
@@ -358,12 +458,67 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
             ValueError: the layer carries no rule of its own, or does not run exactly once.
         """
         plan = self._rule_plan()
+        _, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
+        ((grads, output),), counts = self._layer_propagate(
+            plan, tensors, [target], args, attribute_to_layer_input, verbose
+        )
+        return self._layer_result(grads[len(tensors) :], counts, output, return_convergence_delta)
+
+    def attribute_targets(  # type: ignore[override]
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        verbose: bool = False,
+    ) -> list[Any]:
+        """The layer's relevance for several targets at once: one forward serves them all,
+        then one backward per target.
+
+        Args:
+            inputs: As for [attribute][fastattr.LayerLRP.attribute].
+            targets: K targets, as for [fastattr.LRP.attribute_targets][].
+            additional_forward_args: As for [attribute][fastattr.LayerLRP.attribute].
+            return_convergence_delta: As for [attribute][fastattr.LayerLRP.attribute].
+            attribute_to_layer_input: As for [attribute][fastattr.LayerLRP.attribute].
+            verbose: As for [attribute][fastattr.LayerLRP.attribute].
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, target=targets[k], ...)`` with the same other arguments.
+
+        Raises:
+            TypeError: A module of the model has no rule, or ``targets`` is not a sequence.
+            ValueError: ``targets`` is empty or mixes None with indexing targets, or a layer
+                carries no rule of its own or does not run exactly once.
+        """
+        plan = self._rule_plan()
+        _, tensors, _, args = self._prepare(inputs, None, additional_forward_args)
+        checked = check_target_sequence(targets, tensors[0].shape[0])
+        found, counts = self._layer_propagate(
+            plan, tensors, checked, args, attribute_to_layer_input, verbose
+        )
+        return [
+            self._layer_result(grads[len(tensors) :], counts, output, return_convergence_delta)
+            for grads, output in found
+        ]
+
+    def _layer_propagate(
+        self,
+        plan: RulePlan,
+        tensors: tuple[Tensor, ...],
+        targets: Sequence[TargetType | ColumnIndices],
+        args: tuple[Any, ...] | None,
+        attribute_to_layer_input: bool,
+        verbose: bool,
+    ) -> tuple[list[tuple[tuple[Tensor, ...], Tensor]], list[int]]:
+        """``_propagate`` with the layers' tensors: and how many each layer has."""
         if not isinstance(attribute_to_layer_input, bool):
             raise TypeError(
                 "attribute_to_layer_input must be a bool, got "
                 f"{type(attribute_to_layer_input).__name__}"
             )
-        _, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
         layers = self.layer if isinstance(self.layer, list) else [self.layer]
         for layer in layers:
             if plan.rule_of(layer) is None:
@@ -388,18 +543,20 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
                 found.extend(taken)
             return tuple(found)
 
-        grads, output = self._propagate(plan, layers, tensors, target, args, recorded)
-        grads = grads[len(tensors) :]
+        return self._propagate(plan, layers, tensors, targets, args, recorded), counts
+
+    def _layer_result(
+        self, grads: tuple[Tensor, ...], counts: list[int], output: Tensor, with_delta: bool
+    ) -> Any:
         results: list[TensorOrTuple] = []
         for count in counts:
             scaled = tuple(_scaled(g, output) for g in grads[:count])
             grads = grads[count:]
             results.append(scaled if len(scaled) > 1 else scaled[0])
         if not isinstance(self.layer, list):
-            relevance = results[0]
-            if return_convergence_delta:
-                return relevance, self.compute_convergence_delta(relevance, output)
-            return relevance
-        if return_convergence_delta:
+            if with_delta:
+                return results[0], self.compute_convergence_delta(results[0], output)
+            return results[0]
+        if with_delta:
             return results, [self.compute_convergence_delta(r, output) for r in results]
         return results

@@ -496,22 +496,23 @@ class Relevance:
         self._written[output.grad_fn] = output
         return output
 
-    def check_writes(self, output: Tensor) -> None:
+    def check_writes(self, outputs: Sequence[Tensor]) -> None:
         """Checks that every tensor an in-place ReLU wrote into (see
-        [writable][fastattr.lrp.Relevance.writable]) is used in ``output``'s graph by products
-        folded into it alone.
+        [writable][fastattr.lrp.Relevance.writable]) is used in the graph of ``outputs`` by
+        products folded into it alone.
 
         Args:
-            output: What the backward starts from.
+            outputs: What the backward starts from.
 
         Raises:
             WritesNeedCopies: It has another use.
         """
         written, folds = self._written, self._folds
         self._written, self._folds = {}, set()
-        if not written or output.grad_fn is None:
+        if not written:
             return
-        stack, seen = [output.grad_fn], set()
+        stack = [output.grad_fn for output in outputs if output.grad_fn is not None]
+        seen = set(stack)
         while stack:
             node = stack.pop()
             for following, _ in node.next_functions:
