@@ -20,17 +20,16 @@ TORCH_LIBRARY(fastattr, m) {
   m.def(
       "epsilon_ratio_of_product(Tensor activations, Tensor contributions, Tensor z, "
       "float epsilon) -> Tensor");
-  // (activations * contributions, per-row sums).
-  m.def("relevance_product(Tensor activations, Tensor contributions) -> (Tensor, Tensor)");
-  // activations * contributions: LRP's relevance at a module's input, without row sums.
+  // activations * contributions: LRP's relevance at a module's input.
   m.def("input_relevance(Tensor activations, Tensor contributions) -> Tensor");
-  // LRP's autograd nodes (csrc/lrp_nodes.cpp): identity forwards (the output aliases an input
-  // unless copy) whose backwards run epsilon_ratio / input_relevance / a plain pass /
-  // epsilon_ratio_of_product.
+  // LRP's autograd nodes (csrc/lrp_nodes.cpp): each returns a view of the tensor the model
+  // continues with; the backward runs input_relevance / epsilon_ratio_of_product /
+  // epsilon_ratio / a plain pass into the input the relevance goes to.
   m.def("lrp_product_node(Tensor(a) activation) -> Tensor(a)");
-  m.def("lrp_ratio_node(Tensor z, Tensor? shown, float epsilon, bool copy) -> Tensor");
-  m.def("lrp_pass_node(Tensor source, Tensor shown, bool copy) -> Tensor");
   m.def("lrp_product_ratio_node(Tensor z, Tensor(a) activation, float epsilon) -> Tensor(a)");
+  m.def("lrp_ratio_node(Tensor(a) z, float epsilon) -> Tensor(a)");
+  m.def("lrp_ratio_shown_node(Tensor z, Tensor(a) shown, float epsilon) -> Tensor(a)");
+  m.def("lrp_pass_node(Tensor source, Tensor(a) shown) -> Tensor(a)");
 }
 
 #ifdef FASTATTR_WITH_CUDA

@@ -1,12 +1,13 @@
-// The autograd nodes LRP inserts around a module, in C++ so that the backward never enters
-// Python: each node's backward calls the compiled ops on whatever device the tensors are.
-// Device-agnostic (registered as composites); their PyTorch twins are the Functions in
-// fastattr/ops/reference.py.
+// The autograd nodes LRP inserts around modules and torch calls. Each op's forward returns a
+// view of one input (what the model continues with, declared `Tensor(a) -> Tensor(a)`); its
+// backward, registered on the Autograd key, runs the compiled element-wise ops on whatever
+// device the tensors are, so the backward never enters Python. Their PyTorch twins are the
+// Functions in fastattr/ops/reference.py.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/alias.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
-
-#include <optional>
 
 namespace fastattr {
 namespace {
@@ -14,41 +15,59 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 at::Tensor epsilon_ratio(const at::Tensor& relevance, const at::Tensor& z, double epsilon) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastattr::epsilon_ratio", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(relevance, z, epsilon);
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("fastattr::epsilon_ratio");
+  return handle.call(relevance, z, epsilon);
 }
 
 at::Tensor input_relevance(const at::Tensor& activations, const at::Tensor& contributions) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastattr::input_relevance", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(activations, contributions);
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&)>("fastattr::input_relevance");
+  return handle.call(activations, contributions);
 }
 
 at::Tensor epsilon_ratio_of_product(const at::Tensor& activations,
                                     const at::Tensor& contributions, const at::Tensor& z,
                                     double epsilon) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastattr::epsilon_ratio_of_product", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(activations, contributions, z, epsilon);
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+          "fastattr::epsilon_ratio_of_product");
+  return handle.call(activations, contributions, z, epsilon);
 }
 
-// What the model continues with: a copy protects the saved tensors when the model later
-// modifies the output in place; otherwise autograd hands out a view of the input returned.
-at::Tensor shown_value(const at::Tensor& value, bool copy) {
-  return copy ? value.clone() : value;
+// The forwards, below autograd: a view of the tensor shown. at::alias goes through the
+// ADInplaceOrView key, so the view shares its base's version counter, and autograd, which
+// sees it created inside a custom Function, refuses in-place changes to it.
+
+at::Tensor product_forward(const at::Tensor& activation) { return at::alias(activation); }
+
+at::Tensor product_ratio_forward(const at::Tensor&, const at::Tensor& activation, double) {
+  return at::alias(activation);
 }
 
-// Identity forward; backward activation * relevance: the relevance at a module's input.
+at::Tensor ratio_forward(const at::Tensor& z, double) { return at::alias(z); }
+
+at::Tensor ratio_shown_forward(const at::Tensor&, const at::Tensor& shown, double) {
+  return at::alias(shown);
+}
+
+at::Tensor pass_forward(const at::Tensor&, const at::Tensor& shown) { return at::alias(shown); }
+
+// Each Function's forward calls its op below autograd (and so reaches the forward above).
+
+// Backward activation * relevance: the relevance at a module's input.
 struct ProductNode : public torch::autograd::Function<ProductNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& activation) {
+    static const auto handle = op<at::Tensor(const at::Tensor&)>("fastattr::lrp_product_node");
     ctx->save_for_backward({activation});
-    return activation;
+    const at::AutoDispatchBelowAutograd below;
+    return handle.call(activation);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor activation = ctx->get_saved_variables()[0];
@@ -56,43 +75,19 @@ struct ProductNode : public torch::autograd::Function<ProductNode> {
   }
 };
 
-// Forward shows `shown` (z itself when absent); backward sends relevance / (z + eps sign z)
-// into z's graph.
-struct RatioNode : public torch::autograd::Function<RatioNode> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z,
-                            const std::optional<at::Tensor>& shown, double epsilon, bool copy) {
-    ctx->save_for_backward({z});
-    ctx->saved_data["epsilon"] = epsilon;
-    return shown_value(shown.has_value() ? *shown : z, copy);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor z = ctx->get_saved_variables()[0];
-    const double epsilon = ctx->saved_data["epsilon"].toDouble();
-    return {epsilon_ratio(grads[0].to(z.scalar_type()), z, epsilon), at::Tensor(), at::Tensor(),
-            at::Tensor()};
-  }
-};
-
-// Forward shows `shown`; backward hands the relevance to `source` unchanged.
-struct PassNode : public torch::autograd::Function<PassNode> {
-  static at::Tensor forward(AutogradContext*, const at::Tensor& source, const at::Tensor& shown,
-                            bool copy) {
-    return shown_value(shown, copy);
-  }
-  static variable_list backward(AutogradContext*, variable_list grads) {
-    return {grads[0], at::Tensor(), at::Tensor()};
-  }
-};
-
-// ProductNode, PassNodes and RatioNode in one: forward shows `activation` (detached, a function
-// of z through pass-through modules only); backward sends activation * relevance /
-// (z + eps sign z) straight into z's graph.
+// Shows `activation` (detached, a function of z through pass-through rules only); backward
+// sends activation * relevance / (z + eps sign z) straight into z's graph: a ProductNode folded
+// into the RatioNode of the module before.
 struct ProductRatioNode : public torch::autograd::Function<ProductRatioNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z,
                             const at::Tensor& activation, double epsilon) {
+    static const auto handle =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>(
+            "fastattr::lrp_product_ratio_node");
     ctx->save_for_backward({z, activation});
     ctx->saved_data["epsilon"] = epsilon;
-    return activation;
+    const at::AutoDispatchBelowAutograd below;
+    return handle.call(z, activation, epsilon);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
@@ -104,31 +99,93 @@ struct ProductRatioNode : public torch::autograd::Function<ProductRatioNode> {
   }
 };
 
-at::Tensor lrp_product_node(const at::Tensor& activation) {
+// Shows z; backward relevance / (z + eps sign z) into z's graph.
+struct RatioNode : public torch::autograd::Function<RatioNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z, double epsilon) {
+    static const auto handle =
+        op<at::Tensor(const at::Tensor&, double)>("fastattr::lrp_ratio_node");
+    ctx->save_for_backward({z});
+    ctx->saved_data["epsilon"] = epsilon;
+    const at::AutoDispatchBelowAutograd below;
+    return handle.call(z, epsilon);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor z = ctx->get_saved_variables()[0];
+    const double epsilon = ctx->saved_data["epsilon"].toDouble();
+    return {epsilon_ratio(grads[0].to(z.scalar_type()), z, epsilon), at::Tensor()};
+  }
+};
+
+// Shows `shown` (the module's true output, when z is a recomputation of it); backward as
+// RatioNode's, into z's graph.
+struct RatioShownNode : public torch::autograd::Function<RatioShownNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& shown,
+                            double epsilon) {
+    static const auto handle =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>(
+            "fastattr::lrp_ratio_shown_node");
+    ctx->save_for_backward({z});
+    ctx->saved_data["epsilon"] = epsilon;
+    const at::AutoDispatchBelowAutograd below;
+    return handle.call(z, shown, epsilon);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor z = ctx->get_saved_variables()[0];
+    const double epsilon = ctx->saved_data["epsilon"].toDouble();
+    return {epsilon_ratio(grads[0].to(z.scalar_type()), z, epsilon), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Shows `shown`; backward hands the relevance to `source` unchanged.
+struct PassNode : public torch::autograd::Function<PassNode> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& source, const at::Tensor& shown) {
+    static const auto handle =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&)>("fastattr::lrp_pass_node");
+    const at::AutoDispatchBelowAutograd below;
+    return handle.call(source, shown);
+  }
+  static variable_list backward(AutogradContext*, variable_list grads) {
+    return {grads[0], at::Tensor()};
+  }
+};
+
+at::Tensor product_autograd(const at::Tensor& activation) {
   return ProductNode::apply(activation);
 }
 
-at::Tensor lrp_ratio_node(const at::Tensor& z, const std::optional<at::Tensor>& shown,
-                          double epsilon, bool copy) {
-  return RatioNode::apply(z, shown, epsilon, copy);
-}
-
-at::Tensor lrp_pass_node(const at::Tensor& source, const at::Tensor& shown, bool copy) {
-  return PassNode::apply(source, shown, copy);
-}
-
-at::Tensor lrp_product_ratio_node(const at::Tensor& z, const at::Tensor& activation,
+at::Tensor product_ratio_autograd(const at::Tensor& z, const at::Tensor& activation,
                                   double epsilon) {
   return ProductRatioNode::apply(z, activation, epsilon);
 }
 
+at::Tensor ratio_autograd(const at::Tensor& z, double epsilon) {
+  return RatioNode::apply(z, epsilon);
+}
+
+at::Tensor ratio_shown_autograd(const at::Tensor& z, const at::Tensor& shown, double epsilon) {
+  return RatioShownNode::apply(z, shown, epsilon);
+}
+
+at::Tensor pass_autograd(const at::Tensor& source, const at::Tensor& shown) {
+  return PassNode::apply(source, shown);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastattr, CompositeImplicitAutograd, m) {
-  m.impl("lrp_product_node", &lrp_product_node);
-  m.impl("lrp_ratio_node", &lrp_ratio_node);
-  m.impl("lrp_pass_node", &lrp_pass_node);
-  m.impl("lrp_product_ratio_node", &lrp_product_ratio_node);
+TORCH_LIBRARY_IMPL(fastattr, CompositeExplicitAutograd, m) {
+  m.impl("lrp_product_node", &product_forward);
+  m.impl("lrp_product_ratio_node", &product_ratio_forward);
+  m.impl("lrp_ratio_node", &ratio_forward);
+  m.impl("lrp_ratio_shown_node", &ratio_shown_forward);
+  m.impl("lrp_pass_node", &pass_forward);
+}
+
+TORCH_LIBRARY_IMPL(fastattr, Autograd, m) {
+  m.impl("lrp_product_node", &product_autograd);
+  m.impl("lrp_product_ratio_node", &product_ratio_autograd);
+  m.impl("lrp_ratio_node", &ratio_autograd);
+  m.impl("lrp_ratio_shown_node", &ratio_shown_autograd);
+  m.impl("lrp_pass_node", &pass_autograd);
 }
 
 }  // namespace fastattr

@@ -8,9 +8,9 @@ from torch.autograd import Variable
 
 
 def input_gradients(
-    output: Tensor, inputs: tuple[Tensor, ...], seed: Tensor
+    output: Tensor, inputs: tuple[Tensor, ...], seed: Tensor, keep_graph: bool = False
 ) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad(output, inputs, seed, allow_unused=True)``.
+    """``torch.autograd.grad(output, inputs, seed, retain_graph=keep_graph, allow_unused=True)``.
 
     Plain tensors go straight to the engine: the wrapper's argument handling costs about as
     much as the backward of a small model. Tensor subclasses take the wrapper, which honours
@@ -22,6 +22,6 @@ def input_gradients(
         # allow_unreachable, accumulate_grad). Checked on torch 2.13 and 2.14;
         # tests/test_torch_private_api.py fails if it moves.
         return Variable._execution_engine.run_backward(  # type: ignore[attr-defined]
-            (output,), (seed,), False, False, inputs, True, False
+            (output,), (seed,), keep_graph, False, inputs, True, False
         )
-    return torch.autograd.grad(output, inputs, seed, allow_unused=True)
+    return torch.autograd.grad(output, inputs, seed, retain_graph=keep_graph, allow_unused=True)

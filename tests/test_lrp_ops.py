@@ -5,12 +5,14 @@ autograd nodes against theirs."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastattr import ops
+from fastattr import ops, use_backend
 from fastattr._backend import is_compiled
 
 pytestmark = pytest.mark.skipif(not is_compiled(), reason="fastattr._C is not built")
@@ -143,77 +145,114 @@ def test_ratio_of_product_bad_arguments(backend: str) -> None:
 
 # LRP's autograd nodes (csrc/lrp_nodes.cpp) against their twins in fastattr.ops.reference.
 
+# name -> (call with the tensor receiving relevance first, the other operand second, epsilon)
+NODES = {
+    "lrp_product_node": lambda op, first, second, eps: op(first),
+    "lrp_product_ratio_node": lambda op, first, second, eps: op(first, second, eps),
+    "lrp_ratio_node": lambda op, first, second, eps: op(first, eps),
+    "lrp_ratio_shown_node": lambda op, first, second, eps: op(first, second, eps),
+    "lrp_pass_node": lambda op, first, second, eps: op(first, second),
+}
+# The input each node's output is a view of.
+SHOWN = {
+    "lrp_product_node": 0,
+    "lrp_product_ratio_node": 1,
+    "lrp_ratio_node": 0,
+    "lrp_ratio_shown_node": 1,
+    "lrp_pass_node": 1,
+}
 
-def _grads_through(node, inputs: tuple, upstream: torch.Tensor) -> tuple:
-    output = node(*inputs)
-    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    return (output.detach().clone(), *torch.autograd.grad(output, leaves, upstream))
+
+def _grads_through(call, first: torch.Tensor, second: torch.Tensor, upstream, eps: float):
+    output = call(first, second, eps)
+    return (output.detach().clone(), *torch.autograd.grad(output, first, upstream))
 
 
 @settings(max_examples=30, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
     dtype=st.sampled_from([torch.float32, torch.float64]),
-    node=st.sampled_from(["product", "ratio", "ratio_shown", "pass", "product_ratio"]),
-    copy=st.booleans(),
+    name=st.sampled_from(sorted(NODES)),
+    epsilon=st.sampled_from([0.0, 1e-3, 0.25]),
     seed=st.integers(0, 2**16),
 )
 def test_nodes_match_twins(
-    shape: list[int], dtype: torch.dtype, node: str, copy: bool, seed: int
+    shape: list[int], dtype: torch.dtype, name: str, epsilon: float, seed: int
 ) -> None:
     generator = torch.Generator().manual_seed(seed)
     first = torch.randn(shape, generator=generator, dtype=dtype).requires_grad_()
     second = torch.randn(shape, generator=generator, dtype=dtype)
     upstream = torch.randn(shape, generator=generator, dtype=dtype)
     first.data[(0,) * len(shape)] = 0.0  # sign(0) = +1 in the ratio
-    compiled, twin = {
-        "product": (
-            lambda a: torch.ops.fastattr.lrp_product_node(a),
-            lambda a: ops.reference.lrp_product_node(a),
-        ),
-        "ratio": (
-            lambda z: torch.ops.fastattr.lrp_ratio_node(z, None, 1e-3, copy),
-            lambda z: ops.reference.lrp_ratio_node(z, None, 1e-3, copy),
-        ),
-        "ratio_shown": (
-            lambda z: torch.ops.fastattr.lrp_ratio_node(z, second, 0.0, copy),
-            lambda z: ops.reference.lrp_ratio_node(z, second, 0.0, copy),
-        ),
-        "pass": (
-            lambda s: torch.ops.fastattr.lrp_pass_node(s, second, copy),
-            lambda s: ops.reference.lrp_pass_node(s, second, copy),
-        ),
-        "product_ratio": (
-            lambda z: torch.ops.fastattr.lrp_product_ratio_node(z, second, 1e-3),
-            lambda z: ops.reference.lrp_product_ratio_node(z, second, 1e-3),
-        ),
-    }[node]
-    results = _grads_through(compiled, (first,), upstream)
-    expected = _grads_through(twin, (first,), upstream)
+    compiled = getattr(torch.ops.fastattr, name).default
+    twin = getattr(ops.reference, name)
+    results = _grads_through(partial(NODES[name], compiled), first, second, upstream, epsilon)
+    expected = _grads_through(partial(NODES[name], twin), first, second, upstream, epsilon)
     for result, reference_result in zip(results, expected):
         torch.testing.assert_close(result, reference_result, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("copy", [False, True])
-def test_nodes_alias_their_input_unless_copying(copy: bool) -> None:
-    z = torch.randn(3, 4, requires_grad=True)
-    shown = torch.randn(3, 4)
-    outputs = [
-        (torch.ops.fastattr.lrp_ratio_node(z, None, 1e-9, copy), z),
-        (torch.ops.fastattr.lrp_ratio_node(z, shown, 1e-9, copy), shown),
-        (torch.ops.fastattr.lrp_pass_node(z, shown, copy), shown),
-    ]
-    for output, source in outputs:
-        assert (output.data_ptr() == source.data_ptr()) != copy
-        assert torch.equal(output, source)
-    assert torch.ops.fastattr.lrp_product_node(z).data_ptr() == z.data_ptr()
-    assert torch.ops.fastattr.lrp_product_ratio_node(z, shown, 1e-9).data_ptr() == shown.data_ptr()
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("name", sorted(NODES))
+def test_nodes_return_views_that_refuse_in_place_changes(backend: str, name: str) -> None:
+    # What the schemas declare: the output aliases one input (and so is a view of it, sharing
+    # its version counter); autograd refuses to let the model write into it, which would
+    # change what the node saved.
+    first = torch.randn(3, 4, requires_grad=True)
+    second = torch.randn(3, 4)
+    with use_backend(backend):
+        output = NODES[name](getattr(ops, name), first, second, 1e-9)
+    shown = (first, second)[SHOWN[name]]
+    assert output._base is shown
+    assert torch.equal(output, shown) and output.data_ptr() == shown.data_ptr()
+    with pytest.raises(RuntimeError, match="custom Function"):
+        output.add_(1.0)
 
 
-def test_nodes_under_inference_mode_are_identities() -> None:
-    z, shown = torch.randn(2, 3), torch.randn(2, 3)
+@pytest.mark.parametrize("name", sorted(NODES))
+def test_nodes_under_inference_mode_are_views(name: str) -> None:
+    first, second = torch.randn(2, 3), torch.randn(2, 3)
+    shown = (first, second)[SHOWN[name]]
     with torch.inference_mode():
-        assert torch.equal(torch.ops.fastattr.lrp_product_node(z), z)
-        assert torch.equal(torch.ops.fastattr.lrp_ratio_node(z, shown, 1e-9, False), shown)
-        assert torch.equal(torch.ops.fastattr.lrp_pass_node(z, shown, True), shown)
-        assert torch.equal(torch.ops.fastattr.lrp_product_ratio_node(z, shown, 1e-9), shown)
+        output = NODES[name](getattr(torch.ops.fastattr, name).default, first, second, 1e-9)
+        assert output.data_ptr() == shown.data_ptr() and torch.equal(output, shown)
+
+
+OPCHECKED = {
+    "epsilon_ratio": lambda a, b, c: (a, b, 1e-6),
+    "epsilon_ratio_of_product": lambda a, b, c: (a, b, c, 0.25),
+    "input_relevance": lambda a, b, c: (a, b),
+}
+
+
+@pytest.mark.parametrize("name", sorted([*OPCHECKED, *NODES]))
+def test_opcheck_every_lrp_op(name: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        a, b, c = (torch.randn(3, 5, generator=generator, dtype=dtype) for _ in range(3))
+        op = getattr(torch.ops.fastattr, name).default
+        if name in OPCHECKED:
+            torch.library.opcheck(op, OPCHECKED[name](a, b, c))
+            continue
+        args = {
+            "lrp_product_node": (a.requires_grad_(),),
+            "lrp_ratio_node": (a.requires_grad_(), 1e-6),
+            "lrp_pass_node": (a.requires_grad_(), b),
+        }.get(name, (a.requires_grad_(), b, 1e-6))
+        # torch's functionalization (test_aot_dispatch_*) does not take custom ops whose
+        # outputs alias an input; the schema, autograd registration and fake tensor checks do.
+        torch.library.opcheck(
+            op,
+            args,
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
+
+
+def test_every_registered_op_is_checked_here_or_in_test_ops() -> None:
+    registered = {
+        name.split("::", 1)[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("fastattr::")
+    }
+    path_ops = {"interpolate_path", "quadrature_accumulate", "quadrature_finish"}
+    assert registered == path_ops | set(OPCHECKED) | set(NODES)

@@ -202,17 +202,6 @@ def test_epsilon_ratio_takes_sign_of_zero_as_positive(backend: str, dtype: torch
     torch.testing.assert_close(ratio.double(), expected, rtol=torch.finfo(dtype).eps, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_relevance_product_sums_each_example(backend: str) -> None:
-    generator = torch.Generator().manual_seed(2)
-    activations = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
-    contributions = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
-    with use_backend(backend):
-        product, sums = ops.relevance_product(activations, contributions)
-    torch.testing.assert_close(product, activations * contributions, rtol=0, atol=0)
-    torch.testing.assert_close(sums, product.sum((1, 2)), rtol=1e-14, atol=1e-14)
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernels against twins on random operands, on each device
 #
@@ -368,28 +357,6 @@ def test_epsilon_ratio_matches_twin(device: str, data: st.DataObject) -> None:
 
 
 @on_each_device
-def test_relevance_product_matches_twin(device: str, data: st.DataObject) -> None:
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    shape = data.draw(batched_shapes(), label="shape")
-    activation_layout = data.draw(st.sampled_from(layouts_for(len(shape))))
-    contribution_layout = data.draw(st.sampled_from(layouts_for(len(shape))))
-    generator = draw_generator(data)
-    activations = make_tensor(shape, dtype, activation_layout, generator, device)
-    contributions = make_tensor(shape, dtype, contribution_layout, generator, device)
-    expected, expected_sums = reference.relevance_product(activations, contributions)
-    actual, sums = torch.ops.fastattr.relevance_product(activations, contributions)
-    assert_identical(actual, expected)
-    terms = activations.to(sums.dtype) * contributions.to(sums.dtype)
-    assert_row_sums_close(sums, expected_sums, terms)
-    if device != "cpu":
-        cpu_actual, cpu_sums = torch.ops.fastattr.relevance_product(
-            *on_cpu(activations, contributions)
-        )
-        assert_identical(actual.cpu(), cpu_actual)
-        assert_row_sums_close(sums.cpu(), cpu_sums, terms.cpu())
-
-
-@on_each_device
 def test_input_relevance_matches_twin(device: str, data: st.DataObject) -> None:
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     shape = data.draw(any_shapes(), label="shape")
@@ -399,10 +366,7 @@ def test_input_relevance_matches_twin(device: str, data: st.DataObject) -> None:
     generator = draw_generator(data)
     activations = make_tensor(shape, dtype, activation_layout, generator, device)
     contributions = make_tensor(shape, dtype, contribution_layout, generator, device)
-    relevance = assert_kernel_identical("input_relevance", (activations, contributions))
-    if dims > 0:  # the same product as relevance_product's, without the sums
-        product, _ = torch.ops.fastattr.relevance_product(activations, contributions)
-        assert_identical(relevance, product)
+    assert_kernel_identical("input_relevance", (activations, contributions))
 
 
 @on_each_device
@@ -457,10 +421,6 @@ def test_channels_last_operands_match_twin(
             torch.ops.fastattr.epsilon_ratio(first, second, 0.01),
             reference.epsilon_ratio(first, second, 0.01),
         )
-        product, sums = torch.ops.fastattr.relevance_product(first, second)
-        want, want_sums = reference.relevance_product(first, second)
-        assert_identical(product, want)
-        assert_row_sums_close(sums, want_sums, first.to(sums.dtype) * second.to(sums.dtype))
         assert_identical(
             torch.ops.fastattr.input_relevance(first, second),
             reference.input_relevance(first, second),
@@ -495,11 +455,6 @@ def test_empty_operands_match_twin(shape: tuple[int, ...], steps: int, dtype: to
             reference.quadrature_finish(actual, inputs, baselines, multiply_by_inputs),
         ):
             assert_identical(got, want)
-    for got, want in zip(
-        torch.ops.fastattr.relevance_product(inputs, inputs),
-        reference.relevance_product(inputs, inputs),
-    ):
-        assert_identical(got, want)
     assert_identical(
         torch.ops.fastattr.epsilon_ratio(inputs, inputs, 0.1),
         reference.epsilon_ratio(inputs, inputs, 0.1),
@@ -552,9 +507,6 @@ def _opcheck_samples() -> list[tuple[str, tuple]]:
         ("epsilon_ratio", (randn(3, 4), randn(3, 4), 1e-6)),
         ("epsilon_ratio", (image, channels_last(randn(2, 3, 4, 5)), 0.25)),
         ("epsilon_ratio", (randn().bfloat16(), randn().bfloat16(), 0.0)),
-        ("relevance_product", (randn(3, 4), randn(3, 4))),
-        ("relevance_product", (half_image, randn(2, 3, 4, 5, dtype=torch.float16))),
-        ("relevance_product", (volume, volume.clone())),
         ("input_relevance", (randn(3, 4), randn(3, 4))),
         ("input_relevance", (image, randn(2, 3, 4, 5))),
         ("input_relevance", (randn().double(), randn().double())),
@@ -672,14 +624,6 @@ BAD_CALLS = {
         (ValueError, "z", lambda: (t(2), t(3), 0.1)),
         (ValueError, "z", lambda: (t(2, 3), t(3), 0.1)),
         (ValueError, "z", lambda: (t(2), t(2, device=META), 0.1)),
-    ],
-    "relevance_product": [  # (activations, contributions)
-        (ValueError, "activations", lambda: (t(), t())),
-        (TypeError, "activations", lambda: (t(2, dtype=I64), t(2, dtype=I64))),
-        (TypeError, "activations", lambda: (t(2, dtype=torch.bool), t(2, dtype=torch.bool))),
-        (TypeError, "contributions", lambda: (t(2), t(2, dtype=F16))),
-        (ValueError, "contributions", lambda: (t(2, 3), t(3, 2))),
-        (ValueError, "contributions", lambda: (t(2, 3), t(2, 3, device=META))),
     ],
     "input_relevance": [  # (activations, contributions)
         (TypeError, "activations", lambda: (t(2, dtype=I64), t(2, dtype=I64))),

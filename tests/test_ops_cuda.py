@@ -59,11 +59,9 @@ def test_large_operands_cross_every_block_and_grid_boundary(dtype: torch.dtype) 
         torch.ops.fastattr.epsilon_ratio(inputs, z, 1e-3),
         reference.epsilon_ratio(inputs, z, 1e-3),
     )
-    product, product_sums = torch.ops.fastattr.relevance_product(inputs, z)
-    want, want_sums = reference.relevance_product(inputs, z)
-    assert_identical(product, want)
-    assert_row_sums_close(product_sums, want_sums, inputs.float() * z.float())
-    assert_identical(torch.ops.fastattr.input_relevance(inputs, z), want)
+    assert_identical(
+        torch.ops.fastattr.input_relevance(inputs, z), reference.input_relevance(inputs, z)
+    )
 
 
 def test_kernels_run_on_the_current_stream() -> None:
@@ -97,8 +95,8 @@ def test_kernels_run_on_the_operands_device() -> None:
     alphas = torch.rand(4, generator=generator, dtype=torch.float64)
     with torch.cuda.device(0):
         path = torch.ops.fastattr.interpolate_path(inputs, baselines, alphas)
-        relevance, sums = torch.ops.fastattr.relevance_product(inputs, baselines.expand(3, 5))
-    assert path.device == device and relevance.device == device and sums.device == device
+        relevance = torch.ops.fastattr.input_relevance(inputs, baselines.expand(3, 5))
+    assert path.device == device and relevance.device == device
     assert_identical(path, reference.interpolate_path(inputs, baselines, alphas))
 
 
@@ -139,10 +137,6 @@ MIXED_DEVICES = {
     "epsilon_ratio": [
         ("z", lambda: (_t(2, 3), _t(2, 3, device=OTHER), 0.1)),
         ("z", lambda: (_t(2, 3, device=OTHER), _t(2, 3), 0.1)),
-    ],
-    "relevance_product": [
-        ("contributions", lambda: (_t(2, 3), _t(2, 3, device=OTHER))),
-        ("contributions", lambda: (_t(2, 3, device=OTHER), _t(2, 3))),
     ],
     "input_relevance": [
         ("contributions", lambda: (_t(2, 3), _t(2, 3, device=OTHER))),

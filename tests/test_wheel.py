@@ -61,14 +61,14 @@ CALLS = {
     "quadrature_accumulate": accumulate,
     "quadrature_finish": lambda op: op(accumulator, inputs, baselines, True),
     "epsilon_ratio": lambda op: op(relevance, z, 0.01),
-    "relevance_product": lambda op: op(relevance, z),
     "input_relevance": lambda op: op(relevance, z),
     "epsilon_ratio_of_product": lambda op: op(relevance, relevance, z, 0.01),
     # LRP's autograd nodes: what their backward sends back.
     "lrp_product_node": lambda op: backward_of(op),
-    "lrp_ratio_node": lambda op: backward_of(lambda t: op(t, None, 0.01, False)),
-    "lrp_pass_node": lambda op: backward_of(lambda t: op(t, relevance, False)),
     "lrp_product_ratio_node": lambda op: backward_of(lambda t: op(t, relevance, 0.01)),
+    "lrp_ratio_node": lambda op: backward_of(lambda t: op(t, 0.01)),
+    "lrp_ratio_shown_node": lambda op: backward_of(lambda t: op(t, relevance, 0.01)),
+    "lrp_pass_node": lambda op: backward_of(lambda t: op(t, relevance)),
 }
 
 registered = sorted(

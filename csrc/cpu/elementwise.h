@@ -1,11 +1,14 @@
-// LRP's element-wise CPU loops. On x86-64 Linux each is compiled for AVX2 as well as the
-// baseline ISA and picked at load time, as torch picks its own kernels: the division runs twice
-// as fast eight floats wide. No FMA contraction (setup.py), so both clones round alike.
+// LRP's element-wise CPU loops over the formulas of lrp_formula.h. On x86-64 Linux each is
+// compiled for AVX2 as well as the baseline ISA and picked at load time, as torch picks its own
+// kernels: the division runs twice as fast eight floats wide. No FMA contraction (setup.py), so
+// both clones round alike.
 #pragma once
 
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+
+#include "../lrp_formula.h"
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
 #define FASTATTR_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
@@ -14,13 +17,6 @@
 #endif
 
 namespace fastattr::cpu {
-
-// relevance / (z + epsilon * sign(z)) in acc_t, with sign(0) = +1 so that a zero
-// pre-activation is pushed away from zero.
-template <typename acc_t>
-inline acc_t stabilized_ratio(acc_t relevance, acc_t z, acc_t epsilon) {
-  return relevance / (z + (z < acc_t(0) ? -epsilon : epsilon));
-}
 
 template <typename scalar_t>
 FASTATTR_SIMD_CLONES void epsilon_ratio_range(const scalar_t* r, const scalar_t* z, scalar_t* out,
@@ -37,13 +33,9 @@ template <typename scalar_t>
 FASTATTR_SIMD_CLONES void product_range(const scalar_t* a, const scalar_t* c, scalar_t* out,
                                         int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = begin; i < end; ++i) {
-    out[i] = static_cast<scalar_t>(static_cast<acc_t>(a[i]) * static_cast<acc_t>(c[i]));
-  }
+  for (int64_t i = begin; i < end; ++i) out[i] = input_product<scalar_t, acc_t>(a[i], c[i]);
 }
 
-// The two above in one pass; the product is rounded to scalar_t in between, as when they run
-// one after the other.
 template <typename scalar_t>
 FASTATTR_SIMD_CLONES void epsilon_ratio_of_product_range(const scalar_t* a, const scalar_t* c,
                                                          const scalar_t* z, scalar_t* out,
@@ -52,10 +44,7 @@ FASTATTR_SIMD_CLONES void epsilon_ratio_of_product_range(const scalar_t* a, cons
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t eps = static_cast<acc_t>(epsilon);
   for (int64_t i = begin; i < end; ++i) {
-    const scalar_t product =
-        static_cast<scalar_t>(static_cast<acc_t>(a[i]) * static_cast<acc_t>(c[i]));
-    out[i] = static_cast<scalar_t>(
-        stabilized_ratio(static_cast<acc_t>(product), static_cast<acc_t>(z[i]), eps));
+    out[i] = ratio_of_product<scalar_t, acc_t>(a[i], c[i], z[i], eps);
   }
 }
 

@@ -1,5 +1,4 @@
-// input_relevance on the CPU: the product at a module's input, without row sums, so that the
-// loop vectorizes (relevance_product's per-row double sums serialize it).
+// input_relevance on the CPU: the product at a module's input.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../lrp_epsilon.h"
+#include "../lrp_formula.h"
 #include "launch.cuh"
 
 namespace fastattr::cuda {
@@ -20,7 +21,7 @@ at::Tensor input_relevance(const at::Tensor& activations, const at::Tensor& cont
         const scalar_t* c = op.second.const_data_ptr<scalar_t>();
         scalar_t* out = relevance.mutable_data_ptr<scalar_t>();
         for_each_index(relevance.numel(), [=] __device__(int64_t i) {
-          out[i] = static_cast<scalar_t>(static_cast<acc_t>(a[i]) * static_cast<acc_t>(c[i]));
+          out[i] = input_product<scalar_t, acc_t>(a[i], c[i]);
         });
       });
   return relevance;

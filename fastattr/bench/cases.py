@@ -194,11 +194,11 @@ CASES: tuple[Case, ...] = (
         "LRP", "cnn", models.cnn, images, input_floor, call_kwargs={"target": TARGET},
         uses_path=False, others={"zennit": contenders.zennit_epsilon}, quick=True,
     ),
-    # Neither Captum's LRP nor zennit's rules above handle the residual `+` (and Captum has no
-    # rule for nn.Identity); fastattr's has.
+    # The residual `+` gets the epsilon rule of a sum, by name; Captum's LRP has no such rule
+    # (and none for nn.Identity), and zennit's rules above none either.
     Case(
         "LRP", "resnet", models.resnet, images, input_floor, call_kwargs={"target": TARGET},
-        uses_path=False,
+        uses_path=False, construct=contenders.lrp_with_residual_sums,
     ),
 )  # fmt: skip
 

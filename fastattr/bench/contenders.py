@@ -17,6 +17,24 @@ from torch import nn
 Arguments = dict[str, Any]
 
 
+def lrp_with_residual_sums(library: Any, model: nn.Module) -> Any:
+    """``library.LRP`` on ``model``; fastattr's with the epsilon rule on residual sums (the
+    [EpsilonSum][fastattr.canonizers.EpsilonSum] canonizer), which Captum's LRP does not have.
+
+    Args:
+        library: ``fastattr`` or ``captum.attr``.
+        model: The model.
+
+    Returns:
+        The attributor.
+    """
+    if library.__name__.startswith("fastattr"):
+        from fastattr.canonizers import EpsilonSum
+
+        return library.LRP(model, canonizers=[EpsilonSum()])
+    return library.LRP(model)
+
+
 def zennit_epsilon(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     """zennit's LRP with the rules fastattr and Captum apply by default to models of linear
     and convolutional layers, activations and pooling: epsilon (1e-9) on linear and

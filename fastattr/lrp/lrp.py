@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Union
 
 import torch
@@ -17,27 +18,78 @@ from fastattr._formatting import (
     check_target,
     format_additional_args,
     format_output,
-    per_example,
     run_forward,
+    select_targets,
 )
 from fastattr.attr._base import Attribution, LayerAttribution
+from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (
     CopiesNeeded,
-    Propagation,
+    Relevance,
     RulePlan,
+    WritesNeedCopies,
     check_user_rules,
+    plan_key,
     plan_rules,
-    rules_key,
     same_key,
 )
 
 LayerType = Union[nn.Module, list[nn.Module]]
-# The layer tensors to differentiate as well, known once the forward has run.
-LayerTensors = Union[Callable[[], tuple[Tensor, ...]], None]
+# The layer tensors to differentiate as well, read once the forward has run.
+LayerTensors = Union[Callable[[Relevance], tuple[Tensor, ...]], None]
 
 
 def _per_example_sum(tensors: tuple[Tensor, ...]) -> Tensor:
     return sum(t.reshape(t.shape[0], -1).sum(1) for t in tensors)  # type: ignore[return-value]
+
+
+def _differentiated(output: Tensor, batch: int) -> Tensor:
+    """The selected output as the 1-D tensor the backward starts from: one value per example,
+    or, as captum allows, one value per entry of its first dimension (the gradient is then that
+    of their sum, e.g. for ``model(x)[0].unsqueeze(0)``)."""
+    if output.dim() > 0 and output.numel() == output.shape[0]:
+        # (A reshape to its own shape would still add a node to the graph.)
+        return output if output.dim() == 1 else output.reshape(-1)
+    raise ValueError(
+        f"the model must give one value per example after target selection ({batch} values), "
+        f"or one per entry of its first dimension, got shape {list(output.shape)}: pass a "
+        "target that selects one output per example"
+    )
+
+
+def check_target_sequence(targets: Any, batch: int) -> list[TargetType | ColumnIndices]:
+    """The K targets of ``attribute_targets``: a non-empty list or tuple (or a tensor, one
+    target per entry of its first dimension), each checked as ``target=`` would be."""
+    if isinstance(targets, Tensor) and targets.dim() > 0:
+        targets = list(targets.unbind(0))
+    if not isinstance(targets, (list, tuple)):
+        raise TypeError(
+            "targets must be a list or tuple of targets (or a tensor with one per entry of "
+            f"dimension 0), got {type(targets).__name__}"
+        )
+    if not targets:
+        raise ValueError("targets must hold at least one target, got an empty sequence")
+    checked = []
+    for k, target in enumerate(targets):
+        try:
+            checked.append(check_target(target, batch))
+        except (TypeError, ValueError, IndexError) as error:
+            raise type(error)(f"targets[{k}]: {error}") from None
+    if any(t is None for t in checked) and len(checked) > 1:
+        raise ValueError("targets holds None: one output per example leaves one target to pick")
+    return checked
+
+
+def _or_zeros(grad: Tensor | None, wanted: Tensor) -> Tensor:
+    return torch.zeros_like(wanted) if grad is None else grad
+
+
+def _target_output(output: Any, target: Any, k: int, batch: int) -> Tensor:
+    """The output of ``targets[k]``, naming it in the error when it selects nothing valid."""
+    try:
+        return _differentiated(select_targets(output, target), batch)
+    except (ValueError, IndexError) as error:
+        raise type(error)(f"targets[{k}]: {error}") from None
 
 
 def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
@@ -46,41 +98,93 @@ def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
     return relevance * output.reshape((-1,) + (1,) * (relevance.dim() - 1))
 
 
+def _check_canonizers(canonizers: object) -> tuple[Canonizer, ...]:
+    if canonizers is None:
+        return ()
+    if isinstance(canonizers, Canonizer) or not isinstance(canonizers, (list, tuple)):
+        raise TypeError(
+            "canonizers must be a list of fastattr.canonizers objects, got "
+            f"{type(canonizers).__name__}"
+        )
+    for i, canonizer in enumerate(canonizers):
+        if not isinstance(canonizer, Canonizer):
+            raise TypeError(
+                f"canonizers[{i}] must be a fastattr.canonizers.Canonizer, got "
+                f"{type(canonizer).__name__}"
+            )
+    return tuple(canonizers)
+
+
+def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+    """Writes the saved values back; an interrupt while doing so does not stop it (it is
+    raised once everything is back)."""
+    interrupted: BaseException | None = None
+    with torch.no_grad():
+        for buffer, value in saved:
+            while True:
+                try:
+                    buffer.copy_(value)
+                    break
+                except KeyboardInterrupt as error:
+                    interrupted = error
+    if interrupted is not None:
+        raise interrupted
+
+
+@contextmanager
+def _buffers_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Restores the buffers of modules in training mode (running statistics) on exit."""
+    saved = [
+        (buffer, buffer.clone())
+        for module in modules
+        if module.training and module._buffers
+        for buffer in module._buffers.values()
+        if buffer is not None
+    ]
+    try:
+        yield
+    finally:
+        if saved:
+            _restore(saved)
+
+
 class LRP(Attribution, captum_class="LRP"):
     """Layer-wise relevance propagation: the target output, sent back layer by layer by each
     module's rule (``module.rule``, or the default of its type) down to the inputs.
 
     The relevance of each example sums to its target output, less what the rules' stabilizers
-    and biases absorb.
+    and biases absorb. With no canonizer the numbers are captum's; canonizers
+    ([fastattr.canonizers][]) change how the model is read, for this object's calls only.
 
     Args:
-        model: The model. Its modules' ``rule`` attributes, where set, choose their rules.
-
-    Raises:
-        TypeError: ``model`` is not a module, or a module's ``rule`` is not an LRP rule.
+        model: the model; rules are read from its modules' ``rule`` attributes at every call.
+        canonizers: canonizers applied to every call, in order.
 
     Examples:
         >>> import torch
         >>> from torch import nn
         >>> from fastattr import LRP
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
-        >>> relevance = LRP(model).attribute(torch.randn(2, 4), target=0)
-        >>> relevance.shape
-        torch.Size([2, 4])
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> relevance, delta = LRP(model).attribute(
+        ...     torch.randn(2, 4), target=1, return_convergence_delta=True)
+        >>> relevance.shape, delta.shape
+        (torch.Size([2, 4]), torch.Size([2]))
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, canonizers: Sequence[Canonizer] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_user_rules(model)
         super().__init__(model)
         self.model = model
+        self.canonizers = _check_canonizers(canonizers)
         # Set once a forward modified a rule's output in place (`out += x`): from then on the
         # rules hand out copies, as captum's always do.
         self._copies = False
+        # Set once the backward found a tensor an in-place ReLU wrote into in use elsewhere:
+        # from then on such modules write into copies.
+        self._copy_writes = False
         self._plan: tuple[tuple, RulePlan] | None = None
-        # One per copy flag, reused while the plan holds (its hooks are built once).
-        self._propagations: dict[bool, Propagation] = {}
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -116,21 +220,71 @@ class LRP(Attribution, captum_class="LRP"):
         Returns:
             The relevance in the inputs' shapes (a tuple for tuple inputs), and with
             ``return_convergence_delta`` the (B,) deltas.
+
+        Raises:
+            TypeError: a module of the model has no rule (before anything else is checked),
+                or an input is not a floating point tensor.
         """
         plan = self._rule_plan()
         is_tuple, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
         if verbose:
             plan.report()
-        grads, output = self._propagate(
-            lambda copy: self._propagation(plan, copy),
-            tensors,
-            target,
-            args,
-            None,
-        )
+        ((grads, output),) = self._propagate(plan, (), tensors, [target], args, None)
+        return self._result(is_tuple, grads, output, return_convergence_delta)
+
+    def attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        verbose: bool = False,
+    ) -> list[Any]:
+        """The relevance for several targets at once: one forward serves them all, then one
+        backward per target.
+
+        Args:
+            inputs: As for [attribute][fastattr.LRP.attribute].
+            targets: K targets, a list or a tuple (or a tensor: one target per entry of its
+                first dimension), each in any form ``attribute``'s ``target`` takes.
+            additional_forward_args: As for [attribute][fastattr.LRP.attribute].
+            return_convergence_delta: As for [attribute][fastattr.LRP.attribute].
+            verbose: As for [attribute][fastattr.LRP.attribute].
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, target=targets[k], ...)`` with the same other arguments.
+
+        Raises:
+            TypeError: A module of the model has no rule, or ``targets`` is not a sequence.
+            ValueError: ``targets`` is empty, or mixes None with indexing targets.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import LRP
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            >>> per_class = LRP(model).attribute_targets(torch.randn(2, 4), [0, 1, 2])
+            >>> len(per_class), per_class[0].shape
+            (3, torch.Size([2, 4]))
+        """
+        plan = self._rule_plan()
+        is_tuple, tensors, _, args = self._prepare(inputs, None, additional_forward_args)
+        checked = check_target_sequence(targets, tensors[0].shape[0])
+        if verbose:
+            plan.report()
+        found = self._propagate(plan, (), tensors, checked, args, None)
+        return [
+            self._result(is_tuple, grads, output, return_convergence_delta)
+            for grads, output in found
+        ]
+
+    def _result(
+        self, is_tuple: bool, grads: tuple[Tensor, ...], output: Tensor, with_delta: bool
+    ) -> Any:
         relevances = tuple(_scaled(g, output) for g in grads)
         result = format_output(is_tuple, relevances)
-        if return_convergence_delta:
+        if with_delta:
             return result, self.compute_convergence_delta(relevances, output)
         return result
 
@@ -151,16 +305,13 @@ class LRP(Attribution, captum_class="LRP"):
         return output.flatten() - _per_example_sum(tensors).flatten()
 
     def _rule_plan(self) -> RulePlan:
-        key = rules_key(self.model)
-        if self._plan is None or not same_key(self._plan[0], key) or not self._plan[1].reusable:
-            self._plan = (key, plan_rules(self.model))
-        return self._plan[1]
-
-    def _propagation(self, plan: RulePlan, copy: bool) -> Propagation:
-        found = self._propagations.get(copy)
-        if found is None or found.plan is not plan or found.active:
-            found = self._propagations[copy] = Propagation(self.model, plan, copy=copy)
-        return found
+        key = plan_key(self.model, self.canonizers)
+        cached = self._plan
+        if cached is not None and same_key(cached[0], key) and cached[1].reusable:
+            return cached[1]
+        plan = plan_rules(self.model, self.canonizers)
+        self._plan = (key, plan)
+        return plan
 
     def _prepare(
         self, inputs: Any, target: TargetType, additional_forward_args: Any
@@ -175,45 +326,73 @@ class LRP(Attribution, captum_class="LRP"):
 
     def _propagate(
         self,
-        propagation: Callable[[bool], Propagation],
+        plan: RulePlan,
+        taps: Sequence[nn.Module],
         tensors: tuple[Tensor, ...],
-        target: TargetType | ColumnIndices,
+        targets: Sequence[TargetType | ColumnIndices],
         args: tuple[Any, ...] | None,
         layer_tensors: LayerTensors,
-    ) -> tuple[tuple[Tensor, ...], Tensor]:
-        """The backward of :meth:`_backward`, run again with copied rule outputs when the
-        forward turned out to modify one in place."""
-        if not self._copies:
-            try:
-                with propagation(False) as active:
-                    return self._backward(active, tensors, target, args, layer_tensors)
-            except CopiesNeeded:
-                self._copies = True
-        with propagation(True) as active:
-            return self._backward(active, tensors, target, args, layer_tensors)
+    ) -> list[tuple[tuple[Tensor, ...], Tensor]]:
+        """For each target: relevance (normalized to 1 at the target) at the inputs, then at
+        the tensors ``layer_tensors`` reads once the forward has run; and the target output.
+        One forward serves all targets. Run again with copied rule outputs when the forward
+        turns out to modify one in place."""
+        with _buffers_kept(plan.modules):
+            while True:
+                relevance = Relevance(
+                    plan, copy=self._copies, taps=taps, copy_writes=self._copy_writes
+                )
+                try:
+                    return self._backward(relevance, tensors, targets, args, layer_tensors)
+                except (CopiesNeeded, WritesNeedCopies, RuntimeError) as error:
+                    if not self._retry_with_copies(error):
+                        raise
+
+    def _retry_with_copies(self, error: Exception) -> bool:
+        """Whether the call is to run again, with copies, after ``error``: the forward wrote
+        into a rule's output (autograd refuses that), or into a tensor a rule's backward
+        needs (an in-place ReLU's input where its relevance has another use)."""
+        message = str(error)
+        if isinstance(error, WritesNeedCopies):
+            message = "modified by an inplace operation"
+        if isinstance(error, CopiesNeeded) or "custom Function" in message:
+            if self._copies:
+                return False
+            self._copies = True
+            return True
+        if "modified by an inplace operation" in message and not self._copy_writes:
+            self._copy_writes = True
+            return True
+        return False
 
     def _backward(
         self,
-        propagation: Propagation,
+        relevance: Relevance,
         tensors: tuple[Tensor, ...],
-        target: TargetType | ColumnIndices,
+        targets: Sequence[TargetType | ColumnIndices],
         args: tuple[Any, ...] | None,
         layer_tensors: LayerTensors,
-    ) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Relevance (normalized to 1 at the target) at the inputs, then at the tensors
-        ``layer_tensors`` names once the forward has run; and the target output."""
+    ) -> list[tuple[tuple[Tensor, ...], Tensor]]:
+        batch = tensors[0].shape[0]
+        results = []
         with torch.enable_grad():
             leaves = tuple(t.detach().requires_grad_() for t in tensors)
-            # Views give the inputs a grad_fn, which marks them as activations for the
-            # residual-addition rule (when some forward may add).
-            inputs = tuple(x.view_as(x) for x in leaves) if propagation.plan.may_add else leaves
-            output = per_example(
-                run_forward(propagation.forward, inputs, target, args), tensors[0].shape[0]
-            )
-            wanted = leaves + (layer_tensors() if layer_tensors is not None else ())
-            grads = input_gradients(output, wanted, torch.ones_like(output))
-        grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted))
-        return grads, output.detach()
+            if len(targets) == 1:
+                selected = relevance.run(
+                    lambda: run_forward(self.model, leaves, targets[0], args), leaves
+                )
+                outputs = [_differentiated(selected, batch)]
+            else:
+                full = relevance.run(lambda: run_forward(self.model, leaves, None, args), leaves)
+                outputs = [_target_output(full, t, k, batch) for k, t in enumerate(targets)]
+            relevance.check_writes(outputs)
+            wanted = leaves + (layer_tensors(relevance) if layer_tensors is not None else ())
+            for k, output in enumerate(outputs):
+                keep = k < len(outputs) - 1  # the graph serves the next target too
+                found = input_gradients(output, wanted, torch.ones_like(output), keep)
+                grads = tuple(_or_zeros(g, w) for g, w in zip(found, wanted))
+                results.append((grads, output.detach()))
+        return results
 
 
 class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
@@ -221,15 +400,25 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
 
     Args:
         model: The model, as for [fastattr.LRP][].
-        layer: A module of ``model`` that carries a rule, or a non-empty list of them.
+        layer: a module of the model with a rule (or a list of them).
+        canonizers: As for [fastattr.LRP][].
 
-    Raises:
-        TypeError: ``layer`` is not a module or a list of modules.
-        ValueError: A layer is not a module of ``model``.
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LayerLRP
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> LayerLRP(model, model[2]).attribute(torch.randn(2, 4), target=0).shape
+        torch.Size([2, 3])
     """
 
-    def __init__(self, model: nn.Module, layer: LayerType) -> None:
-        super().__init__(model)
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerType,
+        canonizers: Sequence[Canonizer] | None = None,
+    ) -> None:
+        super().__init__(model, canonizers)
         layers = layer if isinstance(layer, list) else [layer]
         if not layers or not all(isinstance(m, nn.Module) for m in layers):
             raise TypeError("layer must be a module of the model or a non-empty list of them")
@@ -254,10 +443,10 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
             inputs: As for [fastattr.LRP.attribute][].
             target: As for [fastattr.LRP.attribute][].
             additional_forward_args: As for [fastattr.LRP.attribute][].
-            return_convergence_delta: Also return each example's convergence delta.
-            attribute_to_layer_input: The relevance at the layer's inputs instead of its
+            return_convergence_delta: also return the per-example deltas.
+            attribute_to_layer_input: the relevance at the layer's inputs rather than at its
                 output.
-            verbose: Print the rule each module gets.
+            verbose: print the rule applied on each layer.
 
         Returns:
             A tensor (a tuple for a layer with several inputs), or a list of those when
@@ -265,15 +454,71 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
             of them for a list of layers).
 
         Raises:
-            ValueError: A layer carries no rule of its own, or did not run in the forward.
+            TypeError: a module of the model has no rule.
+            ValueError: the layer carries no rule of its own, or does not run exactly once.
         """
+        plan = self._rule_plan()
+        _, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
+        ((grads, output),), counts = self._layer_propagate(
+            plan, tensors, [target], args, attribute_to_layer_input, verbose
+        )
+        return self._layer_result(grads[len(tensors) :], counts, output, return_convergence_delta)
+
+    def attribute_targets(  # type: ignore[override]
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        verbose: bool = False,
+    ) -> list[Any]:
+        """The layer's relevance for several targets at once: one forward serves them all,
+        then one backward per target.
+
+        Args:
+            inputs: As for [attribute][fastattr.LayerLRP.attribute].
+            targets: K targets, as for [fastattr.LRP.attribute_targets][].
+            additional_forward_args: As for [attribute][fastattr.LayerLRP.attribute].
+            return_convergence_delta: As for [attribute][fastattr.LayerLRP.attribute].
+            attribute_to_layer_input: As for [attribute][fastattr.LayerLRP.attribute].
+            verbose: As for [attribute][fastattr.LayerLRP.attribute].
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, target=targets[k], ...)`` with the same other arguments.
+
+        Raises:
+            TypeError: A module of the model has no rule, or ``targets`` is not a sequence.
+            ValueError: ``targets`` is empty or mixes None with indexing targets, or a layer
+                carries no rule of its own or does not run exactly once.
+        """
+        plan = self._rule_plan()
+        _, tensors, _, args = self._prepare(inputs, None, additional_forward_args)
+        checked = check_target_sequence(targets, tensors[0].shape[0])
+        found, counts = self._layer_propagate(
+            plan, tensors, checked, args, attribute_to_layer_input, verbose
+        )
+        return [
+            self._layer_result(grads[len(tensors) :], counts, output, return_convergence_delta)
+            for grads, output in found
+        ]
+
+    def _layer_propagate(
+        self,
+        plan: RulePlan,
+        tensors: tuple[Tensor, ...],
+        targets: Sequence[TargetType | ColumnIndices],
+        args: tuple[Any, ...] | None,
+        attribute_to_layer_input: bool,
+        verbose: bool,
+    ) -> tuple[list[tuple[tuple[Tensor, ...], Tensor]], list[int]]:
+        """``_propagate`` with the layers' tensors: and how many each layer has."""
         if not isinstance(attribute_to_layer_input, bool):
             raise TypeError(
                 "attribute_to_layer_input must be a bool, got "
                 f"{type(attribute_to_layer_input).__name__}"
             )
-        plan = self._rule_plan()
-        _, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
         layers = self.layer if isinstance(self.layer, list) else [self.layer]
         for layer in layers:
             if plan.rule_of(layer) is None:
@@ -284,35 +529,34 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
                 )
         if verbose:
             plan.report()
-        propagation = Propagation(self.model, plan, taps=layers)
+        counts: list[int] = []
 
-        def propagation_with(copy: bool) -> Propagation:
-            nonlocal propagation
-            propagation = Propagation(self.model, plan, taps=layers, copy=copy)
-            return propagation
-
-        def recorded() -> tuple[Tensor, ...]:
+        def recorded(relevance: Relevance) -> tuple[Tensor, ...]:
             found = []
+            counts.clear()
             for layer in layers:
-                if id(layer) not in propagation.tapped:
+                if id(layer) not in relevance.tapped:
                     raise ValueError(f"layer {type(layer).__name__} did not run in the forward")
-                layer_inputs, layer_output = propagation.tapped[id(layer)]
-                found.extend(layer_inputs if attribute_to_layer_input else (layer_output,))
+                layer_inputs, layer_output = relevance.tapped[id(layer)]
+                taken = layer_inputs if attribute_to_layer_input else (layer_output,)
+                counts.append(len(taken))
+                found.extend(taken)
             return tuple(found)
 
-        grads, output = self._propagate(propagation_with, tensors, target, args, recorded)
-        grads = grads[len(tensors) :]
+        return self._propagate(plan, layers, tensors, targets, args, recorded), counts
+
+    def _layer_result(
+        self, grads: tuple[Tensor, ...], counts: list[int], output: Tensor, with_delta: bool
+    ) -> Any:
         results: list[TensorOrTuple] = []
-        for layer in layers:
-            count = len(propagation.tapped[id(layer)][0]) if attribute_to_layer_input else 1
+        for count in counts:
             scaled = tuple(_scaled(g, output) for g in grads[:count])
             grads = grads[count:]
             results.append(scaled if len(scaled) > 1 else scaled[0])
         if not isinstance(self.layer, list):
-            relevance = results[0]
-            if return_convergence_delta:
-                return relevance, self.compute_convergence_delta(relevance, output)
-            return relevance
-        if return_convergence_delta:
+            if with_delta:
+                return results[0], self.compute_convergence_delta(results[0], output)
+            return results[0]
+        if with_delta:
             return results, [self.compute_convergence_delta(r, output) for r in results]
         return results

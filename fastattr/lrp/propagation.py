@@ -1,24 +1,30 @@
-"""One forward that installs each rule's backward, then one backward that runs them.
+"""One forward that builds each rule's backward, then one backward that runs them.
 
-``plan_rules`` decides, before any work, which rule every module gets (and fails once, listing
-every module type without one). ``Propagation`` installs the rules as forward hooks (or
-instance forwards doing their work) for the duration of a ``with`` block, routes additions of two
-activations written with ``+`` in forward through the epsilon rule (residual connections), and
-leaves the model exactly as it found it.
+``plan_rules`` decides, before any work, which rule every module gets (and fails once,
+listing every module without one). [Relevance][fastattr.lrp.Relevance] holds one call's
+state: while it is running, process-wide module hooks hand each module call of *this thread*
+to the module's rule, and a torch-function mode hands the torch calls that op rules take to
+those rules. The model itself is never changed: no hook, forward or attribute is set on it,
+so other threads (and other calls) see it as it is, and an interrupted call has nothing to
+undo on it.
 
-A product at a module's input folds into the previous module's epsilon ratio when only
-pass-through rules lie between. Where the forwards' code proves that a module's output goes
-into the next module and nowhere else, the output is handed on without its ratio node: the
-next module folds the ratio in, or makes the node itself.
+The data flow is observed as it happens, tensor by tensor, never guessed from source code:
+
+- a product at a module's input folds into the epsilon ratio of the module that made that very
+  tensor (object identity), through pass-through rules only; every rule output keeps its own
+  node, so any other use of it (whatever code makes it) still gets the full rule;
+- an op rule decides from its operands themselves (for the sum rule: whether both depend on the
+  inputs, read off their autograd graph);
+- a batch norm merges into the linear module whose output it receives.
 """
 
 from __future__ import annotations
 
-import itertools
-import operator
+import contextvars
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -27,45 +33,55 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from fastattr import ops
-from fastattr.lrp._forward_code import call_chain, may_add_tensors
 from fastattr.lrp.rules import (
-    STABILIZER,
+    RULES_IGNORED_ON,
     STRUCTURAL_TYPES,
-    IdentityRule,
+    OpRule,
     PassRule,
     PropagationRule,
-    RatioRule,
     as_rule,
     default_rule,
-    ratio_node,
 )
 
-# LRP's machinery: no name here is public API (fastattr.lrp exports what is).
-__all__: list[str] = []
+if TYPE_CHECKING:
+    from fastattr.canonizers import Canonizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class RulePlan:
-    """Every module that carries a rule, with its rule and where it came from."""
+    """Every module that carries a rule, by identity, with its rule; the op rules; the lines
+    that ``verbose`` prints."""
 
-    rules: list[tuple[str, nn.Module, PropagationRule, bool]]  # (name, module, rule, user-set)
-    modules: tuple[nn.Module, ...] = ()  # every module of the model, as walk_modules lists them
-    may_add: bool = True  # whether some forward outside the rules may add tensors
+    rules: dict[int, tuple[nn.Module, PropagationRule]]
+    op_rules: dict[Callable[..., Any], OpRule]
+    modules: tuple[nn.Module, ...]  # every module of the model, once
+    every_call: OpRule | None = None  # offered the torch calls no op rule lists
+    applied: tuple[str, ...] = ()
     # False when a captum rule was translated: the translation would miss later changes to it.
     reusable: bool = True
-    # id(module) -> the module its output goes into, and nowhere else, as the forwards' code
-    # proves (see call_chain); empty unless every container's forward is proven.
-    successors: dict[int, nn.Module] = field(default_factory=dict)
+
+    @property
+    def has_op_rules(self) -> bool:
+        """Whether some op rule is in use (then LRP's forward runs under a torch-function
+        mode)."""
+        return bool(self.op_rules) or self.every_call is not None
 
     def report(self) -> None:
-        """Prints the rule of each layer, as captum's verbose mode does (activations that just
-        pass relevance on are left out, as there)."""
-        for _, module, rule, user_set in self.rules:
-            if user_set or not isinstance(rule, PassRule):
-                print(f"Applied {rule} on layer {module}")
+        """Prints the rule of each layer, as captum's verbose mode does."""
+        for line in self.applied:
+            print(line)
 
     def rule_of(self, module: nn.Module) -> PropagationRule | None:
-        return next((rule for _, m, rule, _ in self.rules if m is module), None)
+        """``module``'s rule in this plan, or None.
+
+        Args:
+            module: A module of the model.
+
+        Returns:
+            The rule, or None for containers, reshapes and modules outside the model.
+        """
+        found = self.rules.get(id(module))
+        return None if found is None else found[1]
 
 
 def rule_attribute(module: nn.Module) -> object:
@@ -77,7 +93,8 @@ def rule_attribute(module: nn.Module) -> object:
 
 
 def walk_modules(model: nn.Module) -> tuple[nn.Module, ...]:
-    """``model.modules()``, without building the names that walk builds and drops."""
+    """Every module of ``model`` once (a module registered under two parents too), in
+    ``model.modules()``'s order, without building the names that walk builds and drops."""
     found = [model]
     seen = {id(model)}
     for module in found:  # grows as it goes
@@ -88,21 +105,26 @@ def walk_modules(model: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(found)
 
 
-def rules_key(model: nn.Module) -> tuple:
-    """The modules of ``model``, the rules set on them and their instance forwards (which
-    change what the code proves), as objects: holding them keeps their ids from being reused,
-    so that comparing ids tells whether a plan still holds."""
-    modules = walk_modules(model)
-    key: list[object] = list(modules)
-    for module in modules:
-        own = module.__dict__  # rule_attribute, inlined: this runs on every call
-        key.append(own["rule"] if "rule" in own else getattr(type(module), "rule", None))
-        key.append(own.get("forward"))
+def plan_key(model: nn.Module, canonizers: Sequence[Canonizer]) -> tuple:
+    """The modules of ``model`` (as ``walk_modules`` lists them) each followed by the rule
+    set on it, as objects: holding them keeps their ids from being reused, so that comparing
+    ids tells whether a plan still holds. (One pass: this runs on every call.)"""
+    key: list[object] = [*canonizers, model, rule_attribute(model)]
+    modules = [model]
+    seen = {id(model)}
+    for module in modules:  # grows as it goes
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                modules.append(child)
+                own = child.__dict__
+                key.append(child)
+                key.append(own["rule"] if "rule" in own else getattr(type(child), "rule", None))
     return tuple(key)
 
 
 def same_key(first: tuple, second: tuple) -> bool:
-    return len(first) == len(second) and all(map(operator.is_, first, second))
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second))
 
 
 def check_user_rules(model: nn.Module) -> None:
@@ -113,44 +135,59 @@ def check_user_rules(model: nn.Module) -> None:
             as_rule(rule, f"model.{name}" if name else "model")
 
 
-def plan_rules(model: nn.Module) -> RulePlan:
-    """The rule of each module: the user's ``module.rule`` (which then covers the module's
-    submodules), else its type's default on leaves and on modules with parameters of their own.
+def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePlan:
+    """The rule of each module, as captum picks it: the user's ``module.rule`` (which then
+    covers the module's submodules), else the default of its type on modules without
+    submodules; containers without a rule run as plain autograd. captum passes relevance
+    straight through ReLU, Dropout and Tanh whatever rule is set on them, and so does this.
+    Canonizers then adjust the rules and add op rules.
 
-    Raises a TypeError naming every module type that has neither, before anything runs.
+    Args:
+        model: The model.
+        canonizers: The canonizers, in order.
+
+    Returns:
+        The plan.
+
+    Raises:
+        TypeError: naming every module without a rule, before anything runs.
     """
-    rules: list[tuple[str, nn.Module, PropagationRule, bool]] = []
+    rules: dict[int, tuple[nn.Module, PropagationRule]] = {}
+    applied: list[str] = []
     missing: dict[str, list[str]] = {}
-    may_add = False
+    seen: set[int] = set()
     reusable = True
-    containers: list[nn.Module] = []
 
     def visit(name: str, module: nn.Module) -> None:
-        nonlocal may_add, reusable
+        nonlocal reusable
+        if id(module) in seen:
+            return
+        seen.add(id(module))
         where = f"model.{name}" if name else "model"
+        children = [(n, c) for n, c in module._modules.items() if c is not None]
         user_rule = rule_attribute(module)
-        if user_rule is not None:
+        if user_rule is not None and not (not children and type(module) in RULES_IGNORED_ON):
             rule = as_rule(user_rule, where)
             reusable = reusable and rule is user_rule
             reason = rule.unsupported_reason(module)
             if reason is not None:
                 raise TypeError(f"{where}: {reason}")
-            rules.append((name, module, rule, True))
+            applied.append(f"Applied {rule} on layer {module}")
+        elif children:
+            for child_name, child in children:
+                visit(f"{name}.{child_name}" if name else child_name, child)
             return
-        children = list(module.named_children())
-        own_parameters = next(module.parameters(recurse=False), None) is not None
-        if not children or own_parameters:
-            rule = default_rule(module)
-            if rule is not None:
-                rules.append((name, module, rule, False))
+        else:
+            rule = PassRule() if user_rule is not None else default_rule(module)
+            if rule is None:
+                if not isinstance(module, STRUCTURAL_TYPES):
+                    missing.setdefault(type(module).__name__, []).append(where)
                 return
-            if not isinstance(module, STRUCTURAL_TYPES) or own_parameters:
-                missing.setdefault(type(module).__name__, []).append(where)
-        if children:
-            may_add = may_add or may_add_tensors(module)
-            containers.append(module)
-        for child_name, child in children:
-            visit(f"{name}.{child_name}" if name else child_name, child)
+            if not isinstance(rule, PassRule):
+                applied.append(f"Applied {rule} on layer {module}")
+        for canonizer in canonizers:
+            rule = canonizer.module_rule(module, rule)
+        rules[id(module)] = (module, rule)
 
     visit("", model)
     if missing:
@@ -159,366 +196,540 @@ def plan_rules(model: nn.Module) -> RulePlan:
             f"LRP has no rule for these module types: {listing}. Set a rule on each "
             "(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate."
         )
-    ruled = {id(module) for _, module, _, _ in rules}
-    return RulePlan(rules, walk_modules(model), may_add, reusable, _successors(containers, ruled))
-
-
-def _successors(containers: list[nn.Module], ruled: set[int]) -> dict[int, nn.Module]:
-    """For each module with a rule that runs once, in a chain, right before another module with
-    a rule: that module. Empty when some container's forward is not a proven chain, as then a
-    module could be called, and its output used, where no chain shows it."""
-    chains = []
-    for container in containers:
-        chain = call_chain(container)
-        if chain is None:
-            return {}
-        chains.append(chain)
-    calls: dict[int, int] = {}
-    for chain in chains:
-        for module in chain:
-            if module is not None:
-                calls[id(module)] = calls.get(id(module), 0) + 1
-    successors = {}
-    for chain in chains:
-        for producer, consumer in itertools.pairwise(chain):
-            if (
-                producer is not None
-                and consumer is not None
-                and calls[id(producer)] == 1
-                and id(producer) in ruled
-                and id(consumer) in ruled
-            ):
-                successors[id(producer)] = consumer
-    return successors
-
-
-def _on_relevance_path(value: object) -> bool:
-    # Activations derived from the inputs have a grad_fn: the inputs enter the model as views.
-    return isinstance(value, Tensor) and value.grad_fn is not None and value.is_floating_point()
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
-
-
-def _torch_code(module: nn.Module) -> bool:
-    """Whether ``module`` runs torch's own forward, which keeps no reference to its tensors."""
-    return type(module).__module__.startswith("torch.nn.") and "forward" not in module.__dict__
-
-
-def _takes_ratio(module: nn.Module, rule: PropagationRule | None) -> bool:
-    """Whether ``module`` (with ``rule``, None when it folds nothing) can take an output handed
-    on without its ratio node: its product folds the ratio in before the module's code sees
-    the tensor, or it is a torch module whose pass-through hook makes the node."""
-    if rule is None:
-        return False
-    return rule.relevance_at_input or (isinstance(rule, IdentityRule) and _torch_code(module))
-
-
-def _has_global_hooks() -> bool:
-    return bool(
-        module_hooks._global_forward_hooks
-        or module_hooks._global_forward_pre_hooks
-        or module_hooks._global_backward_hooks
-        or module_hooks._global_backward_pre_hooks
-    )
+    op_rules: dict[Callable[..., Any], OpRule] = {}
+    every_call = None
+    for canonizer in canonizers:
+        for op_rule in canonizer.op_rules():
+            if op_rule.functions is None:
+                every_call = every_call or op_rule
+            for function in op_rule.functions or ():
+                op_rules.setdefault(function, op_rule)
+    modules = walk_modules(model)
+    return RulePlan(rules, op_rules, modules, every_call, tuple(applied), reusable)
 
 
 class CopiesNeeded(Exception):
-    """The forward modifies a rule's output in place: run it again with copied outputs."""
+    """The forward modified a rule's output in place: run it again with copied outputs."""
 
 
-class _ResidualAdditions(TorchFunctionMode):
-    """Sends ``a + b`` (and ``a += b``) of two activations through the epsilon rule, the LRP rule
-    of a sum, instead of copying the relevance into both branches; leaves everything else alone.
+class WritesNeedCopies(Exception):
+    """A tensor an in-place ReLU wrote into has another use: run again with the ReLUs writing
+    into copies."""
 
-    Additions inside a module that carries its own rule are the rule's business and are skipped.
-    """
 
-    _ADDITIONS = frozenset((torch.Tensor.add, torch.add, torch.Tensor.add_))
+# The Relevance being built in this thread (or task), if any: the module hooks and the
+# torch-function mode act for it alone.
+_ACTIVE: contextvars.ContextVar[Relevance | None] = contextvars.ContextVar(
+    "fastattr_lrp_relevance", default=None
+)
 
-    def __init__(self, copy: bool) -> None:
+
+class _ModuleHook:
+    """A process-wide module (pre-)hook acting for one Relevance, only in the context
+    that Relevance's forward runs in. It holds the Relevance weakly: once that is gone (its
+    call over, however it ended), a hook still registered removes itself."""
+
+    __slots__ = ("handle", "pre", "relevance")
+
+    def __init__(self, relevance: Relevance, pre: bool) -> None:
+        self.relevance = weakref.ref(relevance)
+        self.pre = pre
+        self.handle: RemovableHandle | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, *output: object) -> Any:
+        relevance = self.relevance()
+        if relevance is None:
+            if self.handle is not None:
+                self.handle.remove()
+            return None
+        if _ACTIVE.get() is not relevance:
+            return None
+        if self.pre:
+            return relevance._pre_hook(module, args)
+        return relevance._post_hook(module, args, output[0])
+
+
+def _remove(hooks: Sequence[_ModuleHook]) -> None:
+    """Removes the hooks, to the end even through a KeyboardInterrupt (raised once done)."""
+    try:
+        for hook in hooks:
+            if hook.handle is not None:
+                hook.handle.remove()
+    finally:
+        for hook in hooks:
+            if hook.handle is not None:
+                hook.handle.remove()
+
+
+class _Ratio:
+    """A tensor a rule handed on whose relevance goes to an epsilon ratio at ``z``, directly or
+    through pass-through rules; a product at a later module's input may fold into that ratio.
+    A ratio node's own output also notes what it shows (``raw``) and, when that is a module's
+    output, the module, its rule and the inputs the rule saw."""
+
+    __slots__ = ("epsilon", "foldable", "inputs", "module", "raw", "rule", "tensor", "version", "z")
+
+    def __init__(
+        self,
+        tensor: Tensor,
+        z: Tensor,
+        epsilon: float,
+        foldable: bool,
+        raw: Tensor | None = None,
+    ) -> None:
+        self.tensor = tensor  # held: keeps its id from being reused
+        # The tensor's version then: written into since, it is no longer the ratio's output.
+        self.version = tensor._version
+        self.z = z
+        self.epsilon = epsilon
+        self.foldable = foldable
+        self.raw = raw  # the tensor the ratio node shows (held too)
+        self.module: nn.Module | None = None
+        self.rule: PropagationRule | None = None
+        self.inputs: tuple = ()
+
+
+class _OpRules(TorchFunctionMode):
+    """Hands the torch calls that op rules take to those rules, outside modules with a rule."""
+
+    def __init__(self, relevance: Relevance) -> None:
         super().__init__()
-        self.copy = copy
-        self.depth = 0  # > 0 inside a module with a rule
+        self.relevance = relevance
+        self.rules = relevance.plan.op_rules
+        self.every_call = relevance.plan.every_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # Every torch call of the forward comes through here: keep the common case short.
-        if func not in self._ADDITIONS:
+        rule = self.rules.get(func, self.every_call)
+        if rule is None or self.relevance.depth:
             return func(*args, **(kwargs or {}))
-        kwargs = kwargs or {}
-        if (
-            self.depth == 0
-            and len(args) == 2
-            and set(kwargs) <= {"alpha"}
-            and _on_relevance_path(args[0])
-            and _on_relevance_path(args[1])
-        ):
-            return self._add(args[0], args[1], kwargs.get("alpha", 1), func is torch.Tensor.add_)
-        return func(*args, **kwargs)
+        return rule.apply(self.relevance, func, args, kwargs or {})
 
-    def _add(self, a: Tensor, b: Tensor, alpha: float, in_place: bool) -> Tensor:
-        nodes = ops.lrp_nodes()
-        first = nodes.product(a.clone() if in_place else a)
-        second = nodes.product(b if alpha == 1 else alpha * b)
-        total = nodes.ratio(first + second, None, STABILIZER, self.copy or in_place)
-        if not in_place:
-            return total
-        # a.add_(b) must change a itself: write the sum into it, so that its history is the sum.
-        # Autograd forbids that on the view a rule's node handed out: ask for copies instead.
+
+class Relevance:
+    """One LRP call's relevance graph under construction, and the methods rules build it with.
+
+    Rules receive it as their first argument: [product][fastattr.lrp.Relevance.product],
+    [ratio][fastattr.lrp.Relevance.ratio] and [passing][fastattr.lrp.Relevance.passing] make
+    the nodes (and fold a product into the ratio before it where they can), the rest tell
+    what the data flow of this call is. [run][fastattr.lrp.Relevance.run] runs a forward with
+    this thread's module calls routed to their rules (and torch calls to op rules).
+
+    Args:
+        plan: The rules (made by LRP from the model's modules and canonizers).
+        copy: Hand on copies of what the rules make (the forward writes into one in place).
+        taps: The modules whose input and output relevance LayerLRP reads (in ``tapped``
+            once the forward has run).
+        copy_writes: Give modules that work in place copies to write into, always (see
+            [writable][fastattr.lrp.Relevance.writable]).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_containers",
+        "_folds",
+        "_held",
+        "_inputs",
+        "_nodes",
+        "_ratios",
+        "_raw",
+        "_reaches",
+        "_writable",
+        "_written",
+        "copy",
+        "copy_writes",
+        "depth",
+        "plan",
+        "tapped",
+        "taps",
+    )
+
+    def __init__(
+        self,
+        plan: RulePlan,
+        copy: bool = False,
+        taps: Sequence[nn.Module] = (),
+        copy_writes: bool = False,
+    ) -> None:
+        self.plan = plan
+        self.copy = copy
+        self.copy_writes = copy_writes
+        self.taps = taps
+        # id(layer) -> (its input tensors, its output), for LayerLRP.
+        self.tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = {}
+        self.depth = 0  # > 0 inside a module with a rule
+        self._nodes = ops.lrp_nodes()
+        self._ratios: dict[int, _Ratio] = {}
+        self._raw: dict[int, _Ratio] = {}  # by id of the tensor the ratio node shows
+        # id -> (the tensor a module writes into, its input, the ratio written into or None).
+        self._writable: dict[int, tuple[Tensor, Tensor, _Ratio | None]] = {}
+        # Tensors in-place ReLUs wrote into, by their autograd node, and the products folded
+        # into them (see check_writes).
+        self._written: dict[Any, Tensor] = {}
+        self._folds: set[Any] = set()
+        self._containers: list[nn.Module] = []
+        self._inputs: set[int] = set()
+        self._reaches: dict[int, bool] = {}
+        self._held: list[object] = []
+
+    # What rules build with.
+
+    def product(self, x: object) -> Any:
+        """``x`` through the node that turns the contribution arriving into the relevance ``x *
+        contribution``; when ``x`` is (a pass-through of) a rule's epsilon-ratio output, one
+        fused node that also divides by that ratio's ``z``.
+
+        Args:
+            x: A module's (or op's) input.
+
+        Returns:
+            A view of ``x`` carrying the node; anything but a tensor on the graph as it is.
+        """
+        if not isinstance(x, Tensor) or not x.requires_grad:
+            return x
+        found = self._ratios.get(id(x))
+        if (
+            found is not None
+            and found.foldable
+            and found.tensor is x
+            and found.version == x._version
+        ):
+            made = self._nodes.product_ratio(found.z, x.detach(), found.epsilon)
+            if self._written and found.z.grad_fn in self._written:
+                self._folds.add(made.grad_fn)
+            return self._handed(made)
+        return self._handed(self._nodes.product(x))
+
+    def ratio(self, z: Tensor, output: Tensor, epsilon: float, copy: bool = False) -> Tensor:
+        """``output`` through the node that divides the relevance by ``z + epsilon * sign(z)``
+        and sends it into ``z``'s graph.
+
+        Args:
+            z: ``output``, or a recomputation of it (modified weights).
+            output: The module's (or op's) output.
+            epsilon: The stabilizer, non-negative.
+            copy: Hand on a copy the forward may change in place (otherwise a view, which
+                autograd keeps from changing).
+
+        Returns:
+            What the model continues with.
+        """
+        if z is output:
+            made = self._nodes.ratio(z, epsilon)
+        else:
+            made = self._nodes.ratio_shown(z, output.detach(), epsilon)
+        made = made.clone() if copy and not self.copy else self._handed(made)
+        foldable = z.dtype == output.dtype and z.shape == output.shape
+        found = _Ratio(made, z, epsilon, foldable, output)
+        self._ratios[id(made)] = found
+        self._raw[id(output)] = found
+        return made
+
+    def passing(self, source: Tensor, output: Tensor) -> Tensor:
+        """``output`` through the node that hands the relevance to ``source`` unchanged.
+
+        Args:
+            source: The input that receives the relevance.
+            output: The module's output.
+
+        Returns:
+            What the model continues with.
+        """
+        written = self._writable.get(id(source))
+        if written is not None and written[0] is source:
+            if written[2] is not None:
+                return self._passing_written(output, written[2])
+            source = written[1]  # the module wrote into a copy: the relevance goes to the original
+        made = self._handed(self._nodes.passing(source, output.detach()))
+        found = self._ratios.get(id(source))
+        if (
+            found is not None
+            and found.tensor is source
+            and found.version == source._version
+            and found.z.dtype == output.dtype
+            and found.z.shape == output.shape
+        ):
+            self._ratios[id(made)] = _Ratio(made, found.z, found.epsilon, found.foldable)
+        return made
+
+    def writable(self, x: object, zero_or_same: bool = False) -> Any:
+        """A tensor holding ``x``'s values that a module may write into; ``passing`` sends
+        relevance from it to ``x`` itself.
+
+        Args:
+            x: A module's input.
+            zero_or_same: The module writes, element by element, either the value there or
+                zero (an in-place ReLU). When ``x`` is a rule's epsilon-ratio output, the module
+                may then write into the tensor the ratio divides by: where it writes zero, the
+                product at the next module's input is zero anyway. (Should anything else use
+                ``x``'s relevance, the backward finds that tensor changed, and LRP runs the
+                call again with copies.)
+
+        Returns:
+            The tensor to write into (anything but a tensor as it is).
+        """
+        if not isinstance(x, Tensor):
+            return x
+        found = self._ratios.get(id(x))
+        if (
+            zero_or_same
+            and not self.copy_writes
+            and found is not None
+            and found.tensor is x
+            and found.version == x._version
+            and found.foldable
+            and found.raw is found.z
+        ):
+            self._writable[id(found.z)] = (found.z, x, found)
+            return found.z
+        copied = x.clone()
+        self._writable[id(copied)] = (copied, x, None)
+        return copied
+
+    def _passing_written(self, output: Tensor, ratio: _Ratio) -> Tensor:
+        # The module wrote zeros or the same values into the tensor `ratio` divides by, and
+        # returned it: a product folding into it now divides by the module's output, which is
+        # exact (see writable). Nothing else may use it: check_writes sees to that.
+        if ratio.z is not output:
+            raise WritesNeedCopies
+        self._ratios[id(output)] = _Ratio(output, output, ratio.epsilon, ratio.foldable)
+        self._written[output.grad_fn] = output
+        return output
+
+    def check_writes(self, outputs: Sequence[Tensor]) -> None:
+        """Checks that every tensor an in-place ReLU wrote into (see
+        [writable][fastattr.lrp.Relevance.writable]) is used in the graph of ``outputs`` by
+        products folded into it alone.
+
+        Args:
+            outputs: What the backward starts from.
+
+        Raises:
+            WritesNeedCopies: It has another use.
+        """
+        written, folds = self._written, self._folds
+        self._written, self._folds = {}, set()
+        if not written:
+            return
+        stack = [output.grad_fn for output in outputs if output.grad_fn is not None]
+        seen = set(stack)
+        while stack:
+            node = stack.pop()
+            for following, _ in node.next_functions:
+                if following is None:
+                    continue
+                if following in written and node not in folds:
+                    raise WritesNeedCopies
+                if following not in seen:
+                    seen.add(following)
+                    stack.append(following)
+
+    def write_into(self, target: Tensor, value: Tensor) -> Tensor:
+        """``target`` with ``value`` written into it (with ``value``'s history), for rules of
+        in-place calls.
+
+        Args:
+            target: The tensor the call writes into.
+            value: What the rule computed for it.
+
+        Returns:
+            ``target``.
+        """
         try:
-            return a.copy_(total)
+            return target.copy_(value)
         except RuntimeError as error:
-            # Refused before anything was written.
+            # Refused before anything was written: a rule's output cannot be changed in place.
             if "custom Function" in str(error):
                 raise CopiesNeeded from error
             raise
 
+    def is_activation(self, value: object) -> bool:
+        """Whether ``value`` is a floating tensor that depends on the attributed inputs (rather
+        than on parameters, buffers and constants only), read off its autograd graph.
 
-@dataclass
-class Propagation:
-    """Installs the plan's rules on entry, as forward hooks or, on modules without hooks of their
-    own, as an instance ``forward`` doing the hooks' work; on exit removes them and restores the
-    buffers of modules in training mode (running statistics), also when the forward raised."""
+        Args:
+            value: Anything.
 
-    model: nn.Module
-    plan: RulePlan
-    copy: bool = False  # copy every rule's output, not only when modules work in place
-    taps: Sequence[nn.Module] = ()
-    tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = field(default_factory=dict)
-    _handles: list[RemovableHandle] = field(default_factory=list)
-    _buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    _mode: _ResidualAdditions | None = None
-    # Rule outputs whose epsilon ratio a product at a later module's input may fold into, by id:
-    # (the output, or what pass-through rules made of it; z; epsilon; whether it was handed on
-    # without its ratio node). Holding the output keeps its id from being reused.
-    _ratios: dict[int, tuple[Tensor, Tensor, float, bool]] = field(default_factory=dict)
-    # (module, pre-hook or None, hook) for each (effective copy flag, hand-on flag), built on
-    # first use: entered again, a Propagation only registers them.
-    _hooks: dict[tuple[bool, bool], list[tuple[nn.Module, Callable | None, Callable]]] = field(
-        default_factory=dict
-    )
-    _overridden: list[tuple[nn.Module, Callable | None]] = field(default_factory=list)
-    # The backend's node constructors, looked up on entry rather than at every module.
-    _nodes: ops.LrpNodes = field(default_factory=ops.lrp_nodes)
-    active: bool = False  # between entry and exit
+        Returns:
+            True for an activation.
+        """
+        if not isinstance(value, Tensor) or not value.requires_grad:
+            return False
+        if id(value) in self._inputs:
+            return True
+        node = value.grad_fn
+        return node is not None and self._reaches_inputs(node)
 
-    def __enter__(self) -> Propagation:
-        if self.active:
-            raise RuntimeError("this Propagation is installed already")
-        self.active = True
+    @property
+    def container(self) -> nn.Module | None:
+        """The innermost module without a rule whose forward is running (kept while op rules
+        are in use)."""
+        return self._containers[-1] if self._containers else None
+
+    def ratio_output(self, x: object) -> _Ratio | None:
+        """What made ``x`` when it is the epsilon-ratio output of a module's rule (not a
+        pass-through of one): its record, with ``module``, ``rule``, ``inputs`` (those the
+        module ran on) and ``raw`` (the module's own output).
+
+        Args:
+            x: Anything.
+
+        Returns:
+            The record, or None.
+        """
+        found = self._ratios.get(id(x)) if isinstance(x, Tensor) else None
+        if (
+            found is None
+            or found.tensor is not x
+            or found.version != x._version
+            or found.module is None
+            or not found.foldable
+        ):
+            return None
+        return found
+
+    def raw_output(self, x: object) -> _Ratio | None:
+        """When ``x`` is a module's own output that a rule then handed on through its epsilon
+        ratio, that ratio's record (as ``ratio_output`` gives it).
+
+        Args:
+            x: Anything.
+
+        Returns:
+            The record, or None.
+        """
+        found = self._raw.get(id(x)) if isinstance(x, Tensor) else None
+        return found if found is not None and found.raw is x and found.module is not None else None
+
+    # The engine.
+
+    def run(self, forward: Callable[[], Any], inputs: Sequence[Tensor]) -> Any:
+        """``forward()`` with this thread's module calls handed to their rules (and torch calls
+        to op rules); nothing of it remains once it returns or raises.
+
+        The hooks are process-wide but act only in the context ``forward`` runs in, a copy of
+        the caller's made for this call alone: other threads, and this one once the call is
+        over, are untouched even if an interrupt cut the removal of the hooks short (a hook
+        left so removes itself when its call's state is gone).
+
+        Args:
+            forward: The model's forward, as a function of nothing.
+            inputs: The attributed inputs (leaves of the graph).
+
+        Returns:
+            What ``forward`` returns.
+        """
+        self._inputs = {id(x) for x in inputs}
+        self._held = list(inputs)
         self._nodes = ops.lrp_nodes()
+        hooks = (_ModuleHook(self, pre=True), _ModuleHook(self, pre=False))
         try:
-            copy = self._save_buffers() or self.copy
-            if self.plan.may_add:
-                self._mode = _ResidualAdditions(copy)
-            hooked = _has_global_hooks()
-            via_hooks = [hooked or _has_hooks(module) for _, module, _, _ in self.plan.rules]
-            # Hooks may see a module's output: hand none on without its node then.
-            hand_on = bool(self.plan.successors) and not any(via_hooks)
-            hooks = self._hooks.get((copy, hand_on))
-            if hooks is None:
-                hooks = self._hooks[copy, hand_on] = self._make_hooks(copy, hand_on)
-            self.tapped.clear()
-            for (module, pre_hook, hook), hooked_module in zip(hooks, via_hooks):
-                if hooked_module:
-                    if pre_hook is not None:
-                        self._handles.append(module.register_forward_pre_hook(pre_hook))
-                    self._handles.append(module.register_forward_hook(hook))
-                else:
-                    self._override(module, pre_hook, hook)
-        except BaseException:
-            self._restore()
-            raise
-        return self
-
-    def _override(self, module: nn.Module, pre_hook: Callable | None, hook: Callable) -> None:
-        # The hooks' work done by an instance forward, which costs less to install and to call
-        # than hooks; only on modules without hooks of their own (which would then see other
-        # tensors). It also sees calls of module.forward that bypass module(...).
-        own = module.__dict__
-        self._overridden.append((module, own.get("forward")))
-        forward = module.forward
-
-        def overridden(*args: Any, **kwargs: Any) -> Any:
-            if pre_hook is not None:
-                args = pre_hook(module, args)
-            return hook(module, args, forward(*args, **kwargs))
-
-        own["forward"] = overridden
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-    def forward(self, *args: Any) -> Any:
-        """The model's forward, with its residual additions routed through the sum rule."""
-        try:
-            if self._mode is None:
-                return self.model(*args)
-            with self._mode:
-                return self.model(*args)
+            hooks[0].handle = module_hooks.register_module_forward_pre_hook(hooks[0])
+            hooks[1].handle = module_hooks.register_module_forward_hook(hooks[1])
+            return contextvars.copy_context().run(self._forward, forward)
         finally:
-            # Held past the forward, the ratios that nothing folded into would keep their nodes,
-            # and the tensors those save, alive through the backward.
-            self._ratios.clear()
+            _remove(hooks)
+            self._forget()
 
-    def _save_buffers(self) -> bool:
-        """Saves the buffers of modules in training mode; says whether a module works in place
-        (then every rule's output is copied)."""
-        in_place = False
-        for module in self.plan.modules:
-            in_place = in_place or module.__dict__.get("inplace") is True
-            if module.training and module._buffers:
-                self._buffers.extend((b, b.clone()) for b in module.buffers(recurse=False))
-        return in_place
+    def _forward(self, forward: Callable[[], Any]) -> Any:
+        _ACTIVE.set(self)  # in this call's own context
+        if self.plan.has_op_rules:
+            with _OpRules(self):
+                return forward()
+        return forward()
 
-    def _restore(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, forward in self._overridden:
-            if forward is None:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = forward
-        self._overridden.clear()
-        if self._buffers:
-            with torch.no_grad():
-                for buffer, saved in self._buffers:
-                    buffer.copy_(saved)
-            self._buffers.clear()
+    def _forget(self) -> None:
+        # Held past the forward, the ratios that nothing folded into would keep their nodes,
+        # and the tensors those save, alive through the backward.
         self._ratios.clear()
-        self.active = False
+        self._raw.clear()
+        self._writable.clear()
+        self._reaches.clear()
+        self._held.clear()
+        self._containers.clear()
 
-    def _make_hooks(
-        self, copy: bool, hand_on: bool
-    ) -> list[tuple[nn.Module, Callable | None, Callable]]:
-        taps = {id(t) for t in self.taps}
-        # Depth counting only matters under the residual-addition mode.
-        counts = self.plan.may_add
-        # Folding a product into the previous ratio skips the nodes between, so not where a
-        # tapped layer's relevance must reach them; and not on copies (in-place forwards).
-        fused = {id(m): rule for _, m, rule, _ in self.plan.rules if not copy and id(m) not in taps}
-        hooks = []
-        for _, module, rule, _ in self.plan.rules:
-            tap = id(module) in taps
-            fuse = id(module) in fused
-            successor = self.plan.successors.get(id(module)) if hand_on and fuse else None
-            hands_on = (
-                successor is not None
-                and _torch_code(module)
-                and _takes_ratio(successor, fused.get(id(successor)))
+    def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        found = self.plan.rules.get(id(module))
+        if found is None:
+            if self.plan.has_op_rules:
+                self._containers.append(module)
+            return None
+        self.depth += 1
+        if self.taps and any(module is tap for tap in self.taps):
+            args = self._tap_inputs(module, args)
+        return found[1].forward_inputs(self, module, args)
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: object) -> Any:
+        found = self.plan.rules.get(id(module))
+        if found is None:
+            if self.plan.has_op_rules and self._containers:
+                self._containers.pop()
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"LRP rules need modules that return one tensor; {type(module).__name__} "
+                f"returned {type(output).__name__}"
             )
-            pre_hook = None
-            if rule.relevance_at_input or tap or counts:
-                pre_hook = self._pre_hook(rule, tap, counts, fuse)
-            post_hook = self._post_hook(rule, tap, copy, counts, fuse, hands_on)
-            hooks.append((module, pre_hook, post_hook))
-        return hooks
+        rule = found[1]
+        result = rule.forward_output(self, module, args, output)
+        self.depth -= 1
+        made = self._raw.get(id(output))
+        if made is not None and made.raw is output and made.module is None:
+            # The ratio node on this module's own output.
+            made.module, made.rule, made.inputs = module, rule, args
+        if self.taps and any(module is tap for tap in self.taps):
+            self._tap_output(module, result)
+        return result
 
-    def _pre_hook(self, rule: PropagationRule, tap: bool, counts: bool, fuse: bool) -> Callable:
-        mode_depth = self._enter_module
-        ratios = self._ratios
+    def _handed(self, made: Tensor) -> Tensor:
+        return made.clone() if self.copy else made
 
-        def product(a: object) -> object:
-            if not isinstance(a, Tensor) or not a.is_floating_point():
-                return a
-            found = ratios.get(id(a)) if fuse else None
-            if found is not None and found[0] is a:
-                return self._nodes.product_ratio(found[1], a.detach(), found[2])
-            return self._nodes.product(a)
+    def _reaches_inputs(self, start: Any) -> bool:
+        """Whether the autograd graph from ``start`` reaches an attributed input (or a node
+        known to)."""
+        known = self._reaches.get(id(start))
+        if known is not None:
+            return known
+        stack = [start]
+        visited = {id(start)}
+        held = self._held
+        while stack:
+            node = stack.pop()
+            held.append(node)
+            if self._reaches.get(id(node)):
+                self._reaches[id(start)] = True
+                return True
+            variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf
+            if variable is not None and id(variable) in self._inputs:
+                self._reaches[id(start)] = True
+                return True
+            for following, _ in node.next_functions:
+                if following is not None and id(following) not in visited:
+                    visited.add(id(following))
+                    stack.append(following)
+        for node_id in visited:  # none of these reaches an input
+            self._reaches[node_id] = False
+        return False
 
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            if counts:
-                mode_depth(+1)
-            if tap:
-                # A private view per call: its gradient is this module's input relevance alone.
-                args = tuple(a.view_as(a) if isinstance(a, Tensor) else a for a in args)
-                self._record(module, args, None)
-            if not rule.relevance_at_input:
-                return args
-            return tuple(map(product, args))
+    def _tap_inputs(self, module: nn.Module, args: tuple) -> tuple:
+        if id(module) in self.tapped:
+            raise ValueError(
+                f"layer {type(module).__name__} runs more than once in the forward, so its "
+                "relevance is ambiguous; LayerLRP needs a layer that runs once"
+            )
+        # A private view per call: its gradient is this module's input relevance alone.
+        args = tuple(a.view_as(a) if isinstance(a, Tensor) else a for a in args)
+        tensors = tuple(a for a in args if isinstance(a, Tensor) and a.requires_grad)
+        self.tapped[id(module)] = (tensors, torch.empty(0))
+        return args
 
-        return hook
+    def _tap_output(self, module: nn.Module, output: Tensor) -> None:
+        # Its relevance must reach this tensor: nothing may fold past it.
+        found = self._ratios.get(id(output))
+        if found is not None:
+            found.foldable = False
+        self.tapped[id(module)] = (self.tapped[id(module)][0], output)
 
-    def _post_hook(
-        self,
-        rule: PropagationRule,
-        tap: bool,
-        copy: bool,
-        counts: bool,
-        fuse: bool,
-        hands_on: bool,
-    ) -> Callable:
-        """``hands_on``: the output goes into one module, which folds the ratio into its product
-        or makes the ratio node itself; the output is then handed on without a node."""
-        mode_depth = self._enter_module
-        ratios = self._ratios
-        ratio_rule = rule if fuse and isinstance(rule, RatioRule) else None
-        pass_rule = rule if isinstance(rule, IdentityRule) else None
-        passes = fuse and pass_rule is not None
 
-        def hook(module: nn.Module, args: tuple, output: object) -> Tensor:
-            if counts:
-                mode_depth(-1)
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"LRP rules need modules that return one tensor; {type(module).__name__} "
-                    f"returned {type(output).__name__}"
-                )
-            if ratio_rule is not None:
-                z, epsilon = ratio_rule.ratio_operands(module, args, output)
-                foldable = z is output or (z.dtype == output.dtype and z.shape == output.shape)
-                if hands_on and foldable:
-                    ratios[id(output)] = (output, z, epsilon, True)
-                    return output
-                propagated = ratio_node(self._nodes, z, output, epsilon, copy)
-                if foldable:
-                    ratios[id(propagated)] = (propagated, z, epsilon, False)
-                return propagated
-            found = None
-            if pass_rule is not None:
-                source = pass_rule.source(module, args, output)
-                found = ratios.get(id(source))
-                if found is not None and found[0] is not source:
-                    found = None
-                if found is not None and found[3]:  # a ratio handed on without its node
-                    if hands_on and found[1].dtype == output.dtype:
-                        ratios[id(output)] = (output, found[1], found[2], True)
-                        return output
-                    source = ratio_node(self._nodes, found[1], source, found[2], copy)
-                propagated = self._nodes.passing(source, output.detach(), copy)
-            else:
-                propagated = rule.propagate(module, args, output, copy)
-            if passes and found is not None and found[1].dtype == output.dtype:
-                # The relevance crosses unchanged: a ratio before still awaits its product.
-                ratios[id(propagated)] = (propagated, found[1], found[2], False)
-            if tap:
-                self._record(module, None, propagated)
-            return propagated
-
-        return hook
-
-    def _enter_module(self, step: int) -> None:
-        if self._mode is not None:
-            self._mode.depth += step
-
-    def _record(self, module: nn.Module, inputs: tuple | None, output: Tensor | None) -> None:
-        key = id(module)
-        if inputs is not None:
-            if key in self.tapped:
-                raise ValueError(
-                    f"layer {type(module).__name__} runs more than once in the forward, so its "
-                    "relevance is ambiguous; LayerLRP needs a layer that runs once"
-                )
-            # The inputs relevance reaches: floating tensors on the graph.
-            tensors = tuple(a for a in inputs if isinstance(a, Tensor) and a.requires_grad)
-            self.tapped[key] = (tensors, torch.empty(0))
-        else:
-            assert output is not None
-            self.tapped[key] = (self.tapped[key][0], output)
+# LRP's machinery: of it, rules see Relevance (exported by fastattr.lrp).
+__all__ = ["Relevance"]

@@ -127,24 +127,8 @@ def epsilon_ratio_of_product(
     return reference.epsilon_ratio_of_product(activations, contributions, z, epsilon)
 
 
-def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
-    """The relevance ``activations * contributions`` and its per-example sums.
-
-    Args:
-        activations: (B, ...) values at a module's input.
-        contributions: (B, ...) contributions arriving there.
-
-    Returns:
-        The (B, ...) product and its (B,) row sums.
-    """
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.relevance_product.default(activations, contributions)
-    return reference.relevance_product(activations, contributions)
-
-
 def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
-    """``activations * contributions``: LRP's relevance at a module's input, without the row
-    sums of [fastattr.ops.relevance_product][] (which cost more than the product on the CPU).
+    """``activations * contributions``: LRP's relevance at a module's input.
 
     Args:
         activations: (B, ...) values at a module's input.
@@ -156,58 +140,86 @@ def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
 
 
 def lrp_product_node(activation: Tensor) -> Tensor:
-    """LRP's node at a module's input: ``activation`` itself, whose backward turns the
+    """LRP's node at a module's input: a view of ``activation``, whose backward turns the
     contribution arriving into the relevance ``activation * contribution``.
 
     Args:
         activation: The module's input.
+
+    Returns:
+        A view of ``activation`` that autograd keeps from being changed in place.
     """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_product_node.default(activation)
     return reference.lrp_product_node(activation)
 
 
-def lrp_ratio_node(z: Tensor, shown: Tensor | None, epsilon: float, copy: bool) -> Tensor:
-    """LRP's node at a module's output, whose backward sends ``relevance / (z + epsilon *
-    sign(z))`` into ``z``'s graph.
-
-    Args:
-        z: The tensor whose graph receives the relevance.
-        shown: The value the model continues with; ``z`` when None.
-        epsilon: The stabilizer, non-negative.
-        copy: Return a copy of ``shown`` rather than ``shown`` itself.
-    """
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.lrp_ratio_node.default(z, shown, epsilon, copy)
-    return reference.lrp_ratio_node(z, shown, epsilon, copy)
-
-
-def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
-    """LRP's pass-through node, whose backward hands the relevance to ``source`` unchanged.
-
-    Args:
-        source: The tensor that receives the relevance.
-        shown: The value the model continues with.
-        copy: Return a copy of ``shown`` rather than ``shown`` itself.
-    """
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.lrp_pass_node.default(source, shown, copy)
-    return reference.lrp_pass_node(source, shown, copy)
-
-
 def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Tensor:
     """LRP's product node at a module's input fused with the ratio node at the previous
-    module's output, when only pass-through modules lie between: ``activation`` itself, whose
+    module's output, when only pass-through rules lie between: a view of ``activation``, whose
     backward sends ``activation * relevance / (z + epsilon * sign(z))`` into ``z``'s graph.
 
     Args:
-        z: The previous module's output.
-        activation: The module's input.
+        z: The previous module's output (or its recomputation).
+        activation: The module's input, detached.
         epsilon: The stabilizer, non-negative.
+
+    Returns:
+        A view of ``activation`` that autograd keeps from being changed in place.
     """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_product_ratio_node.default(z, activation, epsilon)
     return reference.lrp_product_ratio_node(z, activation, epsilon)
+
+
+def lrp_ratio_node(z: Tensor, epsilon: float) -> Tensor:
+    """LRP's node at a module's output: a view of ``z``, whose backward sends ``relevance /
+    (z + epsilon * sign(z))`` into ``z``'s graph.
+
+    Args:
+        z: The module's output.
+        epsilon: The stabilizer, non-negative.
+
+    Returns:
+        A view of ``z`` that autograd keeps from being changed in place.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_ratio_node.default(z, epsilon)
+    return reference.lrp_ratio_node(z, epsilon)
+
+
+def lrp_ratio_shown_node(z: Tensor, shown: Tensor, epsilon: float) -> Tensor:
+    """[fastattr.ops.lrp_ratio_node][] for a ``z`` recomputed with modified weights: a view of
+    the module's true output ``shown``, whose backward sends ``relevance / (z + epsilon *
+    sign(z))`` into ``z``'s graph.
+
+    Args:
+        z: The recomputed output, whose graph receives the relevance.
+        shown: The module's output, detached: what the model continues with.
+        epsilon: The stabilizer, non-negative.
+
+    Returns:
+        A view of ``shown`` that autograd keeps from being changed in place.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_ratio_shown_node.default(z, shown, epsilon)
+    return reference.lrp_ratio_shown_node(z, shown, epsilon)
+
+
+def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
+    """LRP's pass-through node: a view of ``shown``, whose backward hands the relevance to
+    ``source`` unchanged.
+
+    Args:
+        source: The tensor that receives the relevance.
+        shown: The value the model continues with, detached.
+
+    Returns:
+        A view of ``shown`` that autograd keeps from being changed in place.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_pass_node.default(source, shown)
+    return reference.lrp_pass_node(source, shown)
 
 
 class LrpNodes(NamedTuple):
@@ -216,29 +228,33 @@ class LrpNodes(NamedTuple):
 
     Attributes:
         product: [fastattr.ops.lrp_product_node][].
-        ratio: [fastattr.ops.lrp_ratio_node][].
-        passing: [fastattr.ops.lrp_pass_node][].
         product_ratio: [fastattr.ops.lrp_product_ratio_node][].
+        ratio: [fastattr.ops.lrp_ratio_node][].
+        ratio_shown: [fastattr.ops.lrp_ratio_shown_node][].
+        passing: [fastattr.ops.lrp_pass_node][].
     """
 
     product: Callable[[Tensor], Tensor]
-    ratio: Callable[[Tensor, Tensor | None, float, bool], Tensor]
-    passing: Callable[[Tensor, Tensor, bool], Tensor]
     product_ratio: Callable[[Tensor, Tensor, float], Tensor]
+    ratio: Callable[[Tensor, float], Tensor]
+    ratio_shown: Callable[[Tensor, Tensor, float], Tensor]
+    passing: Callable[[Tensor, Tensor], Tensor]
 
 
 _REFERENCE_NODES = LrpNodes(
     reference.lrp_product_node,
-    reference.lrp_ratio_node,
-    reference.lrp_pass_node,
     reference.lrp_product_ratio_node,
+    reference.lrp_ratio_node,
+    reference.lrp_ratio_shown_node,
+    reference.lrp_pass_node,
 )
 _COMPILED_NODES = (
     LrpNodes(
         torch.ops.fastattr.lrp_product_node.default,
-        torch.ops.fastattr.lrp_ratio_node.default,
-        torch.ops.fastattr.lrp_pass_node.default,
         torch.ops.fastattr.lrp_product_ratio_node.default,
+        torch.ops.fastattr.lrp_ratio_node.default,
+        torch.ops.fastattr.lrp_ratio_shown_node.default,
+        torch.ops.fastattr.lrp_pass_node.default,
     )
     if is_compiled()
     else _REFERENCE_NODES
@@ -246,7 +262,11 @@ _COMPILED_NODES = (
 
 
 def lrp_nodes() -> LrpNodes:
-    """The LRP nodes of the backend in this context."""
+    """The LRP nodes of the backend in this context.
+
+    Returns:
+        The compiled nodes, or their twins under ``use_backend("reference")``.
+    """
     return _COMPILED_NODES if backend_in_context() == "compiled" else _REFERENCE_NODES
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastattr.ops import reference
-from fastattr.ops.reference import opmath_dtype, row_layout
+from fastattr.ops.reference import row_layout
 
 
 @torch.library.register_fake("fastattr::interpolate_path")
@@ -44,14 +44,6 @@ def _(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
 def _(activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float) -> Tensor:
     reference.check_epsilon_ratio_of_product(activations, contributions, z, epsilon)
     return torch.empty_like(activations, memory_format=row_layout(activations))
-
-
-@torch.library.register_fake("fastattr::relevance_product")
-def _(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
-    reference.check_relevance_product(activations, contributions)
-    product = torch.empty_like(activations, memory_format=row_layout(activations))
-    sums = activations.new_empty(activations.shape[0], dtype=opmath_dtype(activations.dtype))
-    return product, sums
 
 
 @torch.library.register_fake("fastattr::input_relevance")

@@ -230,22 +230,6 @@ def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     return (relevance.to(compute) / (zc + sign * epsilon)).to(relevance.dtype)
 
 
-def check_relevance_product(activations: Tensor, contributions: Tensor) -> None:
-    _check_batched(activations, "activations")
-    _check_floating(activations, "activations")
-    _check_same(contributions, "contributions", activations, "activations", shape=True)
-
-
-def relevance_product(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
-    """Twin of [fastattr.ops.relevance_product][].
-
-    ``activations * contributions`` and its per-example sums (in float32 or float64)."""
-    check_relevance_product(activations, contributions)
-    compute = opmath_dtype(activations.dtype)
-    product = activations.to(compute) * contributions.to(compute)
-    return product.to(activations.dtype), _row_sums(product)
-
-
 def check_input_relevance(activations: Tensor, contributions: Tensor) -> None:
     _check_floating(activations, "activations")
     _check_same(contributions, "contributions", activations, "activations", shape=True)
@@ -282,12 +266,9 @@ def epsilon_ratio_of_product(
     return epsilon_ratio(input_relevance(activations, contributions), z, epsilon)
 
 
-# LRP's autograd nodes. Each forward hands on a tensor unchanged (a copy with ``copy``, else an
-# alias of the input returned); each backward applies one step of a rule.
-
-
-def _shown(value: Tensor, copy: bool) -> Tensor:
-    return value.clone() if copy else value.view_as(value)
+# LRP's autograd nodes. Each forward returns a view of the tensor the model continues with (made
+# inside the Function, so autograd refuses in-place changes to it); each backward applies one
+# step of a rule.
 
 
 class _ProductNode(torch.autograd.Function):
@@ -300,31 +281,6 @@ class _ProductNode(torch.autograd.Function):
     def backward(ctx, contribution: Tensor) -> Tensor:  # type: ignore[override]
         (activation,) = ctx.saved_tensors
         return input_relevance(activation, contribution.to(activation.dtype))
-
-
-class _RatioNode(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, z: Tensor, shown: Tensor | None, epsilon: float, copy: bool
-    ) -> Tensor:
-        ctx.save_for_backward(z)
-        ctx.epsilon = epsilon
-        return _shown(z if shown is None else shown, copy)
-
-    @staticmethod
-    def backward(ctx, relevance: Tensor):  # type: ignore[override]
-        (z,) = ctx.saved_tensors
-        return epsilon_ratio(relevance.to(z.dtype), z, ctx.epsilon), None, None, None
-
-
-class _PassNode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, source: Tensor, shown: Tensor, copy: bool) -> Tensor:  # type: ignore[override]
-        return _shown(shown, copy)
-
-    @staticmethod
-    def backward(ctx, relevance: Tensor):  # type: ignore[override]
-        return relevance, None, None
 
 
 class _ProductRatioNode(torch.autograd.Function):
@@ -343,37 +299,68 @@ class _ProductRatioNode(torch.autograd.Function):
         return ratio, None, None
 
 
+class _RatioNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, shown: Tensor, epsilon: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.epsilon = epsilon
+        return shown.view_as(shown)
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return epsilon_ratio(relevance.to(z.dtype), z, ctx.epsilon), None, None
+
+
+class _PassNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, source: Tensor, shown: Tensor) -> Tensor:  # type: ignore[override]
+        return shown.view_as(shown)
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):  # type: ignore[override]
+        return relevance, None
+
+
 def lrp_product_node(activation: Tensor) -> Tensor:
     """Twin of [fastattr.ops.lrp_product_node][].
 
-    ``activation``; backward ``activation * contribution``
+    A view of ``activation``; backward ``activation * contribution``
     ([input_relevance][fastattr.ops.reference.input_relevance])."""
     return _ProductNode.apply(activation)
-
-
-def lrp_ratio_node(z: Tensor, shown: Tensor | None, epsilon: float, copy: bool) -> Tensor:
-    """Twin of [fastattr.ops.lrp_ratio_node][].
-
-    ``shown`` (``z`` when None); backward [epsilon_ratio][fastattr.ops.reference.epsilon_ratio]
-    of the relevance and ``z``, into ``z``."""
-    return _RatioNode.apply(z, shown, epsilon, copy)
-
-
-def lrp_pass_node(source: Tensor, shown: Tensor, copy: bool) -> Tensor:
-    """Twin of [fastattr.ops.lrp_pass_node][].
-
-    ``shown``; backward the relevance, unchanged, into ``source``."""
-    return _PassNode.apply(source, shown, copy)
 
 
 def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Tensor:
     """Twin of [fastattr.ops.lrp_product_ratio_node][].
 
-    ``activation``; backward
+    A view of ``activation``; backward
     [epsilon_ratio_of_product][fastattr.ops.reference.epsilon_ratio_of_product] of it, the
     relevance and ``z``, into ``z``: the product node at a module's input, the pass nodes
     before it and the ratio node at the previous module's output, in one."""
     return _ProductRatioNode.apply(z, activation, epsilon)
+
+
+def lrp_ratio_node(z: Tensor, epsilon: float) -> Tensor:
+    """Twin of [fastattr.ops.lrp_ratio_node][].
+
+    A view of ``z``; backward [epsilon_ratio][fastattr.ops.reference.epsilon_ratio] of the
+    relevance and ``z``, into ``z``."""
+    return _RatioNode.apply(z, z, epsilon)
+
+
+def lrp_ratio_shown_node(z: Tensor, shown: Tensor, epsilon: float) -> Tensor:
+    """Twin of [fastattr.ops.lrp_ratio_shown_node][].
+
+    A view of ``shown``; backward [epsilon_ratio][fastattr.ops.reference.epsilon_ratio] of the
+    relevance and ``z``, into ``z``."""
+    return _RatioNode.apply(z, shown, epsilon)
+
+
+def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.lrp_pass_node][].
+
+    A view of ``shown``; backward the relevance, unchanged, into ``source``."""
+    return _PassNode.apply(source, shown)
 
 
 # The public names: the twins. (The check_* functions and layout helpers serve the ops,
@@ -387,7 +374,7 @@ __all__ = [
     "lrp_product_node",
     "lrp_product_ratio_node",
     "lrp_ratio_node",
+    "lrp_ratio_shown_node",
     "quadrature_accumulate",
     "quadrature_finish",
-    "relevance_product",
 ]

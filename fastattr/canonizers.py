@@ -1,0 +1,291 @@
+"""Canonizers: named, explicit changes to how LRP reads a model, as zennit has them.
+
+Pass them to ``LRP(model, canonizers=[...])`` or ``LayerLRP(model, layer, canonizers=[...])``.
+They act for that object's calls only and never touch the model: a canonizer changes the rules
+LRP applies ([module_rule][fastattr.canonizers.Canonizer.module_rule]) and adds rules for
+torch-level calls ([op_rules][fastattr.canonizers.Canonizer.op_rules]), decided per call from
+the data flow the call shows. Without a canonizer, LRP's numbers are captum's.
+
+- [EpsilonSum][fastattr.canonizers.EpsilonSum]: ``a + b`` / ``torch.add`` / ``a += b`` of two
+  activations gets the epsilon rule of a sum instead of plain autograd, which copies the
+  relevance into both branches. A parameter or a constant added to an activation is a bias,
+  not a branch, and is left alone.
+- [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]: a batch norm (using running
+  statistics) that receives a linear or convolution module's output is merged into it: the
+  rule of the linear module applies to the composite affine map, with its ratio at the batch
+  norm's output.
+- [ResNetCanonizer][fastattr.canonizers.ResNetCanonizer]: ``MergeBatchNorm``, and the epsilon
+  rule on the residual sum of torchvision's ``BasicBlock`` and ``Bottleneck``, as zennit's
+  ``ResNetCanonizer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastattr.lrp.propagation import Relevance
+from fastattr.lrp.rules import (
+    STABILIZER,
+    EpsilonSumRule,
+    ModifiedWeightRule,
+    OpRule,
+    PropagationRule,
+    RatioRule,
+)
+
+
+class Canonizer:
+    """How LRP reads a model for the calls of one LRP object: override either method.
+
+    The base changes nothing.
+    """
+
+    def module_rule(
+        self, module: nn.Module, rule: PropagationRule | None
+    ) -> PropagationRule | None:
+        """The rule ``module`` gets with this canonizer.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use; by default ``rule``.
+        """
+        return rule
+
+    def op_rules(self) -> Sequence[OpRule]:
+        """Rules for torch-level calls outside the modules that carry a rule.
+
+        Returns:
+            The op rules; by default none.
+        """
+        return ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class EpsilonSum(Canonizer):
+    """The epsilon rule on sums of two activations (``a + b``, ``torch.add``, ``a += b``),
+    wherever the forward computes them outside a module with a rule of its own.
+
+    Args:
+        epsilon: The stabilizer of the sum's ratio.
+
+    Raises:
+        TypeError: ``epsilon`` is not a real number.
+        ValueError: ``epsilon`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import EpsilonSum
+        >>> class Residual(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 4)
+        ...         self.head = nn.Linear(4, 2)
+        ...     def forward(self, x):
+        ...         return self.head(self.fc(x) + x)
+        >>> lrp = LRP(Residual(), canonizers=[EpsilonSum()])
+        >>> lrp.attribute(torch.randn(3, 4), target=0).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(self, epsilon: float = STABILIZER) -> None:
+        self._rule = EpsilonSumRule(epsilon)
+
+    @property
+    def epsilon(self) -> float:
+        """The stabilizer of the sum's ratio."""
+        return self._rule.epsilon
+
+    def op_rules(self) -> Sequence[OpRule]:
+        """The epsilon sum rule.
+
+        Returns:
+            One [EpsilonSumRule][fastattr.lrp.EpsilonSumRule].
+        """
+        return (self._rule,)
+
+    def __repr__(self) -> str:
+        return f"EpsilonSum(epsilon={self.epsilon})"
+
+
+_LINEAR = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _merged_parameters(linear: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """The weight and bias of ``norm(linear(x))`` as one affine map, from detached parameters
+    and the running statistics."""
+    weight = linear.weight.detach()
+    scale = torch.rsqrt(norm.running_var.detach() + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach()
+    bias = -norm.running_mean.detach()
+    if linear.bias is not None:
+        bias = bias + linear.bias.detach()
+    bias = bias * scale
+    if norm.bias is not None:
+        bias = bias + norm.bias.detach()
+    # Output channels are dimension 0 of the weight, 1 for transposed convolutions.
+    channel = 1 if getattr(linear, "transposed", False) else 0
+    shape = [1] * weight.dim()
+    shape[channel] = -1
+    return weight * scale.reshape(shape).to(weight.dtype), bias.to(weight.dtype)
+
+
+class _MergedBatchNormRule(PropagationRule):
+    """A batch norm's rule under ``MergeBatchNorm``: when its input is the output of a
+    linear module whose rule is an epsilon-type rule, that rule on the merged affine map
+    (relevance through the batch norm's and the linear module's own backward, the ratio at the
+    batch norm's output); otherwise ``own``, the rule it has without the canonizer."""
+
+    def __init__(self, own: PropagationRule) -> None:
+        self.own = own
+
+    def _producer(self, relevance: Relevance, module: nn.Module, x: object):
+        found = relevance.ratio_output(x)
+        if (
+            found is None
+            or not isinstance(found.module, _LINEAR)
+            or not isinstance(found.rule, RatioRule)
+            or module.training
+            or module.running_mean is None
+        ):
+            return None
+        return found
+
+    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
+        # Merging: the linear module's own output, past its ratio node.
+        found = self._producer(relevance, module, inputs[0]) if len(inputs) == 1 else None
+        if found is None:
+            return self.own.forward_inputs(relevance, module, inputs)
+        return (found.raw,)
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        found = relevance.raw_output(inputs[0])
+        if found is None:
+            return self.own.forward_output(relevance, module, inputs, output)
+        linear, rule = found.module, found.rule
+        if isinstance(rule, ModifiedWeightRule) and rule.changes(linear):
+            weight, bias = _merged_parameters(linear, module)
+            z = rule.modified_z(linear, found.inputs[0], weight, bias, output)
+            return relevance.ratio(z, output, STABILIZER)
+        _, epsilon = rule.ratio_operands(linear, found.inputs, found.raw)
+        return relevance.ratio(output, output, epsilon)
+
+    def __repr__(self) -> str:
+        return f"MergedBatchNorm({self.own!r})"
+
+
+class MergeBatchNorm(Canonizer):
+    """Batch norms merged into the linear or convolution module whose output they receive, as
+    zennit's ``SequentialMergeBatchNorm`` does, but read off the data flow of each call (a
+    batch norm that receives anything else keeps its own rule). Only batch norms that
+    normalize with running statistics (eval mode) are merged.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import MergeBatchNorm
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        ...                       nn.Flatten(), nn.Linear(16, 2)).eval()
+        >>> LRP(model, canonizers=[MergeBatchNorm()]).attribute(
+        ...     torch.randn(2, 3, 4, 4), target=1).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def module_rule(
+        self, module: nn.Module, rule: PropagationRule | None
+    ) -> PropagationRule | None:
+        """A batch norm's rule, wrapped so that it merges into the linear module before it.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The merging rule for batch norms; ``rule`` for other modules.
+        """
+        if rule is not None and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return _MergedBatchNormRule(rule)
+        return rule
+
+
+def _is_torchvision_block(module: nn.Module | None) -> bool:
+    """A torchvision ``BasicBlock`` or ``Bottleneck`` running its own, unchanged forward (which
+    rebinds ``out`` after ``out += identity``)."""
+    if module is None or "forward" in module.__dict__:
+        return False
+    kind = type(module)
+    if kind.__module__ != "torchvision.models.resnet" or kind.__name__ not in (
+        "BasicBlock",
+        "Bottleneck",
+    ):
+        return False
+    from torchvision.models import resnet
+
+    return kind.forward in (resnet.BasicBlock.forward, resnet.Bottleneck.forward)
+
+
+class ResNetCanonizer(Canonizer):
+    """For torchvision's ResNets: [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm], and
+    the epsilon rule on the residual sum of each ``BasicBlock`` and ``Bottleneck``, as zennit's
+    ``ResNetCanonizer``.
+
+    Args:
+        epsilon: The stabilizer of the residual sums' ratio.
+
+    Raises:
+        TypeError: ``epsilon`` is not a real number.
+        ValueError: ``epsilon`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torchvision.models import resnet18
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import ResNetCanonizer
+        >>> model = resnet18(weights=None).eval()
+        >>> lrp = LRP(model, canonizers=[ResNetCanonizer()])
+        >>> lrp.attribute(torch.randn(1, 3, 32, 32), target=3).shape
+        torch.Size([1, 3, 32, 32])
+    """
+
+    def __init__(self, epsilon: float = STABILIZER) -> None:
+        self._merge = MergeBatchNorm()
+        # torchvision's blocks rebind `out` after `out += identity`: the sum may be a new tensor.
+        self._sum = EpsilonSumRule(epsilon, rebind_in_place=True, scope=_is_torchvision_block)
+
+    def module_rule(
+        self, module: nn.Module, rule: PropagationRule | None
+    ) -> PropagationRule | None:
+        """As [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]'s.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use.
+        """
+        return self._merge.module_rule(module, rule)
+
+    def op_rules(self) -> Sequence[OpRule]:
+        """The epsilon sum rule, on sums in torchvision's residual blocks only.
+
+        Returns:
+            One [EpsilonSumRule][fastattr.lrp.EpsilonSumRule].
+        """
+        return (self._sum,)
+
+
+__all__ = ["Canonizer", "EpsilonSum", "MergeBatchNorm", "ResNetCanonizer"]

@@ -1,0 +1,223 @@
+"""Canonizers against zennit's counterparts with the matching composite (float64, to rounding),
+merged rules with modified weights against the model merged by hand, and the model left as
+found."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet18, resnet50, vgg11_bn
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import LayerMapComposite
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Norm, Pass
+from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
+from zennit.types import Activation
+
+from fastattr import LRP, GammaRule, IdentityRule, LayerLRP
+from fastattr.canonizers import Canonizer, EpsilonSum, MergeBatchNorm, ResNetCanonizer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+F64 = torch.float64
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(
+        actual, expected, rtol=1e-11, atol=1e-11 * float(expected.abs().max())
+    )
+
+
+def _zennit(model: nn.Module, x: torch.Tensor, target: int, canonizers: list) -> torch.Tensor:
+    """zennit with the rules fastattr applies by default (epsilon 1e-9 on linear maps, the
+    pooling layers and sums as their share of the output, relevance passed through
+    activations), and batch norms passed through once merged (as zennit's own composites)."""
+    linear = (nn.Linear, nn.Conv2d)
+    shares = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, Sum)
+    layer_map = [(Activation, Pass()), (nn.Dropout, Pass()), (linear, Epsilon(1e-9))]
+    layer_map.append((nn.BatchNorm2d, Pass() if canonizers else Epsilon(1e-9)))
+    layer_map.append((shares, Norm(1e-9)))
+    composite = LayerMapComposite(layer_map, canonizers=canonizers)
+    x = x.clone().requires_grad_()
+    with composite.context(model) as modified:
+        output = modified(x)
+        seed = torch.zeros_like(output)
+        seed[:, target] = output[:, target]
+        (relevance,) = torch.autograd.grad(output, x, seed)
+    return relevance
+
+
+def _random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Batch norms with statistics and affine parameters far from the identity, so that merging
+    matters. Their eps is 0: zennit 0.5.1 leaves a merged batch norm's eps in place, so its
+    "identity" would divide by sqrt(1 + eps) and differ from the model by more than rounding."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.1, 0.1)
+            module.eps = 0.0
+    return model.to(F64).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "ours", "theirs"),
+    [
+        (resnet18, ResNetCanonizer, ZennitResNetCanonizer),
+        (resnet50, ResNetCanonizer, ZennitResNetCanonizer),
+        (vgg11_bn, MergeBatchNorm, SequentialMergeBatchNorm),
+    ],
+    ids=["resnet18", "resnet50", "vgg11_bn"],
+)
+def test_torchvision_models_match_zennit(build, ours: type, theirs: type) -> None:
+    torch.manual_seed(0)
+    model = _random_statistics(build(weights=None))
+    x = torch.randn(1, 3, 32, 32, dtype=F64)
+    state = copy.deepcopy(model.state_dict())
+    relevance = LRP(model, canonizers=[ours()]).attribute(x, target=3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    _close(relevance, _zennit(model, x, 3, [theirs()]))
+
+
+class Block(nn.Module):
+    """A residual block whose `+` is spelled in several ways (or is a zennit Sum)."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 4, bias=False)
+        self.sum = Sum() if spelling == "zennit" else None
+
+    def merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.relu1(self.conv1(x)))
+        if self.sum is not None:
+            out = self.sum(torch.stack([out, x], dim=-1))
+        elif self.spelling == "+=":
+            out += x
+        elif self.spelling == "add_":
+            out.add_(x)  # result discarded: only the in-place update keeps this model right
+        elif self.spelling == "torch.add":
+            out = torch.add(out, x)
+        elif self.spelling == "helper":
+            out = self.merge(out, x)
+        else:
+            out = out + x
+        return self.fc(self.pool(self.relu2(out)).flatten(1))
+
+
+@pytest.mark.parametrize("spelling", ["+", "+=", "add_", "torch.add", "helper"])
+def test_epsilon_sum_matches_zennit_sum_and_conserves(spelling: str) -> None:
+    torch.manual_seed(0)
+    reference = Block("zennit").to(F64)
+    model = Block(spelling).to(F64)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    relevance, delta = LRP(model, canonizers=[EpsilonSum()]).attribute(
+        x, target=2, return_convergence_delta=True
+    )
+    _close(relevance, _zennit(reference, x, 2, []))
+    # Bias-free: only the stabilizers absorb anything.
+    scale = float(model(x)[:, 2].abs().max())
+    torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=1e-7 * scale)
+
+
+def test_merged_rules_with_modified_weights_match_the_model_merged_by_hand() -> None:
+    torch.manual_seed(0)
+    model = _random_statistics(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(4, 4, 3, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 3),
+        )
+    )
+    merged = copy.deepcopy(model)
+    SequentialMergeBatchNorm().apply(merged)  # merges into the convolutions, by hand
+    for module in merged:
+        if isinstance(module, nn.BatchNorm2d):
+            module.rule = fastattr_identity()
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    for conv in (0, 3):
+        model[conv].rule = GammaRule(0.5, set_bias_to_zero=conv == 0)
+        merged[conv].rule = GammaRule(0.5, set_bias_to_zero=conv == 0)
+    ours = LRP(model, canonizers=[MergeBatchNorm()]).attribute(x, target=1)
+    _close(ours, LRP(merged).attribute(x, target=1))
+    # With modified weights, merging first is not the same as the rules on the parts.
+    assert (ours - LRP(model).attribute(x, target=1)).abs().max() > 1e-3 * ours.abs().max()
+
+
+def fastattr_identity() -> IdentityRule:
+    return IdentityRule()
+
+
+def test_only_batch_norms_that_receive_a_linear_output_merge() -> None:
+    # bn1 follows a ReLU and keeps its epsilon rule; bn2 merges into fc2 (zennit merges the
+    # same two, here by the order of the modules).
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(5, 6)
+            self.relu = nn.ReLU()
+            self.bn1 = nn.BatchNorm1d(6)
+            self.fc2 = nn.Linear(6, 6)
+            self.bn2 = nn.BatchNorm1d(6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.bn1(self.relu(self.fc1(x)))
+            return self.head(self.bn2(self.fc2(h)))
+
+    torch.manual_seed(0)
+    model = Model()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.normal_(0, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    model = model.to(F64).eval()
+    hand = copy.deepcopy(model)
+    SequentialMergeBatchNorm().apply(hand)
+    hand.bn2.eps = 0.0  # the identity zennit means (see _random_statistics)
+    hand.bn2.rule = fastattr_identity()
+    x = torch.randn(3, 5, dtype=F64)
+    merge = [MergeBatchNorm()]
+    _close(LRP(model, canonizers=merge).attribute(x, target=0), LRP(hand).attribute(x, target=0))
+    for to_input in (False, True):
+        _close(
+            LayerLRP(model, model.bn1, canonizers=merge).attribute(
+                x, target=0, attribute_to_layer_input=to_input
+            ),
+            LayerLRP(hand, hand.bn1).attribute(x, target=0, attribute_to_layer_input=to_input),
+        )
+
+
+def test_canonizers_are_checked_and_compose() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(TypeError, match="canonizers"):
+        LRP(model, canonizers=EpsilonSum())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"canonizers\[1\]"):
+        LRP(model, canonizers=[EpsilonSum(), "merge"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="epsilon"):
+        EpsilonSum(-1.0)
+    x = torch.randn(2, 3)
+    _close(
+        LRP(model, canonizers=[Canonizer(), EpsilonSum()]).attribute(x, target=0),
+        LRP(model).attribute(x, target=0),
+    )
+    assert repr(EpsilonSum(0.5)) == "EpsilonSum(epsilon=0.5)"
