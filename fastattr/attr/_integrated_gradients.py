@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from fastattr._formatting import (
     BaselineType,
-    ColumnIndices,
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
@@ -19,36 +19,43 @@ from fastattr._formatting import (
     format_baselines,
     format_output,
     per_example,
-    repeat_additional_args,
-    repeat_target,
-    run_forward,
+    select_targets,
 )
 from fastattr._path_integral import (
     PathIntegral,
-    integrate_path,
+    PointRows,
+    args_for_points,
+    check_target_sequence,
+    integrate,
+    needs_whole_steps,
+    outputs_per_example,
     steps_per_chunk_for,
+    targets_for_points,
 )
 from fastattr._quadrature import check_steps
-from fastattr.attr._base import PathAttribution, forward_per_example
+from fastattr.attr._base import PathAttribution
 
 
-def convergence_delta(
+def convergence_deltas(
     result: PathIntegral,
     forward_func: Any,
     ends: tuple[Tensor, ...],
     starts: tuple[Tensor, ...],
-    target: TargetType | ColumnIndices,
+    targets: list[Any],
     args: tuple[Any, ...] | None,
-) -> Tensor:
-    """Captum's delta, reusing the path's own outputs at its ends where the quadrature
-    evaluated the model there."""
-    start_out, end_out = result.start_output, result.end_output
-    if start_out is None:
+) -> list[Tensor]:
+    """Captum's delta per target, reusing the path's own outputs at its ends where the
+    quadrature evaluated the model there for every example."""
+    start_outs, end_outs = result.start_outputs, result.end_outputs
+    if start_outs is None:
         starts = tuple(start.expand_as(end).contiguous() for start, end in zip(starts, ends))
-        start_out = forward_per_example(forward_func, starts, target, args)
-    if end_out is None:
-        end_out = forward_per_example(forward_func, ends, target, args)
-    return result.row_sums - (end_out - start_out)
+        start_outs = outputs_per_example(forward_func, starts, targets, args)
+    if end_outs is None:
+        end_outs = outputs_per_example(forward_func, ends, targets, args)
+    return [
+        sums - (end_out - start_out)
+        for sums, start_out, end_out in zip(result.row_sums, start_outs, end_outs)
+    ]
 
 
 class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
@@ -58,16 +65,28 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
     the straight line from a baseline to the input, approximated by a quadrature rule and, by
     default, multiplied by ``inputs - baselines``.
 
-    Unlike captum, the steps are streamed: the path is built and the gradients are reduced
+    Unlike captum, the path is streamed: its points are built and their gradients reduced
     chunk by chunk by fastattr's kernels, with one backward pass per chunk, so memory is
-    bounded by a chunk rather than by ``n_steps``. Results equal captum's up to float64
-    rounding (captum's quadrature tables are used bit for bit).
+    bounded by a chunk rather than by ``n_steps`` or the batch. Results equal captum's up to
+    float64 rounding (captum's quadrature tables are used bit for bit).
 
     Args:
         forward_func: the model or any callable returning its output for the inputs
             (followed by ``additional_forward_args``).
         multiply_by_inputs: multiply the integrated gradients by ``inputs - baselines``
             (global attributions) or not (local attributions). Default: True.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import IntegratedGradients
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+        >>> inputs = torch.randn(2, 4)
+        >>> attributions, delta = IntegratedGradients(model).attribute(
+        ...     inputs, target=1, return_convergence_delta=True
+        ... )
+        >>> attributions.shape, delta.shape
+        (torch.Size([2, 4]), torch.Size([2]))
     """
 
     def attribute(
@@ -107,6 +126,84 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             tuple), in float32 for float16/bfloat16 inputs as in captum; with
             ``return_convergence_delta``, the pair ``(attributions, delta)``.
         """
+        (result,) = self._attribute(
+            inputs,
+            baselines,
+            lambda batch: [check_target(target, batch)],
+            additional_forward_args,
+            n_steps,
+            method,
+            internal_batch_size,
+            return_convergence_delta,
+        )
+        return result
+
+    def attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        baselines: BaselineType = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+    ) -> list[Any]:
+        """Attribute several targets at once: one forward pass per chunk of the path serves
+        them all, then one backward pass per target.
+
+        Args:
+            inputs: as in :meth:`attribute`.
+            targets: K targets, a list or a tuple (or a tensor: one target per entry of its
+                first dimension), each in any form :meth:`attribute`'s ``target`` takes.
+            baselines: as in :meth:`attribute`.
+            additional_forward_args: as in :meth:`attribute`.
+            n_steps: as in :meth:`attribute`.
+            method: as in :meth:`attribute`.
+            internal_batch_size: as in :meth:`attribute`: path points per chunk (for all
+                targets together).
+            return_convergence_delta: as in :meth:`attribute`.
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, target=targets[k], ...)`` with the same other arguments.
+
+        Raises:
+            ValueError: ``targets`` is empty, or mixes None with indexing targets.
+            TypeError: ``targets`` is not a sequence.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import IntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+            >>> inputs = torch.randn(2, 4)
+            >>> per_class = IntegratedGradients(model).attribute_targets(inputs, [0, 1, 2])
+            >>> len(per_class), per_class[0].shape
+            (3, torch.Size([2, 4]))
+        """
+        return self._attribute(
+            inputs,
+            baselines,
+            lambda batch: check_target_sequence(targets, batch, check_target),
+            additional_forward_args,
+            n_steps,
+            method,
+            internal_batch_size,
+            return_convergence_delta,
+        )
+
+    def _attribute(
+        self,
+        inputs: TensorOrTuple,
+        baselines: BaselineType,
+        checked_targets: Callable[[int], list[Any]],
+        additional_forward_args: Any,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
+        return_convergence_delta: bool,
+    ) -> list[Any]:
         is_tuple = isinstance(inputs, tuple)
         ends = as_tensor_tuple(inputs)
         check_floating(
@@ -118,32 +215,33 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         starts = format_baselines(baselines, ends)
         check_steps(method, n_steps)
         batch = ends[0].shape[0]
-        target = check_target(target, batch)
+        targets = checked_targets(batch)
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
 
-        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-            output = run_forward(
-                self.forward_func,
-                paths,
-                repeat_target(target, steps),
-                repeat_additional_args(args, steps),
-            )
-            return per_example(output, steps * batch)
+        def evaluate(paths: tuple[Tensor, ...], rows: PointRows) -> list[Tensor]:
+            output = self.forward_func(*paths, *args_for_points(args, rows))
+            return [
+                per_example(select_targets(output, targets_for_points(t, rows)), len(rows))
+                for t in targets
+            ]
 
-        result = integrate_path(
+        result = integrate(
             ends,
             starts,
             evaluate,
+            batch=batch,
             method=method,
             n_steps=n_steps,
+            targets=len(targets),
             steps_per_chunk=steps_per_chunk_for(internal_batch_size, batch),
             multiply_by_inputs=self.multiplies_by_inputs,
             model=self.forward_func,
+            whole_steps=needs_whole_steps(args, batch),
             step_costs=self._step_costs,
         )
-        attributions = format_output(is_tuple, result.attributions)
+        attributions = [format_output(is_tuple, a) for a in result.attributions]
         if not return_convergence_delta:
             return attributions
-        delta = convergence_delta(result, self.forward_func, ends, starts, target, args)
-        return attributions, delta
+        deltas = convergence_deltas(result, self.forward_func, ends, starts, targets, args)
+        return list(zip(attributions, deltas))

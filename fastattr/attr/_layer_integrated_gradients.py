@@ -3,6 +3,7 @@ the layer, and the path through them streams through the compiled ops."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Union
 
 import torch
@@ -21,16 +22,21 @@ from fastattr._formatting import (
     format_output,
     per_example,
     repeat_additional_args,
-    repeat_target,
-    run_forward,
+    select_targets,
 )
 from fastattr._path_integral import (
-    integrate_path,
+    PointRows,
+    args_for_points,
+    check_target_sequence,
+    integrate,
     module_of,
+    needs_whole_steps,
+    outputs_per_example,
     steps_per_chunk_for,
+    targets_for_points,
 )
 from fastattr._quadrature import check_steps
-from fastattr.attr._base import LayerAttribution, PathAttribution, forward_per_example
+from fastattr.attr._base import LayerAttribution, PathAttribution
 from fastattr.attr._layers import (
     LayerCalledAgain,
     LayerValues,
@@ -160,6 +166,93 @@ class LayerIntegratedGradients(
             several; for a list of layers, a list of those. With
             ``return_convergence_delta``, the pair ``(attributions, delta)``.
         """
+        (result,) = self._attribute(
+            inputs,
+            baselines,
+            lambda batch: [check_target(target, batch)],
+            additional_forward_args,
+            n_steps,
+            method,
+            internal_batch_size,
+            return_convergence_delta,
+            attribute_to_layer_input,
+            grad_kwargs,
+        )
+        return result
+
+    def attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        baselines: BaselineType = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Attribute several targets at once: one forward pass per chunk of the path serves
+        them all, then one backward pass per target.
+
+        Args:
+            inputs: as in :meth:`attribute`.
+            targets: K targets, a list or a tuple (or a tensor: one target per entry of its
+                first dimension), each in any form :meth:`attribute`'s ``target`` takes.
+            baselines: as in :meth:`attribute`.
+            additional_forward_args: as in :meth:`attribute`.
+            n_steps: as in :meth:`attribute`.
+            method: as in :meth:`attribute`.
+            internal_batch_size: as in :meth:`attribute` (for all targets together).
+            return_convergence_delta: as in :meth:`attribute`.
+            attribute_to_layer_input: as in :meth:`attribute`.
+            grad_kwargs: as in :meth:`attribute`.
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, target=targets[k], ...)`` with the same other arguments.
+
+        Raises:
+            ValueError: ``targets`` is empty, or mixes None with indexing targets.
+            TypeError: ``targets`` is not a sequence.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import LayerIntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+            >>> lig = LayerIntegratedGradients(model, model[1])
+            >>> per_class = lig.attribute_targets(torch.randn(2, 4), [0, 2])
+            >>> len(per_class), per_class[1].shape
+            (2, torch.Size([2, 8]))
+        """
+        return self._attribute(
+            inputs,
+            baselines,
+            lambda batch: check_target_sequence(targets, batch, check_target),
+            additional_forward_args,
+            n_steps,
+            method,
+            internal_batch_size,
+            return_convergence_delta,
+            attribute_to_layer_input,
+            grad_kwargs,
+        )
+
+    def _attribute(
+        self,
+        inputs: TensorOrTuple,
+        baselines: BaselineType,
+        checked_targets: Callable[[int], list[Any]],
+        additional_forward_args: Any,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
+        return_convergence_delta: bool,
+        attribute_to_layer_input: bool,
+        grad_kwargs: dict[str, Any] | None,
+    ) -> list[Any]:
         layers = as_layer_list(self.layer)
         check_layers_in_model(self.forward_func, layers, "layer")
         model_inputs = as_tensor_tuple(inputs)
@@ -167,7 +260,7 @@ class LayerIntegratedGradients(
         starts = tuple(b.expand_as(x).contiguous() for b, x in zip(baseline_tuple, model_inputs))
         check_steps(method, n_steps)
         batch = model_inputs[0].shape[0]
-        target = check_target(target, batch)
+        targets = checked_targets(batch)
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
         steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)
@@ -185,52 +278,69 @@ class LayerIntegratedGradients(
             check_floating(
                 ends, "the values of layer", "; choose a layer with floating point values"
             )
+            if batch and any(v.shape[0] % batch for v in ends):
+                raise ValueError(
+                    f"the values of layer must hold the examples ({batch}) along dimension 0, "
+                    f"possibly several rows each, got shapes {[list(v.shape) for v in ends]}"
+                )
             if return_convergence_delta and any(v.shape[0] != batch for v in ends):
                 raise ValueError(
                     "return_convergence_delta needs the values of layer to hold the examples "
                     f"along dimension 0 ({batch}), got shapes {[list(v.shape) for v in ends]}"
                 )
 
-            def evaluate(paths: tuple[Tensor, ...], steps: int, counts=counts, last=last) -> Tensor:
+            def evaluate(
+                paths: tuple[Tensor, ...], rows: PointRows, counts=counts, last=last
+            ) -> list[Tensor]:
                 calls = [0] * len(layers)
                 with replaced_layers(
                     layers, _group(paths, counts), attribute_to_layer_input, calls=calls
                 ):
-                    output = run_forward(
-                        self.forward_func,
-                        repeat_additional_args(model_inputs, steps),
-                        repeat_target(target, steps),
-                        repeat_additional_args(args, steps),
+                    output = self.forward_func(
+                        *args_for_points(model_inputs, rows), *args_for_points(args, rows)
                     )
                 if not last and max(calls) > 1:
                     raise LayerCalledAgain
-                return per_example(output, steps * batch)
+                return [
+                    per_example(select_targets(output, targets_for_points(t, rows)), len(rows))
+                    for t in targets
+                ]
 
             try:
-                result = integrate_path(
+                result = integrate(
                     ends,
                     path_starts,
                     evaluate,
+                    batch=batch,
                     method=method,
                     n_steps=n_steps,
+                    targets=len(targets),
                     steps_per_chunk=steps_per_chunk,
                     multiply_by_inputs=self.multiplies_by_inputs,
                     model=self.forward_func,
+                    whole_steps=needs_whole_steps(args, batch),
                     step_costs=self._step_costs,
-                    cost_key=(tuple(x.shape for x in model_inputs), attribute_to_layer_input),
+                    cost_key=(tuple(x.shape[1:] for x in model_inputs), attribute_to_layer_input),
                     grad_kwargs=grad_kwargs,
                 )
                 break
             except LayerCalledAgain:
                 continue
-        per_layer = [
-            format_output(len(group) > 1, group) for group in _group(result.attributions, counts)
-        ]
-        attributions = per_layer if isinstance(self.layer, list) else per_layer[0]
+        results = []
+        for attributions in result.attributions:
+            per_layer = [
+                format_output(len(group) > 1, group) for group in _group(attributions, counts)
+            ]
+            results.append(per_layer if isinstance(self.layer, list) else per_layer[0])
         if not return_convergence_delta:
-            return attributions
+            return results
         # The path's own outputs can't stand in for the model's at the inputs and baselines:
         # branches that bypass the layer saw the inputs all along the path.
-        start_out = forward_per_example(self.forward_func, starts, target, args)
-        end_out = forward_per_example(self.forward_func, model_inputs, target, args)
-        return attributions, result.row_sums - (end_out - start_out)
+        start_outs = outputs_per_example(self.forward_func, starts, targets, args)
+        end_outs = outputs_per_example(self.forward_func, model_inputs, targets, args)
+        return [
+            (attributions, sums - (end_out - start_out))
+            for attributions, sums, start_out, end_out in zip(
+                results, result.row_sums, start_outs, end_outs
+            )
+        ]

@@ -19,9 +19,15 @@ from fastattr._formatting import (
     format_baselines,
     format_output,
     per_example,
-    repeat_additional_args,
 )
-from fastattr._path_integral import integrate_path, steps_per_chunk_for
+from fastattr._path_integral import (
+    PointRows,
+    args_for_points,
+    check_target_sequence,
+    integrate,
+    needs_whole_steps,
+    steps_per_chunk_for,
+)
 from fastattr._quadrature import check_steps
 from fastattr.attr._base import PathAttribution
 from fastattr.attr._layers import LayerValues, capture_layers, check_layers_in_model
@@ -138,6 +144,87 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
             tuple).
         """
+        (result,) = self._attribute(
+            inputs,
+            [neuron_selector],
+            baselines,
+            additional_forward_args,
+            n_steps,
+            method,
+            internal_batch_size,
+            attribute_to_neuron_input,
+        )
+        return result
+
+    def attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        baselines: BaselineType = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        attribute_to_neuron_input: bool = False,
+    ) -> list[TensorOrTuple]:
+        """Attribute several neurons of the layer at once: one forward pass (up to the layer)
+        per chunk of the path serves them all, then one backward pass per neuron.
+
+        Args:
+            inputs: as in :meth:`attribute`.
+            targets: K neuron selectors, a list or a tuple, each in any form
+                :meth:`attribute`'s ``neuron_selector`` takes.
+            baselines: as in :meth:`attribute`.
+            additional_forward_args: as in :meth:`attribute`.
+            n_steps: as in :meth:`attribute`.
+            method: as in :meth:`attribute`.
+            internal_batch_size: as in :meth:`attribute` (for all neurons together).
+            attribute_to_neuron_input: as in :meth:`attribute`.
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, neuron_selector=targets[k], ...)`` with the same other
+            arguments.
+
+        Raises:
+            ValueError: ``targets`` is empty.
+            TypeError: ``targets`` is not a list or a tuple.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import NeuronIntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+            >>> nig = NeuronIntegratedGradients(model, model[1])
+            >>> per_neuron = nig.attribute_targets(torch.randn(2, 4), [0, 5, 7])
+            >>> len(per_neuron), per_neuron[2].shape
+            (3, torch.Size([2, 4]))
+        """
+        if isinstance(targets, Tensor):
+            raise TypeError("targets must be a list or tuple of neuron selectors, got a tensor")
+        selectors = check_target_sequence(targets, 0, lambda selector, _: selector)
+        return self._attribute(
+            inputs,
+            selectors,
+            baselines,
+            additional_forward_args,
+            n_steps,
+            method,
+            internal_batch_size,
+            attribute_to_neuron_input,
+        )
+
+    def _attribute(
+        self,
+        inputs: TensorOrTuple,
+        selectors: list[NeuronSelector],
+        baselines: BaselineType,
+        additional_forward_args: Any,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
+        attribute_to_neuron_input: bool,
+    ) -> list[TensorOrTuple]:
         check_layers_in_model(self.forward_func, [self.layer], "layer")
         is_tuple = isinstance(inputs, tuple)
         ends = as_tensor_tuple(inputs)
@@ -164,28 +251,34 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 )
         runs_again = calls[0] > 1
 
-        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-            repeated_args = repeat_additional_args(args, steps)
+        def evaluate(paths: tuple[Tensor, ...], rows: PointRows) -> list[Tensor]:
+            point_args = args_for_points(args, rows)
             (values,) = capture_layers(
-                lambda: self.forward_func(*paths, *repeated_args),
+                lambda: self.forward_func(*paths, *point_args),
                 [self.layer],
                 attribute_to_neuron_input,
                 detach=False,
                 last=runs_again,
             )
-            return per_example(select_neuron(values, neuron_selector, steps * batch), steps * batch)
+            return [
+                per_example(select_neuron(values, selector, len(rows)), len(rows))
+                for selector in selectors
+            ]
 
         with torch.enable_grad():
-            result = integrate_path(
+            result = integrate(
                 ends,
                 starts,
                 evaluate,
+                batch=batch,
                 method=method,
                 n_steps=n_steps,
+                targets=len(selectors),
                 steps_per_chunk=steps_per_chunk,
                 multiply_by_inputs=self.multiplies_by_inputs,
                 model=self.forward_func,
+                whole_steps=needs_whole_steps(args, batch),
                 step_costs=self._step_costs,
                 cost_key=attribute_to_neuron_input,
             )
-        return format_output(is_tuple, result.attributions)
+        return [format_output(is_tuple, attributions) for attributions in result.attributions]
