@@ -16,6 +16,7 @@ from fastattr.attr import (
     LayerIntegratedGradients,
     LayerLRP,
     NeuronIntegratedGradients,
+    NoiseTunnel,
 )
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "LayerIntegratedGradients",
     "LayerLRP",
     "NeuronIntegratedGradients",
+    "NoiseTunnel",
     "__version__",
     "build_info",
     "current_backend",

@@ -126,7 +126,7 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             tuple), in float32 for float16/bfloat16 inputs as in captum; with
             ``return_convergence_delta``, the pair ``(attributions, delta)``.
         """
-        (result,) = self._attribute(
+        (result,) = self._attribute_targets(
             inputs,
             baselines,
             lambda batch: [check_target(target, batch)],
@@ -182,7 +182,7 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             >>> len(per_class), per_class[0].shape
             (3, torch.Size([2, 4]))
         """
-        return self._attribute(
+        return self._attribute_targets(
             inputs,
             baselines,
             lambda batch: check_target_sequence(targets, batch, check_target),
@@ -193,7 +193,7 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             return_convergence_delta,
         )
 
-    def _attribute(
+    def _attribute_targets(
         self,
         inputs: TensorOrTuple,
         baselines: BaselineType,

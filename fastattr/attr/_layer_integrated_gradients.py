@@ -166,7 +166,7 @@ class LayerIntegratedGradients(
             several; for a list of layers, a list of those. With
             ``return_convergence_delta``, the pair ``(attributions, delta)``.
         """
-        (result,) = self._attribute(
+        (result,) = self._attribute_targets(
             inputs,
             baselines,
             lambda batch: [check_target(target, batch)],
@@ -227,7 +227,7 @@ class LayerIntegratedGradients(
             >>> len(per_class), per_class[1].shape
             (2, torch.Size([2, 8]))
         """
-        return self._attribute(
+        return self._attribute_targets(
             inputs,
             baselines,
             lambda batch: check_target_sequence(targets, batch, check_target),
@@ -240,7 +240,7 @@ class LayerIntegratedGradients(
             grad_kwargs,
         )
 
-    def _attribute(
+    def _attribute_targets(
         self,
         inputs: TensorOrTuple,
         baselines: BaselineType,

@@ -144,7 +144,7 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
             tuple).
         """
-        (result,) = self._attribute(
+        (result,) = self._attribute_targets(
             inputs,
             [neuron_selector],
             baselines,
@@ -203,7 +203,7 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         if isinstance(targets, Tensor):
             raise TypeError("targets must be a list or tuple of neuron selectors, got a tensor")
         selectors = check_target_sequence(targets, 0, lambda selector, _: selector)
-        return self._attribute(
+        return self._attribute_targets(
             inputs,
             selectors,
             baselines,
@@ -214,7 +214,7 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             attribute_to_neuron_input,
         )
 
-    def _attribute(
+    def _attribute_targets(
         self,
         inputs: TensorOrTuple,
         selectors: list[NeuronSelector],
