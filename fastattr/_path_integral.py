@@ -312,8 +312,10 @@ class PathEngine:
 
     def _cost_per_point(self) -> int:
         assert self._point_cost is not None
-        # The path rows, one gradient per target and that gradient in the accumulator's layout.
-        return self._point_cost + (2 + self.targets) * self._path_bytes_per_point()
+        # The path rows, a gradient and that gradient in the accumulator's layout. Targets take
+        # their backwards one after the other over the one forward's activations, so a point
+        # costs the same for any number of them (their accumulators are per example).
+        return self._point_cost + 3 * self._path_bytes_per_point()
 
     # -------------------------------------------------------------------- streaming
 
