@@ -11,6 +11,9 @@ TORCH_LIBRARY(fastattr, m) {
   // added in their order.
   m.def(
       "accumulate_points(Tensor(a!) accumulator, Tensor grads, Tensor rows, Tensor weights) -> ()");
+  // Directional derivatives along the paths: slope_p = sum_j grads_pj * (inputs_rj - baselines_rj)
+  // with r = rows_p, accumulated in float64.
+  m.def("point_slopes(Tensor grads, Tensor rows, Tensor inputs, Tensor baselines) -> Tensor");
   // (accumulator * (inputs - baselines) if multiply_by_inputs else accumulator, per-row sums).
   m.def(
       "quadrature_finish(Tensor accumulator, Tensor inputs, Tensor baselines, "

@@ -155,4 +155,37 @@ inline PointAccumulateOperands prepare_point_accumulate(const at::Tensor& accumu
   return op;
 }
 
+struct PointSlopeOperands {
+  at::Tensor grads;     // (P, ...), dense in the inputs' layout
+  at::Tensor inputs;    // (B, ...), dense in `layout`
+  Baselines baselines;  // one shared row or B rows, dense in `layout`
+  at::Tensor rows;      // (P,) int64 on the CPU
+  at::Tensor slopes;    // (P,) float64, to be written
+  int64_t row;          // elements per row
+};
+
+inline PointSlopeOperands prepare_point_slopes(const at::Tensor& grads, const at::Tensor& rows,
+                                               const at::Tensor& inputs,
+                                               const at::Tensor& baselines) {
+  check_batched(grads, "grads");
+  check_floating(grads, "grads");
+  check_batched(inputs, "inputs");
+  check_same_device(inputs, "inputs", grads, "grads");
+  check_same_dtype(inputs, "inputs", grads, "grads");
+  const at::MemoryFormat layout = row_layout(inputs);
+  PointSlopeOperands op;
+  op.baselines = prepare_baselines(baselines, inputs, layout);
+  op.rows = prepare_rows(rows, inputs.size(0), "inputs", inputs, "inputs");
+  TORCH_CHECK_VALUE(grads.dim() == inputs.dim() && grads.sizes().slice(1) == inputs.sizes().slice(1) &&
+                        grads.size(0) == op.rows.numel(),
+                    "grads must have shape (", op.rows.numel(),
+                    ", ...) matching the rows and the inputs of shape ", inputs.sizes(), ", got ",
+                    grads.sizes());
+  op.inputs = inputs.contiguous(layout);
+  op.grads = grads.contiguous(layout);
+  op.row = row_numel(inputs);
+  op.slopes = at::empty({op.rows.numel()}, inputs.options().dtype(at::kDouble));
+  return op;
+}
+
 }  // namespace fastattr

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fastattr import ops
 from fastattr._autograd import input_gradients
 from fastattr._formatting import ColumnIndices, as_int, select_targets
-from fastattr._quadrature import quadrature_table
+from fastattr._quadrature import check_steps, quadrature_table
 from fastattr.ops.reference import row_layout
 
 # How much the saved activations of one chunk may take. More buys no throughput: a chunk this
@@ -129,18 +129,25 @@ def steps_per_chunk_for(internal_batch_size: int | None, batch: int) -> int | No
 @dataclass(frozen=True)
 class Points:
     """Path points as host tables, one entry per point: the example (``examples``, int64),
-    the position on its path (``alphas``, float64) and the quadrature weight (``weights``,
-    float64)."""
+    the position on its path (``alphas``, float64), the quadrature weight (``weights``,
+    float64) and, when it is not the example's, the accumulator row its weighted gradient is
+    added to (``rows``, int64: e.g. a row per point, to keep each point's gradient)."""
 
     examples: Tensor
     alphas: Tensor
     weights: Tensor
+    rows: Tensor | None = None
 
     def __len__(self) -> int:
         return self.examples.numel()
 
     def slice(self, start: int, stop: int) -> Points:
-        return Points(self.examples[start:stop], self.alphas[start:stop], self.weights[start:stop])
+        return Points(
+            self.examples[start:stop],
+            self.alphas[start:stop],
+            self.weights[start:stop],
+            None if self.rows is None else self.rows[start:stop],
+        )
 
 
 @dataclass(frozen=True)
@@ -252,6 +259,7 @@ class PathEngine:
         whole_steps: bool = False,
         step_costs: MutableMapping[Hashable, int] | None = None,
         cost_key: Hashable = None,
+        accumulator_rows: int | None = None,
     ) -> None:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -270,7 +278,12 @@ class PathEngine:
         self.device = self.ends[0].device
         # Rows each path tensor holds per example.
         self.rows_per_example = [end.shape[0] // batch if batch else 1 for end in self.ends]
-        self.accumulators = [new_accumulator(end, targets * end.shape[0]) for end in self.ends]
+        # Rows of accumulators per target: one per example unless the points say otherwise.
+        self.accumulator_rows = batch if accumulator_rows is None else accumulator_rows
+        self.accumulators = [
+            new_accumulator(end, targets * self.accumulator_rows * m)
+            for end, m in zip(self.ends, self.rows_per_example)
+        ]
         self.step_costs = step_costs
         self.cost_key = (
             cost_key,
@@ -319,9 +332,15 @@ class PathEngine:
 
     # -------------------------------------------------------------------- streaming
 
-    def run(self, plan: Points | StepMajor) -> None:
-        """Evaluates every point of ``plan`` and accumulates its weighted gradients."""
+    def run(self, plan: Points | StepMajor, values: bool = False) -> tuple[Tensor, Tensor] | None:
+        """Evaluates every point of ``plan`` and accumulates its weighted gradients.
+
+        With ``values``, also returns what the model gave at each point, per target: its
+        output and its directional derivative along the path (``point_slopes``), both (K, P)
+        on the device (the slopes in float64).
+        """
         total = len(plan)
+        collected: list[tuple[Tensor, Tensor]] = []
         start = 0
         while start < total:
             measuring = self._point_cost is None
@@ -330,12 +349,28 @@ class PathEngine:
             if points >= self.batch and isinstance(plan, StepMajor):
                 stop -= stop % self.batch  # end on a whole step
             stop = min(total, stop)
-            self._run_chunk(plan.slice(start, stop), plan, start, measuring)
+            chunk_values = self._run_chunk(plan.slice(start, stop), plan, start, measuring, values)
+            if chunk_values is not None:
+                collected.append(chunk_values)
             start = stop
+        if not values:
+            return None
+        if not collected:
+            return (
+                torch.zeros(self.targets, 0, device=self.device),
+                torch.zeros(self.targets, 0, dtype=torch.float64, device=self.device),
+            )
+        outputs, slopes = zip(*collected)
+        return torch.cat(outputs, 1), torch.cat(slopes, 1)
 
     def _run_chunk(
-        self, points: Points, plan: Points | StepMajor, start: int, measuring: bool
-    ) -> None:
+        self,
+        points: Points,
+        plan: Points | StepMajor,
+        start: int,
+        measuring: bool,
+        values: bool,
+    ) -> tuple[Tensor, Tensor] | None:
         whole_steps = None
         if (
             isinstance(plan, StepMajor)
@@ -345,7 +380,9 @@ class PathEngine:
             whole_steps = len(points) // self.batch
         rows = PointRows(points.examples, self.batch, whole_steps)
         expanded = [self._expand(points, m) for m in self.rows_per_example]
+        accumulated = [self._expand(points, m, points.rows)[0] for m in self.rows_per_example]
         meter = _SavedTensorMeter(model_state_tensors(self.model)) if measuring else None
+        slopes = []
         with torch.enable_grad():
             paths = tuple(
                 ops.interpolate_points(end, start_, examples, alphas).requires_grad_()
@@ -360,27 +397,41 @@ class PathEngine:
                 raise AssertionError("evaluate returned the wrong number of targets")
             for k, output in enumerate(outputs):
                 grads = self._gradients(output, paths, retain=k + 1 < len(outputs))
-                for accumulator, grad, (examples, _, weights), end in zip(
-                    self.accumulators, grads, expanded, self.ends
-                ):
-                    if grad is not None:
-                        target_rows = examples if k == 0 else examples + k * end.shape[0]
-                        ops.accumulate_points(accumulator, grad, target_rows, weights)
-        self._record_end_values(points, [o.detach() for o in outputs])
+                slope = torch.zeros(len(points), dtype=torch.float64, device=self.device)
+                for index, grad in enumerate(grads):
+                    if grad is None:
+                        continue
+                    examples, _, weights = expanded[index]
+                    m = self.rows_per_example[index]
+                    offset = k * self.accumulator_rows * m
+                    ops.accumulate_points(
+                        self.accumulators[index], grad, accumulated[index] + offset, weights
+                    )
+                    if values:
+                        end, start_ = self.ends[index], self.starts[index]
+                        per_row = ops.point_slopes(grad, examples, end, start_)
+                        slope += per_row.reshape(len(points), m).sum(1)
+                slopes.append(slope)
+        detached = [o.detach() for o in outputs]
+        self._record_end_values(points, detached)
         if meter is not None:
             self._point_cost = max(1, meter.bytes // max(1, len(points)))
             if self.step_costs is not None:
                 self.step_costs[self.cost_key] = self._point_cost
+        return (torch.stack(detached), torch.stack(slopes)) if values else None
 
     @staticmethod
-    def _expand(points: Points, rows_per_example: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The points' tables over a tensor's rows: ``rows_per_example`` rows per point."""
+    def _expand(
+        points: Points, rows_per_example: int, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The points' tables over a tensor's rows, ``rows_per_example`` rows per point:
+        ``rows`` (default: the points' examples) spread over them, alphas and weights."""
+        rows = points.examples if rows is None else rows
         if rows_per_example == 1:
-            return points.examples, points.alphas, points.weights
+            return rows, points.alphas, points.weights
         offsets = torch.arange(rows_per_example)
-        examples = (points.examples[:, None] * rows_per_example + offsets).reshape(-1)
         return (
-            examples,
+            (rows[:, None] * rows_per_example + offsets).reshape(-1),
             points.alphas.repeat_interleave(rows_per_example),
             points.weights.repeat_interleave(rows_per_example),
         )
@@ -397,6 +448,7 @@ class PathEngine:
         return input_gradients(output, paths, seed)
 
     def _record_end_values(self, points: Points, outputs: list[Tensor]) -> None:
+        """Keeps the outputs of points at the path's ends (alpha 0 or 1), per example."""
         for alpha in (0.0, 1.0):
             at_end = points.alphas == alpha
             if not bool(at_end.any()):
@@ -408,13 +460,11 @@ class PathEngine:
                     self.targets, self.batch, dtype=outputs[0].dtype, device=self.device
                 )
                 self._end_seen[alpha] = torch.zeros(self.batch, dtype=torch.bool)
-            values = torch.stack(outputs)
-            if positions.numel() == values.shape[1] and positions.numel() == self.batch:
-                self._end_values[alpha] = values.clone()
-            else:
-                on_device = PointRows(positions, len(points), None).index_on(self.device)
-                at = PointRows(examples, self.batch, None).index_on(self.device)
-                self._end_values[alpha].index_copy_(1, at, values.index_select(1, on_device))
+            taken = torch.stack(outputs).index_select(
+                1, PointRows(positions, len(points), None).index_on(self.device)
+            )
+            at = PointRows(examples, self.batch, None).index_on(self.device)
+            self._end_values[alpha].index_copy_(1, at, taken)
             self._end_seen[alpha][examples] = True
 
     def _end_outputs(self, alpha: float) -> list[Tensor] | None:
@@ -425,14 +475,28 @@ class PathEngine:
 
     # -------------------------------------------------------------------- results
 
-    def finish(self, multiply_by_inputs: bool) -> PathIntegral:
-        """The attributions of every target, from the accumulators."""
+    def fold_kept(self, accumulators: list[Tensor], points: Points) -> None:
+        """Adds kept gradients (the accumulator row ``points.rows`` holding each point's own
+        gradient, one target) into per-example ``accumulators``, weighted by
+        ``points.weights``."""
+        for index, (accumulator, m) in enumerate(zip(accumulators, self.rows_per_example)):
+            kept_rows, _, weights = self._expand(points, m, points.rows)
+            examples, _, _ = self._expand(points, m)
+            kept = self.accumulators[index].index_select(0, kept_rows.to(self.device))
+            ops.accumulate_points(accumulator, kept, examples, weights)
+
+    def finish(
+        self, multiply_by_inputs: bool, accumulators: list[Tensor] | None = None
+    ) -> PathIntegral:
+        """The attributions of every target, from the accumulators (by default the engine's,
+        one row per example)."""
         attributions: list[tuple[Tensor, ...]] = []
         row_sums: list[Tensor] = []
+        accumulators = self.accumulators if accumulators is None else accumulators
         for k in range(self.targets):
             per_tensor, sums = [], None
             for accumulator, end, start, m in zip(
-                self.accumulators, self.ends, self.starts, self.rows_per_example
+                accumulators, self.ends, self.starts, self.rows_per_example
             ):
                 rows = end.shape[0]
                 attribution, row_sum = ops.quadrature_finish(
@@ -457,14 +521,53 @@ def integrate(
     *,
     batch: int,
     method: str,
-    n_steps: int,
+    n_steps: int | str,
     multiply_by_inputs: bool,
     targets: int = 1,
     steps_per_chunk: int | None = None,
+    adaptive: tuple[float, int] | None = None,
     **engine_options: Any,
-) -> PathIntegral:
-    """Integrate the gradients of ``evaluate`` along the straight paths ``starts -> ends`` with
-    ``method``'s ``n_steps``-node rule (captum's tables, bit for bit)."""
+) -> tuple[PathIntegral, list[Tensor]]:
+    """Integrate the gradients of ``evaluate`` along the straight paths ``starts -> ends``:
+    with ``method``'s ``n_steps``-node rule (captum's tables, bit for bit), or, given
+    ``adaptive`` (a tolerance and a step cap, for ``n_steps="auto"``), with the points each
+    example needs (``fastattr._adaptive``; each target separately). Returns the integral and,
+    per target, the points each example took, (B,) int64 on the device."""
+    device = ends[0].device
+    if adaptive is not None:
+        from fastattr._adaptive import integrate_adaptive
+
+        if engine_options.get("whole_steps"):
+            raise ValueError(
+                "n_steps='auto' gives each example its own points: additional_forward_args "
+                "must hold one row per example"
+            )
+
+        tolerance, max_steps = adaptive
+        parts = [
+            integrate_adaptive(
+                ends,
+                starts,
+                (lambda paths, rows, k=k: [evaluate(paths, rows)[k]]) if targets > 1 else evaluate,
+                batch=batch,
+                method=method,
+                tolerance=tolerance,
+                max_steps=max_steps,
+                multiply_by_inputs=multiply_by_inputs,
+                steps_per_chunk=steps_per_chunk,
+                **engine_options,
+            )
+            for k in range(targets)
+        ]
+        results = [result for result, _ in parts]
+        ends_known = all(r.start_outputs is not None and r.end_outputs is not None for r in results)
+        merged = PathIntegral(
+            [a for r in results for a in r.attributions],
+            [s for r in results for s in r.row_sums],
+            [o for r in results for o in r.start_outputs] if ends_known else None,
+            [o for r in results for o in r.end_outputs] if ends_known else None,
+        )
+        return merged, [steps for _, steps in parts]
     # On the CPU even for a GPU: the kernels check the tables there and copy them without a
     # synchronization.
     alphas, weights = quadrature_table(method, n_steps)
@@ -478,7 +581,8 @@ def integrate(
         **engine_options,
     )
     engine.run(StepMajor(alphas, weights, batch))
-    return engine.finish(multiply_by_inputs)
+    steps = torch.full((batch,), alphas.numel(), dtype=torch.long, device=device)
+    return engine.finish(multiply_by_inputs), [steps] * targets
 
 
 def targets_for_points(target: Any, rows: PointRows) -> Any:
@@ -550,3 +654,33 @@ def check_target_sequence(
             "the output: one forward can't serve both"
         )
     return checked
+
+
+@dataclass(frozen=True)
+class PathOptions:
+    """The integration arguments of the IG methods' ``attribute``: how many steps (or
+    ``"auto"``, with its tolerance and step cap), the rule and captum's internal batch size."""
+
+    n_steps: Any
+    method: str
+    internal_batch_size: Any = None
+    tolerance: Any = None
+    max_steps: Any = None
+
+    def check(self) -> tuple[float, int] | None:
+        """Checks the arguments; returns ``(tolerance, max_steps)`` for ``n_steps="auto"``."""
+        from fastattr._adaptive import check_auto
+
+        auto, tolerance, max_steps = check_auto(
+            self.method, self.n_steps, self.tolerance, self.max_steps
+        )
+        if not auto:
+            check_steps(self.method, self.n_steps)
+            return None
+        return tolerance, max_steps
+
+
+def with_extras(attributions: Any, deltas: Tensor | None, steps: Tensor | None) -> Any:
+    """An ``attribute`` result: the attributions, then the delta and the steps when asked."""
+    extras = [extra for extra in (deltas, steps) if extra is not None]
+    return (attributions, *extras) if extras else attributions

@@ -1,4 +1,4 @@
-// interpolate_points and accumulate_points on the CPU.
+// interpolate_points, accumulate_points and point_slopes on the CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -83,11 +83,42 @@ void accumulate_points(const at::Tensor& accumulator, const at::Tensor& grads,
       });
 }
 
+at::Tensor point_slopes(const at::Tensor& grads, const at::Tensor& rows, const at::Tensor& inputs,
+                        const at::Tensor& baselines) {
+  PointSlopeOperands op = prepare_point_slopes(grads, rows, inputs, baselines);
+  const int64_t row = op.row, points = op.slopes.numel();
+  const bool shared = op.baselines.shared;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grads.scalar_type(), "point_slopes_cpu", [&] {
+        const scalar_t* g = op.grads.const_data_ptr<scalar_t>();
+        const scalar_t* x = op.inputs.const_data_ptr<scalar_t>();
+        const scalar_t* base = op.baselines.rows.const_data_ptr<scalar_t>();
+        const int64_t* example = op.rows.const_data_ptr<int64_t>();
+        double* slope = op.slopes.mutable_data_ptr<double>();
+        at::parallel_for(0, points, rows_per_task(row), [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) {
+            const int64_t b = example[p];
+            const scalar_t* xr = x + b * row;
+            const scalar_t* br = base + (shared ? 0 : b * row);
+            const scalar_t* gp = g + p * row;
+            double sum = 0;
+            for (int64_t d = 0; d < row; ++d) {
+              const double diff = static_cast<double>(xr[d]) - static_cast<double>(br[d]);
+              sum += static_cast<double>(gp[d]) * diff;
+            }
+            slope[p] = sum;
+          }
+        });
+      });
+  return op.slopes;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattr, CPU, m) {
   m.impl("interpolate_points", &interpolate_points);
   m.impl("accumulate_points", &accumulate_points);
+  m.impl("point_slopes", &point_slopes);
 }
 
 }  // namespace fastattr::cpu

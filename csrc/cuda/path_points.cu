@@ -1,4 +1,4 @@
-// interpolate_points and accumulate_points on CUDA.
+// interpolate_points, accumulate_points and point_slopes on CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -80,9 +80,55 @@ void accumulate_points(const at::Tensor& accumulator, const at::Tensor& grads,
       });
 }
 
+// A block per point (grid-striding over the points), reduced in double in a fixed order.
+template <typename scalar_t>
+__global__ void point_slopes_kernel(int64_t points, int64_t row, bool shared,
+                                    const int64_t* example, const scalar_t* g, const scalar_t* x,
+                                    const scalar_t* base, double* slope) {
+  __shared__ double partial[kThreads];
+  for (int64_t p = blockIdx.x; p < points; p += gridDim.x) {
+    const int64_t b = example[p];
+    double sum = 0;
+    for (int64_t d = threadIdx.x; d < row; d += blockDim.x) {
+      const double bv = static_cast<double>(base[shared ? d : b * row + d]);
+      sum += static_cast<double>(g[p * row + d]) * (static_cast<double>(x[b * row + d]) - bv);
+    }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = kThreads / 2; half > 0; half /= 2) {
+      if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) slope[p] = partial[0];
+    // partial[0] is read above before the next point overwrites the buffer.
+    __syncthreads();
+  }
+}
+
+at::Tensor point_slopes(const at::Tensor& grads, const at::Tensor& rows, const at::Tensor& inputs,
+                        const at::Tensor& baselines) {
+  PointSlopeOperands op = prepare_point_slopes(grads, rows, inputs, baselines);
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const int64_t points = op.slopes.numel();
+  if (points == 0) return op.slopes;
+  const at::Tensor rows_on_device = coefficients_to_device(op.rows, inputs.device(), at::kLong);
+  const unsigned int blocks =
+      static_cast<unsigned int>(std::min<int64_t>(points, int64_t{1} << 30));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grads.scalar_type(), "point_slopes_cuda", [&] {
+        point_slopes_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            points, op.row, op.baselines.shared, rows_on_device.const_data_ptr<int64_t>(),
+            op.grads.const_data_ptr<scalar_t>(), op.inputs.const_data_ptr<scalar_t>(),
+            op.baselines.rows.const_data_ptr<scalar_t>(), op.slopes.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return op.slopes;
+}
+
 TORCH_LIBRARY_IMPL(fastattr, CUDA, m) {
   m.impl("interpolate_points", &interpolate_points);
   m.impl("accumulate_points", &accumulate_points);
+  m.impl("point_slopes", &point_slopes);
 }
 
 }  // namespace fastattr::cuda

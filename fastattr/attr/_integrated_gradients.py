@@ -23,6 +23,7 @@ from fastattr._formatting import (
 )
 from fastattr._path_integral import (
     PathIntegral,
+    PathOptions,
     PointRows,
     args_for_points,
     check_target_sequence,
@@ -31,8 +32,8 @@ from fastattr._path_integral import (
     outputs_per_example,
     steps_per_chunk_for,
     targets_for_points,
+    with_extras,
 )
-from fastattr._quadrature import check_steps
 from fastattr.attr._base import PathAttribution
 
 
@@ -95,11 +96,14 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
-    ) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> Any:
         """Attribute the selected output of ``forward_func`` to ``inputs``.
 
         Args:
@@ -114,27 +118,57 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             additional_forward_args: further arguments of ``forward_func``, after the inputs.
                 Tensors with a batch dimension are repeated along the path with the inputs;
                 anything else is passed as it is.
-            n_steps: the number of quadrature nodes. Default: 50.
+            n_steps: the number of quadrature nodes (default: 50), or ``"auto"``: each
+                example gets the points its path needs to reach ``tolerance`` (see
+                ``docs/methods/integrated-gradients.md``). Not in captum.
             method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,
-                ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+                ``"riemann_middle"`` or ``"riemann_trapezoid"``. With ``n_steps="auto"``,
+                ``"gausslegendre"`` (nested Clenshaw-Curtis levels, then bisection where the
+                path has kinks) or ``"riemann_trapezoid"`` (bisection).
             internal_batch_size: at most how many path points (steps times examples) to run
                 at once, as in captum; None (default) sizes the chunks from free memory.
             return_convergence_delta: also return captum's convergence delta per example.
+            return_n_steps: also return how many path points (gradient evaluations) each
+                example took, a (B,) int64 tensor. Not in captum.
+            tolerance: with ``n_steps="auto"``, the completeness error each example must reach:
+                ``|sum(attributions) - (f(inputs) - f(baselines))|`` at most ``tolerance *
+                max(|f(inputs) - f(baselines)|, 1)``. Default: 1e-3.
+            max_steps: with ``n_steps="auto"``, at most this many points per example.
+                Default: 128.
 
         Returns:
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
-            tuple), in float32 for float16/bfloat16 inputs as in captum; with
-            ``return_convergence_delta``, the pair ``(attributions, delta)``.
+            tuple), in float32 for float16/bfloat16 inputs as in captum; followed, when asked,
+            by the delta and then the steps: ``(attributions, delta)``, ``(attributions,
+            steps)`` or ``(attributions, delta, steps)``.
+
+        Raises:
+            ValueError: an argument is out of range (each error names it), e.g. ``tolerance``
+                or ``max_steps`` without ``n_steps="auto"``, or ``"auto"`` with a method whose
+                nodes do not nest.
+            TypeError: an argument has the wrong type.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import IntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+            >>> inputs = torch.randn(2, 4)
+            >>> attributions, delta, steps = IntegratedGradients(model).attribute(
+            ...     inputs, target=1, n_steps="auto", tolerance=1e-4,
+            ...     return_convergence_delta=True, return_n_steps=True,
+            ... )
+            >>> bool((delta.abs() <= 1e-4 * (1 + delta.abs().max())).all()), steps.shape
+            (True, torch.Size([2]))
         """
         (result,) = self._attribute_targets(
             inputs,
             baselines,
             lambda batch: [check_target(target, batch)],
             additional_forward_args,
-            n_steps,
-            method,
-            internal_batch_size,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
             return_convergence_delta,
+            return_n_steps,
         )
         return result
 
@@ -144,10 +178,13 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         targets: Any,
         baselines: BaselineType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
     ) -> list[Any]:
         """Attribute several targets at once: one forward pass per chunk of the path serves
         them all, then one backward pass per target.
@@ -158,11 +195,15 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 first dimension), each in any form :meth:`attribute`'s ``target`` takes.
             baselines: as in :meth:`attribute`.
             additional_forward_args: as in :meth:`attribute`.
-            n_steps: as in :meth:`attribute`.
+            n_steps: as in :meth:`attribute`. With ``"auto"`` each target's paths get their
+                own points, so the targets no longer share forward passes.
             method: as in :meth:`attribute`.
             internal_batch_size: as in :meth:`attribute`: path points per chunk (for all
                 targets together).
             return_convergence_delta: as in :meth:`attribute`.
+            return_n_steps: as in :meth:`attribute`.
+            tolerance: as in :meth:`attribute`.
+            max_steps: as in :meth:`attribute`.
 
         Returns:
             A list of K results; result ``k`` equals (to float rounding)
@@ -187,10 +228,9 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             baselines,
             lambda batch: check_target_sequence(targets, batch, check_target),
             additional_forward_args,
-            n_steps,
-            method,
-            internal_batch_size,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
             return_convergence_delta,
+            return_n_steps,
         )
 
     def _attribute_targets(
@@ -199,10 +239,9 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         baselines: BaselineType,
         checked_targets: Callable[[int], list[Any]],
         additional_forward_args: Any,
-        n_steps: int,
-        method: str,
-        internal_batch_size: int | None,
+        options: PathOptions,
         return_convergence_delta: bool,
+        return_n_steps: bool,
     ) -> list[Any]:
         is_tuple = isinstance(inputs, tuple)
         ends = as_tensor_tuple(inputs)
@@ -213,7 +252,7 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             "LayerIntegratedGradients",
         )
         starts = format_baselines(baselines, ends)
-        check_steps(method, n_steps)
+        adaptive = options.check()
         batch = ends[0].shape[0]
         targets = checked_targets(batch)
         args = format_additional_args(additional_forward_args)
@@ -226,22 +265,26 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 for t in targets
             ]
 
-        result = integrate(
+        result, steps = integrate(
             ends,
             starts,
             evaluate,
             batch=batch,
-            method=method,
-            n_steps=n_steps,
+            method=options.method,
+            n_steps=options.n_steps,
+            adaptive=adaptive,
             targets=len(targets),
-            steps_per_chunk=steps_per_chunk_for(internal_batch_size, batch),
+            steps_per_chunk=steps_per_chunk_for(options.internal_batch_size, batch),
             multiply_by_inputs=self.multiplies_by_inputs,
             model=self.forward_func,
             whole_steps=needs_whole_steps(args, batch),
             step_costs=self._step_costs,
         )
         attributions = [format_output(is_tuple, a) for a in result.attributions]
-        if not return_convergence_delta:
-            return attributions
-        deltas = convergence_deltas(result, self.forward_func, ends, starts, targets, args)
-        return list(zip(attributions, deltas))
+        deltas: list[Any] = [None] * len(targets)
+        if return_convergence_delta:
+            deltas = convergence_deltas(result, self.forward_func, ends, starts, targets, args)
+        return [
+            with_extras(a, delta, s if return_n_steps else None)
+            for a, delta, s in zip(attributions, deltas, steps)
+        ]

@@ -25,6 +25,7 @@ from fastattr._formatting import (
     select_targets,
 )
 from fastattr._path_integral import (
+    PathOptions,
     PointRows,
     args_for_points,
     check_target_sequence,
@@ -34,8 +35,8 @@ from fastattr._path_integral import (
     outputs_per_example,
     steps_per_chunk_for,
     targets_for_points,
+    with_extras,
 )
-from fastattr._quadrature import check_steps
 from fastattr.attr._base import LayerAttribution, PathAttribution
 from fastattr.attr._layers import (
     LayerCalledAgain,
@@ -135,13 +136,16 @@ class LayerIntegratedGradients(
         baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         grad_kwargs: dict[str, Any] | None = None,
-    ) -> LayerAttributions | tuple[LayerAttributions, Tensor]:
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> Any:
         """Attribute the selected output of ``forward_func`` to the layer's values.
 
         Args:
@@ -152,7 +156,10 @@ class LayerIntegratedGradients(
             target: which output to attribute, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``, as in
                 ``IntegratedGradients.attribute``.
-            n_steps: the number of quadrature nodes. Default: 50.
+            n_steps: the number of quadrature nodes (default: 50), or ``"auto"``, as in
+                ``IntegratedGradients.attribute``: the completeness it reaches is that of the
+                path through the layer (the model's output with the layer's values on the
+                path, the inputs elsewhere).
             method: the quadrature rule, as in ``IntegratedGradients.attribute``.
             internal_batch_size: at most how many path points to run at once (captum's
                 meaning); None sizes the chunks from free memory.
@@ -160,21 +167,24 @@ class LayerIntegratedGradients(
                 (the sum of all layers' attributions against the model's output change).
             attribute_to_layer_input: attribute the layer's input instead of its output.
             grad_kwargs: extra keyword arguments of ``torch.autograd.grad``.
+            return_n_steps: also return the path points each example took, as in
+                ``IntegratedGradients.attribute``. Not in captum.
+            tolerance: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
+            max_steps: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
 
         Returns:
             For one layer, a tensor shaped as its output (or input), or a tuple when it has
-            several; for a list of layers, a list of those. With
-            ``return_convergence_delta``, the pair ``(attributions, delta)``.
+            several; for a list of layers, a list of those; followed, when asked, by the delta
+            and then the steps.
         """
         (result,) = self._attribute_targets(
             inputs,
             baselines,
             lambda batch: [check_target(target, batch)],
             additional_forward_args,
-            n_steps,
-            method,
-            internal_batch_size,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
             return_convergence_delta,
+            return_n_steps,
             attribute_to_layer_input,
             grad_kwargs,
         )
@@ -186,12 +196,15 @@ class LayerIntegratedGradients(
         targets: Any,
         baselines: BaselineType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         grad_kwargs: dict[str, Any] | None = None,
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
     ) -> list[Any]:
         """Attribute several targets at once: one forward pass per chunk of the path serves
         them all, then one backward pass per target.
@@ -208,6 +221,9 @@ class LayerIntegratedGradients(
             return_convergence_delta: as in :meth:`attribute`.
             attribute_to_layer_input: as in :meth:`attribute`.
             grad_kwargs: as in :meth:`attribute`.
+            return_n_steps: as in :meth:`attribute`.
+            tolerance: as in :meth:`attribute`.
+            max_steps: as in :meth:`attribute`.
 
         Returns:
             A list of K results; result ``k`` equals (to float rounding)
@@ -232,10 +248,9 @@ class LayerIntegratedGradients(
             baselines,
             lambda batch: check_target_sequence(targets, batch, check_target),
             additional_forward_args,
-            n_steps,
-            method,
-            internal_batch_size,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
             return_convergence_delta,
+            return_n_steps,
             attribute_to_layer_input,
             grad_kwargs,
         )
@@ -246,10 +261,9 @@ class LayerIntegratedGradients(
         baselines: BaselineType,
         checked_targets: Callable[[int], list[Any]],
         additional_forward_args: Any,
-        n_steps: int,
-        method: str,
-        internal_batch_size: int | None,
+        options: PathOptions,
         return_convergence_delta: bool,
+        return_n_steps: bool,
         attribute_to_layer_input: bool,
         grad_kwargs: dict[str, Any] | None,
     ) -> list[Any]:
@@ -258,12 +272,12 @@ class LayerIntegratedGradients(
         model_inputs = as_tensor_tuple(inputs)
         baseline_tuple = format_baselines(baselines, model_inputs)
         starts = tuple(b.expand_as(x).contiguous() for b, x in zip(baseline_tuple, model_inputs))
-        check_steps(method, n_steps)
+        adaptive = options.check()
         batch = model_inputs[0].shape[0]
         targets = checked_targets(batch)
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
-        steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)
+        steps_per_chunk = steps_per_chunk_for(options.internal_batch_size, batch)
 
         # A layer that runs more than once is replaced at every call, so only its last call
         # reaches the output: its path must run between its last call's values (captum's
@@ -307,13 +321,14 @@ class LayerIntegratedGradients(
                 ]
 
             try:
-                result = integrate(
+                result, steps = integrate(
                     ends,
                     path_starts,
                     evaluate,
                     batch=batch,
-                    method=method,
-                    n_steps=n_steps,
+                    method=options.method,
+                    n_steps=options.n_steps,
+                    adaptive=adaptive,
                     targets=len(targets),
                     steps_per_chunk=steps_per_chunk,
                     multiply_by_inputs=self.multiplies_by_inputs,
@@ -332,15 +347,17 @@ class LayerIntegratedGradients(
                 format_output(len(group) > 1, group) for group in _group(attributions, counts)
             ]
             results.append(per_layer if isinstance(self.layer, list) else per_layer[0])
-        if not return_convergence_delta:
-            return results
-        # The path's own outputs can't stand in for the model's at the inputs and baselines:
-        # branches that bypass the layer saw the inputs all along the path.
-        start_outs = outputs_per_example(self.forward_func, starts, targets, args)
-        end_outs = outputs_per_example(self.forward_func, model_inputs, targets, args)
+        deltas: list[Any] = [None] * len(targets)
+        if return_convergence_delta:
+            # The path's own outputs can't stand in for the model's at the inputs and
+            # baselines: branches that bypass the layer saw the inputs all along the path.
+            start_outs = outputs_per_example(self.forward_func, starts, targets, args)
+            end_outs = outputs_per_example(self.forward_func, model_inputs, targets, args)
+            deltas = [
+                sums - (end_out - start_out)
+                for sums, start_out, end_out in zip(result.row_sums, start_outs, end_outs)
+            ]
         return [
-            (attributions, sums - (end_out - start_out))
-            for attributions, sums, start_out, end_out in zip(
-                results, result.row_sums, start_outs, end_outs
-            )
+            with_extras(attributions, delta, s if return_n_steps else None)
+            for attributions, delta, s in zip(results, deltas, steps)
         ]

@@ -21,14 +21,15 @@ from fastattr._formatting import (
     per_example,
 )
 from fastattr._path_integral import (
+    PathOptions,
     PointRows,
     args_for_points,
     check_target_sequence,
     integrate,
     needs_whole_steps,
     steps_per_chunk_for,
+    with_extras,
 )
-from fastattr._quadrature import check_steps
 from fastattr.attr._base import PathAttribution
 from fastattr.attr._layers import LayerValues, capture_layers, check_layers_in_model
 
@@ -118,11 +119,14 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         neuron_selector: NeuronSelector,
         baselines: BaselineType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         attribute_to_neuron_input: bool = False,
-    ) -> TensorOrTuple:
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> Any:
         """Attribute one neuron of the layer to ``inputs``.
 
         Args:
@@ -133,26 +137,31 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 a layer with several) and returning one value per example.
             baselines: where each path starts, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``.
-            n_steps: the number of quadrature nodes. Default: 50.
+            n_steps: the number of quadrature nodes (default: 50), or ``"auto"``, as in
+                ``IntegratedGradients.attribute`` (the completeness it reaches is the
+                neuron's: its change between the baselines and the inputs).
             method: the quadrature rule, as in ``IntegratedGradients.attribute``.
             internal_batch_size: at most how many path points to run at once (captum's
                 meaning); None sizes the chunks from free memory.
             attribute_to_neuron_input: take the neuron from the layer's input instead of its
                 output.
+            return_n_steps: also return the path points each example took, as in
+                ``IntegratedGradients.attribute``. Not in captum.
+            tolerance: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
+            max_steps: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
 
         Returns:
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
-            tuple).
+            tuple); with ``return_n_steps``, the pair ``(attributions, steps)``.
         """
         (result,) = self._attribute_targets(
             inputs,
             [neuron_selector],
             baselines,
             additional_forward_args,
-            n_steps,
-            method,
-            internal_batch_size,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
             attribute_to_neuron_input,
+            return_n_steps,
         )
         return result
 
@@ -162,11 +171,14 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         targets: Any,
         baselines: BaselineType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         attribute_to_neuron_input: bool = False,
-    ) -> list[TensorOrTuple]:
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> list[Any]:
         """Attribute several neurons of the layer at once: one forward pass (up to the layer)
         per chunk of the path serves them all, then one backward pass per neuron.
 
@@ -180,6 +192,9 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             method: as in :meth:`attribute`.
             internal_batch_size: as in :meth:`attribute` (for all neurons together).
             attribute_to_neuron_input: as in :meth:`attribute`.
+            return_n_steps: as in :meth:`attribute`.
+            tolerance: as in :meth:`attribute`.
+            max_steps: as in :meth:`attribute`.
 
         Returns:
             A list of K results; result ``k`` equals (to float rounding)
@@ -208,10 +223,9 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             selectors,
             baselines,
             additional_forward_args,
-            n_steps,
-            method,
-            internal_batch_size,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
             attribute_to_neuron_input,
+            return_n_steps,
         )
 
     def _attribute_targets(
@@ -220,17 +234,16 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         selectors: list[NeuronSelector],
         baselines: BaselineType,
         additional_forward_args: Any,
-        n_steps: int,
-        method: str,
-        internal_batch_size: int | None,
+        options: PathOptions,
         attribute_to_neuron_input: bool,
-    ) -> list[TensorOrTuple]:
+        return_n_steps: bool,
+    ) -> list[Any]:
         check_layers_in_model(self.forward_func, [self.layer], "layer")
         is_tuple = isinstance(inputs, tuple)
         ends = as_tensor_tuple(inputs)
         check_floating(ends, "inputs")
         starts = format_baselines(baselines, ends)
-        check_steps(method, n_steps)
+        adaptive = options.check()
         batch = ends[0].shape[0]
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
@@ -238,7 +251,7 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         # Captum takes a layer that runs more than once at its last call. One pass over the
         # inputs, without a graph, counts the calls; unless the layer runs again, the passes
         # over the path stop at the layer.
-        steps_per_chunk = steps_per_chunk_for(internal_batch_size, batch)
+        steps_per_chunk = steps_per_chunk_for(options.internal_batch_size, batch)
         calls = [0]
         with torch.no_grad():
             if batch > 0:
@@ -266,13 +279,14 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             ]
 
         with torch.enable_grad():
-            result = integrate(
+            result, steps = integrate(
                 ends,
                 starts,
                 evaluate,
                 batch=batch,
-                method=method,
-                n_steps=n_steps,
+                method=options.method,
+                n_steps=options.n_steps,
+                adaptive=adaptive,
                 targets=len(selectors),
                 steps_per_chunk=steps_per_chunk,
                 multiply_by_inputs=self.multiplies_by_inputs,
@@ -281,4 +295,7 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 step_costs=self._step_costs,
                 cost_key=attribute_to_neuron_input,
             )
-        return [format_output(is_tuple, attributions) for attributions in result.attributions]
+        return [
+            with_extras(format_output(is_tuple, attributions), None, s if return_n_steps else None)
+            for attributions, s in zip(result.attributions, steps)
+        ]

@@ -74,6 +74,31 @@ def accumulate_points(accumulator: Tensor, grads: Tensor, rows: Tensor, weights:
         reference.accumulate_points(accumulator, grads, rows, weights)
 
 
+def point_slopes(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor) -> Tensor:
+    """The directional derivative of the model along each point's path, from its gradient:
+    ``sum_j grads_pj * (inputs_rj - baselines_rj)`` with ``r = rows_p``, accumulated in
+    float64.
+
+    Args:
+        grads: (P, ...) gradients at the points, in the dtype of ``inputs``.
+        rows: int64 (P,) table of the example each point belongs to, each in [0, B), on the
+            CPU or the inputs' device.
+        inputs: (B, ...) floating tensor, the paths' ends.
+        baselines: The paths' starts, broadcasting to ``inputs``.
+
+    Returns:
+        The (P,) float64 slopes.
+
+    Raises:
+        ValueError: The shapes do not fit.
+        IndexError: A row is outside ``inputs``.
+        TypeError: A dtype is not floating, or ``grads`` and ``inputs`` differ in dtype.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.point_slopes.default(grads, rows, inputs, baselines)
+    return reference.point_slopes(grads, rows, inputs, baselines)
+
+
 def quadrature_finish(
     accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
 ) -> tuple[Tensor, Tensor]:

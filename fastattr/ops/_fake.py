@@ -25,6 +25,12 @@ def _(accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor) -> None
     reference.check_accumulate_points(accumulator, grads, rows, weights, read_values=False)
 
 
+@torch.library.register_fake("fastattr::point_slopes")
+def _(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor) -> Tensor:
+    reference.check_point_slopes(grads, rows, inputs, baselines, read_values=False)
+    return inputs.new_empty(rows.shape[0], dtype=torch.float64)
+
+
 @torch.library.register_fake("fastattr::quadrature_finish")
 def _(
     accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool

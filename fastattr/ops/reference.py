@@ -233,6 +233,34 @@ def accumulate_points(accumulator: Tensor, grads: Tensor, rows: Tensor, weights:
         accumulator.index_add_(0, index_rows.index_select(0, index), terms)
 
 
+def check_point_slopes(
+    grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor, *, read_values: bool = True
+) -> None:
+    _check_batched(grads, "grads")
+    _check_floating(grads, "grads")
+    _check_batched(inputs, "inputs")
+    _check_same(inputs, "inputs", grads, "grads", shape=False)
+    _check_baselines(baselines, inputs)
+    _check_rows(rows, inputs.shape[0], "inputs", inputs, "inputs", read_values=read_values)
+    if grads.shape[1:] != inputs.shape[1:] or grads.shape[0] != rows.numel():
+        raise ValueError(
+            f"grads must have shape ({rows.numel()}, ...) matching the rows and the inputs of "
+            f"shape {list(inputs.shape)}, got {list(grads.shape)}"
+        )
+
+
+def point_slopes(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.point_slopes][].
+
+    Point ``p``'s ``sum_j grads_pj * (inputs_rj - baselines_rj)`` with ``r = rows_p``, in
+    float64."""
+    check_point_slopes(grads, rows, inputs, baselines)
+    index = _table_on(rows, inputs.device, torch.int64)
+    diff = inputs.double() - baselines.double().expand_as(inputs)
+    terms = grads.double() * diff.index_select(0, index)
+    return terms.reshape(rows.numel(), math.prod(inputs.shape[1:])).sum(1)
+
+
 def check_quadrature_finish(accumulator: Tensor, inputs: Tensor, baselines: Tensor) -> None:
     _check_accumulator(accumulator)
     _check_floating(inputs, "inputs")
@@ -441,6 +469,7 @@ __all__ = [
     "lrp_product_node",
     "lrp_product_ratio_node",
     "lrp_ratio_node",
+    "point_slopes",
     "quadrature_finish",
     "relevance_product",
 ]
