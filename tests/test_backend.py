@@ -23,6 +23,7 @@ ROOT = Path(fastattr.__file__).resolve().parents[1]
 OPS = (
     "interpolate_points",
     "accumulate_points",
+    "point_slopes",
     "quadrature_finish",
     "epsilon_ratio",
     "relevance_product",

@@ -195,6 +195,21 @@ def test_accumulate_points_is_a_weighted_sum_per_row(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_point_slopes_are_directional_derivatives(backend: str) -> None:
+    generator = torch.Generator().manual_seed(8)
+    inputs = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    baselines = torch.randn(1, 2, 4, generator=generator, dtype=torch.float64)
+    rows = torch.tensor([2, 0, 2, 1])
+    grads = torch.randn(4, 2, 4, generator=generator, dtype=torch.float64)
+    with use_backend(backend):
+        slopes = ops.point_slopes(grads, rows, inputs, baselines)
+    assert slopes.dtype == torch.float64 and slopes.shape == (4,)
+    for p, b in enumerate(rows.tolist()):
+        expected = (grads[p] * (inputs[b] - baselines[0])).sum()
+        torch.testing.assert_close(slopes[p], expected, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_epsilon_ratio_takes_sign_of_zero_as_positive(backend: str, dtype: torch.dtype) -> None:
     relevance = torch.tensor([1.0, 1.0, 1.0, -2.0], dtype=dtype)
@@ -326,6 +341,28 @@ def test_accumulate_points_matches_twin_streamed_in_chunks(
         on_host = start.cpu()
         torch.ops.fastattr.accumulate_points(on_host, *on_cpu(grads, rows, weights))
         assert_identical(streamed.cpu(), on_host)
+
+
+@on_each_device
+def test_point_slopes_match_twin(device: str, data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = data.draw(batched_shapes(), label="shape")
+    rows = data.draw(point_rows(shape[0]), label="rows")
+    grad_layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="grad layout")
+    input_layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="input layout")
+    generator = draw_generator(data)
+    inputs = make_tensor(shape, dtype, input_layout, generator, device)
+    baselines = draw_baselines(data, shape, dtype, generator, device)
+    grads = make_tensor((rows.numel(), *shape[1:]), dtype, grad_layout, generator, device)
+    rows = draw_table(data, rows, device)
+    expected = reference.point_slopes(grads, rows, inputs, baselines)
+    actual = torch.ops.fastattr.point_slopes(grads, rows, inputs, baselines)
+    index = rows.to(inputs.device)
+    terms = grads.double() * (inputs.double() - baselines.double()).index_select(0, index)
+    assert_row_sums_close(actual, expected, terms)
+    if device != "cpu":
+        on_host = torch.ops.fastattr.point_slopes(*on_cpu(grads, rows, inputs, baselines))
+        assert_row_sums_close(actual.cpu(), on_host, terms.cpu())
 
 
 def test_accumulate_points_over_a_wide_span_of_rows() -> None:
@@ -577,6 +614,20 @@ def _opcheck_samples() -> list[tuple[str, tuple]]:
             "accumulate_points",
             (randn(4, 6, dtype=torch.float64), randn(5, 6).bfloat16(), rows, alphas),
         ),
+        ("point_slopes", (randn(5, 6), rows, randn(4, 6), randn(1, 6))),
+        (
+            "point_slopes",
+            (half_image[[0, 1, 1]], rows[:3] % 2, half_image, randn(5, dtype=torch.float16)),
+        ),
+        (
+            "point_slopes",
+            (
+                volume.double()[[1]],
+                rows[1:2],
+                volume.double(),
+                torch.zeros((), dtype=torch.float64),
+            ),
+        ),
         ("quadrature_finish", (randn(2, 6), randn(2, 6), randn(6), True)),
         (
             "quadrature_finish",
@@ -714,6 +765,19 @@ BAD_CALLS = {
         (ValueError, "weights", lambda: (t(2, 3), t(2, 3), r(0, 1), a(NAN, 0.5))),
         (ValueError, "weights", lambda: (t(2, 3), t(1, 3), r(0), a(0.5, device=META))),
         (ValueError, "weights", lambda: (t(2, 3), t(2, 3), r(0, 1), a(0.5))),
+    ],
+    "point_slopes": [  # (grads, rows, inputs, baselines)
+        (ValueError, "grads", lambda: (t(), r(0), t(2, 3), t(3))),
+        (TypeError, "grads", lambda: (t(1, 3, dtype=I64), r(0), t(2, 3), t(3))),
+        (ValueError, "inputs", lambda: (t(1, 3), r(0), t(), t())),
+        (TypeError, "inputs", lambda: (t(1, 3), r(0), t(2, 3, dtype=F64), t(3, dtype=F64))),
+        (ValueError, "inputs", lambda: (t(1, 3), r(0), t(2, 3, device=META), t(3))),
+        (ValueError, "baselines", lambda: (t(1, 3), r(0), t(2, 3), t(4))),
+        (TypeError, "baselines", lambda: (t(1, 3), r(0), t(2, 3), t(3, dtype=F64))),
+        (IndexError, "rows", lambda: (t(1, 3), r(2), t(2, 3), t(3))),
+        (TypeError, "rows", lambda: (t(1, 3), a(0.0), t(2, 3), t(3))),
+        (ValueError, "grads", lambda: (t(2, 3), r(0), t(2, 3), t(3))),
+        (ValueError, "grads", lambda: (t(1, 4), r(0), t(2, 3), t(3))),
     ],
     "quadrature_finish": [  # (accumulator, inputs, baselines, multiply_by_inputs)
         (TypeError, "accumulator", lambda: (t(2, 3, dtype=F16), t(2, 3), t(3), True)),

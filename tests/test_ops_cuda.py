@@ -50,6 +50,10 @@ def test_large_operands_cross_every_block_and_grid_boundary(dtype: torch.dtype) 
     torch.ops.fastattr.accumulate_points(accumulator, grads, rows, alphas)
     assert_identical(accumulator, expected)
 
+    slopes = torch.ops.fastattr.point_slopes(grads, rows, inputs, baselines)
+    terms = grads.double() * (inputs.double() - baselines.double()).index_select(0, rows.cuda())
+    assert_row_sums_close(slopes, reference.point_slopes(grads, rows, inputs, baselines), terms)
+
     attributions, sums = torch.ops.fastattr.quadrature_finish(accumulator, inputs, baselines, True)
     want, want_sums = reference.quadrature_finish(accumulator, inputs, baselines, True)
     assert_identical(attributions, want)
@@ -147,6 +151,19 @@ MIXED_DEVICES = {
         (
             "weights",
             lambda: (_t(2, 3, device=OTHER), _t(1, 3, device=OTHER), _r(0), _a(0.5, device=DEVICE)),
+        ),
+    ],
+    "point_slopes": [
+        ("inputs", lambda: (_t(1, 3), _r(0), _t(2, 3, device=OTHER), _t(3))),
+        ("baselines", lambda: (_t(1, 3), _r(0), _t(2, 3), _t(3, device=OTHER))),
+        (
+            "rows",
+            lambda: (
+                _t(1, 3, device=OTHER),
+                _r(0, device=DEVICE),
+                _t(2, 3, device=OTHER),
+                _t(3, device=OTHER),
+            ),
         ),
     ],
     "quadrature_finish": [

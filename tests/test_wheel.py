@@ -60,6 +60,7 @@ def backward_of(node):
 CALLS = {
     "interpolate_points": lambda op: op(inputs, baselines, rows, alphas),
     "accumulate_points": accumulate,
+    "point_slopes": lambda op: op(grads, rows, inputs, baselines),
     "quadrature_finish": lambda op: op(accumulator, inputs, baselines, True),
     "epsilon_ratio": lambda op: op(relevance, z, 0.01),
     "relevance_product": lambda op: op(relevance, z),
