@@ -13,7 +13,7 @@ of a round evaluated together through the path engine:
 - while its path looks smooth it takes the next level of nested Clenshaw-Curtis nodes (3, 5,
   9, 17, ... points; Gauss-Legendre's nodes do not nest), whose error falls geometrically on
   a smooth path;
-- when a level fails to cut the error by a factor :data:`STALL` (a kink: on ReLU networks the
+- when a level fails to cut the error by a factor ``STALL`` (a kink: on ReLU networks the
   path gradient is piecewise constant, and every fixed rule's error falls only like 1/n), it
   switches to adaptive bisection: each round halves the intervals with the largest exact
   local errors, which are those holding the gradient's jumps.

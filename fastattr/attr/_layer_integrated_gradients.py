@@ -206,24 +206,27 @@ class LayerIntegratedGradients(
         tolerance: float | None = None,
         max_steps: int | None = None,
     ) -> list[Any]:
-        """Attribute several targets at once: one forward pass per chunk of the path serves
-        them all, then one backward pass per target.
+        """Attribute several targets at once, each as
+        [attribute][fastattr.LayerIntegratedGradients.attribute] would.
+
+        One forward pass per chunk of the path serves all targets, then one backward pass
+        per target.
 
         Args:
-            inputs: as in :meth:`attribute`.
+            inputs: as in ``attribute``.
             targets: K targets, a list or a tuple (or a tensor: one target per entry of its
-                first dimension), each in any form :meth:`attribute`'s ``target`` takes.
-            baselines: as in :meth:`attribute`.
-            additional_forward_args: as in :meth:`attribute`.
-            n_steps: as in :meth:`attribute`.
-            method: as in :meth:`attribute`.
-            internal_batch_size: as in :meth:`attribute` (for all targets together).
-            return_convergence_delta: as in :meth:`attribute`.
-            attribute_to_layer_input: as in :meth:`attribute`.
-            grad_kwargs: as in :meth:`attribute`.
-            return_n_steps: as in :meth:`attribute`.
-            tolerance: as in :meth:`attribute`.
-            max_steps: as in :meth:`attribute`.
+                first dimension), each in any form ``attribute``'s ``target`` takes.
+            baselines: as in ``attribute``.
+            additional_forward_args: as in ``attribute``.
+            n_steps: as in ``attribute``.
+            method: as in ``attribute``.
+            internal_batch_size: as in ``attribute`` (for all targets together).
+            return_convergence_delta: as in ``attribute``.
+            attribute_to_layer_input: as in ``attribute``.
+            grad_kwargs: as in ``attribute``.
+            return_n_steps: as in ``attribute``.
+            tolerance: as in ``attribute``.
+            max_steps: as in ``attribute``.
 
         Returns:
             A list of K results; result ``k`` equals (to float rounding)

@@ -179,22 +179,25 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         tolerance: float | None = None,
         max_steps: int | None = None,
     ) -> list[Any]:
-        """Attribute several neurons of the layer at once: one forward pass (up to the layer)
-        per chunk of the path serves them all, then one backward pass per neuron.
+        """Attribute several neurons of the layer at once, each as
+        [attribute][fastattr.NeuronIntegratedGradients.attribute] would.
+
+        One forward pass (up to the layer) per chunk of the path serves all neurons, then one
+        backward pass per neuron.
 
         Args:
-            inputs: as in :meth:`attribute`.
+            inputs: as in ``attribute``.
             targets: K neuron selectors, a list or a tuple, each in any form
-                :meth:`attribute`'s ``neuron_selector`` takes.
-            baselines: as in :meth:`attribute`.
-            additional_forward_args: as in :meth:`attribute`.
-            n_steps: as in :meth:`attribute`.
-            method: as in :meth:`attribute`.
-            internal_batch_size: as in :meth:`attribute` (for all neurons together).
-            attribute_to_neuron_input: as in :meth:`attribute`.
-            return_n_steps: as in :meth:`attribute`.
-            tolerance: as in :meth:`attribute`.
-            max_steps: as in :meth:`attribute`.
+                ``attribute``'s ``neuron_selector`` takes.
+            baselines: as in ``attribute``.
+            additional_forward_args: as in ``attribute``.
+            n_steps: as in ``attribute``.
+            method: as in ``attribute``.
+            internal_batch_size: as in ``attribute`` (for all neurons together).
+            attribute_to_neuron_input: as in ``attribute``.
+            return_n_steps: as in ``attribute``.
+            tolerance: as in ``attribute``.
+            max_steps: as in ``attribute``.
 
         Returns:
             A list of K results; result ``k`` equals (to float rounding)
