@@ -325,10 +325,13 @@ class PathEngine:
 
     def _cost_per_point(self) -> int:
         assert self._point_cost is not None
-        # The path rows, a gradient and that gradient in the accumulator's layout. Targets take
-        # their backwards one after the other over the one forward's activations, so a point
-        # costs the same for any number of them (their accumulators are per example).
-        return self._point_cost + 3 * self._path_bytes_per_point()
+        # Several targets take their backwards one after the other over the one forward's
+        # activations, which the retained graph keeps through each backward: measured, the peak
+        # is then up to twice the activations, for any number of targets (their accumulators
+        # are per example). Then the path rows, a gradient and that gradient in the
+        # accumulator's layout.
+        activations = self._point_cost * (2 if self.targets > 1 else 1)
+        return activations + 3 * self._path_bytes_per_point()
 
     # -------------------------------------------------------------------- streaming
 
@@ -412,6 +415,8 @@ class PathEngine:
                         per_row = ops.point_slopes(grad, examples, end, start_)
                         slope += per_row.reshape(len(points), m).sum(1)
                 slopes.append(slope)
+                # This target's gradients go before the next target's backward makes its own.
+                del grads, grad
         detached = [o.detach() for o in outputs]
         self._record_end_values(points, detached)
         if meter is not None:

@@ -118,7 +118,12 @@ class Case:
 
 class SeededNoise:
     """An attributor whose every call draws its noise from the same seed, so that fastattr's
-    and Captum's NoiseTunnel see the same noise and their results can be compared."""
+    and Captum's NoiseTunnel see the same noise and their results can be compared.
+
+    Args:
+        attributor: The NoiseTunnel (or any attributor) to call.
+        seed: The seed of torch's generators before each call.
+    """
 
     def __init__(self, attributor: Any, seed: int = 0) -> None:
         self.attributor = attributor

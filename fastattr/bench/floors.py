@@ -158,7 +158,12 @@ def input_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
 
 def noise_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     """NoiseTunnel around IntegratedGradients: the path floor over the noisy copies
-    (``nt_samples`` per example, so ``n_steps * nt_samples * B`` rows), drawn beforehand."""
+    (``nt_samples`` per example, so ``n_steps * nt_samples * B`` rows), drawn beforehand.
+
+    Args:
+        model: The floor's copy of the model.
+        arguments: The batch's ``attribute()`` arguments, with ``nt_samples`` and ``stdevs``.
+    """
     inputs, samples = arguments["inputs"], arguments["nt_samples"]
     generator = torch.Generator(device=inputs.device).manual_seed(0)
     copies = inputs.repeat_interleave(samples, dim=0)
