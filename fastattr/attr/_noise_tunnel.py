@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastattr._formatting import as_int, format_additional_args
+from fastattr._formatting import as_int, baseline_tuple, format_additional_args
 from fastattr._path_integral import chunk_budget
 from fastattr.attr._base import Attribution, PathAttribution
 
@@ -404,16 +404,7 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
     ) -> tuple[Any, ...] | None:
         if "baselines" not in kwargs:
             return None
-        baselines = kwargs["baselines"]
-        if baselines is None:
-            baselines = (0,) * len(inputs)
-        elif not isinstance(baselines, tuple):
-            baselines = (baselines,)
-        if len(baselines) != len(inputs):
-            raise ValueError(
-                f"baselines must give one baseline per input tensor: {len(inputs)} inputs, "
-                f"{len(baselines)} baselines"
-            )
+        baselines = baseline_tuple(kwargs["baselines"], inputs)
         if draw:
             for i, (b, x) in enumerate(zip(baselines, inputs)):
                 if isinstance(b, Tensor) and (b.dim() == 0 or b.shape[1:] != x.shape[1:]):
