@@ -12,7 +12,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastattr._path_integral import module_of
+
+def module_of(forward_func: object) -> nn.Module | None:
+    """The module behind ``forward_func``: the module itself, or the owner of a bound method
+    such as ``model.forward``."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
 
 
 def uses_batch_statistics(forward_func: object) -> bool:
