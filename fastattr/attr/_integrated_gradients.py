@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from fastattr._exact import check_method, forward_at_points, integrate_exact
 from fastattr._formatting import (
     BaselineType,
     ColumnIndices,
@@ -28,7 +29,6 @@ from fastattr._path_integral import (
     integrate_path,
     steps_per_chunk_for,
 )
-from fastattr._quadrature import check_steps
 from fastattr.attr._base import PathAttribution, forward_per_example
 
 
@@ -95,9 +95,12 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             additional_forward_args: further arguments of ``forward_func``, after the inputs.
                 Tensors with a batch dimension are repeated along the path with the inputs;
                 anything else is passed as it is.
-            n_steps: the number of quadrature nodes. Default: 50.
+            n_steps: the number of quadrature nodes. Default: 50. Not used by ``"exact"``.
             method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,
-                ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+                ``"riemann_middle"`` or ``"riemann_trapezoid"``; or ``"exact"`` for a
+                piecewise-linear model (ReLU, max pooling, ...): the path is split where the
+                model's kinks are crossed and the integral is a finite sum, complete to float
+                rounding (see ``docs/methods/exact.md``).
             internal_batch_size: at most how many path points (steps times examples) to run
                 at once, as in captum; None (default) sizes the chunks from free memory.
             return_convergence_delta: also return captum's convergence delta per example.
@@ -116,7 +119,7 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             "LayerIntegratedGradients",
         )
         starts = format_baselines(baselines, ends)
-        check_steps(method, n_steps)
+        exact = check_method(method, n_steps)
         batch = ends[0].shape[0]
         target = check_target(target, batch)
         args = format_additional_args(additional_forward_args)
@@ -131,17 +134,27 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             )
             return per_example(output, steps * batch)
 
-        result = integrate_path(
-            ends,
-            starts,
-            evaluate,
-            method=method,
-            n_steps=n_steps,
-            steps_per_chunk=steps_per_chunk_for(internal_batch_size, batch),
-            multiply_by_inputs=self.multiplies_by_inputs,
-            model=self.forward_func,
-            step_costs=self._step_costs,
-        )
+        if exact:
+            result = integrate_exact(
+                ends,
+                starts,
+                forward_at_points(self.forward_func, target, args),
+                multiply_by_inputs=self.multiplies_by_inputs,
+                internal_batch_size=internal_batch_size,
+                model=self.forward_func,
+            )
+        else:
+            result = integrate_path(
+                ends,
+                starts,
+                evaluate,
+                method=method,
+                n_steps=n_steps,
+                steps_per_chunk=steps_per_chunk_for(internal_batch_size, batch),
+                multiply_by_inputs=self.multiplies_by_inputs,
+                model=self.forward_func,
+                step_costs=self._step_costs,
+            )
         attributions = format_output(is_tuple, result.attributions)
         if not return_convergence_delta:
             return attributions

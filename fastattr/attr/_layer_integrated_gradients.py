@@ -8,6 +8,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from fastattr._exact import argument_rows, check_method, integrate_exact, target_rows
 from fastattr._formatting import (
     BaselineType,
     TargetType,
@@ -29,7 +30,6 @@ from fastattr._path_integral import (
     module_of,
     steps_per_chunk_for,
 )
-from fastattr._quadrature import check_steps
 from fastattr.attr._base import LayerAttribution, PathAttribution, forward_per_example
 from fastattr.attr._layers import (
     LayerCalledAgain,
@@ -146,8 +146,9 @@ class LayerIntegratedGradients(
             target: which output to attribute, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``, as in
                 ``IntegratedGradients.attribute``.
-            n_steps: the number of quadrature nodes. Default: 50.
-            method: the quadrature rule, as in ``IntegratedGradients.attribute``.
+            n_steps: the number of quadrature nodes. Default: 50. Not used by ``"exact"``.
+            method: the quadrature rule, as in ``IntegratedGradients.attribute``; ``"exact"``
+                where the model after the layer is piecewise linear.
             internal_batch_size: at most how many path points to run at once (captum's
                 meaning); None sizes the chunks from free memory.
             return_convergence_delta: also return captum's convergence delta per example
@@ -165,7 +166,7 @@ class LayerIntegratedGradients(
         model_inputs = as_tensor_tuple(inputs)
         baseline_tuple = format_baselines(baselines, model_inputs)
         starts = tuple(b.expand_as(x).contiguous() for b, x in zip(baseline_tuple, model_inputs))
-        check_steps(method, n_steps)
+        exact = check_method(method, n_steps)
         batch = model_inputs[0].shape[0]
         target = check_target(target, batch)
         args = format_additional_args(additional_forward_args)
@@ -185,10 +186,11 @@ class LayerIntegratedGradients(
             check_floating(
                 ends, "the values of layer", "; choose a layer with floating point values"
             )
-            if return_convergence_delta and any(v.shape[0] != batch for v in ends):
+            if (return_convergence_delta or exact) and any(v.shape[0] != batch for v in ends):
                 raise ValueError(
-                    "return_convergence_delta needs the values of layer to hold the examples "
-                    f"along dimension 0 ({batch}), got shapes {[list(v.shape) for v in ends]}"
+                    f"{'method=exact' if exact else 'return_convergence_delta'} needs the "
+                    f"values of layer to hold the examples along dimension 0 ({batch}), got "
+                    f"shapes {[list(v.shape) for v in ends]}"
                 )
 
             def evaluate(paths: tuple[Tensor, ...], steps: int, counts=counts, last=last) -> Tensor:
@@ -206,7 +208,35 @@ class LayerIntegratedGradients(
                     raise LayerCalledAgain
                 return per_example(output, steps * batch)
 
+            def evaluate_points(
+                paths: tuple[Tensor, ...], examples: Tensor, counts=counts, last=last
+            ) -> Tensor:
+                calls = [0] * len(layers)
+                with replaced_layers(
+                    layers, _group(paths, counts), attribute_to_layer_input, calls=calls
+                ):
+                    output = run_forward(
+                        self.forward_func,
+                        argument_rows(model_inputs, examples),
+                        target_rows(target, examples),
+                        argument_rows(args, examples),
+                    )
+                if not last and max(calls) > 1:
+                    raise LayerCalledAgain
+                return per_example(output, examples.numel())
+
             try:
+                if exact:
+                    result = integrate_exact(
+                        ends,
+                        path_starts,
+                        evaluate_points,
+                        multiply_by_inputs=self.multiplies_by_inputs,
+                        internal_batch_size=internal_batch_size,
+                        model=self.forward_func,
+                        grad_kwargs=grad_kwargs,
+                    )
+                    break
                 result = integrate_path(
                     ends,
                     path_starts,

@@ -9,6 +9,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from fastattr._exact import argument_rows, check_method, integrate_exact
 from fastattr._formatting import (
     BaselineType,
     TensorOrTuple,
@@ -22,7 +23,6 @@ from fastattr._formatting import (
     repeat_additional_args,
 )
 from fastattr._path_integral import integrate_path, steps_per_chunk_for
-from fastattr._quadrature import check_steps
 from fastattr.attr._base import PathAttribution
 from fastattr.attr._layers import LayerValues, capture_layers, check_layers_in_model
 
@@ -127,8 +127,9 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 a layer with several) and returning one value per example.
             baselines: where each path starts, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``.
-            n_steps: the number of quadrature nodes. Default: 50.
-            method: the quadrature rule, as in ``IntegratedGradients.attribute``.
+            n_steps: the number of quadrature nodes. Default: 50. Not used by ``"exact"``.
+            method: the quadrature rule, as in ``IntegratedGradients.attribute``; ``"exact"``
+                where the model up to the layer is piecewise linear.
             internal_batch_size: at most how many path points to run at once (captum's
                 meaning); None sizes the chunks from free memory.
             attribute_to_neuron_input: take the neuron from the layer's input instead of its
@@ -143,7 +144,7 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         ends = as_tensor_tuple(inputs)
         check_floating(ends, "inputs")
         starts = format_baselines(baselines, ends)
-        check_steps(method, n_steps)
+        exact = check_method(method, n_steps)
         batch = ends[0].shape[0]
         args = format_additional_args(additional_forward_args)
         check_additional_args(args, batch)
@@ -175,6 +176,28 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             )
             return per_example(select_neuron(values, neuron_selector, steps * batch), steps * batch)
 
+        def evaluate_points(paths: tuple[Tensor, ...], examples: Tensor) -> Tensor:
+            point_args = argument_rows(args, examples)
+            (values,) = capture_layers(
+                lambda: self.forward_func(*paths, *point_args),
+                [self.layer],
+                attribute_to_neuron_input,
+                detach=False,
+                last=runs_again,
+            )
+            rows = examples.numel()
+            return per_example(select_neuron(values, neuron_selector, rows), rows)
+
+        if exact:
+            result = integrate_exact(
+                ends,
+                starts,
+                evaluate_points,
+                multiply_by_inputs=self.multiplies_by_inputs,
+                internal_batch_size=internal_batch_size,
+                model=self.forward_func,
+            )
+            return format_output(is_tuple, result.attributions)
         with torch.enable_grad():
             result = integrate_path(
                 ends,

@@ -1,0 +1,848 @@
+"""Exact integrated gradients on piecewise-linear models (``method="exact"``).
+
+A model built of affine operations (linear layers, convolutions, eval-mode batch norm, average
+pooling, sums, reshapes) and kinks (ReLU, LeakyReLU, max pooling, ...) is affine on each piece
+of the straight path from a baseline to an input (ExactLine: Sotoudeh and Thakur, NeurIPS
+2019). Its integrated gradients are then a finite sum: each piece's length times the gradient
+inside it, with completeness to float rounding.
+
+The pieces are found in rounds. Each open segment of a path is evaluated at both of its ends in
+one forward pass, during which a dispatch mode watches every aten operation on values that
+depend on the path:
+
+- an operation that is not piecewise linear is an error naming the module that ran it;
+- at a kink, the switch values (pre-activation minus threshold, or the difference of the two
+  competing maxima of a pooling window) are compared between the segment's ends. If every
+  earlier kink kept its sign along the segment, every earlier operation was affine on it, so
+  this kink's inputs are affine too and its crossings are exact linear interpolations between
+  the two ends. The first kink (in execution order) whose switch values change sign splits the
+  segment at all its crossings; the pieces are checked again in the next round.
+
+A segment whose switch values keep their signs at every kink is affine: a piece. Values within
+rounding of a threshold count as on it (no sign), so rounding neither splits a piece nor hides
+a crossing that matters beyond rounding. Finally the gradient is taken at the middle of every
+piece, weighted by the piece's length.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fastattr import ops
+from fastattr._autograd import input_gradients
+from fastattr._formatting import ColumnIndices, TargetType, as_int, per_example, run_forward
+from fastattr._path_integral import chunk_budget, module_of, new_accumulator
+from fastattr._quadrature import check_steps
+
+EXACT = "exact"
+
+# Evaluates the model at path points: (points, the example of each point) -> one value per
+# point, differentiable with respect to the points.
+RowEvaluate = Callable[[tuple[Tensor, ...], Tensor], Tensor]
+
+# Switch values within this many units of rounding (of the largest magnitude among the kink's
+# inputs at that point) of zero count as zero: rounding must not split pieces.
+ROUNDING_UNITS = 32
+# Crossings closer than this many units of rounding (in alpha, along the whole path) to a
+# segment's end or to each other are merged: such pieces are below what the model resolves.
+GAP_UNITS = 16
+# How much of a chunk's memory budget one point may take, in units of the bytes its
+# activations take: the activations, the kink comparisons' copies, the gradients.
+BYTES_PER_ACTIVATION_BYTE = 3
+# More rounds than kinks in a forward pass (times this) means something is not what the
+# rounds assume, rather than a long path.
+ROUNDS_PER_KINK = 8
+MIN_ROUNDS = 64
+
+aten = torch.ops.aten
+
+
+@dataclass
+class ExactIntegral:
+    """What the exact path integral produced."""
+
+    attributions: tuple[Tensor, ...]
+    # Per-example sum of every attribution (for the convergence delta).
+    row_sums: Tensor
+    # The model's per-example output at the start and end of the path.
+    start_output: Tensor
+    end_output: Tensor
+    # The number of affine pieces of each example's path (one gradient evaluation each).
+    pieces: Tensor
+
+
+# ---------------------------------------------------------------------------- per-point rows
+
+
+def check_method(method: str, n_steps: Any) -> bool:
+    """Whether ``method`` is ``"exact"``; else the quadrature's checks of method and n_steps.
+    With ``"exact"`` the pieces decide the points and ``n_steps`` is not used."""
+    if method == EXACT:
+        return True
+    check_steps(method, n_steps)
+    return False
+
+
+def forward_at_points(
+    forward_func: Callable[..., Any],
+    target: TargetType | ColumnIndices,
+    args: tuple[Any, ...] | None,
+) -> RowEvaluate:
+    """The selected output of ``forward_func`` at path points of any examples."""
+
+    def evaluate(points: tuple[Tensor, ...], examples: Tensor) -> Tensor:
+        output = run_forward(
+            forward_func, points, target_rows(target, examples), argument_rows(args, examples)
+        )
+        return per_example(output, examples.numel())
+
+    return evaluate
+
+
+def target_rows(target: TargetType | ColumnIndices, examples: Tensor) -> Any:
+    """The target of each point, from the target of each example."""
+    if isinstance(target, list):
+        return [target[i] for i in examples.tolist()]
+    if isinstance(target, ColumnIndices):
+        indices = target.indices
+        return ColumnIndices(indices[examples.to(indices.device)], target.low, target.high)
+    return target
+
+
+def argument_rows(args: tuple[Any, ...] | None, examples: Tensor) -> tuple[Any, ...]:
+    """Additional forward arguments per point: tensors with a batch dimension indexed by each
+    point's example; anything else as it is."""
+    if args is None:
+        return ()
+    return tuple(
+        arg[examples.to(arg.device)] if isinstance(arg, Tensor) and arg.dim() > 0 else arg
+        for arg in args
+    )
+
+
+def _points(
+    ends: tuple[Tensor, ...], starts: tuple[Tensor, ...], examples: Tensor, alphas: Tensor
+) -> tuple[Tensor, ...]:
+    """``start + alpha * (end - start)`` of each point's example, in float64 and rounded once
+    to the inputs' dtype."""
+    paths = []
+    for end, start in zip(ends, starts):
+        index = examples.to(end.device)
+        end_rows = end.detach()[index].double()
+        start_rows = start.detach().expand_as(end)[index].double()
+        alpha = alphas.to(end.device).view(-1, *([1] * (end.dim() - 1)))
+        paths.append((start_rows + alpha * (end_rows - start_rows)).to(end.dtype))
+    return tuple(paths)
+
+
+# ------------------------------------------------------------------------------------ kinks
+
+
+class _Segments:
+    """The open segments of one forward pass, and the crossings found at their first kink
+    whose switch values change sign between their ends."""
+
+    def __init__(
+        self, rows: int, row_a: Tensor, row_b: Tensor, alpha_a: Tensor, alpha_b: Tensor, gap: float
+    ) -> None:
+        self.rows = rows
+        self.row_a, self.row_b = row_a, row_b
+        self.alpha_a, self.alpha_b = alpha_a, alpha_b
+        self.gap = gap
+        self.pending = torch.ones_like(row_a, dtype=torch.bool)
+        self.pending_index = torch.arange(row_a.numel(), device=row_a.device)
+        self.crossing_segments: list[Tensor] = []
+        self.crossing_alphas: list[Tensor] = []
+
+    def any_pending(self) -> bool:
+        return self.pending_index.numel() > 0
+
+    def by_row(self, value: Tensor, what: str) -> Tensor:
+        """``value`` viewed as (rows, per-row shape ...): the points must lie along dimension
+        0, each point's values contiguous there (as the model's batch)."""
+        if value.dim() == 0 or value.shape[0] % self.rows:
+            raise ValueError(
+                f"method='exact' needs the path's points along dimension 0 of every kink's "
+                f"input; {what} got shape {list(value.shape)} for {self.rows} points"
+            )
+        return value.unflatten(0, (self.rows, value.shape[0] // self.rows))
+
+    def ends(self, value: Tensor, what: str) -> tuple[Tensor, Tensor]:
+        """The pending segments' rows of ``value`` at their two ends, each (pending, ...)."""
+        rows = self.by_row(value, what)
+        return rows.index_select(0, self.row_a[self.pending_index]), rows.index_select(
+            0, self.row_b[self.pending_index]
+        )
+
+    def record(self, switches: Sequence[tuple[Tensor, Tensor]], scale: Tensor) -> None:
+        """One kink's switch values at the pending segments' two ends, each pair (pending,
+        units); ``scale`` (pending,) the magnitude of its inputs there. Pending segments with a
+        strict sign change are split at its crossings and are pending no more."""
+        tolerance = ROUNDING_UNITS * torch.finfo(switches[0][0].dtype).eps * scale
+        found_segments, found_alphas = [], []
+        for at_a, at_b in switches:
+            band = tolerance.to(at_a.dtype).unsqueeze(1)
+            changes = ((at_a > band) & (at_b < -band)) | ((at_a < -band) & (at_b > band))
+            pending_row, unit = changes.nonzero(as_tuple=True)
+            if pending_row.numel() == 0:
+                continue
+            value_a = at_a[pending_row, unit].double()
+            value_b = at_b[pending_row, unit].double()
+            segment = self.pending_index[pending_row]
+            alpha_a, alpha_b = self.alpha_a[segment], self.alpha_b[segment]
+            alpha = alpha_a + value_a / (value_a - value_b) * (alpha_b - alpha_a)
+            inside = (alpha - alpha_a >= self.gap) & (alpha_b - alpha >= self.gap)
+            found_segments.append(segment[inside])
+            found_alphas.append(alpha[inside])
+        if not found_segments:
+            return
+        segments = torch.cat(found_segments)
+        if segments.numel() == 0:
+            return
+        self.crossing_segments.append(segments)
+        self.crossing_alphas.append(torch.cat(found_alphas))
+        self.pending[segments] = False
+        self.pending_index = self.pending.nonzero().squeeze(1)
+
+
+def _magnitude(*values: Tensor) -> Tensor:
+    """Per row of (rows, ...) tensors, the largest magnitude among them."""
+    return torch.stack([v.detach().abs().flatten(1).amax(1) for v in values]).amax(0)
+
+
+def _elementwise_kink(
+    segments: _Segments, value: Tensor, thresholds: Sequence[Any], what: str
+) -> None:
+    """A kink of each element of ``value`` at each threshold (a number or a tensor that
+    broadcasts to it)."""
+    at_a, at_b = segments.ends(value, what)
+    switches = []
+    for threshold in thresholds:
+        if isinstance(threshold, Tensor):
+            threshold_a, threshold_b = (
+                segments.ends(threshold.expand_as(value), what)
+                if threshold.dim() == value.dim() and threshold.shape[0] == value.shape[0]
+                else (threshold, threshold)
+            )
+            switches.append(((at_a - threshold_a).flatten(1), (at_b - threshold_b).flatten(1)))
+        else:
+            switches.append(((at_a - threshold).flatten(1), (at_b - threshold).flatten(1)))
+    segments.record(switches, _magnitude(at_a, at_b))
+
+
+def _group_max_kink(segments: _Segments, value: Tensor, winners: Tensor, what: str) -> None:
+    """A kink where the winner of a group changes: ``value`` is (rows * k, G, n) with groups
+    of n competing elements, ``winners`` (rows * k, G, m) indexes the largest of each of the m
+    outputs' windows into the n. The switch of an output is the difference of its two
+    winners (at either end) along the segment."""
+    at_a, at_b = segments.ends(value, what)
+    win_a, win_b = segments.ends(winners, what)
+    at_a, at_b = at_a.flatten(1, 2), at_b.flatten(1, 2)
+    win_a, win_b = win_a.flatten(1, 2), win_b.flatten(1, 2)
+    switch_a = at_a.gather(2, win_a) - at_a.gather(2, win_b)
+    switch_b = at_b.gather(2, win_a) - at_b.gather(2, win_b)
+    segments.record([(switch_a.flatten(1), switch_b.flatten(1))], _magnitude(at_a, at_b))
+
+
+def _scalar(
+    args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any
+) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _relu(segments, func, args, kwargs, what):
+    _elementwise_kink(segments, args[0], [0.0], what)
+
+
+def _leaky_relu(segments, func, args, kwargs, what):
+    if _scalar(args, kwargs, 1, "negative_slope", 0.01) != 1:
+        _elementwise_kink(segments, args[0], [0.0], what)
+
+
+def _hardtanh(segments, func, args, kwargs, what):
+    low = _scalar(args, kwargs, 1, "min_val", -1.0)
+    high = _scalar(args, kwargs, 2, "max_val", 1.0)
+    _elementwise_kink(segments, args[0], [low, high], what)
+
+
+def _clamp(segments, func, args, kwargs, what):
+    bounds = [_scalar(args, kwargs, 1, "min", None), _scalar(args, kwargs, 2, "max", None)]
+    _elementwise_kink(segments, args[0], [b for b in bounds if b is not None], what)
+
+
+def _clamp_one_side(segments, func, args, kwargs, what):
+    _elementwise_kink(segments, args[0], [args[1]], what)
+
+
+def _pairwise(segments, func, args, kwargs, what):
+    first, second = torch.broadcast_tensors(args[0], args[1])
+    _elementwise_kink(segments, first, [second], what)
+
+
+def _prelu(segments, func, args, kwargs, what):
+    _elementwise_kink(segments, args[0], [0.0], what)
+
+
+def _max_pool(segments: _Segments, value: Tensor, indices: Tensor, spatial: int, what: str) -> None:
+    if value.dim() != spatial + 2:
+        raise ValueError(
+            f"method='exact' needs batched input at {what}, got shape {list(value.shape)}"
+        )
+    _group_max_kink(segments, value.flatten(2), indices.flatten(2), what)
+
+
+def _reduction_max(
+    segments: _Segments, value: Tensor, dims: Sequence[int], keepdim: bool, largest: bool, what: str
+) -> None:
+    """``value.amax(dims)`` (or amin): the winner of each reduced group."""
+    dims = sorted({d % value.dim() for d in dims} if dims else range(value.dim()))
+    if 0 in dims:
+        raise ValueError(
+            f"method='exact' can't attribute {what}: it reduces over dimension 0, which holds "
+            "the path's points"
+        )
+    kept = [d for d in range(value.dim()) if d not in dims]
+    grouped = value.permute(*kept, *dims).flatten(len(kept))
+    grouped = grouped.flatten(1, -2) if grouped.dim() > 2 else grouped.unsqueeze(1)
+    signed = grouped if largest else -grouped
+    winners = signed.argmax(-1, keepdim=True)
+    _group_max_kink(segments, signed, winners, what)
+
+
+def _max_dim(segments, func, args, kwargs, what):
+    dim = _scalar(args, kwargs, 1, "dim", None)
+    _reduction_max(segments, args[0], [dim], False, func.overloadpacket is aten.max, what)
+
+
+def _amax(segments, func, args, kwargs, what):
+    dims = _scalar(args, kwargs, 1, "dim", [])
+    _reduction_max(segments, args[0], list(dims), False, func.overloadpacket is aten.amax, what)
+
+
+# Kinks: (rule, recorded before the op runs). Rules of pooling ops take the op's output too.
+_KINKS: dict[Any, Callable[..., None]] = {
+    aten.relu: _relu,
+    aten.relu_: _relu,
+    aten.leaky_relu: _leaky_relu,
+    aten.leaky_relu_: _leaky_relu,
+    aten.hardtanh: _hardtanh,
+    aten.hardtanh_: _hardtanh,
+    aten.clamp: _clamp,
+    aten.clamp_: _clamp,
+    aten.clamp_min: _clamp_one_side,
+    aten.clamp_min_: _clamp_one_side,
+    aten.clamp_max: _clamp_one_side,
+    aten.clamp_max_: _clamp_one_side,
+    aten.abs: _relu,
+    aten.abs_: _relu,
+    aten.maximum: _pairwise,
+    aten.minimum: _pairwise,
+    aten.fmax: _pairwise,
+    aten.fmin: _pairwise,
+    aten.prelu: _prelu,
+    aten._prelu_kernel: _prelu,
+    aten.amax: _amax,
+    aten.amin: _amax,
+}
+# Max pooling: the op with indices, and how many spatial dimensions it pools.
+_MAX_POOLS = {
+    aten.max_pool1d_with_indices: (aten.max_pool1d_with_indices, 1),
+    aten.max_pool2d_with_indices: (aten.max_pool2d_with_indices, 2),
+    aten.max_pool3d_with_indices: (aten.max_pool3d_with_indices, 3),
+    aten.max_pool2d: (aten.max_pool2d_with_indices, 2),
+    aten.adaptive_max_pool1d: (aten.adaptive_max_pool1d, 1),
+    aten.adaptive_max_pool2d: (aten.adaptive_max_pool2d, 2),
+    aten.adaptive_max_pool3d: (aten.adaptive_max_pool3d, 3),
+}
+
+# Affine in the path's values, whichever of the operands depend on it.
+_AFFINE = {
+    aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub, aten.neg, aten.neg_, aten.sum,
+    aten.mean, aten.cumsum, aten.cat, aten.stack, aten.view, aten._unsafe_view, aten.reshape,
+    aten._reshape_alias, aten.permute, aten.transpose, aten.transpose_, aten.t, aten.t_,
+    aten.expand, aten.squeeze, aten.squeeze_, aten.unsqueeze, aten.unsqueeze_, aten.select,
+    aten.slice, aten.narrow, aten.split, aten.split_with_sizes, aten.unbind, aten.chunk,
+    aten.clone, aten._to_copy, aten.copy_, aten.alias, aten.detach, aten.lift_fresh,
+    aten.as_strided, aten.diagonal, aten.unfold, aten.im2col, aten.col2im, aten.roll,
+    aten.flip, aten.repeat, aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d,
+    aten.reflection_pad3d, aten.replication_pad1d, aten.replication_pad2d,
+    aten.replication_pad3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
+    aten.adaptive_avg_pool1d, aten._adaptive_avg_pool2d, aten._adaptive_avg_pool3d,
+    aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+    aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d,
+    aten._upsample_nearest_exact3d, aten.upsample_linear1d, aten.upsample_bilinear2d,
+    aten.upsample_trilinear3d, aten.upsample_bicubic2d, aten.pixel_shuffle,
+    aten.pixel_unshuffle, aten.channel_shuffle, aten.slice_scatter, aten.select_scatter,
+    aten.diagonal_scatter, aten.fill_, aten.zero_,
+}  # fmt: skip
+# Linear in each of the operands at these positions: affine when at most one depends on the
+# path.
+_PRODUCTS = {
+    aten.mul: (0, 1), aten.mul_: (0, 1), aten.mm: (0, 1), aten.addmm: (1, 2),
+    aten.addmm_: (1, 2), aten.bmm: (0, 1), aten.baddbmm: (1, 2), aten.mv: (0, 1),
+    aten.addmv: (1, 2), aten.dot: (0, 1), aten.linear: (0, 1), aten.matmul: (0, 1),
+    aten.convolution: (0, 1), aten._convolution: (0, 1), aten.conv2d: (0, 1),
+    aten.conv1d: (0, 1), aten.conv3d: (0, 1),
+}  # fmt: skip
+# Affine in the operand at position 0 when the operands at these positions do not depend on
+# the path (divisors, normalization statistics and scales, indices, masks, conditions).
+_CONSTANT_OPERANDS = {
+    aten.div: (1,), aten.div_: (1,), aten.gather: (2,), aten.index: (1,),
+    aten._unsafe_index: (1,), aten.index_select: (2,), aten.index_put: (1,),
+    aten.index_put_: (1,), aten.masked_fill: (1,), aten.masked_fill_: (1,),
+    aten.scatter: (2,), aten.scatter_add: (2,), aten.index_add: (2,), aten.take: (1,),
+    aten.embedding: (1,), aten.where: (0,),
+    aten.native_batch_norm: (1, 2, 3, 4), aten._native_batch_norm_legit: (1, 2, 3, 4),
+    aten._native_batch_norm_legit_no_training: (1, 2, 3, 4), aten.cudnn_batch_norm: (1, 2, 3, 4),
+    aten.miopen_batch_norm: (1, 2, 3, 4), aten._batch_norm_no_update: (1, 2, 3, 4),
+}  # fmt: skip
+# Batch norm with its ``training`` flag at this position: batch statistics couple the points.
+_BATCH_NORMS = {
+    aten.native_batch_norm: 5, aten._native_batch_norm_legit: 5, aten.cudnn_batch_norm: 5,
+    aten.miopen_batch_norm: 5,
+}  # fmt: skip
+# Their outputs do not depend on the values of their operands.
+_VALUE_FREE = {
+    aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.new_zeros,
+    aten.new_ones, aten.new_empty, aten.new_full, aten.new_empty_strided, aten.rand_like,
+    aten.randn_like, aten.randint_like,
+}  # fmt: skip
+
+
+def _caller(model: Any) -> str:
+    """The innermost module (by its name in ``model``) and the source line outside torch and
+    fastattr that led to the operation now running."""
+    root = module_of(model)
+    names = {} if root is None else {id(m): name for name, m in root.named_modules()}
+    torch_dir = os.path.dirname(torch.__file__)
+    fastattr_dir = os.path.dirname(__file__)
+    bench_dir = os.path.join(fastattr_dir, "bench")
+    module = location = None
+    frame = sys._getframe(1)
+    while frame is not None and (module is None or location is None):
+        filename = frame.f_code.co_filename
+        ours = filename.startswith((torch_dir, fastattr_dir)) and not filename.startswith(bench_dir)
+        if location is None and not ours:
+            location = f"{filename}:{frame.f_lineno}"
+        candidate = frame.f_locals.get("self") if module is None else None
+        if isinstance(candidate, nn.Module):
+            module = candidate
+        frame = frame.f_back
+    parts = []
+    if module is not None:
+        name = names.get(id(module))
+        label = type(module).__name__
+        if name is None:
+            parts.append(f"a {label} module")
+        elif name == "":
+            parts.append(f"the model ({label})")
+        else:
+            parts.append(f"module {name!r} ({label})")
+    if location is not None:
+        parts.append(f"at {location}")
+    return ", ".join(parts) or "the forward function"
+
+
+class _PathOperations(TorchDispatchMode):
+    """Follows which tensors depend on the path (from the points through every aten op),
+    checks that every op on them is piecewise linear, and hands kinks to ``segments``."""
+
+    def __init__(self, points: tuple[Tensor, ...], segments: _Segments, model: Any) -> None:
+        super().__init__()
+        self._on_path = WeakIdKeyDictionary()
+        for point in points:
+            self._on_path[point] = True
+        self._segments = segments
+        self._model = model
+        self.kinks = 0
+        self.activation_bytes = 0
+        self._storages: set[int] = set()
+
+    def _depends(self, value: Any) -> bool:
+        if isinstance(value, Tensor):
+            base = value._base
+            return value in self._on_path or (base is not None and base in self._on_path)
+        if isinstance(value, (list, tuple)):
+            return any(self._depends(v) for v in value)
+        return False
+
+    def _mark(self, value: Any) -> None:
+        for tensor in tree_leaves(value):
+            if isinstance(tensor, Tensor):
+                self._on_path[tensor] = True
+                if tensor._base is not None:
+                    self._on_path[tensor._base] = True
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in self._storages:
+                    self._storages.add(storage.data_ptr())
+                    self.activation_bytes += storage.nbytes()
+
+    def _refuse(self, func: Any, why: str) -> ValueError:
+        return ValueError(
+            f"method='exact' needs a piecewise-linear model, but {_caller(self._model)} "
+            f"applies {func} to values that depend on the input: {why}. Models built of "
+            "Linear, Conv, ReLU, LeakyReLU, MaxPool, AvgPool, eval-mode BatchNorm, Flatten, "
+            "residual sums and similar are piecewise linear; use a quadrature method for "
+            "this one"
+        )
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not any(self._depends(a) for a in (*args, *kwargs.values())):
+            return func(*args, **kwargs)
+        packet = func.overloadpacket
+        what = f"{func}"
+        if packet in (aten.max, aten.min):
+            if func.__name__.split(".")[-1] in ("other", "binary"):
+                packet = aten.maximum if packet is aten.max else aten.minimum
+            elif func.__name__.split(".")[-1] != "dim":
+                raise self._refuse(func, "it reduces over the path's points (dimension 0)")
+        if packet in _VALUE_FREE:
+            return func(*args, **kwargs)
+        if packet in _BATCH_NORMS and _scalar(
+            args, kwargs, _BATCH_NORMS[packet], "training", False
+        ):
+            raise self._refuse(
+                func,
+                "batch norm in training mode normalizes with the statistics of the "
+                "batch, coupling the path's points; call model.eval()",
+            )
+        if packet is aten.native_dropout or packet is aten.bernoulli or packet is aten.dropout:
+            raise self._refuse(func, "dropout in training mode is random; call model.eval()")
+        if packet is aten.div and (
+            kwargs.get("rounding_mode") is not None or func.__name__.endswith("mode")
+        ):
+            raise self._refuse(func, "rounding division is not continuous")
+
+        if packet in _KINKS or packet is aten.max or packet is aten.min:
+            self.kinks += 1
+            if self._segments.any_pending():
+                rule = _max_dim if packet in (aten.max, aten.min) else _KINKS[packet]
+                rule(self._segments, func, args, kwargs, what)
+            output = func(*args, **kwargs)
+            self._mark(output[0] if isinstance(output, tuple) else output)
+            return output
+        if packet in _MAX_POOLS:
+            self.kinks += 1
+            with_indices, spatial = _MAX_POOLS[packet]
+            values, indices = with_indices(*args, **kwargs)
+            if self._segments.any_pending():
+                _max_pool(self._segments, args[0], indices, spatial, what)
+            self._mark(values)
+            return values if packet is aten.max_pool2d else (values, indices)
+        if packet in _PRODUCTS:
+            if sum(self._depends(args[i]) for i in _PRODUCTS[packet] if i < len(args)) > 1:
+                raise self._refuse(func, "it multiplies two values that depend on the input")
+        elif packet in _CONSTANT_OPERANDS:
+            for i in _CONSTANT_OPERANDS[packet]:
+                if i < len(args) and self._depends(args[i]):
+                    raise self._refuse(
+                        func,
+                        f"its operand {i} (a divisor, normalization statistic, index, "
+                        "mask or condition) depends on the input",
+                    )
+        elif packet not in _AFFINE:
+            raise self._refuse(
+                func, "it is not piecewise linear (or not an operation method='exact' knows to be)"
+            )
+        output = func(*args, **kwargs)
+        self._mark(output)
+        for argument, value in zip(func._schema.arguments, args):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                self._mark(value)
+        return output
+
+
+def check_eval_mode(model: Any) -> None:
+    """Batch norm and dropout modules in training mode: refused before any forward pass
+    (which would count a batch in their statistics)."""
+    root = module_of(model)
+    if root is None:
+        return
+    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    dropouts = (
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        nn.FeatureAlphaDropout,
+    )
+    for name, module in root.named_modules():
+        if not module.training:
+            continue
+        label = f"module {name!r} ({type(module).__name__})" if name else "the model"
+        if isinstance(module, batch_norms):
+            raise ValueError(
+                f"method='exact' needs batch norm in eval mode: {label} is in training mode, "
+                "where batch statistics couple the path's points; call model.eval()"
+            )
+        if isinstance(module, dropouts) and module.p > 0:
+            raise ValueError(
+                f"method='exact' needs dropout in eval mode: {label} is in training mode, "
+                "where it is random; call model.eval()"
+            )
+
+
+# ----------------------------------------------------------------------------------- pieces
+
+
+@dataclass
+class _Pieces:
+    examples: Tensor  # (P,) int64, sorted, with the pieces of each example in path order
+    starts: Tensor  # (P,) float64 alphas
+    stops: Tensor
+    start_output: Tensor  # (B,) the model's output at alpha 0 and 1
+    end_output: Tensor
+
+
+def _points_needed(examples: Tensor, starts: Tensor, stops: Tensor) -> Tensor:
+    """For each segment, how many points the segments up to it take (two segments that meet
+    share their point)."""
+    new_start = torch.ones_like(examples)
+    if examples.numel() > 1:
+        meets = (examples[1:] == examples[:-1]) & (starts[1:] == stops[:-1])
+        new_start[1:] = (~meets).long()
+    return torch.cumsum(new_start + 1, 0)
+
+
+def _split(
+    examples: Tensor, starts: Tensor, stops: Tensor, segments: Tensor, alphas: Tensor, gap: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The children of split segments (``segments`` index them; ``alphas`` the crossings),
+    in path order, crossings closer than ``gap`` to the previous one dropped."""
+    split = torch.unique(segments)
+    points_segment = torch.cat([segments, split, split])
+    points_alpha = torch.cat([alphas, starts[split], stops[split]])
+    order = torch.argsort(points_alpha, stable=True)
+    order = order[torch.argsort(points_segment[order], stable=True)]
+    points_segment, points_alpha = points_segment[order], points_alpha[order]
+    keep = torch.ones_like(points_alpha, dtype=torch.bool)
+    keep[1:] = (points_segment[1:] != points_segment[:-1]) | (
+        points_alpha[1:] - points_alpha[:-1] >= gap
+    )
+    points_segment, points_alpha = points_segment[keep], points_alpha[keep]
+    pair = points_segment[1:] == points_segment[:-1]
+    return examples[points_segment[:-1][pair]], points_alpha[:-1][pair], points_alpha[1:][pair]
+
+
+class _Splitter:
+    """Runs the rounds: one forward pass (in chunks) over the ends of every open segment,
+    then each segment is either a piece or split into the next round's segments."""
+
+    def __init__(
+        self,
+        ends: tuple[Tensor, ...],
+        starts: tuple[Tensor, ...],
+        evaluate: RowEvaluate,
+        rows_per_chunk: int | None,
+        model: Any,
+    ) -> None:
+        self.ends, self.starts, self.evaluate, self.model = ends, starts, evaluate, model
+        self.rows_per_chunk = rows_per_chunk
+        self.device = ends[0].device
+        self.gap = GAP_UNITS * torch.finfo(ends[0].dtype).eps
+        batch = ends[0].shape[0]
+        self.start_output: Tensor | None = None
+        self.end_output: Tensor | None = None
+        self.kinks: int | None = None
+        self.pieces: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.children: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.batch = batch
+
+    def run_chunk(self, examples: Tensor, starts: Tensor, stops: Tensor) -> None:
+        count = examples.numel()
+        keys = torch.stack(
+            [torch.cat([examples, examples]).double(), torch.cat([starts, stops])], 1
+        )
+        points, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        point_examples, point_alphas = points[:, 0].long(), points[:, 1]
+        segments = _Segments(
+            points.shape[0],
+            inverse[:count].to(self.device),
+            inverse[count:].to(self.device),
+            starts.to(self.device),
+            stops.to(self.device),
+            self.gap,
+        )
+        paths = _points(self.ends, self.starts, point_examples, point_alphas)
+        mode = _PathOperations(paths, segments, self.model)
+        index = point_examples.to(self.device)
+        with torch.no_grad(), mode:
+            outputs = self.evaluate(paths, index)
+        if self.start_output is None:
+            self.start_output = outputs.new_zeros(self.batch)
+            self.end_output = outputs.new_zeros(self.batch)
+        at_start, at_end = (point_alphas == 0).to(self.device), (point_alphas == 1).to(self.device)
+        self.start_output[index[at_start]] = outputs[at_start]
+        self.end_output[index[at_end]] = outputs[at_end]
+        if self.rows_per_chunk is None:
+            per_point = max(1, mode.activation_bytes // points.shape[0])
+            budget = chunk_budget(self.device) // BYTES_PER_ACTIVATION_BYTE
+            self.rows_per_chunk = max(2, budget // per_point)
+        if self.kinks is None:
+            self.kinks = mode.kinks
+        pending = segments.pending.cpu()
+        self.pieces.append((examples[pending], starts[pending], stops[pending]))
+        if segments.crossing_segments:
+            self.children.append(
+                _split(
+                    examples, starts, stops,
+                    torch.cat(segments.crossing_segments).cpu(),
+                    torch.cat(segments.crossing_alphas).cpu(),
+                    self.gap,
+                )
+            )  # fmt: skip
+
+    def run_round(self, examples: Tensor, starts: Tensor, stops: Tensor) -> None:
+        position, total = 0, examples.numel()
+        needed = None
+        while position < total:
+            if self.rows_per_chunk is None:
+                stop = position + 1  # while the chunk size is unknown: one segment, measured
+            else:
+                if needed is None:
+                    needed = _points_needed(examples, starts, stops)
+                before = int(needed[position - 1]) if position else 0
+                limit = torch.tensor([before + self.rows_per_chunk])
+                stop = max(position + 1, int(torch.searchsorted(needed, limit, right=True)))
+            self.run_chunk(examples[position:stop], starts[position:stop], stops[position:stop])
+            position = stop
+
+    def run(self) -> _Pieces:
+        examples = torch.arange(self.batch)
+        starts = torch.zeros(self.batch, dtype=torch.float64)
+        stops = torch.ones(self.batch, dtype=torch.float64)
+        rounds = 0
+        while examples.numel():
+            rounds += 1
+            if self.kinks is not None and rounds > MIN_ROUNDS + ROUNDS_PER_KINK * self.kinks:
+                raise RuntimeError(
+                    f"method='exact' did not finish splitting the path in {rounds - 1} rounds; "
+                    "an operation of the model may not be what it appears to be"
+                )
+            self.children = []
+            self.run_round(examples, starts, stops)
+            if not self.children:
+                break
+            examples, starts, stops = (torch.cat(parts) for parts in zip(*self.children))
+        examples, starts, stops = (torch.cat(parts) for parts in zip(*self.pieces))
+        order = torch.argsort(starts, stable=True)
+        order = order[torch.argsort(examples[order], stable=True)]
+        assert self.start_output is not None and self.end_output is not None
+        return _Pieces(
+            examples[order], starts[order], stops[order], self.start_output, self.end_output
+        )
+
+
+# -------------------------------------------------------------------------------- gradients
+
+
+def _weighted_gradients(
+    ends: tuple[Tensor, ...],
+    starts: tuple[Tensor, ...],
+    evaluate: RowEvaluate,
+    examples: Tensor,
+    alphas: Tensor,
+    weights: Tensor,
+    rows_per_chunk: int,
+    grad_kwargs: dict[str, Any] | None,
+) -> list[Tensor]:
+    """``sum_p weights_p * grad evaluate(point_p)`` per example, over the points (example,
+    alpha) in chunks of ``rows_per_chunk``; float64 accumulators, as the inputs."""
+    accumulators = [torch.zeros_like(end, dtype=torch.float64) for end in ends]
+    device = ends[0].device
+    for first in range(0, examples.numel(), rows_per_chunk):
+        chunk = slice(first, first + rows_per_chunk)
+        index = examples[chunk].to(device)
+        with torch.enable_grad():
+            paths = tuple(
+                p.requires_grad_() for p in _points(ends, starts, examples[chunk], alphas[chunk])
+            )
+            outputs = evaluate(paths, index)
+            seed = torch.ones_like(outputs)
+            if grad_kwargs:
+                grads = torch.autograd.grad(
+                    outputs, paths, seed, **{"allow_unused": True, **grad_kwargs}
+                )
+            else:
+                grads = input_gradients(outputs, paths, seed)
+        weight = weights[chunk].to(device)
+        for accumulator, grad in zip(accumulators, grads):
+            if grad is not None:
+                scale = weight.view(-1, *([1] * (grad.dim() - 1)))
+                accumulator.index_add_(0, index, grad.double() * scale)
+    return accumulators
+
+
+def integrate_exact(
+    ends: tuple[Tensor, ...],
+    starts: tuple[Tensor, ...],
+    evaluate: RowEvaluate,
+    *,
+    multiply_by_inputs: bool,
+    internal_batch_size: int | None,
+    model: Any,
+    grad_kwargs: dict[str, Any] | None = None,
+) -> ExactIntegral:
+    """Integrated gradients of ``evaluate`` along the straight paths ``starts -> ends``,
+    exactly, for a piecewise-linear ``evaluate``.
+
+    ``internal_batch_size`` bounds the points per forward pass (at least 2: a segment's two
+    ends); None sizes the chunks from free memory, measured on the first forward pass.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "integrated gradients need autograd, which torch.inference_mode() turns off: call "
+            "attribute outside it (torch.no_grad() is fine)"
+        )
+    check_eval_mode(model)
+    batch = ends[0].shape[0]
+    rows = None
+    if internal_batch_size is not None:
+        rows = as_int(internal_batch_size, "internal_batch_size", "an int or None")
+        if rows < 1:
+            raise ValueError(f"internal_batch_size must be at least 1, got {rows}")
+        rows = max(2, rows)
+    if batch == 0:
+        empty = ends[0].new_zeros(0)
+        pieces = torch.zeros(0, dtype=torch.long)
+        accumulators = [new_accumulator(end) for end in ends]
+        start_output = end_output = empty
+    else:
+        splitter = _Splitter(ends, starts, evaluate, rows, model)
+        found = splitter.run()
+        pieces = torch.bincount(found.examples, minlength=batch)
+        totals = _weighted_gradients(
+            ends,
+            starts,
+            evaluate,
+            found.examples,
+            (found.starts + found.stops) / 2,
+            found.stops - found.starts,
+            splitter.rows_per_chunk or 2,
+            grad_kwargs,
+        )
+        accumulators = [new_accumulator(end).copy_(total) for total, end in zip(totals, ends)]
+        start_output, end_output = found.start_output, found.end_output
+    attributions, row_sums = [], None
+    for accumulator, end, start in zip(accumulators, ends, starts):
+        attribution, sums = ops.quadrature_finish(
+            accumulator, end.detach(), start.detach(), multiply_by_inputs
+        )
+        attributions.append(attribution)
+        row_sums = sums if row_sums is None else row_sums + sums
+    assert row_sums is not None
+    return ExactIntegral(tuple(attributions), row_sums, start_output, end_output, pieces)
