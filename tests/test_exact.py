@@ -307,7 +307,8 @@ def test_tuple_inputs_baseline_forms_and_arguments(reference_rule) -> None:
     mask = (data(4, 6, seed=4) > -0.5).double()
     target = [2, 0, 1, 1]
     ig = IntegratedGradients(model)
-    for baselines in [None, (0.25, -1), (data(1, 6, seed=6), 0), (data(4, 6, seed=7), data(4, 2, 2))]:
+    forms = [None, (0.25, -1), (data(1, 6, seed=6), 0), (data(4, 6, seed=7), data(4, 2, 2))]
+    for baselines in forms:
         attributions, delta = ig.attribute(
             (x, y), baselines, target=target, additional_forward_args=(mask, 1.5),
             method="exact", return_convergence_delta=True,
