@@ -93,6 +93,14 @@ def check_method(method: str, n_steps: Any) -> bool:
     return False
 
 
+def steps_taken(result: Any, n_steps: Any, batch: int, device: torch.device) -> Tensor:
+    """How many gradient evaluations each example's path took: its pieces with
+    ``"exact"``, else ``n_steps``; (B,) int64 on ``device``."""
+    if isinstance(result, ExactIntegral):
+        return result.pieces.to(device)
+    return torch.full((batch,), as_int(n_steps, "n_steps"), dtype=torch.long, device=device)
+
+
 def forward_at_points(
     forward_func: Callable[..., Any],
     target: TargetType | ColumnIndices,
@@ -163,6 +171,8 @@ class _Segments:
         self.pending_index = torch.arange(row_a.numel(), device=row_a.device)
         self.crossing_segments: list[Tensor] = []
         self.crossing_alphas: list[Tensor] = []
+        self._kink_segments: list[Tensor] = []
+        self._kink_alphas: list[Tensor] = []
 
     def any_pending(self) -> bool:
         return self.pending_index.numel() > 0
@@ -177,81 +187,97 @@ class _Segments:
             )
         return value.unflatten(0, (self.rows, value.shape[0] // self.rows))
 
-    def ends(self, value: Tensor, what: str) -> tuple[Tensor, Tensor]:
-        """The pending segments' rows of ``value`` at their two ends, each (pending, ...)."""
-        rows = self.by_row(value, what)
-        return rows.index_select(0, self.row_a[self.pending_index]), rows.index_select(
-            0, self.row_b[self.pending_index]
-        )
+    def pending_ends(self) -> tuple[Tensor | None, Tensor, Tensor]:
+        """The rows the pending segments need (None: all of them) and, as positions among
+        those rows, each pending segment's two ends."""
+        ends_a = self.row_a[self.pending_index]
+        ends_b = self.row_b[self.pending_index]
+        if 2 * ends_a.numel() >= self.rows:
+            return None, ends_a, ends_b
+        rows, positions = torch.unique(torch.cat([ends_a, ends_b]), return_inverse=True)
+        return rows, positions[: ends_a.numel()], positions[ends_a.numel() :]
 
-    def record(self, switches: Sequence[tuple[Tensor, Tensor]], scale: Tensor) -> None:
-        """One kink's switch values at the pending segments' two ends, each pair (pending,
-        units); ``scale`` (pending,) the magnitude of its inputs there. Pending segments with a
-        strict sign change are split at its crossings and are pending no more."""
-        tolerance = ROUNDING_UNITS * torch.finfo(switches[0][0].dtype).eps * scale
-        found_segments, found_alphas = [], []
-        for at_a, at_b in switches:
-            band = tolerance.to(at_a.dtype).unsqueeze(1)
-            changes = ((at_a > band) & (at_b < -band)) | ((at_a < -band) & (at_b > band))
-            pending_row, unit = changes.nonzero(as_tuple=True)
-            if pending_row.numel() == 0:
-                continue
-            value_a = at_a[pending_row, unit].double()
-            value_b = at_b[pending_row, unit].double()
-            segment = self.pending_index[pending_row]
-            alpha_a, alpha_b = self.alpha_a[segment], self.alpha_b[segment]
-            alpha = alpha_a + value_a / (value_a - value_b) * (alpha_b - alpha_a)
-            inside = (alpha - alpha_a >= self.gap) & (alpha_b - alpha >= self.gap)
-            found_segments.append(segment[inside])
-            found_alphas.append(alpha[inside])
-        if not found_segments:
+    def flat_rows(self, value: Tensor, rows: Tensor | None, what: str) -> Tensor:
+        """``value``'s values per row, (rows, units), for the given rows (None: all)."""
+        flat = self.by_row(value, what).flatten(1)
+        return flat if rows is None else flat.index_select(0, rows)
+
+    @staticmethod
+    def tolerance(*values: Tensor) -> Tensor:
+        """Per row of (rows, units) tensors, how close to zero a switch value counts as zero:
+        a few units of rounding of the largest magnitude among them."""
+        low, high = torch.aminmax(values[0], dim=1)
+        scale = torch.maximum(-low, high)
+        for value in values[1:]:
+            low, high = torch.aminmax(value, dim=1)
+            scale = torch.maximum(scale, torch.maximum(-low, high))
+        return ROUNDING_UNITS * torch.finfo(values[0].dtype).eps * scale
+
+    def crossings(self, pending: Tensor, value_a: Tensor, value_b: Tensor) -> None:
+        """Switch values of strictly opposite signs at the two ends of pending segments
+        (``pending`` positions among them): each crosses zero in between, where linear
+        interpolation puts it."""
+        segment = self.pending_index[pending]
+        value_a, value_b = value_a.double(), value_b.double()
+        alpha_a, alpha_b = self.alpha_a[segment], self.alpha_b[segment]
+        alpha = alpha_a + value_a / (value_a - value_b) * (alpha_b - alpha_a)
+        inside = (alpha - alpha_a >= self.gap) & (alpha_b - alpha >= self.gap)
+        self._kink_segments.append(segment[inside])
+        self._kink_alphas.append(alpha[inside])
+
+    def end_kink(self) -> None:
+        """The segments with crossings at this kink split there and are pending no more."""
+        if not self._kink_segments:
             return
-        segments = torch.cat(found_segments)
+        segments = torch.cat(self._kink_segments)
+        alphas = torch.cat(self._kink_alphas)
+        self._kink_segments, self._kink_alphas = [], []
         if segments.numel() == 0:
             return
         self.crossing_segments.append(segments)
-        self.crossing_alphas.append(torch.cat(found_alphas))
+        self.crossing_alphas.append(alphas)
         self.pending[segments] = False
         self.pending_index = self.pending.nonzero().squeeze(1)
 
 
-def _magnitude(*values: Tensor) -> Tensor:
-    """Per row of (rows, ...) tensors, the largest magnitude among them."""
-    return torch.stack([v.detach().abs().flatten(1).amax(1) for v in values]).amax(0)
-
-
 def _elementwise_kink(
-    segments: _Segments, value: Tensor, thresholds: Sequence[Any], what: str
+    segments: _Segments, switches: Sequence[Tensor], operands: Sequence[Tensor], what: str
 ) -> None:
-    """A kink of each element of ``value`` at each threshold (a number or a tensor that
-    broadcasts to it)."""
-    at_a, at_b = segments.ends(value, what)
-    switches = []
-    for threshold in thresholds:
-        if isinstance(threshold, Tensor):
-            threshold_a, threshold_b = (
-                segments.ends(threshold.expand_as(value), what)
-                if threshold.dim() == value.dim() and threshold.shape[0] == value.shape[0]
-                else (threshold, threshold)
-            )
-            switches.append(((at_a - threshold_a).flatten(1), (at_b - threshold_b).flatten(1)))
-        else:
-            switches.append(((at_a - threshold).flatten(1), (at_b - threshold).flatten(1)))
-    segments.record(switches, _magnitude(at_a, at_b))
+    """Kinks where each element of each switch tensor (an operand minus a threshold, or the
+    difference of two operands) is zero."""
+    rows, end_a, end_b = segments.pending_ends()
+    operand_rows = [segments.flat_rows(o, rows, what) for o in operands]
+    tolerance = segments.tolerance(*operand_rows).unsqueeze(1)
+    for switch in switches:
+        reused = [r for o, r in zip(operands, operand_rows) if o is switch]
+        values = reused[0] if reused else segments.flat_rows(switch, rows, what)
+        sign = (values > tolerance).to(torch.int8) - (values < -tolerance).to(torch.int8)
+        flips = sign.index_select(0, end_a) * sign.index_select(0, end_b) < 0
+        pending, unit = flips.nonzero(as_tuple=True)
+        segments.crossings(pending, values[end_a[pending], unit], values[end_b[pending], unit])
+    segments.end_kink()
 
 
 def _group_max_kink(segments: _Segments, value: Tensor, winners: Tensor, what: str) -> None:
-    """A kink where the winner of a group changes: ``value`` is (rows * k, G, n) with groups
-    of n competing elements, ``winners`` (rows * k, G, m) indexes the largest of each of the m
-    outputs' windows into the n. The switch of an output is the difference of its two
-    winners (at either end) along the segment."""
-    at_a, at_b = segments.ends(value, what)
-    win_a, win_b = segments.ends(winners, what)
-    at_a, at_b = at_a.flatten(1, 2), at_b.flatten(1, 2)
-    win_a, win_b = win_a.flatten(1, 2), win_b.flatten(1, 2)
-    switch_a = at_a.gather(2, win_a) - at_a.gather(2, win_b)
-    switch_b = at_b.gather(2, win_a) - at_b.gather(2, win_b)
-    segments.record([(switch_a.flatten(1), switch_b.flatten(1))], _magnitude(at_a, at_b))
+    """Kinks where the winner of a group changes: ``value`` is (rows * k, G, n), groups of n
+    competing elements; ``winners`` (rows * k, G, m) indexes into the n the largest element
+    of each of m windows (outputs). Where an output's winner differs between a segment's
+    ends, the switch is the difference of the two winners."""
+    rows, end_a, end_b = segments.pending_ends()
+    values = segments.by_row(value, what).flatten(1, 2)
+    winners = segments.by_row(winners, what).flatten(1, 2)
+    if rows is not None:
+        values, winners = values.index_select(0, rows), winners.index_select(0, rows)
+    tolerance = segments.tolerance(values.flatten(1))
+    winner_a, winner_b = winners.index_select(0, end_a), winners.index_select(0, end_b)
+    pending, group, output = (winner_a != winner_b).nonzero(as_tuple=True)
+    first, second = winner_a[pending, group, output], winner_b[pending, group, output]
+    row_a, row_b = end_a[pending], end_b[pending]
+    switch_a = values[row_a, group, first] - values[row_a, group, second]
+    switch_b = values[row_b, group, first] - values[row_b, group, second]
+    flips = (switch_a > tolerance[row_a]) & (switch_b < -tolerance[row_b])
+    segments.crossings(pending[flips], switch_a[flips], switch_b[flips])
+    segments.end_kink()
 
 
 def _scalar(
@@ -263,36 +289,40 @@ def _scalar(
 
 
 def _relu(segments, func, args, kwargs, what):
-    _elementwise_kink(segments, args[0], [0.0], what)
+    _elementwise_kink(segments, [args[0]], [args[0]], what)
 
 
 def _leaky_relu(segments, func, args, kwargs, what):
     if _scalar(args, kwargs, 1, "negative_slope", 0.01) != 1:
-        _elementwise_kink(segments, args[0], [0.0], what)
+        _relu(segments, func, args, kwargs, what)
+
+
+def _thresholds(segments, value, thresholds, what):
+    _elementwise_kink(segments, [value - t for t in thresholds if t is not None], [value], what)
 
 
 def _hardtanh(segments, func, args, kwargs, what):
     low = _scalar(args, kwargs, 1, "min_val", -1.0)
     high = _scalar(args, kwargs, 2, "max_val", 1.0)
-    _elementwise_kink(segments, args[0], [low, high], what)
+    _thresholds(segments, args[0], [low, high], what)
 
 
 def _clamp(segments, func, args, kwargs, what):
-    bounds = [_scalar(args, kwargs, 1, "min", None), _scalar(args, kwargs, 2, "max", None)]
-    _elementwise_kink(segments, args[0], [b for b in bounds if b is not None], what)
+    low = _scalar(args, kwargs, 1, "min", None)
+    high = _scalar(args, kwargs, 2, "max", None)
+    _thresholds(segments, args[0], [low, high], what)
 
 
 def _clamp_one_side(segments, func, args, kwargs, what):
-    _elementwise_kink(segments, args[0], [args[1]], what)
+    if isinstance(args[1], Tensor):
+        _pairwise(segments, func, args, kwargs, what)
+    else:
+        _thresholds(segments, args[0], [args[1]], what)
 
 
 def _pairwise(segments, func, args, kwargs, what):
     first, second = torch.broadcast_tensors(args[0], args[1])
-    _elementwise_kink(segments, first, [second], what)
-
-
-def _prelu(segments, func, args, kwargs, what):
-    _elementwise_kink(segments, args[0], [0.0], what)
+    _elementwise_kink(segments, [first - second], [first, second], what)
 
 
 def _max_pool(segments: _Segments, value: Tensor, indices: Tensor, spatial: int, what: str) -> None:
@@ -351,8 +381,8 @@ _KINKS: dict[Any, Callable[..., None]] = {
     aten.minimum: _pairwise,
     aten.fmax: _pairwise,
     aten.fmin: _pairwise,
-    aten.prelu: _prelu,
-    aten._prelu_kernel: _prelu,
+    aten.prelu: _relu,
+    aten._prelu_kernel: _relu,
     aten.amax: _amax,
     aten.amin: _amax,
 }

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fastattr._exact import check_method, forward_at_points, integrate_exact
+from fastattr._exact import check_method, forward_at_points, integrate_exact, steps_taken
 from fastattr._formatting import (
     BaselineType,
     ColumnIndices,
@@ -80,7 +80,8 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
-    ) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
+        return_n_steps: bool = False,
+    ) -> TensorOrTuple | tuple[TensorOrTuple, Tensor] | tuple[TensorOrTuple, Tensor, Tensor]:
         """Attribute the selected output of ``forward_func`` to ``inputs``.
 
         Args:
@@ -104,11 +105,33 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             internal_batch_size: at most how many path points (steps times examples) to run
                 at once, as in captum; None (default) sizes the chunks from free memory.
             return_convergence_delta: also return captum's convergence delta per example.
+            return_n_steps: also return how many gradient evaluations each example's path
+                took: a (B,) int64 tensor, ``n_steps`` for a quadrature rule and the number of
+                affine pieces of the path for ``"exact"``. Not in captum.
 
         Returns:
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
             tuple), in float32 for float16/bfloat16 inputs as in captum; with
-            ``return_convergence_delta``, the pair ``(attributions, delta)``.
+            ``return_convergence_delta``, the pair ``(attributions, delta)``; with
+            ``return_n_steps``, the steps come last: ``(attributions, [delta,] steps)``.
+
+        Raises:
+            ValueError: with ``method="exact"``, the model applies an operation that is not
+                piecewise linear to values that depend on the input (the message names the
+                module and the source line), or runs batch norm or dropout in training mode.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import IntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+            >>> inputs = torch.randn(2, 4)
+            >>> attributions, delta, pieces = IntegratedGradients(model).attribute(
+            ...     inputs, target=1, method="exact", return_convergence_delta=True,
+            ...     return_n_steps=True,
+            ... )
+            >>> bool(delta.abs().max() < 1e-5), pieces.shape
+            (True, torch.Size([2]))
         """
         is_tuple = isinstance(inputs, tuple)
         ends = as_tensor_tuple(inputs)
@@ -156,7 +179,9 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 step_costs=self._step_costs,
             )
         attributions = format_output(is_tuple, result.attributions)
-        if not return_convergence_delta:
-            return attributions
-        delta = convergence_delta(result, self.forward_func, ends, starts, target, args)
-        return attributions, delta
+        extras = []
+        if return_convergence_delta:
+            extras.append(convergence_delta(result, self.forward_func, ends, starts, target, args))
+        if return_n_steps:
+            extras.append(steps_taken(result, n_steps, batch, ends[0].device))
+        return (attributions, *extras) if extras else attributions

@@ -8,7 +8,13 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from fastattr._exact import argument_rows, check_method, integrate_exact, target_rows
+from fastattr._exact import (
+    argument_rows,
+    check_method,
+    integrate_exact,
+    steps_taken,
+    target_rows,
+)
 from fastattr._formatting import (
     BaselineType,
     TargetType,
@@ -135,7 +141,8 @@ class LayerIntegratedGradients(
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         grad_kwargs: dict[str, Any] | None = None,
-    ) -> LayerAttributions | tuple[LayerAttributions, Tensor]:
+        return_n_steps: bool = False,
+    ) -> LayerAttributions | tuple[LayerAttributions, Tensor] | tuple[LayerAttributions, ...]:
         """Attribute the selected output of ``forward_func`` to the layer's values.
 
         Args:
@@ -155,11 +162,14 @@ class LayerIntegratedGradients(
                 (the sum of all layers' attributions against the model's output change).
             attribute_to_layer_input: attribute the layer's input instead of its output.
             grad_kwargs: extra keyword arguments of ``torch.autograd.grad``.
+            return_n_steps: also return the gradient evaluations each example's path took,
+                as in ``IntegratedGradients.attribute``. Not in captum.
 
         Returns:
             For one layer, a tensor shaped as its output (or input), or a tuple when it has
             several; for a list of layers, a list of those. With
-            ``return_convergence_delta``, the pair ``(attributions, delta)``.
+            ``return_convergence_delta``, the pair ``(attributions, delta)``; with
+            ``return_n_steps``, the steps come last.
         """
         layers = as_layer_list(self.layer)
         check_layers_in_model(self.forward_func, layers, "layer")
@@ -257,10 +267,13 @@ class LayerIntegratedGradients(
             format_output(len(group) > 1, group) for group in _group(result.attributions, counts)
         ]
         attributions = per_layer if isinstance(self.layer, list) else per_layer[0]
-        if not return_convergence_delta:
-            return attributions
-        # The path's own outputs can't stand in for the model's at the inputs and baselines:
-        # branches that bypass the layer saw the inputs all along the path.
-        start_out = forward_per_example(self.forward_func, starts, target, args)
-        end_out = forward_per_example(self.forward_func, model_inputs, target, args)
-        return attributions, result.row_sums - (end_out - start_out)
+        extras = []
+        if return_convergence_delta:
+            # The path's own outputs can't stand in for the model's at the inputs and
+            # baselines: branches that bypass the layer saw the inputs all along the path.
+            start_out = forward_per_example(self.forward_func, starts, target, args)
+            end_out = forward_per_example(self.forward_func, model_inputs, target, args)
+            extras.append(result.row_sums - (end_out - start_out))
+        if return_n_steps:
+            extras.append(steps_taken(result, n_steps, batch, model_inputs[0].device))
+        return (attributions, *extras) if extras else attributions

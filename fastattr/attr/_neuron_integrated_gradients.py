@@ -9,7 +9,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from fastattr._exact import argument_rows, check_method, integrate_exact
+from fastattr._exact import argument_rows, check_method, integrate_exact, steps_taken
 from fastattr._formatting import (
     BaselineType,
     TensorOrTuple,
@@ -116,7 +116,8 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         attribute_to_neuron_input: bool = False,
-    ) -> TensorOrTuple:
+        return_n_steps: bool = False,
+    ) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
         """Attribute one neuron of the layer to ``inputs``.
 
         Args:
@@ -134,10 +135,12 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 meaning); None sizes the chunks from free memory.
             attribute_to_neuron_input: take the neuron from the layer's input instead of its
                 output.
+            return_n_steps: also return the gradient evaluations each example's path took,
+                as in ``IntegratedGradients.attribute``. Not in captum.
 
         Returns:
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
-            tuple).
+            tuple); with ``return_n_steps``, the pair ``(attributions, steps)``.
         """
         check_layers_in_model(self.forward_func, [self.layer], "layer")
         is_tuple = isinstance(inputs, tuple)
@@ -197,18 +200,21 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 internal_batch_size=internal_batch_size,
                 model=self.forward_func,
             )
-            return format_output(is_tuple, result.attributions)
-        with torch.enable_grad():
-            result = integrate_path(
-                ends,
-                starts,
-                evaluate,
-                method=method,
-                n_steps=n_steps,
-                steps_per_chunk=steps_per_chunk,
-                multiply_by_inputs=self.multiplies_by_inputs,
-                model=self.forward_func,
-                step_costs=self._step_costs,
-                cost_key=attribute_to_neuron_input,
-            )
-        return format_output(is_tuple, result.attributions)
+        else:
+            with torch.enable_grad():
+                result = integrate_path(
+                    ends,
+                    starts,
+                    evaluate,
+                    method=method,
+                    n_steps=n_steps,
+                    steps_per_chunk=steps_per_chunk,
+                    multiply_by_inputs=self.multiplies_by_inputs,
+                    model=self.forward_func,
+                    step_costs=self._step_costs,
+                    cost_key=attribute_to_neuron_input,
+                )
+        attributions = format_output(is_tuple, result.attributions)
+        if return_n_steps:
+            return attributions, steps_taken(result, n_steps, batch, ends[0].device)
+        return attributions
