@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastattr import IntegratedGradients, LayerIntegratedGradients, NeuronIntegratedGradients
-from fastattr._exact import forward_at_points, integrate_exact
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -252,29 +251,38 @@ def test_pieces_and_attributions_match_exactline() -> None:
     inputs[0] = baselines[0]
     targets = [0, 2, 1, 2]
     before = snapshot(model)
-    attributions, delta, pieces = _attribute_with_pieces(model, inputs, baselines, targets)
+    attributions, delta, pieces = IntegratedGradients(model).attribute(
+        inputs, baselines, target=targets, method="exact", return_convergence_delta=True,
+        return_n_steps=True,
+    )  # fmt: skip
     assert_as_found(model, before)
     for b in range(4):
         expected, count = exactline(model, inputs[b], baselines[0], targets[b])
         torch.testing.assert_close(attributions[b], expected, rtol=1e-11, atol=1e-13)
         assert pieces[b] == count
+    assert pieces.dtype == torch.int64
     assert pieces[0] == 1 and len(set(pieces.tolist())) > 2
     assert_complete(attributions, delta)
 
 
-def _attribute_with_pieces(model, inputs, baselines, target):
-    from fastattr._formatting import check_target
-
-    result = integrate_exact(
-        (inputs,),
-        (baselines,),
-        forward_at_points(model, check_target(target, inputs.shape[0]), None),
-        multiply_by_inputs=True,
-        internal_batch_size=None,
-        model=model,
+def test_return_n_steps() -> None:
+    """The steps come last, after the delta; a quadrature rule takes n_steps everywhere."""
+    model = relu_mlp()
+    inputs = data(3, 6)
+    ig = IntegratedGradients(model)
+    attributions, steps = ig.attribute(inputs, target=0, n_steps=12, return_n_steps=True)
+    assert steps.tolist() == [12, 12, 12]
+    torch.testing.assert_close(attributions, ig.attribute(inputs, target=0, n_steps=12))
+    _, pieces = ig.attribute(inputs, target=0, method="exact", return_n_steps=True)
+    _, _, layer_pieces = LayerIntegratedGradients(model, model[0]).attribute(
+        inputs, target=0, method="exact", return_convergence_delta=True, return_n_steps=True
     )
-    delta = result.row_sums - (result.end_output - result.start_output)
-    return result.attributions[0], delta, result.pieces
+    # The layer's path crosses the same kinks as the input's: the first layer is affine.
+    assert layer_pieces.tolist() == pieces.tolist()
+    _, neuron_pieces = NeuronIntegratedGradients(model, model[2]).attribute(
+        inputs, (0,), method="exact", return_n_steps=True
+    )
+    assert (neuron_pieces <= pieces).all()
 
 
 @pytest.mark.parametrize(
