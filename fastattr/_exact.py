@@ -206,12 +206,9 @@ class _Segments:
     def tolerance(*values: Tensor) -> Tensor:
         """Per row of (rows, units) tensors, how close to zero a switch value counts as zero:
         a few units of rounding of the largest magnitude among them."""
-        low, high = torch.aminmax(values[0], dim=1)
-        scale = torch.maximum(-low, high)
-        for value in values[1:]:
-            low, high = torch.aminmax(value, dim=1)
-            scale = torch.maximum(scale, torch.maximum(-low, high))
-        return ROUNDING_UNITS * torch.finfo(values[0].dtype).eps * scale
+        # (amax and amin run several times faster than aminmax over rows.)
+        scale = torch.stack([bound for v in values for bound in (v.amax(1), -v.amin(1))])
+        return ROUNDING_UNITS * torch.finfo(values[0].dtype).eps * scale.amax(0)
 
     def crossings(self, pending: Tensor, value_a: Tensor, value_b: Tensor) -> None:
         """Switch values of strictly opposite signs at the two ends of pending segments
@@ -247,12 +244,11 @@ def _elementwise_kink(
     difference of two operands) is zero."""
     rows, end_a, end_b = segments.pending_ends()
     operand_rows = [segments.flat_rows(o, rows, what) for o in operands]
-    tolerance = segments.tolerance(*operand_rows).unsqueeze(1)
+    tolerance = segments.tolerance(*operand_rows)
     for switch in switches:
         reused = [r for o, r in zip(operands, operand_rows) if o is switch]
         values = reused[0] if reused else segments.flat_rows(switch, rows, what)
-        sign = (values > tolerance).to(torch.int8) - (values < -tolerance).to(torch.int8)
-        flips = sign.index_select(0, end_a) * sign.index_select(0, end_b) < 0
+        flips = ops.kink_flips(values, tolerance, end_a, end_b)
         pending, unit = flips.nonzero(as_tuple=True)
         segments.crossings(pending, values[end_a[pending], unit], values[end_b[pending], unit])
     segments.end_kink()

@@ -210,6 +210,21 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
     return reference.lrp_product_ratio_node(z, activation, epsilon)
 
 
+def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
+    """Where a kink's switch values change sign strictly between the ends of path segments.
+
+    ``values`` is (points, units): a kink's switch value (an input minus its threshold) per
+    path point; ``tolerance`` (points,) how close to zero counts as zero at each point;
+    ``ends_a`` and ``ends_b`` (segments,) int64 index each segment's two end points. Returns
+    the (segments, units) bool tensor of ``values[ends_a[p], u]`` and ``values[ends_b[p], u]``
+    lying beyond their tolerances with opposite signs: the units whose kink the segment
+    crosses (``method="exact"``).
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.kink_flips.default(values, tolerance, ends_a, ends_b)
+    return reference.kink_flips(values, tolerance, ends_a, ends_b)
+
+
 class LrpNodes(NamedTuple):
     """One backend's LRP node constructors, without the per-call choice of backend (LRP makes
     one or two nodes per module).
