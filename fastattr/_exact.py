@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastattr import ops
@@ -377,29 +376,26 @@ _KINKS: dict[Any, Callable[..., None]] = {
     aten.minimum: _pairwise,
     aten.fmax: _pairwise,
     aten.fmin: _pairwise,
-    aten.prelu: _relu,
     aten._prelu_kernel: _relu,
     aten.amax: _amax,
     aten.amin: _amax,
 }
-# Max pooling: the op with indices, and how many spatial dimensions it pools.
+# Max pooling (with the winners' indices) and how many spatial dimensions it pools. (The
+# other max pooling ops decompose into these before they reach a dispatch mode.)
 _MAX_POOLS = {
-    aten.max_pool1d_with_indices: (aten.max_pool1d_with_indices, 1),
-    aten.max_pool2d_with_indices: (aten.max_pool2d_with_indices, 2),
-    aten.max_pool3d_with_indices: (aten.max_pool3d_with_indices, 3),
-    aten.max_pool2d: (aten.max_pool2d_with_indices, 2),
-    aten.adaptive_max_pool1d: (aten.adaptive_max_pool1d, 1),
-    aten.adaptive_max_pool2d: (aten.adaptive_max_pool2d, 2),
-    aten.adaptive_max_pool3d: (aten.adaptive_max_pool3d, 3),
+    aten.max_pool2d_with_indices: 2,
+    aten.max_pool3d_with_indices: 3,
+    aten.adaptive_max_pool2d: 2,
+    aten.adaptive_max_pool3d: 3,
 }
 
 # Affine in the path's values, whichever of the operands depend on it.
 _AFFINE = {
     aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub, aten.neg, aten.neg_, aten.sum,
-    aten.mean, aten.cumsum, aten.cat, aten.stack, aten.view, aten._unsafe_view, aten.reshape,
+    aten.mean, aten.cumsum, aten.cat, aten.stack, aten.view, aten._unsafe_view,
     aten._reshape_alias, aten.permute, aten.transpose, aten.transpose_, aten.t, aten.t_,
     aten.expand, aten.squeeze, aten.squeeze_, aten.unsqueeze, aten.unsqueeze_, aten.select,
-    aten.slice, aten.narrow, aten.split, aten.split_with_sizes, aten.unbind, aten.chunk,
+    aten.slice, aten.split, aten.split_with_sizes, aten.unbind,
     aten.clone, aten._to_copy, aten.copy_, aten.alias, aten.detach, aten.lift_fresh,
     aten.as_strided, aten.diagonal, aten.unfold, aten.im2col, aten.col2im, aten.roll,
     aten.flip, aten.repeat, aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d,
@@ -418,9 +414,8 @@ _AFFINE = {
 _PRODUCTS = {
     aten.mul: (0, 1), aten.mul_: (0, 1), aten.mm: (0, 1), aten.addmm: (1, 2),
     aten.addmm_: (1, 2), aten.bmm: (0, 1), aten.baddbmm: (1, 2), aten.mv: (0, 1),
-    aten.addmv: (1, 2), aten.dot: (0, 1), aten.linear: (0, 1), aten.matmul: (0, 1),
-    aten.convolution: (0, 1), aten._convolution: (0, 1), aten.conv2d: (0, 1),
-    aten.conv1d: (0, 1), aten.conv3d: (0, 1),
+    aten.addmv: (1, 2), aten.dot: (0, 1), aten.linear: (0, 1), aten.convolution: (0, 1),
+    aten._convolution: (0, 1),
 }  # fmt: skip
 # Affine in the operand at position 0 when the operands at these positions do not depend on
 # the path (divisors, normalization statistics and scales, indices, masks, conditions).
@@ -505,15 +500,17 @@ class _PathOperations(TorchDispatchMode):
         return False
 
     def _mark(self, value: Any) -> None:
-        for tensor in tree_leaves(value):
-            if isinstance(tensor, Tensor):
-                self._on_path[tensor] = True
-                if tensor._base is not None:
-                    self._on_path[tensor._base] = True
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in self._storages:
-                    self._storages.add(storage.data_ptr())
-                    self.activation_bytes += storage.nbytes()
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                self._mark(item)
+        elif isinstance(value, Tensor):
+            self._on_path[value] = True
+            if value._base is not None:  # a view written to: its base depends on the path now
+                self._on_path[value._base] = True
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in self._storages:
+                self._storages.add(storage.data_ptr())
+                self.activation_bytes += storage.nbytes()
 
     def _refuse(self, func: Any, why: str) -> ValueError:
         return ValueError(
@@ -545,7 +542,9 @@ class _PathOperations(TorchDispatchMode):
                 "batch norm in training mode normalizes with the statistics of the "
                 "batch, coupling the path's points; call model.eval()",
             )
-        if packet is aten.native_dropout or packet is aten.bernoulli or packet is aten.dropout:
+        if packet is aten.bernoulli or (
+            packet is aten.native_dropout and _scalar(args, kwargs, 2, "train", True)
+        ):
             raise self._refuse(func, "dropout in training mode is random; call model.eval()")
         if packet is aten.div and (
             kwargs.get("rounding_mode") is not None or func.__name__.endswith("mode")
@@ -562,12 +561,11 @@ class _PathOperations(TorchDispatchMode):
             return output
         if packet in _MAX_POOLS:
             self.kinks += 1
-            with_indices, spatial = _MAX_POOLS[packet]
-            values, indices = with_indices(*args, **kwargs)
+            values, indices = func(*args, **kwargs)
             if self._segments.any_pending():
-                _max_pool(self._segments, args[0], indices, spatial, what)
+                _max_pool(self._segments, args[0], indices, _MAX_POOLS[packet], what)
             self._mark(values)
-            return values if packet is aten.max_pool2d else (values, indices)
+            return values, indices
         if packet in _PRODUCTS:
             if sum(self._depends(args[i]) for i in _PRODUCTS[packet] if i < len(args)) > 1:
                 raise self._refuse(func, "it multiplies two values that depend on the input")
@@ -585,9 +583,11 @@ class _PathOperations(TorchDispatchMode):
             )
         output = func(*args, **kwargs)
         self._mark(output)
-        for argument, value in zip(func._schema.arguments, args):
-            if argument.alias_info is not None and argument.alias_info.is_write:
-                self._mark(value)
+        # In-place ops (named with a trailing underscore) write their first operand; out=
+        # variants their output.
+        if packet.__name__.endswith("_"):
+            self._mark(args[0])
+        self._mark(kwargs.get("out"))
         return output
 
 
@@ -756,7 +756,7 @@ class _Splitter:
             rounds += 1
             if self.kinks is not None and rounds > MIN_ROUNDS + ROUNDS_PER_KINK * self.kinks:
                 raise RuntimeError(
-                    f"method='exact' did not finish splitting the path in {rounds - 1} rounds; "
+                    f"method='exact' did not finish splitting the path after {rounds - 1} rounds; "
                     "an operation of the model may not be what it appears to be"
                 )
             self.children = []

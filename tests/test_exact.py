@@ -480,6 +480,27 @@ def test_products_and_wrappers_are_refused() -> None:
         )
 
 
+class WrittenIntoBuffer(nn.Module):
+    """Values that depend on the input written into a fresh buffer through a view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.zeros(x.shape[0], 10, dtype=x.dtype)
+        out[:, :4] = self.fc(x)
+        out[:, 4:] = x
+        return torch.sigmoid(out)
+
+
+def test_values_written_into_a_buffer_are_followed() -> None:
+    with pytest.raises(ValueError, match=r"the model \(WrittenIntoBuffer\).*aten\.sigmoid"):
+        IntegratedGradients(seeded(WrittenIntoBuffer())).attribute(
+            data(2, 6), target=0, method="exact"
+        )
+
+
 def test_training_mode_batch_norm_is_refused_before_running() -> None:
     model = cnn().train()
     before = snapshot(model)
@@ -526,3 +547,14 @@ def test_method_exact_ignores_n_steps() -> None:
     )
     with pytest.raises(ValueError, match="method must be one of"):
         ig.attribute(inputs, target=0, method="exactly")
+
+
+def test_rounds_are_bounded(monkeypatch) -> None:
+    """A model whose kinks keep splitting the path beyond what its kinks can explain (here: a
+    bound lowered to one round) stops with an error instead of running on."""
+    import fastattr._exact as exact
+
+    monkeypatch.setattr(exact, "MIN_ROUNDS", 1)
+    monkeypatch.setattr(exact, "ROUNDS_PER_KINK", 0)
+    with pytest.raises(RuntimeError, match="did not finish splitting the path after 1 rounds"):
+        IntegratedGradients(relu_mlp()).attribute(data(2, 6), target=0, method="exact")
