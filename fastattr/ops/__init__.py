@@ -211,14 +211,29 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
 
 
 def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
-    """Where a kink's switch values change sign strictly between the ends of path segments.
+    """Where a kink's switch values change sign strictly between the ends of path segments
+    (``method="exact"``): for each segment ``p`` and unit ``u``, whether
+    ``values[ends_a[p], u]`` and ``values[ends_b[p], u]`` lie beyond their rows' tolerances
+    of zero with opposite signs.
 
-    ``values`` is (points, units): a kink's switch value (an input minus its threshold) per
-    path point; ``tolerance`` (points,) how close to zero counts as zero at each point;
-    ``ends_a`` and ``ends_b`` (segments,) int64 index each segment's two end points. Returns
-    the (segments, units) bool tensor of ``values[ends_a[p], u]`` and ``values[ends_b[p], u]``
-    lying beyond their tolerances with opposite signs: the units whose kink the segment
-    crosses (``method="exact"``).
+    Args:
+        values: (points, units) floating point: a kink's switch value (an input minus its
+            threshold, say) per path point.
+        tolerance: (points,) in the dtype of ``values``: how close to zero counts as zero at
+            each point.
+        ends_a: (segments,) int64 on the device of ``values``: the row of each segment's
+            first end.
+        ends_b: (segments,) int64: the row of each segment's other end.
+
+    Returns:
+        A (segments, units) bool tensor: the units whose kink each segment crosses.
+
+    Examples:
+        >>> import torch
+        >>> from fastattr import ops
+        >>> values = torch.tensor([[-1.0, 2.0, 0.0], [3.0, 1.0, -1.0]])
+        >>> ops.kink_flips(values, torch.zeros(2), torch.tensor([0]), torch.tensor([1]))
+        tensor([[ True, False, False]])
     """
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.kink_flips.default(values, tolerance, ends_a, ends_b)

@@ -412,9 +412,9 @@ def check_kink_flips(
 
 
 def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
-    """For each segment ``p`` and unit ``u``, whether ``values[ends_a[p], u]`` and
-    ``values[ends_b[p], u]`` lie beyond their rows' tolerances of zero with opposite signs:
-    a (segments, units) bool tensor."""
+    """Twin of [fastattr.ops.kink_flips][].
+
+    Compared in float32 (float64 for float64 values), as the kernels compare."""
     check_kink_flips(values, tolerance, ends_a, ends_b, read_values=True)
     compute = opmath_dtype(values.dtype)
     band = tolerance.to(compute).unsqueeze(1)
@@ -429,8 +429,8 @@ __all__ = [
     "epsilon_ratio",
     "epsilon_ratio_of_product",
     "input_relevance",
-    "kink_flips",
     "interpolate_path",
+    "kink_flips",
     "lrp_pass_node",
     "lrp_product_node",
     "lrp_product_ratio_node",
