@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "operands.h"
 
@@ -17,6 +18,8 @@ struct KinkOperands {
   at::Tensor tolerance;  // (points,), contiguous
   at::Tensor ends_a;     // (segments,) int64, contiguous
   at::Tensor ends_b;
+  at::Tensor result;     // (segments, units) bool, to be written
+  int64_t units;
 };
 
 // 1-D int64 indices into the rows of `values`, on its device, each in [0, rows). On a GPU the
@@ -49,9 +52,31 @@ inline KinkOperands prepare_kink_flips(const at::Tensor& values, const at::Tenso
   TORCH_CHECK_VALUE(ends_a.sizes() == ends_b.sizes(),
                     "ends_a and ends_b must have the same shape, got ", ends_a.sizes(), " and ",
                     ends_b.sizes());
-  return {values.contiguous(), tolerance.contiguous(), prepare_ends(ends_a, "ends_a", values),
-          prepare_ends(ends_b, "ends_b", values)};
+  const int64_t units = values.size(1);
+  return {values.contiguous(),
+          tolerance.contiguous(),
+          prepare_ends(ends_a, "ends_a", values),
+          prepare_ends(ends_b, "ends_b", values),
+          at::empty({ends_a.numel(), units}, values.options().dtype(at::kBool)),
+          units};
 }
+
+// The operands' data in a kernel's dtype.
+template <typename scalar_t>
+struct KinkData {
+  const scalar_t* values;
+  const scalar_t* tolerance;
+  const int64_t* ends_a;
+  const int64_t* ends_b;
+  bool* result;
+
+  explicit KinkData(const KinkOperands& op)
+      : values(op.values.const_data_ptr<scalar_t>()),
+        tolerance(op.tolerance.const_data_ptr<scalar_t>()),
+        ends_a(op.ends_a.const_data_ptr<int64_t>()),
+        ends_b(op.ends_b.const_data_ptr<int64_t>()),
+        result(op.result.mutable_data_ptr<bool>()) {}
+};
 
 // Whether x (at one end, tolerance tx) and y (at the other, ty) lie beyond their tolerances
 // of zero with opposite signs. Non-short-circuit operators, so that the loops vectorize.

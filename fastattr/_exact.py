@@ -866,12 +866,10 @@ def integrate_exact(
         )
         accumulators = [new_accumulator(end).copy_(total) for total, end in zip(totals, ends)]
         start_output, end_output = found.start_output, found.end_output
-    attributions, row_sums = [], None
-    for accumulator, end, start in zip(accumulators, ends, starts):
-        attribution, sums = ops.quadrature_finish(
-            accumulator, end.detach(), start.detach(), multiply_by_inputs
-        )
-        attributions.append(attribution)
-        row_sums = sums if row_sums is None else row_sums + sums
-    assert row_sums is not None
-    return ExactIntegral(tuple(attributions), row_sums, start_output, end_output, pieces)
+    finished = [
+        ops.quadrature_finish(accumulator, end.detach(), start.detach(), multiply_by_inputs)
+        for accumulator, end, start in zip(accumulators, ends, starts)
+    ]
+    attributions = tuple(attribution for attribution, _ in finished)
+    row_sums = torch.stack([sums for _, sums in finished]).sum(0)
+    return ExactIntegral(attributions, row_sums, start_output, end_output, pieces)

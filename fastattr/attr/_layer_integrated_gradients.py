@@ -3,6 +3,7 @@ the layer, and the path through them streams through the compiled ops."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Union
 
 import torch
@@ -203,37 +204,42 @@ class LayerIntegratedGradients(
                     f"shapes {[list(v.shape) for v in ends]}"
                 )
 
-            def evaluate(paths: tuple[Tensor, ...], steps: int, counts=counts, last=last) -> Tensor:
-                calls = [0] * len(layers)
-                with replaced_layers(
-                    layers, _group(paths, counts), attribute_to_layer_input, calls=calls
-                ):
-                    output = run_forward(
-                        self.forward_func,
-                        repeat_additional_args(model_inputs, steps),
-                        repeat_target(target, steps),
-                        repeat_additional_args(args, steps),
-                    )
-                if not last and max(calls) > 1:
-                    raise LayerCalledAgain
-                return per_example(output, steps * batch)
-
-            def evaluate_points(
-                paths: tuple[Tensor, ...], examples: Tensor, counts=counts, last=last
+            def run(
+                paths: tuple[Tensor, ...],
+                rows_of: Callable[[Any], tuple[Any, ...]],
+                row_target: Any,
+                rows: int,
+                counts=counts,
+                last=last,
             ) -> Tensor:
+                """The model's ``rows`` outputs with the layers' values replaced by ``paths``;
+                ``rows_of`` takes the rows of the per-example arguments."""
                 calls = [0] * len(layers)
                 with replaced_layers(
                     layers, _group(paths, counts), attribute_to_layer_input, calls=calls
                 ):
                     output = run_forward(
-                        self.forward_func,
-                        argument_rows(model_inputs, examples),
-                        target_rows(target, examples),
-                        argument_rows(args, examples),
+                        self.forward_func, rows_of(model_inputs), row_target, rows_of(args)
                     )
                 if not last and max(calls) > 1:
                     raise LayerCalledAgain
-                return per_example(output, examples.numel())
+                return per_example(output, rows)
+
+            def evaluate(paths: tuple[Tensor, ...], steps: int, run=run) -> Tensor:
+                return run(
+                    paths,
+                    lambda tensors: repeat_additional_args(tensors, steps),
+                    repeat_target(target, steps),
+                    steps * batch,
+                )
+
+            def evaluate_points(paths: tuple[Tensor, ...], examples: Tensor, run=run) -> Tensor:
+                return run(
+                    paths,
+                    lambda tensors: argument_rows(tensors, examples),
+                    target_rows(target, examples),
+                    examples.numel(),
+                )
 
             try:
                 if exact:

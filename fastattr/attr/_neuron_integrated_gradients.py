@@ -168,19 +168,7 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 )
         runs_again = calls[0] > 1
 
-        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-            repeated_args = repeat_additional_args(args, steps)
-            (values,) = capture_layers(
-                lambda: self.forward_func(*paths, *repeated_args),
-                [self.layer],
-                attribute_to_neuron_input,
-                detach=False,
-                last=runs_again,
-            )
-            return per_example(select_neuron(values, neuron_selector, steps * batch), steps * batch)
-
-        def evaluate_points(paths: tuple[Tensor, ...], examples: Tensor) -> Tensor:
-            point_args = argument_rows(args, examples)
+        def neuron(paths: tuple[Tensor, ...], point_args: tuple[Any, ...], rows: int) -> Tensor:
             (values,) = capture_layers(
                 lambda: self.forward_func(*paths, *point_args),
                 [self.layer],
@@ -188,8 +176,13 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 detach=False,
                 last=runs_again,
             )
-            rows = examples.numel()
             return per_example(select_neuron(values, neuron_selector, rows), rows)
+
+        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
+            return neuron(paths, repeat_additional_args(args, steps), steps * batch)
+
+        def evaluate_points(paths: tuple[Tensor, ...], examples: Tensor) -> Tensor:
+            return neuron(paths, argument_rows(args, examples), examples.numel())
 
         if exact:
             result = integrate_exact(
