@@ -4,6 +4,7 @@ is from the exact integral.
 
     python benchmarks/exact_ig.py [--models mlp,cnn,resnet,resnet18] [--batch 4] \\
         [--repeats 3] [--threads 1] [--resnet18-size 32] [--out DIR]
+    python benchmarks/exact_ig.py --first-kink-size 224 [--batch 2]
 
 For each model (float32, eval mode, standard-normal inputs, zero baselines, target 1):
 
@@ -147,6 +148,29 @@ def measure(
     }
 
 
+def first_kink_segments(size: int, batch: int) -> list[int]:
+    """resnet18 on size x size images: the segments each path has after the first round, the
+    crossings of its first kink alone (a lower bound on its pieces, from two points)."""
+    from fastattr._exact import _Splitter, forward_at_points
+
+    model = resnet18(size)()
+    arguments = image_batch(size)(batch, torch.Generator().manual_seed(0))
+    splitter = _Splitter(
+        (arguments["inputs"],),
+        (arguments["baselines"],),
+        forward_at_points(model, TARGET, None),
+        None,
+        model,
+    )
+    splitter.run_round(
+        torch.arange(batch),
+        torch.zeros(batch, dtype=torch.float64),
+        torch.ones(batch, dtype=torch.float64),
+    )
+    examples = torch.cat([children[0] for children in splitter.children])
+    return torch.bincount(examples, minlength=batch).tolist()
+
+
 def row(record: dict[str, Any], shape: str) -> str:
     pieces = record["pieces"]
     seconds = record["seconds"]
@@ -182,10 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--resnet18-size", type=int, default=32)
+    parser.add_argument(
+        "--first-kink-size",
+        type=int,
+        help="instead: resnet18's segments after the first kink at this image size",
+    )
     parser.add_argument("--out", type=Path, default=Path("fastattr-bench"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.first_kink_size:
+        segments = first_kink_segments(args.first_kink_size, args.batch)
+        print(f"resnet18, {args.first_kink_size}x{args.first_kink_size}: {segments} segments")
+        return 0
     available = studies(args.resnet18_size)
     names = [n for n in args.models.split(",") if n]
     unknown = sorted(set(names) - set(available))
