@@ -37,6 +37,9 @@ TORCH_LIBRARY(fastattr, m) {
   m.def("lrp_ratio_node(Tensor z, Tensor? shown, float epsilon, bool copy) -> Tensor");
   m.def("lrp_pass_node(Tensor source, Tensor shown, bool copy) -> Tensor");
   m.def("lrp_product_ratio_node(Tensor z, Tensor(a) activation, float epsilon) -> Tensor(a)");
+  // method="exact": for each segment p and unit u, whether values[ends_a[p], u] and
+  // values[ends_b[p], u] lie beyond their rows' tolerances of zero with opposite signs.
+  m.def("kink_flips(Tensor values, Tensor tolerance, Tensor ends_a, Tensor ends_b) -> Tensor");
 }
 
 #ifdef FASTATTR_WITH_CUDA

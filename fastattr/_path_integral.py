@@ -567,7 +567,8 @@ def integrate(
                 f"{what} gives each example its own points: additional_forward_args must "
                 "hold one row per example"
             )
-        if uses_batch_statistics(engine_options.get("model")):
+        # (method="exact" names the module itself, see fastattr._exact.check_eval_mode.)
+        if adaptive is not None and uses_batch_statistics(engine_options.get("model")):
             raise ValueError(
                 f"{what} gives each example its own points, which a model normalizing with "
                 "the statistics of its batch (batch norm in training mode or without running "
@@ -779,7 +780,9 @@ class PathOptions:
             self.method, self.n_steps, self.tolerance, self.max_steps
         )
         if not auto:
-            check_steps(self.method, self.n_steps)
+            # (With "exact" the pieces decide the points: n_steps is not used.)
+            if self.method != EXACT:
+                check_steps(self.method, self.n_steps)
             return None
         return tolerance, max_steps
 

@@ -232,3 +232,24 @@ def test_bad_arguments_name_the_argument(kwargs, error, name):
     with pytest.raises(error, match=name):
         ig.attribute(data(2, 6), target=0, **kwargs)
     assert calls == []
+
+
+def test_auto_refuses_what_needs_captums_chunks():
+    """n_steps='auto' gives each example its own points: an output reduced over the batch, an
+    argument without a batch dimension and batch statistics are refused by name (fixed steps
+    run them as captum does)."""
+    model = smooth()
+    x = data(3, 6)
+    reduced = fastattr.IntegratedGradients(lambda inputs: model(inputs)[:, 0].sum().unsqueeze(0))
+    with pytest.raises(ValueError, match="n_steps='auto' needs the selected output"):
+        reduced.attribute(x, n_steps="auto")
+    reduced.attribute(x, n_steps=8)  # captum's behaviour with a fixed rule
+    shifted = fastattr.IntegratedGradients(lambda inputs, shift: model(inputs + shift))
+    with pytest.raises(ValueError, match="additional_forward_args must hold one row"):
+        shifted.attribute(x, target=0, additional_forward_args=torch.ones(1, 6), n_steps="auto")
+    normalized = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    before = {k: v.clone() for k, v in normalized.state_dict().items()}
+    with pytest.raises(ValueError, match="batch norm in training mode"):
+        fastattr.IntegratedGradients(normalized).attribute(x, target=0, n_steps="auto")
+    for key, value in normalized.state_dict().items():
+        assert torch.equal(value, before[key]), key

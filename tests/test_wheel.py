@@ -66,6 +66,8 @@ CALLS = {
     "relevance_product": lambda op: op(relevance, z),
     "input_relevance": lambda op: op(relevance, z),
     "epsilon_ratio_of_product": lambda op: op(relevance, relevance, z, 0.01),
+    "kink_flips": lambda op: op(z, relevance[:, 0].abs() * 0.1, torch.tensor([0, 1, 2]),
+                                torch.tensor([2, 0, 1])).double(),
     # LRP's autograd nodes: what their backward sends back.
     "lrp_product_node": lambda op: backward_of(op),
     "lrp_ratio_node": lambda op: backward_of(lambda t: op(t, None, 0.01, False)),

@@ -122,16 +122,22 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 anything else is passed as it is.
             n_steps: the number of quadrature nodes (default: 50), or ``"auto"``: each
                 example gets the points its path needs to reach ``tolerance`` (see
-                ``docs/methods/integrated-gradients.md``). Not in captum.
+                ``docs/methods/integrated-gradients.md``). Not in captum. Not used by
+                ``method="exact"``.
             method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,
                 ``"riemann_middle"`` or ``"riemann_trapezoid"``. With ``n_steps="auto"``,
                 ``"gausslegendre"`` (nested Clenshaw-Curtis levels, then bisection where the
-                path has kinks) or ``"riemann_trapezoid"`` (bisection).
+                path has kinks) or ``"riemann_trapezoid"`` (bisection). Or ``"exact"`` for a
+                piecewise-linear model (ReLU, max pooling, ...): the path is split where the
+                model's kinks are crossed and the integral is a finite sum, complete to float
+                rounding (see ``docs/methods/exact.md``). Not in captum.
             internal_batch_size: at most how many path points (steps times examples) to run
                 at once, as in captum; None (default) sizes the chunks from free memory.
             return_convergence_delta: also return captum's convergence delta per example.
             return_n_steps: also return how many path points (gradient evaluations) each
-                example took, a (B,) int64 tensor. Not in captum.
+                example took, a (B,) int64 tensor: ``n_steps`` for a fixed rule, the points
+                ``"auto"`` chose, the affine pieces of the path for ``"exact"``. Not in
+                captum.
             tolerance: with ``n_steps="auto"``, the completeness error each example must reach:
                 ``|sum(attributions) - (f(inputs) - f(baselines))|`` at most ``tolerance *
                 max(|f(inputs) - f(baselines)|, 1)``. Default: 1e-3.
@@ -147,7 +153,10 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         Raises:
             ValueError: an argument is out of range (each error names it), e.g. ``tolerance``
                 or ``max_steps`` without ``n_steps="auto"``, or ``"auto"`` with a method whose
-                nodes do not nest.
+                nodes do not nest; with ``method="exact"``, the model applies an operation
+                that is not piecewise linear to values that depend on the input (the message
+                names the module and the source line), or runs batch norm or dropout in
+                training mode.
             TypeError: an argument has the wrong type.
 
         Examples:
@@ -161,6 +170,12 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             ...     return_convergence_delta=True, return_n_steps=True,
             ... )
             >>> bool((delta.abs() <= 1e-4 * (1 + delta.abs().max())).all()), steps.shape
+            (True, torch.Size([2]))
+            >>> attributions, delta, pieces = IntegratedGradients(model).attribute(
+            ...     inputs, target=1, method="exact", return_convergence_delta=True,
+            ...     return_n_steps=True,
+            ... )
+            >>> bool(delta.abs().max() < 1e-5), pieces.shape
             (True, torch.Size([2]))
         """
         (result,) = self._attribute_targets(

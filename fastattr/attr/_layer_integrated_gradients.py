@@ -25,6 +25,7 @@ from fastattr._formatting import (
 )
 from fastattr._model_state import kept_buffers
 from fastattr._path_integral import (
+    EXACT,
     PathOptions,
     PointRows,
     args_for_points,
@@ -144,15 +145,17 @@ class LayerIntegratedGradients(
                 ``IntegratedGradients.attribute``: the completeness it reaches is that of the
                 path through the layer (the model's output with the layer's values on the
                 path, the inputs elsewhere).
-            method: the quadrature rule, as in ``IntegratedGradients.attribute``.
+            method: the quadrature rule, as in ``IntegratedGradients.attribute``; ``"exact"``
+                where the model after the layer is piecewise linear.
             internal_batch_size: at most how many path points to run at once (captum's
                 meaning); None sizes the chunks from free memory.
             return_convergence_delta: also return captum's convergence delta per example
                 (the sum of all layers' attributions against the model's output change).
             attribute_to_layer_input: attribute the layer's input instead of its output.
             grad_kwargs: extra keyword arguments of ``torch.autograd.grad``.
-            return_n_steps: also return the path points each example took, as in
-                ``IntegratedGradients.attribute``. Not in captum.
+            return_n_steps: also return the gradient evaluations each example's path took
+                (``n_steps``, the points ``"auto"`` chose or the pieces ``"exact"`` found), as
+                in ``IntegratedGradients.attribute``. Not in captum.
             tolerance: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
             max_steps: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
 
@@ -312,10 +315,12 @@ class LayerIntegratedGradients(
                     f"the values of layer must hold the examples ({batch}) along dimension 0, "
                     f"possibly several rows each, got shapes {[list(v.shape) for v in ends]}"
                 )
-            if return_convergence_delta and any(v.shape[0] != batch for v in ends):
+            exact = options.method == EXACT
+            if (return_convergence_delta or exact) and any(v.shape[0] != batch for v in ends):
                 raise ValueError(
-                    "return_convergence_delta needs the values of layer to hold the examples "
-                    f"along dimension 0 ({batch}), got shapes {[list(v.shape) for v in ends]}"
+                    f"{'method=exact' if exact else 'return_convergence_delta'} needs the "
+                    f"values of layer to hold the examples along dimension 0 ({batch}), got "
+                    f"shapes {[list(v.shape) for v in ends]}"
                 )
 
             def evaluate(

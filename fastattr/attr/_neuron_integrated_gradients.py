@@ -138,13 +138,15 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
             n_steps: the number of quadrature nodes (default: 50), or ``"auto"``, as in
                 ``IntegratedGradients.attribute`` (the completeness it reaches is the
                 neuron's: its change between the baselines and the inputs).
-            method: the quadrature rule, as in ``IntegratedGradients.attribute``.
+            method: the quadrature rule, as in ``IntegratedGradients.attribute``; ``"exact"``
+                where the model up to the layer is piecewise linear.
             internal_batch_size: at most how many path points to run at once (captum's
                 meaning); None sizes the chunks from free memory.
             attribute_to_neuron_input: take the neuron from the layer's input instead of its
                 output.
-            return_n_steps: also return the path points each example took, as in
-                ``IntegratedGradients.attribute``. Not in captum.
+            return_n_steps: also return the gradient evaluations each example's path took
+                (``n_steps``, the points ``"auto"`` chose or the pieces ``"exact"`` found), as
+                in ``IntegratedGradients.attribute``. Not in captum.
             tolerance: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
             max_steps: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
 

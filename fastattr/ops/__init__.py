@@ -244,6 +244,36 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
     return reference.lrp_product_ratio_node(z, activation, epsilon)
 
 
+def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
+    """Where a kink's switch values change sign strictly between the ends of path segments
+    (``method="exact"``): for each segment ``p`` and unit ``u``, whether
+    ``values[ends_a[p], u]`` and ``values[ends_b[p], u]`` lie beyond their rows' tolerances
+    of zero with opposite signs.
+
+    Args:
+        values: (points, units) floating point: a kink's switch value (an input minus its
+            threshold, say) per path point.
+        tolerance: (points,) in the dtype of ``values``: how close to zero counts as zero at
+            each point.
+        ends_a: (segments,) int64 on the device of ``values``: the row of each segment's
+            first end.
+        ends_b: (segments,) int64: the row of each segment's other end.
+
+    Returns:
+        A (segments, units) bool tensor: the units whose kink each segment crosses.
+
+    Examples:
+        >>> import torch
+        >>> from fastattr import ops
+        >>> values = torch.tensor([[-1.0, 2.0, 0.0], [3.0, 1.0, -1.0]])
+        >>> ops.kink_flips(values, torch.zeros(2), torch.tensor([0]), torch.tensor([1]))
+        tensor([[ True, False, False]])
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.kink_flips.default(values, tolerance, ends_a, ends_b)
+    return reference.kink_flips(values, tolerance, ends_a, ends_b)
+
+
 class LrpNodes(NamedTuple):
     """One backend's LRP node constructors, without the per-call choice of backend (LRP makes
     one or two nodes per module).

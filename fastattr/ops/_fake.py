@@ -64,3 +64,9 @@ def _(activations: Tensor, contributions: Tensor) -> tuple[Tensor, Tensor]:
 def _(activations: Tensor, contributions: Tensor) -> Tensor:
     reference.check_input_relevance(activations, contributions)
     return torch.empty_like(activations, memory_format=row_layout(activations))
+
+
+@torch.library.register_fake("fastattr::kink_flips")
+def _(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
+    reference.check_kink_flips(values, tolerance, ends_a, ends_b, read_values=False)
+    return values.new_empty((ends_a.shape[0], values.shape[1]), dtype=torch.bool)

@@ -457,6 +457,53 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
     return _ProductRatioNode.apply(z, activation, epsilon)
 
 
+def check_kink_flips(
+    values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor, *, read_values: bool
+) -> None:
+    _check_floating(values, "values")
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D (points, units), got shape {list(values.shape)}")
+    _check_same(tolerance, "tolerance", values, "values", shape=False)
+    if tolerance.shape != (values.shape[0],):
+        raise ValueError(
+            f"tolerance must hold one entry per row of values ({values.shape[0]}), got shape "
+            f"{list(tolerance.shape)}"
+        )
+    if ends_a.shape != ends_b.shape:
+        raise ValueError(
+            f"ends_a and ends_b must have the same shape, got {list(ends_a.shape)} and "
+            f"{list(ends_b.shape)}"
+        )
+    for ends, name in ((ends_a, "ends_a"), (ends_b, "ends_b")):
+        if ends.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {list(ends.shape)}")
+        if ends.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {ends.dtype}")
+        if ends.device != values.device:
+            raise ValueError(
+                f"{name} must be on the same device as values ({values.device}), got {ends.device}"
+            )
+        if read_values and ends.numel():
+            low, high = int(ends.min()), int(ends.max())
+            bad = low if low < 0 else high
+            if low < 0 or high >= values.shape[0]:
+                raise IndexError(
+                    f"{name} must index the {values.shape[0]} rows of values, got {bad}"
+                )
+
+
+def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.kink_flips][].
+
+    Compared in float32 (float64 for float64 values), as the kernels compare."""
+    check_kink_flips(values, tolerance, ends_a, ends_b, read_values=True)
+    compute = opmath_dtype(values.dtype)
+    band = tolerance.to(compute).unsqueeze(1)
+    above = values.to(compute) > band
+    below = values.to(compute) < -band
+    return (above[ends_a] & below[ends_b]) | (below[ends_a] & above[ends_b])
+
+
 # The public names: the twins. (The check_* functions and layout helpers serve the ops,
 # their fakes and the accumulators.)
 __all__ = [
@@ -465,6 +512,7 @@ __all__ = [
     "epsilon_ratio_of_product",
     "input_relevance",
     "interpolate_points",
+    "kink_flips",
     "lrp_pass_node",
     "lrp_product_node",
     "lrp_product_ratio_node",
