@@ -8,6 +8,8 @@ claims (`make test-oldest-torch`).
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -213,3 +215,17 @@ def test_a_dispatch_mode_sees_each_aten_op_once_with_its_overload_packet_and_vie
     assert (torch.ops.aten.relu_, "relu_", "relu_.default") in mode.calls
     assert (torch.ops.aten.max, "max", "max.dim") in mode.calls
     assert view._base is h
+
+
+def test_grad_mode_is_set_by_a_builtin():
+    # fastattr/_model_state.py (kept_buffers) restores grad mode with torch._C._set_grad_enabled,
+    # a builtin (no Python frame an interrupt could stop), read back by torch.is_grad_enabled.
+    assert isinstance(torch._C._set_grad_enabled, types.BuiltinFunctionType)
+    assert isinstance(torch.is_grad_enabled, types.BuiltinFunctionType)
+    with torch.no_grad():
+        torch._C._set_grad_enabled(True)
+        assert torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    assert not torch.is_grad_enabled()
+    torch._C._set_grad_enabled(True)
+    assert torch.is_grad_enabled()
