@@ -734,13 +734,8 @@ def integrate_exact(
     forward pass (at least 2: a segment's two ends); None sizes the chunks from free memory,
     measured on the first forward pass.
     """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "integrated gradients need autograd, which torch.inference_mode() turns off: call "
-            "attribute outside it (torch.no_grad() is fine)"
-        )
-    check_eval_mode(model)
     rows = None if steps_per_chunk is None else max(2, steps_per_chunk * batch)
+    # (The engine refuses inference mode.)
     engine = PathEngine(
         ends,
         starts,
@@ -751,6 +746,7 @@ def integrate_exact(
         steps_per_chunk=steps_per_chunk,
         **engine_options,
     )
+    check_eval_mode(model)
     if batch == 0:
         pieces = torch.zeros(0, dtype=torch.long, device=ends[0].device)
         return engine.finish(multiply_by_inputs), [pieces] * targets
