@@ -4,10 +4,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastattr, m) {
-  // Row k * B + b of the (K * B, ...) result is baselines_b + alphas_k * (inputs_b - baselines_b).
-  m.def("interpolate_path(Tensor inputs, Tensor baselines, Tensor alphas) -> Tensor");
-  // accumulator_b += sum_k weights_k * grads_{k * B + b}, in place.
-  m.def("quadrature_accumulate(Tensor(a!) accumulator, Tensor grads, Tensor weights) -> ()");
+  // Path points: row p of the (P, ...) result is baselines_r + alphas_p * (inputs_r - baselines_r)
+  // with r = rows_p.
+  m.def("interpolate_points(Tensor inputs, Tensor baselines, Tensor rows, Tensor alphas) -> Tensor");
+  // accumulator_{rows_p} += weights_p * grads_p for every point p, in place, each row's points
+  // added in their order.
+  m.def(
+      "accumulate_points(Tensor(a!) accumulator, Tensor grads, Tensor rows, Tensor weights) -> ()");
+  // Directional derivatives along the paths: slope_p = sum_j grads_pj * (inputs_rj - baselines_rj)
+  // with r = rows_p, accumulated in float64.
+  m.def("point_slopes(Tensor grads, Tensor rows, Tensor inputs, Tensor baselines) -> Tensor");
   // (accumulator * (inputs - baselines) if multiply_by_inputs else accumulator, per-row sums).
   m.def(
       "quadrature_finish(Tensor accumulator, Tensor inputs, Tensor baselines, "
@@ -30,6 +36,9 @@ TORCH_LIBRARY(fastattr, m) {
   m.def("lrp_ratio_node(Tensor(a) z, float epsilon) -> Tensor(a)");
   m.def("lrp_ratio_shown_node(Tensor z, Tensor(a) shown, float epsilon) -> Tensor(a)");
   m.def("lrp_pass_node(Tensor source, Tensor(a) shown) -> Tensor(a)");
+  // method="exact": for each segment p and unit u, whether values[ends_a[p], u] and
+  // values[ends_b[p], u] lie beyond their rows' tolerances of zero with opposite signs.
+  m.def("kink_flips(Tensor values, Tensor tolerance, Tensor ends_a, Tensor ends_b) -> Tensor");
 }
 
 #ifdef FASTATTR_WITH_CUDA

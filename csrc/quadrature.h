@@ -1,4 +1,4 @@
-// quadrature_accumulate and quadrature_finish: operands shared by the CPU and CUDA kernels.
+// The accumulator check and quadrature_finish's operands, shared by the CPU and CUDA kernels.
 #pragma once
 
 #include "operands.h"
@@ -13,37 +13,6 @@ inline void check_accumulator(const at::Tensor& accumulator) {
   TORCH_CHECK_VALUE(accumulator.is_contiguous(row_layout(accumulator)),
                     "accumulator must be contiguous (or channels_last), got strides ",
                     accumulator.strides());
-}
-
-struct AccumulateOperands {
-  at::Tensor grads;    // (K * B, ...), dense in the accumulator's layout
-  at::Tensor weights;  // (K,) float64 on the CPU
-  int64_t block;       // B * row: the elements of one step
-};
-
-inline AccumulateOperands prepare_accumulate(const at::Tensor& accumulator,
-                                             const at::Tensor& grads,
-                                             const at::Tensor& weights) {
-  check_accumulator(accumulator);
-  check_batched(grads, "grads");
-  check_floating(grads, "grads");
-  check_same_device(grads, "grads", accumulator, "accumulator");
-  TORCH_CHECK_TYPE(!(grads.scalar_type() == at::kDouble && accumulator.scalar_type() != at::kDouble),
-                   "accumulator must be float64 for float64 grads, got ",
-                   accumulator.scalar_type());
-  AccumulateOperands op;
-  op.weights = prepare_coefficients(weights, "weights", grads, "grads");
-  const int64_t steps = op.weights.numel();
-  const int64_t batch = accumulator.size(0);
-  TORCH_CHECK_VALUE(grads.dim() == accumulator.dim() &&
-                        grads.sizes().slice(1) == accumulator.sizes().slice(1) &&
-                        grads.size(0) == steps * batch,
-                    "grads must have shape (", steps, " * ", batch, ", ...) matching the ",
-                    steps, " weights and the accumulator of shape ", accumulator.sizes(),
-                    ", got ", grads.sizes());
-  op.grads = grads.contiguous(row_layout(accumulator));
-  op.block = accumulator.numel();
-  return op;
 }
 
 struct FinishOperands {

@@ -16,6 +16,7 @@ from fastattr.attr import (
     LayerIntegratedGradients,
     LayerLRP,
     NeuronIntegratedGradients,
+    NoiseTunnel,
 )
 from fastattr.data import AttributionStore, attribute_dataset, open_store
 
@@ -32,6 +33,7 @@ __all__ = [
     "LayerIntegratedGradients",
     "LayerLRP",
     "NeuronIntegratedGradients",
+    "NoiseTunnel",
     "__version__",
     "attribute_dataset",
     "build_info",

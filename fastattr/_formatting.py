@@ -68,12 +68,8 @@ def format_output(is_tuple: bool, tensors: tuple[Tensor, ...]) -> TensorOrTuple:
     return tensors if is_tuple else tensors[0]
 
 
-def format_baselines(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """One baseline tensor per input, in its dtype and on its device, broadcastable to it.
-
-    Accepts what captum does (None for zeros, a number, a tensor of the input's shape or with
-    a first dimension of 1, or a tuple mixing those), and any other broadcastable shape.
-    """
+def baseline_tuple(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
+    """``baselines`` as a tuple with one entry per input (None: zeros), as given otherwise."""
     if baselines is None:
         baselines = (0,) * len(inputs)
     elif not isinstance(baselines, tuple):
@@ -83,6 +79,16 @@ def format_baselines(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tup
             f"baselines must give one baseline per input tensor: {len(inputs)} inputs, "
             f"{len(baselines)} baselines"
         )
+    return baselines
+
+
+def format_baselines(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """One baseline tensor per input, in its dtype and on its device, broadcastable to it.
+
+    Accepts what captum does (None for zeros, a number, a tensor of the input's shape or with
+    a first dimension of 1, or a tuple mixing those), and any other broadcastable shape.
+    """
+    baselines = baseline_tuple(baselines, inputs)
     formatted = []
     for i, (baseline, inp) in enumerate(zip(baselines, inputs)):
         if baseline is None:

@@ -12,7 +12,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastattr._path_integral import module_of
+
+def module_of(forward_func: object) -> nn.Module | None:
+    """The module behind ``forward_func``: the module itself, or the owner of a bound method
+    such as ``model.forward``."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
 
 
 def uses_batch_statistics(forward_func: object) -> bool:
@@ -40,11 +47,13 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
     """Within the block the model may update its buffers (running statistics of modules in
     training mode); on exit each is restored, the same tensor with its old values, also after
     an exception or an interrupt. Modules in eval mode are not watched: their forward leaves
-    buffers alone. A plain function, whose modules can't be seen, is run as it is."""
+    buffers alone. A plain function, whose modules can't be seen, is run as it is. Grad mode is
+    restored too: an interrupt inside one of torch's grad-mode context managers (Python code)
+    would leave it switched."""
     model = module_of(forward_func)
-    if model is None:
-        yield
-        return
+    # (Builtins, unlike torch.set_grad_enabled, run no Python an interrupt could stop:
+    # torch._C._set_grad_enabled is private, see tests/test_torch_private_api.py.)
+    grad_enabled = torch.is_grad_enabled()
     call = object()
 
     def release() -> None:
@@ -55,8 +64,7 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
                 if call not in calls:
                     continue
                 if len(calls) == 1:
-                    with torch.no_grad():
-                        buffer.copy_(saved)
+                    buffer.detach().copy_(saved)
                     # In case the forward replaced it (module._buffers: torch's private
                     # registry, see tests/test_torch_private_api.py).
                     module._buffers[key[1]] = buffer
@@ -65,7 +73,7 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
 
     try:
         with _held_lock:
-            for module in model.modules():
+            for module in [] if model is None else model.modules():
                 if not module.training:
                     continue
                 for name, buffer in module._buffers.items():
@@ -88,5 +96,6 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
                 interrupt = error
             else:
                 break
+        torch._C._set_grad_enabled(grad_enabled)
         if interrupt is not None:
             raise interrupt

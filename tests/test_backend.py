@@ -21,8 +21,9 @@ from fastattr.ops import reference
 # run of `make test` imports a build installed elsewhere).
 ROOT = Path(fastattr.__file__).resolve().parents[1]
 OPS = (
-    "interpolate_path",
-    "quadrature_accumulate",
+    "interpolate_points",
+    "accumulate_points",
+    "point_slopes",
     "quadrature_finish",
     "epsilon_ratio",
     "input_relevance",
@@ -168,10 +169,11 @@ with warnings.catch_warnings(record=True) as caught:
 import torch
 x = torch.randn(3, 4, dtype=torch.float64)
 base = torch.randn(4, dtype=torch.float64)
-alphas = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
-path = ops.interpolate_path(x, base, alphas)
+rows = torch.arange(3).repeat(3)
+alphas = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64).repeat_interleave(3)
+path = ops.interpolate_points(x, base, rows, alphas)
 accumulator = torch.zeros(3, 4, dtype=torch.float64)
-ops.quadrature_accumulate(accumulator, torch.ones(9, 4, dtype=torch.float64), alphas)
+ops.accumulate_points(accumulator, torch.ones(9, 4, dtype=torch.float64), rows, alphas)
 attributions, sums = ops.quadrature_finish(accumulator, x, base, True)
 ratio = ops.epsilon_ratio(x, torch.zeros_like(x), 0.5)
 input_relevance = ops.input_relevance(x, x)
@@ -187,7 +189,7 @@ print(json.dumps({
     ],
     "info": fastattr.build_info(),
     "backend": fastattr.current_backend(),
-    "registered": hasattr(torch.ops.fastattr, "interpolate_path"),
+    "registered": hasattr(torch.ops.fastattr, "interpolate_points"),
     "path": torch.allclose(
         path, torch.cat([base.expand(3, 4), (x + base) / 2, x]), rtol=1e-15, atol=1e-15
     ),

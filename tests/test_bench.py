@@ -310,11 +310,12 @@ def test_the_readme_example_case_file_works(tmp_path):
 
 @pytest.mark.parametrize("case", cases.CASES + STUDY_CASES, ids=lambda case: case.name)
 def test_floor_is_a_forward_and_backward_over_the_same_rows(case):
-    """The floor's gradient has the path's rows (n_steps * batch) and is not 0."""
+    """The floor's gradient has the path's rows (n_steps * batch, times the noisy copies of a
+    NoiseTunnel) and is not 0."""
     model = case.make_model()
     arguments = runner.batch_arguments(case, 2, 3, torch.device("cpu"))
     (grad,) = case.floor(model, arguments)()
-    rows = 2 * 3 if case.uses_path else 2
+    rows = 2 * 3 * case.call_kwargs.get("nt_samples", 1) if case.uses_path else 2
     assert grad.shape[0] == rows and grad.abs().sum() > 0
 
 

@@ -382,6 +382,7 @@ def test_an_interrupt_anywhere_leaves_the_model_as_found(name):
         finally:
             sys.settrace(None)
         assert_as_found(model, state)
+        assert torch.is_grad_enabled()  # an interrupt in a torch.no_grad() exit included
     assert interrupted > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")

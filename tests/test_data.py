@@ -250,10 +250,10 @@ def test_lrp_through_the_pipeline(tmp_path):
 
 
 def _noise_tunnels() -> list:
-    """captum's NoiseTunnel around fastattr's IG, and fastattr's own once it exists."""
+    """captum's NoiseTunnel around fastattr's IG, and fastattr's own."""
     from captum.attr import NoiseTunnel
 
-    return [NoiseTunnel] + ([fastattr.NoiseTunnel] if hasattr(fastattr, "NoiseTunnel") else [])
+    return [NoiseTunnel, fastattr.NoiseTunnel]
 
 
 @pytest.mark.parametrize("NoiseTunnel", _noise_tunnels(), ids=lambda c: c.__module__.split(".")[0])
@@ -284,6 +284,27 @@ def test_noise_tunnel_through_the_pipeline(tmp_path, NoiseTunnel):
         for example in range(3):
             copies = [2 * example, 2 * example + 1, 6 + 2 * example, 7 + 2 * example, 12 + example]
             assert torch.equal(got.delta.tensor(first + example), deltas[copies])
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_adaptive_steps_through_the_pipeline(tmp_path, with_delta):
+    """n_steps='auto' (its tolerance and max_steps) and return_n_steps: the points each example
+    took are stored as the extra 'n_steps', equal to attribute()'s on the same rows."""
+    model = data_jobs.model()
+    features, labels = data_jobs.inputs_and_labels()
+    data = labeled(torch.utils.data.TensorDataset(features, labels))
+    ig = fastattr.IntegratedGradients(model)
+    kwargs = {"n_steps": "auto", "tolerance": 1e-4, "max_steps": 64, "return_n_steps": True}
+    got = fastattr.attribute_dataset(
+        ig, data, tmp_path / "s", target="label", batch_size=8, progress=False,
+        return_convergence_delta=with_delta, **kwargs,
+    )  # fmt: skip
+    want = ig.attribute(features, target=labels, return_convergence_delta=with_delta, **kwargs)
+    torch.testing.assert_close(got.attributions.tensor(slice(None)), want[0])
+    assert torch.equal(got.extras["n_steps"].tensor(slice(None)), want[-1])
+    assert int(want[-1].min()) < int(want[-1].max())  # the examples took different points
+    if with_delta:
+        torch.testing.assert_close(got.delta.tensor(slice(None)), want[1])
 
 
 def test_a_dataloader_brings_its_batch_size_workers_and_collate(tmp_path, reference):

@@ -6,6 +6,7 @@ fail up front with an error naming the argument; the model must be left exactly 
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -352,9 +353,13 @@ def test_measured_step_cost_is_reused_per_instance_and_shape(backend):
     assert_close(ig.attribute(x, **kwargs), theirs)
     assert counter.rows == [12 * BATCH]  # the same shape: measured already
     counter.rows.clear()
+    # The cost is per point: another batch size of the same rows is not measured again.
     ig.attribute(data(2 * BATCH, FEATURES), target=1, n_steps=12)
-    assert counter.rows[0] == 2 * BATCH  # a new shape is measured
+    assert counter.rows == [24 * BATCH]
     counter.rows.clear()
+    wider = IntegratedGradients(CountingForward(lambda x: model(x[:, :FEATURES])))
+    wider.attribute(data(BATCH, FEATURES + 2), target=1, n_steps=12)
+    assert wider.forward_func.rows[0] == BATCH  # a new row shape is measured
     IntegratedGradients(counter).attribute(x, **kwargs)
     assert counter.rows[0] == BATCH  # and so is a new instance
 
@@ -522,44 +527,50 @@ def test_auto_chunking_matches_captum(backend, monkeypatch, method):
         x, return_convergence_delta=True, **kwargs
     )
 
-    def steps_per_chunk(budget: int) -> list[int]:
+    def chunk_rows(budget: int) -> list[int]:
         monkeypatch.setattr(path_integral, "CPU_CHUNK_BYTES", budget)
         counter = CountingForward(model)
         assert_close(IntegratedGradients(counter).attribute(x, **kwargs), theirs)
-        assert all(rows % BATCH == 0 for rows in counter.rows)
         assert sum(counter.rows) == n_steps * BATCH
-        return [rows // BATCH for rows in counter.rows]
+        _, delta = IntegratedGradients(model).attribute(x, return_convergence_delta=True, **kwargs)
+        assert_close(delta, their_delta, delta_scale(theirs))
+        return counter.rows
 
-    # A budget below one step's activations: every chunk is one step.
-    assert steps_per_chunk(1) == [1] * n_steps
-    ours, delta = IntegratedGradients(model).attribute(x, return_convergence_delta=True, **kwargs)
-    assert_close(ours, theirs)
-    assert_close(delta, their_delta, delta_scale(theirs))
-    # Budgets in between: a first step that measures, then several chunks of several steps.
-    found = None
-    for budget in (1 << k for k in range(8, 24)):
-        sizes = steps_per_chunk(budget)
-        assert sizes[0] == 1
-        if len(sizes) >= 3 and max(sizes) > 1:
-            found = sizes
-            break
-    assert found is not None, "no budget gave several multi-step chunks"
-    assert len(set(found[1:-1])) <= 1, found  # equal chunks but the last
+    # A budget below one point's activations: every chunk is one point (one example at one
+    # step), so memory is bounded whatever the batch.
+    assert chunk_rows(1) == [1] * (n_steps * BATCH)
+    sizes = {budget: chunk_rows(budget) for budget in (1 << k for k in range(8, 24))}
+    # Budgets in between: a measuring chunk of at most one step, then equal chunks but the
+    # last (and the one completing the measuring chunk's step); ending on whole steps once a
+    # chunk holds a step or more, else of part of a step.
+    for rows in sizes.values():
+        assert rows[0] <= BATCH
+        assert len(set(rows[2:-1])) <= 1, rows
+        if max(rows[1:], default=0) >= BATCH:
+            bounds = list(itertools.accumulate(rows))[1:]
+            assert all(bound % BATCH == 0 for bound in bounds), rows
+    assert any(1 < max(rows[1:], default=0) < BATCH for rows in sizes.values()), sizes
+    assert any(len(rows) >= 3 and max(rows) > BATCH for rows in sizes.values()), sizes
     # The default budget runs the rest of this small path in one chunk after the first step.
     monkeypatch.undo()
-    assert steps_per_chunk(path_integral.CPU_CHUNK_BYTES) == [1, n_steps - 1]
+    assert chunk_rows(path_integral.CPU_CHUNK_BYTES) == [BATCH, (n_steps - 1) * BATCH]
 
 
 def test_auto_chunking_cnn_with_args_and_tuple(backend, monkeypatch):
+    # Chunks of single points: per-example targets and arguments follow their examples.
     monkeypatch.setattr(path_integral, "CPU_CHUNK_BYTES", 1)
-    model = seeded(TwoInputs())
+    model = seeded(WithArgs())
     counter = CountingForward(model)
+    x = data(BATCH, FEATURES)
+    args = (data(BATCH, FEATURES, seed=5), torch.tensor(0.3, dtype=torch.float64), 2.0, "exp")
+    kwargs = dict(target=torch.tensor([0, 1, 2, 3]), additional_forward_args=args, n_steps=5)
+    ours = IntegratedGradients(counter).attribute(x, **kwargs)
+    assert counter.rows == [1] * (5 * BATCH)
+    assert_close(ours, captum_attr.IntegratedGradients(model).attribute(x, **kwargs))
+    two = seeded(TwoInputs())
     inputs = (data(BATCH, FEATURES), data(BATCH, 3, 2, seed=14))
-    ours = IntegratedGradients(counter).attribute(inputs, target=[0, 1, 2, 0], n_steps=5)
-    assert len(counter.rows) == 5
-    theirs = captum_attr.IntegratedGradients(model).attribute(
-        inputs, target=[0, 1, 2, 0], n_steps=5
-    )
+    ours = IntegratedGradients(two).attribute(inputs, target=[0, 1, 2, 0], n_steps=5)
+    theirs = captum_attr.IntegratedGradients(two).attribute(inputs, target=[0, 1, 2, 0], n_steps=5)
     assert_close(ours, theirs)
 
 

@@ -254,5 +254,12 @@ def test_every_registered_op_is_checked_here_or_in_test_ops() -> None:
         for name in torch._C._dispatch_get_all_op_names()
         if name.startswith("fastattr::")
     }
-    path_ops = {"interpolate_path", "quadrature_accumulate", "quadrature_finish"}
+    # opchecked in tests/test_ops.py and tests/test_kink_flips.py
+    path_ops = {
+        "interpolate_points",
+        "accumulate_points",
+        "point_slopes",
+        "quadrature_finish",
+        "kink_flips",
+    }
     assert registered == path_ops | set(OPCHECKED) | set(NODES)

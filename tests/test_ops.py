@@ -154,41 +154,59 @@ def assert_row_sums_close(actual: Tensor, expected: Tensor, terms: Tensor) -> No
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_interpolate_path_is_step_major(backend: str) -> None:
+def test_interpolate_points_puts_each_point_on_its_examples_path(backend: str) -> None:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64)
     baselines = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64)
-    alphas = torch.tensor([0.0, 0.25, 1.0, 1.5], dtype=torch.float64)
+    rows = torch.tensor([2, 0, 2, 1, 0])
+    alphas = torch.tensor([0.0, 0.25, 1.0, 1.5, 0.0], dtype=torch.float64)
     with use_backend(backend):
-        path = ops.interpolate_path(inputs, baselines, alphas)
-    assert path.shape == (12, 2, 5)
-    for k, alpha in enumerate(alphas.tolist()):
-        for b in range(3):
-            row = baselines[b] + alpha * (inputs[b] - baselines[b])
-            torch.testing.assert_close(path[k * 3 + b], row, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(path[:3], baselines, rtol=0, atol=0)
+        path = ops.interpolate_points(inputs, baselines, rows, alphas)
+    assert path.shape == (5, 2, 5)
+    for p, (b, alpha) in enumerate(zip(rows.tolist(), alphas.tolist())):
+        row = baselines[b] + alpha * (inputs[b] - baselines[b])
+        torch.testing.assert_close(path[p], row, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(path[[0, 4]], baselines[[2, 0]], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_quadrature_is_a_weighted_sum_over_steps(backend: str) -> None:
+def test_accumulate_points_is_a_weighted_sum_per_row(backend: str) -> None:
     generator = torch.Generator().manual_seed(1)
-    steps, batch = 5, 3
-    grads = torch.randn(steps * batch, 4, generator=generator, dtype=torch.float64)
-    weights = torch.rand(steps, generator=generator, dtype=torch.float64)
+    batch = 3
+    rows = torch.tensor([1, 0, 1, 2, 1, 0, 0])
+    grads = torch.randn(rows.numel(), 4, generator=generator, dtype=torch.float64)
+    weights = torch.rand(rows.numel(), generator=generator, dtype=torch.float64)
     inputs = torch.randn(batch, 4, generator=generator, dtype=torch.float64)
     baselines = torch.randn(4, generator=generator, dtype=torch.float64)
     start = torch.randn(batch, 4, generator=generator, dtype=torch.float64)
     accumulator = start.clone()
     with use_backend(backend):
-        ops.quadrature_accumulate(accumulator, grads, weights)
+        ops.accumulate_points(accumulator, grads, rows, weights)
         scaled, scaled_sums = ops.quadrature_finish(accumulator, inputs, baselines, True)
         plain, plain_sums = ops.quadrature_finish(accumulator, inputs, baselines, False)
-    integral = start + torch.einsum("k,kbd->bd", weights, grads.view(steps, batch, 4))
+    integral = start.clone()
+    for p, b in enumerate(rows.tolist()):
+        integral[b] += weights[p] * grads[p]
     torch.testing.assert_close(accumulator, integral, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(scaled, integral * (inputs - baselines), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(scaled_sums, scaled.sum(1), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(plain, accumulator, rtol=0, atol=0)
     torch.testing.assert_close(plain_sums, accumulator.sum(1), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_point_slopes_are_directional_derivatives(backend: str) -> None:
+    generator = torch.Generator().manual_seed(8)
+    inputs = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    baselines = torch.randn(1, 2, 4, generator=generator, dtype=torch.float64)
+    rows = torch.tensor([2, 0, 2, 1])
+    grads = torch.randn(4, 2, 4, generator=generator, dtype=torch.float64)
+    with use_backend(backend):
+        slopes = ops.point_slopes(grads, rows, inputs, baselines)
+    assert slopes.dtype == torch.float64 and slopes.shape == (4,)
+    for p, b in enumerate(rows.tolist()):
+        expected = (grads[p] * (inputs[b] - baselines[0])).sum()
+        torch.testing.assert_close(slopes[p], expected, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -239,68 +257,117 @@ def assert_kernel_identical(name: str, tensors: tuple[Tensor, ...], *scalars: ob
     return actual
 
 
+@st.composite
+def point_rows(draw: st.DrawFn, batch: int, max_points: int = 12) -> Tensor:
+    """(P,) int64 rows of a batch of `batch`, in any order and with repeats (none if empty)."""
+    if batch == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    count = draw(st.integers(0, max_points), label="points")
+    return torch.tensor(
+        draw(st.lists(st.integers(0, batch - 1), min_size=count, max_size=count)), dtype=torch.int64
+    )
+
+
 @on_each_device
-def test_interpolate_path_matches_twin(device: str, data: st.DataObject) -> None:
+def test_interpolate_points_matches_twin(device: str, data: st.DataObject) -> None:
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     shape = data.draw(batched_shapes(), label="shape")
     layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="layout")
-    steps = data.draw(st.integers(1, 4), label="steps")
+    rows = data.draw(point_rows(shape[0]), label="rows")
     generator = draw_generator(data)
     inputs = make_tensor(shape, dtype, layout, generator, device)
     baselines = draw_baselines(data, shape, dtype, generator, device)
     # Alphas outside [0, 1] too: the op does not assume a particular quadrature.
-    alphas = 2 * torch.rand(steps, generator=generator, dtype=torch.float64) - 0.5
+    alphas = 2 * torch.rand(rows.numel(), generator=generator, dtype=torch.float64) - 0.5
     alphas = draw_table(data, alphas, device)
-    assert_kernel_identical("interpolate_path", (inputs, baselines, alphas))
+    rows = draw_table(data, rows, device)
+    path = assert_kernel_identical("interpolate_points", (inputs, baselines, rows, alphas))
+    assert path.shape == (rows.numel(), *shape[1:])
 
 
 @on_each_device
-def test_quadrature_accumulate_matches_twin_streamed_in_chunks(
+def test_accumulate_points_matches_twin_streamed_in_chunks(
     device: str, data: st.DataObject
 ) -> None:
     grad_dtype = data.draw(st.sampled_from(DTYPES), label="grad dtype")
     accumulator_dtypes = (
-        [torch.float64]
-        if grad_dtype == torch.float64
-        else [
-            torch.float32,
-            torch.float64,
-        ]
+        [torch.float64] if grad_dtype == torch.float64 else [torch.float32, torch.float64]
     )
     accumulator_dtype = data.draw(st.sampled_from(accumulator_dtypes), label="acc dtype")
     shape = data.draw(batched_shapes(), label="shape")
     accumulator_layout = data.draw(st.sampled_from(dense_layouts_for(len(shape))))
     grad_layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="grad layout")
-    steps = data.draw(st.integers(1, 6), label="steps")
-    cuts = sorted(data.draw(st.sets(st.integers(1, steps - 1)), label="cuts")) if steps > 1 else []
+    rows = data.draw(point_rows(shape[0]), label="rows")
+    points = rows.numel()
+    cuts = (
+        sorted(data.draw(st.sets(st.integers(1, points - 1)), label="cuts")) if points > 1 else []
+    )
     generator = draw_generator(data)
-    batch = shape[0]
     start = make_tensor(shape, accumulator_dtype, accumulator_layout, generator, device)
-    grads = make_tensor((steps * batch, *shape[1:]), grad_dtype, grad_layout, generator, device)
-    weights = torch.rand(steps, generator=generator, dtype=torch.float64)
+    grads = make_tensor((points, *shape[1:]), grad_dtype, grad_layout, generator, device)
+    weights = torch.rand(points, generator=generator, dtype=torch.float64)
     weights = draw_table(data, weights, device)
+    rows = draw_table(data, rows, device)
 
     expected = start.clone()
-    reference.quadrature_accumulate(expected, grads, weights)
+    reference.accumulate_points(expected, grads, rows, weights)
 
     whole = start.clone()
-    torch.ops.fastattr.quadrature_accumulate(whole, grads, weights)
+    torch.ops.fastattr.accumulate_points(whole, grads, rows, weights)
     assert_identical(whole, expected)
     assert whole.stride() == start.stride()
 
-    # Each element accumulates its steps in order whatever the chunking, so streaming is exact.
+    # Each row adds its points in order whatever the chunking, so streaming is exact.
     streamed = start.clone()
-    bounds = [0, *cuts, steps]
-    for low, high in itertools.pairwise(bounds):
-        chunk = grads[low * batch : high * batch]
-        torch.ops.fastattr.quadrature_accumulate(streamed, chunk, weights[low:high])
+    for low, high in itertools.pairwise([0, *cuts, points]):
+        torch.ops.fastattr.accumulate_points(
+            streamed, grads[low:high], rows[low:high], weights[low:high]
+        )
     assert streamed.stride() == start.stride()
     assert_identical(streamed, expected)
 
     if device != "cpu":
         on_host = start.cpu()
-        torch.ops.fastattr.quadrature_accumulate(on_host, *on_cpu(grads, weights))
+        torch.ops.fastattr.accumulate_points(on_host, *on_cpu(grads, rows, weights))
         assert_identical(streamed.cpu(), on_host)
+
+
+@on_each_device
+def test_point_slopes_match_twin(device: str, data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = data.draw(batched_shapes(), label="shape")
+    rows = data.draw(point_rows(shape[0]), label="rows")
+    grad_layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="grad layout")
+    input_layout = data.draw(st.sampled_from(layouts_for(len(shape))), label="input layout")
+    generator = draw_generator(data)
+    inputs = make_tensor(shape, dtype, input_layout, generator, device)
+    baselines = draw_baselines(data, shape, dtype, generator, device)
+    grads = make_tensor((rows.numel(), *shape[1:]), dtype, grad_layout, generator, device)
+    rows = draw_table(data, rows, device)
+    expected = reference.point_slopes(grads, rows, inputs, baselines)
+    actual = torch.ops.fastattr.point_slopes(grads, rows, inputs, baselines)
+    index = rows.to(inputs.device)
+    terms = grads.double() * (inputs.double() - baselines.double()).index_select(0, index)
+    assert_row_sums_close(actual, expected, terms)
+    if device != "cpu":
+        on_host = torch.ops.fastattr.point_slopes(*on_cpu(grads, rows, inputs, baselines))
+        assert_row_sums_close(actual.cpu(), on_host, terms.cpu())
+
+
+def test_accumulate_points_over_a_wide_span_of_rows() -> None:
+    """Points scattered over many more rows than there are points (grouped by a sort rather
+    than a count over the span), and rows longer than a task's slice of columns."""
+    generator = torch.Generator().manual_seed(9)
+    for batch, row, points in ((10_000, 3, 7), (3, 40_000, 9)):
+        rows = torch.randint(0, batch, (points,), generator=generator)
+        rows[-1] = rows[0]  # a repeat, added in order
+        grads = torch.randn(points, row, generator=generator)
+        weights = torch.rand(points, generator=generator, dtype=torch.float64)
+        actual = torch.zeros(batch, row)
+        expected = actual.clone()
+        torch.ops.fastattr.accumulate_points(actual, grads, rows, weights)
+        reference.accumulate_points(expected, grads, rows, weights)
+        assert_identical(actual, expected)
 
 
 @on_each_device
@@ -394,20 +461,21 @@ def test_channels_last_operands_match_twin(
     generator = torch.Generator().manual_seed(7)
     inputs = make_tensor(shape, dtype, layout, generator)
     other = make_tensor(shape, dtype, "contiguous", generator)
-    alphas = torch.rand(3, generator=generator, dtype=torch.float64)
+    rows = torch.arange(shape[0]).repeat(3)
+    alphas = torch.rand(rows.numel(), generator=generator, dtype=torch.float64)
     for baselines in (other, other[:1], make_tensor(shape[1:], dtype, "contiguous", generator)):
         assert_identical(
-            torch.ops.fastattr.interpolate_path(inputs, baselines, alphas),
-            reference.interpolate_path(inputs, baselines, alphas),
+            torch.ops.fastattr.interpolate_points(inputs, baselines, rows, alphas),
+            reference.interpolate_points(inputs, baselines, rows, alphas),
         )
     accumulator_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     for accumulator_layout in (layout, "contiguous"):
         start = make_tensor(shape, accumulator_dtype, accumulator_layout, generator)
         for grads_layout in (layout, "contiguous"):
-            grads = make_tensor((3 * shape[0], *shape[1:]), dtype, grads_layout, generator)
+            grads = make_tensor((rows.numel(), *shape[1:]), dtype, grads_layout, generator)
             actual, expected = start.clone(), start.clone()
-            torch.ops.fastattr.quadrature_accumulate(actual, grads, alphas)
-            reference.quadrature_accumulate(expected, grads, alphas)
+            torch.ops.fastattr.accumulate_points(actual, grads, rows, alphas)
+            reference.accumulate_points(expected, grads, rows, alphas)
             assert_identical(actual, expected)
         for finish_inputs in (inputs, other):
             attributions, sums = torch.ops.fastattr.quadrature_finish(
@@ -433,21 +501,22 @@ def test_channels_last_operands_match_twin(
     [((0,), 3), ((0, 3), 1), ((2, 0), 3), ((3, 0, 2), 2), ((2, 3), 0), ((0, 2, 2, 2), 0)],
 )
 def test_empty_operands_match_twin(shape: tuple[int, ...], steps: int, dtype: torch.dtype) -> None:
-    """Empty batches, empty rows and zero steps give empty or zero results, no error."""
+    """Empty batches, empty rows and no points give empty or unchanged results, no error."""
     generator = torch.Generator().manual_seed(3)
     inputs = make_tensor(shape, dtype, "contiguous", generator)
     baselines = torch.zeros((), dtype=dtype)
-    alphas = torch.rand(steps, generator=generator, dtype=torch.float64)
+    rows = torch.arange(shape[0]).repeat(steps)
+    alphas = torch.rand(rows.numel(), generator=generator, dtype=torch.float64)
     assert_identical(
-        torch.ops.fastattr.interpolate_path(inputs, baselines, alphas),
-        reference.interpolate_path(inputs, baselines, alphas),
+        torch.ops.fastattr.interpolate_points(inputs, baselines, rows, alphas),
+        reference.interpolate_points(inputs, baselines, rows, alphas),
     )
     accumulator_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     start = make_tensor(shape, accumulator_dtype, "contiguous", generator)
-    grads = make_tensor((steps * shape[0], *shape[1:]), dtype, "contiguous", generator)
+    grads = make_tensor((rows.numel(), *shape[1:]), dtype, "contiguous", generator)
     actual, expected = start.clone(), start.clone()
-    torch.ops.fastattr.quadrature_accumulate(actual, grads, alphas)
-    reference.quadrature_accumulate(expected, grads, alphas)
+    torch.ops.fastattr.accumulate_points(actual, grads, rows, alphas)
+    reference.accumulate_points(expected, grads, rows, alphas)
     assert_identical(actual, expected)
     for multiply_by_inputs in (True, False):
         for got, want in zip(
@@ -478,20 +547,41 @@ def _opcheck_samples() -> list[tuple[str, tuple]]:
     def channels_last(tensor: Tensor) -> Tensor:
         return tensor.contiguous(memory_format=torch.channels_last)
 
-    alphas = torch.rand(3, generator=generator, dtype=torch.float64)
+    rows = torch.tensor([3, 0, 1, 3, 2])
+    alphas = torch.rand(5, generator=generator, dtype=torch.float64)
     image = channels_last(randn(2, 3, 4, 5))
     half_image = channels_last(randn(2, 3, 4, 5, dtype=torch.float16))
     volume = randn(2, 3, 2, 2, 2).contiguous(memory_format=torch.channels_last_3d)
     return [
-        ("interpolate_path", (randn(4, 6), randn(1, 6), alphas)),
-        ("interpolate_path", (image, randn(4, 5), alphas)),
-        ("interpolate_path", (volume.double(), torch.zeros((), dtype=torch.float64), alphas)),
-        ("interpolate_path", (randn(5, 3).t(), randn(5, 3).t(), alphas[:1])),
-        ("quadrature_accumulate", (randn(2, 6), randn(6, 6), alphas)),
-        ("quadrature_accumulate", (channels_last(randn(2, 3, 4, 5)), randn(6, 3, 4, 5), alphas)),
+        ("interpolate_points", (randn(4, 6), randn(1, 6), rows, alphas)),
+        ("interpolate_points", (image, randn(4, 5), rows[:3] % 2, alphas[:3])),
         (
-            "quadrature_accumulate",
-            (randn(2, 6, dtype=torch.float64), randn(6, 6).bfloat16(), alphas),
+            "interpolate_points",
+            (volume.double(), torch.zeros((), dtype=torch.float64), rows[:2] % 2, alphas[:2]),
+        ),
+        ("interpolate_points", (randn(5, 3).t(), randn(5, 3).t(), rows[1:2], alphas[:1])),
+        ("accumulate_points", (randn(4, 6), randn(5, 6), rows, alphas)),
+        (
+            "accumulate_points",
+            (channels_last(randn(2, 3, 4, 5)), randn(3, 3, 4, 5), rows[:3] % 2, alphas[:3]),
+        ),
+        (
+            "accumulate_points",
+            (randn(4, 6, dtype=torch.float64), randn(5, 6).bfloat16(), rows, alphas),
+        ),
+        ("point_slopes", (randn(5, 6), rows, randn(4, 6), randn(1, 6))),
+        (
+            "point_slopes",
+            (half_image[[0, 1, 1]], rows[:3] % 2, half_image, randn(5, dtype=torch.float16)),
+        ),
+        (
+            "point_slopes",
+            (
+                volume.double()[[1]],
+                rows[1:2],
+                volume.double(),
+                torch.zeros((), dtype=torch.float64),
+            ),
         ),
         ("quadrature_finish", (randn(2, 6), randn(2, 6), randn(6), True)),
         (
@@ -525,22 +615,28 @@ def test_opcheck(name: str, args: tuple) -> None:
 
 def test_compiles_with_fullgraph() -> None:
     def attribute(
-        accumulator: Tensor, inputs: Tensor, baselines: Tensor, alphas: Tensor, weights: Tensor
+        accumulator: Tensor,
+        inputs: Tensor,
+        baselines: Tensor,
+        rows: Tensor,
+        alphas: Tensor,
+        weights: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        path = torch.ops.fastattr.interpolate_path(inputs, baselines, alphas)
-        torch.ops.fastattr.quadrature_accumulate(accumulator, path, weights)
+        path = torch.ops.fastattr.interpolate_points(inputs, baselines, rows, alphas)
+        torch.ops.fastattr.accumulate_points(accumulator, path, rows, weights)
         return torch.ops.fastattr.quadrature_finish(accumulator, inputs, baselines, True)
 
     generator = torch.Generator().manual_seed(5)
     inputs = torch.randn(2, 3, generator=generator, dtype=torch.float64)
     baselines = torch.randn(3, generator=generator, dtype=torch.float64)
-    alphas = torch.rand(4, generator=generator, dtype=torch.float64)
-    weights = torch.rand(4, generator=generator, dtype=torch.float64)
+    rows = torch.tensor([0, 1, 1, 0, 1])
+    alphas = torch.rand(5, generator=generator, dtype=torch.float64)
+    weights = torch.rand(5, generator=generator, dtype=torch.float64)
     eager_accumulator = torch.zeros(2, 3, dtype=torch.float64)
     compiled_accumulator = eager_accumulator.clone()
-    expected = attribute(eager_accumulator, inputs, baselines, alphas, weights)
+    expected = attribute(eager_accumulator, inputs, baselines, rows, alphas, weights)
     compiled = torch.compile(attribute, fullgraph=True)
-    actual = compiled(compiled_accumulator, inputs, baselines, alphas, weights)
+    actual = compiled(compiled_accumulator, inputs, baselines, rows, alphas, weights)
     for got, want in zip(actual, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # The in-place accumulation reaches the caller's tensor under compile too.
@@ -559,50 +655,81 @@ def a(*values: float, device: str = "cpu") -> Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
+def r(*values: int, device: str = "cpu") -> Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
 F16, BF16, F64, I32, I64 = torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64
 NAN, INF, META = math.nan, math.inf, "meta"
 
 # op: [(exception, the argument its message names, the arguments)]
 BAD_CALLS = {
-    "interpolate_path": [  # (inputs, baselines, alphas)
-        (ValueError, "inputs", lambda: (t(), t(), a(0.5))),
-        (TypeError, "inputs", lambda: (t(2, dtype=I64), t(2, dtype=I64), a(0.5))),
-        (TypeError, "inputs", lambda: (t(2, dtype=torch.float8_e4m3fn), t(), a(0.5))),
-        (TypeError, "inputs", lambda: (t(2, dtype=torch.complex64), t(), a(0.5))),
-        (ValueError, "baselines", lambda: (t(2, 3), t(2, 4), a(0.5))),
-        (ValueError, "baselines", lambda: (t(2, 3), t(3, 1), a(0.5))),
-        (ValueError, "baselines", lambda: (t(2, 3), t(1, 2, 3), a(0.5))),
-        (TypeError, "baselines", lambda: (t(2, 3), t(2, 3, dtype=F64), a(0.5))),
-        (ValueError, "baselines", lambda: (t(2, 3), t(2, 3, device=META), a(0.5))),
-        (ValueError, "baselines", lambda: (t(2, 3, device=META), t(3), a(0.5))),
-        (TypeError, "alphas", lambda: (t(2, 3), t(3), a(0.5).float())),
-        (TypeError, "alphas", lambda: (t(2, 3), t(3), torch.tensor([0, 1]))),
-        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(0.5, 1.0).view(1, 2))),
-        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(0.5)[0])),
-        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(0.5, NAN))),
-        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(-INF))),
-        (ValueError, "alphas", lambda: (t(2, 3), t(3), a(0.5, device=META))),
+    "interpolate_points": [  # (inputs, baselines, rows, alphas)
+        (ValueError, "inputs", lambda: (t(), t(), r(0), a(0.5))),
+        (TypeError, "inputs", lambda: (t(2, dtype=I64), t(2, dtype=I64), r(0), a(0.5))),
+        (TypeError, "inputs", lambda: (t(2, dtype=torch.float8_e4m3fn), t(), r(0), a(0.5))),
+        (TypeError, "inputs", lambda: (t(2, dtype=torch.complex64), t(), r(0), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3), t(2, 4), r(0), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3), t(3, 1), r(0), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3), t(1, 2, 3), r(0), a(0.5))),
+        (TypeError, "baselines", lambda: (t(2, 3), t(2, 3, dtype=F64), r(0), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3), t(2, 3, device=META), r(0), a(0.5))),
+        (ValueError, "baselines", lambda: (t(2, 3, device=META), t(3), r(0), a(0.5))),
+        (IndexError, "rows", lambda: (t(2, 3), t(3), r(2), a(0.5))),
+        (IndexError, "rows", lambda: (t(2, 3), t(3), r(0, -1), a(0.5, 0.5))),
+        (IndexError, "rows", lambda: (t(0, 3), t(3), r(0), a(0.5))),
+        (TypeError, "rows", lambda: (t(2, 3), t(3), r(0).int(), a(0.5))),
+        (TypeError, "rows", lambda: (t(2, 3), t(3), a(0.0), a(0.5))),
+        (ValueError, "rows", lambda: (t(2, 3), t(3), r(0).view(1, 1), a(0.5))),
+        (ValueError, "rows", lambda: (t(2, 3), t(3), r(0, device=META), a(0.5))),
+        (TypeError, "alphas", lambda: (t(2, 3), t(3), r(0), a(0.5).float())),
+        (TypeError, "alphas", lambda: (t(2, 3), t(3), r(0, 1), torch.tensor([0, 1]))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), r(0, 1), a(0.5, 1.0).view(1, 2))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), r(0), a(0.5)[0])),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), r(0, 1), a(0.5, NAN))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), r(0), a(-INF))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), r(0), a(0.5, device=META))),
+        (ValueError, "alphas", lambda: (t(2, 3), t(3), r(0, 1), a(0.5))),
     ],
-    "quadrature_accumulate": [  # (accumulator, grads, weights)
-        (ValueError, "accumulator", lambda: (t(), t(2), a(0.5))),
-        (TypeError, "accumulator", lambda: (t(2, dtype=F16), t(2), a(0.5))),
-        (TypeError, "accumulator", lambda: (t(2, dtype=BF16), t(2), a(0.5))),
-        (TypeError, "accumulator", lambda: (t(2, dtype=I32), t(2), a(0.5))),
-        (TypeError, "accumulator", lambda: (t(2, 3), t(2, 3, dtype=F64), a(0.5))),
-        (ValueError, "accumulator", lambda: (t(3, 2).t(), t(2, 3), a(0.5))),
-        (ValueError, "accumulator", lambda: (t(2, 6)[:, ::2], t(2, 3), a(0.5))),
-        (TypeError, "grads", lambda: (t(2, 3), t(2, 3, dtype=I64), a(0.5))),
-        (ValueError, "grads", lambda: (t(2, 3), t(), a(0.5))),
-        (ValueError, "grads", lambda: (t(2, 3), t(4, 3), a(0.5))),
-        (ValueError, "grads", lambda: (t(2, 3), t(4, 4), a(0.5, 0.5))),
-        (ValueError, "grads", lambda: (t(2, 3), t(4, 3, 1), a(0.5, 0.5))),
-        (ValueError, "grads", lambda: (t(2, 3), t(2, 3, device=META), a(0.5))),
-        (ValueError, "grads", lambda: (t(2, 3, device=META), t(2, 3), a(0.5))),
-        (ValueError, "weights", lambda: (t(2, 3), t(2, 3), a(0.5).view(1, 1))),
-        (TypeError, "weights", lambda: (t(2, 3), t(2, 3), a(0.5).float())),
-        (ValueError, "weights", lambda: (t(2, 3), t(4, 3), a(0.5, INF))),
-        (ValueError, "weights", lambda: (t(2, 3), t(4, 3), a(NAN, 0.5))),
-        (ValueError, "weights", lambda: (t(2, 3), t(2, 3), a(0.5, device=META))),
+    "accumulate_points": [  # (accumulator, grads, rows, weights)
+        (ValueError, "accumulator", lambda: (t(), t(2), r(0), a(0.5))),
+        (TypeError, "accumulator", lambda: (t(2, dtype=F16), t(1), r(0), a(0.5))),
+        (TypeError, "accumulator", lambda: (t(2, dtype=BF16), t(1), r(0), a(0.5))),
+        (TypeError, "accumulator", lambda: (t(2, dtype=I32), t(1), r(0), a(0.5))),
+        (TypeError, "accumulator", lambda: (t(2, 3), t(1, 3, dtype=F64), r(0), a(0.5))),
+        (ValueError, "accumulator", lambda: (t(3, 2).t(), t(1, 3), r(0), a(0.5))),
+        (ValueError, "accumulator", lambda: (t(2, 6)[:, ::2], t(1, 3), r(0), a(0.5))),
+        (TypeError, "grads", lambda: (t(2, 3), t(1, 3, dtype=I64), r(0), a(0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(), r(0), a(0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(2, 3), r(0), a(0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(2, 4), r(0, 1), a(0.5, 0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(2, 3, 1), r(0, 1), a(0.5, 0.5))),
+        (ValueError, "grads", lambda: (t(2, 3), t(1, 3, device=META), r(0), a(0.5))),
+        (ValueError, "grads", lambda: (t(2, 3, device=META), t(1, 3), r(0), a(0.5))),
+        (IndexError, "rows", lambda: (t(2, 3), t(1, 3), r(2), a(0.5))),
+        (IndexError, "rows", lambda: (t(2, 3), t(2, 3), r(1, -2), a(0.5, 0.5))),
+        (TypeError, "rows", lambda: (t(2, 3), t(1, 3), r(0).int(), a(0.5))),
+        (ValueError, "rows", lambda: (t(2, 3), t(1, 3), r(0).view(1, 1), a(0.5))),
+        (ValueError, "rows", lambda: (t(2, 3), t(1, 3), r(0, device=META), a(0.5))),
+        (ValueError, "weights", lambda: (t(2, 3), t(1, 3), r(0), a(0.5).view(1, 1))),
+        (TypeError, "weights", lambda: (t(2, 3), t(1, 3), r(0), a(0.5).float())),
+        (ValueError, "weights", lambda: (t(2, 3), t(2, 3), r(0, 1), a(0.5, INF))),
+        (ValueError, "weights", lambda: (t(2, 3), t(2, 3), r(0, 1), a(NAN, 0.5))),
+        (ValueError, "weights", lambda: (t(2, 3), t(1, 3), r(0), a(0.5, device=META))),
+        (ValueError, "weights", lambda: (t(2, 3), t(2, 3), r(0, 1), a(0.5))),
+    ],
+    "point_slopes": [  # (grads, rows, inputs, baselines)
+        (ValueError, "grads", lambda: (t(), r(0), t(2, 3), t(3))),
+        (TypeError, "grads", lambda: (t(1, 3, dtype=I64), r(0), t(2, 3), t(3))),
+        (ValueError, "inputs", lambda: (t(1, 3), r(0), t(), t())),
+        (TypeError, "inputs", lambda: (t(1, 3), r(0), t(2, 3, dtype=F64), t(3, dtype=F64))),
+        (ValueError, "inputs", lambda: (t(1, 3), r(0), t(2, 3, device=META), t(3))),
+        (ValueError, "baselines", lambda: (t(1, 3), r(0), t(2, 3), t(4))),
+        (TypeError, "baselines", lambda: (t(1, 3), r(0), t(2, 3), t(3, dtype=F64))),
+        (IndexError, "rows", lambda: (t(1, 3), r(2), t(2, 3), t(3))),
+        (TypeError, "rows", lambda: (t(1, 3), a(0.0), t(2, 3), t(3))),
+        (ValueError, "grads", lambda: (t(2, 3), r(0), t(2, 3), t(3))),
+        (ValueError, "grads", lambda: (t(1, 4), r(0), t(2, 3), t(3))),
     ],
     "quadrature_finish": [  # (accumulator, inputs, baselines, multiply_by_inputs)
         (TypeError, "accumulator", lambda: (t(2, 3, dtype=F16), t(2, 3), t(3), True)),

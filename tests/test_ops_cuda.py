@@ -39,15 +39,20 @@ def test_large_operands_cross_every_block_and_grid_boundary(dtype: torch.dtype) 
         return values.to(device=DEVICE, dtype=kind)
 
     inputs, baselines = randn(batch, row), randn(1, row)
-    alphas = torch.rand(steps, generator=generator, dtype=torch.float64)
-    path = torch.ops.fastattr.interpolate_path(inputs, baselines, alphas)
-    assert_identical(path, reference.interpolate_path(inputs, baselines, alphas))
+    rows = torch.arange(batch).repeat(steps).flip(0)
+    alphas = torch.rand(steps * batch, generator=generator, dtype=torch.float64)
+    path = torch.ops.fastattr.interpolate_points(inputs, baselines, rows, alphas)
+    assert_identical(path, reference.interpolate_points(inputs, baselines, rows, alphas))
 
     accumulator, grads = randn(batch, row, kind=torch.float32), randn(steps * batch, row)
     expected = accumulator.clone()
-    reference.quadrature_accumulate(expected, grads, alphas)
-    torch.ops.fastattr.quadrature_accumulate(accumulator, grads, alphas)
+    reference.accumulate_points(expected, grads, rows, alphas)
+    torch.ops.fastattr.accumulate_points(accumulator, grads, rows, alphas)
     assert_identical(accumulator, expected)
+
+    slopes = torch.ops.fastattr.point_slopes(grads, rows, inputs, baselines)
+    terms = grads.double() * (inputs.double() - baselines.double()).index_select(0, rows.cuda())
+    assert_row_sums_close(slopes, reference.point_slopes(grads, rows, inputs, baselines), terms)
 
     attributions, sums = torch.ops.fastattr.quadrature_finish(accumulator, inputs, baselines, True)
     want, want_sums = reference.quadrature_finish(accumulator, inputs, baselines, True)
@@ -67,20 +72,21 @@ def test_large_operands_cross_every_block_and_grid_boundary(dtype: torch.dtype) 
 def test_kernels_run_on_the_current_stream() -> None:
     generator = torch.Generator().manual_seed(7)
     inputs = torch.randn(64, 4096, generator=generator).to(DEVICE)
-    alphas = torch.rand(8, generator=generator, dtype=torch.float64)
+    rows = torch.arange(64).repeat(8)
+    alphas = torch.rand(8 * 64, generator=generator, dtype=torch.float64)
     zero = torch.zeros((), device=DEVICE)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        path = torch.ops.fastattr.interpolate_path(inputs, zero, alphas)
+        path = torch.ops.fastattr.interpolate_points(inputs, zero, rows, alphas)
         accumulator = torch.zeros(64, 4096, device=DEVICE)
-        torch.ops.fastattr.quadrature_accumulate(accumulator, path, alphas)
+        torch.ops.fastattr.accumulate_points(accumulator, path, rows, alphas)
         attributions, _ = torch.ops.fastattr.quadrature_finish(accumulator, inputs, zero, True)
     side.synchronize()
-    expected_path = reference.interpolate_path(inputs, zero, alphas)
+    expected_path = reference.interpolate_points(inputs, zero, rows, alphas)
     assert_identical(path, expected_path)
     expected = torch.zeros(64, 4096, device=DEVICE)
-    reference.quadrature_accumulate(expected, expected_path, alphas)
+    reference.accumulate_points(expected, expected_path, rows, alphas)
     assert_identical(attributions, reference.quadrature_finish(expected, inputs, zero, True)[0])
 
 
@@ -92,12 +98,13 @@ def test_kernels_run_on_the_operands_device() -> None:
     generator = torch.Generator().manual_seed(8)
     inputs = torch.randn(3, 5, generator=generator).to(device)
     baselines = torch.randn(5, generator=generator).to(device)
+    rows = torch.tensor([2, 0, 1, 2])
     alphas = torch.rand(4, generator=generator, dtype=torch.float64)
     with torch.cuda.device(0):
-        path = torch.ops.fastattr.interpolate_path(inputs, baselines, alphas)
+        path = torch.ops.fastattr.interpolate_points(inputs, baselines, rows, alphas)
         relevance = torch.ops.fastattr.input_relevance(inputs, baselines.expand(3, 5))
     assert path.device == device and relevance.device == device
-    assert_identical(path, reference.interpolate_path(inputs, baselines, alphas))
+    assert_identical(path, reference.interpolate_points(inputs, baselines, rows, alphas))
 
 
 @pytest.mark.parametrize(("name", "args"), _opcheck_samples())
@@ -114,19 +121,47 @@ def _a(*values: float, device: str = "cpu") -> Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
+def _r(*values: int, device: str = "cpu") -> Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
 # op: [(the argument the error names, the arguments)], one operand on the other device.
 MIXED_DEVICES = {
-    "interpolate_path": [
-        ("baselines", lambda: (_t(2, 3), _t(3, device=OTHER), _a(0.5))),
-        ("baselines", lambda: (_t(2, 3, device=OTHER), _t(3), _a(0.5, device=OTHER))),
-        ("alphas", lambda: (_t(2, 3, device=OTHER), _t(3, device=OTHER), _a(0.5, device=DEVICE))),
+    "interpolate_points": [
+        ("baselines", lambda: (_t(2, 3), _t(3, device=OTHER), _r(0), _a(0.5))),
+        ("baselines", lambda: (_t(2, 3, device=OTHER), _t(3), _r(0), _a(0.5, device=OTHER))),
+        (
+            "rows",
+            lambda: (_t(2, 3, device=OTHER), _t(3, device=OTHER), _r(0, device=DEVICE), _a(0.5)),
+        ),
+        (
+            "alphas",
+            lambda: (_t(2, 3, device=OTHER), _t(3, device=OTHER), _r(0), _a(0.5, device=DEVICE)),
+        ),
     ],
-    "quadrature_accumulate": [
-        ("grads", lambda: (_t(2, 3), _t(2, 3, device=OTHER), _a(0.5))),
-        ("grads", lambda: (_t(2, 3, device=OTHER), _t(2, 3), _a(0.5))),
+    "accumulate_points": [
+        ("grads", lambda: (_t(2, 3), _t(1, 3, device=OTHER), _r(0), _a(0.5))),
+        ("grads", lambda: (_t(2, 3, device=OTHER), _t(1, 3), _r(0), _a(0.5))),
+        (
+            "rows",
+            lambda: (_t(2, 3, device=OTHER), _t(1, 3, device=OTHER), _r(0, device=DEVICE), _a(0.5)),
+        ),
         (
             "weights",
-            lambda: (_t(2, 3, device=OTHER), _t(2, 3, device=OTHER), _a(0.5, device=DEVICE)),
+            lambda: (_t(2, 3, device=OTHER), _t(1, 3, device=OTHER), _r(0), _a(0.5, device=DEVICE)),
+        ),
+    ],
+    "point_slopes": [
+        ("inputs", lambda: (_t(1, 3), _r(0), _t(2, 3, device=OTHER), _t(3))),
+        ("baselines", lambda: (_t(1, 3), _r(0), _t(2, 3), _t(3, device=OTHER))),
+        (
+            "rows",
+            lambda: (
+                _t(1, 3, device=OTHER),
+                _r(0, device=DEVICE),
+                _t(2, 3, device=OTHER),
+                _t(3, device=OTHER),
+            ),
         ),
     ],
     "quadrature_finish": [

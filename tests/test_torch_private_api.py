@@ -8,6 +8,8 @@ claims (`make test-oldest-torch`).
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -163,3 +165,48 @@ def test_a_buffer_put_back_in_buffers_is_the_modules_buffer_again():
     module._buffers["running_mean"] = original
     assert module.running_mean is original
     assert dict(module.named_buffers())["running_mean"] is original
+
+
+def test_a_dispatch_mode_sees_each_aten_op_once_with_its_overload_packet_and_views_bases():
+    # fastattr/_exact.py: a TorchDispatchMode (torch.utils._python_dispatch) sees every aten op
+    # that runs on tensors, below autograd, once: what its handler runs is not seen again.
+    # func.overloadpacket groups an op's overloads (its __name__ ends with "_" for in-place
+    # ops), func.__name__ ends with the overload's name, and a view made under the mode has
+    # the viewed tensor as its _base.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[object, str, str]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((func.overloadpacket, func.overloadpacket.__name__, func.__name__))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 3, 4, 4)
+    conv = nn.Conv2d(3, 3, 3)
+    with torch.no_grad(), Seen() as mode:
+        h = conv(x)
+        h.relu_()
+        view = h[:, :2]
+        h.max(1)
+    packets = [packet for packet, _, _ in mode.calls]
+    assert packets.count(torch.ops.aten.convolution) == 1
+    assert (torch.ops.aten.relu_, "relu_", "relu_.default") in mode.calls
+    assert (torch.ops.aten.max, "max", "max.dim") in mode.calls
+    assert view._base is h
+
+
+def test_grad_mode_is_set_by_a_builtin():
+    # fastattr/_model_state.py (kept_buffers) restores grad mode with torch._C._set_grad_enabled,
+    # a builtin (no Python frame an interrupt could stop), read back by torch.is_grad_enabled.
+    assert isinstance(torch._C._set_grad_enabled, types.BuiltinFunctionType)
+    assert isinstance(torch.is_grad_enabled, types.BuiltinFunctionType)
+    with torch.no_grad():
+        torch._C._set_grad_enabled(True)
+        assert torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    assert not torch.is_grad_enabled()
+    torch._C._set_grad_enabled(True)
+    assert torch.is_grad_enabled()

@@ -36,9 +36,10 @@ from fastattr.ops import reference
 torch.manual_seed(0)
 inputs = torch.randn(3, 5, 4)
 baselines = torch.randn(1, 5, 4)
+rows = torch.tensor([0, 2, 1, 1, 0, 2])
 alphas = torch.linspace(0, 1, 6, dtype=torch.float64)
 weights = torch.rand(6, dtype=torch.float64)
-grads = torch.randn(6 * 3, 5, 4)
+grads = torch.randn(6, 5, 4)
 accumulator = torch.randn(3, 5, 4)
 z = torch.randn(3, 7)
 z[0, :3] = 0.0  # the epsilon rule's sign(0) = +1 branch
@@ -47,7 +48,7 @@ relevance = torch.randn(3, 7)
 
 def accumulate(op):
     out = accumulator.clone()
-    op(out, grads, weights)
+    op(out, grads, rows, weights)
     return out
 
 
@@ -57,12 +58,15 @@ def backward_of(node):
 
 
 CALLS = {
-    "interpolate_path": lambda op: op(inputs, baselines, alphas),
-    "quadrature_accumulate": accumulate,
+    "interpolate_points": lambda op: op(inputs, baselines, rows, alphas),
+    "accumulate_points": accumulate,
+    "point_slopes": lambda op: op(grads, rows, inputs, baselines),
     "quadrature_finish": lambda op: op(accumulator, inputs, baselines, True),
     "epsilon_ratio": lambda op: op(relevance, z, 0.01),
     "input_relevance": lambda op: op(relevance, z),
     "epsilon_ratio_of_product": lambda op: op(relevance, relevance, z, 0.01),
+    "kink_flips": lambda op: op(z, relevance[:, 0].abs() * 0.1, torch.tensor([0, 1, 2]),
+                                torch.tensor([2, 0, 1])).double(),
     # LRP's autograd nodes: what their backward sends back.
     "lrp_product_node": lambda op: backward_of(op),
     "lrp_product_ratio_node": lambda op: backward_of(lambda t: op(t, relevance, 0.01)),

@@ -1,4 +1,4 @@
-// quadrature_accumulate and quadrature_finish on the CPU.
+// quadrature_finish on the CPU.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -9,37 +9,6 @@
 
 namespace fastattr::cpu {
 namespace {
-
-template <typename grad_t, typename acc_t>
-void accumulate(acc_t* acc, const grad_t* grads, const double* weights, int64_t steps,
-                int64_t block) {
-  // Each task owns a slice of the accumulator and streams every step through it.
-  at::parallel_for(0, block, int64_t{1} << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t k = 0; k < steps; ++k) {
-      const acc_t w = static_cast<acc_t>(weights[k]);
-      const grad_t* g = grads + k * block;
-      for (int64_t j = begin; j < end; ++j) acc[j] += w * static_cast<acc_t>(g[j]);
-    }
-  });
-}
-
-void quadrature_accumulate(const at::Tensor& accumulator, const at::Tensor& grads,
-                           const at::Tensor& weights) {
-  AccumulateOperands op = prepare_accumulate(accumulator, grads, weights);
-  const int64_t steps = op.weights.numel();
-  if (op.block == 0 || steps == 0) return;
-  const bool double_acc = accumulator.scalar_type() == at::kDouble;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grads.scalar_type(), "quadrature_accumulate_cpu", [&] {
-        const scalar_t* g = op.grads.const_data_ptr<scalar_t>();
-        const double* w = op.weights.const_data_ptr<double>();
-        if (double_acc) {
-          accumulate(accumulator.mutable_data_ptr<double>(), g, w, steps, op.block);
-        } else {
-          accumulate(accumulator.mutable_data_ptr<float>(), g, w, steps, op.block);
-        }
-      });
-}
 
 template <typename input_t, typename acc_t>
 void finish(const FinishOperands& op, bool multiply_by_inputs) {
@@ -75,9 +44,6 @@ std::tuple<at::Tensor, at::Tensor> quadrature_finish(const at::Tensor& accumulat
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastattr, CPU, m) {
-  m.impl("quadrature_accumulate", &quadrature_accumulate);
-  m.impl("quadrature_finish", &quadrature_finish);
-}
+TORCH_LIBRARY_IMPL(fastattr, CPU, m) { m.impl("quadrature_finish", &quadrature_finish); }
 
 }  // namespace fastattr::cpu

@@ -8,28 +8,20 @@ import functools
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastattr import _captum
 from fastattr._formatting import (
     BaselineType,
-    ColumnIndices,
-    RowsCoupled,
     TargetType,
     TensorOrTuple,
-    as_int,
     as_tensor_tuple,
     check_target,
     format_additional_args,
     format_baselines,
-    path_output,
-    row_sums,
-    run_forward,
 )
-from fastattr._model_state import uses_batch_statistics
-from fastattr._path_integral import Evaluate, PathIntegral, integrate_path, steps_per_chunk_for
+from fastattr._path_integral import convergence_deltas, outputs_per_example
 
 
 def _entry_point(attribute: Callable[..., Any]) -> Callable[..., Any]:
@@ -147,70 +139,6 @@ class LayerAttribution(Attribution):
         return F.interpolate(layer_attribution, interpolate_dims, mode=interpolate_mode)
 
 
-def forward_row_sums(
-    forward_func: Callable[..., Any],
-    inputs: tuple[Tensor, ...],
-    target: TargetType | ColumnIndices,
-    args: tuple[Any, ...] | None,
-) -> Tensor:
-    """The selected output summed over all but its first dimension, without a graph (captum's
-    delta convention)."""
-    with torch.no_grad():
-        return row_sums(run_forward(forward_func, inputs, target, args))
-
-
-def convergence_delta(attribution_sums: Tensor, end_out: Tensor, start_out: Tensor) -> Tensor:
-    """Captum's delta: the attributions' sum per example minus the output's change, whose rows
-    (one per example, or one for all, as captum broadcasts them) come from the forward."""
-    change = end_out - start_out
-    if change.shape[0] not in (1, attribution_sums.shape[0]):
-        raise ValueError(
-            f"the convergence delta needs one output row per example ({attribution_sums.shape[0]})"
-            f" or one in all, got {change.shape[0]} rows from forward_func"
-        )
-    return attribution_sums - change
-
-
-def integrate_as_captum(
-    ends: tuple[Tensor, ...],
-    starts: tuple[Tensor, ...],
-    evaluate: Evaluate,
-    *,
-    batch: int,
-    forward_func: Callable[..., Any],
-    n_steps: int,
-    internal_batch_size: int | None,
-    what: str = "forward_func",
-    **options: Any,
-) -> PathIntegral:
-    """:func:`integrate_path` over the model's selected output, chunked as captum chunks the
-    path wherever the result depends on the chunking.
-
-    Rows of the path are independent for most models, and then any chunking gives captum's
-    numbers. They are not when the model normalizes with batch statistics, or when the selected
-    output is not one value per row (captum differentiates the sum of what the forward
-    returns, e.g. ``model(x)[0].unsqueeze(0)`` or a neuron selector that sums over the batch).
-    Then each forward gets the rows captum's forward gets: all steps at once, or
-    ``internal_batch_size // batch`` steps at a time when it is given (captum's chunks).
-    """
-    chosen = steps_per_chunk_for(internal_batch_size, batch)
-
-    def rows_of(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-        whole = chosen is not None or steps == n_steps
-        return path_output(evaluate(paths, steps), steps * batch, whole, what)
-
-    if chosen is None and uses_batch_statistics(forward_func):
-        chosen = as_int(n_steps, "n_steps")
-    run = functools.partial(
-        integrate_path, ends, starts, rows_of, n_steps=n_steps, model=forward_func, **options
-    )
-    try:
-        return run(steps_per_chunk=chosen)
-    except RowsCoupled:
-        # Found at the first chunk: the whole path again, in one chunk as captum runs it.
-        return run(steps_per_chunk=as_int(n_steps, "n_steps"))
-
-
 class PathAttribution(Attribution):
     """Base of the integrated-gradients methods."""
 
@@ -267,7 +195,8 @@ class PathAttribution(Attribution):
             )
         target = check_target(target, batch)
         args = format_additional_args(additional_forward_args)
-        start_out = forward_row_sums(self.forward_func, starts, target, args)
-        end_out = forward_row_sums(self.forward_func, ends, target, args)
+        start_outs = outputs_per_example(self.forward_func, starts, [target], args)
+        end_outs = outputs_per_example(self.forward_func, ends, [target], args)
         attribution_sum = sum(a.reshape(batch, -1).sum(1) for a in attribution_tuple)
-        return convergence_delta(attribution_sum, end_out, start_out)
+        (delta,) = convergence_deltas([attribution_sum], end_outs, start_outs)
+        return delta

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from fastattr._formatting import (
     BaselineType,
-    ColumnIndices,
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
@@ -17,38 +17,44 @@ from fastattr._formatting import (
     format_additional_args,
     format_baselines,
     format_output,
-    repeat_additional_args,
-    repeat_target,
-    run_forward,
+    path_output,
+    select_targets,
 )
 from fastattr._model_state import kept_buffers
-from fastattr._path_integral import PathIntegral
-from fastattr._quadrature import check_steps
-from fastattr.attr._base import (
-    PathAttribution,
-    convergence_delta,
-    forward_row_sums,
-    integrate_as_captum,
+from fastattr._path_integral import (
+    PathIntegral,
+    PathOptions,
+    PointRows,
+    args_for_points,
+    check_target_sequence,
+    convergence_deltas,
+    integrate,
+    needs_whole_steps,
+    outputs_per_example,
+    steps_per_chunk_for,
+    targets_for_points,
+    with_extras,
 )
+from fastattr.attr._base import PathAttribution
 
 
-def path_delta(
+def path_deltas(
     result: PathIntegral,
     forward_func: Any,
     ends: tuple[Tensor, ...],
     starts: tuple[Tensor, ...],
-    target: TargetType | ColumnIndices,
+    targets: list[Any],
     args: tuple[Any, ...] | None,
-) -> Tensor:
-    """Captum's delta, reusing the path's own outputs at its ends where the quadrature
-    evaluated the model there."""
-    start_out, end_out = result.start_output, result.end_output
-    if start_out is None:
+) -> list[Tensor]:
+    """Captum's delta per target, reusing the path's own outputs at its ends where the
+    quadrature evaluated the model there for every example."""
+    start_outs, end_outs = result.start_outputs, result.end_outputs
+    if start_outs is None:
         starts = tuple(start.expand_as(end).contiguous() for start, end in zip(starts, ends))
-        start_out = forward_row_sums(forward_func, starts, target, args)
-    if end_out is None:
-        end_out = forward_row_sums(forward_func, ends, target, args)
-    return convergence_delta(result.row_sums, end_out, start_out)
+        start_outs = outputs_per_example(forward_func, starts, targets, args)
+    if end_outs is None:
+        end_outs = outputs_per_example(forward_func, ends, targets, args)
+    return convergence_deltas(result.row_sums, end_outs, start_outs)
 
 
 class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
@@ -58,16 +64,28 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
     the straight line from a baseline to the input, approximated by a quadrature rule and, by
     default, multiplied by ``inputs - baselines``.
 
-    Unlike captum, the steps are streamed: the path is built and the gradients are reduced
+    Unlike captum, the path is streamed: its points are built and their gradients reduced
     chunk by chunk by fastattr's kernels, with one backward pass per chunk, so memory is
-    bounded by a chunk rather than by ``n_steps``. Results equal captum's up to float64
-    rounding (captum's quadrature tables are used bit for bit).
+    bounded by a chunk rather than by ``n_steps`` or the batch. Results equal captum's up to
+    float64 rounding (captum's quadrature tables are used bit for bit).
 
     Args:
         forward_func: the model or any callable returning its output for the inputs
             (followed by ``additional_forward_args``).
         multiply_by_inputs: multiply the integrated gradients by ``inputs - baselines``
             (global attributions) or not (local attributions). Default: True.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import IntegratedGradients
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+        >>> inputs = torch.randn(2, 4)
+        >>> attributions, delta = IntegratedGradients(model).attribute(
+        ...     inputs, target=1, return_convergence_delta=True
+        ... )
+        >>> attributions.shape, delta.shape
+        (torch.Size([2, 4]), torch.Size([2]))
     """
 
     def attribute(
@@ -76,11 +94,14 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
-    ) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> Any:
         """Attribute the selected output of ``forward_func`` to ``inputs``.
 
         Args:
@@ -99,18 +120,149 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 Tensors with at least one dimension are repeated along dimension 0 once per
                 step of the path, whatever their first dimension, as captum repeats them;
                 anything else is passed as it is.
-            n_steps: the number of quadrature nodes. Default: 50.
+            n_steps: the number of quadrature nodes (default: 50), or ``"auto"``: each
+                example gets the points its path needs to reach ``tolerance`` (see
+                ``docs/methods/integrated-gradients.md``). Not in captum. Not used by
+                ``method="exact"``.
             method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,
-                ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+                ``"riemann_middle"`` or ``"riemann_trapezoid"``. With ``n_steps="auto"``,
+                ``"gausslegendre"`` (nested Clenshaw-Curtis levels, then bisection where the
+                path has kinks) or ``"riemann_trapezoid"`` (bisection). Or ``"exact"`` for a
+                piecewise-linear model (ReLU, max pooling, ...): the path is split where the
+                model's kinks are crossed and the integral is a finite sum, complete to float
+                rounding (see ``docs/methods/exact.md``). Not in captum.
             internal_batch_size: at most how many path points (steps times examples) to run
                 at once, as in captum; None (default) sizes the chunks from free memory.
             return_convergence_delta: also return captum's convergence delta per example.
+            return_n_steps: also return how many path points (gradient evaluations) each
+                example took, a (B,) int64 tensor: ``n_steps`` for a fixed rule, the points
+                ``"auto"`` chose, the affine pieces of the path for ``"exact"``. Not in
+                captum.
+            tolerance: with ``n_steps="auto"``, the completeness error each example must reach:
+                ``|sum(attributions) - (f(inputs) - f(baselines))|`` at most ``tolerance *
+                max(|f(inputs) - f(baselines)|, 1)``. Default: 1e-3.
+            max_steps: with ``n_steps="auto"``, at most this many points per example.
+                Default: 128.
 
         Returns:
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
-            tuple), in float32 for float16/bfloat16 inputs as in captum; with
-            ``return_convergence_delta``, the pair ``(attributions, delta)``.
+            tuple), in float32 for float16/bfloat16 inputs as in captum; followed, when asked,
+            by the delta and then the steps: ``(attributions, delta)``, ``(attributions,
+            steps)`` or ``(attributions, delta, steps)``.
+
+        Raises:
+            ValueError: an argument is out of range (each error names it), e.g. ``tolerance``
+                or ``max_steps`` without ``n_steps="auto"``, or ``"auto"`` with a method whose
+                nodes do not nest; with ``method="exact"``, the model applies an operation
+                that is not piecewise linear to values that depend on the input (the message
+                names the module and the source line), or runs batch norm or dropout in
+                training mode.
+            TypeError: an argument has the wrong type.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import IntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+            >>> inputs = torch.randn(2, 4)
+            >>> attributions, delta, steps = IntegratedGradients(model).attribute(
+            ...     inputs, target=1, n_steps="auto", tolerance=1e-4,
+            ...     return_convergence_delta=True, return_n_steps=True,
+            ... )
+            >>> bool((delta.abs() <= 1e-4 * (1 + delta.abs().max())).all()), steps.shape
+            (True, torch.Size([2]))
+            >>> attributions, delta, pieces = IntegratedGradients(model).attribute(
+            ...     inputs, target=1, method="exact", return_convergence_delta=True,
+            ...     return_n_steps=True,
+            ... )
+            >>> bool(delta.abs().max() < 1e-5), pieces.shape
+            (True, torch.Size([2]))
         """
+        (result,) = self._attribute_targets(
+            inputs,
+            baselines,
+            lambda batch: [check_target(target, batch)],
+            additional_forward_args,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
+            return_convergence_delta,
+            return_n_steps,
+        )
+        return result
+
+    def attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        baselines: BaselineType = None,
+        additional_forward_args: Any = None,
+        n_steps: int | str = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> list[Any]:
+        """Attribute several targets at once, each as
+        [attribute][fastattr.IntegratedGradients.attribute] would.
+
+        One forward pass per chunk of the path serves all targets, then one backward pass
+        per target.
+
+        Args:
+            inputs: as in ``attribute``.
+            targets: K targets, a list or a tuple (or a tensor: one target per entry of its
+                first dimension), each in any form ``attribute``'s ``target`` takes.
+            baselines: as in ``attribute``.
+            additional_forward_args: as in ``attribute``.
+            n_steps: as in ``attribute``. With ``"auto"`` each target's paths get their
+                own points, so the targets no longer share forward passes.
+            method: as in ``attribute``.
+            internal_batch_size: as in ``attribute``: path points per chunk (for all
+                targets together).
+            return_convergence_delta: as in ``attribute``.
+            return_n_steps: as in ``attribute``.
+            tolerance: as in ``attribute``.
+            max_steps: as in ``attribute``.
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, target=targets[k], ...)`` with the same other arguments.
+
+        Raises:
+            ValueError: ``targets`` is empty, or mixes None with indexing targets.
+            TypeError: ``targets`` is not a sequence.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import IntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+            >>> inputs = torch.randn(2, 4)
+            >>> per_class = IntegratedGradients(model).attribute_targets(inputs, [0, 1, 2])
+            >>> len(per_class), per_class[0].shape
+            (3, torch.Size([2, 4]))
+        """
+        return self._attribute_targets(
+            inputs,
+            baselines,
+            lambda batch: check_target_sequence(targets, batch, check_target),
+            additional_forward_args,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
+            return_convergence_delta,
+            return_n_steps,
+        )
+
+    def _attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        baselines: BaselineType,
+        checked_targets: Callable[[int], list[Any]],
+        additional_forward_args: Any,
+        options: PathOptions,
+        return_convergence_delta: bool,
+        return_n_steps: bool,
+    ) -> list[Any]:
         is_tuple = isinstance(inputs, tuple)
         ends = as_tensor_tuple(inputs)
         check_floating(
@@ -120,34 +272,41 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             "LayerIntegratedGradients",
         )
         starts = format_baselines(baselines, ends)
-        check_steps(method, n_steps)
+        adaptive = options.check()
         batch = ends[0].shape[0]
-        target = check_target(target, batch)
+        targets = checked_targets(batch)
         args = format_additional_args(additional_forward_args)
 
-        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-            return run_forward(
-                self.forward_func,
-                paths,
-                repeat_target(target, steps),
-                repeat_additional_args(args, steps),
-            )
+        def evaluate(paths: tuple[Tensor, ...], rows: PointRows) -> list[Tensor]:
+            output = self.forward_func(*paths, *args_for_points(args, rows))
+            return [
+                path_output(
+                    select_targets(output, targets_for_points(t, rows)), len(rows), rows.as_captum
+                )
+                for t in targets
+            ]
 
         with kept_buffers(self.forward_func):
-            result = integrate_as_captum(
+            result, steps = integrate(
                 ends,
                 starts,
                 evaluate,
                 batch=batch,
-                forward_func=self.forward_func,
-                n_steps=n_steps,
-                internal_batch_size=internal_batch_size,
-                method=method,
+                method=options.method,
+                n_steps=options.n_steps,
+                adaptive=adaptive,
+                targets=len(targets),
+                steps_per_chunk=steps_per_chunk_for(options.internal_batch_size, batch),
                 multiply_by_inputs=self.multiplies_by_inputs,
+                model=self.forward_func,
+                whole_steps=needs_whole_steps(args, batch),
                 step_costs=self._step_costs,
             )
-            attributions = format_output(is_tuple, result.attributions)
-            if not return_convergence_delta:
-                return attributions
-            delta = path_delta(result, self.forward_func, ends, starts, target, args)
-        return attributions, delta
+            deltas: list[Any] = [None] * len(targets)
+            if return_convergence_delta:
+                deltas = path_deltas(result, self.forward_func, ends, starts, targets, args)
+        attributions = [format_output(is_tuple, a) for a in result.attributions]
+        return [
+            with_extras(a, delta, s if return_n_steps else None)
+            for a, delta, s in zip(attributions, deltas, steps)
+        ]

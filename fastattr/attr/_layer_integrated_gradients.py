@@ -4,7 +4,7 @@ through the compiled ops."""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any, Union
 
 import torch
@@ -12,7 +12,6 @@ from torch import Tensor
 
 from fastattr._formatting import (
     BaselineType,
-    ColumnIndices,
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
@@ -21,20 +20,25 @@ from fastattr._formatting import (
     format_additional_args,
     format_baselines,
     format_output,
-    repeat_additional_args,
-    repeat_target,
-    run_forward,
+    path_output,
+    select_targets,
 )
 from fastattr._model_state import kept_buffers
-from fastattr._path_integral import PathIntegral
-from fastattr._quadrature import check_steps
-from fastattr.attr._base import (
-    LayerAttribution,
-    PathAttribution,
-    convergence_delta,
-    forward_row_sums,
-    integrate_as_captum,
+from fastattr._path_integral import (
+    EXACT,
+    PathOptions,
+    PointRows,
+    args_for_points,
+    check_target_sequence,
+    convergence_deltas,
+    integrate,
+    needs_whole_steps,
+    outputs_per_example,
+    steps_per_chunk_for,
+    targets_for_points,
+    with_extras,
 )
+from fastattr.attr._base import LayerAttribution, PathAttribution
 from fastattr.attr._layers import (
     LayerCalledAgain,
     LayerValues,
@@ -117,13 +121,16 @@ class LayerIntegratedGradients(
         baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         grad_kwargs: dict[str, Any] | None = None,
-    ) -> LayerAttributions | tuple[LayerAttributions, Tensor]:
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> Any:
         """Attribute the selected output of ``forward_func`` to the layer's values.
 
         Args:
@@ -134,118 +141,244 @@ class LayerIntegratedGradients(
             target: which output to attribute, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``, as in
                 ``IntegratedGradients.attribute``.
-            n_steps: the number of quadrature nodes. Default: 50.
-            method: the quadrature rule, as in ``IntegratedGradients.attribute``.
+            n_steps: the number of quadrature nodes (default: 50), or ``"auto"``, as in
+                ``IntegratedGradients.attribute``: the completeness it reaches is that of the
+                path through the layer (the model's output with the layer's values on the
+                path, the inputs elsewhere).
+            method: the quadrature rule, as in ``IntegratedGradients.attribute``; ``"exact"``
+                where the model after the layer is piecewise linear.
             internal_batch_size: at most how many path points to run at once (captum's
                 meaning); None sizes the chunks from free memory.
             return_convergence_delta: also return captum's convergence delta per example
                 (the sum of all layers' attributions against the model's output change).
             attribute_to_layer_input: attribute the layer's input instead of its output.
             grad_kwargs: extra keyword arguments of ``torch.autograd.grad``.
+            return_n_steps: also return the gradient evaluations each example's path took
+                (``n_steps``, the points ``"auto"`` chose or the pieces ``"exact"`` found), as
+                in ``IntegratedGradients.attribute``. Not in captum.
+            tolerance: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
+            max_steps: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
 
         Returns:
             For one layer, a tensor shaped as its output (or input), or a tuple when it has
-            several; for a list of layers, a list of those. With
-            ``return_convergence_delta``, the pair ``(attributions, delta)``.
+            several; for a list of layers, a list of those; followed, when asked, by the delta
+            and then the steps.
         """
+        (result,) = self._attribute_targets(
+            inputs,
+            baselines,
+            lambda batch: [check_target(target, batch)],
+            additional_forward_args,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
+            return_convergence_delta,
+            return_n_steps,
+            attribute_to_layer_input,
+            grad_kwargs,
+        )
+        return result
+
+    def attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        baselines: BaselineType = None,
+        additional_forward_args: Any = None,
+        n_steps: int | str = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> list[Any]:
+        """Attribute several targets at once, each as
+        [attribute][fastattr.LayerIntegratedGradients.attribute] would.
+
+        One forward pass per chunk of the path serves all targets, then one backward pass
+        per target.
+
+        Args:
+            inputs: as in ``attribute``.
+            targets: K targets, a list or a tuple (or a tensor: one target per entry of its
+                first dimension), each in any form ``attribute``'s ``target`` takes.
+            baselines: as in ``attribute``.
+            additional_forward_args: as in ``attribute``.
+            n_steps: as in ``attribute``.
+            method: as in ``attribute``.
+            internal_batch_size: as in ``attribute`` (for all targets together).
+            return_convergence_delta: as in ``attribute``.
+            attribute_to_layer_input: as in ``attribute``.
+            grad_kwargs: as in ``attribute``.
+            return_n_steps: as in ``attribute``.
+            tolerance: as in ``attribute``.
+            max_steps: as in ``attribute``.
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, target=targets[k], ...)`` with the same other arguments.
+
+        Raises:
+            ValueError: ``targets`` is empty, or mixes None with indexing targets.
+            TypeError: ``targets`` is not a sequence.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import LayerIntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+            >>> lig = LayerIntegratedGradients(model, model[1])
+            >>> per_class = lig.attribute_targets(torch.randn(2, 4), [0, 2])
+            >>> len(per_class), per_class[1].shape
+            (2, torch.Size([2, 8]))
+        """
+        return self._attribute_targets(
+            inputs,
+            baselines,
+            lambda batch: check_target_sequence(targets, batch, check_target),
+            additional_forward_args,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
+            return_convergence_delta,
+            return_n_steps,
+            attribute_to_layer_input,
+            grad_kwargs,
+        )
+
+    def _attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        baselines: BaselineType,
+        checked_targets: Callable[[int], list[Any]],
+        additional_forward_args: Any,
+        options: PathOptions,
+        return_convergence_delta: bool,
+        return_n_steps: bool,
+        attribute_to_layer_input: bool,
+        grad_kwargs: dict[str, Any] | None,
+    ) -> list[Any]:
         layers = as_layer_list(self.layer)
         check_layers_in_model(self.forward_func, layers, "layer")
         model_inputs = as_tensor_tuple(inputs)
         baseline_tuple = format_baselines(baselines, model_inputs)
         starts = tuple(b.expand_as(x).contiguous() for b, x in zip(baseline_tuple, model_inputs))
-        check_steps(method, n_steps)
+        adaptive = options.check()
         batch = model_inputs[0].shape[0]
-        target = check_target(target, batch)
+        targets = checked_targets(batch)
         args = format_additional_args(additional_forward_args)
-        integrate = functools.partial(
-            self._integrate,
-            model_inputs,
-            starts,
-            target,
-            args,
-            n_steps,
-            method,
-            internal_batch_size,
-            attribute_to_layer_input,
-            grad_kwargs,
-            return_convergence_delta,
-        )
         with kept_buffers(self.forward_func):
-            # A layer that runs more than once is replaced at every call, so only its last
-            # call reaches the output: its path must run between its last call's values
-            # (captum's convention). The first chunk tells; then the values come from a full
-            # pass.
-            try:
-                result, counts = integrate(last=False)
-            except LayerCalledAgain:
-                result, counts = integrate(last=True)
-            per_layer = [
-                format_output(len(group) > 1, group)
-                for group in _group(result.attributions, counts)
-            ]
-            attributions = per_layer if isinstance(self.layer, list) else per_layer[0]
-            if not return_convergence_delta:
-                return attributions
-            # The path's own outputs can't stand in for the model's at the inputs and
-            # baselines: branches that bypass the layer saw the inputs all along the path.
-            start_out = forward_row_sums(self.forward_func, starts, target, args)
-            end_out = forward_row_sums(self.forward_func, model_inputs, target, args)
-        return attributions, convergence_delta(result.row_sums, end_out, start_out)
+            return self._integrate(
+                model_inputs,
+                starts,
+                targets,
+                args,
+                options,
+                adaptive,
+                return_convergence_delta,
+                return_n_steps,
+                attribute_to_layer_input,
+                grad_kwargs,
+            )
 
     def _integrate(
         self,
         model_inputs: tuple[Tensor, ...],
         starts: tuple[Tensor, ...],
-        target: TargetType | ColumnIndices,
+        targets: list[Any],
         args: tuple[Any, ...] | None,
-        n_steps: int,
-        method: str,
-        internal_batch_size: int | None,
-        on_input: bool,
+        options: PathOptions,
+        adaptive: tuple[float, int] | None,
+        return_convergence_delta: bool,
+        return_n_steps: bool,
+        attribute_to_layer_input: bool,
         grad_kwargs: dict[str, Any] | None,
-        with_delta: bool,
-        last: bool,
-    ) -> tuple[PathIntegral, list[int]]:
-        """The path between the layers' values (with ``last``, those of each layer's last
-        call); and how many tensors each layer gives."""
+    ) -> list[Any]:
         layers = as_layer_list(self.layer)
         batch = model_inputs[0].shape[0]
-        at_inputs, at_starts = self._layer_values(model_inputs, starts, args, on_input, last)
-        counts = [len(values) for values in at_inputs]
-        ends = tuple(v for values in at_inputs for v in values)
-        path_starts = tuple(v for values in at_starts for v in values)
-        check_floating(ends, "the values of layer", "; choose a layer with floating point values")
-        if with_delta and any(v.shape[0] != batch for v in ends):
-            raise ValueError(
-                "return_convergence_delta needs the values of layer to hold the examples "
-                f"along dimension 0 ({batch}), got shapes {[list(v.shape) for v in ends]}"
+        steps_per_chunk = steps_per_chunk_for(options.internal_batch_size, batch)
+
+        # A layer that runs more than once is replaced at every call, so only its last call
+        # reaches the output: its path must run between its last call's values (captum's
+        # convention). The first chunk tells; then the values come from a full pass.
+        for last in (False, True):
+            at_inputs, at_starts = self._layer_values(
+                model_inputs, starts, args, attribute_to_layer_input, last
             )
-
-        def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-            calls = [0] * len(layers)
-            with replaced_layers(layers, _group(paths, counts), on_input, calls=calls):
-                output = run_forward(
-                    self.forward_func,
-                    repeat_additional_args(model_inputs, steps),
-                    repeat_target(target, steps),
-                    repeat_additional_args(args, steps),
+            counts = [len(values) for values in at_inputs]
+            ends = tuple(v for values in at_inputs for v in values)
+            path_starts = tuple(v for values in at_starts for v in values)
+            check_floating(
+                ends, "the values of layer", "; choose a layer with floating point values"
+            )
+            if batch and any(v.shape[0] % batch for v in ends):
+                raise ValueError(
+                    f"the values of layer must hold the examples ({batch}) along dimension 0, "
+                    f"possibly several rows each, got shapes {[list(v.shape) for v in ends]}"
                 )
-            if not last and max(calls) > 1:
-                raise LayerCalledAgain
-            return output
+            exact = options.method == EXACT
+            if (return_convergence_delta or exact) and any(v.shape[0] != batch for v in ends):
+                raise ValueError(
+                    f"{'method=exact' if exact else 'return_convergence_delta'} needs the "
+                    f"values of layer to hold the examples along dimension 0 ({batch}), got "
+                    f"shapes {[list(v.shape) for v in ends]}"
+                )
 
-        result = integrate_as_captum(
-            ends,
-            path_starts,
-            evaluate,
-            batch=batch,
-            forward_func=self.forward_func,
-            n_steps=n_steps,
-            internal_batch_size=internal_batch_size,
-            method=method,
-            multiply_by_inputs=self.multiplies_by_inputs,
-            step_costs=self._step_costs,
-            cost_key=(tuple(x.shape for x in model_inputs), on_input),
-            grad_kwargs=grad_kwargs,
-        )
-        return result, counts
+            def evaluate(
+                paths: tuple[Tensor, ...], rows: PointRows, counts=counts, last=last
+            ) -> list[Tensor]:
+                calls = [0] * len(layers)
+                with replaced_layers(
+                    layers, _group(paths, counts), attribute_to_layer_input, calls=calls
+                ):
+                    output = self.forward_func(
+                        *args_for_points(model_inputs, rows), *args_for_points(args, rows)
+                    )
+                if not last and max(calls) > 1:
+                    raise LayerCalledAgain
+                return [
+                    path_output(
+                        select_targets(output, targets_for_points(t, rows)),
+                        len(rows),
+                        rows.as_captum,
+                    )
+                    for t in targets
+                ]
+
+            try:
+                result, steps = integrate(
+                    ends,
+                    path_starts,
+                    evaluate,
+                    batch=batch,
+                    method=options.method,
+                    n_steps=options.n_steps,
+                    adaptive=adaptive,
+                    targets=len(targets),
+                    steps_per_chunk=steps_per_chunk,
+                    multiply_by_inputs=self.multiplies_by_inputs,
+                    model=self.forward_func,
+                    whole_steps=needs_whole_steps(args, batch),
+                    step_costs=self._step_costs,
+                    cost_key=(tuple(x.shape[1:] for x in model_inputs), attribute_to_layer_input),
+                    grad_kwargs=grad_kwargs,
+                )
+                break
+            except LayerCalledAgain:
+                continue
+        results = []
+        for attributions in result.attributions:
+            per_layer = [
+                format_output(len(group) > 1, group) for group in _group(attributions, counts)
+            ]
+            results.append(per_layer if isinstance(self.layer, list) else per_layer[0])
+        deltas: list[Any] = [None] * len(targets)
+        if return_convergence_delta:
+            # The path's own outputs can't stand in for the model's at the inputs and
+            # baselines: branches that bypass the layer saw the inputs all along the path.
+            start_outs = outputs_per_example(self.forward_func, starts, targets, args)
+            end_outs = outputs_per_example(self.forward_func, model_inputs, targets, args)
+            deltas = convergence_deltas(result.row_sums, end_outs, start_outs)
+        return [
+            with_extras(attributions, delta, s if return_n_steps else None)
+            for attributions, delta, s in zip(results, deltas, steps)
+        ]

@@ -10,7 +10,7 @@ from typing import Any, Union
 
 from torch import Tensor, nn
 
-from fastattr._path_integral import module_of
+from fastattr._model_state import module_of
 
 LayerValues = tuple[Tensor, ...]
 ModuleOrList = Union[nn.Module, list[nn.Module]]

@@ -17,11 +17,20 @@ from fastattr._formatting import (
     format_additional_args,
     format_baselines,
     format_output,
-    repeat_additional_args,
+    path_output,
 )
 from fastattr._model_state import kept_buffers
-from fastattr._quadrature import check_steps
-from fastattr.attr._base import PathAttribution, integrate_as_captum
+from fastattr._path_integral import (
+    PathOptions,
+    PointRows,
+    args_for_points,
+    check_target_sequence,
+    integrate,
+    needs_whole_steps,
+    steps_per_chunk_for,
+    with_extras,
+)
+from fastattr.attr._base import PathAttribution
 from fastattr.attr._layers import LayerValues, capture_layers, check_layers_in_model
 
 NeuronSelector = Union[int, tuple[Union[int, slice], ...], Callable[..., Tensor]]
@@ -106,11 +115,14 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         neuron_selector: NeuronSelector,
         baselines: BaselineType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         attribute_to_neuron_input: bool = False,
-    ) -> TensorOrTuple:
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> Any:
         """Attribute one neuron of the layer to ``inputs``.
 
         Args:
@@ -123,66 +135,199 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                 batch: ``lambda v: v[:, 2:].sum()``), differentiated as their sum.
             baselines: where each path starts, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``.
-            n_steps: the number of quadrature nodes. Default: 50.
-            method: the quadrature rule, as in ``IntegratedGradients.attribute``.
+            n_steps: the number of quadrature nodes (default: 50), or ``"auto"``, as in
+                ``IntegratedGradients.attribute`` (the completeness it reaches is the
+                neuron's: its change between the baselines and the inputs).
+            method: the quadrature rule, as in ``IntegratedGradients.attribute``; ``"exact"``
+                where the model up to the layer is piecewise linear.
             internal_batch_size: at most how many path points to run at once (captum's
                 meaning); None sizes the chunks from free memory.
             attribute_to_neuron_input: take the neuron from the layer's input instead of its
                 output.
+            return_n_steps: also return the gradient evaluations each example's path took
+                (``n_steps``, the points ``"auto"`` chose or the pieces ``"exact"`` found), as
+                in ``IntegratedGradients.attribute``. Not in captum.
+            tolerance: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
+            max_steps: with ``n_steps="auto"``, as in ``IntegratedGradients.attribute``.
 
         Returns:
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
-            tuple).
+            tuple); with ``return_n_steps``, the pair ``(attributions, steps)``.
         """
+        (result,) = self._attribute_targets(
+            inputs,
+            [neuron_selector],
+            baselines,
+            additional_forward_args,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
+            attribute_to_neuron_input,
+            return_n_steps,
+        )
+        return result
+
+    def attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        targets: Any,
+        baselines: BaselineType = None,
+        additional_forward_args: Any = None,
+        n_steps: int | str = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        attribute_to_neuron_input: bool = False,
+        return_n_steps: bool = False,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+    ) -> list[Any]:
+        """Attribute several neurons of the layer at once, each as
+        [attribute][fastattr.NeuronIntegratedGradients.attribute] would.
+
+        One forward pass (up to the layer) per chunk of the path serves all neurons, then one
+        backward pass per neuron.
+
+        Args:
+            inputs: as in ``attribute``.
+            targets: K neuron selectors, a list or a tuple, each in any form
+                ``attribute``'s ``neuron_selector`` takes.
+            baselines: as in ``attribute``.
+            additional_forward_args: as in ``attribute``.
+            n_steps: as in ``attribute``.
+            method: as in ``attribute``.
+            internal_batch_size: as in ``attribute`` (for all neurons together).
+            attribute_to_neuron_input: as in ``attribute``.
+            return_n_steps: as in ``attribute``.
+            tolerance: as in ``attribute``.
+            max_steps: as in ``attribute``.
+
+        Returns:
+            A list of K results; result ``k`` equals (to float rounding)
+            ``attribute(inputs, neuron_selector=targets[k], ...)`` with the same other
+            arguments.
+
+        Raises:
+            ValueError: ``targets`` is empty.
+            TypeError: ``targets`` is not a list or a tuple.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from fastattr import NeuronIntegratedGradients
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+            >>> nig = NeuronIntegratedGradients(model, model[1])
+            >>> per_neuron = nig.attribute_targets(torch.randn(2, 4), [0, 5, 7])
+            >>> len(per_neuron), per_neuron[2].shape
+            (3, torch.Size([2, 4]))
+        """
+        if isinstance(targets, Tensor):
+            raise TypeError("targets must be a list or tuple of neuron selectors, got a tensor")
+        selectors = check_target_sequence(targets, 0, lambda selector, _: selector)
+        return self._attribute_targets(
+            inputs,
+            selectors,
+            baselines,
+            additional_forward_args,
+            PathOptions(n_steps, method, internal_batch_size, tolerance, max_steps),
+            attribute_to_neuron_input,
+            return_n_steps,
+        )
+
+    def _attribute_targets(
+        self,
+        inputs: TensorOrTuple,
+        selectors: list[NeuronSelector],
+        baselines: BaselineType,
+        additional_forward_args: Any,
+        options: PathOptions,
+        attribute_to_neuron_input: bool,
+        return_n_steps: bool,
+    ) -> list[Any]:
         check_layers_in_model(self.forward_func, [self.layer], "layer")
         is_tuple = isinstance(inputs, tuple)
         ends = as_tensor_tuple(inputs)
         check_floating(ends, "inputs")
         starts = format_baselines(baselines, ends)
-        check_steps(method, n_steps)
-        batch = ends[0].shape[0]
+        adaptive = options.check()
         args = format_additional_args(additional_forward_args)
-
         with kept_buffers(self.forward_func):
-            # Captum takes a layer that runs more than once at its last call. One pass over the
-            # inputs, without a graph, counts the calls; unless the layer runs again, the
-            # passes over the path stop at the layer.
-            calls = [0]
-            with torch.no_grad():
-                if batch > 0:
-                    capture_layers(
-                        lambda: self.forward_func(*ends, *(args or ())),
-                        [self.layer],
-                        attribute_to_neuron_input,
-                        last=True,
-                        calls=calls,
-                    )
-            runs_again = calls[0] > 1
+            return self._integrate(
+                ends,
+                starts,
+                selectors,
+                args,
+                options,
+                adaptive,
+                attribute_to_neuron_input,
+                is_tuple,
+                return_n_steps,
+            )
 
-            def evaluate(paths: tuple[Tensor, ...], steps: int) -> Tensor:
-                repeated_args = repeat_additional_args(args, steps)
-                (values,) = capture_layers(
-                    lambda: self.forward_func(*paths, *repeated_args),
+    def _integrate(
+        self,
+        ends: tuple[Tensor, ...],
+        starts: tuple[Tensor, ...],
+        selectors: list[NeuronSelector],
+        args: tuple[Any, ...] | None,
+        options: PathOptions,
+        adaptive: tuple[float, int] | None,
+        attribute_to_neuron_input: bool,
+        is_tuple: bool,
+        return_n_steps: bool,
+    ) -> list[Any]:
+        batch = ends[0].shape[0]
+
+        # Captum takes a layer that runs more than once at its last call. One pass over the
+        # inputs, without a graph, counts the calls; unless the layer runs again, the passes
+        # over the path stop at the layer.
+        steps_per_chunk = steps_per_chunk_for(options.internal_batch_size, batch)
+        calls = [0]
+        with torch.no_grad():
+            if batch > 0:
+                capture_layers(
+                    lambda: self.forward_func(*ends, *(args or ())),
                     [self.layer],
                     attribute_to_neuron_input,
-                    detach=False,
-                    last=runs_again,
+                    last=True,
+                    calls=calls,
                 )
-                return select_neuron(values, neuron_selector, steps * batch)
+        runs_again = calls[0] > 1
 
-            with torch.enable_grad():
-                result = integrate_as_captum(
-                    ends,
-                    starts,
-                    evaluate,
-                    batch=batch,
-                    forward_func=self.forward_func,
-                    n_steps=n_steps,
-                    internal_batch_size=internal_batch_size,
-                    what="neuron_selector",
-                    method=method,
-                    multiply_by_inputs=self.multiplies_by_inputs,
-                    step_costs=self._step_costs,
-                    cost_key=attribute_to_neuron_input,
+        def evaluate(paths: tuple[Tensor, ...], rows: PointRows) -> list[Tensor]:
+            point_args = args_for_points(args, rows)
+            (values,) = capture_layers(
+                lambda: self.forward_func(*paths, *point_args),
+                [self.layer],
+                attribute_to_neuron_input,
+                detach=False,
+                last=runs_again,
+            )
+            return [
+                path_output(
+                    select_neuron(values, selector, len(rows)),
+                    len(rows),
+                    rows.as_captum,
+                    "neuron_selector",
                 )
-        return format_output(is_tuple, result.attributions)
+                for selector in selectors
+            ]
+
+        with torch.enable_grad():
+            result, steps = integrate(
+                ends,
+                starts,
+                evaluate,
+                batch=batch,
+                method=options.method,
+                n_steps=options.n_steps,
+                adaptive=adaptive,
+                targets=len(selectors),
+                steps_per_chunk=steps_per_chunk,
+                multiply_by_inputs=self.multiplies_by_inputs,
+                model=self.forward_func,
+                whole_steps=needs_whole_steps(args, batch),
+                step_costs=self._step_costs,
+                cost_key=attribute_to_neuron_input,
+            )
+        return [
+            with_extras(format_output(is_tuple, attributions), None, s if return_n_steps else None)
+            for attributions, s in zip(result.attributions, steps)
+        ]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastattr.bench import contenders, models
-from fastattr.bench.floors import input_floor, layer_floor, neuron_floor, path_floor
+from fastattr.bench.floors import input_floor, layer_floor, neuron_floor, noise_floor, path_floor
 
 # The source of the built-in cases, for --cases and the memory worker.
 BUILT_IN = "fastattr.bench.cases"
@@ -34,6 +34,7 @@ METHODS = {
     "LayerIntegratedGradients": "lig",
     "NeuronIntegratedGradients": "nig",
     "LRP": "lrp",
+    "NoiseTunnel": "nt",
 }
 
 # ``attribute()``'s keyword arguments: inputs, baselines, target, n_steps, ...
@@ -115,6 +116,39 @@ class Case:
         return arguments
 
 
+class SeededNoise:
+    """An attributor whose every call draws its noise from the same seed, so that fastattr's
+    and Captum's NoiseTunnel see the same noise and their results can be compared.
+
+    Args:
+        attributor: The NoiseTunnel (or any attributor) to call.
+        seed: The seed of torch's generators before each call.
+    """
+
+    def __init__(self, attributor: Any, seed: int = 0) -> None:
+        self.attributor = attributor
+        self.seed = seed
+
+    def attribute(self, **arguments: Any) -> Any:
+        """The wrapped ``attribute``, after seeding torch's generators.
+
+        Args:
+            **arguments: The wrapped method's arguments.
+        """
+        torch.manual_seed(self.seed)
+        return self.attributor.attribute(**arguments)
+
+
+def noise_tunnel(library: Any, model: nn.Module) -> SeededNoise:
+    """``library.NoiseTunnel(library.IntegratedGradients(model))``, seeded per call.
+
+    Args:
+        library: ``fastattr`` or ``captum.attr``.
+        model: The model.
+    """
+    return SeededNoise(library.NoiseTunnel(library.IntegratedGradients(model)))
+
+
 def features(batch: int, generator: torch.Generator, count: int = models.MLP_FEATURES) -> Arguments:
     """Standard-normal feature vectors and zero baselines.
 
@@ -193,6 +227,12 @@ CASES: tuple[Case, ...] = (
     Case(
         "LRP", "cnn", models.cnn, images, input_floor, call_kwargs={"target": TARGET},
         uses_path=False, others={"zennit": contenders.zennit_epsilon}, quick=True,
+    ),
+    # SmoothGrad of IntegratedGradients: 10 noisy copies per example, each integrated along
+    # n_steps points (fastattr streams copies and steps through one chunked engine).
+    Case(
+        "NoiseTunnel", "mlp", models.mlp, features, noise_floor, construct=noise_tunnel,
+        call_kwargs={"target": TARGET, "nt_samples": 10, "stdevs": 0.1}, quick=True,
     ),
     # The residual `+` gets the epsilon rule of a sum, by name; Captum's LRP has no such rule
     # (and none for nn.Identity), and zennit's rules above none either.

@@ -154,3 +154,23 @@ def input_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     extra = _forward_args(arguments, 1)
     target = arguments.get("target")
     return lambda: torch.autograd.grad(_selected(model(inputs, *extra), target).sum(), inputs)
+
+
+def noise_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
+    """NoiseTunnel around IntegratedGradients: the path floor over the noisy copies
+    (``nt_samples`` per example, so ``n_steps * nt_samples * B`` rows), drawn beforehand.
+
+    Args:
+        model: The floor's copy of the model.
+        arguments: The batch's ``attribute()`` arguments, with ``nt_samples`` and ``stdevs``.
+    """
+    inputs, samples = arguments["inputs"], arguments["nt_samples"]
+    generator = torch.Generator(device=inputs.device).manual_seed(0)
+    copies = inputs.repeat_interleave(samples, dim=0)
+    noisy = copies + arguments.get("stdevs", 1.0) * torch.randn(
+        copies.shape, generator=generator, device=inputs.device, dtype=inputs.dtype
+    )
+    baselines = arguments["baselines"]
+    if baselines.shape[0] == inputs.shape[0]:
+        baselines = baselines.repeat_interleave(samples, dim=0)
+    return path_floor(model, {**arguments, "inputs": noisy, "baselines": baselines})

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastattr._path_integral import module_of
+from fastattr._model_state import module_of
 
 # Arguments attribute_dataset supplies per batch: never part of the user's keywords.
 PER_BATCH_ARGUMENTS = ("inputs", "target")

@@ -177,6 +177,7 @@ class _Job:
         self.parameters, _ = attribute_parameters(attribution)
         self.takes_target = "target" in self.parameters
         self.with_delta = bool(kwargs.get("return_convergence_delta", False))
+        self.with_steps = bool(kwargs.get("return_n_steps", False))
         self.forward = forward_of(attribution)
         self.arguments = effective_arguments(self.parameters, kwargs)
         self.wrapper = len(list(wrapped_attributions(attribution))) > 1
@@ -235,7 +236,7 @@ class _Job:
         seed_generators(batch.first, self.device)
         inputs, kwargs, resolved = self._call_arguments(batch, fixed_kwargs)
         result = self.attribution.attribute(inputs, **kwargs)
-        attributions, delta, extras = split_result(result, self.with_delta)
+        attributions, delta, extras = split_result(result, self.with_delta, self.with_steps)
         if delta is not None and self.wrapper:
             delta = self._delta_per_example(delta, len(batch))
         structure, leaves = flatten(attributions)
@@ -295,8 +296,12 @@ class _Job:
         inputs, kwargs, _ = self._call_arguments(batch, {})
         kwargs = {k: v for k, v in kwargs.items() if k in parameters}
         kwargs.update(one_step)
-        if "return_convergence_delta" in kwargs:
-            kwargs["return_convergence_delta"] = False
+        for extra in ("return_convergence_delta", "return_n_steps"):
+            if extra in kwargs:
+                kwargs[extra] = False
+        # (n_steps="auto"'s own arguments: the measuring call has one fixed step.)
+        kwargs.pop("tolerance", None)
+        kwargs.pop("max_steps", None)
         with meter.hooks():
             result = path_method.attribute(inputs, **kwargs)
         attributions, _, _ = split_result(result, False)

@@ -63,8 +63,20 @@ def _fields(result: Any) -> dict[str, Any] | None:
     return None
 
 
-def split_result(result: Any, with_delta: bool) -> tuple[Any, Tensor | None, dict[str, Any]]:
-    """``(attributions, delta or None, extras by name)`` of what ``attribute()`` returned."""
+def split_result(
+    result: Any, with_delta: bool, with_steps: bool = False
+) -> tuple[Any, Tensor | None, dict[str, Any]]:
+    """``(attributions, delta or None, extras by name)`` of what ``attribute()`` returned;
+    with ``with_steps`` (``return_n_steps=True``), its last item is the extra ``n_steps``."""
+    if with_steps:
+        if not isinstance(result, tuple) or len(result) < 2:
+            raise TypeError(
+                "attribute() with return_n_steps=True returned "
+                f"{type(result).__name__}, not (attributions, ..., steps)"
+            )
+        rest = result[:-1] if with_delta else result[0]
+        attributions, delta, extras = split_result(rest, with_delta)
+        return attributions, delta, {**extras, "n_steps": result[-1]}
     fields = _fields(result)
     if fields is not None:
         if "attributions" not in fields:

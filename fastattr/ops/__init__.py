@@ -20,49 +20,83 @@ if is_compiled():
     from fastattr.ops import _fake  # noqa: F401  (registers the fake implementations)
 
 
-def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
-    """The straight-line path from ``baselines`` to ``inputs``, step-major.
+def interpolate_points(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor) -> Tensor:
+    """Points on the straight-line paths from ``baselines`` to ``inputs``.
 
-    Row ``k * B + b`` of the (K * B, ...) result is ``baselines_b + alphas_k * (inputs_b -
-    baselines_b)``, computed in float32 for float16/bfloat16 inputs.
+    Row ``p`` of the (P, ...) result is ``baselines_r + alphas_p * (inputs_r - baselines_r)``
+    with ``r = rows_p``, computed in float32 for float16/bfloat16 inputs.
 
     Args:
-        inputs: (B, ...) floating tensor, the path's end.
-        baselines: The path's start, broadcasting to ``inputs``: a scalar tensor, (1, ...) or
+        inputs: (B, ...) floating tensor, the paths' ends.
+        baselines: The paths' starts, broadcasting to ``inputs``: a scalar tensor, (1, ...) or
             (B, ...).
-        alphas: float64 (K,) table of the steps' positions, on the CPU or the inputs' device.
+        rows: int64 (P,) table of the example each point belongs to, each in [0, B), on the
+            CPU or the inputs' device.
+        alphas: float64 (P,) table of the points' positions on their paths, on the CPU or the
+            inputs' device.
 
     Returns:
-        The (K * B, ...) path, in the dtype of ``inputs``.
+        The (P, ...) path rows, in the dtype and row layout of ``inputs``.
 
     Raises:
-        ValueError: The shapes do not fit, or ``alphas`` is not a 1-D table.
-        TypeError: A dtype is not floating, or ``alphas`` not float64.
+        ValueError: The shapes do not fit, or a table is not 1-D of one entry per point.
+        IndexError: A row is outside ``inputs``.
+        TypeError: A dtype is not floating, ``rows`` not int64 or ``alphas`` not float64.
     """
     if backend_in_context() == "compiled":
-        return torch.ops.fastattr.interpolate_path.default(inputs, baselines, alphas)
-    return reference.interpolate_path(inputs, baselines, alphas)
+        return torch.ops.fastattr.interpolate_points.default(inputs, baselines, rows, alphas)
+    return reference.interpolate_points(inputs, baselines, rows, alphas)
 
 
-def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
-    """``accumulator_b += sum_k weights_k * grads_{k * B + b}`` in place.
+def accumulate_points(accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor) -> None:
+    """``accumulator_r += weights_p * grads_p`` with ``r = rows_p``, for every point ``p``, in
+    place.
 
-    Calling it once per chunk of steps streams a whole path into one accumulator.
+    Each row adds its points in their order, so the result does not depend on how a path is
+    split into calls.
 
     Args:
         accumulator: float32 or float64 (B, ...) tensor (float64 for float64 grads), updated
             in place.
-        grads: (K * B, ...) gradients in the layout [fastattr.ops.interpolate_path][] produces.
-        weights: float64 (K,) table of the steps' quadrature weights.
+        grads: (P, ...) gradients, one row per point.
+        rows: int64 (P,) table of the accumulator row each point adds to, on the CPU or the
+            grads' device.
+        weights: float64 (P,) table of the points' quadrature weights.
 
     Raises:
         ValueError: The shapes do not fit.
+        IndexError: A row is outside the accumulator.
         TypeError: A dtype is not accepted.
     """
     if backend_in_context() == "compiled":
-        torch.ops.fastattr.quadrature_accumulate.default(accumulator, grads, weights)
+        torch.ops.fastattr.accumulate_points.default(accumulator, grads, rows, weights)
     else:
-        reference.quadrature_accumulate(accumulator, grads, weights)
+        reference.accumulate_points(accumulator, grads, rows, weights)
+
+
+def point_slopes(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor) -> Tensor:
+    """The directional derivative of the model along each point's path, from its gradient:
+    ``sum_j grads_pj * (inputs_rj - baselines_rj)`` with ``r = rows_p``, accumulated in
+    float64.
+
+    Args:
+        grads: (P, ...) gradients at the points, in the dtype of ``inputs``.
+        rows: int64 (P,) table of the example each point belongs to, each in [0, B), on the
+            CPU or the inputs' device.
+        inputs: (B, ...) floating tensor, the paths' ends.
+        baselines: The paths' starts, broadcasting to ``inputs``.
+
+    Returns:
+        The (P,) float64 slopes.
+
+    Raises:
+        ValueError: The shapes do not fit.
+        IndexError: A row is outside ``inputs``.
+        TypeError: A dtype is not floating, or ``grads`` and ``inputs`` differ in dtype.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.point_slopes.default(grads, rows, inputs, baselines)
+    return reference.point_slopes(grads, rows, inputs, baselines)
 
 
 def quadrature_finish(
@@ -220,6 +254,34 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_pass_node.default(source, shown)
     return reference.lrp_pass_node(source, shown)
+def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
+    """Where a kink's switch values change sign strictly between the ends of path segments
+    (``method="exact"``): for each segment ``p`` and unit ``u``, whether
+    ``values[ends_a[p], u]`` and ``values[ends_b[p], u]`` lie beyond their rows' tolerances
+    of zero with opposite signs.
+
+    Args:
+        values: (points, units) floating point: a kink's switch value (an input minus its
+            threshold, say) per path point.
+        tolerance: (points,) in the dtype of ``values``: how close to zero counts as zero at
+            each point.
+        ends_a: (segments,) int64 on the device of ``values``: the row of each segment's
+            first end.
+        ends_b: (segments,) int64: the row of each segment's other end.
+
+    Returns:
+        A (segments, units) bool tensor: the units whose kink each segment crosses.
+
+    Examples:
+        >>> import torch
+        >>> from fastattr import ops
+        >>> values = torch.tensor([[-1.0, 2.0, 0.0], [3.0, 1.0, -1.0]])
+        >>> ops.kink_flips(values, torch.zeros(2), torch.tensor([0]), torch.tensor([1]))
+        tensor([[ True, False, False]])
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.kink_flips.default(values, tolerance, ends_a, ends_b)
+    return reference.kink_flips(values, tolerance, ends_a, ends_b)
 
 
 class LrpNodes(NamedTuple):

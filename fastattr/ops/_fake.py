@@ -13,16 +13,22 @@ from fastattr.ops import reference
 from fastattr.ops.reference import row_layout
 
 
-@torch.library.register_fake("fastattr::interpolate_path")
-def _(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
-    reference.check_interpolate_path(inputs, baselines, alphas, read_values=False)
-    size = (alphas.shape[0] * inputs.shape[0], *inputs.shape[1:])
+@torch.library.register_fake("fastattr::interpolate_points")
+def _(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor) -> Tensor:
+    reference.check_interpolate_points(inputs, baselines, rows, alphas, read_values=False)
+    size = (rows.shape[0], *inputs.shape[1:])
     return inputs.new_empty(size).contiguous(memory_format=row_layout(inputs))
 
 
-@torch.library.register_fake("fastattr::quadrature_accumulate")
-def _(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
-    reference.check_quadrature_accumulate(accumulator, grads, weights, read_values=False)
+@torch.library.register_fake("fastattr::accumulate_points")
+def _(accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor) -> None:
+    reference.check_accumulate_points(accumulator, grads, rows, weights, read_values=False)
+
+
+@torch.library.register_fake("fastattr::point_slopes")
+def _(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor) -> Tensor:
+    reference.check_point_slopes(grads, rows, inputs, baselines, read_values=False)
+    return inputs.new_empty(rows.shape[0], dtype=torch.float64)
 
 
 @torch.library.register_fake("fastattr::quadrature_finish")
@@ -50,3 +56,9 @@ def _(activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float) -> 
 def _(activations: Tensor, contributions: Tensor) -> Tensor:
     reference.check_input_relevance(activations, contributions)
     return torch.empty_like(activations, memory_format=row_layout(activations))
+
+
+@torch.library.register_fake("fastattr::kink_flips")
+def _(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
+    reference.check_kink_flips(values, tolerance, ends_a, ends_b, read_values=False)
+    return values.new_empty((ends_a.shape[0], values.shape[1]), dtype=torch.bool)

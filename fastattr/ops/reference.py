@@ -111,43 +111,76 @@ def _row_sums(values: Tensor) -> Tensor:
     return rows.sum(1, dtype=torch.float64).to(values.dtype)
 
 
+def _check_rows(
+    rows: Tensor, count: int, count_name: str, data: Tensor, data_name: str, *, read_values: bool
+) -> None:
+    if rows.dim() != 1:
+        raise ValueError(f"rows must be 1-D, got shape {list(rows.shape)}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"rows must be int64, got {rows.dtype}")
+    if rows.device.type != "cpu" and rows.device != data.device:
+        raise ValueError(
+            f"rows must be on the CPU or on the device of {data_name} ({data.device}), "
+            f"got {rows.device}"
+        )
+    if not read_values:
+        return
+    outside = (rows < 0) | (rows >= count)
+    if bool(outside.any()):
+        index = int(outside.nonzero()[0, 0])
+        raise IndexError(
+            f"rows must index the {count} rows of {count_name}, got {int(rows[index])} at "
+            f"index {index}"
+        )
+
+
+def _check_table_length(table: Tensor, name: str, rows: Tensor) -> None:
+    if table.numel() != rows.numel():
+        raise ValueError(
+            f"{name} must have one entry per point ({rows.numel()} rows), got {table.numel()}"
+        )
+
+
 # The check_* functions raise what the kernels raise for bad arguments. The fake (meta)
 # implementations run them too, with read_values=False: fake tensors have no data to read.
 
 
-def check_interpolate_path(
-    inputs: Tensor, baselines: Tensor, alphas: Tensor, *, read_values: bool = True
+def check_interpolate_points(
+    inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor, *, read_values: bool = True
 ) -> None:
     _check_batched(inputs, "inputs")
     _check_floating(inputs, "inputs")
     _check_baselines(baselines, inputs)
+    _check_rows(rows, inputs.shape[0], "inputs", inputs, "inputs", read_values=read_values)
     _check_coefficients(alphas, "alphas", inputs, "inputs", read_values=read_values)
+    _check_table_length(alphas, "alphas", rows)
 
 
 def _table_on(table: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A coefficient table in ``dtype`` on ``device``; from the host through pinned memory,
-    which spares a GPU stream the synchronization of a copy from pageable memory."""
+    """A point table in ``dtype`` on ``device``; from the host through pinned memory, which
+    spares a GPU stream the synchronization of a copy from pageable memory."""
     table = table.to(dtype)
     if table.device.type == "cpu" and device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table.to(device)
 
 
-def interpolate_path(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
-    """Twin of [fastattr.ops.interpolate_path][].
+def interpolate_points(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.interpolate_points][].
 
-    Row ``k * B + b`` is ``baselines_b + alphas_k * (inputs_b - baselines_b)``."""
-    check_interpolate_path(inputs, baselines, alphas)
+    Row ``p`` is ``baselines_r + alphas_p * (inputs_r - baselines_r)`` with ``r = rows_p``."""
+    check_interpolate_points(inputs, baselines, rows, alphas)
     compute = opmath_dtype(inputs.dtype)
-    x = inputs.to(compute)
-    base = baselines.to(compute).expand_as(inputs)
-    steps = _table_on(alphas, inputs.device, compute).view(-1, *([1] * inputs.dim()))
+    index = _table_on(rows, inputs.device, torch.int64)
+    x = inputs.to(compute).index_select(0, index)
+    base = baselines.to(compute).expand_as(inputs).index_select(0, index)
+    steps = _table_on(alphas, inputs.device, compute).view(-1, *([1] * (inputs.dim() - 1)))
     path = base + steps * (x - base)
-    return path.reshape(alphas.numel() * inputs.shape[0], *inputs.shape[1:]).to(inputs.dtype)
+    return path.to(inputs.dtype).contiguous(memory_format=row_layout(inputs))
 
 
-def check_quadrature_accumulate(
-    accumulator: Tensor, grads: Tensor, weights: Tensor, *, read_values: bool = True
+def check_accumulate_points(
+    accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor, *, read_values: bool = True
 ) -> None:
     _check_accumulator(accumulator)
     _check_batched(grads, "grads")
@@ -159,25 +192,73 @@ def check_quadrature_accumulate(
         )
     if grads.dtype == torch.float64 and accumulator.dtype != torch.float64:
         raise TypeError(f"accumulator must be float64 for float64 grads, got {accumulator.dtype}")
+    _check_rows(
+        rows,
+        accumulator.shape[0],
+        "accumulator",
+        accumulator,
+        "accumulator",
+        read_values=read_values,
+    )
     _check_coefficients(weights, "weights", grads, "grads", read_values=read_values)
-    steps, batch = weights.numel(), accumulator.shape[0]
-    if grads.shape[1:] != accumulator.shape[1:] or grads.shape[0] != steps * batch:
+    _check_table_length(weights, "weights", rows)
+    if grads.shape[1:] != accumulator.shape[1:] or grads.shape[0] != rows.numel():
         raise ValueError(
-            f"grads must have shape ({steps} * {batch}, ...) matching the {steps} weights and "
-            f"the accumulator of shape {list(accumulator.shape)}, got {list(grads.shape)}"
+            f"grads must have shape ({rows.numel()}, ...) matching the rows and the "
+            f"accumulator of shape {list(accumulator.shape)}, got {list(grads.shape)}"
         )
 
 
-def quadrature_accumulate(accumulator: Tensor, grads: Tensor, weights: Tensor) -> None:
-    """Twin of [fastattr.ops.quadrature_accumulate][].
+def accumulate_points(accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor) -> None:
+    """Twin of [fastattr.ops.accumulate_points][].
 
-    ``accumulator_b += sum_k weights_k * grads_{k * B + b}``, in place, step by step."""
-    check_quadrature_accumulate(accumulator, grads, weights)
-    steps = weights.numel()
-    per_step = grads.reshape(steps, *accumulator.shape).to(accumulator.dtype)
-    w = _table_on(weights, accumulator.device, accumulator.dtype)
-    for k in range(steps):
-        accumulator.add_(w[k] * per_step[k])
+    ``accumulator_{rows_p} += weights_p * grads_p``, in place, each row's points in order."""
+    check_accumulate_points(accumulator, grads, rows, weights)
+    # Level k holds each row's k-th point: one index_add per level adds them to distinct rows,
+    # each row's points in order, as the kernels do.
+    levels: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for p, row in enumerate(rows.tolist()):
+        level = seen.get(row, 0)
+        seen[row] = level + 1
+        if level == len(levels):
+            levels.append([])
+        levels[level].append(p)
+    device = accumulator.device
+    w = _table_on(weights, device, accumulator.dtype).view(-1, *([1] * (grads.dim() - 1)))
+    index_rows = _table_on(rows, device, torch.int64)
+    for points in levels:
+        index = _table_on(torch.tensor(points), device, torch.int64)
+        terms = w.index_select(0, index) * grads.index_select(0, index).to(accumulator.dtype)
+        accumulator.index_add_(0, index_rows.index_select(0, index), terms)
+
+
+def check_point_slopes(
+    grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor, *, read_values: bool = True
+) -> None:
+    _check_batched(grads, "grads")
+    _check_floating(grads, "grads")
+    _check_batched(inputs, "inputs")
+    _check_same(inputs, "inputs", grads, "grads", shape=False)
+    _check_baselines(baselines, inputs)
+    _check_rows(rows, inputs.shape[0], "inputs", inputs, "inputs", read_values=read_values)
+    if grads.shape[1:] != inputs.shape[1:] or grads.shape[0] != rows.numel():
+        raise ValueError(
+            f"grads must have shape ({rows.numel()}, ...) matching the rows and the inputs of "
+            f"shape {list(inputs.shape)}, got {list(grads.shape)}"
+        )
+
+
+def point_slopes(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.point_slopes][].
+
+    Point ``p``'s ``sum_j grads_pj * (inputs_rj - baselines_rj)`` with ``r = rows_p``, in
+    float64."""
+    check_point_slopes(grads, rows, inputs, baselines)
+    index = _table_on(rows, inputs.device, torch.int64)
+    diff = inputs.double() - baselines.double().expand_as(inputs)
+    terms = grads.double() * diff.index_select(0, index)
+    return terms.reshape(rows.numel(), math.prod(inputs.shape[1:])).sum(1)
 
 
 def check_quadrature_finish(accumulator: Tensor, inputs: Tensor, baselines: Tensor) -> None:
@@ -361,20 +442,68 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
 
     A view of ``shown``; backward the relevance, unchanged, into ``source``."""
     return _PassNode.apply(source, shown)
+def check_kink_flips(
+    values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor, *, read_values: bool
+) -> None:
+    _check_floating(values, "values")
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D (points, units), got shape {list(values.shape)}")
+    _check_same(tolerance, "tolerance", values, "values", shape=False)
+    if tolerance.shape != (values.shape[0],):
+        raise ValueError(
+            f"tolerance must hold one entry per row of values ({values.shape[0]}), got shape "
+            f"{list(tolerance.shape)}"
+        )
+    if ends_a.shape != ends_b.shape:
+        raise ValueError(
+            f"ends_a and ends_b must have the same shape, got {list(ends_a.shape)} and "
+            f"{list(ends_b.shape)}"
+        )
+    for ends, name in ((ends_a, "ends_a"), (ends_b, "ends_b")):
+        if ends.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {list(ends.shape)}")
+        if ends.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {ends.dtype}")
+        if ends.device != values.device:
+            raise ValueError(
+                f"{name} must be on the same device as values ({values.device}), got {ends.device}"
+            )
+        if read_values and ends.numel():
+            low, high = int(ends.min()), int(ends.max())
+            bad = low if low < 0 else high
+            if low < 0 or high >= values.shape[0]:
+                raise IndexError(
+                    f"{name} must index the {values.shape[0]} rows of values, got {bad}"
+                )
+
+
+def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.kink_flips][].
+
+    Compared in float32 (float64 for float64 values), as the kernels compare."""
+    check_kink_flips(values, tolerance, ends_a, ends_b, read_values=True)
+    compute = opmath_dtype(values.dtype)
+    band = tolerance.to(compute).unsqueeze(1)
+    above = values.to(compute) > band
+    below = values.to(compute) < -band
+    return (above[ends_a] & below[ends_b]) | (below[ends_a] & above[ends_b])
 
 
 # The public names: the twins. (The check_* functions and layout helpers serve the ops,
 # their fakes and the accumulators.)
 __all__ = [
+    "accumulate_points",
     "epsilon_ratio",
     "epsilon_ratio_of_product",
     "input_relevance",
-    "interpolate_path",
+    "interpolate_points",
+    "kink_flips",
     "lrp_pass_node",
     "lrp_product_node",
     "lrp_product_ratio_node",
     "lrp_ratio_node",
     "lrp_ratio_shown_node",
     "quadrature_accumulate",
+    "point_slopes",
     "quadrature_finish",
 ]
