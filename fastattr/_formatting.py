@@ -318,3 +318,41 @@ def row_sums(output: Tensor) -> Tensor:
     if output.dim() == 0:
         raise ValueError("forward_func must return an output with a first dimension, got a scalar")
     return output if output.dim() == 1 else output.flatten(1).sum(1)
+
+
+def check_target_sequence(
+    targets: Any, batch: int, check: Callable[[Any, int], Any], name: str = "targets"
+) -> list[Any]:
+    """The K targets of ``attribute_targets``: a non-empty list or tuple (or a tensor, one
+    target per entry of dimension 0), each checked by ``check`` as ``target=`` would be.
+
+    Args:
+        targets: What the user passed.
+        batch: The number of examples.
+        check: Checks one target for ``batch`` examples and returns it in the form used.
+        name: The argument's name, for the errors.
+
+    Returns:
+        The checked targets, in order.
+    """
+    if isinstance(targets, Tensor) and targets.dim() > 0:
+        targets = list(targets.unbind(0))
+    if not isinstance(targets, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list or tuple of targets (or a tensor with one per entry of "
+            f"dimension 0), got {type(targets).__name__}"
+        )
+    if not targets:
+        raise ValueError(f"{name} must hold at least one target, got an empty sequence")
+    checked = []
+    for k, target in enumerate(targets):
+        try:
+            checked.append(check(target, batch))
+        except (TypeError, ValueError, IndexError) as error:
+            raise type(error)(f"{name}[{k}]: {error}") from None
+    if any(t is None for t in checked) and not all(t is None for t in checked):
+        raise ValueError(
+            f"{name} mixes None (the output is one value per example) with targets that index "
+            "the output: one forward can't serve both"
+        )
+    return checked

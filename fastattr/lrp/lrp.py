@@ -16,8 +16,10 @@ from fastattr._formatting import (
     TensorOrTuple,
     as_tensor_tuple,
     check_target,
+    check_target_sequence,
     format_additional_args,
     format_output,
+    path_output,
     run_forward,
     select_targets,
 )
@@ -43,43 +45,6 @@ def _per_example_sum(tensors: tuple[Tensor, ...]) -> Tensor:
     return sum(t.reshape(t.shape[0], -1).sum(1) for t in tensors)  # type: ignore[return-value]
 
 
-def _differentiated(output: Tensor, batch: int) -> Tensor:
-    """The selected output as the 1-D tensor the backward starts from: one value per example,
-    or, as captum allows, one value per entry of its first dimension (the gradient is then that
-    of their sum, e.g. for ``model(x)[0].unsqueeze(0)``)."""
-    if output.dim() > 0 and output.numel() == output.shape[0]:
-        # (A reshape to its own shape would still add a node to the graph.)
-        return output if output.dim() == 1 else output.reshape(-1)
-    raise ValueError(
-        f"the model must give one value per example after target selection ({batch} values), "
-        f"or one per entry of its first dimension, got shape {list(output.shape)}: pass a "
-        "target that selects one output per example"
-    )
-
-
-def check_target_sequence(targets: Any, batch: int) -> list[TargetType | ColumnIndices]:
-    """The K targets of ``attribute_targets``: a non-empty list or tuple (or a tensor, one
-    target per entry of its first dimension), each checked as ``target=`` would be."""
-    if isinstance(targets, Tensor) and targets.dim() > 0:
-        targets = list(targets.unbind(0))
-    if not isinstance(targets, (list, tuple)):
-        raise TypeError(
-            "targets must be a list or tuple of targets (or a tensor with one per entry of "
-            f"dimension 0), got {type(targets).__name__}"
-        )
-    if not targets:
-        raise ValueError("targets must hold at least one target, got an empty sequence")
-    checked = []
-    for k, target in enumerate(targets):
-        try:
-            checked.append(check_target(target, batch))
-        except (TypeError, ValueError, IndexError) as error:
-            raise type(error)(f"targets[{k}]: {error}") from None
-    if any(t is None for t in checked) and len(checked) > 1:
-        raise ValueError("targets holds None: one output per example leaves one target to pick")
-    return checked
-
-
 def _or_zeros(grad: Tensor | None, wanted: Tensor) -> Tensor:
     return torch.zeros_like(wanted) if grad is None else grad
 
@@ -87,7 +52,7 @@ def _or_zeros(grad: Tensor | None, wanted: Tensor) -> Tensor:
 def _target_output(output: Any, target: Any, k: int, batch: int) -> Tensor:
     """The output of ``targets[k]``, naming it in the error when it selects nothing valid."""
     try:
-        return _differentiated(select_targets(output, target), batch)
+        return path_output(select_targets(output, target), batch, True)
     except (ValueError, IndexError) as error:
         raise type(error)(f"targets[{k}]: {error}") from None
 
@@ -270,7 +235,7 @@ class LRP(Attribution, captum_class="LRP"):
         """
         plan = self._rule_plan()
         is_tuple, tensors, _, args = self._prepare(inputs, None, additional_forward_args)
-        checked = check_target_sequence(targets, tensors[0].shape[0])
+        checked = check_target_sequence(targets, tensors[0].shape[0], check_target)
         if verbose:
             plan.report()
         found = self._propagate(plan, (), tensors, checked, args, None)
@@ -381,7 +346,7 @@ class LRP(Attribution, captum_class="LRP"):
                 selected = relevance.run(
                     lambda: run_forward(self.model, leaves, targets[0], args), leaves
                 )
-                outputs = [_differentiated(selected, batch)]
+                outputs = [path_output(selected, batch, True)]
             else:
                 full = relevance.run(lambda: run_forward(self.model, leaves, None, args), leaves)
                 outputs = [_target_output(full, t, k, batch) for k, t in enumerate(targets)]
@@ -495,7 +460,7 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
         """
         plan = self._rule_plan()
         _, tensors, _, args = self._prepare(inputs, None, additional_forward_args)
-        checked = check_target_sequence(targets, tensors[0].shape[0])
+        checked = check_target_sequence(targets, tensors[0].shape[0], check_target)
         found, counts = self._layer_propagate(
             plan, tensors, checked, args, attribute_to_layer_input, verbose
         )

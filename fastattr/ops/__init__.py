@@ -254,6 +254,8 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_pass_node.default(source, shown)
     return reference.lrp_pass_node(source, shown)
+
+
 def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
     """Where a kink's switch values change sign strictly between the ends of path segments
     (``method="exact"``): for each segment ``p`` and unit ``u``, whether

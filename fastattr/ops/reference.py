@@ -442,6 +442,8 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
 
     A view of ``shown``; backward the relevance, unchanged, into ``source``."""
     return _PassNode.apply(source, shown)
+
+
 def check_kink_flips(
     values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor, *, read_values: bool
 ) -> None:
@@ -503,7 +505,6 @@ __all__ = [
     "lrp_product_ratio_node",
     "lrp_ratio_node",
     "lrp_ratio_shown_node",
-    "quadrature_accumulate",
     "point_slopes",
     "quadrature_finish",
 ]
