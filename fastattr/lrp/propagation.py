@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from fastattr import ops
 from fastattr.lrp._forward_code import call_chain, may_add_tensors
+from fastattr.lrp.attention import transformer_default_rule
 from fastattr.lrp.rules import (
     STABILIZER,
     STRUCTURAL_TYPES,
@@ -140,12 +141,15 @@ def plan_rules(model: nn.Module) -> RulePlan:
         children = list(module.named_children())
         own_parameters = next(module.parameters(recurse=False), None) is not None
         if not children or own_parameters:
-            rule = default_rule(module)
+            rule = default_rule(module) or transformer_default_rule(module)
             if rule is not None:
                 rules.append((name, module, rule, False))
                 return
-            if not isinstance(module, STRUCTURAL_TYPES) or own_parameters:
+            if own_parameters and not children:
                 missing.setdefault(type(module).__name__, []).append(where)
+            elif not isinstance(module, STRUCTURAL_TYPES):
+                # Interim: the op rules apply to the calls of a module without a rule of its own.
+                may_add = True
         if children:
             may_add = may_add or may_add_tensors(module)
             containers.append(module)
@@ -316,7 +320,9 @@ class Propagation:
         try:
             copy = self._save_buffers() or self.copy
             if self.plan.may_add:
-                self._mode = _ResidualAdditions(copy)
+                from fastattr.lrp._op_rules import OpRuleMode  # interim, see that module
+
+                self._mode = OpRuleMode(copy)
             hooked = _has_global_hooks()
             via_hooks = [hooked or _has_hooks(module) for _, module, _, _ in self.plan.rules]
             # Hooks may see a module's output: hand none on without its node then.

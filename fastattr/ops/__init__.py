@@ -210,6 +210,85 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
     return reference.lrp_product_ratio_node(z, activation, epsilon)
 
 
+def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> Tensor:
+    """AttnLRP's softmax rule along ``dim``: ``inputs * (relevance - probs *
+    relevance.sum(dim))``, zero where an input is ``-inf`` (a masked attention score).
+
+    ``probs`` is ``softmax(inputs, dim)``, ``relevance`` the relevance at it; all three share
+    shape, dtype and device.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.softmax_relevance.default(inputs, probs, relevance, dim)
+    return reference.softmax_relevance(inputs, probs, relevance, dim)
+
+
+def layer_norm_relevance(
+    inputs: Tensor,
+    relevance: Tensor,
+    outputs: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    epsilon: float,
+) -> Tensor:
+    """AttnLRP's layer-norm rule: the relevance at a layer norm's ``inputs`` from the relevance
+    at its ``outputs``, the normalization treated as linear.
+
+    ``rstd`` is the reciprocal standard deviation of each row (the shape of ``inputs`` with
+    the normalized trailing dimensions set to 1, in float32 or float64 as
+    ``torch.native_layer_norm`` returns it), ``weight`` the affine weight or None. With ``v =
+    weight * relevance / (outputs + epsilon * sign(outputs))``, the result is ``inputs * (v -
+    mean(v)) * rstd`` per row.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.layer_norm_relevance.default(
+            inputs, relevance, outputs, rstd, weight, epsilon
+        )
+    return reference.layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
+
+
+def relevance_share(activations: Tensor, contributions: Tensor, share: float) -> Tensor:
+    """``activations * contributions * share``: the part of a product's relevance one factor
+    receives under the uniform rule (a share of 1/2 for each factor of ``a * b`` or ``a @
+    b``)."""
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.relevance_share.default(activations, contributions, share)
+    return reference.relevance_share(activations, contributions, share)
+
+
+def lrp_share_node(activation: Tensor, share: float) -> Tensor:
+    """LRP's node at one factor of a product: ``activation`` itself, whose backward turns the
+    contribution arriving into :func:`relevance_share` of it."""
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_share_node.default(activation, share)
+    return reference.lrp_share_node(activation, share)
+
+
+def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """``softmax(inputs, dim, dtype=dtype)``, whose backward sends the relevance at the output
+    into ``inputs`` by :func:`softmax_relevance`."""
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_softmax_node.default(inputs, dim, dtype)
+    return reference.lrp_softmax_node(inputs, dim, dtype)
+
+
+def lrp_layer_norm_node(
+    inputs: Tensor,
+    normalized_shape: list[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    epsilon: float,
+) -> Tensor:
+    """``layer_norm(inputs, normalized_shape, weight, bias, eps)``, whose backward sends the
+    relevance at the output into ``inputs`` by :func:`layer_norm_relevance` (stabilizer
+    ``epsilon``)."""
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_layer_norm_node.default(
+            inputs, list(normalized_shape), weight, bias, eps, epsilon
+        )
+    return reference.lrp_layer_norm_node(inputs, normalized_shape, weight, bias, eps, epsilon)
+
+
 class LrpNodes(NamedTuple):
     """One backend's LRP node constructors, without the per-call choice of backend (LRP makes
     one or two nodes per module).
