@@ -3,9 +3,10 @@ models, run in a process of its own because lxt patches transformers (and torch'
 and Dropout) for the whole process, irreversibly.
 
 ``python tests/lxt_oracle.py CASES OUT`` reads the cases ``torch.save``d in CASES (a list of
-dicts: family, attn, config, state, inputs, mask, position, target), builds each model with
-lxt's patches, loads the state, and saves to OUT the relevance at each case's inputs (inputs
-times the gradient, lxt's relevance) and the target output.
+dicts: family, attn, config, state, inputs, mask, position, target, outputs, inputs_of), builds
+each model with lxt's patches, loads the state, and saves to OUT, per case, the target output
+and lxt's relevance (a tensor times its gradient) at the inputs, at the output (the first
+tensor) of each module named in ``outputs`` and at the input of each named in ``inputs_of``.
 """
 
 from __future__ import annotations
@@ -75,11 +76,24 @@ def _config(family: str, config: dict, attn: str):
     return kind(**config, attn_implementation=attn)
 
 
-def relevance(case: dict, models: dict[str, type]) -> tuple[torch.Tensor, torch.Tensor]:
+def relevance(case: dict, models: dict[str, type]) -> dict:
     family = case["family"]
     model = models[family](_config(family, case["config"], case["attn"]))
     model.load_state_dict(case["state"])
     model = model.to(torch.float64).eval()
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, value: object) -> None:
+        tensor = value[0] if isinstance(value, tuple) else value
+        tensor.retain_grad()
+        seen[name] = tensor
+
+    for name in case["outputs"]:
+        module = model.get_submodule(name)
+        module.register_forward_hook(lambda m, i, o, name=name: keep(name, o))
+    for name in case["inputs_of"]:
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(lambda m, i, name=name: keep(name, i))
     inputs = case["inputs"].clone().requires_grad_()
     if family == "vit":
         logits = model(pixel_values=inputs).logits
@@ -89,8 +103,10 @@ def relevance(case: dict, models: dict[str, type]) -> tuple[torch.Tensor, torch.
     if case["position"] is not None:
         logits = logits[:, case["position"]]
     target = logits.gather(1, torch.as_tensor(case["target"]).view(-1, 1)).flatten()
-    (grad,) = torch.autograd.grad(target.sum(), inputs)
-    return (inputs * grad).detach(), target.detach()
+    target.sum().backward(inputs=[inputs, *seen.values()])
+    tapped = [(seen[name] * seen[name].grad).detach() for name in case["outputs"]]
+    tapped += [(seen[name] * seen[name].grad).detach() for name in case["inputs_of"]]
+    return {"inputs": (inputs * inputs.grad).detach(), "target": target.detach(), "taps": tapped}
 
 
 def main(cases_path: str, out_path: str) -> None:

@@ -106,14 +106,15 @@ def test_layer_norm_relevance_matches_twin(
         inputs, relevance, outputs, rstd, weight, epsilon
     )
     _close(
-        result, ops.reference.layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
+        result,
+        ops.reference.layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon),
     )
 
 
 def test_layer_norm_relevance_is_the_rule() -> None:
     """x * J^T (R / y) for layer norm with its standard deviation detached (lxt's formulation),
     on rows over the last two dimensions."""
-    inputs, relevance, outputs, rstd, weight, bias, shape = _layer_norm_operands(
+    inputs, relevance, outputs, rstd, weight, bias, _ = _layer_norm_operands(
         [3, 4, 5, 6], 2, torch.float64, 0
     )
     x = inputs.clone().requires_grad_()
@@ -258,8 +259,12 @@ def test_cuda_matches_twin() -> None:
         expected = ops.reference.softmax_relevance(x, probs, relevance, -1)
         result = torch.ops.fastattr.softmax_relevance(x.cuda(), probs.cuda(), relevance.cuda(), -1)
         _close(result.cpu(), expected)
-        inputs, relevance, outputs, rstd, weight, _, _ = _layer_norm_operands([4, 7, 300], 1, dtype, 3)
-        expected = ops.reference.layer_norm_relevance(inputs, relevance, outputs, rstd, weight, 1e-9)
+        inputs, relevance, outputs, rstd, weight, _, _ = _layer_norm_operands(
+            [4, 7, 300], 1, dtype, 3
+        )
+        expected = ops.reference.layer_norm_relevance(
+            inputs, relevance, outputs, rstd, weight, 1e-9
+        )
         operands = (t.cuda() for t in (inputs, relevance, outputs, rstd, weight))
         _close(torch.ops.fastattr.layer_norm_relevance(*operands, 1e-9).cpu(), expected)
         expected = ops.reference.relevance_share(x, relevance, 0.25)

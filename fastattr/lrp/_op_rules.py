@@ -56,6 +56,22 @@ def _write(target: Tensor, result: Tensor) -> Tensor:
 class OpRuleMode(_ResidualAdditions):
     """The residual-addition mode, extended to every op rule."""
 
+    def __init__(self, copy: bool) -> None:
+        super().__init__(copy)
+        # A refusal raised where torch turns TypeErrors into NotImplemented (operators such as
+        # `/`), raised again when the forward leaves the mode.
+        self.refusal: TypeError | None = None
+
+    def __exit__(self, kind, error, traceback):
+        refusal, self.refusal = self.refusal, None
+        super().__exit__(kind, error, traceback)
+        if refusal is not None and error is not None and error is not refusal:
+            raise refusal from None
+
+    def _refuse(self, error: TypeError) -> TypeError:
+        self.refusal = error
+        return error
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.depth:
@@ -72,12 +88,15 @@ class OpRuleMode(_ResidualAdditions):
         if rule is None:
             result = func(*args, **kwargs)
             if _carrying_outputs(result):
-                raise no_rule_error(func)
+                raise self._refuse(no_rule_error(func))
             return result
         if isinstance(rule, OpenRule):
             with self:
                 return OpenRule.body(func)(*args, **kwargs)
-        return rule(func, args, kwargs, _on_relevance_path, self.copy)
+        try:
+            return rule(func, args, kwargs, _on_relevance_path, self.copy)
+        except TypeError as error:
+            raise self._refuse(error) from None
 
     def _apply(self, func, args, kwargs):
         rule = OP_RULES.get(func)

@@ -277,8 +277,10 @@ def _carrying(args: tuple, kwargs: Mapping[str, Any], carries: CarriesRelevance)
 
 def _name(func: Callable) -> str:
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    return str(qualname or func).replace("TensorBase.", "Tensor.").replace(
-        "_VariableFunctionsClass.", "torch."
+    return (
+        str(qualname or func)
+        .replace("TensorBase.", "Tensor.")
+        .replace("_VariableFunctionsClass.", "torch.")
     )
 
 
@@ -295,7 +297,7 @@ def no_rule_error(func: Callable, detail: str = "") -> TypeError:
 class StructuralRule(OpRule):
     """Reshapes, copies, selections: autograd's own backward moves the relevance."""
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         return func(*args, **kwargs)
 
 
@@ -303,7 +305,7 @@ class IdentityOpRule(OpRule):
     """Point-wise functions of one tensor (activations, dropout, scaling by a constant): the
     relevance passes to the input unchanged (AttnLRP's identity rule)."""
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         found = _carrying(args, kwargs, carries)
         with torch.no_grad():
             output = func(*args, **kwargs)
@@ -330,12 +332,14 @@ class EpsilonOpRule(OpRule):
         self.uniform = uniform
         self.epsilon = _check_epsilon(epsilon)
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         found = _carrying(args, kwargs, carries)
         share = 1.0 / len(found) if self.uniform and found else 1.0
 
         def node(tensor: Tensor) -> Tensor:
-            return ops.lrp_share_node(tensor, share) if share != 1.0 else ops.lrp_product_node(tensor)
+            return (
+                ops.lrp_share_node(tensor, share) if share != 1.0 else ops.lrp_product_node(tensor)
+            )
 
         args = tuple(_map_carrying(a, carries, node) for a in args)
         kwargs = {k: _map_carrying(v, carries, node) for k, v in kwargs.items()}
@@ -359,7 +363,7 @@ class ProductOpRule(OpRule):
         self.uniform = EpsilonOpRule(uniform=True, epsilon=epsilon)
         self.linear = EpsilonOpRule(epsilon=epsilon)
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         if kwargs.get("rounding_mode") is not None:
             raise no_rule_error(func, f" with rounding_mode={kwargs['rounding_mode']!r}")
         found = _carrying(args, kwargs, carries)
@@ -386,7 +390,7 @@ class SoftmaxOpRule(OpRule):
     def __init__(self, dtype_index: int) -> None:
         self.dtype_index = dtype_index  # where dtype sits among the positional arguments
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         inputs = _argument(args, kwargs, 0, "input", None)
         dim = _argument(args, kwargs, 1, "dim", None)
         dtype = _argument(args, kwargs, self.dtype_index, "dtype", None)
@@ -402,7 +406,7 @@ class LayerNormOpRule(OpRule):
     def __init__(self, epsilon: float = EPSILON) -> None:
         self.epsilon = _check_epsilon(epsilon)
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         inputs = _argument(args, kwargs, 0, "input", None)
         shape = _argument(args, kwargs, 1, "normalized_shape", None)
         weight = _argument(args, kwargs, 2, "weight", None)
@@ -419,7 +423,7 @@ class RMSNormOpRule(OpRule):
     """``F.rms_norm``: the relevance passes to the input unchanged (with the RMS held fixed, RMS
     normalization scales each feature)."""
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         inputs = _argument(args, kwargs, 0, "input", None)
         weight = _argument(args, kwargs, 2, "weight", None)
         if carries(weight) or not carries(inputs):
@@ -446,7 +450,7 @@ class ScaledDotProductAttentionRule(OpRule):
     def __init__(self, epsilon: float = EPSILON) -> None:
         self.epsilon = _check_epsilon(epsilon)
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         if carries(_argument(args, kwargs, 3, "attn_mask", None)):
             raise no_rule_error(func, " with an attn_mask that carries relevance")
         args = list(args)
@@ -471,7 +475,7 @@ class OpenRule(OpRule):
     with the op rules applied to the calls it makes. The interception that applies op rules
     runs :meth:`body` under them."""
 
-    def __call__(self, func, args, kwargs, carries, copy):  # noqa: D102
+    def __call__(self, func, args, kwargs, carries, copy):
         raise RuntimeError("OpenRule is applied by running its body under the op rules")
 
     @staticmethod

@@ -40,6 +40,11 @@ def _per_example_sum(tensors: tuple[Tensor, ...]) -> Tensor:
     return sum(t.reshape(t.shape[0], -1).sum(1) for t in tensors)  # type: ignore[return-value]
 
 
+def _tensors(output: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    # A block (a module without a rule of its own) may return several tensors.
+    return output if isinstance(output, tuple) else (output,)
+
+
 def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
     # The backward starts from 1 at the target, as captum's does; scaling at the end gives its
     # rounding.
@@ -119,6 +124,12 @@ class LRP(Attribution, captum_class="LRP"):
         """
         plan = self._rule_plan()
         is_tuple, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
+        for i, tensor in enumerate(tensors):
+            if not tensor.is_floating_point():
+                raise TypeError(
+                    f"inputs[{i}] must be a floating point tensor, got {tensor.dtype} (for the "
+                    "relevance of token ids, use LayerLRP on the embedding layer)"
+                )
         if verbose:
             plan.report()
         grads, output = self._propagate(
@@ -166,9 +177,6 @@ class LRP(Attribution, captum_class="LRP"):
         self, inputs: Any, target: TargetType, additional_forward_args: Any
     ) -> tuple[bool, tuple[Tensor, ...], TargetType | ColumnIndices, tuple[Any, ...] | None]:
         tensors = as_tensor_tuple(inputs)
-        for i, tensor in enumerate(tensors):
-            if not tensor.is_floating_point():
-                raise TypeError(f"inputs[{i}] must be a floating point tensor, got {tensor.dtype}")
         target = check_target(target, tensors[0].shape[0])
         args = format_additional_args(additional_forward_args)
         return isinstance(inputs, tuple), tensors, target, args
@@ -203,15 +211,23 @@ class LRP(Attribution, captum_class="LRP"):
         """Relevance (normalized to 1 at the target) at the inputs, then at the tensors
         ``layer_tensors`` names once the forward has run; and the target output."""
         with torch.enable_grad():
-            leaves = tuple(t.detach().requires_grad_() for t in tensors)
+            # Integer inputs (token ids, for LayerLRP) carry no relevance.
+            leaves = tuple(
+                t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors
+            )
             # Views give the inputs a grad_fn, which marks them as activations for the
             # residual-addition rule (when some forward may add).
-            inputs = tuple(x.view_as(x) for x in leaves) if propagation.plan.may_add else leaves
+            inputs = tuple(
+                x.view_as(x) if x.requires_grad and propagation.plan.may_add else x for x in leaves
+            )
             output = per_example(
                 run_forward(propagation.forward, inputs, target, args), tensors[0].shape[0]
             )
-            wanted = leaves + (layer_tensors() if layer_tensors is not None else ())
-            grads = input_gradients(output, wanted, torch.ones_like(output))
+            differentiable = tuple(x for x in leaves if x.requires_grad)
+            wanted = differentiable + (layer_tensors() if layer_tensors is not None else ())
+            found = iter(input_gradients(output, wanted, torch.ones_like(output)))
+        grads = tuple(next(found) if x.requires_grad else None for x in leaves) + tuple(found)
+        wanted = leaves + wanted[len(differentiable) :]
         grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted))
         return grads, output.detach()
 
@@ -275,13 +291,6 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
         plan = self._rule_plan()
         _, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
         layers = self.layer if isinstance(self.layer, list) else [self.layer]
-        for layer in layers:
-            if plan.rule_of(layer) is None:
-                raise ValueError(
-                    f"layer {type(layer).__name__} carries no LRP rule of its own (it is a "
-                    "container or a reshape), so no relevance is recorded at it: pick one of its "
-                    "submodules, or set a rule on it"
-                )
         if verbose:
             plan.report()
         propagation = Propagation(self.model, plan, taps=layers)
@@ -297,14 +306,15 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
                 if id(layer) not in propagation.tapped:
                     raise ValueError(f"layer {type(layer).__name__} did not run in the forward")
                 layer_inputs, layer_output = propagation.tapped[id(layer)]
-                found.extend(layer_inputs if attribute_to_layer_input else (layer_output,))
+                found.extend(layer_inputs if attribute_to_layer_input else _tensors(layer_output))
             return tuple(found)
 
         grads, output = self._propagate(propagation_with, tensors, target, args, recorded)
         grads = grads[len(tensors) :]
         results: list[TensorOrTuple] = []
         for layer in layers:
-            count = len(propagation.tapped[id(layer)][0]) if attribute_to_layer_input else 1
+            layer_inputs, layer_output = propagation.tapped[id(layer)]
+            count = len(layer_inputs if attribute_to_layer_input else _tensors(layer_output))
             scaled = tuple(_scaled(g, output) for g in grads[:count])
             grads = grads[count:]
             results.append(scaled if len(scaled) > 1 else scaled[0])

@@ -294,7 +294,10 @@ class Propagation:
     plan: RulePlan
     copy: bool = False  # copy every rule's output, not only when modules work in place
     taps: Sequence[nn.Module] = ()
-    tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = field(default_factory=dict)
+    # id(layer) -> (its inputs, its output: a tuple of tensors for a block returning several)
+    tapped: dict[int, tuple[tuple[Tensor, ...], Tensor | tuple[Tensor, ...]]] = field(
+        default_factory=dict
+    )
     _handles: list[RemovableHandle] = field(default_factory=list)
     _buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     _mode: _ResidualAdditions | None = None
@@ -338,6 +341,9 @@ class Propagation:
                     self._handles.append(module.register_forward_hook(hook))
                 else:
                     self._override(module, pre_hook, hook)
+            for module in self.taps:
+                if self.plan.rule_of(module) is None:
+                    self._tap_block(module)
         except BaseException:
             self._restore()
             raise
@@ -510,11 +516,36 @@ class Propagation:
 
         return hook
 
+    def _tap_block(self, module: nn.Module) -> None:
+        """Records the relevance at the inputs and outputs of a tapped module without a rule of
+        its own (a block): private views of its tensors, which the relevance crosses as is."""
+
+        def viewed(value: object) -> object:
+            if isinstance(value, (tuple, list)):
+                return type(value)(map(viewed, value))
+            return value.view_as(value) if _on_relevance_path(value) else value
+
+        def pre_hook(module: nn.Module, args: tuple) -> tuple:
+            args = viewed(args)  # type: ignore[assignment]
+            self._record(module, args, None)
+            return args
+
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            output = viewed(output)
+            found = output if isinstance(output, (tuple, list)) else (output,)
+            self._record(module, None, tuple(t for t in found if _on_relevance_path(t)))
+            return output
+
+        self._handles.append(module.register_forward_pre_hook(pre_hook))
+        self._handles.append(module.register_forward_hook(hook))
+
     def _enter_module(self, step: int) -> None:
         if self._mode is not None:
             self._mode.depth += step
 
-    def _record(self, module: nn.Module, inputs: tuple | None, output: Tensor | None) -> None:
+    def _record(
+        self, module: nn.Module, inputs: tuple | None, output: Tensor | tuple[Tensor, ...] | None
+    ) -> None:
         key = id(module)
         if inputs is not None:
             if key in self.tapped:
