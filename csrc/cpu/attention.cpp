@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "../attention.h"
 #include "elementwise.h"
@@ -67,16 +68,23 @@ void layer_norm_relevance_rows(const LayerNormOperands& op, scalar_t* out, doubl
         stabilized_ratio(static_cast<acc_t>(r[j]), static_cast<acc_t>(y[j]), eps);
     return w == nullptr ? ratio : ratio * static_cast<acc_t>(w[k]);
   };
+  // Where v fits the output's dtype exactly, the first pass leaves it there for the second.
+  constexpr bool keep = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, op.rows, rows_per_task(length), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t first = row * length;
       double total = 0;
-      for (int64_t k = 0; k < length; ++k) total += static_cast<double>(v(first + k, k));
+      for (int64_t k = 0; k < length; ++k) {
+        const acc_t value = v(first + k, k);
+        if constexpr (keep) out[first + k] = value;
+        total += static_cast<double>(value);
+      }
       const acc_t mean = static_cast<acc_t>(total / static_cast<double>(length));
       const acc_t scale = rstd[row];
       for (int64_t k = 0; k < length; ++k) {
-        out[first + k] = static_cast<scalar_t>(static_cast<acc_t>(x[first + k]) *
-                                               ((v(first + k, k) - mean) * scale));
+        const acc_t value = keep ? static_cast<acc_t>(out[first + k]) : v(first + k, k);
+        out[first + k] =
+            static_cast<scalar_t>(static_cast<acc_t>(x[first + k]) * ((value - mean) * scale));
       }
     }
   });

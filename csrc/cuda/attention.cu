@@ -8,6 +8,7 @@
 
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "../attention.h"
 #include "launch.cuh"
@@ -93,16 +94,23 @@ __global__ void layer_norm_relevance_kernel(const scalar_t* x, const scalar_t* r
   __shared__ double partial[kThreads];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t first = row * length;
+    // Where v fits the output's dtype exactly, the first pass leaves it there for the second
+    // (each thread reads back only what it wrote).
+    constexpr bool keep = std::is_same_v<scalar_t, acc_t>;
     double total = 0;
     for (int64_t k = threadIdx.x; k < length; k += blockDim.x) {
-      total += static_cast<double>(layer_norm_term(r, y, w, first + k, k, eps));
+      const acc_t v = layer_norm_term(r, y, w, first + k, k, eps);
+      if constexpr (keep) out[first + k] = v;
+      total += static_cast<double>(v);
     }
     const acc_t mean =
         static_cast<acc_t>(block_sum(total, partial) / static_cast<double>(length));
     const acc_t scale = rstd[row];
     for (int64_t k = threadIdx.x; k < length; k += blockDim.x) {
-      const acc_t v = layer_norm_term(r, y, w, first + k, k, eps);
-      out[first + k] = static_cast<scalar_t>(static_cast<acc_t>(x[first + k]) * ((v - mean) * scale));
+      const acc_t v = keep ? static_cast<acc_t>(out[first + k])
+                           : layer_norm_term(r, y, w, first + k, k, eps);
+      out[first + k] =
+          static_cast<scalar_t>(static_cast<acc_t>(x[first + k]) * ((v - mean) * scale));
     }
   }
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fastattr.lrp.attention import IN_PLACE, OP_RULES, STRUCTURAL, OpenRule, no_rule_error
@@ -53,6 +54,12 @@ def _write(target: Tensor, result: Tensor) -> Tensor:
         raise
 
 
+# Additions and subtractions, whose outputs are copied (see OpRuleMode._add).
+_SUMS = frozenset(
+    (*_ResidualAdditions._ADDITIONS, torch.Tensor.sub, torch.sub, torch.Tensor.__rsub__)
+)
+
+
 class OpRuleMode(_ResidualAdditions):
     """The residual-addition mode, extended to every op rule."""
 
@@ -67,6 +74,15 @@ class OpRuleMode(_ResidualAdditions):
         super().__exit__(kind, error, traceback)
         if refusal is not None and error is not None and error is not refusal:
             raise refusal from None
+
+    def _add(self, a: Tensor, b: Tensor, alpha: float, in_place: bool) -> Tensor:
+        # Sums are handed out as copies: the forward may then update one in place (`x += y`, as
+        # BERT's embeddings do) without every rule's output being copied from then on.
+        copy, self.copy = self.copy, True
+        try:
+            return super()._add(a, b, alpha, in_place)
+        finally:
+            self.copy = copy
 
     def _refuse(self, error: TypeError) -> TypeError:
         self.refusal = error
@@ -94,7 +110,7 @@ class OpRuleMode(_ResidualAdditions):
             with self:
                 return OpenRule.body(func)(*args, **kwargs)
         try:
-            return rule(func, args, kwargs, _on_relevance_path, self.copy)
+            return rule(func, args, kwargs, _on_relevance_path, self.copy or func in _SUMS)
         except TypeError as error:
             raise self._refuse(error) from None
 
@@ -102,4 +118,4 @@ class OpRuleMode(_ResidualAdditions):
         rule = OP_RULES.get(func)
         if rule is None:
             raise no_rule_error(func)
-        return rule(func, args, kwargs, _on_relevance_path, self.copy)
+        return rule(func, args, kwargs, _on_relevance_path, self.copy or func in _SUMS)

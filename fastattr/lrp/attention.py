@@ -352,6 +352,29 @@ class EpsilonOpRule(OpRule):
         return f"EpsilonOpRule(uniform={self.uniform}, epsilon={self.epsilon})"
 
 
+def _is_mask(value: object) -> bool:
+    """Whether ``value`` is an additive attention mask: a floating tensor of zeros and of values
+    at most half the dtype's lowest (``-inf`` included)."""
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        return False
+    lowest = torch.finfo(value.dtype).min / 2
+    return bool(((value == 0) | (value <= lowest)).all())
+
+
+class SumOpRule(EpsilonOpRule):
+    """Sums and differences: the epsilon rule (a constant added is a bias, which absorbs its
+    share), except that an attention mask added to scores passes the relevance on unchanged,
+    which is exact: it adds zero where the softmax rule leaves relevance, and where it adds a
+    huge negative number the softmax rule leaves none."""
+
+    def __call__(self, func, args, kwargs, carries, copy):
+        found = _carrying(args, kwargs, carries)
+        others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and not carries(v)]
+        if len(found) == 1 and others and all(map(_is_mask, others)):
+            return func(*args, **kwargs)
+        return super().__call__(func, args, kwargs, carries, copy)
+
+
 class ProductOpRule(OpRule):
     """``a * b`` and ``a / b``: the uniform rule when both factors carry relevance, else the
     product with a constant: relevance passed unchanged when the result has the shape of the
@@ -622,6 +645,7 @@ def build_op_rules(epsilon: float = EPSILON) -> Mapping[Callable, OpRule]:
         EpsilonOpRule(uniform=True, epsilon=1e-06)
     """
     identity, total = IdentityOpRule(), EpsilonOpRule(epsilon=epsilon)
+    sums = SumOpRule(epsilon=epsilon)
     uniform = EpsilonOpRule(uniform=True, epsilon=epsilon)
     product = ProductOpRule(divides=False, epsilon=epsilon)
     quotient = ProductOpRule(divides=True, epsilon=epsilon)
@@ -635,8 +659,8 @@ def build_op_rules(epsilon: float = EPSILON) -> Mapping[Callable, OpRule]:
     add(STRUCTURAL, [F.pad, *_getters("T", "mT", "H", "mH", "data", "shape", "dtype", "device")])
     add(identity, _methods(*_POINTWISE) + _functions(torch, *_POINTWISE))
     add(identity, _functions(F, *_POINTWISE) + _functions(torch.special, "expit"))
-    add(total, _methods("add", "sub", "__rsub__", "sum", "mean", "cumsum"))
-    add(total, _functions(torch, "add", "sub", "subtract", "rsub", "sum", "mean", "cumsum"))
+    add(sums, _methods("add", "sub", "__rsub__") + _functions(torch, "add", "sub", "rsub"))
+    add(total, _methods("sum", "mean", "cumsum") + _functions(torch, "sum", "mean", "cumsum"))
     add(total, _functions(F, "linear", "conv1d", "conv2d", "conv3d", "avg_pool1d", "avg_pool2d"))
     add(total, _functions(F, "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d"))
     add(total, _functions(F, "adaptive_avg_pool3d"))
@@ -682,6 +706,7 @@ __all__ = [
     "SoftmaxOpRule",
     "SoftmaxRule",
     "StructuralRule",
+    "SumOpRule",
     "build_op_rules",
     "no_rule_error",
     "transformer_default_rule",
