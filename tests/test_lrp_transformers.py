@@ -595,3 +595,25 @@ def test_captum_llm_attribution_accepts_no_lrp_method() -> None:
     for wrapper in (LLMAttribution, LLMGradientAttribution):
         with pytest.raises(AssertionError, match="does not support"):
             wrapper(layer_lrp, tokenizer=None)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_the_benchmark_s_lxt_contender_agrees_and_undoes_its_patches(family: str) -> None:
+    """fastattr bench's lxt contender (lxt's patches applied around each call only) gives lxt's
+    relevance and leaves torch and transformers as they were."""
+    from transformers.models.bert import modeling_bert
+    from transformers.models.llama import modeling_llama
+
+    from fastattr.bench.contenders import lxt_attnlrp
+    from fastattr.bench.models import HuggingFaceLogits
+
+    watched = (nn.LayerNorm, nn.Dropout, modeling_bert, modeling_llama, modeling_llama.LlamaMLP)
+    before = [dict(vars(target)) for target in watched]
+    model = HuggingFaceLogits(_build(family, "eager"), _position(family))
+    embeds, mask, target = _inputs(family)
+    arguments = {"inputs": embeds, "target": target[0], "additional_forward_args": (mask,)}
+    relevance = lxt_attnlrp(model, arguments)()
+    assert [dict(vars(target)) for target in watched] == before
+    with _stabilizers(model, TINY):
+        ours = LRP(model).attribute(embeds, target=target[0], additional_forward_args=(mask,))
+    assert _relative(ours, relevance) < PARITY
