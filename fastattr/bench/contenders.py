@@ -73,14 +73,21 @@ def _patched(patches: Mapping[Any, Callable[[Any], object]]) -> Iterator[None]:
 
 def lxt_attnlrp(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     """lxt's AttnLRP in its efficient mode (the relevance is the input embeddings times a
-    gradient into which its rules are built) on a HuggingFace BERT, GPT-2 or LLaMA model
-    wrapped in :class:`fastattr.bench.models.HuggingFaceLogits`, with input embeddings,
-    attention mask and target as fastattr's LRP gets them.
+    gradient into which its rules are built) on a HuggingFace BERT, GPT-2 or LLaMA model.
 
     lxt patches transformers, and torch's LayerNorm and Dropout, for the whole process; here its
     patches are applied around each call and undone after, so that the other contenders run
     unpatched. For BERT, whose classes lxt replaces by copies of its own, the model is rebuilt
     from lxt's copy with the same weights.
+
+    Args:
+        model: The model, wrapped in
+            [HuggingFaceLogits][fastattr.bench.models.HuggingFaceLogits].
+        arguments: ``inputs`` (input embeddings), ``target`` and ``additional_forward_args``
+            (the attention mask), as fastattr's LRP gets them.
+
+    Returns:
+        The call to time, returning lxt's relevance at the input embeddings.
     """
     import sys
 

@@ -157,8 +157,12 @@ def input_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
 
 
 def layer_output_floor(layer_name: str) -> Callable[[nn.Module, Arguments], Callable[[], Any]]:
-    """LayerLRP and other single-pass layer methods at ``layer_name``: one forward over the
-    batch and one gradient of the summed target outputs with respect to the layer's output."""
+    """LayerLRP and other single-pass layer methods: one forward over the batch and one
+    gradient of the summed target outputs with respect to the layer's output.
+
+    Args:
+        layer_name: The layer's name in the model.
+    """
 
     def floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
         layer = model.get_submodule(layer_name)

@@ -217,6 +217,12 @@ class HuggingFaceLogits(nn.Module):
         self.options = {"use_cache": False} if "use_cache" in parameters else {}
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The logits.
+
+        Args:
+            inputs_embeds: (batch, tokens, hidden) input embeddings.
+            attention_mask: (batch, tokens), 1 for tokens and 0 for padding, or None.
+        """
         output = self.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **self.options
         )

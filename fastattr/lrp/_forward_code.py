@@ -11,6 +11,7 @@ import ast
 import functools
 import inspect
 import textwrap
+import tokenize
 from collections.abc import Callable
 
 from torch import nn
@@ -44,7 +45,7 @@ def _submodule_calls(forward: Callable) -> tuple[str, ...] | None:
     no tensors."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
-    except (OSError, TypeError, SyntaxError):
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
         return None
     definition = tree.body[0] if tree.body else None
     if not isinstance(definition, ast.FunctionDef) or not definition.args.args:
@@ -117,7 +118,7 @@ def _forward_chain(forward: Callable) -> tuple[str | None, ...] | None:
     statements ``x = self.a(x)`` ending in ``return x``-like chains); None for anything else."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
-    except (OSError, TypeError, SyntaxError):
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
         return None
     definition = tree.body[0] if tree.body else None
     if not isinstance(definition, ast.FunctionDef):

@@ -1,6 +1,6 @@
-"""Interim: applies the op rules of :mod:`fastattr.lrp.attention` to the torch calls of a
+"""Interim: applies the op rules of [attention][fastattr.lrp.attention] to the torch calls of a
 forward, as a torch-function mode on top of the module rules of
-:class:`~fastattr.lrp.propagation.Propagation`. It stands in until the LRP engine applies op
+[Propagation][fastattr.lrp.propagation.Propagation]. It stands in until the LRP engine applies op
 rules itself, and then goes away.
 
 Calls inside a module that carries a rule of its own are that rule's business and run as they

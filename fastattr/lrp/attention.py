@@ -4,14 +4,18 @@ Layer-Wise Relevance Propagation for Transformers", ICML 2024, arXiv 2402.05602)
 Two kinds of rules live here, both with LRP's convention: the relevance arriving at an output
 goes out as relevance at the inputs.
 
-* Module rules (:class:`~fastattr.lrp.rules.PropagationRule`), the defaults of module types that
-  transformers use (:func:`transformer_default_rule`): :class:`LayerNormRule` for
-  ``nn.LayerNorm``, relevance passed through unchanged for RMSNorm modules and point-wise
-  activations (HuggingFace's included), epsilon for HuggingFace's ``Conv1D``,
-  :class:`SoftmaxRule` for ``nn.Softmax`` and :class:`EmbeddingRule` for ``nn.Embedding``.
-* Op rules (:class:`OpRule`), for the torch functions a model's own forward code calls on
-  tensors that carry relevance (:data:`OP_RULES`): the uniform rule for the products of two
-  such tensors (``a * b``, ``a @ b``, ``torch.bmm``, ``torch.einsum``, ...), AttnLRP's softmax
+* Module rules ([PropagationRule][fastattr.lrp.rules.PropagationRule]), the defaults of module
+  types that transformers use
+  ([transformer_default_rule][fastattr.lrp.attention.transformer_default_rule]):
+  [LayerNormRule][fastattr.lrp.attention.LayerNormRule] for ``nn.LayerNorm``, relevance passed
+  through unchanged for RMSNorm modules and point-wise activations (HuggingFace's included),
+  epsilon for HuggingFace's ``Conv1D``, [SoftmaxRule][fastattr.lrp.attention.SoftmaxRule] for
+  ``nn.Softmax`` and [EmbeddingRule][fastattr.lrp.attention.EmbeddingRule] for
+  ``nn.Embedding``.
+* Op rules ([OpRule][fastattr.lrp.attention.OpRule]), for the torch functions a model's own
+  forward code calls on tensors that carry relevance
+  ([OP_RULES][fastattr.lrp.attention.OP_RULES]): the uniform rule for the products of two such
+  tensors (``a * b``, ``a @ b``, ``torch.bmm``, ``torch.einsum``, ...), AttnLRP's softmax
   rule, the layer-norm rule for ``F.layer_norm``, ``F.scaled_dot_product_attention`` and
   ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``), the epsilon rule for sums,
   biases and other linear maps, and relevance passed unchanged through point-wise functions
@@ -40,6 +44,7 @@ torch.Size([2, 5, 8])
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import types
@@ -133,7 +138,8 @@ class SoftmaxRule(PropagationRule):
     expansion's bias term is not redistributed, as in the paper (Proposition 3.1). Inputs of
     ``-inf`` (masked scores) receive none.
 
-    The default rule of ``nn.Softmax``; :data:`OP_RULES` applies the same to ``torch.softmax``.
+    The default rule of ``nn.Softmax``; [OP_RULES][fastattr.lrp.attention.OP_RULES] applies the
+    same to ``torch.softmax``.
 
     Examples:
         >>> import torch
@@ -193,12 +199,14 @@ def _hf_type(module: nn.Module, module_prefix: str) -> str | None:
 def transformer_default_rule(module: nn.Module) -> PropagationRule | None:
     """The AttnLRP default of a transformer module type, or None.
 
-    ``nn.LayerNorm``: :class:`LayerNormRule`; ``nn.Softmax``: :class:`SoftmaxRule`;
-    ``nn.Embedding``: :class:`EmbeddingRule`; ``nn.RMSNorm`` and HuggingFace's RMSNorm modules
+    ``nn.LayerNorm``: [LayerNormRule][fastattr.lrp.attention.LayerNormRule]; ``nn.Softmax``:
+    [SoftmaxRule][fastattr.lrp.attention.SoftmaxRule]; ``nn.Embedding``:
+    [EmbeddingRule][fastattr.lrp.attention.EmbeddingRule]; ``nn.RMSNorm`` and HuggingFace's
+    RMSNorm modules
     (``transformers.models.*.*RMSNorm``): relevance passed through unchanged (RMS
     normalization with the RMS held fixed is a per-feature scaling); HuggingFace's activation
     modules (``transformers.activations``): passed through unchanged; HuggingFace's ``Conv1D``
-    (GPT-2's linear layers): :class:`~fastattr.lrp.rules.EpsilonRule`.
+    (GPT-2's linear layers): [EpsilonRule][fastattr.lrp.rules.EpsilonRule].
 
     Args:
         module: any module.
@@ -285,7 +293,15 @@ def _name(func: Callable) -> str:
 
 
 def no_rule_error(func: Callable, detail: str = "") -> TypeError:
-    """The error for a torch function that LRP has no rule for on tensors carrying relevance."""
+    """The error for a torch function that LRP has no rule for on tensors carrying relevance.
+
+    Args:
+        func: the torch function.
+        detail: what about the call has no rule, appended to the function's name.
+
+    Returns:
+        A TypeError naming the function and saying how to give the computation a rule.
+    """
     return TypeError(
         f"LRP has no rule for {_name(func)}{detail} on tensors that carry relevance: it is not "
         "point-wise, so passing the gradient through would misattribute silently. Move the "
@@ -379,7 +395,12 @@ class ProductOpRule(OpRule):
     """``a * b`` and ``a / b``: the uniform rule when both factors carry relevance, else the
     product with a constant: relevance passed unchanged when the result has the shape of the
     factor, the epsilon rule when broadcasting makes it larger. A divisor carrying relevance
-    has no rule."""
+    has no rule.
+
+    Args:
+        divides: the rule of a division (only the dividend may carry relevance).
+        epsilon: the stabilizer of the ratio at the output.
+    """
 
     def __init__(self, divides: bool, epsilon: float = EPSILON) -> None:
         self.divides = divides
@@ -408,7 +429,12 @@ def _argument(args: tuple, kwargs: Mapping[str, Any], index: int, name: str, def
 
 
 class SoftmaxOpRule(OpRule):
-    """``torch.softmax``, ``F.softmax`` and ``Tensor.softmax``: :class:`SoftmaxRule`."""
+    """``torch.softmax``, ``F.softmax`` and ``Tensor.softmax``:
+    [SoftmaxRule][fastattr.lrp.attention.SoftmaxRule].
+
+    Args:
+        dtype_index: where the function takes ``dtype`` among its positional arguments.
+    """
 
     def __init__(self, dtype_index: int) -> None:
         self.dtype_index = dtype_index  # where dtype sits among the positional arguments
@@ -423,8 +449,12 @@ class SoftmaxOpRule(OpRule):
 
 
 class LayerNormOpRule(OpRule):
-    """``F.layer_norm``: :class:`LayerNormRule` (a weight or bias carrying relevance has no
-    rule)."""
+    """``F.layer_norm``: [LayerNormRule][fastattr.lrp.attention.LayerNormRule] (a weight or
+    bias carrying relevance has no rule).
+
+    Args:
+        epsilon: the stabilizer of the ratio at the output.
+    """
 
     def __init__(self, epsilon: float = EPSILON) -> None:
         self.epsilon = _check_epsilon(epsilon)
@@ -496,15 +526,27 @@ class OpenRule(OpRule):
     """A torch function written in Python from other torch functions (such as
     ``F.multi_head_attention_forward``, behind ``nn.MultiheadAttention``): its own code runs,
     with the op rules applied to the calls it makes. The interception that applies op rules
-    runs :meth:`body` under them."""
+    runs [body][fastattr.lrp.attention.OpenRule.body] under them."""
 
     def __call__(self, func, args, kwargs, carries, copy):
         raise RuntimeError("OpenRule is applied by running its body under the op rules")
 
     @staticmethod
+    @functools.lru_cache(maxsize=16)
     def body(func: Callable) -> Callable:
         """``func`` without its dispatch to torch-function modes (its first step), so that the
-        calls it makes meet the rules instead of ``func`` meeting them again."""
+        calls it makes meet the rules instead of ``func`` meeting them again.
+
+        Args:
+            func: a torch function written in Python that dispatches through
+                ``has_torch_function``, as those of ``torch.nn.functional`` do.
+
+        Returns:
+            The same function, its check for torch-function modes always false.
+
+        Raises:
+            TypeError: ``func`` is not such a function.
+        """
         found = getattr(func, "__globals__", {}).get("has_torch_function")
         if found is None or not isinstance(func, types.FunctionType):
             raise no_rule_error(func)
@@ -629,7 +671,8 @@ _POINTWISE = (
 
 def build_op_rules(epsilon: float = EPSILON) -> Mapping[Callable, OpRule]:
     """The op rule of each torch function that has one, with the stabilizer ``epsilon`` in every
-    ratio, as a read-only mapping (:data:`OP_RULES` is the default).
+    ratio, as a read-only mapping ([OP_RULES][fastattr.lrp.attention.OP_RULES] is the
+    default).
 
     Args:
         epsilon: the stabilizer of the epsilon, uniform, layer-norm and attention rules.

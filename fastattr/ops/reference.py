@@ -400,9 +400,11 @@ def check_softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, di
 
 
 def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> Tensor:
-    """AttnLRP's softmax rule: ``inputs * (relevance - probs * relevance.sum(dim))``, the input
-    times the gradient of ``sum(probs * relevance / probs)``, without dividing by ``probs``;
-    zero where an input is ``-inf`` (a masked score)."""
+    """Twin of [fastattr.ops.softmax_relevance][].
+
+    ``inputs * (relevance - probs * relevance.sum(dim))``, the input times the gradient of
+    ``sum(probs * relevance / probs)`` without dividing by ``probs``; zero where an input is
+    ``-inf``."""
     check_softmax_relevance(inputs, probs, relevance, dim)
     compute = opmath_dtype(inputs.dtype)
     x = inputs.to(compute)
@@ -464,9 +466,10 @@ def layer_norm_relevance(
     weight: Tensor | None,
     epsilon: float,
 ) -> Tensor:
-    """AttnLRP's layer-norm rule, the normalization treated as linear (``rstd`` held fixed):
-    with ``v = weight * relevance / (outputs + epsilon * sign(outputs))``, the relevance
-    ``inputs * (v - mean(v)) * rstd`` over each normalized row."""
+    """Twin of [fastattr.ops.layer_norm_relevance][].
+
+    With ``v = weight * relevance / (outputs + epsilon * sign(outputs))``, ``inputs * (v -
+    mean(v)) * rstd`` over each normalized row (``rstd`` held fixed)."""
     row = check_layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
     compute = opmath_dtype(inputs.dtype)
     shape = (-1, row) if inputs.numel() else (0, max(row, 1))
@@ -487,8 +490,9 @@ def check_relevance_share(activations: Tensor, contributions: Tensor, share: flo
 
 
 def relevance_share(activations: Tensor, contributions: Tensor, share: float) -> Tensor:
-    """``activations * contributions * share``: the uniform rule's part of a product's relevance
-    for one of its factors (computed in float32 or float64)."""
+    """Twin of [fastattr.ops.relevance_share][].
+
+    ``activations * contributions * share``, computed in float32 or float64."""
     check_relevance_share(activations, contributions, share)
     compute = opmath_dtype(activations.dtype)
     product = activations.to(compute) * contributions.to(compute)
@@ -552,13 +556,19 @@ class _LayerNormNode(torch.autograd.Function):
 
 
 def lrp_share_node(activation: Tensor, share: float) -> Tensor:
-    """``activation``; backward :func:`relevance_share` of it and the contribution."""
+    """Twin of [fastattr.ops.lrp_share_node][].
+
+    ``activation``; backward [relevance_share][fastattr.ops.reference.relevance_share] of it
+    and the contribution."""
     check_relevance_share(activation, activation, share)
     return _ShareNode.apply(activation, share)
 
 
 def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:
-    """``softmax(inputs, dim, dtype)``; backward :func:`softmax_relevance` into ``inputs``."""
+    """Twin of [fastattr.ops.lrp_softmax_node][].
+
+    ``softmax(inputs, dim, dtype)``; backward
+    [softmax_relevance][fastattr.ops.reference.softmax_relevance] into ``inputs``."""
     _check_floating(inputs, "inputs")
     _check_dim(dim, inputs, "inputs")
     return _SoftmaxNode.apply(inputs, dim, dtype)
@@ -572,7 +582,10 @@ def lrp_layer_norm_node(
     eps: float,
     epsilon: float,
 ) -> Tensor:
-    """``layer_norm(inputs, ...)``; backward :func:`layer_norm_relevance` into ``inputs``."""
+    """Twin of [fastattr.ops.lrp_layer_norm_node][].
+
+    ``layer_norm(inputs, ...)``; backward
+    [layer_norm_relevance][fastattr.ops.reference.layer_norm_relevance] into ``inputs``."""
     _check_epsilon(epsilon)
     _check_floating(inputs, "inputs")
     return _LayerNormNode.apply(inputs, list(normalized_shape), weight, bias, eps, epsilon)
