@@ -254,5 +254,7 @@ def test_every_registered_op_is_checked_here_or_in_test_ops() -> None:
         for name in torch._C._dispatch_get_all_op_names()
         if name.startswith("fastattr::")
     }
+    from test_attention_ops import ATTENTION_OPS
+
     path_ops = {"interpolate_path", "quadrature_accumulate", "quadrature_finish"}
-    assert registered == path_ops | set(OPCHECKED) | set(NODES)
+    assert registered == path_ops | set(OPCHECKED) | set(NODES) | ATTENTION_OPS

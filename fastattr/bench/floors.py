@@ -154,3 +154,30 @@ def input_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     extra = _forward_args(arguments, 1)
     target = arguments.get("target")
     return lambda: torch.autograd.grad(_selected(model(inputs, *extra), target).sum(), inputs)
+
+
+def layer_output_floor(layer_name: str) -> Callable[[nn.Module, Arguments], Callable[[], Any]]:
+    """LayerLRP and other single-pass layer methods: one forward over the batch and one
+    gradient of the summed target outputs with respect to the layer's output.
+
+    Args:
+        layer_name: The layer's name in the model.
+    """
+
+    def floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
+        layer = model.get_submodule(layer_name)
+        extra = _forward_args(arguments, 1)
+        target = arguments.get("target")
+
+        def forward_backward() -> Any:
+            captured: list[Tensor] = []
+            handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+            try:
+                output = model(arguments["inputs"], *extra)
+            finally:
+                handle.remove()
+            return torch.autograd.grad(_selected(output, target).sum(), captured[0])
+
+        return forward_backward
+
+    return floor
