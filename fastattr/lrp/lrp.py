@@ -58,8 +58,16 @@ def _differentiated(output: Tensor, batch: int) -> Tensor:
 
 
 def check_target_sequence(targets: Any, batch: int) -> list[TargetType | ColumnIndices]:
-    """The K targets of ``attribute_targets``: a non-empty list or tuple (or a tensor, one
-    target per entry of its first dimension), each checked as ``target=`` would be."""
+    """The K targets of ``attribute_targets``, each checked as ``target=`` would be.
+
+    Args:
+        targets: A non-empty list or tuple of targets (or a tensor, one target per entry of
+            its first dimension).
+        batch: The number of examples.
+
+    Returns:
+        The checked targets.
+    """
     if isinstance(targets, Tensor) and targets.dim() > 0:
         targets = list(targets.unbind(0))
     if not isinstance(targets, (list, tuple)):

@@ -141,7 +141,9 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
     covers the module's submodules), else the default of its type on modules without
     submodules; containers without a rule run as plain autograd. captum passes relevance
     straight through ReLU, Dropout and Tanh whatever rule is set on them, and so does this.
-    Canonizers then adjust the rules and add op rules.
+    Canonizers then adjust the rules (giving some to modules without one) and add op rules;
+    when an op rule takes every torch call, a module without parameters and without a rule runs
+    as code under the op rules.
 
     Args:
         model: The model.
