@@ -222,7 +222,8 @@ def test_opcheck() -> None:
             ("lrp_softmax_node", (leaf, 1, None)),
             ("lrp_layer_norm_node", (leaf, [5], weight, None, 1e-5, 1e-9)),
         ):
-            torch.library.opcheck(getattr(torch.ops.fastattr, name).default, args, test_utils=checks)
+            node = getattr(torch.ops.fastattr, name).default
+            torch.library.opcheck(node, args, test_utils=checks)
 
 
 def _node_gradients(build, inputs: torch.Tensor, relevance: torch.Tensor):

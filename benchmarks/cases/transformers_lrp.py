@@ -1,7 +1,8 @@
 """LRP for transformers (AttnLRP) on HuggingFace models of BERT-base size (hidden size 768,
-12 layers, 12 heads), from input embeddings: fastattr's LRP, lxt's AttnLRP (efficient mode, its
-patches applied around each call) and the floor, the model's own forward and one backward to
-the embeddings. Captum's LRP has no rule for layer norm, embeddings or attention.
+12 layers, 12 heads), from input embeddings: fastattr's LRP with the AttnLRP canonizer, lxt's
+AttnLRP (efficient mode, its patches applied around each call) and the floor, the model's own
+forward and one backward to the embeddings. Captum's LRP has no rule for layer norm, embeddings
+or attention.
 
     fastattr bench --cases benchmarks/cases/transformers_lrp.py --batch-sizes 4 --threads 2
 
@@ -53,17 +54,18 @@ def embeddings(batch: int, generator: torch.Generator) -> dict:
 
 
 LXT = {"lxt": contenders.lxt_attnlrp}
+ATTNLRP = contenders.with_attnlrp()
 CASES = (
     Case(
         "LRP", "bert-base", partial(bert, "eager"), embeddings, input_floor,
-        call_kwargs={"target": TARGET}, uses_path=False, others=LXT,
+        call_kwargs={"target": TARGET}, uses_path=False, others=LXT, construct=ATTNLRP,
     ),
     Case(
         "LRP", "bert-base-sdpa", partial(bert, "sdpa"), embeddings, input_floor,
-        call_kwargs={"target": TARGET}, uses_path=False, others=LXT,
+        call_kwargs={"target": TARGET}, uses_path=False, others=LXT, construct=ATTNLRP,
     ),
     Case(
         "LRP", "llama", llama, embeddings, input_floor, call_kwargs={"target": TARGET},
-        uses_path=False, others=LXT,
+        uses_path=False, others=LXT, construct=ATTNLRP,
     ),
 )  # fmt: skip

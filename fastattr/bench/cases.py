@@ -212,7 +212,7 @@ CASES: tuple[Case, ...] = (
     Case(
         "LayerLRP", "transformer", models.transformer, tokens,
         layer_output_floor("embedding"), layer="embedding", call_kwargs={"target": TARGET},
-        uses_path=False, quick=True,
+        uses_path=False, construct=contenders.with_attnlrp("embedding"), quick=True,
     ),
 )  # fmt: skip
 

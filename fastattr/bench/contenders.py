@@ -36,6 +36,31 @@ def lrp_with_residual_sums(library: Any, model: nn.Module) -> Any:
     return library.LRP(model)
 
 
+def with_attnlrp(layer: str | None = None) -> Callable[[Any, nn.Module], Any]:
+    """How a transformer case builds its attributor: fastattr's ``LRP`` (or ``LayerLRP`` at
+    ``layer``) with the [AttnLRP][fastattr.canonizers.AttnLRP] canonizer; Captum's as it is
+    (it has no rule for layer norm, embeddings or attention).
+
+    Args:
+        layer: The layer's name in the model, for ``LayerLRP``; None for ``LRP``.
+
+    Returns:
+        ``(library, model) -> attributor``, a case's ``construct``.
+    """
+
+    def construct(library: Any, model: nn.Module) -> Any:
+        options = {}
+        if library.__name__.startswith("fastattr"):
+            from fastattr.canonizers import AttnLRP
+
+            options["canonizers"] = [AttnLRP()]
+        if layer is None:
+            return library.LRP(model, **options)
+        return library.LayerLRP(model, model.get_submodule(layer), **options)
+
+    return construct
+
+
 def zennit_epsilon(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     """zennit's LRP with the rules fastattr and Captum apply by default to models of linear
     and convolutional layers, activations and pooling: epsilon (1e-9) on linear and

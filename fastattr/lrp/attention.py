@@ -446,7 +446,7 @@ class IdentityOpRule(ActivationOpRule):
     """Point-wise functions of one activation (activations, dropout, scaling by a constant): the
     relevance passes to the input unchanged (AttnLRP's identity rule)."""
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         with torch.no_grad():
             output = func(*args, **kwargs)
         if len(found) != 1 or not isinstance(output, Tensor) or output.shape != found[0].shape:
@@ -486,7 +486,7 @@ class EpsilonOpRule(ActivationOpRule):
         self.epsilon = _check_epsilon(epsilon)
         self.copy = copy
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         share = 1.0 / len(found) if self.uniform else 1.0
 
         def node(tensor: Tensor) -> Tensor:
@@ -527,7 +527,7 @@ class SumOpRule(EpsilonOpRule):
     def __init__(self, functions: Sequence[Callable[..., Any]], epsilon: float = STABILIZER):
         super().__init__(functions, epsilon=epsilon, copy=True)
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         others = [
             v
             for v in (*args, *kwargs.values())
@@ -561,7 +561,7 @@ class ProductOpRule(ActivationOpRule):
         self.uniform = EpsilonOpRule(functions, uniform=True, epsilon=epsilon)
         self.linear = EpsilonOpRule(functions, epsilon=epsilon)
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         if kwargs.get("rounding_mode") is not None:
             raise no_rule_error(func, f" with rounding_mode={kwargs['rounding_mode']!r}")
         if self.divides and len(args) > 1 and relevance.is_activation(args[1]):
@@ -591,7 +591,7 @@ class SoftmaxOpRule(ActivationOpRule):
         super().__init__(functions)
         self.dtype_index = dtype_index
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         inputs = _argument(args, kwargs, 0, "input", None)
         dim = _argument(args, kwargs, 1, "dim", None)
         dtype = _argument(args, kwargs, self.dtype_index, "dtype", None)
@@ -616,7 +616,7 @@ class LayerNormOpRule(ActivationOpRule):
         super().__init__(functions)
         self.epsilon = _check_epsilon(epsilon)
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         inputs = _argument(args, kwargs, 0, "input", None)
         shape = _argument(args, kwargs, 1, "normalized_shape", None)
         weight = _argument(args, kwargs, 2, "weight", None)
@@ -634,7 +634,7 @@ class RMSNormOpRule(ActivationOpRule):
     """``F.rms_norm``: the relevance passes to the input unchanged (with the RMS held fixed, RMS
     normalization scales each feature)."""
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         inputs = _argument(args, kwargs, 0, "input", None)
         if len(found) != 1 or not relevance.is_activation(inputs):
             raise no_rule_error(func, " with a weight that carries relevance")
@@ -665,7 +665,7 @@ class ScaledDotProductAttentionRule(ActivationOpRule):
         super().__init__(functions)
         self.epsilon = _check_epsilon(epsilon)
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         if relevance.is_activation(_argument(args, kwargs, 3, "attn_mask", None)):
             raise no_rule_error(func, " with an attn_mask that carries relevance")
         args = list(args)
@@ -689,7 +689,7 @@ class OpenRule(ActivationOpRule):
     ``F.multi_head_attention_forward``, behind ``nn.MultiheadAttention``): its own code runs,
     with the op rules applied to the calls it makes."""
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         return relevance.under_op_rules(OpenRule.body(func), args, kwargs)
 
     @staticmethod
@@ -737,7 +737,7 @@ class InPlaceOpRule(ActivationOpRule):
         self.out_of_place = out_of_place
         self.rules = {f: rule for rule in rules for f in rule.functions or ()}
 
-    def propagate(self, relevance, func, args, kwargs, found):  # noqa: D102
+    def propagate(self, relevance, func, args, kwargs, found):
         function = self.out_of_place[func]
         rule = self.rules.get(function)
         if rule is None:  # a selection (masked_fill_): autograd's own backward moves relevance

@@ -98,6 +98,8 @@ def _target_output(output: Any, target: Any, k: int, batch: int) -> Tensor:
         return _differentiated(select_targets(output, target), batch)
     except (ValueError, IndexError) as error:
         raise type(error)(f"targets[{k}]: {error}") from None
+
+
 def _check_floating(tensors: tuple[Tensor, ...]) -> None:
     for i, tensor in enumerate(tensors):
         if not tensor.is_floating_point():
@@ -416,9 +418,7 @@ class LRP(Attribution, captum_class="LRP"):
                     input_gradients(output, differentiable + layer, torch.ones_like(output), keep)
                 )
                 at_leaves = tuple(next(found) if x.requires_grad else None for x in leaves)
-                grads = tuple(
-                    _or_zeros(g, w) for g, w in zip((*at_leaves, *found), leaves + layer)
-                )
+                grads = tuple(_or_zeros(g, w) for g, w in zip((*at_leaves, *found), leaves + layer))
                 results.append((grads, output.detach()))
         return results
 

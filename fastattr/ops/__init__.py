@@ -220,6 +220,8 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.lrp_pass_node.default(source, shown)
     return reference.lrp_pass_node(source, shown)
+
+
 def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> Tensor:
     """AttnLRP's softmax rule along ``dim``: ``inputs * (relevance - probs *
     relevance.sum(dim))``, zero where an input is ``-inf`` (a masked attention score).

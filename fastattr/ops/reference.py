@@ -361,6 +361,8 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
 
     A view of ``shown``; backward the relevance, unchanged, into ``source``."""
     return _PassNode.apply(source, shown)
+
+
 # Transformer rules (AttnLRP): the softmax and layer-norm relevance, and the share of a product's
 # relevance that one factor receives.
 
