@@ -73,7 +73,25 @@ if TYPE_CHECKING:
 # Module rules
 
 
-class LayerNormRule(PropagationRule):
+class NodeRule(PropagationRule):
+    """A module rule whose node takes the relevance at the module's output straight to its
+    inputs (or stops it): the inputs get no product node."""
+
+    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
+        """The inputs unchanged.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: Its positional inputs.
+
+        Returns:
+            ``inputs``.
+        """
+        return inputs
+
+
+class LayerNormRule(NodeRule):
     """AttnLRP's rule for layer norm: the normalization treated as linear (the standard deviation
     held fixed, so the variance path carries no relevance), the epsilon rule on the resulting
     linear map. Per normalized row, with ``v = weight * R_out / (y + epsilon * sign(y))``, the
@@ -115,19 +133,6 @@ class LayerNormRule(PropagationRule):
             return f"LayerNormRule runs on nn.LayerNorm, not on {type(module).__name__}"
         return None
 
-    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
-        """The inputs unchanged: the node ``forward_output`` makes takes the relevance to them.
-
-        Args:
-            relevance: The call's relevance graph.
-            module: The layer norm.
-            inputs: Its positional inputs.
-
-        Returns:
-            ``inputs``.
-        """
-        return inputs
-
     def forward_output(
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
     ) -> Tensor:
@@ -155,7 +160,7 @@ class LayerNormRule(PropagationRule):
         return f"LayerNormRule(epsilon={self.epsilon})"
 
 
-class SoftmaxRule(PropagationRule):
+class SoftmaxRule(NodeRule):
     """AttnLRP's softmax rule: with ``s = softmax(x)``, the relevance at the input is ``x * (R -
     s * sum(R))`` along the softmax dimension (the input times the gradient of ``sum(s * R /
     s)``, computed without dividing by ``s``). It does not conserve relevance: the Taylor
@@ -191,19 +196,6 @@ class SoftmaxRule(PropagationRule):
             return "SoftmaxRule needs nn.Softmax with an explicit dim"
         return None
 
-    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
-        """The inputs unchanged: the node ``forward_output`` makes takes the relevance to them.
-
-        Args:
-            relevance: The call's relevance graph.
-            module: The softmax.
-            inputs: Its positional inputs.
-
-        Returns:
-            ``inputs``.
-        """
-        return inputs
-
     def forward_output(
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
     ) -> Tensor:
@@ -224,7 +216,7 @@ class SoftmaxRule(PropagationRule):
         return "SoftmaxRule()"
 
 
-class EmbeddingRule(PropagationRule):
+class EmbeddingRule(NodeRule):
     """An embedding's output is where relevance stops: the token ids it looks up carry none.
 
     [AttnLRP][fastattr.canonizers.AttnLRP]'s rule for ``nn.Embedding``, so that ``LayerLRP`` on
@@ -242,19 +234,6 @@ class EmbeddingRule(PropagationRule):
         >>> LayerLRP(model, model[0]).attribute(ids, target=0).shape
         torch.Size([1, 3, 4])
     """
-
-    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
-        """The token ids, unchanged.
-
-        Args:
-            relevance: The call's relevance graph.
-            module: The embedding.
-            inputs: Its positional inputs.
-
-        Returns:
-            ``inputs``.
-        """
-        return inputs
 
     def forward_output(
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
@@ -996,6 +975,7 @@ __all__ = [
     "InPlaceOpRule",
     "LayerNormOpRule",
     "LayerNormRule",
+    "NodeRule",
     "OpenRule",
     "ProductOpRule",
     "RMSNormOpRule",
