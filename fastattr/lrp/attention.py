@@ -909,7 +909,7 @@ def build_op_rules(epsilon: float = STABILIZER) -> tuple[OpRule, ...]:
     Examples:
         >>> import torch
         >>> from fastattr.lrp.attention import build_op_rules
-        >>> [rule for rule in build_op_rules(1e-6) if torch.matmul in rule.functions]
+        >>> [rule for rule in build_op_rules(1e-6) if torch.matmul in (rule.functions or ())]
         [EpsilonOpRule(uniform=True, epsilon=1e-06)]
     """
     rules: list[OpRule] = [
