@@ -10,10 +10,16 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # mpmath (also torch's, through sympy): high-precision Gauss-Legendre values.
 # zarr 3 (fastattr[data]: attribute_dataset) needs Python 3.11 or newer.
 TEST_DEPS := pytest hypothesis "captum==0.9.*" zennit ruff expecttest tqdm matplotlib \
-	"transformers==4.57.*" mpmath "zarr==3.1.*; python_version >= '3.11'"
+	mpmath "zarr==3.1.*; python_version >= '3.11'"
 # The documentation site's tools, pinned: a new release may warn where this one does not, and
 # the strict build fails on any warning.
 DOCS_DEPS := mkdocs==1.6.1 mkdocs-material==9.8.1 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11
+# The transformer LRP tests' oracle, lxt (AttnLRP), on the newest transformers its patches
+# run on (from 5.0 its BERT module no longer imports); without its declared dependencies
+# (bitsandbytes, open_clip_torch, accelerate, ...), of which its efficient mode imports only
+# transformers, torchvision and zennit.
+TEST_DEPS += "transformers==4.57.6"
+LXT_SPEC := lxt==2.1
 BENCH_ARGS ?=
 
 # The oldest torch that pyproject.toml claims, as a CPU build: `make test` builds fastattr
@@ -35,6 +41,7 @@ $(VENV)/.installed: Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC) numpy setuptools wheel ninja
 	$(PY) -m pip install --quiet $(TEST_DEPS) $(DOCS_DEPS)
+	$(PY) -m pip install --quiet --no-deps $(LXT_SPEC)
 	touch $@
 
 build: $(VENV)/.installed

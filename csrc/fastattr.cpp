@@ -39,6 +39,23 @@ TORCH_LIBRARY(fastattr, m) {
   // method="exact": for each segment p and unit u, whether values[ends_a[p], u] and
   // values[ends_b[p], u] lie beyond their rows' tolerances of zero with opposite signs.
   m.def("kink_flips(Tensor values, Tensor tolerance, Tensor ends_a, Tensor ends_b) -> Tensor");
+  // The transformer rules (AttnLRP, csrc/attention.h). Along `dim`: inputs * (relevance -
+  // probs * relevance.sum(dim)), zero where inputs is -inf.
+  m.def("softmax_relevance(Tensor inputs, Tensor probs, Tensor relevance, int dim) -> Tensor");
+  // Per normalized row, v = weight * relevance / (outputs + epsilon * sign(outputs)) and
+  // inputs * (v - mean(v)) * rstd: layer norm with the normalization taken as linear.
+  m.def(
+      "layer_norm_relevance(Tensor inputs, Tensor relevance, Tensor outputs, Tensor rstd, "
+      "Tensor? weight, float epsilon) -> Tensor");
+  // activations * contributions * share: one factor's part of a product's relevance.
+  m.def("relevance_share(Tensor activations, Tensor contributions, float share) -> Tensor");
+  // Their autograd nodes (csrc/attention_nodes.cpp): lrp_share_node's forward is the identity
+  // (its output aliases the input); the other two compute softmax / layer_norm.
+  m.def("lrp_share_node(Tensor(a) activation, float share) -> Tensor(a)");
+  m.def("lrp_softmax_node(Tensor inputs, int dim, ScalarType? dtype) -> Tensor");
+  m.def(
+      "lrp_layer_norm_node(Tensor inputs, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "float eps, float epsilon) -> Tensor");
 }
 
 #ifdef FASTATTR_WITH_CUDA

@@ -17,6 +17,8 @@ the data flow the call shows. Without a canonizer, LRP's numbers are captum's.
 - [ResNetCanonizer][fastattr.canonizers.ResNetCanonizer]: ``MergeBatchNorm``, and the epsilon
   rule on the residual sum of torchvision's ``BasicBlock`` and ``Bottleneck``, as zennit's
   ``ResNetCanonizer``.
+- [AttnLRP][fastattr.canonizers.AttnLRP]: the rules of AttnLRP for transformers (layer norm,
+  softmax, attention, gated products, residual sums), as lxt applies them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fastattr.lrp.attention import build_op_rules, transformer_module_rule
 from fastattr.lrp.propagation import Relevance
 from fastattr.lrp.rules import (
     STABILIZER,
@@ -288,4 +291,64 @@ class ResNetCanonizer(Canonizer):
         return (self._sum,)
 
 
-__all__ = ["Canonizer", "EpsilonSum", "MergeBatchNorm", "ResNetCanonizer"]
+class AttnLRP(Canonizer):
+    """The rules of AttnLRP (Achtibat et al., ICML 2024) for transformers, as the ``lxt``
+    package applies them, without patching the model: the rules of
+    [fastattr.lrp.attention][] for the module types transformers use (layer norm, softmax,
+    embeddings, RMS norm, HuggingFace's activations and ``Conv1D``) where they have no rule
+    of their own, and op rules for the torch calls of the model's own forward code on
+    activations (attention's matrix products and softmax, ``F.scaled_dot_product_attention``,
+    ``nn.MultiheadAttention``, gated products, sums, point-wise functions). A torch call on
+    activations that has no rule raises a TypeError naming it.
+
+    Args:
+        epsilon: The stabilizer of every ratio these rules make (linear layers keep their own
+            rules: epsilon 1e-9 unless one is set).
+
+    Raises:
+        TypeError: ``epsilon`` is not a real number.
+        ValueError: ``epsilon`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import AttnLRP
+        >>> layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+        ...                                    batch_first=True)
+        >>> model = nn.Sequential(layer, nn.Flatten(), nn.Linear(40, 3)).eval()
+        >>> LRP(model, canonizers=[AttnLRP()]).attribute(torch.randn(2, 5, 8), target=0).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(self, epsilon: float = STABILIZER) -> None:
+        self._rules = build_op_rules(epsilon)
+        self.epsilon = float(epsilon)
+
+    def module_rule(
+        self, module: nn.Module, rule: PropagationRule | None
+    ) -> PropagationRule | None:
+        """``rule``, or AttnLRP's for a transformer module type without one.
+
+        Args:
+            module: A module of the model without submodules, or with a rule set.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use.
+        """
+        return rule if rule is not None else transformer_module_rule(module, self.epsilon)
+
+    def op_rules(self) -> Sequence[OpRule]:
+        """AttnLRP's op rules ([build_op_rules][fastattr.lrp.attention.build_op_rules]).
+
+        Returns:
+            The rules, the last taking every torch call that no other lists.
+        """
+        return self._rules
+
+    def __repr__(self) -> str:
+        return f"AttnLRP(epsilon={self.epsilon})"
+
+
+__all__ = ["AttnLRP", "Canonizer", "EpsilonSum", "MergeBatchNorm", "ResNetCanonizer"]

@@ -55,6 +55,10 @@ def test_quick_run_reports_every_available_method(tmp_path, capsys):
         impls = entry["implementations"]
         others = {"zennit"} if entry["case"] == "lrp-mlp" else set()
         assert set(impls) == {"fastattr", "captum", "floor", *others}
+        # Captum's LayerLRP has no rule for the transformer's embedding, norms or attention.
+        captum_runs = entry["case"] != "llrp-transformer"
+        if not captum_runs:
+            assert impls.pop("captum")["status"] == "error"
         for name, record in impls.items():
             assert record["status"] == "ok", (entry["case"], name, record)
             assert record["seconds"] > 0
@@ -62,15 +66,17 @@ def test_quick_run_reports_every_available_method(tmp_path, capsys):
             assert record["peak_bytes"] >= 0
         fast = impls["fastattr"]
         assert fast["rel_err_reference"] <= runner.TOLERANCE
-        assert fast["rel_err_captum"] <= runner.TOLERANCE
+        if captum_runs:
+            assert fast["rel_err_captum"] <= runner.TOLERANCE
         for other in others:
             assert fast[f"rel_err_{other}"] <= runner.TOLERANCE
             assert fast[f"speedup_vs_{other}"] == pytest.approx(
                 impls[other]["seconds"] / fast["seconds"]
             )
-        assert fast["speedup_vs_captum"] == pytest.approx(
-            impls["captum"]["seconds"] / fast["seconds"]
-        )
+        if captum_runs:
+            assert fast["speedup_vs_captum"] == pytest.approx(
+                impls["captum"]["seconds"] / fast["seconds"]
+            )
         assert fast["time_over_floor"] == pytest.approx(fast["seconds"] / impls["floor"]["seconds"])
         assert entry["case"] in out
         assert f"| `{entry['case']}` | 2 |" in summary

@@ -254,6 +254,8 @@ def test_every_registered_op_is_checked_here_or_in_test_ops() -> None:
         for name in torch._C._dispatch_get_all_op_names()
         if name.startswith("fastattr::")
     }
+    from test_attention_ops import ATTENTION_OPS
+
     # opchecked in tests/test_ops.py and tests/test_kink_flips.py
     path_ops = {
         "interpolate_points",
@@ -262,4 +264,4 @@ def test_every_registered_op_is_checked_here_or_in_test_ops() -> None:
         "quadrature_finish",
         "kink_flips",
     }
-    assert registered == path_ops | set(OPCHECKED) | set(NODES)
+    assert registered == path_ops | set(OPCHECKED) | set(NODES) | ATTENTION_OPS

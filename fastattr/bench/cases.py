@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from fastattr.bench import contenders, models
-from fastattr.bench.floors import input_floor, layer_floor, neuron_floor, noise_floor, path_floor
+from fastattr.bench.floors import (
+    input_floor,
+    layer_floor,
+    layer_output_floor,
+    neuron_floor,
+    noise_floor,
+    path_floor,
+)
 
 # The source of the built-in cases, for --cases and the memory worker.
 BUILT_IN = "fastattr.bench.cases"
@@ -35,6 +42,7 @@ METHODS = {
     "NeuronIntegratedGradients": "nig",
     "LRP": "lrp",
     "NoiseTunnel": "nt",
+    "LayerLRP": "llrp",
 }
 
 # ``attribute()``'s keyword arguments: inputs, baselines, target, n_steps, ...
@@ -239,6 +247,13 @@ CASES: tuple[Case, ...] = (
     Case(
         "LRP", "resnet", models.resnet, images, input_floor, call_kwargs={"target": TARGET},
         uses_path=False, construct=contenders.lrp_with_residual_sums,
+    ),
+    # LRP for transformers (AttnLRP) from token ids: the relevance of each embedded token.
+    # Captum's LayerLRP has no rule for the embedding, layer norm or attention.
+    Case(
+        "LayerLRP", "transformer", models.transformer, tokens,
+        layer_output_floor("embedding"), layer="embedding", call_kwargs={"target": TARGET},
+        uses_path=False, construct=contenders.with_attnlrp("embedding"), quick=True,
     ),
 )  # fmt: skip
 

@@ -174,3 +174,30 @@ def noise_floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
     if baselines.shape[0] == inputs.shape[0]:
         baselines = baselines.repeat_interleave(samples, dim=0)
     return path_floor(model, {**arguments, "inputs": noisy, "baselines": baselines})
+
+
+def layer_output_floor(layer_name: str) -> Callable[[nn.Module, Arguments], Callable[[], Any]]:
+    """LayerLRP and other single-pass layer methods: one forward over the batch and one
+    gradient of the summed target outputs with respect to the layer's output.
+
+    Args:
+        layer_name: The layer's name in the model.
+    """
+
+    def floor(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
+        layer = model.get_submodule(layer_name)
+        extra = _forward_args(arguments, 1)
+        target = arguments.get("target")
+
+        def forward_backward() -> Any:
+            captured: list[Tensor] = []
+            handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+            try:
+                output = model(arguments["inputs"], *extra)
+            finally:
+                handle.remove()
+            return torch.autograd.grad(_selected(output, target).sum(), captured[0])
+
+        return forward_backward
+
+    return floor

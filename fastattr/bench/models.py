@@ -6,6 +6,7 @@ module hooks — which Captum's LRP and the layer methods rely on — see each u
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -194,3 +195,36 @@ def resnet() -> nn.Module:
 def transformer() -> nn.Module:
     """The seeded [fastattr.bench.models.TextTransformer][], in eval mode."""
     return _build(TextTransformer, 3)
+
+
+class HuggingFaceLogits(nn.Module):
+    """A HuggingFace ``transformers`` model as the attribution classes take it: input
+    embeddings (and an attention mask) in, a tensor of logits out, at one position for a
+    language model.
+
+    Args:
+        model: a ``transformers`` model with a ``logits`` output.
+        position: the position whose logits are returned, or None for all (a classifier's
+            output has none).
+    """
+
+    def __init__(self, model: nn.Module, position: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.position = position
+        # Language models take use_cache; off, so that no cache of activations is built.
+        parameters = inspect.signature(model.forward).parameters
+        self.options = {"use_cache": False} if "use_cache" in parameters else {}
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The logits.
+
+        Args:
+            inputs_embeds: (batch, tokens, hidden) input embeddings.
+            attention_mask: (batch, tokens), 1 for tokens and 0 for padding, or None.
+        """
+        output = self.model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **self.options
+        )
+        logits = output.logits
+        return logits if self.position is None else logits[:, self.position]

@@ -57,6 +57,20 @@ def _target_output(output: Any, target: Any, k: int, batch: int) -> Tensor:
         raise type(error)(f"targets[{k}]: {error}") from None
 
 
+def _check_floating(tensors: tuple[Tensor, ...]) -> None:
+    for i, tensor in enumerate(tensors):
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"inputs[{i}] must be a floating point tensor, got {tensor.dtype} (for the "
+                "relevance of token ids, use LayerLRP on the embedding layer)"
+            )
+
+
+def _tensors(output: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    # A block (a module without a rule of its own) may return several tensors.
+    return output if isinstance(output, tuple) else (output,)
+
+
 def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
     # The backward starts from 1 at the target, as captum's does; scaling at the end gives its
     # rounding.
@@ -192,6 +206,7 @@ class LRP(Attribution, captum_class="LRP"):
         """
         plan = self._rule_plan()
         is_tuple, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
+        _check_floating(tensors)
         if verbose:
             plan.report()
         ((grads, output),) = self._propagate(plan, (), tensors, [target], args, None)
@@ -235,6 +250,7 @@ class LRP(Attribution, captum_class="LRP"):
         """
         plan = self._rule_plan()
         is_tuple, tensors, _, args = self._prepare(inputs, None, additional_forward_args)
+        _check_floating(tensors)
         checked = check_target_sequence(targets, tensors[0].shape[0], check_target)
         if verbose:
             plan.report()
@@ -282,9 +298,6 @@ class LRP(Attribution, captum_class="LRP"):
         self, inputs: Any, target: TargetType, additional_forward_args: Any
     ) -> tuple[bool, tuple[Tensor, ...], TargetType | ColumnIndices, tuple[Any, ...] | None]:
         tensors = as_tensor_tuple(inputs)
-        for i, tensor in enumerate(tensors):
-            if not tensor.is_floating_point():
-                raise TypeError(f"inputs[{i}] must be a floating point tensor, got {tensor.dtype}")
         target = check_target(target, tensors[0].shape[0])
         args = format_additional_args(additional_forward_args)
         return isinstance(inputs, tuple), tensors, target, args
@@ -341,7 +354,10 @@ class LRP(Attribution, captum_class="LRP"):
         batch = tensors[0].shape[0]
         results = []
         with torch.enable_grad():
-            leaves = tuple(t.detach().requires_grad_() for t in tensors)
+            # Integer inputs (token ids, for LayerLRP) carry no relevance.
+            leaves = tuple(
+                t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors
+            )
             if len(targets) == 1:
                 selected = relevance.run(
                     lambda: run_forward(self.model, leaves, targets[0], args), leaves
@@ -351,11 +367,15 @@ class LRP(Attribution, captum_class="LRP"):
                 full = relevance.run(lambda: run_forward(self.model, leaves, None, args), leaves)
                 outputs = [_target_output(full, t, k, batch) for k, t in enumerate(targets)]
             relevance.check_writes(outputs)
-            wanted = leaves + (layer_tensors(relevance) if layer_tensors is not None else ())
+            layer = layer_tensors(relevance) if layer_tensors is not None else ()
+            differentiable = tuple(x for x in leaves if x.requires_grad)
             for k, output in enumerate(outputs):
                 keep = k < len(outputs) - 1  # the graph serves the next target too
-                found = input_gradients(output, wanted, torch.ones_like(output), keep)
-                grads = tuple(_or_zeros(g, w) for g, w in zip(found, wanted))
+                found = iter(
+                    input_gradients(output, differentiable + layer, torch.ones_like(output), keep)
+                )
+                at_leaves = tuple(next(found) if x.requires_grad else None for x in leaves)
+                grads = tuple(_or_zeros(g, w) for g, w in zip((*at_leaves, *found), leaves + layer))
                 results.append((grads, output.detach()))
         return results
 
@@ -485,13 +505,6 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
                 f"{type(attribute_to_layer_input).__name__}"
             )
         layers = self.layer if isinstance(self.layer, list) else [self.layer]
-        for layer in layers:
-            if plan.rule_of(layer) is None:
-                raise ValueError(
-                    f"layer {type(layer).__name__} carries no LRP rule of its own (it is a "
-                    "container or a reshape), so no relevance is recorded at it: pick one of its "
-                    "submodules, or set a rule on it"
-                )
         if verbose:
             plan.report()
         counts: list[int] = []
@@ -503,7 +516,7 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
                 if id(layer) not in relevance.tapped:
                     raise ValueError(f"layer {type(layer).__name__} did not run in the forward")
                 layer_inputs, layer_output = relevance.tapped[id(layer)]
-                taken = layer_inputs if attribute_to_layer_input else (layer_output,)
+                taken = layer_inputs if attribute_to_layer_input else _tensors(layer_output)
                 counts.append(len(taken))
                 found.extend(taken)
             return tuple(found)

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from fastattr import ops
+from fastattr.lrp.attention import transformer_module_rule
 from fastattr.lrp.rules import (
     RULES_IGNORED_ON,
     STRUCTURAL_TYPES,
@@ -140,7 +141,9 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
     covers the module's submodules), else the default of its type on modules without
     submodules; containers without a rule run as plain autograd. captum passes relevance
     straight through ReLU, Dropout and Tanh whatever rule is set on them, and so does this.
-    Canonizers then adjust the rules and add op rules.
+    Canonizers then adjust the rules (giving some to modules without one) and add op rules;
+    when an op rule takes every torch call, a module without parameters and without a rule runs
+    as code under the op rules.
 
     Args:
         model: The model.
@@ -157,6 +160,14 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
     missing: dict[str, list[str]] = {}
     seen: set[int] = set()
     reusable = True
+    op_rules: dict[Callable[..., Any], OpRule] = {}
+    every_call = None
+    for canonizer in canonizers:
+        for op_rule in canonizer.op_rules():
+            if op_rule.functions is None:
+                every_call = every_call or op_rule
+            for function in op_rule.functions or ():
+                op_rules.setdefault(function, op_rule)
 
     def visit(name: str, module: nn.Module) -> None:
         nonlocal reusable
@@ -179,31 +190,29 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
             return
         else:
             rule = PassRule() if user_rule is not None else default_rule(module)
-            if rule is None:
-                if not isinstance(module, STRUCTURAL_TYPES):
-                    missing.setdefault(type(module).__name__, []).append(where)
-                return
-            if not isinstance(rule, PassRule):
-                applied.append(f"Applied {rule} on layer {module}")
-        for canonizer in canonizers:
+        for canonizer in canonizers:  # which may give a rule to a module without one
             rule = canonizer.module_rule(module, rule)
+        if rule is None:
+            # A module without parameters runs as code when op rules take every call (they
+            # refuse what they have no rule for).
+            code = every_call is not None and next(module.parameters(False), None) is None
+            if not code and not isinstance(module, STRUCTURAL_TYPES):
+                missing.setdefault(type(module).__name__, []).append(where)
+            return
+        if user_rule is None and not isinstance(rule, PassRule):
+            applied.append(f"Applied {rule} on layer {module}")
         rules[id(module)] = (module, rule)
 
     visit("", model)
     if missing:
         listing = "; ".join(f"{kind} ({', '.join(names)})" for kind, names in missing.items())
+        hint = ""
+        if any(transformer_module_rule(module) is not None for module in walk_modules(model)):
+            hint = " For transformers, pass canonizers=[AttnLRP()] (fastattr.canonizers)."
         raise TypeError(
             f"LRP has no rule for these module types: {listing}. Set a rule on each "
-            "(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate."
+            f"(module.rule = EpsilonRule(), IdentityRule(), ...) if one is appropriate.{hint}"
         )
-    op_rules: dict[Callable[..., Any], OpRule] = {}
-    every_call = None
-    for canonizer in canonizers:
-        for op_rule in canonizer.op_rules():
-            if op_rule.functions is None:
-                every_call = every_call or op_rule
-            for function in op_rule.functions or ():
-                op_rules.setdefault(function, op_rule)
     modules = walk_modules(model)
     return RulePlan(rules, op_rules, modules, every_call, tuple(applied), reusable)
 
@@ -297,13 +306,26 @@ class _OpRules(TorchFunctionMode):
         self.relevance = relevance
         self.rules = relevance.plan.op_rules
         self.every_call = relevance.plan.every_call
+        # A rule's TypeError raised where torch turns TypeErrors into NotImplemented (operators
+        # such as `/`), raised again when the forward leaves the mode with another error.
+        self.refusal: TypeError | None = None
+
+    def __exit__(self, kind, error, traceback):
+        refusal, self.refusal = self.refusal, None
+        super().__exit__(kind, error, traceback)
+        if refusal is not None and error is not None and error is not refusal:
+            raise refusal from None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # Every torch call of the forward comes through here: keep the common case short.
         rule = self.rules.get(func, self.every_call)
         if rule is None or self.relevance.depth:
             return func(*args, **(kwargs or {}))
-        return rule.apply(self.relevance, func, args, kwargs or {})
+        try:
+            return rule.apply(self.relevance, func, args, kwargs or {})
+        except TypeError as error:
+            self.refusal = error
+            raise
 
 
 class Relevance:
@@ -355,8 +377,9 @@ class Relevance:
         self.copy = copy
         self.copy_writes = copy_writes
         self.taps = taps
-        # id(layer) -> (its input tensors, its output), for LayerLRP.
-        self.tapped: dict[int, tuple[tuple[Tensor, ...], Tensor]] = {}
+        # id(layer) -> (its input tensors, its output: a tuple for a block returning several),
+        # for LayerLRP.
+        self.tapped: dict[int, tuple[tuple[Tensor, ...], Tensor | tuple[Tensor, ...]]] = {}
         self.depth = 0  # > 0 inside a module with a rule
         self._nodes = ops.lrp_nodes()
         self._ratios: dict[int, _Ratio] = {}
@@ -399,6 +422,22 @@ class Relevance:
                 self._folds.add(made.grad_fn)
             return self._handed(made)
         return self._handed(self._nodes.product(x))
+
+    def share(self, x: object, fraction: float) -> Any:
+        """``x`` through the node that turns the contribution arriving into the relevance
+        ``fraction * x * contribution``: one factor's part of a product's relevance under the
+        uniform rule.
+
+        Args:
+            x: A factor of a product (of a module or an op).
+            fraction: Its share, positive.
+
+        Returns:
+            ``x`` carrying the node; anything but a tensor on the graph as it is.
+        """
+        if not isinstance(x, Tensor) or not x.requires_grad:
+            return x
+        return self._handed(ops.lrp_share_node(x, fraction))
 
     def ratio(self, z: Tensor, output: Tensor, epsilon: float, copy: bool = False) -> Tensor:
         """``output`` through the node that divides the relevance by ``z + epsilon * sign(z)``
@@ -560,6 +599,22 @@ class Relevance:
         node = value.grad_fn
         return node is not None and self._reaches_inputs(node)
 
+    def under_op_rules(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """``function(*args, **kwargs)`` with the torch calls it makes handed to the op rules,
+        for an op rule of a torch function written in torch calls (which runs, as every op
+        rule does, outside them).
+
+        Args:
+            function: The function to run.
+            args: Its positional arguments.
+            kwargs: Its keyword arguments.
+
+        Returns:
+            What ``function`` returns.
+        """
+        with _OpRules(self):
+            return function(*args, **kwargs)
+
     @property
     def container(self) -> nn.Module | None:
         """The innermost module without a rule whose forward is running (kept while op rules
@@ -653,6 +708,8 @@ class Relevance:
         if found is None:
             if self.plan.has_op_rules:
                 self._containers.append(module)
+            if self.taps and any(module is tap for tap in self.taps):
+                return self._tap_inputs(module, args)
             return None
         self.depth += 1
         if self.taps and any(module is tap for tap in self.taps):
@@ -664,6 +721,8 @@ class Relevance:
         if found is None:
             if self.plan.has_op_rules and self._containers:
                 self._containers.pop()
+            if self.taps and any(module is tap for tap in self.taps):
+                return self._tap_block_output(module, output)
             return None
         if not isinstance(output, Tensor):
             raise TypeError(
@@ -720,6 +779,7 @@ class Relevance:
         # A private view per call: its gradient is this module's input relevance alone.
         args = tuple(a.view_as(a) if isinstance(a, Tensor) else a for a in args)
         tensors = tuple(a for a in args if isinstance(a, Tensor) and a.requires_grad)
+        self._as_inputs(tensors)
         self.tapped[id(module)] = (tensors, torch.empty(0))
         return args
 
@@ -728,7 +788,28 @@ class Relevance:
         found = self._ratios.get(id(output))
         if found is not None:
             found.foldable = False
+        self._as_inputs((output,))
         self.tapped[id(module)] = (self.tapped[id(module)][0], output)
+
+    def _tap_block_output(self, module: nn.Module, output: Any) -> Any:
+        """A tapped module without a rule of its own (a block): private views of the tensors
+        it returns (one, or a tuple), whose gradients are the relevance at its output."""
+        found = output if isinstance(output, tuple) else (output,)
+        viewed = tuple(
+            t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in found
+        )
+        tensors = tuple(t for t, was in zip(viewed, found) if t is not was)
+        self._as_inputs(tensors)
+        self.tapped[id(module)] = (self.tapped[id(module)][0], tensors)
+        return viewed if isinstance(output, tuple) else viewed[0]
+
+    def _as_inputs(self, tensors: Sequence[Tensor]) -> None:
+        # What LayerLRP reads depends on the attributed inputs for the op rules (which act on
+        # such tensors alone), even where the model's inputs are token ids.
+        for tensor in tensors:
+            if tensor.grad_fn is not None:
+                self._held.append(tensor.grad_fn)
+                self._reaches[id(tensor.grad_fn)] = True
 
 
 # LRP's machinery: of it, rules see Relevance (exported by fastattr.lrp).

@@ -286,6 +286,138 @@ def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor
     return reference.kink_flips(values, tolerance, ends_a, ends_b)
 
 
+def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> Tensor:
+    """AttnLRP's softmax rule along ``dim``: ``inputs * (relevance - probs *
+    relevance.sum(dim))``, zero where an input is ``-inf`` (a masked attention score).
+
+    Args:
+        inputs: The softmax's input.
+        probs: ``softmax(inputs, dim)``, of the same shape, dtype and device.
+        relevance: The relevance at the softmax's output, of the same shape.
+        dim: The softmax's dimension.
+
+    Returns:
+        The relevance at ``inputs``, contiguous, in their dtype.
+
+    Raises:
+        ValueError: The shapes or devices differ, or ``dim`` is out of range.
+        TypeError: A dtype is not floating, or the dtypes differ.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.softmax_relevance.default(inputs, probs, relevance, dim)
+    return reference.softmax_relevance(inputs, probs, relevance, dim)
+
+
+def layer_norm_relevance(
+    inputs: Tensor,
+    relevance: Tensor,
+    outputs: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    epsilon: float,
+) -> Tensor:
+    """AttnLRP's layer-norm rule, the normalization treated as linear: with ``v = weight *
+    relevance / (outputs + epsilon * sign(outputs))``, ``inputs * (v - mean(v)) * rstd`` over
+    each normalized row.
+
+    Args:
+        inputs: The layer norm's input.
+        relevance: The relevance at its output, of the same shape.
+        outputs: Its output (bias included), of the same shape.
+        rstd: The reciprocal standard deviation of each row, as ``torch.native_layer_norm``
+            returns it: the shape of ``inputs`` with the normalized (trailing) dimensions set
+            to 1, float32 (float64 for float64 inputs).
+        weight: The affine weight (a normalized row's elements), or None.
+        epsilon: The stabilizer, non-negative.
+
+    Returns:
+        The relevance at ``inputs``, contiguous, in their dtype.
+
+    Raises:
+        ValueError: A shape or device does not fit, or ``epsilon`` is negative or not finite.
+        TypeError: A dtype is not floating, or the dtypes differ.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.layer_norm_relevance.default(
+            inputs, relevance, outputs, rstd, weight, epsilon
+        )
+    return reference.layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
+
+
+def relevance_share(activations: Tensor, contributions: Tensor, share: float) -> Tensor:
+    """``activations * contributions * share``: the part of a product's relevance one factor
+    receives under the uniform rule (1/2 for each factor of ``a * b`` or ``a @ b``).
+
+    Args:
+        activations: The factor.
+        contributions: The contributions arriving at it, of the same shape.
+        share: The factor's share, positive.
+
+    Returns:
+        The relevance at the factor, in its dtype and layout.
+
+    Raises:
+        ValueError: The shapes or devices differ, or ``share`` is not positive and finite.
+        TypeError: A dtype is not floating, or the dtypes differ.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.relevance_share.default(activations, contributions, share)
+    return reference.relevance_share(activations, contributions, share)
+
+
+def lrp_share_node(activation: Tensor, share: float) -> Tensor:
+    """LRP's node at one factor of a product: ``activation`` itself, whose backward turns the
+    contribution arriving into [fastattr.ops.relevance_share][] of it.
+
+    Args:
+        activation: The factor.
+        share: The factor's share of the product's relevance, positive.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_share_node.default(activation, share)
+    return reference.lrp_share_node(activation, share)
+
+
+def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """``softmax(inputs, dim, dtype=dtype)``, whose backward sends the relevance at the output
+    into ``inputs`` by [fastattr.ops.softmax_relevance][].
+
+    Args:
+        inputs: The softmax's input.
+        dim: The softmax's dimension.
+        dtype: The dtype to compute the softmax in, as ``torch.softmax`` takes it.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_softmax_node.default(inputs, dim, dtype)
+    return reference.lrp_softmax_node(inputs, dim, dtype)
+
+
+def lrp_layer_norm_node(
+    inputs: Tensor,
+    normalized_shape: list[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    epsilon: float,
+) -> Tensor:
+    """``layer_norm(inputs, normalized_shape, weight, bias, eps)``, whose backward sends the
+    relevance at the output into ``inputs`` by [fastattr.ops.layer_norm_relevance][].
+
+    Args:
+        inputs: The layer norm's input.
+        normalized_shape: The normalized trailing dimensions.
+        weight: The affine weight, or None.
+        bias: The affine bias, or None.
+        eps: The layer norm's own epsilon, added to the variance.
+        epsilon: The rule's stabilizer, non-negative.
+    """
+    if backend_in_context() == "compiled":
+        return torch.ops.fastattr.lrp_layer_norm_node.default(
+            inputs, list(normalized_shape), weight, bias, eps, epsilon
+        )
+    return reference.lrp_layer_norm_node(inputs, normalized_shape, weight, bias, eps, epsilon)
+
+
 class LrpNodes(NamedTuple):
     """One backend's LRP node constructors, without the per-call choice of backend (LRP makes
     one or two nodes per module).

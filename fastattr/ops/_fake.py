@@ -62,3 +62,28 @@ def _(activations: Tensor, contributions: Tensor) -> Tensor:
 def _(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
     reference.check_kink_flips(values, tolerance, ends_a, ends_b, read_values=False)
     return values.new_empty((ends_a.shape[0], values.shape[1]), dtype=torch.bool)
+
+
+@torch.library.register_fake("fastattr::softmax_relevance")
+def _(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> Tensor:
+    reference.check_softmax_relevance(inputs, probs, relevance, dim)
+    return torch.empty_like(inputs, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastattr::layer_norm_relevance")
+def _(
+    inputs: Tensor,
+    relevance: Tensor,
+    outputs: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    epsilon: float,
+) -> Tensor:
+    reference.check_layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
+    return torch.empty_like(inputs, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastattr::relevance_share")
+def _(activations: Tensor, contributions: Tensor, share: float) -> Tensor:
+    reference.check_relevance_share(activations, contributions, share)
+    return torch.empty_like(activations, memory_format=row_layout(activations))

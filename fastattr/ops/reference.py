@@ -491,6 +491,221 @@ def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor
     return (above[ends_a] & below[ends_b]) | (below[ends_a] & above[ends_b])
 
 
+# Transformer rules (AttnLRP): the softmax and layer-norm relevance, and the share of a product's
+# relevance that one factor receives.
+
+
+def _check_same_shape(tensor: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    _check_same(tensor, name, ref, ref_name, shape=True)
+
+
+def _check_dim(dim: int, tensor: Tensor, name: str) -> int:
+    if tensor.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-dim tensor")
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise ValueError(f"dim must be in [{-tensor.dim()}, {tensor.dim() - 1}], got {dim}")
+    return dim % tensor.dim()
+
+
+def check_softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> None:
+    _check_floating(inputs, "inputs")
+    _check_same_shape(probs, "probs", inputs, "inputs")
+    _check_same_shape(relevance, "relevance", inputs, "inputs")
+    _check_dim(dim, inputs, "inputs")
+
+
+def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> Tensor:
+    """Twin of [fastattr.ops.softmax_relevance][].
+
+    ``inputs * (relevance - probs * relevance.sum(dim))``, the input times the gradient of
+    ``sum(probs * relevance / probs)`` without dividing by ``probs``; zero where an input is
+    ``-inf``."""
+    check_softmax_relevance(inputs, probs, relevance, dim)
+    compute = opmath_dtype(inputs.dtype)
+    x = inputs.to(compute)
+    total = relevance.sum(dim, keepdim=True, dtype=torch.float64).to(compute)
+    result = x * (relevance.to(compute) - probs.to(compute) * total)
+    return torch.where(torch.isneginf(x), 0.0, result).to(inputs.dtype)
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be finite and non-negative, got {epsilon}")
+
+
+def check_layer_norm_relevance(
+    inputs: Tensor,
+    relevance: Tensor,
+    outputs: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    epsilon: float,
+) -> int:
+    """Checks the arguments; returns the length of a normalized row."""
+    _check_epsilon(epsilon)
+    _check_floating(inputs, "inputs")
+    _check_same_shape(relevance, "relevance", inputs, "inputs")
+    _check_same_shape(outputs, "outputs", inputs, "inputs")
+    if rstd.device != inputs.device:
+        raise ValueError(
+            f"rstd must be on the same device as inputs ({inputs.device}), got {rstd.device}"
+        )
+    if rstd.dtype != opmath_dtype(inputs.dtype):
+        raise TypeError(
+            f"rstd must be {opmath_dtype(inputs.dtype)} for {inputs.dtype} inputs, got {rstd.dtype}"
+        )
+    kept = 0  # the leading dimensions rstd shares with inputs; the rest are normalized
+    while kept < rstd.dim() and kept < inputs.dim() and rstd.shape[kept] == inputs.shape[kept]:
+        kept += 1
+    if rstd.dim() != inputs.dim() or inputs.dim() == 0 or any(r != 1 for r in rstd.shape[kept:]):
+        raise ValueError(
+            f"rstd must have the shape of inputs {list(inputs.shape)} with the normalized "
+            f"(trailing) dimensions set to 1, got {list(rstd.shape)}"
+        )
+    row = math.prod(inputs.shape[kept:])
+    if weight is not None:
+        _check_same(weight, "weight", inputs, "inputs", shape=False)
+        if weight.numel() != row:
+            raise ValueError(
+                f"weight must have the {row} elements of a normalized row, got shape "
+                f"{list(weight.shape)}"
+            )
+    return row
+
+
+def layer_norm_relevance(
+    inputs: Tensor,
+    relevance: Tensor,
+    outputs: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    epsilon: float,
+) -> Tensor:
+    """Twin of [fastattr.ops.layer_norm_relevance][].
+
+    With ``v = weight * relevance / (outputs + epsilon * sign(outputs))``, ``inputs * (v -
+    mean(v)) * rstd`` over each normalized row (``rstd`` held fixed)."""
+    row = check_layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
+    compute = opmath_dtype(inputs.dtype)
+    shape = (-1, row) if inputs.numel() else (0, max(row, 1))
+    y = outputs.reshape(shape).to(compute)
+    v = relevance.reshape(shape).to(compute) / (y + torch.where(y < 0, -epsilon, epsilon))
+    if weight is not None:
+        v = v * weight.reshape(1, -1).to(compute)
+    mean = (v.sum(-1, keepdim=True, dtype=torch.float64) / row).to(compute)
+    scale = rstd.reshape(-1, 1).to(compute)
+    result = inputs.reshape(shape).to(compute) * ((v - mean) * scale)
+    return result.to(inputs.dtype).reshape(inputs.shape)
+
+
+def check_relevance_share(activations: Tensor, contributions: Tensor, share: float) -> None:
+    if not (math.isfinite(share) and share > 0):
+        raise ValueError(f"share must be finite and positive, got {share}")
+    check_input_relevance(activations, contributions)
+
+
+def relevance_share(activations: Tensor, contributions: Tensor, share: float) -> Tensor:
+    """Twin of [fastattr.ops.relevance_share][].
+
+    ``activations * contributions * share``, computed in float32 or float64."""
+    check_relevance_share(activations, contributions, share)
+    compute = opmath_dtype(activations.dtype)
+    product = activations.to(compute) * contributions.to(compute)
+    return (product * share).to(activations.dtype)
+
+
+class _ShareNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, activation: Tensor, share: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(activation)
+        ctx.share = share
+        return activation.view_as(activation)
+
+    @staticmethod
+    def backward(ctx, contribution: Tensor):  # type: ignore[override]
+        (activation,) = ctx.saved_tensors
+        return relevance_share(activation, contribution.to(activation.dtype), ctx.share), None
+
+
+class _SoftmaxNode(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, inputs: Tensor, dim: int, dtype: torch.dtype | None
+    ) -> Tensor:
+        probs = torch.softmax(inputs, dim, dtype=dtype)
+        ctx.save_for_backward(inputs, probs)
+        ctx.dim = dim
+        return probs
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):  # type: ignore[override]
+        inputs, probs = ctx.saved_tensors
+        dtype = inputs.dtype
+        result = softmax_relevance(inputs, probs.to(dtype), relevance.to(dtype), ctx.dim)
+        return result, None, None
+
+
+class _LayerNormNode(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        inputs: Tensor,
+        normalized_shape: list[int],
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        epsilon: float,
+    ) -> Tensor:
+        outputs, _, rstd = torch.native_layer_norm(inputs, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(inputs, outputs, rstd.to(opmath_dtype(inputs.dtype)), weight)
+        ctx.epsilon = epsilon
+        return outputs
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):  # type: ignore[override]
+        inputs, outputs, rstd, weight = ctx.saved_tensors
+        result = layer_norm_relevance(
+            inputs, relevance.to(inputs.dtype), outputs, rstd, weight, ctx.epsilon
+        )
+        return result, None, None, None, None, None
+
+
+def lrp_share_node(activation: Tensor, share: float) -> Tensor:
+    """Twin of [fastattr.ops.lrp_share_node][].
+
+    ``activation``; backward [relevance_share][fastattr.ops.reference.relevance_share] of it
+    and the contribution."""
+    check_relevance_share(activation, activation, share)
+    return _ShareNode.apply(activation, share)
+
+
+def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:
+    """Twin of [fastattr.ops.lrp_softmax_node][].
+
+    ``softmax(inputs, dim, dtype)``; backward
+    [softmax_relevance][fastattr.ops.reference.softmax_relevance] into ``inputs``."""
+    _check_floating(inputs, "inputs")
+    _check_dim(dim, inputs, "inputs")
+    return _SoftmaxNode.apply(inputs, dim, dtype)
+
+
+def lrp_layer_norm_node(
+    inputs: Tensor,
+    normalized_shape: list[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    epsilon: float,
+) -> Tensor:
+    """Twin of [fastattr.ops.lrp_layer_norm_node][].
+
+    ``layer_norm(inputs, ...)``; backward
+    [layer_norm_relevance][fastattr.ops.reference.layer_norm_relevance] into ``inputs``."""
+    _check_epsilon(epsilon)
+    _check_floating(inputs, "inputs")
+    return _LayerNormNode.apply(inputs, list(normalized_shape), weight, bias, eps, epsilon)
+
+
 # The public names: the twins. (The check_* functions and layout helpers serve the ops,
 # their fakes and the accumulators.)
 __all__ = [
@@ -500,11 +715,17 @@ __all__ = [
     "input_relevance",
     "interpolate_points",
     "kink_flips",
+    "layer_norm_relevance",
+    "lrp_layer_norm_node",
     "lrp_pass_node",
     "lrp_product_node",
     "lrp_product_ratio_node",
     "lrp_ratio_node",
     "lrp_ratio_shown_node",
+    "lrp_share_node",
+    "lrp_softmax_node",
     "point_slopes",
     "quadrature_finish",
+    "relevance_share",
+    "softmax_relevance",
 ]

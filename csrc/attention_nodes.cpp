@@ -1,0 +1,141 @@
+// The autograd nodes of the transformer rules, in C++ so that the backward never enters Python:
+// each backward calls a compiled op on whatever device the tensors are. Device-agnostic
+// (registered as composites); their PyTorch twins are the Functions in
+// fastattr/ops/reference.py.
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/native_layer_norm.h>
+#include <ATen/ops/softmax.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+namespace fastattr {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor relevance_share(const at::Tensor& activations, const at::Tensor& contributions,
+                           double share) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattr::relevance_share", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(activations, contributions, share);
+}
+
+at::Tensor softmax_relevance(const at::Tensor& inputs, const at::Tensor& probs,
+                             const at::Tensor& relevance, int64_t dim) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattr::softmax_relevance", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(inputs, probs, relevance, dim);
+}
+
+at::Tensor layer_norm_relevance(const at::Tensor& inputs, const at::Tensor& relevance,
+                                const at::Tensor& outputs, const at::Tensor& rstd,
+                                const std::optional<at::Tensor>& weight, double epsilon) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattr::layer_norm_relevance", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, double)>();
+  return op.call(inputs, relevance, outputs, rstd, weight, epsilon);
+}
+
+// Identity forward; backward share * activation * relevance: one factor's part of a product's
+// relevance under the uniform rule.
+struct ShareNode : public torch::autograd::Function<ShareNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& activation, double share) {
+    ctx->save_for_backward({activation});
+    ctx->saved_data["share"] = share;
+    return activation;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor activation = ctx->get_saved_variables()[0];
+    const double share = ctx->saved_data["share"].toDouble();
+    return {relevance_share(activation, grads[0].to(activation.scalar_type()), share),
+            at::Tensor()};
+  }
+};
+
+// Forward softmax(inputs, dim, dtype); backward AttnLRP's softmax rule into inputs.
+struct SoftmaxNode : public torch::autograd::Function<SoftmaxNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& inputs, int64_t dim,
+                            std::optional<at::ScalarType> dtype) {
+    at::Tensor probs = at::softmax(inputs, dim, dtype);
+    ctx->save_for_backward({inputs, probs});
+    ctx->saved_data["dim"] = dim;
+    return probs;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& inputs = saved[0];
+    const auto dtype = inputs.scalar_type();
+    return {softmax_relevance(inputs, saved[1].to(dtype), grads[0].to(dtype),
+                              ctx->saved_data["dim"].toInt()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+// Forward layer_norm(inputs, ...); backward AttnLRP's layer-norm rule (the normalization taken
+// as linear) into inputs. The weight and bias receive nothing.
+struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& inputs,
+                            c10::IntArrayRef normalized_shape,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, double eps, double epsilon) {
+    auto [outputs, mean, rstd] = at::native_layer_norm(inputs, normalized_shape, weight, bias, eps);
+    ctx->save_for_backward({inputs, outputs,
+                            rstd.to(at::toOpMathType(inputs.scalar_type())),
+                            weight.value_or(at::Tensor())});
+    ctx->saved_data["epsilon"] = epsilon;
+    return outputs;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& inputs = saved[0];
+    const std::optional<at::Tensor> weight =
+        saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+    return {layer_norm_relevance(inputs, grads[0].to(inputs.scalar_type()), saved[1], saved[2],
+                                 weight, ctx->saved_data["epsilon"].toDouble()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+void check_finite_non_negative(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name,
+                    " must be finite and non-negative, got ", value);
+}
+
+at::Tensor lrp_share_node(const at::Tensor& activation, double share) {
+  TORCH_CHECK_VALUE(std::isfinite(share) && share > 0, "share must be finite and positive, got ",
+                    share);
+  return ShareNode::apply(activation, share);
+}
+
+at::Tensor lrp_softmax_node(const at::Tensor& inputs, int64_t dim,
+                            std::optional<at::ScalarType> dtype) {
+  return SoftmaxNode::apply(inputs, dim, dtype);
+}
+
+at::Tensor lrp_layer_norm_node(const at::Tensor& inputs, c10::IntArrayRef normalized_shape,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps, double epsilon) {
+  check_finite_non_negative(epsilon, "epsilon");
+  return LayerNormNode::apply(inputs, normalized_shape, weight, bias, eps, epsilon);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattr, CompositeImplicitAutograd, m) {
+  m.impl("lrp_share_node", &lrp_share_node);
+  m.impl("lrp_softmax_node", &lrp_softmax_node);
+  m.impl("lrp_layer_norm_node", &lrp_layer_norm_node);
+}
+
+}  // namespace fastattr

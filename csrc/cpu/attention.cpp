@@ -1,0 +1,140 @@
+// The transformer rules' kernels on the CPU: softmax_relevance and layer_norm_relevance walk
+// rows (split across threads), relevance_share is element-wise.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+#include "../attention.h"
+#include "elementwise.h"
+#include "rowwise.h"
+
+namespace fastattr::cpu {
+namespace {
+
+// out = x * (r - s * sum(r)) along each row; zero where x is -inf (a masked score).
+template <typename scalar_t>
+void softmax_relevance_rows(const scalar_t* x, const scalar_t* s, const scalar_t* r, scalar_t* out,
+                            int64_t rows, int64_t length) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, rows_per_task(length), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t first = row * length;
+      double total = 0;
+      for (int64_t j = first; j < first + length; ++j) total += static_cast<double>(r[j]);
+      const acc_t sum = static_cast<acc_t>(total);
+      for (int64_t j = first; j < first + length; ++j) {
+        const acc_t xj = static_cast<acc_t>(x[j]);
+        const acc_t value =
+            xj * (static_cast<acc_t>(r[j]) - static_cast<acc_t>(s[j]) * sum);
+        out[j] = static_cast<scalar_t>(
+            xj == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : value);
+      }
+    }
+  });
+}
+
+at::Tensor softmax_relevance(const at::Tensor& inputs, const at::Tensor& probs,
+                             const at::Tensor& relevance, int64_t dim) {
+  const SoftmaxOperands op = prepare_softmax(inputs, probs, relevance, dim);
+  at::Tensor moved = at::empty_like(op.inputs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, inputs.scalar_type(), "softmax_relevance_cpu", [&] {
+        softmax_relevance_rows(op.inputs.const_data_ptr<scalar_t>(),
+                               op.probs.const_data_ptr<scalar_t>(),
+                               op.relevance.const_data_ptr<scalar_t>(),
+                               moved.mutable_data_ptr<scalar_t>(), op.rows, op.length);
+      });
+  return softmax_result(moved, op, inputs);
+}
+
+// Per row, v = weight * r / (y + epsilon * sign(y)) and out = x * ((v - mean(v)) * rstd).
+template <typename scalar_t>
+void layer_norm_relevance_rows(const LayerNormOperands& op, scalar_t* out, double epsilon) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = op.inputs.const_data_ptr<scalar_t>();
+  const scalar_t* r = op.relevance.const_data_ptr<scalar_t>();
+  const scalar_t* y = op.outputs.const_data_ptr<scalar_t>();
+  const acc_t* rstd = op.rstd.const_data_ptr<acc_t>();
+  const scalar_t* w = op.weight.defined() ? op.weight.const_data_ptr<scalar_t>() : nullptr;
+  const acc_t eps = static_cast<acc_t>(epsilon);
+  const int64_t length = op.length;
+  const auto v = [&](int64_t j, int64_t k) {
+    const acc_t ratio =
+        stabilized_ratio(static_cast<acc_t>(r[j]), static_cast<acc_t>(y[j]), eps);
+    return w == nullptr ? ratio : ratio * static_cast<acc_t>(w[k]);
+  };
+  // Where v fits the output's dtype exactly, the first pass leaves it there for the second.
+  constexpr bool keep = std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, op.rows, rows_per_task(length), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t first = row * length;
+      double total = 0;
+      for (int64_t k = 0; k < length; ++k) {
+        const acc_t value = v(first + k, k);
+        if constexpr (keep) out[first + k] = value;
+        total += static_cast<double>(value);
+      }
+      const acc_t mean = static_cast<acc_t>(total / static_cast<double>(length));
+      const acc_t scale = rstd[row];
+      for (int64_t k = 0; k < length; ++k) {
+        const acc_t value = keep ? static_cast<acc_t>(out[first + k]) : v(first + k, k);
+        out[first + k] =
+            static_cast<scalar_t>(static_cast<acc_t>(x[first + k]) * ((value - mean) * scale));
+      }
+    }
+  });
+}
+
+at::Tensor layer_norm_relevance(const at::Tensor& inputs, const at::Tensor& relevance,
+                                const at::Tensor& outputs, const at::Tensor& rstd,
+                                const std::optional<at::Tensor>& weight, double epsilon) {
+  const LayerNormOperands op = prepare_layer_norm(inputs, relevance, outputs, rstd, weight, epsilon);
+  at::Tensor result = at::empty_like(op.inputs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, inputs.scalar_type(), "layer_norm_relevance_cpu", [&] {
+        layer_norm_relevance_rows<scalar_t>(op, result.mutable_data_ptr<scalar_t>(), epsilon);
+      });
+  return result;
+}
+
+template <typename scalar_t>
+FASTATTR_SIMD_CLONES void share_range(const scalar_t* a, const scalar_t* c, scalar_t* out,
+                                      int64_t begin, int64_t end, double share) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t factor = static_cast<acc_t>(share);
+  for (int64_t i = begin; i < end; ++i) {
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(a[i]) * static_cast<acc_t>(c[i]) * factor);
+  }
+}
+
+at::Tensor relevance_share(const at::Tensor& activations, const at::Tensor& contributions,
+                           double share) {
+  check_share(share);
+  PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
+  at::Tensor relevance = at::empty_like(op.first);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, activations.scalar_type(), "relevance_share_cpu", [&] {
+        const scalar_t* a = op.first.const_data_ptr<scalar_t>();
+        const scalar_t* c = op.second.const_data_ptr<scalar_t>();
+        scalar_t* out = relevance.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, relevance.numel(), int64_t{1} << 15, [&](int64_t begin, int64_t end) {
+          share_range(a, c, out, begin, end, share);
+        });
+      });
+  return relevance;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattr, CPU, m) {
+  m.impl("softmax_relevance", &softmax_relevance);
+  m.impl("layer_norm_relevance", &layer_norm_relevance);
+  m.impl("relevance_share", &relevance_share);
+}
+
+}  // namespace fastattr::cpu

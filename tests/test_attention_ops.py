@@ -1,0 +1,303 @@
+"""The transformer rules' ops (softmax_relevance, layer_norm_relevance, relevance_share) and
+their autograd nodes: compiled kernels against their PyTorch twins on fresh random operands,
+the twins against the rules written out with autograd, argument checks, and registration
+(opcheck)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastattr import ops, use_backend
+from fastattr._backend import is_compiled
+
+pytestmark = pytest.mark.skipif(not is_compiled(), reason="fastattr._C is not built")
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# Row sums run in double in both, in different orders: they agree to the last bits of the
+# dtype the sum is rounded to (exactly, except for float64).
+SUM_TOLERANCE = {torch.float64: {"rtol": 1e-12, "atol": 1e-300}}
+
+
+def _close(result: torch.Tensor, expected: torch.Tensor, atol: float = 1e-300) -> None:
+    assert result.dtype == expected.dtype and result.shape == expected.shape
+    tolerance = SUM_TOLERANCE.get(result.dtype, {"rtol": 0, "atol": 0})
+    if result.dtype == torch.float64:
+        tolerance = {**tolerance, "atol": atol}
+    torch.testing.assert_close(result, expected, **tolerance)
+
+
+def _randn(shape: list[int], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    dim_seed=st.integers(0, 16),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_softmax_relevance_matches_twin(
+    shape: list[int], dtype: torch.dtype, dim_seed: int, masked: bool, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    dim = dim_seed % len(shape) - (len(shape) if dim_seed % 2 else 0)
+    inputs = _randn(shape, generator, dtype)
+    if masked:
+        inputs[(0,) * len(shape)] = float("-inf")
+    probs = torch.softmax(inputs.double(), dim).to(dtype)
+    relevance = _randn(shape, generator, dtype)
+    result = torch.ops.fastattr.softmax_relevance(inputs, probs, relevance, dim)
+    _close(result, ops.reference.softmax_relevance(inputs, probs, relevance, dim))
+    assert result.is_contiguous() and torch.isfinite(result).all()
+
+
+def test_softmax_relevance_is_the_rule() -> None:
+    """x * J^T (R / s): the input times the gradient of the softmax weighted by R / s."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    relevance = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)
+    probs = torch.softmax(inputs, 1)
+    (gradient,) = torch.autograd.grad(probs, inputs, relevance / probs.detach())
+    expected = inputs.detach() * gradient
+    for backend in ("compiled", "reference"):
+        with use_backend(backend):
+            result = ops.softmax_relevance(inputs.detach(), probs.detach(), relevance, 1)
+        torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-14)
+
+
+def _layer_norm_operands(shape: list[int], row_dims: int, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    inputs, relevance = _randn(shape, generator, dtype), _randn(shape, generator, dtype)
+    normalized = shape[len(shape) - row_dims :]
+    weight, bias = _randn(normalized, generator, dtype), _randn(normalized, generator, dtype)
+    outputs, _, rstd = torch.native_layer_norm(
+        inputs.double(), normalized, weight.double(), bias.double(), 1e-5
+    )
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    return inputs, relevance, outputs.to(dtype), rstd.to(opmath), weight, bias, normalized
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    row_dims_seed=st.integers(0, 8),
+    dtype=st.sampled_from(DTYPES),
+    weighted=st.booleans(),
+    epsilon=st.sampled_from([0.0, 1e-9, 0.25]),
+    seed=st.integers(0, 2**16),
+)
+def test_layer_norm_relevance_matches_twin(
+    shape: list[int],
+    row_dims_seed: int,
+    dtype: torch.dtype,
+    weighted: bool,
+    epsilon: float,
+    seed: int,
+) -> None:
+    row_dims = 1 + row_dims_seed % len(shape)
+    inputs, relevance, outputs, rstd, weight, _, _ = _layer_norm_operands(
+        shape, row_dims, dtype, seed
+    )
+    weight = weight if weighted else None
+    result = torch.ops.fastattr.layer_norm_relevance(
+        inputs, relevance, outputs, rstd, weight, epsilon
+    )
+    # v - mean(v) cancels where v is near its row's mean: the two row sums' last-bit difference
+    # in the mean (at most a few units of rounding of max |v|) reaches the result times x * rstd.
+    v_bound = (relevance.double().abs() / outputs.double().abs().clamp_min(1e-300)).max()
+    if weight is not None:
+        v_bound = v_bound * weight.double().abs().max()
+    atol = 4 * 2.0**-52 * float(v_bound * (inputs.double().abs().max() * rstd.double().max()))
+    _close(
+        result,
+        ops.reference.layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon),
+        atol,
+    )
+
+
+def test_layer_norm_relevance_is_the_rule() -> None:
+    """x * J^T (R / y) for layer norm with its standard deviation detached (lxt's formulation),
+    on rows over the last two dimensions."""
+    inputs, relevance, outputs, rstd, weight, bias, _ = _layer_norm_operands(
+        [3, 4, 5, 6], 2, torch.float64, 0
+    )
+    x = inputs.clone().requires_grad_()
+    dims = (-2, -1)
+    mean = x.mean(dims, keepdim=True)
+    std = ((x - mean) ** 2).mean(dims, keepdim=True).add(1e-5).sqrt().detach()
+    y = (x - mean) / std * weight + bias
+    torch.testing.assert_close(y.detach(), outputs, rtol=1e-13, atol=1e-13)
+    (gradient,) = torch.autograd.grad(y, x, relevance / y.detach())
+    expected = inputs * gradient
+    for backend in ("compiled", "reference"):
+        with use_backend(backend):
+            result = ops.layer_norm_relevance(inputs, relevance, outputs, rstd, weight, 0.0)
+        torch.testing.assert_close(result, expected, rtol=1e-11, atol=1e-13)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    share=st.sampled_from([0.25, 0.5, 1.0, 1 / 3]),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_relevance_share_matches_twin(
+    shape: list[int], dtype: torch.dtype, share: float, transposed: bool, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    activations = _randn(shape, generator, dtype)
+    contributions = _randn(shape, generator, dtype)
+    if transposed and len(shape) > 1:
+        activations = activations.mT.contiguous().mT
+    result = torch.ops.fastattr.relevance_share(activations, contributions, share)
+    expected = ops.reference.relevance_share(activations, contributions, share)
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_bad_arguments(backend: str) -> None:
+    x = torch.randn(3, 4)
+    rstd = torch.rand(3, 1)
+    with use_backend(backend):
+        with pytest.raises(TypeError, match="inputs"):
+            ops.softmax_relevance(x.long(), x.long(), x.long(), -1)
+        with pytest.raises(TypeError, match="probs"):
+            ops.softmax_relevance(x, x.double(), x, -1)
+        with pytest.raises(ValueError, match="relevance"):
+            ops.softmax_relevance(x, x, torch.randn(4, 3), -1)
+        with pytest.raises(ValueError, match="dim"):
+            ops.softmax_relevance(x, x, x, 2)
+        with pytest.raises(ValueError, match="epsilon"):
+            ops.layer_norm_relevance(x, x, x, rstd, None, -1.0)
+        with pytest.raises(TypeError, match="rstd"):
+            ops.layer_norm_relevance(x, x, x, rstd.double(), None, 0.0)
+        with pytest.raises(ValueError, match="rstd"):
+            ops.layer_norm_relevance(x, x, x, torch.rand(4, 1), None, 0.0)
+        with pytest.raises(ValueError, match="weight"):
+            ops.layer_norm_relevance(x, x, x, rstd, torch.randn(5), 0.0)
+        with pytest.raises(ValueError, match="outputs"):
+            ops.layer_norm_relevance(x, x, torch.randn(3, 5), rstd, None, 0.0)
+        with pytest.raises(ValueError, match="share"):
+            ops.relevance_share(x, x, 0.0)
+        with pytest.raises(TypeError, match="contributions"):
+            ops.relevance_share(x, x.double(), 0.5)
+
+
+# Every op this file checks with opcheck (tests/test_lrp_ops.py checks that none is missed).
+ATTENTION_OPS = {
+    "softmax_relevance",
+    "layer_norm_relevance",
+    "relevance_share",
+    "lrp_share_node",
+    "lrp_softmax_node",
+    "lrp_layer_norm_node",
+}
+
+
+def test_opcheck() -> None:
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 3, 5, dtype=dtype)
+        probs = torch.softmax(x, 1)
+        torch.library.opcheck(torch.ops.fastattr.softmax_relevance.default, (x, probs, x, 1))
+        torch.library.opcheck(torch.ops.fastattr.softmax_relevance.default, (x, probs, x, -1))
+        outputs, _, rstd = torch.native_layer_norm(x, [5], None, None, 1e-5)
+        weight = torch.randn(5, dtype=dtype)
+        layer_norm = torch.ops.fastattr.layer_norm_relevance.default
+        torch.library.opcheck(layer_norm, (x, x, outputs, rstd, weight, 1e-9))
+        torch.library.opcheck(layer_norm, (x, x, outputs, rstd, None, 0.0))
+        torch.library.opcheck(torch.ops.fastattr.relevance_share.default, (x, x, 0.5))
+        # The nodes; functionalization (test_aot_dispatch_*) does not take an output aliasing
+        # an input (lrp_share_node), as for LRP's other nodes.
+        leaf = x.clone().requires_grad_()
+        checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+        for name, args in (
+            ("lrp_share_node", (leaf, 0.5)),
+            ("lrp_softmax_node", (leaf, 1, None)),
+            ("lrp_layer_norm_node", (leaf, [5], weight, None, 1e-5, 1e-9)),
+        ):
+            node = getattr(torch.ops.fastattr, name).default
+            torch.library.opcheck(node, args, test_utils=checks)
+
+
+def _node_gradients(build, inputs: torch.Tensor, relevance: torch.Tensor):
+    results = []
+    for backend in ("compiled", "reference"):
+        with use_backend(backend):
+            x = inputs.clone().requires_grad_()
+            output = build(x)
+            (gradient,) = torch.autograd.grad(output, x, relevance)
+        results.append((output.detach(), gradient))
+    return results
+
+
+def test_nodes_match_their_twins() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, generator=generator, dtype=torch.float64)
+    relevance = torch.randn(2, 3, 8, generator=generator, dtype=torch.float64)
+    weight, bias = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    builds = [
+        lambda t: ops.lrp_share_node(t, 0.25),
+        lambda t: ops.lrp_softmax_node(t, -1),
+        lambda t: ops.lrp_softmax_node(t, 1, torch.float32).double(),
+        lambda t: ops.lrp_layer_norm_node(t, [8], weight, bias, 1e-5, 1e-9),
+        lambda t: ops.lrp_layer_norm_node(t, [3, 8], None, None, 1e-5, 0.0),
+    ]
+    for build in builds:
+        (compiled, compiled_grad), (twin, twin_grad) = _node_gradients(build, x, relevance)
+        torch.testing.assert_close(compiled, twin, rtol=0, atol=0)
+        torch.testing.assert_close(compiled_grad, twin_grad, rtol=1e-12, atol=1e-300)
+
+
+def test_nodes_compute_the_forward_they_stand_for() -> None:
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    weight = torch.randn(4, dtype=torch.float64)
+    torch.testing.assert_close(ops.lrp_softmax_node(x, 1), torch.softmax(x, 1), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ops.lrp_layer_norm_node(x, [4], weight, None, 1e-5, 1e-9),
+        torch.nn.functional.layer_norm(x, [4], weight, None, 1e-5),
+        rtol=0,
+        atol=0,
+    )
+    shared = ops.lrp_share_node(x, 0.5)
+    assert shared.data_ptr() == x.data_ptr()
+
+
+def test_node_bad_arguments() -> None:
+    x = torch.randn(2, 3)
+    for backend in ("compiled", "reference"):
+        with use_backend(backend):
+            with pytest.raises(ValueError, match="share"):
+                ops.lrp_share_node(x, -0.5)
+            with pytest.raises(ValueError, match="epsilon"):
+                ops.lrp_layer_norm_node(x, [3], None, None, 1e-5, float("nan"))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_twin() -> None:
+    generator = torch.Generator().manual_seed(2)
+    for dtype in DTYPES:
+        x = _randn([5, 3, 33], generator, dtype)
+        x[0, 0, 0] = float("-inf")
+        probs = torch.softmax(x.double(), -1).to(dtype)
+        relevance = _randn([5, 3, 33], generator, dtype)
+        expected = ops.reference.softmax_relevance(x, probs, relevance, -1)
+        result = torch.ops.fastattr.softmax_relevance(x.cuda(), probs.cuda(), relevance.cuda(), -1)
+        _close(result.cpu(), expected)
+        inputs, relevance, outputs, rstd, weight, _, _ = _layer_norm_operands(
+            [4, 7, 300], 1, dtype, 3
+        )
+        expected = ops.reference.layer_norm_relevance(
+            inputs, relevance, outputs, rstd, weight, 1e-9
+        )
+        operands = (t.cuda() for t in (inputs, relevance, outputs, rstd, weight))
+        _close(torch.ops.fastattr.layer_norm_relevance(*operands, 1e-9).cpu(), expected)
+        expected = ops.reference.relevance_share(x, relevance, 0.25)
+        result = torch.ops.fastattr.relevance_share(x.cuda(), relevance.cuda(), 0.25)
+        torch.testing.assert_close(result.cpu(), expected, rtol=0, atol=0, equal_nan=True)

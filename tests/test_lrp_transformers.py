@@ -1,0 +1,652 @@
+"""LRP on transformers (AttnLRP): HuggingFace BERT, GPT-2, ViT and a LLaMA-style decoder against
+lxt's AttnLRP (tests/lxt_oracle.py, in a process of its own), on their eager and SDPA attention
+paths; LayerLRP at token embeddings, on blocks and per head; hand-written attention,
+``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` against lxt's rules written
+out with autograd; conservation up to what biases and the softmax rule absorb; and errors for
+what has no rule."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from lxt.efficient.rules import divide_gradient
+from torch import nn
+
+from fastattr import LRP, LayerLRP
+from fastattr.canonizers import AttnLRP
+from fastattr.lrp import EpsilonRule, OpRule
+from fastattr.lrp.attention import LayerNormRule, SoftmaxOpRule
+
+warnings.filterwarnings("ignore", module="transformers")
+
+# lxt's efficient mode has no stabilizers (plain gradients through linear maps); fastattr's
+# default is captum's epsilon of 1e-9 in every ratio. At this epsilon the two agree to rounding.
+TINY = 1e-15
+PARITY = 1e-6  # the issue's target for the relative error against lxt
+
+CONFIGS = {
+    "bert": dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    ),
+    "gpt2": dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "llama": dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
+    "vit": dict(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    ),
+}
+KINDS = {
+    "bert": (transformers.BertConfig, transformers.BertForSequenceClassification),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "vit": (transformers.ViTConfig, transformers.ViTForImageClassification),
+}
+# Per family: the blocks whose output relevance is compared, the module whose input holds the
+# heads' outputs side by side, and the token embedding.
+BLOCKS = {
+    "bert": ("bert.encoder.layer.{}", "bert.encoder.layer.{}.attention.output.dense"),
+    "gpt2": ("transformer.h.{}", "transformer.h.{}.attn.c_proj"),
+    "llama": ("model.layers.{}", "model.layers.{}.self_attn.o_proj"),
+    "vit": ("vit.encoder.layer.{}", "vit.encoder.layer.{}.attention.output.dense"),
+}
+EMBEDDINGS = {
+    "bert": "bert.embeddings.word_embeddings",
+    "gpt2": "transformer.wte",
+    "llama": "model.embed_tokens",
+}
+CASES = [(family, attn) for family in KINDS for attn in ("eager", "sdpa")]
+
+
+class Logits(nn.Module):
+    """What a user writes to explain a HuggingFace model with captum's API: a module returning
+    the logits (of one position, for a language model) as a tensor."""
+
+    def __init__(self, model: nn.Module, position: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.position = position
+
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if isinstance(self.model, transformers.ViTForImageClassification):
+            return self.model(pixel_values=inputs).logits
+        extra = (
+            {} if isinstance(self.model, transformers.BertPreTrainedModel) else {"use_cache": False}
+        )
+        key = "inputs_embeds" if inputs.is_floating_point() else "input_ids"
+        logits = self.model(**{key: inputs}, attention_mask=attention_mask, **extra).logits
+        return logits if self.position is None else logits[:, self.position]
+
+
+def _build(family: str, attn: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config, kind = KINDS[family]
+    return kind(config(**CONFIGS[family], attn_implementation=attn)).to(torch.float64).eval()
+
+
+def _inputs(family: str) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    if family == "vit":
+        return torch.randn(2, 3, 16, 16, generator=generator, dtype=torch.float64), None, [1, 2]
+    embeds = torch.randn(2, 7, 32, generator=generator, dtype=torch.float64)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    if family == "bert":
+        mask[1, 5:] = 0  # padding, a bias of the attention scores
+        return embeds, mask, [1, 2]
+    return embeds, mask, [5, 17]
+
+
+def _position(family: str) -> int | None:
+    return -1 if family in ("gpt2", "llama") else None
+
+
+@contextlib.contextmanager
+def _stabilizers(model: nn.Module, epsilon: float) -> Iterator[list[AttnLRP]]:
+    """Every ratio of the rules stabilized by ``epsilon``: the linear layers' and layer norms'
+    rules set on the model for the call, and the canonizers to pass (AttnLRP with ``epsilon``)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) or type(module).__name__ == "Conv1D":
+            module.rule = EpsilonRule(epsilon)
+        elif isinstance(module, nn.LayerNorm):
+            module.rule = LayerNormRule(epsilon)
+    try:
+        yield [AttnLRP(epsilon)]
+    finally:
+        for module in model.modules():
+            module.__dict__.pop("rule", None)
+
+
+# AttnLRP with its defaults, where the stabilizers do not matter.
+ATTN = [AttnLRP()]
+
+
+def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours - reference).abs().max() / reference.abs().max())
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """lxt's relevance for every case, from one run of tests/lxt_oracle.py."""
+    cases = []
+    for family, attn in CASES:
+        inputs, mask, target = _inputs(family)
+        layers = CONFIGS[family].get("num_hidden_layers", CONFIGS[family].get("n_layer"))
+        block, heads = BLOCKS[family]
+        cases.append(
+            dict(
+                family=family,
+                attn=attn,
+                config=CONFIGS[family],
+                state=_build(family, attn).state_dict(),
+                inputs=inputs,
+                mask=mask,
+                position=_position(family),
+                target=target,
+                outputs=[block.format(i) for i in range(layers)],
+                inputs_of=[heads.format(i) for i in range(layers)],
+            )
+        )
+    directory = tmp_path_factory.mktemp("lxt")
+    torch.save(cases, directory / "cases.pt")
+    script = Path(__file__).with_name("lxt_oracle.py")
+    subprocess.run(
+        [sys.executable, str(script), str(directory / "cases.pt"), str(directory / "out.pt")],
+        check=True,
+    )
+    return dict(zip(CASES, torch.load(directory / "out.pt")))
+
+
+@pytest.mark.parametrize(("family", "attn"), CASES)
+def test_relevance_at_the_inputs_equals_lxt(family: str, attn: str, oracle: dict) -> None:
+    model = _build(family, attn)
+    inputs, mask, target = _inputs(family)
+    args = None if mask is None else (mask,)
+    expected = oracle[family, attn]
+    with _stabilizers(model, TINY) as canonizers:
+        relevance, delta = LRP(Logits(model, _position(family)), canonizers).attribute(
+            inputs, target=target, additional_forward_args=args, return_convergence_delta=True
+        )
+    assert _relative(relevance, expected["inputs"]) < PARITY
+    # The same target output, and lxt's relevance misses it by the same amount.
+    lxt_delta = expected["target"] - expected["inputs"].flatten(1).sum(1)
+    absolute = PARITY * float(expected["inputs"].abs().flatten(1).sum(1).max())
+    torch.testing.assert_close(delta, lxt_delta, rtol=0, atol=absolute)
+
+
+@pytest.mark.parametrize(("family", "attn"), CASES)
+def test_blocks_and_heads_equal_lxt(family: str, attn: str, oracle: dict) -> None:
+    """LayerLRP on every block (a module without a rule of its own) and per head, at the input
+    of the attention's output projection."""
+    model = _build(family, attn)
+    embeds, mask, target = _inputs(family)
+    block, heads = BLOCKS[family]
+    layers = len(oracle[family, attn]["taps"]) // 2
+    blocks = [model.get_submodule(block.format(i)) for i in range(layers)]
+    projections = [model.get_submodule(heads.format(i)) for i in range(layers)]
+    wrapper = Logits(model, _position(family))
+    with _stabilizers(model, TINY) as canonizers:
+        at_blocks = LayerLRP(wrapper, blocks, canonizers).attribute(
+            embeds, target=target, additional_forward_args=(mask,)
+        )
+        at_heads = LayerLRP(wrapper, projections, canonizers).attribute(
+            embeds, target=target, additional_forward_args=(mask,), attribute_to_layer_input=True
+        )
+    for ours, expected in zip([*at_blocks, *at_heads], oracle[family, attn]["taps"]):
+        ours = ours[0] if isinstance(ours, tuple) else ours
+        assert _relative(ours, expected) < PARITY
+    per_head = at_heads[0].unflatten(-1, (4, -1)).sum(-1)  # (batch, tokens, heads)
+    assert per_head.shape == (*at_heads[0].shape[:2], 4)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_token_ids_through_the_embedding(family: str) -> None:
+    """LayerLRP on the word embedding with token ids gives LRP's relevance at inputs_embeds."""
+    model = _build(family, "sdpa")
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    _, mask, target = _inputs(family)
+    wrapper = Logits(model, _position(family))
+    embedding = model.get_submodule(EMBEDDINGS[family])
+    at_embedding = LayerLRP(wrapper, embedding, ATTN).attribute(
+        ids, target=target, additional_forward_args=(mask,)
+    )
+    embeds = embedding(ids).detach()
+    at_inputs = LRP(wrapper, ATTN).attribute(embeds, target=target, additional_forward_args=(mask,))
+    torch.testing.assert_close(at_embedding, at_inputs, rtol=1e-12, atol=1e-15)
+    with pytest.raises(TypeError, match="LayerLRP on the embedding"):
+        LRP(wrapper, ATTN).attribute(ids, target=target, additional_forward_args=(mask,))
+
+
+def test_a_language_model_with_a_tuple_target() -> None:
+    """A causal LM explained as captum does: logits (batch, tokens, vocabulary) and a target
+    (position, token). A model returning a ModelOutput is refused: wrap it, as Logits does."""
+    model = _build("llama", "eager")
+    embeds, mask, _ = _inputs("llama")
+    relevance = LRP(Logits(model), ATTN).attribute(
+        embeds, target=(6, 17), additional_forward_args=(mask,)
+    )
+    expected = LRP(Logits(model, 6), ATTN).attribute(
+        embeds, target=17, additional_forward_args=(mask,)
+    )
+    torch.testing.assert_close(relevance, expected, rtol=0, atol=0)
+
+    class Unwrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, embeds: torch.Tensor) -> object:
+            return self.model(inputs_embeds=embeds)
+
+    with pytest.raises(TypeError, match="must return a tensor, got CausalLMOutputWithPast"):
+        LRP(Unwrapped(), ATTN).attribute(embeds, target=(6, 17))
+
+
+def _model_state(model: nn.Module) -> list:
+    return [
+        (
+            id(m),
+            dict(m.__dict__.get("_forward_hooks", {})),
+            dict(m.__dict__.get("_forward_pre_hooks", {})),
+            "forward" in m.__dict__,
+            "rule" in m.__dict__,
+        )
+        for m in model.modules()
+    ] + [(k, v.clone()) for k, v in model.state_dict().items()]
+
+
+def _same_state(first: list, second: list) -> bool:
+    if len(first) != len(second):
+        return False
+    for a, b in zip(first, second):
+        if isinstance(a[1], torch.Tensor):
+            if a[0] != b[0] or not torch.equal(a[1], b[1]):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def test_the_model_is_left_as_found() -> None:
+    model = _build("gpt2", "eager")
+    wrapper = Logits(model, -1)
+    embeds, mask, target = _inputs("gpt2")
+    before = _model_state(wrapper)
+    LRP(wrapper, ATTN).attribute(embeds, target=target, additional_forward_args=(mask,))
+    LayerLRP(wrapper, model.transformer.h[0], ATTN).attribute(
+        embeds, target=target, additional_forward_args=(mask,)
+    )
+    assert _same_state(before, _model_state(wrapper))
+
+    def fail(module: nn.Module, args: tuple) -> None:
+        raise RuntimeError("the second block fails")
+
+    handle = model.transformer.h[1].register_forward_pre_hook(fail)
+    before = _model_state(wrapper)
+    with pytest.raises(RuntimeError, match="second block"):
+        LayerLRP(wrapper, model.transformer.h[0], ATTN).attribute(
+            embeds, target=target, additional_forward_args=(mask,)
+        )
+    assert _same_state(before, _model_state(wrapper))
+    handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention written in plain torch, F.scaled_dot_product_attention, nn.MultiheadAttention: lxt's
+# rules written out with autograd (its efficient mode's divide_gradient: the query's and key's
+# gradients divided by 4, the value's by 2, plain gradients elsewhere) are the oracle.
+
+
+class Attention(nn.Module):
+    """A pre-norm attention block and a classifier, with its attention written in one of three
+    ways; ``lxt`` applies lxt's gradient rules (for the oracle)."""
+
+    def __init__(self, spelling: str, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.spelling, self.heads = spelling, heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.up, self.act, self.down = nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+        self.lxt = False
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.lxt:
+            q, k, v = divide_gradient(q, 4), divide_gradient(k, 4), divide_gradient(v, 2)
+        if self.spelling == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lxt:  # lxt's layer norm: the standard deviation detached
+            mean = x.mean(-1, keepdim=True)
+            std = ((x - mean) ** 2).mean(-1, keepdim=True).add(self.norm.eps).sqrt().detach()
+            normed = (x - mean) / std * self.norm.weight + self.norm.bias
+        else:
+            normed = self.norm(x)
+        q, k, v = self.qkv(normed).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        x = x + self.out(self.attend(q, k, v).transpose(1, 2).flatten(2))
+        hidden = self.up(x)
+        if self.lxt:  # the identity rule as lxt writes it: gradient times output / input
+            hidden = hidden * (self.act(hidden) / hidden).detach()
+        else:
+            hidden = self.act(hidden)
+        x = x + self.down(hidden)
+        return self.head(x.mean(1))
+
+
+def _lxt_relevance(model: nn.Module, x: torch.Tensor, target: list[int]) -> torch.Tensor:
+    model.lxt = True
+    try:
+        leaf = x.clone().requires_grad_()
+        output = model(leaf).gather(1, torch.tensor(target).view(-1, 1)).sum()
+        (gradient,) = torch.autograd.grad(output, leaf)
+    finally:
+        model.lxt = False
+    return x * gradient
+
+
+def _seeded(module: nn.Module) -> nn.Module:
+    torch.manual_seed(4)
+    for parameter in module.parameters():
+        nn.init.normal_(parameter, std=0.4)
+    return module.double().eval()
+
+
+@pytest.mark.parametrize("spelling", ["plain", "sdpa"])
+def test_attention_in_plain_torch_and_sdpa_equal_lxt(spelling: str) -> None:
+    model = _seeded(Attention(spelling))
+    x = torch.randn(3, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    target = [0, 2, 1]
+    with _stabilizers(model, TINY) as canonizers:
+        relevance = LRP(model, canonizers).attribute(x, target=target)
+    assert _relative(relevance, _lxt_relevance(model, x, target)) < PARITY
+
+
+def test_sdpa_rule_is_the_rules_one_by_one() -> None:
+    """One pass of the attention's own backward (shares 1/4, 1/4, 1/2) gives what the uniform,
+    softmax and bias rules give applied to the attention written out."""
+    plain, fused = _seeded(Attention("plain")), _seeded(Attention("sdpa"))
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    with _stabilizers(plain, TINY) as canonizers, _stabilizers(fused, TINY):
+        written_out = LRP(plain, canonizers).attribute(x, target=1)
+        in_one = LRP(fused, canonizers).attribute(x, target=1)
+    torch.testing.assert_close(written_out, in_one, rtol=1e-9, atol=1e-14)
+
+
+class Multihead(nn.Module):
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.need_weights = need_weights
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+        self.lxt = False
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        if self.lxt:  # the same attention written out, with lxt's gradient rules
+            attention = self.attention
+            q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1)
+            q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in (q, k, v))
+            q, k, v = divide_gradient(q, 4), divide_gradient(k, 4), divide_gradient(v, 2)
+            bias = torch.zeros(padding.shape, dtype=x.dtype).masked_fill(padding, float("-inf"))
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
+            mixed = attention.out_proj(mixed.transpose(1, 2).flatten(2))
+        else:
+            mixed, _ = self.attention(
+                x, x, x, key_padding_mask=padding, need_weights=self.need_weights
+            )
+        return self.head(mixed.mean(1))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_equals_lxt(need_weights: bool) -> None:
+    model = _seeded(Multihead(need_weights))
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with _stabilizers(model, TINY) as canonizers:
+        relevance = LRP(model, canonizers).attribute(
+            x, target=[2, 0], additional_forward_args=(padding,)
+        )
+    model.lxt = True
+    leaf = x.clone().requires_grad_()
+    output = model(leaf, padding).gather(1, torch.tensor([[2], [0]])).sum()
+    (gradient,) = torch.autograd.grad(output, leaf)
+    assert _relative(relevance, x * gradient) < PARITY
+
+
+# ---------------------------------------------------------------------------------------------
+# Conservation
+
+
+class Conserving(nn.Module):
+    """A transformer block without biases, its attention's softmax an nn.Softmax (so that
+    LayerLRP can measure what the softmax rule leaves out)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.softmax = nn.Softmax(dim=-1)
+        self.gate, self.up = nn.Linear(dim, 32, bias=False), nn.Linear(dim, 32, bias=False)
+        self.act, self.down = nn.SiLU(), nn.Linear(32, dim, bias=False)
+        self.head = nn.Linear(dim, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        weights = self.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 4)
+        x = x + self.o(weights @ self.v(h))
+        x = x + self.down(self.act(self.gate(x)) * self.up(x))  # a gated MLP (SwiGLU)
+        return self.head(x.sum(1))
+
+
+def test_relevance_is_conserved_but_for_the_softmax_rule() -> None:
+    """Without biases and stabilizers, the target output misses the relevance at the inputs by
+    exactly what the softmax rule leaves out (AttnLRP's Proposition 3.1 drops the bias term of
+    its Taylor expansion): every other rule conserves."""
+    model = _seeded(Conserving())
+    x = torch.randn(3, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with _stabilizers(model, TINY) as canonizers:
+        relevance, delta = LRP(model, canonizers).attribute(
+            x, target=2, return_convergence_delta=True
+        )
+        into, out_of = (
+            LayerLRP(model, model.softmax, canonizers).attribute(
+                x, target=2, attribute_to_layer_input=flag
+            )
+            for flag in (True, False)
+        )
+    leak = out_of.flatten(1).sum(1) - into.flatten(1).sum(1)
+    torch.testing.assert_close(delta, leak, rtol=1e-9, atol=1e-12)
+    assert leak.abs().min() > 1e-6  # a real leak, not a vacuous comparison
+    output = model(x)[:, 2]
+    torch.testing.assert_close(relevance.flatten(1).sum(1) + leak, output, rtol=1e-9, atol=1e-12)
+
+
+class _SoftmaxLeak(OpRule):
+    """The softmax rule, measuring per example what it leaves out: the relevance at its output
+    less the relevance at its input."""
+
+    def __init__(self, rule: OpRule, leaks: list[torch.Tensor]) -> None:
+        self.rule, self.leaks, self.functions = rule, leaks, rule.functions
+
+    def apply(self, relevance, func, args, kwargs):
+        scores = args[0].view_as(args[0])  # private: its gradient is the softmax's alone
+        probs = self.rule.apply(relevance, func, (scores, *args[1:]), kwargs)
+        probs.register_hook(lambda r: self.leaks.append(r.flatten(1).sum(1)))
+        scores.register_hook(lambda r: self.leaks.append(-r.flatten(1).sum(1)))
+        return probs
+
+
+class _LeakyAttnLRP(AttnLRP):
+    """AttnLRP with its softmax op rules measuring their leaks (a user's canonizer)."""
+
+    def __init__(self, epsilon: float, leaks: list[torch.Tensor]) -> None:
+        super().__init__(epsilon)
+        self.leaks = leaks
+
+    def op_rules(self):
+        return tuple(
+            _SoftmaxLeak(rule, self.leaks) if isinstance(rule, SoftmaxOpRule) else rule
+            for rule in super().op_rules()
+        )
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_hf_relevance_conserved_but_for_the_softmax_rule(family: str) -> None:
+    """With biases (the embeddings of positions and token types included) and stabilizers gone,
+    the logit misses the relevance at the input embeddings by what the softmax rules leave
+    out, to rounding."""
+    model = _build(family, "eager")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or any(e in name for e in ("position", "token_type", "wpe")):
+                parameter.zero_()
+    embeds, mask, target = _inputs(family)
+    leaks: list[torch.Tensor] = []
+    with _stabilizers(model, TINY):
+        lrp = LRP(Logits(model, _position(family)), [_LeakyAttnLRP(TINY, leaks)])
+        _, delta = lrp.attribute(
+            embeds, target=target, additional_forward_args=(mask,), return_convergence_delta=True
+        )
+    assert len(leaks) == 2 * 2  # two layers, into and out of each softmax
+    # The backward runs on relevance divided by the target output (as captum's, starting from
+    # 1), so the hooks measured the leaks in those units.
+    logits = Logits(model, _position(family))(embeds, mask)
+    output = logits.gather(1, torch.tensor(target).view(-1, 1)).flatten().detach()
+    torch.testing.assert_close(delta, sum(leaks) * output, rtol=1e-8, atol=1e-13)
+    assert delta.abs().min() > 1e-6  # a real leak, not a vacuous comparison
+
+
+# ---------------------------------------------------------------------------------------------
+# What has no rule
+
+
+class Calls(nn.Module):
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.call = call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(self.fc(x)).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda h: torch.cumprod(h, -1), "cumprod"),
+        (lambda h: h.exp(), "exp"),
+        (lambda h: h / (h + 1.0), "div"),
+        (lambda h: torch.log_softmax(h, -1), "log_softmax"),
+    ],
+)
+def test_a_call_without_a_rule_is_refused(call, name: str) -> None:
+    model = Calls(call).double()
+    before = _model_state(model)
+    with pytest.raises(TypeError, match=rf"no rule for \S*{name}.*module\.rule"):
+        LRP(model, ATTN).attribute(torch.randn(2, 4, dtype=torch.float64), target=0)
+    assert _same_state(before, _model_state(model))
+
+
+def test_point_wise_calls_and_reshapes_pass() -> None:
+    model = Calls(lambda h: torch.tanh(h).flatten(1).unsqueeze(-1).squeeze(-1) * 2.0).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with _stabilizers(model, TINY) as canonizers:
+        relevance = LRP(model, canonizers).attribute(x, target=0)
+        # The identity rule for tanh and for a constant factor: relevance passes to fc's output.
+        at_fc = LayerLRP(model, model.fc, canonizers).attribute(x, target=0)
+    output = model(x)[:, 0]
+    torch.testing.assert_close(at_fc.sum(1), output, rtol=1e-9, atol=0)
+    assert relevance.shape == x.shape
+
+
+def test_without_the_canonizer_captum_s_refusal_names_it() -> None:
+    """AttnLRP's rules are a canonizer passed by name: without it, LRP reads a transformer as
+    captum does (no rule for layer norm or embeddings), and the error says what to pass."""
+    model = _build("bert", "eager")
+    embeds, mask, target = _inputs("bert")
+    with pytest.raises(TypeError, match=r"LayerNorm \(.*canonizers=\[AttnLRP\(\)\]"):
+        LRP(Logits(model)).attribute(embeds, target=target, additional_forward_args=(mask,))
+
+
+def test_a_module_without_a_rule_is_refused() -> None:
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(4, 4, batch_first=True)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0].mean(1))
+
+    with pytest.raises(TypeError, match=r"GRU \(model.rnn\).*module.rule"):
+        LRP(Recurrent(), ATTN).attribute(torch.randn(2, 3, 4), target=0)
+
+
+def test_captum_llm_attribution_accepts_no_lrp_method() -> None:
+    """captum's LLMAttribution takes perturbation methods and LLMGradientAttribution
+    LayerIntegratedGradients, LayerGradientXActivation and LayerGradientShap only: LayerLRP is
+    used directly (see docs/lrp/transformers.md)."""
+    from captum.attr import LLMAttribution, LLMGradientAttribution
+
+    model = _build("llama", "eager")
+    layer_lrp = LayerLRP(model, model.model.embed_tokens, ATTN)
+    for wrapper in (LLMAttribution, LLMGradientAttribution):
+        with pytest.raises(AssertionError, match="does not support"):
+            wrapper(layer_lrp, tokenizer=None)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_the_benchmark_s_lxt_contender_agrees_and_undoes_its_patches(family: str) -> None:
+    """fastattr bench's lxt contender (lxt's patches applied around each call only) gives lxt's
+    relevance and leaves torch and transformers as they were."""
+    from transformers.models.bert import modeling_bert
+    from transformers.models.llama import modeling_llama
+
+    from fastattr.bench.contenders import lxt_attnlrp
+    from fastattr.bench.models import HuggingFaceLogits
+
+    watched = (nn.LayerNorm, nn.Dropout, modeling_bert, modeling_llama, modeling_llama.LlamaMLP)
+    before = [dict(vars(target)) for target in watched]
+    model = HuggingFaceLogits(_build(family, "eager"), _position(family))
+    embeds, mask, target = _inputs(family)
+    arguments = {"inputs": embeds, "target": target[0], "additional_forward_args": (mask,)}
+    relevance = lxt_attnlrp(model, arguments)()
+    assert [dict(vars(target)) for target in watched] == before
+    with _stabilizers(model, TINY) as canonizers:
+        ours = LRP(model, canonizers).attribute(
+            embeds, target=target[0], additional_forward_args=(mask,)
+        )
+    assert _relative(ours, relevance) < PARITY
