@@ -157,7 +157,7 @@ def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
     """The forms captum accepts, checked against the batch before any work is done.
 
     Returns the target to pass on: as given, except that a one-element tensor becomes its int
-    and a tensor of per-example indices a :class:`ColumnIndices`.
+    and a tensor of per-example indices a `ColumnIndices`.
     """
     if target is None or (isinstance(target, int) and not isinstance(target, bool)):
         return target

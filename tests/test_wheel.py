@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 import fastattr
 
@@ -116,8 +115,7 @@ def test_wheel_installs_into_a_fresh_environment_with_the_compiled_ops(tmp_path)
             "--quiet", "-w", dist, cwd=ROOT,
         )  # fmt: skip
     (wheel,) = dist.glob("fastattr-*.whl")
-    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6):
-        assert "-abi3-" in wheel.name, wheel.name
+    assert "-abi3-" in wheel.name, wheel.name  # torch>=2.13 builds the stable-ABI extension
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("fastattr/_C") and n.endswith(".so") for n in names), names
 
