@@ -126,19 +126,6 @@ def format_additional_args(args: Any) -> tuple[Any, ...] | None:
     return args if isinstance(args, tuple) else (args,)
 
 
-def repeat_additional_args(args: tuple[Any, ...] | None, steps: int) -> tuple[Any, ...]:
-    """Tensors repeated once per step along dimension 0 (step-major, as the path is), whatever
-    their first dimension, as captum repeats them; 0-dim tensors and the rest as they are."""
-    if args is None:
-        return ()
-    return tuple(
-        arg.repeat(steps, *([1] * (arg.dim() - 1)))
-        if isinstance(arg, Tensor) and arg.dim() > 0
-        else arg
-        for arg in args
-    )
-
-
 @dataclass(frozen=True)
 class ColumnIndices:
     """A tensor target of one column per example, with its smallest and largest index read
@@ -148,9 +135,6 @@ class ColumnIndices:
     indices: Tensor
     low: int
     high: int
-
-    def repeat(self, steps: int) -> ColumnIndices:
-        return ColumnIndices(self.indices.repeat(steps), self.low, self.high)
 
 
 def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
@@ -193,15 +177,6 @@ def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
     raise TypeError(
         f"target must be None, an int, a tuple, a list or a tensor, got {type(target).__name__}"
     )
-
-
-def repeat_target(target: TargetType | ColumnIndices, steps: int) -> TargetType | ColumnIndices:
-    """Per-example targets repeated once per step (step-major, as the path is)."""
-    if isinstance(target, list):
-        return target * steps
-    if isinstance(target, ColumnIndices):
-        return target.repeat(steps)
-    return target
 
 
 def check_target_sequence(

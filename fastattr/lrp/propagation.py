@@ -72,18 +72,6 @@ class RulePlan:
         for line in self.applied:
             print(line)
 
-    def rule_of(self, module: nn.Module) -> PropagationRule | None:
-        """``module``'s rule in this plan, or None.
-
-        Args:
-            module: A module of the model.
-
-        Returns:
-            The rule, or None for containers, reshapes and modules outside the model.
-        """
-        found = self.rules.get(id(module))
-        return None if found is None else found[1]
-
 
 def rule_attribute(module: nn.Module) -> object:
     """``module.rule``, or None; read from the instance first (a missing attribute would cost
