@@ -9,9 +9,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <tuple>
+
+#include "attention.h"
 
 namespace fastattr {
 namespace {
@@ -107,14 +108,8 @@ struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
   }
 };
 
-void check_finite_non_negative(double value, const char* name) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name,
-                    " must be finite and non-negative, got ", value);
-}
-
 at::Tensor lrp_share_node(const at::Tensor& activation, double share) {
-  TORCH_CHECK_VALUE(std::isfinite(share) && share > 0, "share must be finite and positive, got ",
-                    share);
+  check_share(share);
   return ShareNode::apply(activation, share);
 }
 
@@ -126,7 +121,7 @@ at::Tensor lrp_softmax_node(const at::Tensor& inputs, int64_t dim,
 at::Tensor lrp_layer_norm_node(const at::Tensor& inputs, c10::IntArrayRef normalized_shape,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps, double epsilon) {
-  check_finite_non_negative(epsilon, "epsilon");
+  check_epsilon(epsilon);
   return LayerNormNode::apply(inputs, normalized_shape, weight, bias, eps, epsilon);
 }
 

@@ -409,7 +409,7 @@ def _caller(model: Any) -> str:
 
 # torch.utils._python_dispatch is private, its TorchDispatchMode the documented way to see aten
 # ops: each once, with func.overloadpacket and func.__name__, views with their _base
-# (tests/test_torch_private_api.py; checked on torch 2.14.1).
+# (tests/test_torch_private_api.py; checked on torch 2.13 and 2.14).
 class _PathOperations(TorchDispatchMode):
     """Follows which tensors depend on the path (from the points through every aten op),
     checks that every op on them is piecewise linear, and hands kinks to ``segments``."""

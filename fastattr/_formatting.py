@@ -126,19 +126,6 @@ def format_additional_args(args: Any) -> tuple[Any, ...] | None:
     return args if isinstance(args, tuple) else (args,)
 
 
-def repeat_additional_args(args: tuple[Any, ...] | None, steps: int) -> tuple[Any, ...]:
-    """Tensors repeated once per step along dimension 0 (step-major, as the path is), whatever
-    their first dimension, as captum repeats them; 0-dim tensors and the rest as they are."""
-    if args is None:
-        return ()
-    return tuple(
-        arg.repeat(steps, *([1] * (arg.dim() - 1)))
-        if isinstance(arg, Tensor) and arg.dim() > 0
-        else arg
-        for arg in args
-    )
-
-
 @dataclass(frozen=True)
 class ColumnIndices:
     """A tensor target of one column per example, with its smallest and largest index read
@@ -149,15 +136,12 @@ class ColumnIndices:
     low: int
     high: int
 
-    def repeat(self, steps: int) -> ColumnIndices:
-        return ColumnIndices(self.indices.repeat(steps), self.low, self.high)
-
 
 def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
     """The forms captum accepts, checked against the batch before any work is done.
 
     Returns the target to pass on: as given, except that a one-element tensor becomes its int
-    and a tensor of per-example indices a :class:`ColumnIndices`.
+    and a tensor of per-example indices a `ColumnIndices`.
     """
     if target is None or (isinstance(target, int) and not isinstance(target, bool)):
         return target
@@ -193,131 +177,6 @@ def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
     raise TypeError(
         f"target must be None, an int, a tuple, a list or a tensor, got {type(target).__name__}"
     )
-
-
-def repeat_target(target: TargetType | ColumnIndices, steps: int) -> TargetType | ColumnIndices:
-    """Per-example targets repeated once per step (step-major, as the path is)."""
-    if isinstance(target, list):
-        return target * steps
-    if isinstance(target, ColumnIndices):
-        return target.repeat(steps)
-    return target
-
-
-def _check_index(index: int, size: int, what: str) -> None:
-    if not -size <= index < size:
-        raise IndexError(f"target {what} {index} is out of range for an output dimension of {size}")
-
-
-def select_targets(output: Tensor, target: TargetType | ColumnIndices) -> Tensor:
-    """The per-example value to attribute: captum's target semantics, with range checks."""
-    if not isinstance(output, Tensor):
-        raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}")
-    if target is None:
-        return output
-    if output.dim() < 2:
-        raise ValueError(
-            f"target {target!r} needs an output with a dimension to select from; the output "
-            f"has shape {list(output.shape)}"
-        )
-    if isinstance(target, Tensor):  # not through check_target
-        target = check_target(target, output.shape[0])
-    if isinstance(target, (int, tuple)):
-        index = (target,) if isinstance(target, int) else target
-        if len(index) > output.dim() - 1:
-            raise ValueError(
-                f"target {target!r} has more indices than the output of shape "
-                f"{list(output.shape)} has dimensions after the batch"
-            )
-        for dim, i in enumerate(index, start=1):
-            if isinstance(i, int):
-                _check_index(i, output.shape[dim], "index")
-        return output[(slice(None), *index)]
-    if isinstance(target, list) and target and isinstance(target[0], tuple):
-        return torch.stack([output[(row, *index)] for row, index in enumerate(target)])
-    if isinstance(target, ColumnIndices):
-        indices, low, high = target.indices, target.low, target.high
-    else:
-        indices = torch.tensor(target, dtype=torch.long, device=output.device)
-        low, high = (min(target), max(target)) if target else (0, -1)
-    if output.dim() != 2:
-        raise ValueError(
-            f"per-example integer targets need a 2-D output, got shape {list(output.shape)}"
-        )
-    if low <= high and (low < -output.shape[1] or high >= output.shape[1]):
-        raise IndexError(
-            f"target holds indices in [{low}, {high}], out of range for an output with "
-            f"{output.shape[1]} columns"
-        )
-    indices = indices.to(output.device).reshape(-1, 1)
-    if low < 0:  # negative indices count from the end, as in captum
-        indices = indices % output.shape[1]
-    return output.gather(1, indices).squeeze(1)
-
-
-def run_forward(
-    forward_func: Callable[..., Any],
-    inputs: tuple[Tensor, ...],
-    target: TargetType | ColumnIndices,
-    additional_args: tuple[Any, ...] | None,
-) -> Tensor:
-    output = forward_func(*inputs, *(additional_args or ()))
-    return select_targets(output, target)
-
-
-def per_example(output: Tensor, batch: int) -> Tensor:
-    """The selected output as one value per example, or a clear error when it is not."""
-    if output.dim() == 0 or output.shape[0] != batch or output.numel() != batch:
-        raise ValueError(
-            "forward_func must give one value per example after target selection "
-            f"({batch} values), got shape {list(output.shape)}: pass a target that selects one "
-            "output per example"
-        )
-    # (A reshape to its own shape would still add a node to the graph.)
-    return output if output.dim() == 1 else output.reshape(batch)
-
-
-class OutputShapeError(ValueError, AssertionError):
-    """The selected output can't be differentiated as captum does (e.g. no target for an
-    output with several values per example). A ValueError, and an AssertionError too, which is
-    what captum raises there, so that code catching captum's error catches fastattr's."""
-
-
-class RowsCoupled(Exception):
-    """The selected output is not one value per row of the path: its gradient then depends on
-    which rows each forward sees, so the path must be chunked as captum chunks it."""
-
-
-def path_output(output: Tensor, rows: int, whole: bool, what: str = "forward_func") -> Tensor:
-    """The selected output of a forward over ``rows`` rows of the path, to be differentiated.
-
-    One value per row; or, as captum allows, any output holding one value per entry of its
-    first dimension (its gradient is that of their sum), when the forward saw the rows
-    captum's forward sees (``whole``; otherwise :class:`RowsCoupled` is raised).
-    """
-    if output.dim() > 0 and output.numel() == output.shape[0]:
-        if output.shape[0] == rows:
-            # (A reshape to its own shape would still add a node to the graph.)
-            return output if output.dim() == 1 else output.reshape(rows)
-        if whole:
-            return output.reshape(-1)
-        raise RowsCoupled
-    hint = (
-        ": pass a target that selects one output per example"
-        if what == "forward_func"
-        else ": index every dimension after the batch, or use slices to sum a region"
-    )
-    raise OutputShapeError(
-        f"{what} must give one value per example ({rows} values), or one value per entry of "
-        f"its first dimension, got shape {list(output.shape)}{hint}"
-    )
-
-
-def row_sums(output: Tensor) -> Tensor:
-    """The output summed over all but its first dimension (captum's convention for deltas)."""
-    if output.dim() == 0:
-        raise ValueError("forward_func must return an output with a first dimension, got a scalar")
-    return output if output.dim() == 1 else output.flatten(1).sum(1)
 
 
 def check_target_sequence(

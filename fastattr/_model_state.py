@@ -27,8 +27,8 @@ def uses_batch_statistics(forward_func: object) -> bool:
     it is given (batch normalization in training mode, or without running statistics), so that
     an example's output depends on the other rows of its batch."""
     model = module_of(forward_func)
-    # (_BatchNorm, private, is the base of every batch normalization: checked, with what its
-    # forward does, in tests/test_torch_private_api.py.)
+    # (_BatchNorm, private, is the base of every batch normalization: checked on torch 2.13
+    # and 2.14, with what its forward does, in tests/test_torch_private_api.py.)
     return model is not None and any(
         isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
         for m in model.modules()
@@ -52,7 +52,8 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
     would leave it switched."""
     model = module_of(forward_func)
     # (Builtins, unlike torch.set_grad_enabled, run no Python an interrupt could stop:
-    # torch._C._set_grad_enabled is private, see tests/test_torch_private_api.py.)
+    # torch._C._set_grad_enabled is private, checked on torch 2.13 and 2.14, see
+    # tests/test_torch_private_api.py.)
     grad_enabled = torch.is_grad_enabled()
     call = object()
 
@@ -66,7 +67,8 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
                 if len(calls) == 1:
                     buffer.detach().copy_(saved)
                     # In case the forward replaced it (module._buffers: torch's private
-                    # registry, see tests/test_torch_private_api.py).
+                    # registry, checked on torch 2.13 and 2.14, see
+                    # tests/test_torch_private_api.py).
                     module._buffers[key[1]] = buffer
                     del _held[key]
                 calls.discard(call)

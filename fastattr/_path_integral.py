@@ -24,15 +24,12 @@ from fastattr import ops
 from fastattr._autograd import input_gradients
 from fastattr._formatting import (
     ColumnIndices,
-    OutputShapeError,
-    RowsCoupled,
     as_int,
-    row_sums,
-    select_targets,
 )
+from fastattr._forward import OutputShapeError, RowsCoupled, row_sums, select_targets
 from fastattr._model_state import module_of, uses_batch_statistics
 from fastattr._quadrature import check_steps, quadrature_table
-from fastattr.ops.reference import row_layout
+from fastattr.ops._checks import row_layout
 
 EXACT = "exact"
 

@@ -2,9 +2,9 @@
 how to weigh them (weights), as float64 tables on the CPU.
 
 Gauss-Legendre tables come from numpy's ``leggauss`` (as captum's do, so the tables are
-captum's bit for bit) up to :data:`LEGGAUSS_MAX_STEPS` nodes. ``leggauss`` solves an
+captum's bit for bit) up to `LEGGAUSS_MAX_STEPS` nodes. ``leggauss`` solves an
 eigenproblem of the n x n companion matrix: O(n^2) memory and O(n^3) time (1.5 GiB and minutes
-at 10,000 nodes). Above that, :func:`gauss_legendre` computes them in O(n): Newton's method on
+at 10,000 nodes). Above that, `gauss_legendre` computes them in O(n): Newton's method on
 an asymptotic expansion of the Legendre polynomial for the interior nodes, and on the
 polynomial itself (torch's recurrence, O(n) per node) for the few nodes near the ends.
 """

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from seeding import seeded  # tests/seeding.py (pytest puts tests/ on sys.path)
 from torch import Tensor, nn
 
 import fastattr
 import fastattr._path_integral as path_integral
 from fastattr._adaptive import clenshaw_curtis
-
-
-def seeded(module: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return module.double().eval()
 
 
 def smooth() -> nn.Module:

@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from seeding import seeded  # tests/seeding.py (pytest puts tests/ on sys.path)
 from torch import Tensor, nn
 
 import fastattr
 import fastattr._path_integral as path_integral
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}
-
-
-def seeded(module: nn.Module) -> nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return module.double().eval()
 
 
 def data(*shape: int, seed: int = 1) -> Tensor:

@@ -14,6 +14,7 @@ import captum.attr as captum_attr
 import numpy as np
 import pytest
 import torch
+from seeding import seeded  # tests/seeding.py (pytest puts tests/ on sys.path)
 from torch import Tensor, nn
 
 import fastattr
@@ -30,15 +31,6 @@ TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def seeded(module: nn.Module, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
-    """Re-draw ``module``'s parameters from ``seed`` and cast it to ``dtype``."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return module.to(dtype).eval()
 
 
 def mlp(dtype: torch.dtype = torch.float64, classes: int = 5) -> nn.Module:

@@ -14,6 +14,7 @@ import captum.attr as captum_attr
 import numpy as np
 import pytest
 import torch
+from seeding import seeded  # tests/seeding.py (pytest puts tests/ on sys.path)
 from torch import Tensor, nn
 
 import fastattr
@@ -21,14 +22,6 @@ import fastattr._path_integral as path_integral
 from fastattr import NoiseTunnel
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
-
-
-def seeded(module: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return module.double().eval()
 
 
 def mlp() -> nn.Module:

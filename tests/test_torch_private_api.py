@@ -210,3 +210,55 @@ def test_grad_mode_is_set_by_a_builtin():
     assert not torch.is_grad_enabled()
     torch._C._set_grad_enabled(True)
     assert torch.is_grad_enabled()
+
+
+def test_torch_functions_in_python_dispatch_through_their_modules_has_torch_function():
+    # fastattr/lrp/attention.py (OpenRule.body) runs a torch function written in Python, such
+    # as F.multi_head_attention_forward, with has_torch_function replaced in a copy of its
+    # globals, so that its first step no longer hands the call to the torch-function modes.
+    func = torch.nn.functional.multi_head_attention_forward
+    assert func.__globals__["has_torch_function"] is torch.overrides.has_torch_function
+    assert "has_torch_function" in func.__code__.co_names
+    seen = []
+
+    class Seen(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, f, types, args=(), kwargs=None):
+            seen.append(f)
+            return f(*args, **(kwargs or {}))
+
+    namespace = dict(func.__globals__)
+    namespace["has_torch_function"] = lambda _: False
+    body = types.FunctionType(
+        func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__
+    )
+    attention = nn.MultiheadAttention(4, 2)
+    x = torch.randn(3, 1, 4)
+    arguments = (x, x, x, 4, 2, attention.in_proj_weight, attention.in_proj_bias)
+    arguments += (None, None, False, 0.0, attention.out_proj.weight, attention.out_proj.bias)
+    with Seen():
+        body(*arguments)
+    assert func not in seen and seen  # the body's own calls reach the mode, not the function
+    seen.clear()
+    with Seen():
+        func(*arguments)
+    assert seen[0] is func
+
+
+def test_global_module_hooks_live_in_the_global_dicts_until_removed():
+    # tests/test_lrp_flow.py and tests/test_integrated_gradients.py check that no global hook
+    # is left behind by counting the entries of torch.nn.modules.module._global_*_hooks, the
+    # dicts register_module_forward_(pre_)hook (used by fastattr/lrp/propagation.py) fill.
+    from torch.nn.modules import module as module_hooks
+
+    dicts = (module_hooks._global_forward_pre_hooks, module_hooks._global_forward_hooks)
+    before = [len(d) for d in dicts]
+    handles = [
+        module_hooks.register_module_forward_pre_hook(lambda *a: None),
+        module_hooks.register_module_forward_hook(lambda *a: None),
+    ]
+    assert [len(d) for d in dicts] == [n + 1 for n in before]
+    for handle in handles:
+        handle.remove()
+    assert [len(d) for d in dicts] == before
+    assert isinstance(module_hooks._global_backward_hooks, dict)
+    assert isinstance(module_hooks._global_backward_pre_hooks, dict)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fastattr.bench.cases import TARGET, Case
+from fastattr.bench.contenders import zennit_relevance
 from fastattr.bench.floors import input_floor
 
 IMAGE = (3, 224, 224)
@@ -79,18 +80,7 @@ def _zennit(canonizers: Callable[[], list]) -> Callable[[nn.Module, dict], Calla
             ],
             canonizers=made,
         )
-        inputs = arguments["inputs"]
-
-        def relevance() -> Any:
-            leaf = inputs.detach().requires_grad_(True)
-            with composite.context(model) as modified:
-                output = modified(leaf)
-                seed = torch.zeros_like(output)
-                seed[:, TARGET] = output[:, TARGET]
-                (result,) = torch.autograd.grad(output, leaf, seed)
-            return result
-
-        return relevance
+        return zennit_relevance(composite, model, arguments["inputs"], TARGET)
 
     return contender
 

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "../attention.h"
+#include "../lrp_formula.h"
 #include "launch.cuh"
 
 namespace fastattr::cuda {
@@ -80,8 +81,7 @@ __device__ at::opmath_type<scalar_t> layer_norm_term(const scalar_t* r, const sc
                                                      const scalar_t* w, int64_t j, int64_t k,
                                                      at::opmath_type<scalar_t> eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t yj = static_cast<acc_t>(y[j]);
-  const acc_t ratio = static_cast<acc_t>(r[j]) / (yj + (yj < acc_t(0) ? -eps : eps));
+  const acc_t ratio = stabilized_ratio(static_cast<acc_t>(r[j]), static_cast<acc_t>(y[j]), eps);
   return w == nullptr ? ratio : ratio * static_cast<acc_t>(w[k]);
 }
 

@@ -21,9 +21,8 @@ from fastattr._formatting import (
     format_additional_args,
     format_baselines,
     format_output,
-    path_output,
-    select_targets,
 )
+from fastattr._forward import path_output, select_targets
 from fastattr._model_state import kept_buffers
 from fastattr._path_integral import (
     EXACT,

@@ -89,7 +89,8 @@ def _hooks(
     def remove() -> None:
         # By identity rather than by handle: an interrupt inside a registration would lose
         # the handle of a hook that is in place already. (The dicts are torch's private
-        # registries: tests/test_torch_private_api.py checks what this relies on.)
+        # registries, checked on torch 2.13 and 2.14: tests/test_torch_private_api.py checks what
+        # this relies on.)
         for layer, function in installed:
             registry = layer._forward_pre_hooks if on_input else layer._forward_hooks
             for key, value in list(registry.items()):

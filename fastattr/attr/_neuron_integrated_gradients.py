@@ -18,8 +18,8 @@ from fastattr._formatting import (
     format_additional_args,
     format_baselines,
     format_output,
-    path_output,
 )
+from fastattr._forward import path_output
 from fastattr._model_state import kept_buffers
 from fastattr._path_integral import (
     PathOptions,

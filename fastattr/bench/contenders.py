@@ -82,9 +82,26 @@ def zennit_epsilon(model: nn.Module, arguments: Arguments) -> Callable[[], Any]:
             ((AvgPool, nn.MaxPool2d), Norm(1e-9)),
         ]
     )
-    inputs, target = arguments["inputs"], arguments["target"]
+    return zennit_relevance(composite, model, arguments["inputs"], arguments["target"])
 
-    def relevance() -> Any:
+
+def zennit_relevance(
+    composite: Any, model: nn.Module, inputs: torch.Tensor, target: int
+) -> Callable[[], torch.Tensor]:
+    """The call a zennit contender times: the relevance at ``inputs`` of output ``target``,
+    with ``composite``'s rules (and canonizers) on ``model``.
+
+    Args:
+        composite: A zennit composite.
+        model: The contender's copy of the model.
+        inputs: The batch, (B, ...).
+        target: The output column attributed, the same for every example.
+
+    Returns:
+        A function of no arguments that returns the (B, ...) relevance.
+    """
+
+    def relevance() -> torch.Tensor:
         leaf = inputs.detach().requires_grad_(True)
         with composite.context(model) as modified:
             output = modified(leaf)

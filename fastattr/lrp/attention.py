@@ -687,6 +687,9 @@ class OpenRule(ActivationOpRule):
         Raises:
             TypeError: ``func`` is not such a function.
         """
+        # torch's Python functions dispatch through the has_torch_function of their module's
+        # globals (a private arrangement, checked on torch 2.13 and 2.14;
+        # tests/test_torch_private_api.py).
         found = getattr(func, "__globals__", {}).get("has_torch_function")
         if found is None or not isinstance(func, types.FunctionType):
             raise no_rule_error(func)

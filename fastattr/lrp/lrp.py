@@ -19,10 +19,8 @@ from fastattr._formatting import (
     check_target_sequence,
     format_additional_args,
     format_output,
-    path_output,
-    run_forward,
-    select_targets,
 )
+from fastattr._forward import path_output, run_forward, select_targets
 from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (

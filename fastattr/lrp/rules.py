@@ -564,6 +564,8 @@ def _linear(module: nn.Linear, x: Tensor, weight: Tensor, bias: Tensor | None, _
 
 
 def _conv(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, _: Tensor) -> Tensor:
+    # Private: the module's own forward with other parameters, honouring its padding mode
+    # (checked on torch 2.13 and 2.14; tests/test_torch_private_api.py).
     return module._conv_forward(x, weight, bias)  # type: ignore[operator]
 
 
@@ -578,6 +580,7 @@ def _conv_transpose(
     module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor
 ) -> Tensor:
     # The output size the module produced pins the output padding (it may have been given).
+    # _output_padding is private: checked on torch 2.13 and 2.14; tests/test_torch_private_api.py.
     dims = len(module.kernel_size)  # type: ignore[arg-type]
     padding = module._output_padding(  # type: ignore[operator]
         x,
@@ -626,6 +629,8 @@ MODIFIED_FORWARDS: dict[type, Callable[..., Tensor]] = {
     nn.BatchNorm3d: _batch_norm,
 }
 
+# The private bases (_ConvNd, _AvgPoolNd, ..., _DropoutNd) cover every public subclass
+# (checked on torch 2.13 and 2.14; tests/test_torch_private_api.py fails if one moves).
 _EPSILON_TYPES = (
     nn.Linear,
     nn.modules.conv._ConvNd,
