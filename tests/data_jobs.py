@@ -103,6 +103,10 @@ def main() -> int:
     except Exception as error:
         print(f"ERROR {type(error).__name__}: {error}", flush=True)
         return 3
+    finally:
+        # As fastattr's CLI does: a group left to the interpreter's exit can abort the process.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print("DONE", flush=True)
     return 0
 

@@ -200,8 +200,11 @@ def main(args: argparse.Namespace) -> int:
     except Exception as error:
         print(f"fastattr attribute (rank {rank}): {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    if started_group:
-        dist.destroy_process_group()
+    finally:
+        # Also after a failure: a group left to the interpreter's exit can abort the process
+        # (SIGABRT from gloo's teardown) instead of returning the error's exit code.
+        if started_group:
+            dist.destroy_process_group()
     if rank == 0:
         computed = store.metadata["runs"][-1]["examples"]
         processes = f"{launched} process{'es' if launched > 1 else ''}"
