@@ -50,7 +50,7 @@ def resnet18(size: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import torchvision
 
-        return models._build(lambda: torchvision.models.resnet18(weights=None), 4)
+        return models.seeded_model(lambda: torchvision.models.resnet18(weights=None), 4)
 
     return build
 

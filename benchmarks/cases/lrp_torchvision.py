@@ -24,6 +24,7 @@ from torch import nn
 from fastattr.bench.cases import TARGET, Case
 from fastattr.bench.contenders import zennit_relevance
 from fastattr.bench.floors import input_floor
+from fastattr.bench.models import seeded_model
 
 IMAGE = (3, 224, 224)
 
@@ -32,32 +33,16 @@ def _images(batch: int, generator: torch.Generator) -> dict[str, Any]:
     return {"inputs": torch.randn(batch, *IMAGE, generator=generator)}
 
 
-def _seeded(build: Callable[..., nn.Module]) -> nn.Module:
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        model = build(weights=None)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                nn.init.uniform_(module.weight, 0.5, 1.5)
-                nn.init.uniform_(module.bias, -0.1, 0.1)
-    finally:
-        torch.random.set_rng_state(state)
-    return model.eval()
-
-
 def resnet18() -> nn.Module:
     from torchvision.models import resnet18 as build
 
-    return _seeded(build)
+    return seeded_model(lambda: build(weights=None), 0)
 
 
 def vgg16() -> nn.Module:
     from torchvision.models import vgg16 as build
 
-    return _seeded(build)
+    return seeded_model(lambda: build(weights=None), 0)
 
 
 def _zennit(canonizers: Callable[[], list]) -> Callable[[nn.Module, dict], Callable[[], Any]]:

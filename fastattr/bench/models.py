@@ -141,7 +141,18 @@ class TextTransformer(nn.Module):
         return self.head((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1))
 
 
-def _build(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+def seeded_model(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """A model built under a fixed seed, its batch norms given statistics and affine
+    parameters away from the identity (so that eval mode normalizes), in eval mode. Torch's
+    global generator is left as it was.
+
+    Args:
+        make: Builds the model (random weights).
+        seed: The seed it is built and its statistics drawn under.
+
+    Returns:
+        The model, in eval mode.
+    """
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -179,22 +190,22 @@ def mlp(features: int = MLP_FEATURES, width: int = 256, layers: int = 3) -> nn.M
         width: Width of the hidden layers.
         layers: Linear layers.
     """
-    return _build(lambda: _perceptron(features, width, layers), 0)
+    return seeded_model(lambda: _perceptron(features, width, layers), 0)
 
 
 def cnn() -> nn.Module:
     """The seeded [fastattr.bench.models.SmallCNN][], in eval mode."""
-    return _build(SmallCNN, 1)
+    return seeded_model(SmallCNN, 1)
 
 
 def resnet() -> nn.Module:
     """The seeded [fastattr.bench.models.SmallResNet][], in eval mode."""
-    return _build(SmallResNet, 2)
+    return seeded_model(SmallResNet, 2)
 
 
 def transformer() -> nn.Module:
     """The seeded [fastattr.bench.models.TextTransformer][], in eval mode."""
-    return _build(TextTransformer, 3)
+    return seeded_model(TextTransformer, 3)
 
 
 class HuggingFaceLogits(nn.Module):
