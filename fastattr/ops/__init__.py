@@ -47,10 +47,10 @@ def interpolate_points(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: 
         The (P, ...) path rows, in the dtype and row layout of ``inputs``.
 
     Raises:
-        ValueError: The shapes do not fit, or a table is not 1-D of one entry per point.
+        ValueError: The shapes do not fit, a table is not 1-D of one entry per point, or an
+            alpha is not finite.
         IndexError: A row is outside ``inputs``.
         TypeError: A dtype is not floating, ``rows`` not int64 or ``alphas`` not float64.
-        ValueError: An alpha is not finite.
     """
     if backend_in_context() == "compiled":
         _checks.check_interpolate_points(inputs, baselines, rows, alphas)
