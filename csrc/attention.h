@@ -1,4 +1,4 @@
-// The transformer rules' kernels (AttnLRP): argument checks and operands shared by the CPU and
+// The transformer rules' kernels (AttnLRP): argument guards and operands shared by the CPU and
 // CUDA kernels.
 #pragma once
 
@@ -25,17 +25,11 @@ struct SoftmaxOperands {
 
 inline SoftmaxOperands prepare_softmax(const at::Tensor& inputs, const at::Tensor& probs,
                                        const at::Tensor& relevance, int64_t dim) {
-  check_floating(inputs, "inputs");
-  check_same_device(probs, "probs", inputs, "inputs");
-  check_same_dtype(probs, "probs", inputs, "inputs");
-  check_same_shape(probs, "probs", inputs, "inputs");
-  check_same_device(relevance, "relevance", inputs, "inputs");
-  check_same_dtype(relevance, "relevance", inputs, "inputs");
-  check_same_shape(relevance, "relevance", inputs, "inputs");
-  TORCH_CHECK_VALUE(inputs.dim() > 0,
-                    "inputs must have at least one dimension, got a 0-dim tensor");
-  TORCH_CHECK_VALUE(dim >= -inputs.dim() && dim < inputs.dim(), "dim must be in [",
-                    -inputs.dim(), ", ", inputs.dim() - 1, "], got ", dim);
+  constexpr const char* kOp = "fastattr::softmax_relevance";
+  check_floating(kOp, inputs, "inputs");
+  check_like(kOp, probs, "probs", inputs);
+  check_like(kOp, relevance, "relevance", inputs);
+  TORCH_CHECK_VALUE(dim >= -inputs.dim() && dim < inputs.dim(), kOp, ": dim out of range");
   const int64_t wrapped = dim < 0 ? dim + inputs.dim() : dim;
   const auto last = [&](const at::Tensor& t) { return t.movedim(wrapped, -1).contiguous(); };
   const int64_t length = inputs.size(wrapped);
@@ -63,43 +57,31 @@ struct LayerNormOperands {
 
 inline LayerNormOperands prepare_layer_norm(const at::Tensor& inputs, const at::Tensor& relevance,
                                             const at::Tensor& outputs, const at::Tensor& rstd,
-                                            const std::optional<at::Tensor>& weight,
-                                            double epsilon) {
-  check_epsilon(epsilon);
-  check_floating(inputs, "inputs");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{relevance, "relevance"},
-                                {outputs, "outputs"}}) {
-    check_same_device(t, name, inputs, "inputs");
-    check_same_dtype(t, name, inputs, "inputs");
-    check_same_shape(t, name, inputs, "inputs");
-  }
-  check_same_device(rstd, "rstd", inputs, "inputs");
-  const auto opmath = at::toOpMathType(inputs.scalar_type());
-  TORCH_CHECK_TYPE(rstd.scalar_type() == opmath, "rstd must be ", opmath, " for ",
-                   inputs.scalar_type(), " inputs, got ", rstd.scalar_type());
+                                            const std::optional<at::Tensor>& weight) {
+  constexpr const char* kOp = "fastattr::layer_norm_relevance";
+  check_floating(kOp, inputs, "inputs");
+  check_like(kOp, relevance, "relevance", inputs);
+  check_like(kOp, outputs, "outputs", inputs);
+  check_same_device(kOp, rstd, "rstd", inputs);
+  // The kernels read rstd in the precision they compute in.
+  TORCH_CHECK_TYPE(rstd.scalar_type() == at::toOpMathType(inputs.scalar_type()), kOp,
+                   ": rstd dtype mismatch");
   int64_t kept = 0;  // the leading dimensions rstd shares with inputs; the rest are normalized
   while (kept < rstd.dim() && kept < inputs.dim() && rstd.size(kept) == inputs.size(kept)) ++kept;
   bool shaped = rstd.dim() == inputs.dim() && inputs.dim() > 0;
   for (int64_t d = kept; shaped && d < rstd.dim(); ++d) shaped = rstd.size(d) == 1;
-  TORCH_CHECK_VALUE(shaped, "rstd must have the shape of inputs ", inputs.sizes(),
-                    " with the normalized (trailing) dimensions set to 1, got ", rstd.sizes());
+  TORCH_CHECK_VALUE(shaped, kOp, ": rstd shape mismatch");
   int64_t length = 1;
   for (int64_t d = kept; d < inputs.dim(); ++d) length *= inputs.size(d);
   at::Tensor weight_dense;
   if (weight.has_value() && weight->defined()) {
-    check_same_device(*weight, "weight", inputs, "inputs");
-    check_same_dtype(*weight, "weight", inputs, "inputs");
-    TORCH_CHECK_VALUE(weight->numel() == length, "weight must have the ", length,
-                      " elements of a normalized row, got shape ", weight->sizes());
+    check_same_device(kOp, *weight, "weight", inputs);
+    check_same_dtype(kOp, *weight, "weight", inputs);
+    TORCH_CHECK_VALUE(weight->numel() == length, kOp, ": weight shape mismatch");
     weight_dense = weight->contiguous();
   }
   return {inputs.contiguous(), relevance.contiguous(), outputs.contiguous(), rstd.contiguous(),
           weight_dense, rstd.numel(), length};
-}
-
-inline void check_share(double share) {
-  TORCH_CHECK_VALUE(std::isfinite(share) && share > 0, "share must be finite and positive, got ",
-                    share);
 }
 
 }  // namespace fastattr

@@ -109,7 +109,6 @@ struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
 };
 
 at::Tensor lrp_share_node(const at::Tensor& activation, double share) {
-  check_share(share);
   return ShareNode::apply(activation, share);
 }
 
@@ -121,7 +120,6 @@ at::Tensor lrp_softmax_node(const at::Tensor& inputs, int64_t dim,
 at::Tensor lrp_layer_norm_node(const at::Tensor& inputs, c10::IntArrayRef normalized_shape,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps, double epsilon) {
-  check_epsilon(epsilon);
   return LayerNormNode::apply(inputs, normalized_shape, weight, bias, eps, epsilon);
 }
 

@@ -22,36 +22,35 @@ struct KinkOperands {
   int64_t units;
 };
 
+constexpr const char* kKinkFlips = "fastattr::kink_flips";
+
 // 1-D int64 indices into the rows of `values`, on its device, each in [0, rows). On a GPU the
 // range check reads them on the host (a synchronization).
 inline at::Tensor prepare_ends(const at::Tensor& ends, const char* name, const at::Tensor& values) {
-  TORCH_CHECK_VALUE(ends.dim() == 1, name, " must be 1-D, got shape ", ends.sizes());
-  TORCH_CHECK_TYPE(ends.scalar_type() == at::kLong, name, " must be int64, got ",
-                   ends.scalar_type());
-  check_same_device(ends, name, values, "values");
+  TORCH_CHECK_VALUE(ends.dim() == 1, kKinkFlips, ": ", name, " is not 1-D");
+  TORCH_CHECK_TYPE(ends.scalar_type() == at::kLong, kKinkFlips, ": ", name, " dtype is not ",
+                   at::kLong);
+  check_same_device(kKinkFlips, ends, name, values);
   at::Tensor dense = ends.contiguous();
   const at::Tensor host = dense.cpu();
   const int64_t* index = host.const_data_ptr<int64_t>();
   for (int64_t p = 0; p < host.numel(); ++p) {
-    TORCH_CHECK_INDEX(index[p] >= 0 && index[p] < values.size(0), name, " must index the ",
-                      values.size(0), " rows of values, got ", index[p], " at index ", p);
+    TORCH_CHECK_INDEX(index[p] >= 0 && index[p] < values.size(0), kKinkFlips, ": ", name,
+                      " out of range");
   }
   return dense;
 }
 
 inline KinkOperands prepare_kink_flips(const at::Tensor& values, const at::Tensor& tolerance,
                                        const at::Tensor& ends_a, const at::Tensor& ends_b) {
-  check_floating(values, "values");
-  TORCH_CHECK_VALUE(values.dim() == 2, "values must be 2-D (points, units), got shape ",
-                    values.sizes());
-  check_same_device(tolerance, "tolerance", values, "values");
-  check_same_dtype(tolerance, "tolerance", values, "values");
-  TORCH_CHECK_VALUE(tolerance.dim() == 1 && tolerance.size(0) == values.size(0),
-                    "tolerance must hold one entry per row of values (", values.size(0),
-                    "), got shape ", tolerance.sizes());
-  TORCH_CHECK_VALUE(ends_a.sizes() == ends_b.sizes(),
-                    "ends_a and ends_b must have the same shape, got ", ends_a.sizes(), " and ",
-                    ends_b.sizes());
+  check_floating(kKinkFlips, values, "values");
+  TORCH_CHECK_VALUE(values.dim() == 2, kKinkFlips, ": values is not 2-D");
+  check_same_device(kKinkFlips, tolerance, "tolerance", values);
+  check_same_dtype(kKinkFlips, tolerance, "tolerance", values);
+  TORCH_CHECK_VALUE(tolerance.dim() == 1 && tolerance.size(0) == values.size(0), kKinkFlips,
+                    ": tolerance shape mismatch");
+  TORCH_CHECK_VALUE(ends_a.sizes() == ends_b.sizes(), kKinkFlips,
+                    ": ends_a and ends_b shape mismatch");
   const int64_t units = values.size(1);
   return {values.contiguous(),
           tolerance.contiguous(),

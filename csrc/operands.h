@@ -1,4 +1,4 @@
-// Argument checks and operand preparation shared by the CPU and CUDA kernels.
+// The kernels' argument guards and operand preparation, shared by the CPU and CUDA kernels.
 //
 // Every kernel walks its tensors as flat arrays in which row b of a (B, ...) tensor is the
 // contiguous block [b * row, (b + 1) * row). Contiguous and channels_last layouts both keep
@@ -11,7 +11,6 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
 #include <cstdint>
 
 namespace fastattr {
@@ -32,55 +31,55 @@ inline int64_t row_numel(const at::Tensor& t) {
   return n;
 }
 
+// The guards below keep a kernel from reading or writing out of bounds or misreading memory,
+// for any caller of torch.ops.fastattr.*. The user-facing checks, one message per argument
+// fault, are in fastattr/ops/_checks.py; fastattr.ops runs them before the kernels. Messages
+// here are terse: "fastattr::<op>: <argument> <fault>".
+
 // The four dtypes the kernels are dispatched for (at::isFloatingType also admits float8).
-inline void check_floating(const at::Tensor& t, const char* name) {
+inline void check_floating(const char* op, const at::Tensor& t, const char* name) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
                        dtype == at::kDouble,
-                   name, " must be a floating point tensor (float16, bfloat16, float32 or "
-                   "float64), got ", t.scalar_type());
+                   op, ": ", name, " has unsupported dtype ", dtype);
 }
 
-inline void check_batched(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() >= 1, name, " must have a batch dimension, got a 0-dim tensor");
+inline void check_batched(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() >= 1, op, ": ", name, " has no batch dimension");
 }
 
-inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                              const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ",
-                    ref_name, " (", ref.device(), "), got ", t.device());
+inline void check_same_device(const char* op, const at::Tensor& t, const char* name,
+                              const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " device mismatch");
 }
 
-inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                             const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ",
-                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+inline void check_same_dtype(const char* op, const at::Tensor& t, const char* name,
+                             const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " dtype mismatch");
 }
 
-inline void check_same_shape(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                             const char* ref_name) {
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ",
-                    ref.sizes(), ", got ", t.sizes());
+inline void check_same_shape(const char* op, const at::Tensor& t, const char* name,
+                             const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " shape mismatch");
 }
 
-// A per-step coefficient table (path alphas, quadrature weights): 1-D, float64, finite. It may
-// live on the CPU even when the data is on a GPU, which keeps the finiteness check sync-free.
-inline at::Tensor prepare_coefficients(const at::Tensor& coefficients, const char* name,
-                                       const at::Tensor& data, const char* data_name) {
-  TORCH_CHECK_VALUE(coefficients.dim() == 1, name, " must be 1-D, got shape ",
-                    coefficients.sizes());
-  TORCH_CHECK_TYPE(coefficients.scalar_type() == at::kDouble, name, " must be float64, got ",
-                   coefficients.scalar_type());
-  TORCH_CHECK_VALUE(coefficients.is_cpu() || coefficients.device() == data.device(), name,
-                    " must be on the CPU or on the device of ", data_name, " (", data.device(),
-                    "), got ", coefficients.device());
-  at::Tensor host = coefficients.cpu().contiguous();
-  const double* values = host.const_data_ptr<double>();
-  for (int64_t k = 0; k < host.numel(); ++k) {
-    TORCH_CHECK_VALUE(std::isfinite(values[k]), name, " must be finite, got ", values[k],
-                      " at index ", k);
-  }
-  return host;
+// The device, dtype and shape of `ref`.
+inline void check_like(const char* op, const at::Tensor& t, const char* name,
+                       const at::Tensor& ref) {
+  check_same_device(op, t, name, ref);
+  check_same_dtype(op, t, name, ref);
+  check_same_shape(op, t, name, ref);
+}
+
+// A point table (rows, alphas, weights): 1-D, of `dtype`, on the CPU or on `data`'s device,
+// copied to the host where the kernels plan with it (a synchronization for a device table).
+inline at::Tensor host_table(const char* op, const at::Tensor& table, const char* name,
+                             at::ScalarType dtype, const at::Tensor& data) {
+  TORCH_CHECK_VALUE(table.dim() == 1, op, ": ", name, " is not 1-D");
+  TORCH_CHECK_TYPE(table.scalar_type() == dtype, op, ": ", name, " dtype is not ", dtype);
+  TORCH_CHECK_VALUE(table.is_cpu() || table.device() == data.device(), op, ": ", name,
+                    " device mismatch");
+  return table.cpu().contiguous();
 }
 
 // A baseline broadcast against (B, ...) inputs, reduced to the rows it really has: one row
@@ -90,19 +89,16 @@ struct Baselines {
   bool shared;
 };
 
-inline Baselines prepare_baselines(const at::Tensor& baselines, const at::Tensor& inputs,
-                                   at::MemoryFormat layout) {
-  check_same_device(baselines, "baselines", inputs, "inputs");
-  check_same_dtype(baselines, "baselines", inputs, "inputs");
-  TORCH_CHECK_VALUE(baselines.dim() <= inputs.dim(), "baselines of shape ", baselines.sizes(),
-                    " do not broadcast to inputs of shape ", inputs.sizes());
+inline Baselines prepare_baselines(const char* op, const at::Tensor& baselines,
+                                   const at::Tensor& inputs, at::MemoryFormat layout) {
+  check_same_device(op, baselines, "baselines", inputs);
+  check_same_dtype(op, baselines, "baselines", inputs);
   const int64_t offset = inputs.dim() - baselines.dim();
-  for (int64_t d = 0; d < baselines.dim(); ++d) {
-    const int64_t size = baselines.size(d);
-    TORCH_CHECK_VALUE(size == 1 || size == inputs.size(d + offset), "baselines of shape ",
-                      baselines.sizes(), " do not broadcast to inputs of shape ",
-                      inputs.sizes());
+  bool broadcasts = offset >= 0;
+  for (int64_t d = 0; broadcasts && d < baselines.dim(); ++d) {
+    broadcasts = baselines.size(d) == 1 || baselines.size(d) == inputs.size(d + offset);
   }
+  TORCH_CHECK_VALUE(broadcasts, op, ": baselines shape mismatch");
   at::Tensor full = baselines.expand(inputs.sizes());
   if (inputs.size(0) == 0) return {full.contiguous(layout), true};
   const bool shared = offset > 0 || baselines.size(0) == 1;

@@ -16,27 +16,24 @@
 
 namespace fastattr {
 
-// The rows of `count` that the points belong to: 1-D, int64, each in [0, count), on the host.
-inline at::Tensor prepare_rows(const at::Tensor& rows, int64_t count, const char* count_name,
-                               const at::Tensor& data, const char* data_name) {
-  TORCH_CHECK_VALUE(rows.dim() == 1, "rows must be 1-D, got shape ", rows.sizes());
-  TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, "rows must be int64, got ",
-                   rows.scalar_type());
-  TORCH_CHECK_VALUE(rows.is_cpu() || rows.device() == data.device(),
-                    "rows must be on the CPU or on the device of ", data_name, " (",
-                    data.device(), "), got ", rows.device());
-  at::Tensor host = rows.cpu().contiguous();
+// The rows of `count` that the points belong to, on the host; the kernels index with them.
+inline at::Tensor prepare_rows(const char* op, const at::Tensor& rows, int64_t count,
+                               const at::Tensor& data) {
+  at::Tensor host = host_table(op, rows, "rows", at::kLong, data);
   const int64_t* values = host.const_data_ptr<int64_t>();
   for (int64_t p = 0; p < host.numel(); ++p) {
-    TORCH_CHECK_INDEX(values[p] >= 0 && values[p] < count, "rows must index the ", count,
-                      " rows of ", count_name, ", got ", values[p], " at index ", p);
+    TORCH_CHECK_INDEX(values[p] >= 0 && values[p] < count, op, ": rows out of range");
   }
   return host;
 }
 
-inline void check_table_length(const at::Tensor& table, const char* name, const at::Tensor& rows) {
-  TORCH_CHECK_VALUE(table.numel() == rows.numel(), name, " must have one entry per point (",
-                    rows.numel(), " rows), got ", table.numel());
+// A coefficient table (alphas, weights) of one float64 entry per point, on the host.
+inline at::Tensor prepare_coefficients(const char* op, const at::Tensor& coefficients,
+                                       const char* name, const at::Tensor& rows,
+                                       const at::Tensor& data) {
+  at::Tensor host = host_table(op, coefficients, name, at::kDouble, data);
+  TORCH_CHECK_VALUE(host.numel() == rows.numel(), op, ": ", name, " length mismatch");
+  return host;
 }
 
 struct PointPathOperands {
@@ -50,14 +47,14 @@ struct PointPathOperands {
 
 inline PointPathOperands prepare_point_path(const at::Tensor& inputs, const at::Tensor& baselines,
                                             const at::Tensor& rows, const at::Tensor& alphas) {
-  check_batched(inputs, "inputs");
-  check_floating(inputs, "inputs");
+  constexpr const char* kOp = "fastattr::interpolate_points";
+  check_batched(kOp, inputs, "inputs");
+  check_floating(kOp, inputs, "inputs");
   const at::MemoryFormat layout = row_layout(inputs);
   PointPathOperands op;
-  op.baselines = prepare_baselines(baselines, inputs, layout);
-  op.rows = prepare_rows(rows, inputs.size(0), "inputs", inputs, "inputs");
-  op.alphas = prepare_coefficients(alphas, "alphas", inputs, "inputs");
-  check_table_length(op.alphas, "alphas", op.rows);
+  op.baselines = prepare_baselines(kOp, baselines, inputs, layout);
+  op.rows = prepare_rows(kOp, rows, inputs.size(0), inputs);
+  op.alphas = prepare_coefficients(kOp, alphas, "alphas", op.rows, inputs);
   op.inputs = inputs.contiguous(layout);
   op.row = row_numel(inputs);
   auto sizes = inputs.sizes().vec();
@@ -131,24 +128,22 @@ inline PointAccumulateOperands prepare_point_accumulate(const at::Tensor& accumu
                                                         const at::Tensor& grads,
                                                         const at::Tensor& rows,
                                                         const at::Tensor& weights) {
-  check_accumulator(accumulator);
-  check_batched(grads, "grads");
-  check_floating(grads, "grads");
-  check_same_device(grads, "grads", accumulator, "accumulator");
+  constexpr const char* kOp = "fastattr::accumulate_points";
+  check_accumulator(kOp, accumulator);
+  check_batched(kOp, grads, "grads");
+  check_floating(kOp, grads, "grads");
+  check_same_device(kOp, grads, "grads", accumulator);
+  // The kernels add float64 grads only into a float64 accumulator.
   TORCH_CHECK_TYPE(
-      !(grads.scalar_type() == at::kDouble && accumulator.scalar_type() != at::kDouble),
-      "accumulator must be float64 for float64 grads, got ", accumulator.scalar_type());
+      !(grads.scalar_type() == at::kDouble && accumulator.scalar_type() != at::kDouble), kOp,
+      ": accumulator dtype mismatch");
   PointAccumulateOperands op;
-  const at::Tensor host_rows =
-      prepare_rows(rows, accumulator.size(0), "accumulator", accumulator, "accumulator");
-  op.weights = prepare_coefficients(weights, "weights", grads, "grads");
-  check_table_length(op.weights, "weights", host_rows);
+  const at::Tensor host_rows = prepare_rows(kOp, rows, accumulator.size(0), accumulator);
+  op.weights = prepare_coefficients(kOp, weights, "weights", host_rows, grads);
   TORCH_CHECK_VALUE(grads.dim() == accumulator.dim() &&
                         grads.sizes().slice(1) == accumulator.sizes().slice(1) &&
                         grads.size(0) == host_rows.numel(),
-                    "grads must have shape (", host_rows.numel(),
-                    ", ...) matching the rows and the accumulator of shape ",
-                    accumulator.sizes(), ", got ", grads.sizes());
+                    kOp, ": grads shape mismatch");
   op.grads = grads.contiguous(row_layout(accumulator));
   op.groups = group_points(host_rows);
   op.row = row_numel(accumulator);
@@ -167,20 +162,20 @@ struct PointSlopeOperands {
 inline PointSlopeOperands prepare_point_slopes(const at::Tensor& grads, const at::Tensor& rows,
                                                const at::Tensor& inputs,
                                                const at::Tensor& baselines) {
-  check_batched(grads, "grads");
-  check_floating(grads, "grads");
-  check_batched(inputs, "inputs");
-  check_same_device(inputs, "inputs", grads, "grads");
-  check_same_dtype(inputs, "inputs", grads, "grads");
+  constexpr const char* kOp = "fastattr::point_slopes";
+  check_batched(kOp, grads, "grads");
+  check_floating(kOp, grads, "grads");
+  check_batched(kOp, inputs, "inputs");
+  check_same_device(kOp, inputs, "inputs", grads);
+  check_same_dtype(kOp, inputs, "inputs", grads);
   const at::MemoryFormat layout = row_layout(inputs);
   PointSlopeOperands op;
-  op.baselines = prepare_baselines(baselines, inputs, layout);
-  op.rows = prepare_rows(rows, inputs.size(0), "inputs", inputs, "inputs");
-  TORCH_CHECK_VALUE(grads.dim() == inputs.dim() && grads.sizes().slice(1) == inputs.sizes().slice(1) &&
+  op.baselines = prepare_baselines(kOp, baselines, inputs, layout);
+  op.rows = prepare_rows(kOp, rows, inputs.size(0), inputs);
+  TORCH_CHECK_VALUE(grads.dim() == inputs.dim() &&
+                        grads.sizes().slice(1) == inputs.sizes().slice(1) &&
                         grads.size(0) == op.rows.numel(),
-                    "grads must have shape (", op.rows.numel(),
-                    ", ...) matching the rows and the inputs of shape ", inputs.sizes(), ", got ",
-                    grads.sizes());
+                    kOp, ": grads shape mismatch");
   op.inputs = inputs.contiguous(layout);
   op.grads = grads.contiguous(layout);
   op.row = row_numel(inputs);

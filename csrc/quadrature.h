@@ -5,14 +5,14 @@
 
 namespace fastattr {
 
-inline void check_accumulator(const at::Tensor& accumulator) {
-  check_batched(accumulator, "accumulator");
+// The kernels write the accumulator's memory in place, as dense rows.
+inline void check_accumulator(const char* op, const at::Tensor& accumulator) {
+  check_batched(op, accumulator, "accumulator");
   const auto dtype = accumulator.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble,
-                   "accumulator must be float32 or float64, got ", dtype);
-  TORCH_CHECK_VALUE(accumulator.is_contiguous(row_layout(accumulator)),
-                    "accumulator must be contiguous (or channels_last), got strides ",
-                    accumulator.strides());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                   ": accumulator has unsupported dtype ", dtype);
+  TORCH_CHECK_VALUE(accumulator.is_contiguous(row_layout(accumulator)), op,
+                    ": accumulator is not dense");
 }
 
 struct FinishOperands {
@@ -26,15 +26,16 @@ struct FinishOperands {
 
 inline FinishOperands prepare_finish(const at::Tensor& accumulator, const at::Tensor& inputs,
                                      const at::Tensor& baselines) {
-  check_accumulator(accumulator);
-  check_floating(inputs, "inputs");
-  check_same_device(inputs, "inputs", accumulator, "accumulator");
-  check_same_shape(inputs, "inputs", accumulator, "accumulator");
+  constexpr const char* kOp = "fastattr::quadrature_finish";
+  check_accumulator(kOp, accumulator);
+  check_floating(kOp, inputs, "inputs");
+  check_same_device(kOp, inputs, "inputs", accumulator);
+  check_same_shape(kOp, inputs, "inputs", accumulator);
   const at::MemoryFormat layout = row_layout(accumulator);
   FinishOperands op;
   op.accumulator = accumulator;
   op.inputs = inputs.contiguous(layout);
-  op.baselines = prepare_baselines(baselines, inputs, layout);
+  op.baselines = prepare_baselines(kOp, baselines, inputs, layout);
   op.attributions = at::empty_like(accumulator, accumulator.options().memory_format(layout));
   op.row_sums = at::empty({accumulator.size(0)}, accumulator.options());
   op.row = row_numel(accumulator);

@@ -178,7 +178,7 @@ def _elementwise_kink(
     for switch in switches:
         reused = [r for o, r in zip(operands, operand_rows) if o is switch]
         values = reused[0] if reused else segments.flat_rows(switch, rows, what)
-        flips = ops.kink_flips(values, tolerance, end_a, end_b)
+        flips = ops._unchecked_kink_flips(values, tolerance, end_a, end_b)
         pending, unit = flips.nonzero(as_tuple=True)
         segments.crossings(pending, values[end_a[pending], unit], values[end_b[pending], unit])
     segments.end_kink()

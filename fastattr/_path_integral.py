@@ -396,7 +396,7 @@ class PathEngine:
         slopes = []
         with torch.enable_grad():
             paths = tuple(
-                ops.interpolate_points(end, start_, examples, alphas).requires_grad_()
+                ops._unchecked_interpolate_points(end, start_, examples, alphas).requires_grad_()
                 for end, start_, (examples, alphas, _) in zip(self.ends, self.starts, expanded)
             )
             if meter is not None:
@@ -415,12 +415,12 @@ class PathEngine:
                     examples, _, weights = expanded[index]
                     m = self.rows_per_example[index]
                     offset = k * self.accumulator_rows * m
-                    ops.accumulate_points(
+                    ops._unchecked_accumulate_points(
                         self.accumulators[index], grad, accumulated[index] + offset, weights
                     )
                     if values:
                         end, start_ = self.ends[index], self.starts[index]
-                        per_row = ops.point_slopes(grad, examples, end, start_)
+                        per_row = ops._unchecked_point_slopes(grad, examples, end, start_)
                         slope += per_row.reshape(len(points), m).sum(1)
                 slopes.append(slope)
                 # This target's gradients go before the next target's backward makes its own.
@@ -499,7 +499,7 @@ class PathEngine:
             kept_rows, _, weights = self._expand(points, m, points.rows)
             examples, _, _ = self._expand(points, m)
             kept = self.accumulators[index].index_select(0, kept_rows.to(self.device))
-            ops.accumulate_points(accumulator, kept, examples, weights)
+            ops._unchecked_accumulate_points(accumulator, kept, examples, weights)
 
     def finish(
         self, multiply_by_inputs: bool, accumulators: list[Tensor] | None = None
@@ -515,7 +515,7 @@ class PathEngine:
                 accumulators, self.ends, self.starts, self.rows_per_example
             ):
                 rows = end.shape[0]
-                attribution, row_sum = ops.quadrature_finish(
+                attribution, row_sum = ops._unchecked_quadrature_finish(
                     accumulator[k * rows : (k + 1) * rows], end, start, multiply_by_inputs
                 )
                 per_tensor.append(attribution)

@@ -161,33 +161,59 @@ def test_relevance_share_matches_twin(
     torch.testing.assert_close(result, expected, rtol=0, atol=0)
 
 
+def _x() -> torch.Tensor:
+    return torch.randn(3, 4)
+
+
+def _rstd() -> torch.Tensor:
+    return torch.rand(3, 1)
+
+
+# (op, exception, the argument its message names, the arguments): faults the kernels guard
+# against too
+GUARDED = [
+    ("softmax_relevance", TypeError, "inputs", lambda x: (x.long(), x.long(), x.long(), -1)),
+    ("softmax_relevance", TypeError, "probs", lambda x: (x, x.double(), x, -1)),
+    ("softmax_relevance", ValueError, "relevance", lambda x: (x, x, torch.randn(4, 3), -1)),
+    ("softmax_relevance", ValueError, "dim", lambda x: (x, x, x, 2)),
+    ("layer_norm_relevance", TypeError, "rstd", lambda x: (x, x, x, _rstd().double(), None, 0.0)),
+    ("layer_norm_relevance", ValueError, "rstd", lambda x: (x, x, x, torch.rand(4, 1), None, 0.0)),
+    ("layer_norm_relevance", ValueError, "weight", lambda x: (x, x, x, _rstd(), _x()[0, :3], 0.0)),
+    (
+        "layer_norm_relevance",
+        ValueError,
+        "outputs",
+        lambda x: (x, x, _x()[:, :3], _rstd(), None, 0.0),
+    ),
+    ("relevance_share", TypeError, "contributions", lambda x: (x, x.double(), 0.5)),
+]
+# Faults no kernel can crash on, which only fastattr.ops checks
+HARMLESS = [
+    ("layer_norm_relevance", ValueError, "epsilon", lambda x: (x, x, x, _rstd(), None, -1.0)),
+    ("relevance_share", ValueError, "share", lambda x: (x, x, 0.0)),
+]
+
+
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
-def test_bad_arguments(backend: str) -> None:
-    x = torch.randn(3, 4)
-    rstd = torch.rand(3, 1)
-    with use_backend(backend):
-        with pytest.raises(TypeError, match="inputs"):
-            ops.softmax_relevance(x.long(), x.long(), x.long(), -1)
-        with pytest.raises(TypeError, match="probs"):
-            ops.softmax_relevance(x, x.double(), x, -1)
-        with pytest.raises(ValueError, match="relevance"):
-            ops.softmax_relevance(x, x, torch.randn(4, 3), -1)
-        with pytest.raises(ValueError, match="dim"):
-            ops.softmax_relevance(x, x, x, 2)
-        with pytest.raises(ValueError, match="epsilon"):
-            ops.layer_norm_relevance(x, x, x, rstd, None, -1.0)
-        with pytest.raises(TypeError, match="rstd"):
-            ops.layer_norm_relevance(x, x, x, rstd.double(), None, 0.0)
-        with pytest.raises(ValueError, match="rstd"):
-            ops.layer_norm_relevance(x, x, x, torch.rand(4, 1), None, 0.0)
-        with pytest.raises(ValueError, match="weight"):
-            ops.layer_norm_relevance(x, x, x, rstd, torch.randn(5), 0.0)
-        with pytest.raises(ValueError, match="outputs"):
-            ops.layer_norm_relevance(x, x, torch.randn(3, 5), rstd, None, 0.0)
-        with pytest.raises(ValueError, match="share"):
-            ops.relevance_share(x, x, 0.0)
-        with pytest.raises(TypeError, match="contributions"):
-            ops.relevance_share(x, x.double(), 0.5)
+@pytest.mark.parametrize(("name", "error", "argument", "make_args"), GUARDED + HARMLESS)
+def test_bad_arguments(backend: str, name: str, error, argument: str, make_args) -> None:
+    with use_backend(backend), pytest.raises(error, match=rf"^{argument}\b"):
+        getattr(ops, name)(*make_args(_x()))
+
+
+@pytest.mark.parametrize(("name", "error", "argument", "make_args"), GUARDED)
+def test_kernels_called_directly_refuse_what_would_crash_them(
+    name: str, error, argument: str, make_args
+) -> None:
+    with pytest.raises(error, match=rf"^fastattr::{name}: {argument}\b"):
+        getattr(torch.ops.fastattr, name)(*make_args(_x()))
+
+
+@pytest.mark.parametrize(("name", "error", "argument", "make_args"), HARMLESS)
+def test_kernels_called_directly_leave_harmless_faults_to_fastattr_ops(
+    name: str, error, argument: str, make_args
+) -> None:
+    assert isinstance(getattr(torch.ops.fastattr, name)(*make_args(_x())), torch.Tensor)
 
 
 # Every op this file checks with opcheck (tests/test_lrp_ops.py checks that none is missed).

@@ -113,6 +113,12 @@ def test_bad_arguments_raise_naming_the_argument(backend, make_args, error, argu
         ops.kink_flips(*make_args())
 
 
+@pytest.mark.parametrize(("make_args", "error", "argument"), BAD)
+def test_kernel_called_directly_refuses_what_would_crash_it(make_args, error, argument) -> None:
+    with pytest.raises(error, match=rf"^fastattr::kink_flips: {argument}\b"):
+        torch.ops.fastattr.kink_flips(*make_args())
+
+
 @pytest.mark.cuda
 @given(data=st.data())
 @RANDOM

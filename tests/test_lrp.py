@@ -496,6 +496,15 @@ def test_bad_inputs() -> None:
         LRP(lambda x: x)
     with pytest.raises(ValueError, match="epsilon"):
         EpsilonRule(-1.0)
+    # An epsilon set after the rule checked it, or a custom rule's, is checked where it
+    # reaches the nodes (the compiled kernels take it unchecked).
+    for epsilon in (-1.0, float("nan")):
+        rule = EpsilonRule()
+        rule.epsilon = epsilon
+        model.fc1.rule = rule
+        with pytest.raises(ValueError, match=r"^epsilon\b"):
+            LRP(model).attribute(x, target=0)
+    del model.fc1.rule
     with pytest.raises(TypeError, match="gamma"):
         GammaRule("big")
     with pytest.raises(TypeError, match="set_bias_to_zero"):

@@ -143,6 +143,19 @@ def test_ratio_of_product_bad_arguments(backend: str) -> None:
             ops.epsilon_ratio_of_product(a, a, torch.randn(4, 3), 0.1)
 
 
+def test_kernels_called_directly_refuse_what_would_crash_them() -> None:
+    a = torch.randn(3, 4)
+    ratio = torch.ops.fastattr.epsilon_ratio_of_product
+    with pytest.raises(TypeError, match=r"^fastattr::epsilon_ratio_of_product: activations\b"):
+        ratio(a.long(), a.long(), a.long(), 0.1)
+    with pytest.raises(TypeError, match=r"^fastattr::epsilon_ratio_of_product: z\b"):
+        ratio(a, a, a.double(), 0.1)
+    with pytest.raises(ValueError, match=r"^fastattr::epsilon_ratio_of_product: z\b"):
+        ratio(a, a, torch.randn(4, 3), 0.1)
+    with pytest.raises(ValueError, match=r"^fastattr::input_relevance: contributions\b"):
+        _compiled(a, torch.randn(4, 3))
+
+
 # LRP's autograd nodes (csrc/lrp_nodes.cpp) against their twins in fastattr.ops.reference.
 
 # name -> (call with the tensor receiving relevance first, the other operand second, epsilon)
@@ -207,6 +220,17 @@ def test_nodes_return_views_that_refuse_in_place_changes(backend: str, name: str
     assert torch.equal(output, shown) and output.data_ptr() == shown.data_ptr()
     with pytest.raises(RuntimeError, match="custom Function"):
         output.add_(1.0)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("epsilon", [-1e-9, float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "name", ["lrp_product_ratio_node", "lrp_ratio_node", "lrp_ratio_shown_node"]
+)
+def test_nodes_refuse_a_bad_epsilon_when_made(backend: str, epsilon: float, name: str) -> None:
+    first = torch.randn(3, 4, requires_grad=True)
+    with use_backend(backend), pytest.raises(ValueError, match=r"^epsilon\b"):
+        NODES[name](getattr(ops, name), first, torch.randn(3, 4), epsilon)
 
 
 @pytest.mark.parametrize("name", sorted(NODES))

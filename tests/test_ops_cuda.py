@@ -184,16 +184,22 @@ MIXED_DEVICES = {
 }
 
 
+MIXED_CASES = [
+    pytest.param(name, argument, make_args, id=f"{name}-{argument}-{i}")
+    for name, cases in MIXED_DEVICES.items()
+    for i, (argument, make_args) in enumerate(cases)
+]
+
+
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
-@pytest.mark.parametrize(
-    ("name", "argument", "make_args"),
-    [
-        pytest.param(name, argument, make_args, id=f"{name}-{argument}-{i}")
-        for name, cases in MIXED_DEVICES.items()
-        for i, (argument, make_args) in enumerate(cases)
-    ],
-)
+@pytest.mark.parametrize(("name", "argument", "make_args"), MIXED_CASES)
 def test_mixed_devices_raise_naming_the_argument(
     backend: str, name: str, argument: str, make_args
 ) -> None:
     assert_raises_untouched(backend, name, make_args(), ValueError, rf"^{argument}\b.*device")
+
+
+@pytest.mark.parametrize(("name", "argument", "make_args"), MIXED_CASES)
+def test_kernels_called_directly_refuse_mixed_devices(name: str, argument: str, make_args) -> None:
+    match = rf"^fastattr::{name}: {argument}\b.*device"
+    assert_raises_untouched(None, name, make_args(), ValueError, match)

@@ -93,7 +93,7 @@ void layer_norm_relevance_rows(const LayerNormOperands& op, scalar_t* out, doubl
 at::Tensor layer_norm_relevance(const at::Tensor& inputs, const at::Tensor& relevance,
                                 const at::Tensor& outputs, const at::Tensor& rstd,
                                 const std::optional<at::Tensor>& weight, double epsilon) {
-  const LayerNormOperands op = prepare_layer_norm(inputs, relevance, outputs, rstd, weight, epsilon);
+  const LayerNormOperands op = prepare_layer_norm(inputs, relevance, outputs, rstd, weight);
   at::Tensor result = at::empty_like(op.inputs);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, inputs.scalar_type(), "layer_norm_relevance_cpu", [&] {
@@ -114,8 +114,9 @@ FASTATTR_SIMD_CLONES void share_range(const scalar_t* a, const scalar_t* c, scal
 
 at::Tensor relevance_share(const at::Tensor& activations, const at::Tensor& contributions,
                            double share) {
-  check_share(share);
-  PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
+  constexpr const char* kOp = "fastattr::relevance_share";
+  PairOperands op =
+      prepare_pair(kOp, activations, "activations", contributions, "contributions");
   at::Tensor relevance = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, activations.scalar_type(), "relevance_share_cpu", [&] {

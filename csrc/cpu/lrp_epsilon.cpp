@@ -12,8 +12,7 @@ namespace {
 constexpr int64_t kGrain = int64_t{1} << 15;
 
 at::Tensor epsilon_ratio(const at::Tensor& relevance, const at::Tensor& z, double epsilon) {
-  check_epsilon(epsilon);
-  PairOperands op = prepare_pair(relevance, "relevance", z, "z");
+  PairOperands op = prepare_pair("fastattr::epsilon_ratio", relevance, "relevance", z, "z");
   at::Tensor ratio = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, relevance.scalar_type(), "epsilon_ratio_cpu", [&] {
@@ -30,9 +29,10 @@ at::Tensor epsilon_ratio(const at::Tensor& relevance, const at::Tensor& z, doubl
 at::Tensor epsilon_ratio_of_product(const at::Tensor& activations,
                                     const at::Tensor& contributions, const at::Tensor& z,
                                     double epsilon) {
-  check_epsilon(epsilon);
-  PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
-  const at::Tensor zs = prepare_like(z, "z", activations, "activations");
+  constexpr const char* kOp = "fastattr::epsilon_ratio_of_product";
+  PairOperands op =
+      prepare_pair(kOp, activations, "activations", contributions, "contributions");
+  const at::Tensor zs = prepare_like(kOp, z, "z", activations);
   at::Tensor ratio = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, activations.scalar_type(), "epsilon_ratio_of_product_cpu", [&] {

@@ -10,7 +10,9 @@ namespace fastattr::cpu {
 namespace {
 
 at::Tensor input_relevance(const at::Tensor& activations, const at::Tensor& contributions) {
-  PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
+  constexpr const char* kOp = "fastattr::input_relevance";
+  PairOperands op =
+      prepare_pair(kOp, activations, "activations", contributions, "contributions");
   at::Tensor relevance = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, activations.scalar_type(), "input_relevance_cpu", [&] {

@@ -118,7 +118,7 @@ __global__ void layer_norm_relevance_kernel(const scalar_t* x, const scalar_t* r
 at::Tensor layer_norm_relevance(const at::Tensor& inputs, const at::Tensor& relevance,
                                 const at::Tensor& outputs, const at::Tensor& rstd,
                                 const std::optional<at::Tensor>& weight, double epsilon) {
-  const LayerNormOperands op = prepare_layer_norm(inputs, relevance, outputs, rstd, weight, epsilon);
+  const LayerNormOperands op = prepare_layer_norm(inputs, relevance, outputs, rstd, weight);
   const c10::cuda::CUDAGuard guard(inputs.device());
   at::Tensor result = at::empty_like(op.inputs);
   if (op.rows > 0) {
@@ -140,8 +140,9 @@ at::Tensor layer_norm_relevance(const at::Tensor& inputs, const at::Tensor& rele
 
 at::Tensor relevance_share(const at::Tensor& activations, const at::Tensor& contributions,
                            double share) {
-  check_share(share);
-  PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
+  constexpr const char* kOp = "fastattr::relevance_share";
+  PairOperands op =
+      prepare_pair(kOp, activations, "activations", contributions, "contributions");
   const c10::cuda::CUDAGuard guard(activations.device());
   at::Tensor relevance = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(

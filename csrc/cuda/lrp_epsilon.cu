@@ -11,8 +11,7 @@
 namespace fastattr::cuda {
 
 at::Tensor epsilon_ratio(const at::Tensor& relevance, const at::Tensor& z, double epsilon) {
-  check_epsilon(epsilon);
-  PairOperands op = prepare_pair(relevance, "relevance", z, "z");
+  PairOperands op = prepare_pair("fastattr::epsilon_ratio", relevance, "relevance", z, "z");
   const c10::cuda::CUDAGuard guard(relevance.device());
   at::Tensor ratio = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -33,9 +32,10 @@ at::Tensor epsilon_ratio(const at::Tensor& relevance, const at::Tensor& z, doubl
 at::Tensor epsilon_ratio_of_product(const at::Tensor& activations,
                                     const at::Tensor& contributions, const at::Tensor& z,
                                     double epsilon) {
-  check_epsilon(epsilon);
-  PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
-  const at::Tensor zs = prepare_like(z, "z", activations, "activations");
+  constexpr const char* kOp = "fastattr::epsilon_ratio_of_product";
+  PairOperands op =
+      prepare_pair(kOp, activations, "activations", contributions, "contributions");
+  const at::Tensor zs = prepare_like(kOp, z, "z", activations);
   const c10::cuda::CUDAGuard guard(activations.device());
   at::Tensor ratio = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(

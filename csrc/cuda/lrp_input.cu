@@ -11,7 +11,9 @@
 namespace fastattr::cuda {
 
 at::Tensor input_relevance(const at::Tensor& activations, const at::Tensor& contributions) {
-  PairOperands op = prepare_pair(activations, "activations", contributions, "contributions");
+  constexpr const char* kOp = "fastattr::input_relevance";
+  PairOperands op =
+      prepare_pair(kOp, activations, "activations", contributions, "contributions");
   const c10::cuda::CUDAGuard guard(activations.device());
   at::Tensor relevance = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(

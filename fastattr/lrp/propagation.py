@@ -43,6 +43,7 @@ from fastattr.lrp.rules import (
     as_rule,
     default_rule,
 )
+from fastattr.ops._checks import check_epsilon
 
 if TYPE_CHECKING:
     from fastattr.canonizers import Canonizer
@@ -444,7 +445,13 @@ class Relevance:
 
         Returns:
             What the model continues with.
+
+        Raises:
+            ValueError: ``epsilon`` is negative or not finite.
         """
+        # Every epsilon reaches the nodes here (a custom rule's too), and the compiled nodes
+        # take it unchecked.
+        check_epsilon(epsilon)
         if z is output:
             made = self._nodes.ratio(z, epsilon)
         else:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastattr.ops._checks import check_epsilon
+
 if TYPE_CHECKING:
     from fastattr.lrp.propagation import Relevance
 
@@ -136,8 +138,7 @@ class RatioRule(PropagationRule):
 def _check_epsilon(epsilon: object) -> float:
     if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool):
         raise TypeError(f"epsilon must be a real number, got {type(epsilon).__name__}")
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        raise ValueError(f"epsilon must be finite and non-negative, got {epsilon}")
+    check_epsilon(float(epsilon))
     return float(epsilon)
 
 

@@ -1,8 +1,16 @@
 """fastattr's kernels, each on the backend chosen by [fastattr.use_backend][].
 
 Every op exists twice: compiled (``torch.ops.fastattr.<name>``, CPU and CUDA) and as a
-PyTorch twin in [fastattr.ops.reference][]. Both check their arguments and raise
-``ValueError`` / ``TypeError`` naming the argument at fault.
+PyTorch twin in [fastattr.ops.reference][]. Each function here checks its arguments once, in
+Python, before either backend runs, and raises ``ValueError``, ``TypeError`` or ``IndexError``
+naming the argument at fault: the same error on both backends. The twins and the fake (meta)
+kernels run the same checks; the compiled kernels only guard, tersely, against what would make
+them crash (out-of-range rows, mismatched shapes, devices or dtypes), so a call to
+``torch.ops.fastattr.<name>`` skips the checks that cannot crash a kernel, such as finite
+alphas or a non-negative epsilon.
+
+fastattr's engines, which build their own (valid) point tables, call the kernels through the
+``_unchecked_*`` functions here, sparing the hot path the checks' cost.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastattr._backend import backend_in_context, is_compiled
-from fastattr.ops import reference
+from fastattr.ops import _checks, reference
 
 if is_compiled():
     from fastattr.ops import _fake  # noqa: F401  (registers the fake implementations)
@@ -39,10 +47,19 @@ def interpolate_points(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: 
         The (P, ...) path rows, in the dtype and row layout of ``inputs``.
 
     Raises:
-        ValueError: The shapes do not fit, or a table is not 1-D of one entry per point.
+        ValueError: The shapes do not fit, a table is not 1-D of one entry per point, or an
+            alpha is not finite.
         IndexError: A row is outside ``inputs``.
         TypeError: A dtype is not floating, ``rows`` not int64 or ``alphas`` not float64.
     """
+    if backend_in_context() == "compiled":
+        _checks.check_interpolate_points(inputs, baselines, rows, alphas)
+    return _unchecked_interpolate_points(inputs, baselines, rows, alphas)
+
+
+def _unchecked_interpolate_points(
+    inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor
+) -> Tensor:
     if backend_in_context() == "compiled":
         return torch.ops.fastattr.interpolate_points.default(inputs, baselines, rows, alphas)
     return reference.interpolate_points(inputs, baselines, rows, alphas)
@@ -64,10 +81,18 @@ def accumulate_points(accumulator: Tensor, grads: Tensor, rows: Tensor, weights:
         weights: float64 (P,) table of the points' quadrature weights.
 
     Raises:
-        ValueError: The shapes do not fit.
+        ValueError: The shapes do not fit, or a weight is not finite.
         IndexError: A row is outside the accumulator.
         TypeError: A dtype is not accepted.
     """
+    if backend_in_context() == "compiled":
+        _checks.check_accumulate_points(accumulator, grads, rows, weights)
+    _unchecked_accumulate_points(accumulator, grads, rows, weights)
+
+
+def _unchecked_accumulate_points(
+    accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor
+) -> None:
     if backend_in_context() == "compiled":
         torch.ops.fastattr.accumulate_points.default(accumulator, grads, rows, weights)
     else:
@@ -95,6 +120,14 @@ def point_slopes(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor)
         TypeError: A dtype is not floating, or ``grads`` and ``inputs`` differ in dtype.
     """
     if backend_in_context() == "compiled":
+        _checks.check_point_slopes(grads, rows, inputs, baselines)
+    return _unchecked_point_slopes(grads, rows, inputs, baselines)
+
+
+def _unchecked_point_slopes(
+    grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor
+) -> Tensor:
+    if backend_in_context() == "compiled":
         return torch.ops.fastattr.point_slopes.default(grads, rows, inputs, baselines)
     return reference.point_slopes(grads, rows, inputs, baselines)
 
@@ -116,6 +149,14 @@ def quadrature_finish(
         ``multiply_by_inputs`` is false) in the accumulator's dtype, and its (B,) row sums.
     """
     if backend_in_context() == "compiled":
+        _checks.check_quadrature_finish(accumulator, inputs, baselines)
+    return _unchecked_quadrature_finish(accumulator, inputs, baselines, multiply_by_inputs)
+
+
+def _unchecked_quadrature_finish(
+    accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
+) -> tuple[Tensor, Tensor]:
+    if backend_in_context() == "compiled":
         return torch.ops.fastattr.quadrature_finish.default(
             accumulator, inputs, baselines, multiply_by_inputs
         )
@@ -135,6 +176,7 @@ def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
         The ratio, in the dtype of ``z``.
     """
     if backend_in_context() == "compiled":
+        _checks.check_epsilon_ratio(relevance, z, epsilon)
         return torch.ops.fastattr.epsilon_ratio.default(relevance, z, epsilon)
     return reference.epsilon_ratio(relevance, z, epsilon)
 
@@ -155,6 +197,7 @@ def epsilon_ratio_of_product(
         The ratio, in the dtype of ``z``.
     """
     if backend_in_context() == "compiled":
+        _checks.check_epsilon_ratio_of_product(activations, contributions, z, epsilon)
         return torch.ops.fastattr.epsilon_ratio_of_product.default(
             activations, contributions, z, epsilon
         )
@@ -169,6 +212,7 @@ def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
         contributions: (B, ...) contributions arriving there.
     """
     if backend_in_context() == "compiled":
+        _checks.check_input_relevance(activations, contributions)
         return torch.ops.fastattr.input_relevance.default(activations, contributions)
     return reference.input_relevance(activations, contributions)
 
@@ -202,6 +246,7 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
         A view of ``activation`` that autograd keeps from being changed in place.
     """
     if backend_in_context() == "compiled":
+        _checks.check_epsilon(epsilon)
         return torch.ops.fastattr.lrp_product_ratio_node.default(z, activation, epsilon)
     return reference.lrp_product_ratio_node(z, activation, epsilon)
 
@@ -218,6 +263,7 @@ def lrp_ratio_node(z: Tensor, epsilon: float) -> Tensor:
         A view of ``z`` that autograd keeps from being changed in place.
     """
     if backend_in_context() == "compiled":
+        _checks.check_epsilon(epsilon)
         return torch.ops.fastattr.lrp_ratio_node.default(z, epsilon)
     return reference.lrp_ratio_node(z, epsilon)
 
@@ -236,6 +282,7 @@ def lrp_ratio_shown_node(z: Tensor, shown: Tensor, epsilon: float) -> Tensor:
         A view of ``shown`` that autograd keeps from being changed in place.
     """
     if backend_in_context() == "compiled":
+        _checks.check_epsilon(epsilon)
         return torch.ops.fastattr.lrp_ratio_shown_node.default(z, shown, epsilon)
     return reference.lrp_ratio_shown_node(z, shown, epsilon)
 
@@ -282,6 +329,14 @@ def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor
         tensor([[ True, False, False]])
     """
     if backend_in_context() == "compiled":
+        _checks.check_kink_flips(values, tolerance, ends_a, ends_b, read_values=True)
+    return _unchecked_kink_flips(values, tolerance, ends_a, ends_b)
+
+
+def _unchecked_kink_flips(
+    values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor
+) -> Tensor:
+    if backend_in_context() == "compiled":
         return torch.ops.fastattr.kink_flips.default(values, tolerance, ends_a, ends_b)
     return reference.kink_flips(values, tolerance, ends_a, ends_b)
 
@@ -304,6 +359,7 @@ def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int
         TypeError: A dtype is not floating, or the dtypes differ.
     """
     if backend_in_context() == "compiled":
+        _checks.check_softmax_relevance(inputs, probs, relevance, dim)
         return torch.ops.fastattr.softmax_relevance.default(inputs, probs, relevance, dim)
     return reference.softmax_relevance(inputs, probs, relevance, dim)
 
@@ -338,6 +394,7 @@ def layer_norm_relevance(
         TypeError: A dtype is not floating, or the dtypes differ.
     """
     if backend_in_context() == "compiled":
+        _checks.check_layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
         return torch.ops.fastattr.layer_norm_relevance.default(
             inputs, relevance, outputs, rstd, weight, epsilon
         )
@@ -361,6 +418,7 @@ def relevance_share(activations: Tensor, contributions: Tensor, share: float) ->
         TypeError: A dtype is not floating, or the dtypes differ.
     """
     if backend_in_context() == "compiled":
+        _checks.check_relevance_share(activations, contributions, share)
         return torch.ops.fastattr.relevance_share.default(activations, contributions, share)
     return reference.relevance_share(activations, contributions, share)
 
@@ -374,6 +432,7 @@ def lrp_share_node(activation: Tensor, share: float) -> Tensor:
         share: The factor's share of the product's relevance, positive.
     """
     if backend_in_context() == "compiled":
+        _checks.check_lrp_share_node(activation, share)
         return torch.ops.fastattr.lrp_share_node.default(activation, share)
     return reference.lrp_share_node(activation, share)
 
@@ -388,6 +447,7 @@ def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None)
         dtype: The dtype to compute the softmax in, as ``torch.softmax`` takes it.
     """
     if backend_in_context() == "compiled":
+        _checks.check_lrp_softmax_node(inputs, dim)
         return torch.ops.fastattr.lrp_softmax_node.default(inputs, dim, dtype)
     return reference.lrp_softmax_node(inputs, dim, dtype)
 
@@ -412,6 +472,7 @@ def lrp_layer_norm_node(
         epsilon: The rule's stabilizer, non-negative.
     """
     if backend_in_context() == "compiled":
+        _checks.check_lrp_layer_norm_node(inputs, epsilon)
         return torch.ops.fastattr.lrp_layer_norm_node.default(
             inputs, list(normalized_shape), weight, bias, eps, epsilon
         )
@@ -420,7 +481,8 @@ def lrp_layer_norm_node(
 
 class LrpNodes(NamedTuple):
     """One backend's LRP node constructors, without the per-call choice of backend (LRP makes
-    one or two nodes per module).
+    one or two nodes per module). The compiled ones skip the epsilon check of
+    [fastattr.ops.lrp_ratio_node][] and its kin: LRP checks each epsilon where a rule gives it.
 
     Attributes:
         product: [fastattr.ops.lrp_product_node][].

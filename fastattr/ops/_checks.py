@@ -1,9 +1,16 @@
-"""The ops' argument checks and the layout and precision rules they share with the kernels.
+"""The ops' argument checks, each message stated here once, and the layout and precision rules
+the ops share with the kernels.
 
-Each ``check_<op>`` raises what the op's kernel raises for bad arguments (the same errors, the
-same messages): the twins of [fastattr.ops.reference][] run them first, and so do the fake
-(meta) implementations of ``fastattr.ops._fake``, with ``read_values=False`` since fake
-tensors have no data to read.
+[fastattr.ops][]' functions run ``check_<op>`` before either backend; the twins of
+[fastattr.ops.reference][] run it too, and so do the fake (meta) implementations of
+``fastattr.ops._fake``, with ``read_values=False`` since fake tensors have no data to read.
+The compiled kernels (csrc/) only guard against what would make them crash, with terse
+errors of the same types (``IndexError`` for bounds, ``TypeError`` for dtypes, ``ValueError``
+for shapes and devices); what cannot crash a kernel (finite alphas and weights, a finite
+non-negative epsilon, a positive share) is checked here alone.
+
+The checks read tensor values (rows in range, finite tables) where the tables are: on the
+CPU, as the engine plans them, this costs no GPU synchronization.
 """
 
 from __future__ import annotations
@@ -330,3 +337,17 @@ def check_relevance_share(activations: Tensor, contributions: Tensor, share: flo
     if not (math.isfinite(share) and share > 0):
         raise ValueError(f"share must be finite and positive, got {share}")
     check_input_relevance(activations, contributions)
+
+
+def check_lrp_share_node(activation: Tensor, share: float) -> None:
+    check_relevance_share(activation, activation, share)
+
+
+def check_lrp_softmax_node(inputs: Tensor, dim: int) -> None:
+    check_floating(inputs, "inputs")
+    check_dim(dim, inputs, "inputs")
+
+
+def check_lrp_layer_norm_node(inputs: Tensor, epsilon: float) -> None:
+    check_epsilon(epsilon)
+    check_floating(inputs, "inputs")

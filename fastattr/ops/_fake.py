@@ -1,7 +1,8 @@
 """Fake (meta) implementations, so the compiled ops trace under torch.compile.
 
-They check their arguments as the kernels do: the dispatcher also routes here any call that
-mixes a meta tensor with real ones, which must fail rather than return an empty tensor.
+They run the ops' checks (``fastattr.ops._checks``), without reading values: the dispatcher
+also routes here any call that mixes a meta tensor with real ones, which must fail rather
+than return an empty tensor.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Pure-PyTorch twins of the compiled kernels.
 
 Each function computes what its kernel computes, in the same precision (float32 for float16
-and bfloat16 data), and checks its arguments with the same errors. They are the oracle of the
-tests and the fallback when ``fastattr._C`` is not built.
+and bfloat16 data), after the argument checks [fastattr.ops][] runs before the kernels (one
+set of messages, in ``fastattr.ops._checks``). They are the oracle of the tests and the
+fallback when ``fastattr._C`` is not built.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from torch import Tensor
 
 from fastattr.ops._checks import (
     check_accumulate_points,
-    check_dim,
     check_epsilon,
     check_epsilon_ratio,
     check_epsilon_ratio_of_product,
-    check_floating,
     check_input_relevance,
     check_interpolate_points,
     check_kink_flips,
     check_layer_norm_relevance,
+    check_lrp_layer_norm_node,
+    check_lrp_share_node,
+    check_lrp_softmax_node,
     check_point_slopes,
     check_quadrature_finish,
     check_relevance_share,
@@ -221,6 +223,7 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
     [epsilon_ratio_of_product][fastattr.ops.reference.epsilon_ratio_of_product] of it, the
     relevance and ``z``, into ``z``: the product node at a module's input, the pass nodes
     before it and the ratio node at the previous module's output, in one."""
+    check_epsilon(epsilon)
     return _ProductRatioNode.apply(z, activation, epsilon)
 
 
@@ -229,6 +232,7 @@ def lrp_ratio_node(z: Tensor, epsilon: float) -> Tensor:
 
     A view of ``z``; backward [epsilon_ratio][fastattr.ops.reference.epsilon_ratio] of the
     relevance and ``z``, into ``z``."""
+    check_epsilon(epsilon)
     return _RatioNode.apply(z, z, epsilon)
 
 
@@ -237,6 +241,7 @@ def lrp_ratio_shown_node(z: Tensor, shown: Tensor, epsilon: float) -> Tensor:
 
     A view of ``shown``; backward [epsilon_ratio][fastattr.ops.reference.epsilon_ratio] of the
     relevance and ``z``, into ``z``."""
+    check_epsilon(epsilon)
     return _RatioNode.apply(z, shown, epsilon)
 
 
@@ -373,7 +378,7 @@ def lrp_share_node(activation: Tensor, share: float) -> Tensor:
 
     ``activation``; backward [relevance_share][fastattr.ops.reference.relevance_share] of it
     and the contribution."""
-    check_relevance_share(activation, activation, share)
+    check_lrp_share_node(activation, share)
     return _ShareNode.apply(activation, share)
 
 
@@ -382,8 +387,7 @@ def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None) -> Ten
 
     ``softmax(inputs, dim, dtype)``; backward
     [softmax_relevance][fastattr.ops.reference.softmax_relevance] into ``inputs``."""
-    check_floating(inputs, "inputs")
-    check_dim(dim, inputs, "inputs")
+    check_lrp_softmax_node(inputs, dim)
     return _SoftmaxNode.apply(inputs, dim, dtype)
 
 
@@ -399,8 +403,7 @@ def lrp_layer_norm_node(
 
     ``layer_norm(inputs, ...)``; backward
     [layer_norm_relevance][fastattr.ops.reference.layer_norm_relevance] into ``inputs``."""
-    check_epsilon(epsilon)
-    check_floating(inputs, "inputs")
+    check_lrp_layer_norm_node(inputs, epsilon)
     return _LayerNormNode.apply(inputs, list(normalized_shape), weight, bias, eps, epsilon)
 
 
