@@ -39,8 +39,8 @@ import fastattr
 from fastattr.bench import models
 from fastattr.bench.runner import device_name
 
-# Steps of 1.5 to 2: the figure is the cheapest tolerance that reaches the target.
-TOLERANCES = tuple(m * 10.0**-e for e in range(2, 13) for m in (3, 2, 1))
+# Steps of 2 at most: the figure is the cheapest tolerance that reaches the target.
+TOLERANCES = tuple(m * 10.0**-e for e in range(2, 13) for m in (5, 3, 2, 1))
 DOUBLING_LEVELS = (2, 3, 5, 9, 17, 33, 65, 129)
 
 
