@@ -7,19 +7,23 @@ interval between two points is known too, so the error of the trapezoid rule on 
 (its *local* error) and the completeness error of the whole rule are known exactly, not
 estimated.
 
-Each example starts with the points 0, 1/2 and 1 and is then refined in rounds, all examples
-of a round evaluated together through the path engine:
+The outputs at the path's two ends come from forwards without a graph: no gradient is taken
+at the ends (from a zero baseline every ReLU of a bias-free network sits on its kink at alpha
+0, where the gradient is not the path's). Each example starts with the midpoint and is then
+refined in rounds, all examples of a round evaluated together through the path engine:
 
-- while its path looks smooth it takes the next level of nested Clenshaw-Curtis nodes (3, 5,
-  9, 17, ... points; Gauss-Legendre's nodes do not nest), whose error falls geometrically on
-  a smooth path;
+- while its path looks smooth it takes the next level of nested Gauss-Patterson nodes (1, 3,
+  7, 15, 31, ... points, exact for polynomials of degree 1, 5, 11, 23, 47, ...: about
+  Gauss-Legendre's accuracy, whose own nodes do not nest; see ``fastattr._patterson``), whose
+  error falls geometrically on a smooth path;
 - when a level fails to cut the error by a factor ``STALL`` (a kink: on ReLU networks the
   path gradient is piecewise constant, and every fixed rule's error falls only like 1/n), it
   switches to adaptive bisection: each round halves the intervals with the largest exact
-  local errors, which are those holding the gradient's jumps.
+  local errors, which are those holding the gradient's jumps (the trapezoid rule between
+  points, each end interval given to its one point).
 
 An example stops as soon as its completeness error ``|sum(attributions) - (f(x) - f(x'))|``,
-with the Clenshaw-Curtis weights or the trapezoid weights on its points, is at most
+with the Patterson weights or the trapezoid weights on its points, is at most
 ``tolerance * max(|f(x) - f(x')|, 1)`` (relative for output changes above 1, absolute below),
 when it has ``max_steps`` points, or when no interval's local error stands above float
 rounding. Points are never moved or dropped: the gradient of each is kept (one row per point)
@@ -30,7 +34,6 @@ budget, so memory stays bounded by it whatever the batch.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,13 +51,15 @@ from fastattr._path_integral import (
     chunk_budget,
     new_accumulator,
 )
+from fastattr._patterson import LEVELS as PATTERSON_LEVELS
+from fastattr._patterson import patterson
 
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_MAX_STEPS = 128
-# The methods whose refinement nests, and how: Clenshaw-Curtis levels then bisection, or
+# The methods whose refinement nests, and how: Gauss-Patterson levels then bisection, or
 # bisection (the trapezoid rule) from the start.
 NESTED_METHODS = ("gausslegendre", "riemann_trapezoid")
-# A Clenshaw-Curtis level counts as converging when it cuts the error by this factor.
+# A Patterson level counts as converging when it cuts the error by this factor.
 STALL = 4.0
 # Each bisection round halves this fraction of an example's intervals (those with the
 # largest local errors): fewer rounds than one interval at a time, about as few points.
@@ -88,7 +93,7 @@ def check_auto(
     if method not in NESTED_METHODS:
         raise ValueError(
             "n_steps='auto' refines nested rules: method must be 'gausslegendre' (refined "
-            "through nested Clenshaw-Curtis levels, then bisection where the path has kinks) or "
+            "through nested Gauss-Patterson levels, then bisection where the path has kinks) or "
             f"'riemann_trapezoid' (bisection), got {method!r}, whose nodes do not nest"
         )
     if tolerance is None:
@@ -103,40 +108,37 @@ def check_auto(
     return True, float(tolerance), max_steps
 
 
-@functools.cache
-def clenshaw_curtis(level: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clenshaw-Curtis nodes (ascending) and weights on [0, 1]: ``2**level + 1`` of each.
-    Level ``l + 1`` holds every node of level ``l``."""
-    n = 2**level
-    j = np.arange(n + 1)
-    theta = np.pi * j / n
-    weights = np.ones(n + 1)
-    for m in range(1, n // 2 + 1):
-        weights -= (1.0 if 2 * m == n else 2.0) * np.cos(2 * m * theta) / (4 * m * m - 1)
-    weights *= np.where((j == 0) | (j == n), 1.0, 2.0) / n
-    nodes = 0.5 * (1 - np.cos(theta))
-    nodes[0], nodes[-1] = 0.0, 1.0
-    return nodes, 0.5 * weights
-
-
-def _trapezoid_weights(alphas: np.ndarray) -> np.ndarray:
-    widths = np.diff(alphas)
+def _intervals(
+    alphas: np.ndarray, outputs: np.ndarray, slopes: np.ndarray, start: float, end: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The intervals between the (ascending) points and the path's ends, whose outputs are
+    ``start`` and ``end``: their starts, widths and exact errors under the trapezoid rule
+    between points, each end interval given whole to its one point (no gradient is taken at
+    the ends), and that rule's weights on the points."""
+    widths = np.diff(np.concatenate([[0.0], alphas, [1.0]]))
+    ruled = np.concatenate([[slopes[0]], (slopes[:-1] + slopes[1:]) / 2, [slopes[-1]]])
+    local = widths * ruled - np.diff(np.concatenate([[start], outputs, [end]]))
     weights = np.zeros_like(alphas)
-    weights[:-1] += widths / 2
-    weights[1:] += widths / 2
-    return weights
+    weights[:-1] += widths[1:-1] / 2
+    weights[1:] += widths[1:-1] / 2
+    weights[0] += widths[0]
+    weights[-1] += widths[-1]  # (the same point when there is one)
+    return np.concatenate([[0.0], alphas]), widths, local, weights
 
 
 @dataclass
 class _Path:
-    """One example's points so far (in the order evaluated) and where its refinement is."""
+    """One example's points so far (in the order evaluated), its outputs at the path's two
+    ends, and where its refinement is."""
 
     example: int
     first_slot: int
+    start_output: float
+    end_output: float
     alphas: list[float] = field(default_factory=list)
     outputs: list[float] = field(default_factory=list)
     slopes: list[float] = field(default_factory=list)
-    # The Clenshaw-Curtis level its points form while the path looks smooth; None once it
+    # The Gauss-Patterson level its points form while the path looks smooth; None once it
     # is refined by bisection.
     level: int | None = None
     level_error: float = math.inf
@@ -146,22 +148,24 @@ class _Path:
         """The positions to evaluate next; none (with the final weights set) when done."""
         order = np.argsort(self.alphas, kind="stable")
         alphas = np.asarray(self.alphas)[order]
-        outputs = np.asarray(self.outputs)[order]
         slopes = np.asarray(self.slopes)[order]
-        change = outputs[-1] - outputs[0]
+        outputs = np.asarray(self.outputs)[order]
+        change = self.end_output - self.start_output
         target = tolerance * max(abs(change), 1.0)
-        widths = np.diff(alphas)
-        local = widths * (slopes[:-1] + slopes[1:]) / 2 - np.diff(outputs)
-        trapezoid = _trapezoid_weights(alphas)
+        lows, widths, local, trapezoid = _intervals(
+            alphas, outputs, slopes, self.start_output, self.end_output
+        )
         rules = [(abs(local.sum()), trapezoid)]
         if self.level is not None:
-            cc = clenshaw_curtis(self.level)[1]
-            cc_error = abs(float(cc @ slopes) - change)
-            rules.append((cc_error, cc))
+            # (Its points are the level's nodes in the order the table adds them.)
+            nested = patterson(self.level)[1][order]
+            nested_error = abs(float(nested @ slopes) - change)
+            rules.append((nested_error, nested))
         error, weights = min(rules, key=lambda rule: rule[0])
         # A unit of rounding of the outputs and slopes: errors within a few are not the
         # rule's, and no refinement removes them.
-        unit = rounding * (np.abs(outputs).max() + float(trapezoid @ np.abs(slopes)))
+        largest = max(np.abs(outputs).max(), abs(self.start_output), abs(self.end_output))
+        unit = rounding * (largest + float(trapezoid @ np.abs(slopes)))
         noise = ROUNDING_UNITS * unit
         count = len(alphas)
         # Past the second level, nested levels that stop converging have either reached
@@ -170,10 +174,10 @@ class _Path:
         converging = beats_trapezoid = True
         converged = False
         if self.level is not None and self.level >= 2:
-            converging = cc_error * STALL <= self.level_error
-            beats_trapezoid = cc_error * STALL <= rules[0][0]
-            no_room = len(alphas) + 2**self.level > max_steps
-            converged = cc_error <= STALLED_UNITS * unit and (not converging or no_room)
+            converging = nested_error * STALL <= self.level_error
+            beats_trapezoid = nested_error * STALL <= rules[0][0]
+            no_room = count + 2 ** (self.level + 1) > max_steps
+            converged = nested_error <= STALLED_UNITS * unit and (not converging or no_room)
         if (
             error <= max(target, noise)
             or count >= max_steps
@@ -186,17 +190,21 @@ class _Path:
             self.weights = final
             return []
         if self.level is not None:
-            added = 2**self.level
-            if (converging or beats_trapezoid) and count + added <= max_steps:
-                self.level_error = cc_error
+            added = 2 ** (self.level + 1)
+            if (
+                (converging or beats_trapezoid)
+                and count + added <= max_steps
+                and self.level + 1 < PATTERSON_LEVELS
+            ):
+                self.level_error = nested_error
                 self.level += 1
-                return clenshaw_curtis(self.level)[0][1::2].tolist()
+                return patterson(self.level)[0][count:].tolist()
             self.level = None
         # Bisect the intervals with the largest local errors above rounding.
         candidates = np.flatnonzero(np.abs(local) > noise)
         take = min(max(1, math.ceil(REFINE_FRACTION * len(widths))), max_steps - count)
         chosen = candidates[np.argsort(-np.abs(local[candidates]), kind="stable")[:take]]
-        return (alphas[chosen] + widths[chosen] / 2).tolist()
+        return (lows[chosen] + widths[chosen] / 2).tolist()
 
 
 def integrate_adaptive(
@@ -228,17 +236,37 @@ def integrate_adaptive(
     )
     finals = [new_accumulator(end) for end in ends]
     steps = torch.zeros(batch, dtype=torch.long)
-    start_level = 1 if max_steps >= 3 else 0
+    end_outputs = []
     rounding = max(torch.finfo(end.dtype).eps for end in ends)
     for low in range(0, batch, group):
         for kept in engine.accumulators:
             kept.zero_()
-        smooth_start = start_level if method == "gausslegendre" else None
+        examples = torch.arange(low, min(batch, low + group))
+        # The outputs at both ends, from forwards without a graph: the gradient at the
+        # baseline is never taken (from a zero baseline, every ReLU of a bias-free network sits
+        # on its kink there).
+        count = len(examples)
+        at_ends = engine.outputs_at(
+            Points(
+                examples.repeat(2),
+                torch.cat([torch.zeros(count), torch.ones(count)]).double(),
+                torch.ones(2 * count, dtype=torch.float64),
+            )
+        )[0]
+        end_outputs.append(at_ends)
+        values = at_ends.double().cpu().tolist()
+        start_level = 0 if method == "gausslegendre" else None
         paths = [
-            _Path(example, (example - low) * max_steps, level=smooth_start)
-            for example in range(low, min(batch, low + group))
+            _Path(
+                int(example),
+                (int(example) - low) * max_steps,
+                values[i],
+                values[count + i],
+                level=start_level,
+            )
+            for i, example in enumerate(examples)
         ]
-        initial = clenshaw_curtis(start_level)[0].tolist()
+        initial = patterson(0)[0].tolist()
         pending = [(path, list(initial)) for path in paths]
         while pending:
             outputs, slopes = engine.run(_points(pending), values=True)
@@ -269,7 +297,12 @@ def integrate_adaptive(
         engine.fold_kept(finals, done)
         for path in paths:
             steps[path.example] = len(path.alphas)
-    return engine.finish(multiply_by_inputs, finals), steps.to(device)
+    result = engine.finish(multiply_by_inputs, finals)
+    if end_outputs:  # each group's starts, then its ends
+        pairs = [outputs.reshape(2, -1) for outputs in end_outputs]
+        result.start_outputs = [torch.cat([pair[0] for pair in pairs])]
+        result.end_outputs = [torch.cat([pair[1] for pair in pairs])]
+    return result, steps.to(device)
 
 
 def _points(pending: list[tuple[_Path, list[float]]]) -> Points:

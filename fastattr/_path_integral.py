@@ -369,6 +369,23 @@ class PathEngine:
         outputs, slopes = zip(*collected)
         return torch.cat(outputs, 1), torch.cat(slopes, 1)
 
+    def outputs_at(self, points: Points) -> Tensor:
+        """The model's outputs at ``points``, per target, (K, P), from forwards without a graph
+        (in chunks no larger than those with one)."""
+        size = self._chunk_points(self._point_cost is None)
+        collected = []
+        for start in range(0, len(points), size):
+            chunk = points.slice(start, start + size)
+            expanded = [self._expand(chunk, m) for m in self.rows_per_example]
+            with torch.no_grad():
+                paths = tuple(
+                    ops.interpolate_points(end, start_, examples, alphas)
+                    for end, start_, (examples, alphas, _) in zip(self.ends, self.starts, expanded)
+                )
+                outputs = self.evaluate(paths, PointRows(chunk.examples, self.batch, None))
+            collected.append(torch.stack(list(outputs)))
+        return torch.cat(collected, 1)
+
     def _run_chunk(
         self,
         points: Points,

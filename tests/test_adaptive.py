@@ -3,6 +3,7 @@ where the path needs them, the step count, memory groups, and bad arguments."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from seeding import seeded  # tests/seeding.py (pytest puts tests/ on sys.path)
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 import fastattr
 import fastattr._path_integral as path_integral
-from fastattr._adaptive import clenshaw_curtis
+from fastattr._patterson import LEVELS, compute, patterson
 
 
 def smooth() -> nn.Module:
@@ -40,17 +41,33 @@ def relative_l1(actual: Tensor, expected: Tensor) -> Tensor:
     return (actual - expected).abs().sum(1) / expected.abs().sum(1)
 
 
-def test_clenshaw_curtis_levels_nest_and_integrate_polynomials():
-    previous = None
-    for level in range(0, 6):
-        nodes, weights = clenshaw_curtis(level)
-        assert len(nodes) == 2**level + 1 and nodes[0] == 0.0 and nodes[-1] == 1.0
-        if previous is not None:
-            assert (nodes[::2] == previous).all()  # every node of the level before
-        previous = nodes
-        for degree in range(2**level + 1 if level else 2):
-            exact = 1 / (degree + 1)
-            assert abs(float(weights @ nodes**degree) - exact) < 1e-14
+def test_patterson_levels_nest_and_integrate_polynomials_to_their_degree():
+    for level in range(LEVELS):
+        nodes, weights = patterson(level)
+        assert len(nodes) == 2 ** (level + 1) - 1
+        assert ((nodes > 0) & (nodes < 1)).all() and (weights > 0).all()
+        if level:  # every node of the level before, first, in its order
+            assert (nodes[: len(nodes) // 2] == patterson(level - 1)[0]).all()
+        # Exact up to its degree (1, 5, 11, 23, ...: checked on Legendre polynomials, which
+        # keep the sums well-conditioned); one degree further the error is measurable up to
+        # level 5 (from level 6 on the rules miss it by less than rounding).
+        degree = 1 if level == 0 else 3 * 2**level - 1
+        basis = np.polynomial.legendre.Legendre.basis
+        errors = [
+            abs(float(weights @ basis(d, [0, 1])(nodes)) - (d == 0)) for d in range(degree + 2)
+        ]
+        assert max(errors[: degree + 1]) < 1e-15
+        assert level > 5 or errors[degree + 1] > 1e-12
+
+
+def test_patterson_table_is_what_the_generator_computes():
+    # The first levels afresh (the whole table takes minutes at the generator's precision).
+    nodes, weights = compute(5, digits=40)
+    table_nodes, _ = patterson(4)
+    assert np.abs((np.array(nodes, dtype=float) + 1) / 2 - table_nodes).max() < 1e-15
+    for level in range(5):
+        expected = np.array(weights[level], dtype=float) / 2
+        assert np.abs(expected - patterson(level)[1]).max() < 1e-15
 
 
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
@@ -110,7 +127,7 @@ def test_points_follow_the_difficulty_of_each_path():
     _, steps = fastattr.IntegratedGradients(model).attribute(
         x, target=0, n_steps="auto", tolerance=1e-6, return_n_steps=True
     )
-    assert steps[0] == 3 and steps[2] == 3  # 0, 1/2, 1: exact on an affine piece
+    assert steps[0] == 1 and steps[2] == 1  # the midpoint: exact on an affine piece
     assert steps[1] > 10
 
 
@@ -124,15 +141,33 @@ def test_fixed_steps_report_n_steps_and_results_order():
     assert len(both) == 3 and both[1].shape == (4,) and both[2].tolist() == [7] * 4
 
 
-def test_two_steps_is_the_trapezoid_rule_on_the_ends():
-    model, x = relu(), data(4, 6)
+def test_no_gradient_is_taken_at_the_ends():
+    # A bias-free ReLU network is positively homogeneous: from a zero baseline its gradient is
+    # the same all along the path but at alpha 0, where every ReLU sits on its kink. Rules
+    # with a node there (closed Newton-Cotes, Clenshaw-Curtis) are off by its weight; the
+    # midpoint alone is exact, and "auto" stops there.
+    model = seeded(
+        nn.Sequential(nn.Linear(6, 24, bias=False), nn.ReLU(), nn.Linear(24, 3, bias=False))
+    )
+    x = data(4, 6)
     ig = fastattr.IntegratedGradients(model)
-    ours, steps = ig.attribute(x, target=2, n_steps="auto", max_steps=2, return_n_steps=True)
-    # captum's riemann_trapezoid weighs its n nodes 1/n, halved at the ends: with n = 2 they
-    # add up to 1/2; the trapezoid rule's add up to 1.
-    half = ig.attribute(x, target=2, n_steps=2, method="riemann_trapezoid")
+    ours, delta, steps = ig.attribute(
+        x, target=2, n_steps="auto", tolerance=1e-12, return_convergence_delta=True,
+        return_n_steps=True,
+    )  # fmt: skip
+    assert steps.tolist() == [1] * 4
+    assert delta.abs().max() < 1e-13
+    torch.testing.assert_close(ours, ig.attribute(x, target=2, n_steps=1), rtol=0, atol=0)
+    trapezoid = 2 * ig.attribute(x, target=2, n_steps=2, method="riemann_trapezoid")
+    assert (relative_l1(trapezoid, ours) > 0.1).all()  # half the path at the kink's gradient
+
+
+def test_max_steps_caps_the_points():
+    model, x = relu(), data(4, 6, scale=8.0)
+    _, steps = fastattr.IntegratedGradients(model).attribute(
+        x, target=2, n_steps="auto", tolerance=1e-12, max_steps=2, return_n_steps=True
+    )
     assert steps.tolist() == [2] * 4
-    torch.testing.assert_close(ours, 2 * half, rtol=1e-12, atol=1e-14)
 
 
 def test_groups_of_kept_gradients_give_the_same_result(monkeypatch):
@@ -145,7 +180,8 @@ def test_groups_of_kept_gradients_give_the_same_result(monkeypatch):
     rows: list[int] = []
     counting = fastattr.IntegratedGradients(lambda t: rows.append(t.shape[0]) or model(t))
     grouped, grouped_steps = counting.attribute(x, **kwargs)
-    assert max(rows) == 1 and sum(rows) == int(steps.sum())
+    # (Two forwards without a graph per example give the outputs at the ends.)
+    assert max(rows) == 1 and sum(rows) == int(steps.sum()) + 2 * len(x)
     assert torch.equal(steps, grouped_steps)
     torch.testing.assert_close(grouped, whole, rtol=1e-12, atol=1e-14)
 

@@ -125,7 +125,7 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 ``method="exact"``.
             method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,
                 ``"riemann_middle"`` or ``"riemann_trapezoid"``. With ``n_steps="auto"``,
-                ``"gausslegendre"`` (nested Clenshaw-Curtis levels, then bisection where the
+                ``"gausslegendre"`` (nested Gauss-Patterson levels, then bisection where the
                 path has kinks) or ``"riemann_trapezoid"`` (bisection). Or ``"exact"`` for a
                 piecewise-linear model (ReLU, max pooling, ...): the path is split where the
                 model's kinks are crossed and the integral is a finite sum, complete to float
