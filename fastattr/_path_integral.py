@@ -379,7 +379,7 @@ class PathEngine:
             expanded = [self._expand(chunk, m) for m in self.rows_per_example]
             with torch.no_grad():
                 paths = tuple(
-                    ops.interpolate_points(end, start_, examples, alphas)
+                    ops._unchecked_interpolate_points(end, start_, examples, alphas)
                     for end, start_, (examples, alphas, _) in zip(self.ends, self.starts, expanded)
                 )
                 outputs = self.evaluate(paths, PointRows(chunk.examples, self.batch, None))
