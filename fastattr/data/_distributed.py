@@ -156,7 +156,13 @@ class FailureBoard:
         while not work.is_completed():
             self.check(now=True)
             time.sleep(WAIT_POLL_S)
-        work.wait()
+        try:
+            work.wait()
+        except RuntimeError:
+            # A rank that failed and left breaks the barrier ("Connection closed by peer"
+            # from gloo): the failure it posted before leaving says why.
+            self.check(now=True)
+            raise
 
 
 def seed_generators(seed: int, device: torch.device) -> None:
