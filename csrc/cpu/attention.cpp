@@ -1,5 +1,5 @@
 // The transformer rules' kernels on the CPU: softmax_relevance and layer_norm_relevance walk
-// rows (split across threads), relevance_share is element-wise.
+// rows (split across threads) in vectorized passes, relevance_share is element-wise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -7,7 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <type_traits>
+#include <vector>
 
 #include "../attention.h"
 #include "elementwise.h"
@@ -16,7 +16,24 @@
 namespace fastattr::cpu {
 namespace {
 
-// out = x * (r - s * sum(r)) along each row; zero where x is -inf (a masked score).
+// out = x * (r - s * sum) along a row; zero where x is -inf (a masked score).
+template <typename scalar_t>
+FASTATTR_SIMD_CLONES void softmax_relevance_row(const scalar_t* x, const scalar_t* s,
+                                                const scalar_t* r, scalar_t* out, int64_t length,
+                                                at::opmath_type<scalar_t> sum) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < length; ++j) {
+    const acc_t xj = static_cast<acc_t>(x[j]);
+    out[j] = static_cast<scalar_t>(xj * (static_cast<acc_t>(r[j]) - static_cast<acc_t>(s[j]) * sum));
+  }
+  // A pass of its own: with the choice in the loop above, the compiler branches instead of
+  // vectorizing.
+  constexpr acc_t masked = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < length; ++j) {
+    out[j] = static_cast<acc_t>(x[j]) == masked ? scalar_t(0) : out[j];
+  }
+}
+
 template <typename scalar_t>
 void softmax_relevance_rows(const scalar_t* x, const scalar_t* s, const scalar_t* r, scalar_t* out,
                             int64_t rows, int64_t length) {
@@ -24,16 +41,8 @@ void softmax_relevance_rows(const scalar_t* x, const scalar_t* s, const scalar_t
   at::parallel_for(0, rows, rows_per_task(length), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t first = row * length;
-      double total = 0;
-      for (int64_t j = first; j < first + length; ++j) total += static_cast<double>(r[j]);
-      const acc_t sum = static_cast<acc_t>(total);
-      for (int64_t j = first; j < first + length; ++j) {
-        const acc_t xj = static_cast<acc_t>(x[j]);
-        const acc_t value =
-            xj * (static_cast<acc_t>(r[j]) - static_cast<acc_t>(s[j]) * sum);
-        out[j] = static_cast<scalar_t>(
-            xj == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : value);
-      }
+      const acc_t sum = static_cast<acc_t>(row_sum(r + first, length));
+      softmax_relevance_row(x + first, s + first, r + first, out + first, length, sum);
     }
   });
 }
@@ -52,7 +61,34 @@ at::Tensor softmax_relevance(const at::Tensor& inputs, const at::Tensor& probs,
   return softmax_result(moved, op, inputs);
 }
 
-// Per row, v = weight * r / (y + epsilon * sign(y)) and out = x * ((v - mean(v)) * rstd).
+// v = weight * r / (y + epsilon * sign(y)) along a row (weight may be null).
+template <typename scalar_t>
+FASTATTR_SIMD_CLONES void layer_norm_ratio_row(const scalar_t* r, const scalar_t* y,
+                                               const scalar_t* w, at::opmath_type<scalar_t>* v,
+                                               int64_t length, at::opmath_type<scalar_t> eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t k = 0; k < length; ++k) {
+    v[k] = stabilized_ratio(static_cast<acc_t>(r[k]), static_cast<acc_t>(y[k]), eps);
+  }
+  if (w != nullptr) {
+    for (int64_t k = 0; k < length; ++k) v[k] *= static_cast<acc_t>(w[k]);
+  }
+}
+
+// out = x * ((v - mean) * scale) along a row.
+template <typename scalar_t>
+FASTATTR_SIMD_CLONES void layer_norm_scale_row(const scalar_t* x,
+                                               const at::opmath_type<scalar_t>* v, scalar_t* out,
+                                               int64_t length, at::opmath_type<scalar_t> mean,
+                                               at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t k = 0; k < length; ++k) {
+    out[k] = static_cast<scalar_t>(static_cast<acc_t>(x[k]) * ((v[k] - mean) * scale));
+  }
+}
+
+// Per row, v = weight * r / (y + epsilon * sign(y)) and out = x * ((v - mean(v)) * rstd): three
+// vectorized passes over the row, v held in acc_t between them.
 template <typename scalar_t>
 void layer_norm_relevance_rows(const LayerNormOperands& op, scalar_t* out, double epsilon) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -63,29 +99,13 @@ void layer_norm_relevance_rows(const LayerNormOperands& op, scalar_t* out, doubl
   const scalar_t* w = op.weight.defined() ? op.weight.const_data_ptr<scalar_t>() : nullptr;
   const acc_t eps = static_cast<acc_t>(epsilon);
   const int64_t length = op.length;
-  const auto v = [&](int64_t j, int64_t k) {
-    const acc_t ratio =
-        stabilized_ratio(static_cast<acc_t>(r[j]), static_cast<acc_t>(y[j]), eps);
-    return w == nullptr ? ratio : ratio * static_cast<acc_t>(w[k]);
-  };
-  // Where v fits the output's dtype exactly, the first pass leaves it there for the second.
-  constexpr bool keep = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, op.rows, rows_per_task(length), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> v(static_cast<size_t>(length));
     for (int64_t row = begin; row < end; ++row) {
       const int64_t first = row * length;
-      double total = 0;
-      for (int64_t k = 0; k < length; ++k) {
-        const acc_t value = v(first + k, k);
-        if constexpr (keep) out[first + k] = value;
-        total += static_cast<double>(value);
-      }
-      const acc_t mean = static_cast<acc_t>(total / static_cast<double>(length));
-      const acc_t scale = rstd[row];
-      for (int64_t k = 0; k < length; ++k) {
-        const acc_t value = keep ? static_cast<acc_t>(out[first + k]) : v(first + k, k);
-        out[first + k] =
-            static_cast<scalar_t>(static_cast<acc_t>(x[first + k]) * ((value - mean) * scale));
-      }
+      layer_norm_ratio_row(r + first, y + first, w, v.data(), length, eps);
+      const acc_t mean = static_cast<acc_t>(row_sum(v.data(), length) / static_cast<double>(length));
+      layer_norm_scale_row(x + first, v.data(), out + first, length, mean, rstd[row]);
     }
   });
 }

@@ -6,11 +6,29 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "elementwise.h"
+
 namespace fastattr::cpu {
 
 // Enough elements per task that thread start-up stays negligible.
 inline int64_t rows_per_task(int64_t row) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(row, 1));
+}
+
+// The sum of a row in double, in eight interleaved partial sums that vectorize (a single
+// running sum is a chain of dependent additions, several times slower).
+template <typename scalar_t>
+FASTATTR_SIMD_CLONES double row_sum(const scalar_t* values, int64_t length) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= length; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(values[j + l]);
+  }
+  for (; j < length; ++j) lanes[0] += static_cast<double>(values[j]);
+  double total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
 }
 
 // out[j] = term(b, j) for every element j of every row b, and row_sums[b] = sum_j out[j]

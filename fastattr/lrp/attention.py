@@ -489,6 +489,10 @@ def _is_mask(value: object) -> bool:
     if not isinstance(value, Tensor) or not value.is_floating_point():
         return False
     lowest = torch.finfo(value.dtype).min / 2
+    if value.numel():  # one element first: an embedding added (BERT's) is rejected at once
+        first = value[(0,) * value.dim()].item()
+        if first != 0 and first > lowest:
+            return False
     return bool(((value == 0) | (value <= lowest)).all())
 
 

@@ -457,7 +457,7 @@ class Relevance:
         else:
             made = self._nodes.ratio_shown(z, output.detach(), epsilon)
         made = made.clone() if copy and not self.copy else self._handed(made)
-        foldable = z.dtype == output.dtype and z.shape == output.shape
+        foldable = z is output or (z.dtype == output.dtype and z.shape == output.shape)
         found = _Ratio(made, z, epsilon, foldable, output)
         self._ratios[id(made)] = found
         self._raw[id(output)] = found
