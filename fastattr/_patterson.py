@@ -1,13 +1,12 @@
 """Gauss-Patterson rules: nested, open quadrature rules of nearly Gauss's degree.
 
-Level 0 is the midpoint rule (Gauss-Legendre with one node). Level ``l + 1`` keeps every node
-of level ``l`` (``2**l - 1`` nodes... ``2**(l + 1) - 1`` in all after adding ``2**l``) and adds
-the nodes that make the combined rule exact for the highest degree: the roots of the polynomial
-orthogonal to all lower degrees under the weight ``prod(x - x_i)`` over the kept nodes
-(Patterson, Math. Comp. 22, 1968). The levels hold 1, 3, 7, 15, 31, 63 and 127 nodes, exact
-for polynomials of degree 1, 5, 11, 23, 47, 95 and 191 (Clenshaw-Curtis's nested levels of
-about as many nodes: 3, 5, 9, 17, 33, 65), every node inside the interval and every weight
-positive.
+Level 0 is the midpoint rule (Gauss-Legendre with one node). Level ``l + 1`` keeps the
+``2**(l + 1) - 1`` nodes of level ``l`` and adds ``2**(l + 1)`` more, those that make the
+combined rule exact for the highest degree: the roots of the polynomial orthogonal to all lower
+degrees under the weight ``prod(x - x_i)`` over the kept nodes (Patterson, Math. Comp. 22,
+1968). The levels hold 1, 3, 7, 15, 31, 63, 127 and 255 nodes, exact for polynomials of degree
+1, 5, 11, 23, 47, 95, 191 and 383 (Clenshaw-Curtis's nested levels of about as many nodes: 3,
+5, 9, 17, 33, 65, ...), every node inside the interval and every weight positive.
 
 The tables are computed once with mpmath at high precision by running this module
 (``python -m fastattr._patterson``), which writes ``fastattr/_patterson_table.py``;
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-LEVELS = 8  # 1 to 127 nodes
+LEVELS = 8  # 1 to 255 nodes
 
 
 @functools.cache
@@ -48,7 +47,7 @@ def compute(levels: int, digits: int = 80) -> tuple[list, list]:
 
 def _compute(mp, levels: int) -> tuple[list, list]:
     top = 2**levels - 1
-    # A Gauss-Legendre rule exact to well above every integrand's degree (3 * 63 + 2 at most).
+    # A Gauss-Legendre rule exact to well above every integrand's degree (3m + 1 for m kept nodes).
     gauss_x, gauss_w = mp.gauss_quadrature(top + 2, "legendre")
 
     def legendre(x, count):
