@@ -104,7 +104,7 @@ def check_auto(
         raise ValueError(f"tolerance must be positive and finite, got {tolerance}")
     max_steps = DEFAULT_MAX_STEPS if max_steps is None else as_int(max_steps, "max_steps")
     if max_steps < 2:
-        raise ValueError(f"max_steps must be at least 2 (the path's two ends), got {max_steps}")
+        raise ValueError(f"max_steps must be at least 2, got {max_steps}")
     return True, float(tolerance), max_steps
 
 

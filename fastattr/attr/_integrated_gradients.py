@@ -140,8 +140,8 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
             tolerance: with ``n_steps="auto"``, the completeness error each example must reach:
                 ``|sum(attributions) - (f(inputs) - f(baselines))|`` at most ``tolerance *
                 max(|f(inputs) - f(baselines)|, 1)``. Default: 1e-3.
-            max_steps: with ``n_steps="auto"``, at most this many points per example.
-                Default: 128.
+            max_steps: with ``n_steps="auto"``, at most this many points (gradient evaluations) per
+                example, at least 2; the two forwards at the ends come on top. Default: 128.
 
         Returns:
             The attributions, shaped as the inputs (a tensor for a tensor, a tuple for a
