@@ -16,7 +16,7 @@ fastattr's engines, which build their own (valid) point tables, call the kernels
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,6 +26,14 @@ from fastattr.ops import _checks, reference
 
 if is_compiled():
     from fastattr.ops import _fake  # noqa: F401  (registers the fake implementations)
+
+
+def _run(name: str, *args: Any) -> Any:
+    """Op ``name`` on the backend in context, without the public function's check (on the
+    reference backend the twin checks its arguments itself)."""
+    if backend_in_context() == "compiled":
+        return getattr(torch.ops.fastattr, name).default(*args)
+    return getattr(reference, name)(*args)
 
 
 def interpolate_points(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor) -> Tensor:
@@ -60,9 +68,7 @@ def interpolate_points(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: 
 def _unchecked_interpolate_points(
     inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor
 ) -> Tensor:
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.interpolate_points.default(inputs, baselines, rows, alphas)
-    return reference.interpolate_points(inputs, baselines, rows, alphas)
+    return _run("interpolate_points", inputs, baselines, rows, alphas)
 
 
 def accumulate_points(accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor) -> None:
@@ -93,10 +99,7 @@ def accumulate_points(accumulator: Tensor, grads: Tensor, rows: Tensor, weights:
 def _unchecked_accumulate_points(
     accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor
 ) -> None:
-    if backend_in_context() == "compiled":
-        torch.ops.fastattr.accumulate_points.default(accumulator, grads, rows, weights)
-    else:
-        reference.accumulate_points(accumulator, grads, rows, weights)
+    _run("accumulate_points", accumulator, grads, rows, weights)
 
 
 def point_slopes(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor) -> Tensor:
@@ -127,9 +130,7 @@ def point_slopes(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor)
 def _unchecked_point_slopes(
     grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor
 ) -> Tensor:
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.point_slopes.default(grads, rows, inputs, baselines)
-    return reference.point_slopes(grads, rows, inputs, baselines)
+    return _run("point_slopes", grads, rows, inputs, baselines)
 
 
 def quadrature_finish(
@@ -156,11 +157,7 @@ def quadrature_finish(
 def _unchecked_quadrature_finish(
     accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
 ) -> tuple[Tensor, Tensor]:
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.quadrature_finish.default(
-            accumulator, inputs, baselines, multiply_by_inputs
-        )
-    return reference.quadrature_finish(accumulator, inputs, baselines, multiply_by_inputs)
+    return _run("quadrature_finish", accumulator, inputs, baselines, multiply_by_inputs)
 
 
 def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
@@ -177,8 +174,7 @@ def epsilon_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     """
     if backend_in_context() == "compiled":
         _checks.check_epsilon_ratio(relevance, z, epsilon)
-        return torch.ops.fastattr.epsilon_ratio.default(relevance, z, epsilon)
-    return reference.epsilon_ratio(relevance, z, epsilon)
+    return _run("epsilon_ratio", relevance, z, epsilon)
 
 
 def epsilon_ratio_of_product(
@@ -198,10 +194,7 @@ def epsilon_ratio_of_product(
     """
     if backend_in_context() == "compiled":
         _checks.check_epsilon_ratio_of_product(activations, contributions, z, epsilon)
-        return torch.ops.fastattr.epsilon_ratio_of_product.default(
-            activations, contributions, z, epsilon
-        )
-    return reference.epsilon_ratio_of_product(activations, contributions, z, epsilon)
+    return _run("epsilon_ratio_of_product", activations, contributions, z, epsilon)
 
 
 def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
@@ -213,8 +206,7 @@ def input_relevance(activations: Tensor, contributions: Tensor) -> Tensor:
     """
     if backend_in_context() == "compiled":
         _checks.check_input_relevance(activations, contributions)
-        return torch.ops.fastattr.input_relevance.default(activations, contributions)
-    return reference.input_relevance(activations, contributions)
+    return _run("input_relevance", activations, contributions)
 
 
 def lrp_product_node(activation: Tensor) -> Tensor:
@@ -227,9 +219,7 @@ def lrp_product_node(activation: Tensor) -> Tensor:
     Returns:
         A view of ``activation`` that autograd keeps from being changed in place.
     """
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.lrp_product_node.default(activation)
-    return reference.lrp_product_node(activation)
+    return _run("lrp_product_node", activation)
 
 
 def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Tensor:
@@ -247,8 +237,7 @@ def lrp_product_ratio_node(z: Tensor, activation: Tensor, epsilon: float) -> Ten
     """
     if backend_in_context() == "compiled":
         _checks.check_epsilon(epsilon)
-        return torch.ops.fastattr.lrp_product_ratio_node.default(z, activation, epsilon)
-    return reference.lrp_product_ratio_node(z, activation, epsilon)
+    return _run("lrp_product_ratio_node", z, activation, epsilon)
 
 
 def lrp_ratio_node(z: Tensor, epsilon: float) -> Tensor:
@@ -264,8 +253,7 @@ def lrp_ratio_node(z: Tensor, epsilon: float) -> Tensor:
     """
     if backend_in_context() == "compiled":
         _checks.check_epsilon(epsilon)
-        return torch.ops.fastattr.lrp_ratio_node.default(z, epsilon)
-    return reference.lrp_ratio_node(z, epsilon)
+    return _run("lrp_ratio_node", z, epsilon)
 
 
 def lrp_ratio_shown_node(z: Tensor, shown: Tensor, epsilon: float) -> Tensor:
@@ -283,8 +271,7 @@ def lrp_ratio_shown_node(z: Tensor, shown: Tensor, epsilon: float) -> Tensor:
     """
     if backend_in_context() == "compiled":
         _checks.check_epsilon(epsilon)
-        return torch.ops.fastattr.lrp_ratio_shown_node.default(z, shown, epsilon)
-    return reference.lrp_ratio_shown_node(z, shown, epsilon)
+    return _run("lrp_ratio_shown_node", z, shown, epsilon)
 
 
 def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
@@ -298,9 +285,7 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
     Returns:
         A view of ``shown`` that autograd keeps from being changed in place.
     """
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.lrp_pass_node.default(source, shown)
-    return reference.lrp_pass_node(source, shown)
+    return _run("lrp_pass_node", source, shown)
 
 
 def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
@@ -336,9 +321,7 @@ def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor
 def _unchecked_kink_flips(
     values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor
 ) -> Tensor:
-    if backend_in_context() == "compiled":
-        return torch.ops.fastattr.kink_flips.default(values, tolerance, ends_a, ends_b)
-    return reference.kink_flips(values, tolerance, ends_a, ends_b)
+    return _run("kink_flips", values, tolerance, ends_a, ends_b)
 
 
 def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> Tensor:
@@ -360,8 +343,7 @@ def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int
     """
     if backend_in_context() == "compiled":
         _checks.check_softmax_relevance(inputs, probs, relevance, dim)
-        return torch.ops.fastattr.softmax_relevance.default(inputs, probs, relevance, dim)
-    return reference.softmax_relevance(inputs, probs, relevance, dim)
+    return _run("softmax_relevance", inputs, probs, relevance, dim)
 
 
 def layer_norm_relevance(
@@ -395,10 +377,7 @@ def layer_norm_relevance(
     """
     if backend_in_context() == "compiled":
         _checks.check_layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
-        return torch.ops.fastattr.layer_norm_relevance.default(
-            inputs, relevance, outputs, rstd, weight, epsilon
-        )
-    return reference.layer_norm_relevance(inputs, relevance, outputs, rstd, weight, epsilon)
+    return _run("layer_norm_relevance", inputs, relevance, outputs, rstd, weight, epsilon)
 
 
 def relevance_share(activations: Tensor, contributions: Tensor, share: float) -> Tensor:
@@ -419,8 +398,7 @@ def relevance_share(activations: Tensor, contributions: Tensor, share: float) ->
     """
     if backend_in_context() == "compiled":
         _checks.check_relevance_share(activations, contributions, share)
-        return torch.ops.fastattr.relevance_share.default(activations, contributions, share)
-    return reference.relevance_share(activations, contributions, share)
+    return _run("relevance_share", activations, contributions, share)
 
 
 def lrp_share_node(activation: Tensor, share: float) -> Tensor:
@@ -433,8 +411,7 @@ def lrp_share_node(activation: Tensor, share: float) -> Tensor:
     """
     if backend_in_context() == "compiled":
         _checks.check_lrp_share_node(activation, share)
-        return torch.ops.fastattr.lrp_share_node.default(activation, share)
-    return reference.lrp_share_node(activation, share)
+    return _run("lrp_share_node", activation, share)
 
 
 def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -448,8 +425,7 @@ def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None)
     """
     if backend_in_context() == "compiled":
         _checks.check_lrp_softmax_node(inputs, dim)
-        return torch.ops.fastattr.lrp_softmax_node.default(inputs, dim, dtype)
-    return reference.lrp_softmax_node(inputs, dim, dtype)
+    return _run("lrp_softmax_node", inputs, dim, dtype)
 
 
 def lrp_layer_norm_node(
@@ -473,10 +449,7 @@ def lrp_layer_norm_node(
     """
     if backend_in_context() == "compiled":
         _checks.check_lrp_layer_norm_node(inputs, epsilon)
-        return torch.ops.fastattr.lrp_layer_norm_node.default(
-            inputs, list(normalized_shape), weight, bias, eps, epsilon
-        )
-    return reference.lrp_layer_norm_node(inputs, normalized_shape, weight, bias, eps, epsilon)
+    return _run("lrp_layer_norm_node", inputs, list(normalized_shape), weight, bias, eps, epsilon)
 
 
 class LrpNodes(NamedTuple):
