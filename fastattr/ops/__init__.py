@@ -15,6 +15,7 @@ fastattr's engines, which build their own (valid) point tables, call the kernels
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,6 +35,15 @@ def _run(name: str, *args: Any) -> Any:
     if backend_in_context() == "compiled":
         return getattr(torch.ops.fastattr, name).default(*args)
     return getattr(reference, name)(*args)
+
+
+# fastattr's engines build their own (valid) point tables: they call these, which skip the
+# public functions' checks.
+_unchecked_interpolate_points = functools.partial(_run, "interpolate_points")
+_unchecked_accumulate_points = functools.partial(_run, "accumulate_points")
+_unchecked_point_slopes = functools.partial(_run, "point_slopes")
+_unchecked_quadrature_finish = functools.partial(_run, "quadrature_finish")
+_unchecked_kink_flips = functools.partial(_run, "kink_flips")
 
 
 def interpolate_points(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor) -> Tensor:
@@ -62,12 +72,6 @@ def interpolate_points(inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: 
     """
     if backend_in_context() == "compiled":
         _checks.check_interpolate_points(inputs, baselines, rows, alphas)
-    return _unchecked_interpolate_points(inputs, baselines, rows, alphas)
-
-
-def _unchecked_interpolate_points(
-    inputs: Tensor, baselines: Tensor, rows: Tensor, alphas: Tensor
-) -> Tensor:
     return _run("interpolate_points", inputs, baselines, rows, alphas)
 
 
@@ -93,12 +97,6 @@ def accumulate_points(accumulator: Tensor, grads: Tensor, rows: Tensor, weights:
     """
     if backend_in_context() == "compiled":
         _checks.check_accumulate_points(accumulator, grads, rows, weights)
-    _unchecked_accumulate_points(accumulator, grads, rows, weights)
-
-
-def _unchecked_accumulate_points(
-    accumulator: Tensor, grads: Tensor, rows: Tensor, weights: Tensor
-) -> None:
     _run("accumulate_points", accumulator, grads, rows, weights)
 
 
@@ -124,12 +122,6 @@ def point_slopes(grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor)
     """
     if backend_in_context() == "compiled":
         _checks.check_point_slopes(grads, rows, inputs, baselines)
-    return _unchecked_point_slopes(grads, rows, inputs, baselines)
-
-
-def _unchecked_point_slopes(
-    grads: Tensor, rows: Tensor, inputs: Tensor, baselines: Tensor
-) -> Tensor:
     return _run("point_slopes", grads, rows, inputs, baselines)
 
 
@@ -151,12 +143,6 @@ def quadrature_finish(
     """
     if backend_in_context() == "compiled":
         _checks.check_quadrature_finish(accumulator, inputs, baselines)
-    return _unchecked_quadrature_finish(accumulator, inputs, baselines, multiply_by_inputs)
-
-
-def _unchecked_quadrature_finish(
-    accumulator: Tensor, inputs: Tensor, baselines: Tensor, multiply_by_inputs: bool
-) -> tuple[Tensor, Tensor]:
     return _run("quadrature_finish", accumulator, inputs, baselines, multiply_by_inputs)
 
 
@@ -315,12 +301,6 @@ def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor
     """
     if backend_in_context() == "compiled":
         _checks.check_kink_flips(values, tolerance, ends_a, ends_b, read_values=True)
-    return _unchecked_kink_flips(values, tolerance, ends_a, ends_b)
-
-
-def _unchecked_kink_flips(
-    values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor
-) -> Tensor:
     return _run("kink_flips", values, tolerance, ends_a, ends_b)
 
 
