@@ -376,12 +376,8 @@ class PathEngine:
         collected = []
         for start in range(0, len(points), size):
             chunk = points.slice(start, start + size)
-            expanded = [self._expand(chunk, m) for m in self.rows_per_example]
             with torch.no_grad():
-                paths = tuple(
-                    ops._unchecked_interpolate_points(end, start_, examples, alphas)
-                    for end, start_, (examples, alphas, _) in zip(self.ends, self.starts, expanded)
-                )
+                paths = self._path_rows([self._expand(chunk, m) for m in self.rows_per_example])
                 outputs = self.evaluate(paths, PointRows(chunk.examples, self.batch, None))
             collected.append(torch.stack(list(outputs)))
         return torch.cat(collected, 1)
@@ -412,10 +408,7 @@ class PathEngine:
         meter = _SavedTensorMeter(model_state_tensors(self.model)) if measuring else None
         slopes = []
         with torch.enable_grad():
-            paths = tuple(
-                ops._unchecked_interpolate_points(end, start_, examples, alphas).requires_grad_()
-                for end, start_, (examples, alphas, _) in zip(self.ends, self.starts, expanded)
-            )
+            paths = tuple(path.requires_grad_() for path in self._path_rows(expanded))
             if meter is not None:
                 with meter.hooks():
                     outputs = self.evaluate(paths, rows)
@@ -449,6 +442,13 @@ class PathEngine:
             if self.step_costs is not None:
                 self.step_costs[self.cost_key] = self._point_cost
         return (torch.stack(detached), torch.stack(slopes)) if values else None
+
+    def _path_rows(self, expanded: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, ...]:
+        """The points' rows of every path tensor, from their tables (``_expand``'s)."""
+        return tuple(
+            ops._unchecked_interpolate_points(end, start, examples, alphas)
+            for end, start, (examples, alphas, _) in zip(self.ends, self.starts, expanded)
+        )
 
     @staticmethod
     def _expand(
