@@ -127,6 +127,56 @@ def test_ratio_of_product_channels_last() -> None:
     )
 
 
+ELEMENTWISE = {
+    "input_relevance": lambda a, b, c: (a, b),
+    "relevance_share": lambda a, b, c: (a, b, 0.25),
+    "epsilon_ratio": lambda a, b, c: (a, b, 1e-3),
+    "epsilon_ratio_of_product": lambda a, b, c: (a, b, c, 1e-3),
+}
+
+
+def _heads(generator: torch.Generator) -> torch.Tensor:
+    # Attention's query as the model holds it: (batch, tokens, heads, width) seen as
+    # (batch, heads, tokens, width).
+    return torch.randn(2, 5, 3, 4, generator=generator).transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("others", ["same", "contiguous", "sliced"])
+def test_elementwise_ops_read_a_dense_leading_operand_where_it_lies(name: str, others: str) -> None:
+    """The leading operand is read in its own dense layout (a permuted view is not copied) and
+    the output takes that layout; the others are brought to it, whatever theirs. The fake
+    kernel gives the same layout."""
+    generator = torch.Generator().manual_seed(11)
+    first = _heads(generator)
+    rest = [_heads(generator) for _ in range(2)]
+    if others == "contiguous":
+        rest = [t.contiguous() for t in rest]
+    elif others == "sliced":
+        rest = [torch.randn(2, 3, 5, 8, generator=generator)[..., ::2] for _ in range(2)]
+    args = ELEMENTWISE[name](first, *rest)
+    result = getattr(torch.ops.fastattr, name)(*args)
+    expected = getattr(ops.reference, name)(*args)
+    assert result.stride() == first.stride()
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        assert getattr(torch.ops.fastattr, name)(*fake).stride() == result.stride()
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+def test_elementwise_ops_lay_out_a_leading_operand_that_is_not_dense(name: str) -> None:
+    generator = torch.Generator().manual_seed(12)
+    tensors = [torch.randn(3, 4, 10, generator=generator) for _ in range(3)]
+    first = tensors[0][..., ::2]  # strided: not dense
+    args = ELEMENTWISE[name](first, *(t[..., :5] for t in tensors[1:]))
+    result = getattr(torch.ops.fastattr, name)(*args)
+    assert result.stride() == torch.empty_like(first).stride() == (20, 5, 1)
+    torch.testing.assert_close(result, getattr(ops.reference, name)(*args), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
 def test_ratio_of_product_bad_arguments(backend: str) -> None:
     from fastattr import use_backend

@@ -32,7 +32,7 @@ at::Tensor epsilon_ratio_of_product(const at::Tensor& activations,
   constexpr const char* kOp = "fastattr::epsilon_ratio_of_product";
   PairOperands op =
       prepare_pair(kOp, activations, "activations", contributions, "contributions");
-  const at::Tensor zs = prepare_like(kOp, z, "z", activations);
+  const at::Tensor zs = prepare_third(kOp, op, z, "z");
   at::Tensor ratio = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, activations.scalar_type(), "epsilon_ratio_of_product_cpu", [&] {

@@ -35,7 +35,7 @@ at::Tensor epsilon_ratio_of_product(const at::Tensor& activations,
   constexpr const char* kOp = "fastattr::epsilon_ratio_of_product";
   PairOperands op =
       prepare_pair(kOp, activations, "activations", contributions, "contributions");
-  const at::Tensor zs = prepare_like(kOp, z, "z", activations);
+  const at::Tensor zs = prepare_third(kOp, op, z, "z");
   const c10::cuda::CUDAGuard guard(activations.device());
   at::Tensor ratio = at::empty_like(op.first);
   AT_DISPATCH_FLOATING_TYPES_AND2(

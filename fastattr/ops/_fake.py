@@ -44,19 +44,19 @@ def _(
 @torch.library.register_fake("fastattr::epsilon_ratio")
 def _(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     _checks.check_epsilon_ratio(relevance, z, epsilon)
-    return torch.empty_like(relevance, memory_format=row_layout(relevance))
+    return torch.empty_like(relevance)  # as dense_leading lays it out
 
 
 @torch.library.register_fake("fastattr::epsilon_ratio_of_product")
 def _(activations: Tensor, contributions: Tensor, z: Tensor, epsilon: float) -> Tensor:
     _checks.check_epsilon_ratio_of_product(activations, contributions, z, epsilon)
-    return torch.empty_like(activations, memory_format=row_layout(activations))
+    return torch.empty_like(activations)  # as dense_leading lays it out
 
 
 @torch.library.register_fake("fastattr::input_relevance")
 def _(activations: Tensor, contributions: Tensor) -> Tensor:
     _checks.check_input_relevance(activations, contributions)
-    return torch.empty_like(activations, memory_format=row_layout(activations))
+    return torch.empty_like(activations)  # as dense_leading lays it out
 
 
 @torch.library.register_fake("fastattr::kink_flips")
@@ -87,4 +87,4 @@ def _(
 @torch.library.register_fake("fastattr::relevance_share")
 def _(activations: Tensor, contributions: Tensor, share: float) -> Tensor:
     _checks.check_relevance_share(activations, contributions, share)
-    return torch.empty_like(activations, memory_format=row_layout(activations))
+    return torch.empty_like(activations)  # as dense_leading lays it out
