@@ -549,6 +549,62 @@ def test_hf_relevance_conserved_but_for_the_softmax_rule(family: str) -> None:
     assert delta.abs().min() > 1e-6  # a real leak, not a vacuous comparison
 
 
+class Embeddings(nn.Module):
+    """BERT's embeddings' pattern: a sum of activations written into in place, in a module of
+    its own, then a residual sum that nothing writes into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.in_place = True
+        self.forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        h = self.fc(x) + x
+        if self.in_place:
+            h += torch.tanh(x)
+        else:
+            h = h + torch.tanh(x)
+        return self.head(self.fc(h) + h)
+
+
+def test_a_sum_written_into_is_copied_there_from_the_second_call_on() -> None:
+    """Sums are handed on uncopied; the first write into one runs the forward again with a copy
+    at that site alone, and the LRP object remembers the site."""
+    model = Embeddings().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    lrp = LRP(model, ATTN)
+    first = lrp.attribute(x, target=1)
+    assert model.forwards == 2 and len(lrp._copied_sites) == 1
+    second = lrp.attribute(x, target=1)
+    assert model.forwards == 3  # no retry once the site is known
+    model.in_place = False
+    expected = LRP(model, ATTN).attribute(x, target=1)
+    torch.testing.assert_close(first, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(second, expected, rtol=1e-12, atol=0)
+
+
+def test_a_tensor_property_is_computed_once_per_call_while_unchanged() -> None:
+    from fastattr.lrp import Relevance
+    from fastattr.lrp.propagation import plan_rules
+
+    calls = []
+
+    def largest(t: torch.Tensor) -> float:
+        calls.append(t)
+        return float(t.max())
+
+    relevance = Relevance(plan_rules(nn.Linear(2, 2)))
+    mask = torch.zeros(3)
+    assert relevance.memoized(largest, mask) == relevance.memoized(largest, mask) == 0.0
+    assert len(calls) == 1
+    mask.add_(1.0)  # changed: computed again
+    assert relevance.memoized(largest, mask) == 1.0 and len(calls) == 2
+    assert relevance.memoized(largest, mask.clone()) == 1.0 and len(calls) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # What has no rule
 

@@ -449,8 +449,8 @@ class EpsilonOpRule(ActivationOpRule):
         functions: The torch functions the rule is offered.
         uniform: Split the relevance equally between the activations.
         epsilon: The stabilizer of the ratio at the output.
-        copy: Hand on a copy of the output, which the forward may change in place (as BERT's
-            embeddings do to a sum).
+        copy: The forward may change the output in place (as BERT's embeddings do to a sum):
+            hand on a copy where it has done so before.
     """
 
     def __init__(
@@ -516,7 +516,7 @@ class SumOpRule(EpsilonOpRule):
             for v in (*args, *kwargs.values())
             if isinstance(v, Tensor) and not relevance.is_activation(v)
         ]
-        if len(found) == 1 and others and all(map(_is_mask, others)):
+        if len(found) == 1 and others and all(relevance.memoized(_is_mask, v) for v in others):
             return func(*args, **kwargs)
         return super().propagate(relevance, func, args, kwargs, found)
 
@@ -724,6 +724,7 @@ class InPlaceOpRule(ActivationOpRule):
         self.rules = {f: rule for rule in rules for f in rule.functions or ()}
 
     def propagate(self, relevance, func, args, kwargs, found):
+        relevance.before_write(args[0])
         function = self.out_of_place[func]
         rule = self.rules.get(function)
         if rule is None:  # a selection (masked_fill_): autograd's own backward moves relevance
@@ -750,7 +751,7 @@ class UnlistedOpRule(OpRule):
     functions = None
 
     def __init__(self, structural: Sequence[Callable[..., Any]]) -> None:
-        self.structural = frozenset(structural)
+        self.runs_as_is = frozenset(structural)
 
     def apply(
         self,
@@ -774,7 +775,7 @@ class UnlistedOpRule(OpRule):
             TypeError: ``func`` has no rule, and its result depends on the attributed inputs.
         """
         result = func(*args, **kwargs)
-        if func in self.structural:
+        if func in self.runs_as_is:
             return result
         outputs = result if isinstance(result, (list, tuple)) else (result,)
         if any(isinstance(t, Tensor) and t.requires_grad for t in outputs) and _carrying(

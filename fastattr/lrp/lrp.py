@@ -25,6 +25,7 @@ from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (
     CopiesNeeded,
+    CopyNeededAt,
     Relevance,
     RulePlan,
     WritesNeedCopies,
@@ -158,6 +159,9 @@ class LRP(Attribution, captum_class="LRP"):
         # Set once a forward modified a rule's output in place (`out += x`): from then on the
         # rules hand out copies, as captum's always do.
         self._copies = False
+        # The sites where a forward wrote into a rule's output handed on uncopied (see
+        # Relevance.ratio): rules hand out copies there from then on.
+        self._copied_sites: frozenset[int] = frozenset()
         # Set once the backward found a tensor an in-place ReLU wrote into in use elsewhere:
         # from then on such modules write into copies.
         self._copy_writes = False
@@ -316,11 +320,15 @@ class LRP(Attribution, captum_class="LRP"):
         with _buffers_kept(plan.modules):
             while True:
                 relevance = Relevance(
-                    plan, copy=self._copies, taps=taps, copy_writes=self._copy_writes
+                    plan,
+                    copy=self._copies,
+                    taps=taps,
+                    copy_writes=self._copy_writes,
+                    copied_sites=self._copied_sites,
                 )
                 try:
                     return self._backward(relevance, tensors, targets, args, layer_tensors)
-                except (CopiesNeeded, WritesNeedCopies, RuntimeError) as error:
+                except (CopiesNeeded, CopyNeededAt, WritesNeedCopies, RuntimeError) as error:
                     if not self._retry_with_copies(error):
                         raise
 
@@ -328,6 +336,11 @@ class LRP(Attribution, captum_class="LRP"):
         """Whether the call is to run again, with copies, after ``error``: the forward wrote
         into a rule's output (autograd refuses that), or into a tensor a rule's backward
         needs (an in-place ReLU's input where its relevance has another use)."""
+        if isinstance(error, CopyNeededAt):
+            if error.site in self._copied_sites:
+                return False
+            self._copied_sites = self._copied_sites | {error.site}
+            return True
         message = str(error)
         if isinstance(error, WritesNeedCopies):
             message = "modified by an inplace operation"

@@ -55,7 +55,7 @@ class RulePlan:
     that ``verbose`` prints."""
 
     rules: dict[int, tuple[nn.Module, PropagationRule]]
-    op_rules: dict[Callable[..., Any], OpRule]
+    op_rules: dict[Callable[..., Any], OpRule | None]  # None: the call runs as it is
     modules: tuple[nn.Module, ...]  # every module of the model, once
     every_call: OpRule | None = None  # offered the torch calls no op rule lists
     applied: tuple[str, ...] = ()
@@ -151,7 +151,7 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
     missing: dict[str, list[str]] = {}
     seen: set[int] = set()
     reusable = True
-    op_rules: dict[Callable[..., Any], OpRule] = {}
+    op_rules: dict[Callable[..., Any], OpRule | None] = {}  # None: the call runs as it is
     every_call = None
     for canonizer in canonizers:
         for op_rule in canonizer.op_rules():
@@ -159,6 +159,8 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
                 every_call = every_call or op_rule
             for function in op_rule.functions or ():
                 op_rules.setdefault(function, op_rule)
+    for function in every_call.runs_as_is if every_call is not None else ():
+        op_rules.setdefault(function, None)
 
     def visit(name: str, module: nn.Module) -> None:
         nonlocal reusable
@@ -210,6 +212,15 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
 
 class CopiesNeeded(Exception):
     """The forward modified a rule's output in place: run it again with copied outputs."""
+
+
+class CopyNeededAt(Exception):
+    """The forward is about to write into a rule's output handed on uncopied: run it again
+    with a copy at that site (``site``: see Relevance's ``copied_sites``)."""
+
+    def __init__(self, site: int) -> None:
+        super().__init__(site)
+        self.site = site
 
 
 class WritesNeedCopies(Exception):
@@ -337,20 +348,27 @@ class Relevance:
             once the forward has run).
         copy_writes: Give modules that work in place copies to write into, always (see
             [writable][fastattr.lrp.Relevance.writable]).
+        copied_sites: Where the forward has written into an output that a rule hands on
+            uncopied unless the forward has written into it there before (see
+            [ratio][fastattr.lrp.Relevance.ratio]): ``id`` of the innermost module without a
+            rule, or of None.
     """
 
     __slots__ = (
         "__weakref__",
         "_containers",
+        "_copy_wanted",
         "_folds",
         "_held",
         "_inputs",
+        "_memo",
         "_nodes",
         "_ratios",
         "_raw",
         "_reaches",
         "_writable",
         "_written",
+        "copied_sites",
         "copy",
         "copy_writes",
         "depth",
@@ -365,10 +383,12 @@ class Relevance:
         copy: bool = False,
         taps: Sequence[nn.Module] = (),
         copy_writes: bool = False,
+        copied_sites: frozenset[int] = frozenset(),
     ) -> None:
         self.plan = plan
         self.copy = copy
         self.copy_writes = copy_writes
+        self.copied_sites = copied_sites
         self.taps = taps
         # id(layer) -> (its input tensors, its output: a tuple for a block returning several),
         # for LayerLRP.
@@ -384,8 +404,11 @@ class Relevance:
         self._written: dict[Any, Tensor] = {}
         self._folds: set[Any] = set()
         self._containers: list[nn.Module] = []
+        # id -> (a rule output handed on uncopied that the forward may write into, its site).
+        self._copy_wanted: dict[int, tuple[Tensor, int]] = {}
         self._inputs: set[int] = set()
         self._reaches: dict[int, bool] = {}
+        self._memo: dict[tuple[Callable, int], tuple[Tensor, int, Any]] = {}
         self._held: list[object] = []
 
     # What rules build with.
@@ -440,8 +463,10 @@ class Relevance:
             z: ``output``, or a recomputation of it (modified weights).
             output: The module's (or op's) output.
             epsilon: The stabilizer, non-negative.
-            copy: Hand on a copy the forward may change in place (otherwise a view, which
-                autograd keeps from changing).
+            copy: The forward may change the output in place (BERT's embeddings add to a
+                sum): hand on a copy where it has done so before (otherwise a view, which
+                autograd keeps from changing; the first write into it stops the forward,
+                which LRP then runs again with a copy there).
 
         Returns:
             What the model continues with.
@@ -456,7 +481,14 @@ class Relevance:
             made = self._nodes.ratio(z, epsilon)
         else:
             made = self._nodes.ratio_shown(z, output.detach(), epsilon)
-        made = made.clone() if copy and not self.copy else self._handed(made)
+        if copy and not self.copy:
+            site = id(self.container)
+            if site in self.copied_sites:
+                made = made.clone()
+            else:
+                self._copy_wanted[id(made)] = (made, site)
+        else:
+            made = self._handed(made)
         foldable = z is output or (z.dtype == output.dtype and z.shape == output.shape)
         found = _Ratio(made, z, epsilon, foldable, output)
         self._ratios[id(made)] = found
@@ -478,6 +510,8 @@ class Relevance:
             if written[2] is not None:
                 return self._passing_written(output, written[2])
             source = written[1]  # the module wrote into a copy: the relevance goes to the original
+        elif output is source:  # an identity that returned its input (dropout in eval mode)
+            return output
         made = self._handed(self._nodes.passing(source, output.detach()))
         found = self._ratios.get(id(source))
         if (
@@ -562,6 +596,20 @@ class Relevance:
                     seen.add(following)
                     stack.append(following)
 
+    def before_write(self, target: object) -> None:
+        """Called before an in-place call writes into ``target``.
+
+        Args:
+            target: The tensor written into.
+
+        Raises:
+            CopyNeededAt: ``target`` is an output a rule handed on uncopied where copies are
+                made once needed (see [ratio][fastattr.lrp.Relevance.ratio]).
+        """
+        found = self._copy_wanted.get(id(target))
+        if found is not None and found[0] is target:
+            raise CopyNeededAt(found[1])
+
     def write_into(self, target: Tensor, value: Tensor) -> Tensor:
         """``target`` with ``value`` written into it (with ``value``'s history), for rules of
         in-place calls.
@@ -597,6 +645,25 @@ class Relevance:
             return True
         node = value.grad_fn
         return node is not None and self._reaches_inputs(node)
+
+    def memoized(self, function: Callable[[Tensor], Any], tensor: Tensor) -> Any:
+        """``function(tensor)``, computed once per call while ``tensor`` is unchanged: for a
+        property of a tensor that every layer meets again (the attention mask).
+
+        Args:
+            function: A function of the tensor's values alone.
+            tensor: The tensor.
+
+        Returns:
+            What ``function`` returned for it.
+        """
+        key = (function, id(tensor))
+        found = self._memo.get(key)
+        if found is not None and found[0] is tensor and found[1] == tensor._version:
+            return found[2]
+        value = function(tensor)
+        self._memo[key] = (tensor, tensor._version, value)  # holding it keeps its id
+        return value
 
     def under_op_rules(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """``function(*args, **kwargs)`` with the torch calls it makes handed to the op rules,
@@ -698,7 +765,9 @@ class Relevance:
         self._ratios.clear()
         self._raw.clear()
         self._writable.clear()
+        self._copy_wanted.clear()
         self._reaches.clear()
+        self._memo.clear()
         self._held.clear()
         self._containers.clear()
 
@@ -745,28 +814,35 @@ class Relevance:
     def _reaches_inputs(self, start: Any) -> bool:
         """Whether the autograd graph from ``start`` reaches an attributed input (or a node
         known to)."""
-        known = self._reaches.get(id(start))
+        reaches = self._reaches
+        known = reaches.get(id(start))
         if known is not None:
             return known
+        # Depth first, remembering the way back: once an input is found, every node on the
+        # path to it is known to reach it, so the next walk (from further down the model)
+        # stops where this one passed instead of going back to the inputs again.
+        parents: dict[int, int | None] = {id(start): None}
         stack = [start]
-        visited = {id(start)}
-        held = self._held
+        held, inputs = self._held, self._inputs
         while stack:
             node = stack.pop()
-            held.append(node)
-            if self._reaches.get(id(node)):
-                self._reaches[id(start)] = True
-                return True
+            held.append(node)  # its id stays in the record only while it lives
+            known = reaches.get(id(node))
+            if known is False:
+                continue
             variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf
-            if variable is not None and id(variable) in self._inputs:
-                self._reaches[id(start)] = True
+            if known or (variable is not None and id(variable) in inputs):
+                key: int | None = id(node)
+                while key is not None:
+                    reaches[key] = True
+                    key = parents[key]
                 return True
             for following, _ in node.next_functions:
-                if following is not None and id(following) not in visited:
-                    visited.add(id(following))
+                if following is not None and id(following) not in parents:
+                    parents[id(following)] = id(node)
                     stack.append(following)
-        for node_id in visited:  # none of these reaches an input
-            self._reaches[node_id] = False
+        for key in parents:  # none of these reaches an input
+            reaches[key] = False
         return False
 
     def _tap_inputs(self, module: nn.Module, args: tuple) -> tuple:

@@ -467,6 +467,9 @@ class OpRule(ABC):
     """
 
     functions: tuple[Callable[..., Any], ...] | None = ()
+    # Of the calls a rule offered every call takes, those it always runs as they are: LRP makes
+    # them directly, without calling the rule.
+    runs_as_is: frozenset[Callable[..., Any]] = frozenset()
 
     @abstractmethod
     def apply(
