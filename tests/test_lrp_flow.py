@@ -588,3 +588,53 @@ def test_in_place_relus_write_without_copies_unless_their_input_has_another_use(
                 reference, getattr(reference, "relu1" if layer is model.relu1 else "fc2")
             ).attribute(x, target=1),
         )
+
+
+class ThreeReaders(nn.Module):
+    """A transformer's query, key and value: three linear layers reading one tensor (or, with
+    ``copies``, each a copy of it)."""
+
+    def __init__(self, copies: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+        self.readers = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+        self.head = nn.Linear(6, 2)
+        self.copies = copies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        outputs = [reader(h.clone() if self.copies else h) for reader in self.readers]
+        return self.head(torch.tanh(outputs[0]) * outputs[1] + outputs[2])
+
+
+def _product_nodes(output: torch.Tensor) -> int:
+    seen, stack, found = set(), [output.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += "ProductNode" in node.name()
+        stack.extend(following for following, _ in node.next_functions)
+    return found
+
+
+def test_modules_reading_one_tensor_share_its_product_node() -> None:
+    from fastattr.canonizers import AttnLRP
+    from fastattr.lrp import Relevance
+    from fastattr.lrp.propagation import plan_rules
+
+    shared, copied = ThreeReaders(copies=False).double(), ThreeReaders(copies=True).double()
+    copied.load_state_dict(shared.state_dict())
+    x = torch.randn(4, 6, dtype=torch.float64)
+    expected = LRP(copied, [AttnLRP()]).attribute(x, target=1)
+    torch.testing.assert_close(
+        LRP(shared, [AttnLRP()]).attribute(x, target=1), expected, rtol=1e-12, atol=0
+    )
+    counts = []
+    for model in (shared, copied):
+        leaf = x.clone().requires_grad_()
+        relevance = Relevance(plan_rules(model, [AttnLRP()]))
+        with torch.enable_grad():
+            counts.append(_product_nodes(relevance.run(lambda m=model, a=leaf: m(a), [leaf])))
+    assert counts[1] - counts[0] == 2  # one node where the copies had three

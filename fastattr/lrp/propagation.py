@@ -363,6 +363,7 @@ class Relevance:
         "_inputs",
         "_memo",
         "_nodes",
+        "_products",
         "_ratios",
         "_raw",
         "_reaches",
@@ -396,6 +397,8 @@ class Relevance:
         self.depth = 0  # > 0 inside a module with a rule
         self._nodes = ops.lrp_nodes()
         self._ratios: dict[int, _Ratio] = {}
+        # id(x) -> (x, its version, the product node's output, its version), for product.
+        self._products: dict[int, tuple[Tensor, int, Tensor, int]] = {}
         self._raw: dict[int, _Ratio] = {}  # by id of the tensor the ratio node shows
         # id -> (the tensor a module writes into, its input, the ratio written into or None).
         self._writable: dict[int, tuple[Tensor, Tensor, _Ratio | None]] = {}
@@ -426,6 +429,16 @@ class Relevance:
         """
         if not isinstance(x, Tensor) or not x.requires_grad:
             return x
+        # One node serves every module that reads x (a transformer's query, key and value):
+        # the contributions arriving add up before the one product.
+        made_before = self._products.get(id(x))
+        if (
+            made_before is not None
+            and made_before[0] is x
+            and made_before[1] == x._version
+            and made_before[2]._version == made_before[3]
+        ):
+            return made_before[2]
         found = self._ratios.get(id(x))
         if (
             found is not None
@@ -436,8 +449,12 @@ class Relevance:
             made = self._nodes.product_ratio(found.z, x.detach(), found.epsilon)
             if self._written and found.z.grad_fn in self._written:
                 self._folds.add(made.grad_fn)
-            return self._handed(made)
-        return self._handed(self._nodes.product(x))
+        else:
+            made = self._nodes.product(x)
+        if self.copy:  # each module gets a copy of its own to write into
+            return made.clone()
+        self._products[id(x)] = (x, x._version, made, made._version)
+        return made
 
     def share(self, x: object, fraction: float) -> Any:
         """``x`` through the node that turns the contribution arriving into the relevance
@@ -763,6 +780,7 @@ class Relevance:
         # Held past the forward, the ratios that nothing folded into would keep their nodes,
         # and the tensors those save, alive through the backward.
         self._ratios.clear()
+        self._products.clear()
         self._raw.clear()
         self._writable.clear()
         self._copy_wanted.clear()
