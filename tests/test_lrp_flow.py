@@ -24,7 +24,7 @@ from zennit.types import Activation
 
 import fastattr
 from fastattr import LRP, LayerLRP
-from fastattr.canonizers import EpsilonSum
+from fastattr.canonizers import AttnLRP, EpsilonSum
 from fastattr.lrp.propagation import _ACTIVE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -323,10 +323,12 @@ def _assert_same(before: list, after: list) -> None:
 
 
 def _no_global_hooks_left(before: tuple[int, ...]) -> None:
-    """No call is active in this thread, and once the state of finished calls is collected,
-    no hook of theirs is left (a hook left by an interrupt removes itself at the next module
-    call)."""
+    """No call is active in this thread, grad mode is on, no torch-function mode of one is
+    left on torch's stack, and once the state of finished calls is collected, no hook of
+    theirs is left (a hook left by an interrupt removes itself at the next module call)."""
     assert _ACTIVE.get() is None
+    assert torch.is_grad_enabled()
+    assert torch.overrides._get_current_function_mode_stack() == []
     if _global_hook_counts() != before:
         gc.collect()
         nn.Identity()(torch.zeros(1))
@@ -502,22 +504,41 @@ def _interrupting_at(event: int, roots: tuple[str, ...]) -> Callable:
     return tracer
 
 
+class TrainModeAttention(nn.Module):
+    """nn.MultiheadAttention (its functional code runs under the op rules, in a torch-function
+    mode of its own) and a batch norm in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.bn = nn.BatchNorm1d(3)
+        self.bn.rule = fastattr.EpsilonRule()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attention(x, x, x, need_weights=False)[0]
+        return self.head(self.bn(h + x).mean(1))
+
+
 # Where an interrupt could leave something behind: every line of these is tried, and every
 # eleventh line elsewhere.
 _CLEANUP = {"run", "_forward", "_remove", "forget", "_propagate", "_backward", "_buffers_kept"}
-_CLEANUP |= {"_restore"}
+_CLEANUP |= {"_restore", "under_op_rules", "_under_op_rules"}
 
 
-@pytest.mark.parametrize("method", ["lrp", "layer"])
+@pytest.mark.parametrize("method", ["lrp", "layer", "attention"])
 def test_an_interrupt_at_any_line_leaves_the_model_as_found(method: str) -> None:
     torch.manual_seed(0)
-    model = TrainModeModel().double().train()
-    x = torch.randn(5, 4, dtype=F64)
+    model = (TrainModeAttention() if method == "attention" else TrainModeModel()).double()
+    model.train()
+    x = torch.randn(5, *((3, 4) if method == "attention" else (4,)), dtype=F64)
     roots = (str(Path(fastattr.__file__).parent), __file__)
 
     def call() -> object:
         if method == "layer":
             return LayerLRP(model, model.fc2, canonizers=[EpsilonSum()]).attribute(x, target=1)
+        if method == "attention":
+            return LRP(model, canonizers=[AttnLRP()]).attribute(x, target=1)
         return LRP(model, canonizers=[EpsilonSum()]).attribute(x, target=1)
 
     torch.manual_seed(1)

@@ -262,3 +262,19 @@ def test_global_module_hooks_live_in_the_global_dicts_until_removed():
     assert [len(d) for d in dicts] == before
     assert isinstance(module_hooks._global_backward_hooks, dict)
     assert isinstance(module_hooks._global_backward_pre_hooks, dict)
+
+
+def test_the_current_function_mode_is_the_top_of_the_stack():
+    # fastattr/lrp/propagation.py takes its op-rule mode off torch's stack when an interrupt cut
+    # its with statement short: only if torch.overrides._get_current_function_mode() is it.
+    from torch.overrides import TorchFunctionMode, _get_current_function_mode
+
+    outer, inner = TorchFunctionMode(), TorchFunctionMode()
+    assert _get_current_function_mode() is None
+    with outer:
+        assert _get_current_function_mode() is outer
+        inner.__enter__()
+        assert _get_current_function_mode() is inner
+        inner.__exit__(None, None, None)
+        assert _get_current_function_mode() is outer
+    assert _get_current_function_mode() is None

@@ -97,14 +97,15 @@ def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
     """Writes the saved values back; an interrupt while doing so does not stop it (it is
     raised once everything is back)."""
     interrupted: BaseException | None = None
-    with torch.no_grad():
-        for buffer, value in saved:
-            while True:
-                try:
-                    buffer.copy_(value)
-                    break
-                except KeyboardInterrupt as error:
-                    interrupted = error
+    # Written through detached views, not under no_grad: an interrupt at the end of a with
+    # statement would leave grad mode off.
+    for buffer, value in saved:
+        while True:
+            try:
+                buffer.detach().copy_(value)
+                break
+            except KeyboardInterrupt as error:
+                interrupted = error
     if interrupted is not None:
         raise interrupted
 
@@ -119,11 +120,15 @@ def _buffers_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
         for buffer in module._buffers.values()
         if buffer is not None
     ]
+    # Restored twice (it is idempotent): an interrupt can land on the first finally's line,
+    # before its restore began.
     try:
-        yield
-    finally:
-        if saved:
+        try:
+            yield
+        finally:
             _restore(saved)
+    finally:
+        _restore(saved)
 
 
 class LRP(Attribution, captum_class="LRP"):

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 from torch.overrides import TorchFunctionMode
+from torch.overrides import _get_current_function_mode as _current_function_mode
 from torch.utils.hooks import RemovableHandle
 
 from fastattr import ops
@@ -695,8 +696,7 @@ class Relevance:
         Returns:
             What ``function`` returns.
         """
-        with _OpRules(self):
-            return function(*args, **kwargs)
+        return self._under_op_rules(function, *args, **kwargs)
 
     @property
     def container(self) -> nn.Module | None:
@@ -772,9 +772,21 @@ class Relevance:
     def _forward(self, forward: Callable[[], Any]) -> Any:
         _ACTIVE.set(self)  # in this call's own context
         if self.plan.has_op_rules:
-            with _OpRules(self):
-                return forward()
+            return self._under_op_rules(forward)
         return forward()
+
+    def _under_op_rules(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        mode = _OpRules(self)
+        try:
+            with mode:
+                return function(*args, **kwargs)
+        finally:
+            # An interrupt can land after the function returned and before the with statement
+            # left the mode: then it is still on top of torch's stack. (The private
+            # _get_current_function_mode: checked on torch 2.13 and 2.14; see
+            # tests/test_torch_private_api.py.)
+            if _current_function_mode() is mode:
+                mode.__exit__(None, None, None)
 
     def _forget(self) -> None:
         # Held past the forward, the ratios that nothing folded into would keep their nodes,
