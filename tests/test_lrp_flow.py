@@ -523,7 +523,7 @@ class TrainModeAttention(nn.Module):
 # Where an interrupt could leave something behind: every line of these is tried, and every
 # eleventh line elsewhere.
 _CLEANUP = {"run", "_forward", "_remove", "forget", "_propagate", "_backward", "_buffers_kept"}
-_CLEANUP |= {"_restore", "under_op_rules", "_under_op_rules"}
+_CLEANUP |= {"_restore", "under_op_rules"}
 
 
 @pytest.mark.parametrize("method", ["lrp", "layer", "attention"])

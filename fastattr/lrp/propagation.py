@@ -349,10 +349,9 @@ class Relevance:
             once the forward has run).
         copy_writes: Give modules that work in place copies to write into, always (see
             [writable][fastattr.lrp.Relevance.writable]).
-        copied_sites: Where the forward has written into an output that a rule hands on
-            uncopied unless the forward has written into it there before (see
-            [ratio][fastattr.lrp.Relevance.ratio]): ``id`` of the innermost module without a
-            rule, or of None.
+        copied_sites: Where earlier forwards wrote into an output that a rule handed on
+            uncopied (see [ratio][fastattr.lrp.Relevance.ratio]), each the ``id`` of the
+            innermost module without a rule (or of None): outputs made there are copies.
     """
 
     __slots__ = (
@@ -696,7 +695,17 @@ class Relevance:
         Returns:
             What ``function`` returns.
         """
-        return self._under_op_rules(function, *args, **kwargs)
+        mode = _OpRules(self)
+        try:
+            with mode:
+                return function(*args, **kwargs)
+        finally:
+            # An interrupt can land after the function returned and before the with statement
+            # left the mode: then it is still on top of torch's stack. (The private
+            # _get_current_function_mode: checked on torch 2.13 and 2.14; see
+            # tests/test_torch_private_api.py.)
+            if _current_function_mode() is mode:
+                mode.__exit__(None, None, None)
 
     @property
     def container(self) -> nn.Module | None:
@@ -772,21 +781,8 @@ class Relevance:
     def _forward(self, forward: Callable[[], Any]) -> Any:
         _ACTIVE.set(self)  # in this call's own context
         if self.plan.has_op_rules:
-            return self._under_op_rules(forward)
+            return self.under_op_rules(forward, (), {})
         return forward()
-
-    def _under_op_rules(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        mode = _OpRules(self)
-        try:
-            with mode:
-                return function(*args, **kwargs)
-        finally:
-            # An interrupt can land after the function returned and before the with statement
-            # left the mode: then it is still on top of torch's stack. (The private
-            # _get_current_function_mode: checked on torch 2.13 and 2.14; see
-            # tests/test_torch_private_api.py.)
-            if _current_function_mode() is mode:
-                mode.__exit__(None, None, None)
 
     def _forget(self) -> None:
         # Held past the forward, the ratios that nothing folded into would keep their nodes,
