@@ -410,7 +410,8 @@ class Relevance:
         # id -> (a rule output handed on uncopied that the forward may write into, its site).
         self._copy_wanted: dict[int, tuple[Tensor, int]] = {}
         self._inputs: set[int] = set()
-        self._reaches: dict[int, bool] = {}
+        # Autograd nodes, by whether their graph reaches an attributed input (see is_activation).
+        self._reaches: dict[Any, bool] = {}
         self._memo: dict[tuple[Callable, int], tuple[Tensor, int, Any]] = {}
         self._held: list[object] = []
 
@@ -768,6 +769,8 @@ class Relevance:
         """
         self._inputs = {id(x) for x in inputs}
         self._held = list(inputs)
+        gradient_edge = torch.autograd.graph.get_gradient_edge
+        self._reaches = {gradient_edge(x).node: True for x in inputs if x.requires_grad}
         self._nodes = ops.lrp_nodes()
         hooks = (_ModuleHook(self, pre=True), _ModuleHook(self, pre=False))
         try:
@@ -841,34 +844,29 @@ class Relevance:
         """Whether the autograd graph from ``start`` reaches an attributed input (or a node
         known to)."""
         reaches = self._reaches
-        known = reaches.get(id(start))
+        known = reaches.get(start)
         if known is not None:
             return known
-        # Depth first, remembering the way back: once an input is found, every node on the
-        # path to it is known to reach it, so the next walk (from further down the model)
+        # Depth first, remembering the way back: once an input's node is found, every node on
+        # the path to it is known to reach it, so the next walk (from further down the model)
         # stops where this one passed instead of going back to the inputs again.
-        parents: dict[int, int | None] = {id(start): None}
+        parents: dict[Any, Any] = {start: None}
         stack = [start]
-        held, inputs = self._held, self._inputs
         while stack:
             node = stack.pop()
-            held.append(node)  # its id stays in the record only while it lives
-            known = reaches.get(id(node))
-            if known is False:
-                continue
-            variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf
-            if known or (variable is not None and id(variable) in inputs):
-                key: int | None = id(node)
-                while key is not None:
-                    reaches[key] = True
-                    key = parents[key]
+            known = reaches.get(node)
+            if known:
+                while node is not None:
+                    reaches[node] = True
+                    node = parents[node]
                 return True
-            for following, _ in node.next_functions:
-                if following is not None and id(following) not in parents:
-                    parents[id(following)] = id(node)
-                    stack.append(following)
-        for key in parents:  # none of these reaches an input
-            reaches[key] = False
+            if known is None:
+                for following, _ in node.next_functions:
+                    if following is not None and following not in parents:
+                        parents[following] = node
+                        stack.append(following)
+        for node in parents:  # none of these reaches an input
+            reaches[node] = False
         return False
 
     def _tap_inputs(self, module: nn.Module, args: tuple) -> tuple:
@@ -909,8 +907,7 @@ class Relevance:
         # such tensors alone), even where the model's inputs are token ids.
         for tensor in tensors:
             if tensor.grad_fn is not None:
-                self._held.append(tensor.grad_fn)
-                self._reaches[id(tensor.grad_fn)] = True
+                self._reaches[tensor.grad_fn] = True
 
 
 # LRP's machinery: of it, rules see Relevance (exported by fastattr.lrp).
