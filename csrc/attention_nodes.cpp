@@ -4,6 +4,10 @@
 // fastattr/ops/reference.py.
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/native_layer_norm.h>
 #include <ATen/ops/softmax.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -11,6 +15,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "attention.h"
 
@@ -64,6 +69,56 @@ struct ShareNode : public torch::autograd::Function<ShareNode> {
   }
 };
 
+// out = a @ b for factors of one batch shape (at least 3-D), one torch.bmm per matrix batch of
+// the last batch dimension: bmm reads a batch at any stride between its matrices, so permuted
+// views (attention's heads) are multiplied where they lie, where at::matmul would copy them.
+void batched_matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() == 3) {
+    at::bmm_out(out, a, b);
+    return;
+  }
+  for (int64_t i = 0; i < a.size(0); ++i) {
+    batched_matmul_into(out[i], a[i], b[i]);
+  }
+}
+
+// torch.matmul(a, b), without copying the factors where they share their batch shape.
+at::Tensor matmul_without_copies(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t dims = a.dim();
+  const bool same_batch = dims >= 3 && b.dim() == dims &&
+                          a.sizes().slice(0, dims - 2) == b.sizes().slice(0, dims - 2);
+  // out= takes no tensor that autograd records (a double backward): matmul then.
+  if (!same_batch || at::GradMode::is_enabled()) {
+    return at::matmul(a, b);
+  }
+  std::vector<int64_t> sizes = a.sizes().vec();
+  sizes.back() = b.size(-1);
+  at::Tensor out = at::empty(sizes, a.options());
+  batched_matmul_into(out, a, b);
+  return out;
+}
+
+// Forward a @ b (torch.matmul, both factors at least 2-D); backward AttnLRP's uniform rule:
+// each factor receives half the relevance, 0.5 * factor * its gradient of the product. The
+// factors are saved as they came, often permuted views of the model's tensors, rather than as
+// the contiguous copies that autograd's matmul keeps, and are multiplied where they lie.
+struct UniformMatmulNode : public torch::autograd::Function<UniformMatmulNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    return matmul_without_copies(a, b);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& a = saved[0];
+    const at::Tensor& b = saved[1];
+    const at::Tensor contribution = grads[0].to(a.scalar_type());
+    // matmul broadcasts the batch dimensions: their gradients sum back to each factor's shape.
+    const at::Tensor to_a = matmul_without_copies(contribution, b.mT()).sum_to_size(a.sizes());
+    const at::Tensor to_b = matmul_without_copies(a.mT(), contribution).sum_to_size(b.sizes());
+    return {relevance_share(a, to_a, 0.5), relevance_share(b, to_b, 0.5)};
+  }
+};
+
 // Forward softmax(inputs, dim, dtype); backward AttnLRP's softmax rule into inputs.
 struct SoftmaxNode : public torch::autograd::Function<SoftmaxNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& inputs, int64_t dim,
@@ -112,6 +167,10 @@ at::Tensor lrp_share_node(const at::Tensor& activation, double share) {
   return ShareNode::apply(activation, share);
 }
 
+at::Tensor lrp_uniform_matmul_node(const at::Tensor& a, const at::Tensor& b) {
+  return UniformMatmulNode::apply(a, b);
+}
+
 at::Tensor lrp_softmax_node(const at::Tensor& inputs, int64_t dim,
                             std::optional<at::ScalarType> dtype) {
   return SoftmaxNode::apply(inputs, dim, dtype);
@@ -127,6 +186,7 @@ at::Tensor lrp_layer_norm_node(const at::Tensor& inputs, c10::IntArrayRef normal
 
 TORCH_LIBRARY_IMPL(fastattr, CompositeImplicitAutograd, m) {
   m.impl("lrp_share_node", &lrp_share_node);
+  m.impl("lrp_uniform_matmul_node", &lrp_uniform_matmul_node);
   m.impl("lrp_softmax_node", &lrp_softmax_node);
   m.impl("lrp_layer_norm_node", &lrp_layer_norm_node);
 }

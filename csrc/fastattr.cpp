@@ -50,8 +50,9 @@ TORCH_LIBRARY(fastattr, m) {
   // activations * contributions * share: one factor's part of a product's relevance.
   m.def("relevance_share(Tensor activations, Tensor contributions, float share) -> Tensor");
   // Their autograd nodes (csrc/attention_nodes.cpp): lrp_share_node's forward is the identity
-  // (its output aliases the input); the other two compute softmax / layer_norm.
+  // (its output aliases the input); the others compute a @ b / softmax / layer_norm.
   m.def("lrp_share_node(Tensor(a) activation, float share) -> Tensor(a)");
+  m.def("lrp_uniform_matmul_node(Tensor a, Tensor b) -> Tensor");
   m.def("lrp_softmax_node(Tensor inputs, int dim, ScalarType? dtype) -> Tensor");
   m.def(
       "lrp_layer_norm_node(Tensor inputs, int[] normalized_shape, Tensor? weight, Tensor? bias, "

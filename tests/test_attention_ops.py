@@ -222,6 +222,7 @@ ATTENTION_OPS = {
     "layer_norm_relevance",
     "relevance_share",
     "lrp_share_node",
+    "lrp_uniform_matmul_node",
     "lrp_softmax_node",
     "lrp_layer_norm_node",
 }
@@ -245,6 +246,7 @@ def test_opcheck() -> None:
         checks = ("test_schema", "test_autograd_registration", "test_faketensor")
         for name, args in (
             ("lrp_share_node", (leaf, 0.5)),
+            ("lrp_uniform_matmul_node", (leaf, leaf.mT)),
             ("lrp_softmax_node", (leaf, 1, None)),
             ("lrp_layer_norm_node", (leaf, [5], weight, None, 1e-5, 1e-9)),
         ):
@@ -281,6 +283,77 @@ def test_nodes_match_their_twins() -> None:
         torch.testing.assert_close(compiled_grad, twin_grad, rtol=1e-12, atol=1e-300)
 
 
+def _permuted(shape: list[int], order: list[int], generator: torch.Generator) -> torch.Tensor:
+    """A float64 tensor of ``shape``, as a permuted view of a contiguous one."""
+    stored = [shape[i] for i in order]
+    inverse = [order.index(i) for i in range(len(order))]
+    return torch.randn(stored, generator=generator, dtype=torch.float64).permute(inverse)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.lists(st.integers(1, 3), max_size=2),
+    sizes=st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5)),
+    broadcast=st.booleans(),
+    permute=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_uniform_matmul_node_matches_its_twin_and_the_rule_written_out(
+    batch: list[int], sizes: tuple[int, int, int], broadcast: bool, permute: bool, seed: int
+) -> None:
+    # Factors of any batch shape (the second broadcast over the first's), contiguous or
+    # permuted views as attention hands them over.
+    generator = torch.Generator().manual_seed(seed)
+    rows, inner, columns = sizes
+    a_shape = [*batch, rows, inner]
+    b_shape = [*([1] * len(batch) if broadcast else batch), inner, columns]
+    if permute:
+        a = _permuted(a_shape, list(range(len(a_shape)))[::-1], generator)
+        b = _permuted(b_shape, [len(b_shape) - 1, *range(len(b_shape) - 1)], generator)
+    else:
+        a = torch.randn(a_shape, generator=generator, dtype=torch.float64)
+        b = torch.randn(b_shape, generator=generator, dtype=torch.float64)
+    out_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), rows, columns)
+    relevance = torch.randn(out_shape, generator=generator, dtype=torch.float64)
+    results = []
+    for backend in ("compiled", "reference"):
+        with use_backend(backend):
+            leaves = (a.detach().requires_grad_(), b.detach().requires_grad_())
+            output = ops.lrp_uniform_matmul_node(*leaves)
+            results.append((output, torch.autograd.grad(output, leaves, relevance)))
+    (compiled, compiled_grads), (twin, twin_grads) = results
+    torch.testing.assert_close(compiled, a @ b, rtol=0, atol=0)
+    torch.testing.assert_close(twin, a @ b, rtol=0, atol=0)
+    # The uniform rule written out: half of each factor times its gradient of the product.
+    leaves = (a.detach().requires_grad_(), b.detach().requires_grad_())
+    gradients = torch.autograd.grad(leaves[0] @ leaves[1], leaves, relevance)
+    for compiled_grad, twin_grad, factor, gradient in zip(
+        compiled_grads, twin_grads, (a, b), gradients
+    ):
+        torch.testing.assert_close(compiled_grad, twin_grad, rtol=1e-12, atol=1e-300)
+        torch.testing.assert_close(compiled_grad, 0.5 * factor * gradient, rtol=1e-12, atol=1e-12)
+
+
+def test_uniform_matmul_node_keeps_the_factors_it_was_given() -> None:
+    # What it saves is the permuted views themselves, not the contiguous copies that autograd's
+    # matmul would keep: the saved tensors share the factors' storage.
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    query, key = x.transpose(1, 2), x.transpose(1, 2).mT
+    stored: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        stored.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.lrp_uniform_matmul_node(query, key)
+    assert stored == [x.untyped_storage().data_ptr()] * 2
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stored.clear()
+        torch.matmul(query, key)
+    assert x.untyped_storage().data_ptr() not in stored  # autograd's copies
+
+
 def test_nodes_compute_the_forward_they_stand_for() -> None:
     x = torch.randn(2, 5, 4, dtype=torch.float64)
     weight = torch.randn(4, dtype=torch.float64)
@@ -303,6 +376,12 @@ def test_node_bad_arguments() -> None:
                 ops.lrp_share_node(x, -0.5)
             with pytest.raises(ValueError, match="epsilon"):
                 ops.lrp_layer_norm_node(x, [3], None, None, 1e-5, float("nan"))
+            with pytest.raises(ValueError, match="two dimensions"):
+                ops.lrp_uniform_matmul_node(x, x[0])
+            with pytest.raises(TypeError, match="dtype"):
+                ops.lrp_uniform_matmul_node(x, x.double().mT)
+            with pytest.raises(TypeError, match="floating"):
+                ops.lrp_uniform_matmul_node(x.long(), x.long().mT)
 
 
 @pytest.mark.cuda

@@ -466,6 +466,10 @@ class EpsilonOpRule(ActivationOpRule):
         self.copy = copy
 
     def propagate(self, relevance, func, args, kwargs, found):
+        if self.uniform and len(found) == 2 and func in _MATMULS and _two_matrices(args, kwargs):
+            # Both factors activations: one node for the product and both shares.
+            output = ops.lrp_uniform_matmul_node(*args)
+            return relevance.ratio(output, output, self.epsilon, copy=self.copy)
         share = 1.0 / len(found) if self.uniform else 1.0
 
         def node(tensor: Tensor) -> Tensor:
@@ -481,6 +485,20 @@ class EpsilonOpRule(ActivationOpRule):
 
     def __repr__(self) -> str:
         return f"EpsilonOpRule(uniform={self.uniform}, epsilon={self.epsilon})"
+
+
+_MATMULS = frozenset((torch.matmul, torch.Tensor.matmul))
+
+
+def _two_matrices(args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    """Whether a matmul call is ``matmul(a, b)`` with two tensors of at least two dimensions
+    (vectors and ``out=`` take the general path)."""
+    return (
+        not kwargs
+        and len(args) == 2
+        and all(isinstance(t, Tensor) and t.dim() >= 2 for t in args)
+        and args[0].dtype == args[1].dtype
+    )
 
 
 def _is_mask(value: object) -> bool:

@@ -394,6 +394,26 @@ def lrp_share_node(activation: Tensor, share: float) -> Tensor:
     return _run("lrp_share_node", activation, share)
 
 
+def lrp_uniform_matmul_node(a: Tensor, b: Tensor) -> Tensor:
+    """LRP's node at a product of two activations ``a @ b`` (``torch.matmul``): the product,
+    whose backward sends each factor the uniform rule's half of the relevance,
+    [fastattr.ops.relevance_share][] with share 0.5 of the factor and its gradient of the
+    product. It saves the factors as they came (views, as a rule), not the contiguous copies a
+    matrix product of permuted factors would keep.
+
+    Args:
+        a: The first factor, at least 2-D.
+        b: The second, at least 2-D, of ``a``'s dtype and device.
+
+    Raises:
+        ValueError: A factor has fewer than two dimensions, or the devices differ.
+        TypeError: A dtype is not floating, or the dtypes differ.
+    """
+    if backend_in_context() == "compiled":
+        _checks.check_lrp_uniform_matmul_node(a, b)
+    return _run("lrp_uniform_matmul_node", a, b)
+
+
 def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
     """``softmax(inputs, dim, dtype=dtype)``, whose backward sends the relevance at the output
     into ``inputs`` by [fastattr.ops.softmax_relevance][].

@@ -343,6 +343,13 @@ def check_lrp_share_node(activation: Tensor, share: float) -> None:
     check_relevance_share(activation, activation, share)
 
 
+def check_lrp_uniform_matmul_node(a: Tensor, b: Tensor) -> None:
+    check_floating(a, "a")
+    _check_same(b, "b", a, "a", shape=False)
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"a and b must have at least two dimensions, got {a.dim()} and {b.dim()}")
+
+
 def check_lrp_softmax_node(inputs: Tensor, dim: int) -> None:
     check_floating(inputs, "inputs")
     check_dim(dim, inputs, "inputs")

@@ -25,6 +25,7 @@ from fastattr.ops._checks import (
     check_lrp_layer_norm_node,
     check_lrp_share_node,
     check_lrp_softmax_node,
+    check_lrp_uniform_matmul_node,
     check_point_slopes,
     check_quadrature_finish,
     check_relevance_share,
@@ -330,6 +331,21 @@ class _ShareNode(torch.autograd.Function):
         return relevance_share(activation, contribution.to(activation.dtype), ctx.share), None
 
 
+class _UniformMatmulNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, contribution: Tensor):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        contribution = contribution.to(a.dtype)
+        to_a = torch.matmul(contribution, b.mT).sum_to_size(a.shape)
+        to_b = torch.matmul(a.mT, contribution).sum_to_size(b.shape)
+        return relevance_share(a, to_a, 0.5), relevance_share(b, to_b, 0.5)
+
+
 class _SoftmaxNode(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -382,6 +398,15 @@ def lrp_share_node(activation: Tensor, share: float) -> Tensor:
     return _ShareNode.apply(activation, share)
 
 
+def lrp_uniform_matmul_node(a: Tensor, b: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.lrp_uniform_matmul_node][].
+
+    ``a @ b``; backward [relevance_share][fastattr.ops.reference.relevance_share] with share
+    0.5 of each factor and its gradient of the product."""
+    check_lrp_uniform_matmul_node(a, b)
+    return _UniformMatmulNode.apply(a, b)
+
+
 def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:
     """Twin of [fastattr.ops.lrp_softmax_node][].
 
@@ -424,6 +449,7 @@ __all__ = [
     "lrp_ratio_shown_node",
     "lrp_share_node",
     "lrp_softmax_node",
+    "lrp_uniform_matmul_node",
     "point_slopes",
     "quadrature_finish",
     "relevance_share",
