@@ -22,9 +22,9 @@ import transformers
 from lxt.efficient.rules import divide_gradient
 from torch import nn
 
-from fastattr import LRP, LayerLRP
+from fastattr import LRP, LayerLRP, ops
 from fastattr.canonizers import AttnLRP
-from fastattr.lrp import EpsilonRule, OpRule
+from fastattr.lrp import EpsilonRule, OpRule, attention
 from fastattr.lrp.attention import LayerNormRule, SoftmaxOpRule
 
 warnings.filterwarnings("ignore", module="transformers")
@@ -404,6 +404,39 @@ def test_sdpa_rule_is_the_rules_one_by_one() -> None:
         written_out = LRP(plain, canonizers).attribute(x, target=1)
         in_one = LRP(fused, canonizers).attribute(x, target=1)
     torch.testing.assert_close(written_out, in_one, rtol=1e-9, atol=1e-14)
+
+
+def test_a_product_of_two_activations_is_one_node_that_gives_the_rules_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """q @ k^T and probs @ v run as lrp_uniform_matmul_node: the same relevance as the share
+    nodes around torch.matmul, which run instead under autocast (whose casts the node would
+    skip)."""
+    model = _seeded(Attention("plain"))
+    x = torch.randn(3, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    nodes: list[str] = []
+    node = ops.lrp_uniform_matmul_node
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        nodes.append("uniform")
+        return node(*args)
+
+    monkeypatch.setattr(ops, "lrp_uniform_matmul_node", counted)
+    relevance = LRP(model, [AttnLRP()]).attribute(x, target=1)
+    assert nodes == ["uniform", "uniform"]
+    with monkeypatch.context() as general:
+        general.setattr(attention, "_MATMULS", frozenset())
+        expected = LRP(model, [AttnLRP()]).attribute(x, target=1)
+    torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-15)
+    model.float()
+    nodes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = LRP(model, [AttnLRP()]).attribute(x.float(), target=1)
+        with monkeypatch.context() as general:
+            general.setattr(attention, "_MATMULS", frozenset())
+            expected = LRP(model, [AttnLRP()]).attribute(x.float(), target=1)
+    assert nodes == []
+    torch.testing.assert_close(under_autocast, expected, rtol=0, atol=0)
 
 
 class Multihead(nn.Module):

@@ -491,13 +491,15 @@ _MATMULS = frozenset((torch.matmul, torch.Tensor.matmul))
 
 
 def _two_matrices(args: tuple, kwargs: Mapping[str, Any]) -> bool:
-    """Whether a matmul call is ``matmul(a, b)`` with two tensors of at least two dimensions
-    (vectors and ``out=`` take the general path)."""
+    """Whether a matmul call is ``matmul(a, b)`` with two tensors of at least two dimensions of
+    one dtype, outside autocast (vectors, ``out=`` and autocast's casts take the general
+    path)."""
     return (
         not kwargs
         and len(args) == 2
         and all(isinstance(t, Tensor) and t.dim() >= 2 for t in args)
         and args[0].dtype == args[1].dtype
+        and not torch.is_autocast_enabled(args[0].device.type)
     )
 
 
