@@ -413,7 +413,7 @@ class Relevance:
         # Autograd nodes, by whether their graph reaches an attributed input (see is_activation).
         self._reaches: dict[Any, bool] = {}
         self._memo: dict[tuple[Callable, int], tuple[Tensor, int, Any]] = {}
-        self._held: list[object] = []
+        self._held: list[object] = []  # the inputs, so that the ids in _inputs stay theirs
 
     # What rules build with.
 
