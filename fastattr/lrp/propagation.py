@@ -359,7 +359,6 @@ class Relevance:
         "_containers",
         "_copy_wanted",
         "_folds",
-        "_held",
         "_inputs",
         "_memo",
         "_nodes",
@@ -409,11 +408,10 @@ class Relevance:
         self._containers: list[nn.Module] = []
         # id -> (a rule output handed on uncopied that the forward may write into, its site).
         self._copy_wanted: dict[int, tuple[Tensor, int]] = {}
-        self._inputs: set[int] = set()
+        self._inputs: dict[int, Tensor] = {}  # the attributed inputs, by id (held: ids stay)
         # Autograd nodes, by whether their graph reaches an attributed input (see is_activation).
         self._reaches: dict[Any, bool] = {}
         self._memo: dict[tuple[Callable, int], tuple[Tensor, int, Any]] = {}
-        self._held: list[object] = []  # the inputs, so that the ids in _inputs stay theirs
 
     # What rules build with.
 
@@ -767,8 +765,7 @@ class Relevance:
         Returns:
             What ``forward`` returns.
         """
-        self._inputs = {id(x) for x in inputs}
-        self._held = list(inputs)
+        self._inputs = {id(x): x for x in inputs}
         gradient_edge = torch.autograd.graph.get_gradient_edge
         self._reaches = {gradient_edge(x).node: True for x in inputs if x.requires_grad}
         self._nodes = ops.lrp_nodes()
@@ -797,7 +794,7 @@ class Relevance:
         self._copy_wanted.clear()
         self._reaches.clear()
         self._memo.clear()
-        self._held.clear()
+        self._inputs.clear()
         self._containers.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
