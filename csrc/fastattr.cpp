@@ -36,6 +36,7 @@ TORCH_LIBRARY(fastattr, m) {
   m.def("lrp_ratio_node(Tensor(a) z, float epsilon) -> Tensor(a)");
   m.def("lrp_ratio_shown_node(Tensor z, Tensor(a) shown, float epsilon) -> Tensor(a)");
   m.def("lrp_pass_node(Tensor source, Tensor(a) shown) -> Tensor(a)");
+  m.def("lrp_linear_node(Tensor x, Tensor weight, Tensor(a) shown) -> Tensor(a)");
   // method="exact": for each segment p and unit u, whether values[ends_a[p], u] and
   // values[ends_b[p], u] lie beyond their rows' tolerances of zero with opposite signs.
   m.def("kink_flips(Tensor values, Tensor tolerance, Tensor ends_a, Tensor ends_b) -> Tensor");

@@ -15,6 +15,7 @@ from pathlib import Path
 import captum.attr as captum_attr
 import pytest
 import torch
+from matrix_products import MatrixProducts  # tests/matrix_products.py
 from torch import nn
 from torch.nn.modules import module as module_hooks
 from zennit.composites import LayerMapComposite
@@ -659,3 +660,33 @@ def test_modules_reading_one_tensor_share_its_product_node() -> None:
         with torch.enable_grad():
             counts.append(_product_nodes(relevance.run(lambda m=model, a=leaf: m(a), [leaf])))
     assert counts[1] - counts[0] == 2  # one node where the copies had three
+
+
+class FirstToken(nn.Module):
+    """Linear layers over a sequence (batch, tokens, features) and a classifier on the first
+    token, as BERT's: the relevance of the layers' outputs lives on that token alone."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.fc2 = nn.Linear(7, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc2(self.relu(self.fc1(x)))[:, 0])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_linear_layers_multiply_only_the_tokens_that_carry_relevance(inplace: bool) -> None:
+    model = FirstToken(inplace).double()
+    x = torch.randn(4, 6, 5, dtype=F64)
+    with MatrixProducts() as seen:
+        relevance = LRP(model).attribute(x, target=2)
+    _close(relevance, _captum(model, x, 2))
+    with fastattr.use_backend("reference"):  # every row multiplied
+        _close(relevance, LRP(model).attribute(x, target=2))
+    assert relevance[:, 1:].abs().max() == 0
+    # The backward through fc2 and fc1: a row per example (the first token), not per token.
+    backward = [rows for (rows, width), weight in seen.shapes if weight in ((6, 7), (7, 5))]
+    assert backward == [4, 4]

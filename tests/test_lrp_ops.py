@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matrix_products import MatrixProducts  # tests/matrix_products.py
 
 from fastattr import ops, use_backend
 from fastattr._backend import is_compiled
@@ -338,4 +339,92 @@ def test_every_registered_op_is_checked_here_or_in_test_ops() -> None:
         "quadrature_finish",
         "kink_flips",
     }
-    assert registered == path_ops | set(OPCHECKED) | set(NODES) | ATTENTION_OPS
+    assert registered == path_ops | set(OPCHECKED) | set(NODES) | ATTENTION_OPS | {LINEAR}
+
+
+# lrp_linear_node: a linear layer's backward that multiplies only the rows with relevance.
+LINEAR = "lrp_linear_node"
+
+
+def _linear_operands(leading, features, dtype, generator):
+    x = torch.randn(*leading, features[0], generator=generator, dtype=dtype).requires_grad_()
+    weight = torch.randn(features[1], features[0], generator=generator, dtype=dtype)
+    return x, weight, (x @ weight.T).detach()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    leading=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    features=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    live=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_linear_node_matches_its_twin_whichever_rows_carry_relevance(
+    leading: list[int], features: tuple[int, int], live: float, dtype: torch.dtype, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x, weight, shown = _linear_operands(leading, features, dtype, generator)
+    contribution = torch.randn(shown.shape, generator=generator, dtype=dtype)
+    keep = torch.rand(shown.shape[:-1], generator=generator) < live
+    contribution = contribution * keep.unsqueeze(-1)
+    contribution.view(-1, shown.shape[-1])[0, 0] = 0.0  # a live row may start with a zero
+    results = []
+    for node in (ops.lrp_linear_node, ops.reference.lrp_linear_node):
+        output = node(x, weight, shown)
+        assert output._base is shown and torch.equal(output, shown)
+        results.append(torch.autograd.grad(output, x, contribution)[0])
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[0], contribution @ weight)
+    assert torch.equal(results[0][~keep], torch.zeros_like(results[0][~keep]))
+
+
+@pytest.mark.parametrize("live_rows", [0, 1, 3, 4, 5, 8])
+def test_the_linear_node_multiplies_the_live_rows_alone_when_at_most_half_are(
+    live_rows: int,
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, weight, shown = _linear_operands([2, 4], (3, 5), torch.float64, generator)
+    contribution = torch.zeros(2, 4, 5, dtype=torch.float64)
+    rows = torch.randperm(8, generator=generator)[:live_rows]
+    contribution.view(8, 5)[rows] = torch.randn(live_rows, 5, generator=generator).double()
+    output = ops.lrp_linear_node(x, weight, shown)
+    with MatrixProducts() as seen:
+        (result,) = torch.autograd.grad(output, x, contribution)
+    multiplied = live_rows if 2 * live_rows <= 8 else 8
+    assert seen.shapes == [((multiplied, 5), (5, 3))]
+    torch.testing.assert_close(result, contribution @ weight, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_the_linear_node_refuses_what_does_not_fit(backend: str) -> None:
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    weight, shown = torch.randn(5, 4), torch.randn(2, 3, 5)
+    node = ops.lrp_linear_node if backend == "compiled" else ops.reference.lrp_linear_node
+    with use_backend(backend):
+        with pytest.raises(ValueError, match=r"^weight must be \(out_features, in_features\)"):
+            node(x, weight.T, shown)
+        with pytest.raises(ValueError, match=r"^shown must have the shape \[2, 3, 5\]"):
+            node(x, weight, shown[:, :2])
+        with pytest.raises(TypeError, match=r"^weight must have the dtype of x"):
+            node(x, weight.double(), shown)
+        with pytest.raises(TypeError, match=r"^x must be a floating point tensor"):
+            node(x.detach().long(), weight, shown)
+
+
+def test_the_linear_node_is_a_view_that_refuses_in_place_changes_and_passes_opcheck() -> None:
+    generator = torch.Generator().manual_seed(3)
+    op = torch.ops.fastattr.lrp_linear_node.default
+    for dtype in (torch.float32, torch.float64):
+        x, weight, shown = _linear_operands([2, 3], (4, 5), dtype, generator)
+        torch.library.opcheck(
+            op,
+            (x, weight, shown),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
+        output = op(x, weight, shown)
+        with pytest.raises(RuntimeError, match="custom Function"):
+            output.add_(1.0)
+    with torch.inference_mode():
+        output = op(x.detach(), weight, shown)
+        assert output.data_ptr() == shown.data_ptr() and torch.equal(output, shown)

@@ -45,12 +45,19 @@ z[0, :3] = 0.0  # the epsilon rule's sign(0) = +1 branch
 relevance = torch.randn(3, 7)
 rstd = torch.rand(3, 1) + 0.5
 norm_weight, norm_bias = torch.rand(7) + 0.5, torch.randn(7)
+square = torch.randn(7, 7)
+first_row = relevance * torch.tensor([[1.0], [0.0], [0.0]])  # two rows without relevance
 
 
 def accumulate(op):
     out = accumulator.clone()
     op(out, grads, rows, weights)
     return out
+
+
+def linear_backward(op):
+    leaf = z.clone().requires_grad_()
+    return torch.autograd.grad(op(leaf, square, z @ square.T), leaf, first_row)[0]
 
 
 def backward_of(node):
@@ -74,6 +81,7 @@ CALLS = {
     "lrp_ratio_node": lambda op: backward_of(lambda t: op(t, 0.01)),
     "lrp_ratio_shown_node": lambda op: backward_of(lambda t: op(t, relevance, 0.01)),
     "lrp_pass_node": lambda op: backward_of(lambda t: op(t, relevance)),
+    "lrp_linear_node": linear_backward,
     # The transformer rules' ops and nodes.
     "softmax_relevance": lambda op: op(z, torch.softmax(z, -1), relevance, -1),
     "layer_norm_relevance": lambda op: op(z, relevance, z * rstd, rstd, norm_weight, 1e-6),

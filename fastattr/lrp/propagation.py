@@ -511,6 +511,33 @@ class Relevance:
         self._raw[id(output)] = found
         return made
 
+    def linear_output(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        """``output``; for an ``nn.Linear`` on the CPU that reads a sequence (an input of three
+        or more dimensions), a view of it through [fastattr.ops.lrp_linear_node][], whose
+        backward multiplies only the rows that carry relevance.
+
+        Args:
+            module: A module with a rule.
+            inputs: The inputs it ran on.
+            output: Its output.
+
+        Returns:
+            ``output``, or the view, whose graph takes the layer's backward.
+        """
+        if len(inputs) != 1 or type(module).forward is not nn.Linear.forward:
+            return output
+        x = inputs[0]
+        if (
+            not isinstance(x, Tensor)
+            or x.dim() < 3
+            or not x.requires_grad
+            or x.device.type != "cpu"
+            or not x.dtype == output.dtype == module.weight.dtype
+            or torch.is_autocast_enabled("cpu")
+        ):
+            return output
+        return self._nodes.linear(x, module.weight.detach(), output.detach())
+
     def passing(self, source: Tensor, output: Tensor) -> Tensor:
         """``output`` through the node that hands the relevance to ``source`` unchanged.
 

@@ -132,6 +132,8 @@ class RatioRule(PropagationRule):
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
     ) -> Tensor:
         z, epsilon = self.ratio_operands(module, inputs, output)
+        if z is output:
+            z = relevance.linear_output(module, inputs, output)
         return relevance.ratio(z, output, epsilon)
 
 

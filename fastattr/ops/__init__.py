@@ -274,6 +274,31 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
     return _run("lrp_pass_node", source, shown)
 
 
+def lrp_linear_node(x: Tensor, weight: Tensor, shown: Tensor) -> Tensor:
+    """LRP's node in place of a linear layer's own backward: a view of the layer's output
+    ``shown`` (``x @ weight^T + bias``), whose backward sends ``contribution @ weight`` into
+    ``x``'s graph. On the CPU it multiplies only the rows of the contribution that are not all
+    zero (its other rows give zero): where a model reads some positions of a sequence only (a
+    classifier on the first token, a language model's last position), the layers after the last
+    attention get relevance at those positions alone.
+
+    Args:
+        x: The layer's input, (..., in_features).
+        weight: Its weight, (out_features, in_features), of ``x``'s dtype and device.
+        shown: Its output, detached, (..., out_features): what the model continues with.
+
+    Returns:
+        A view of ``shown`` that autograd keeps from being changed in place.
+
+    Raises:
+        ValueError: The shapes do not fit, or the devices differ.
+        TypeError: A dtype is not floating, or the dtypes differ.
+    """
+    if backend_in_context() == "compiled":
+        _checks.check_lrp_linear_node(x, weight, shown)
+    return _run("lrp_linear_node", x, weight, shown)
+
+
 def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
     """Where a kink's switch values change sign strictly between the ends of path segments
     (``method="exact"``): for each segment ``p`` and unit ``u``, whether
@@ -463,6 +488,7 @@ class LrpNodes(NamedTuple):
         ratio: [fastattr.ops.lrp_ratio_node][].
         ratio_shown: [fastattr.ops.lrp_ratio_shown_node][].
         passing: [fastattr.ops.lrp_pass_node][].
+        linear: [fastattr.ops.lrp_linear_node][].
     """
 
     product: Callable[[Tensor], Tensor]
@@ -470,6 +496,7 @@ class LrpNodes(NamedTuple):
     ratio: Callable[[Tensor, float], Tensor]
     ratio_shown: Callable[[Tensor, Tensor, float], Tensor]
     passing: Callable[[Tensor, Tensor], Tensor]
+    linear: Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 _REFERENCE_NODES = LrpNodes(
@@ -478,6 +505,7 @@ _REFERENCE_NODES = LrpNodes(
     reference.lrp_ratio_node,
     reference.lrp_ratio_shown_node,
     reference.lrp_pass_node,
+    reference.lrp_linear_node,
 )
 _COMPILED_NODES = (
     LrpNodes(
@@ -486,6 +514,7 @@ _COMPILED_NODES = (
         torch.ops.fastattr.lrp_ratio_node.default,
         torch.ops.fastattr.lrp_ratio_shown_node.default,
         torch.ops.fastattr.lrp_pass_node.default,
+        torch.ops.fastattr.lrp_linear_node.default,
     )
     if is_compiled()
     else _REFERENCE_NODES

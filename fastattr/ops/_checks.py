@@ -339,6 +339,20 @@ def check_relevance_share(activations: Tensor, contributions: Tensor, share: flo
     check_input_relevance(activations, contributions)
 
 
+def check_lrp_linear_node(x: Tensor, weight: Tensor, shown: Tensor) -> None:
+    check_floating(x, "x")
+    _check_same(weight, "weight", x, "x", shape=False)
+    _check_same(shown, "shown", x, "x", shape=False)
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight must be (out_features, in_features) with in_features the last dimension of "
+            f"x {list(x.shape)}, got {list(weight.shape)}"
+        )
+    expected = [*x.shape[:-1], weight.shape[0]]
+    if list(shown.shape) != expected:
+        raise ValueError(f"shown must have the shape {expected}, got {list(shown.shape)}")
+
+
 def check_lrp_share_node(activation: Tensor, share: float) -> None:
     check_relevance_share(activation, activation, share)
 

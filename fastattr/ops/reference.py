@@ -23,6 +23,7 @@ from fastattr.ops._checks import (
     check_kink_flips,
     check_layer_norm_relevance,
     check_lrp_layer_norm_node,
+    check_lrp_linear_node,
     check_lrp_share_node,
     check_lrp_softmax_node,
     check_lrp_uniform_matmul_node,
@@ -209,6 +210,18 @@ class _PassNode(torch.autograd.Function):
         return relevance, None
 
 
+class _LinearNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, shown: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        return shown.view_as(shown)
+
+    @staticmethod
+    def backward(ctx, contribution: Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return contribution.to(weight.dtype) @ weight, None, None
+
+
 def lrp_product_node(activation: Tensor) -> Tensor:
     """Twin of [fastattr.ops.lrp_product_node][].
 
@@ -251,6 +264,14 @@ def lrp_pass_node(source: Tensor, shown: Tensor) -> Tensor:
 
     A view of ``shown``; backward the relevance, unchanged, into ``source``."""
     return _PassNode.apply(source, shown)
+
+
+def lrp_linear_node(x: Tensor, weight: Tensor, shown: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.lrp_linear_node][].
+
+    A view of ``shown``; backward ``contribution @ weight`` over every row, into ``x``."""
+    check_lrp_linear_node(x, weight, shown)
+    return _LinearNode.apply(x, weight, shown)
 
 
 def kink_flips(values: Tensor, tolerance: Tensor, ends_a: Tensor, ends_b: Tensor) -> Tensor:
@@ -442,6 +463,7 @@ __all__ = [
     "kink_flips",
     "layer_norm_relevance",
     "lrp_layer_norm_node",
+    "lrp_linear_node",
     "lrp_pass_node",
     "lrp_product_node",
     "lrp_product_ratio_node",
