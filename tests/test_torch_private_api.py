@@ -278,3 +278,28 @@ def test_the_current_function_mode_is_the_top_of_the_stack():
         inner.__exit__(None, None, None)
         assert _get_current_function_mode() is outer
     assert _get_current_function_mode() is None
+
+
+def test_disabling_torch_function_skips_function_modes_until_the_block_ends():
+    # fastattr/lrp/propagation.py runs LRP's module hooks under torch._C.DisableTorchFunction,
+    # so that the rules' own torch calls skip its op-rule mode; the mode sees calls again after.
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, requires_grad=True)
+    with Seen() as mode:
+        x.detach()
+        assert mode.calls == 1
+        with torch._C.DisableTorchFunction():
+            x.detach(), x.dim(), x.requires_grad, torch.add(x, 1)
+        assert mode.calls == 1
+        x.detach()
+        assert mode.calls == 2

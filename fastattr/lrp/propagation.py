@@ -256,9 +256,13 @@ class _ModuleHook:
             return None
         if _ACTIVE.get() is not relevance:
             return None
-        if self.pre:
-            return relevance._pre_hook(module, args)
-        return relevance._post_hook(module, args, output[0])
+        # The rules' own torch calls skip the op rules' mode, which would hand each one back
+        # as it is. (torch._C.DisableTorchFunction: checked on torch 2.13 and 2.14; see
+        # tests/test_torch_private_api.py.)
+        with torch._C.DisableTorchFunction():
+            if self.pre:
+                return relevance._pre_hook(module, args)
+            return relevance._post_hook(module, args, output[0])
 
 
 def _remove(hooks: Sequence[_ModuleHook]) -> None:
