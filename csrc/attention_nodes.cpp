@@ -119,6 +119,27 @@ struct UniformMatmulNode : public torch::autograd::Function<UniformMatmulNode> {
   }
 };
 
+// Forward a * b (broadcast) of two activations; backward AttnLRP's uniform rule: each factor
+// receives half the relevance, 0.5 * a * b * contribution, summed over the dimensions it was
+// broadcast along (where it is constant). Only the product is saved: the ratio at it keeps it
+// anyway, and autograd's multiplication would keep both factors.
+struct UniformProductNode : public torch::autograd::Function<UniformProductNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor product = a.mul(b);
+    ctx->save_for_backward({product});
+    ctx->saved_data["a_sizes"] = a.sizes();
+    ctx->saved_data["b_sizes"] = b.sizes();
+    return product;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor product = ctx->get_saved_variables()[0];
+    const at::Tensor half =
+        relevance_share(product, grads[0].to(product.scalar_type()), 0.5);
+    return {half.sum_to_size(ctx->saved_data["a_sizes"].toDimVector()),
+            half.sum_to_size(ctx->saved_data["b_sizes"].toDimVector())};
+  }
+};
+
 // Forward softmax(inputs, dim, dtype); backward AttnLRP's softmax rule into inputs.
 struct SoftmaxNode : public torch::autograd::Function<SoftmaxNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& inputs, int64_t dim,
@@ -171,6 +192,10 @@ at::Tensor lrp_uniform_matmul_node(const at::Tensor& a, const at::Tensor& b) {
   return UniformMatmulNode::apply(a, b);
 }
 
+at::Tensor lrp_uniform_product_node(const at::Tensor& a, const at::Tensor& b) {
+  return UniformProductNode::apply(a, b);
+}
+
 at::Tensor lrp_softmax_node(const at::Tensor& inputs, int64_t dim,
                             std::optional<at::ScalarType> dtype) {
   return SoftmaxNode::apply(inputs, dim, dtype);
@@ -187,6 +212,7 @@ at::Tensor lrp_layer_norm_node(const at::Tensor& inputs, c10::IntArrayRef normal
 TORCH_LIBRARY_IMPL(fastattr, CompositeImplicitAutograd, m) {
   m.impl("lrp_share_node", &lrp_share_node);
   m.impl("lrp_uniform_matmul_node", &lrp_uniform_matmul_node);
+  m.impl("lrp_uniform_product_node", &lrp_uniform_product_node);
   m.impl("lrp_softmax_node", &lrp_softmax_node);
   m.impl("lrp_layer_norm_node", &lrp_layer_norm_node);
 }

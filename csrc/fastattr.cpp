@@ -30,7 +30,8 @@ TORCH_LIBRARY(fastattr, m) {
   m.def("input_relevance(Tensor activations, Tensor contributions) -> Tensor");
   // LRP's autograd nodes (csrc/lrp_nodes.cpp): each returns a view of the tensor the model
   // continues with; the backward runs input_relevance / epsilon_ratio_of_product /
-  // epsilon_ratio / a plain pass into the input the relevance goes to.
+  // epsilon_ratio / a plain pass / a linear layer's matmul (lrp_linear_node) into the input
+  // the relevance goes to.
   m.def("lrp_product_node(Tensor(a) activation) -> Tensor(a)");
   m.def("lrp_product_ratio_node(Tensor z, Tensor(a) activation, float epsilon) -> Tensor(a)");
   m.def("lrp_ratio_node(Tensor(a) z, float epsilon) -> Tensor(a)");
@@ -51,9 +52,10 @@ TORCH_LIBRARY(fastattr, m) {
   // activations * contributions * share: one factor's part of a product's relevance.
   m.def("relevance_share(Tensor activations, Tensor contributions, float share) -> Tensor");
   // Their autograd nodes (csrc/attention_nodes.cpp): lrp_share_node's forward is the identity
-  // (its output aliases the input); the others compute a @ b / softmax / layer_norm.
+  // (its output aliases the input); the others compute a @ b / a * b / softmax / layer_norm.
   m.def("lrp_share_node(Tensor(a) activation, float share) -> Tensor(a)");
   m.def("lrp_uniform_matmul_node(Tensor a, Tensor b) -> Tensor");
+  m.def("lrp_uniform_product_node(Tensor a, Tensor b) -> Tensor");
   m.def("lrp_softmax_node(Tensor inputs, int dim, ScalarType? dtype) -> Tensor");
   m.def(
       "lrp_layer_norm_node(Tensor inputs, int[] normalized_shape, Tensor? weight, Tensor? bias, "

@@ -223,6 +223,7 @@ ATTENTION_OPS = {
     "relevance_share",
     "lrp_share_node",
     "lrp_uniform_matmul_node",
+    "lrp_uniform_product_node",
     "lrp_softmax_node",
     "lrp_layer_norm_node",
 }
@@ -247,6 +248,7 @@ def test_opcheck() -> None:
         for name, args in (
             ("lrp_share_node", (leaf, 0.5)),
             ("lrp_uniform_matmul_node", (leaf, leaf.mT)),
+            ("lrp_uniform_product_node", (leaf, leaf[:, :1])),
             ("lrp_softmax_node", (leaf, 1, None)),
             ("lrp_layer_norm_node", (leaf, [5], weight, None, 1e-5, 1e-9)),
         ):
@@ -315,22 +317,27 @@ def test_uniform_matmul_node_matches_its_twin_and_the_rule_written_out(
         b = torch.randn(b_shape, generator=generator, dtype=torch.float64)
     out_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), rows, columns)
     relevance = torch.randn(out_shape, generator=generator, dtype=torch.float64)
+    _check_uniform_node("lrp_uniform_matmul_node", torch.matmul, a, b, relevance, twin_rtol=1e-12)
+
+
+def _check_uniform_node(name: str, product, a, b, relevance, twin_rtol: float) -> None:
+    """The node computes ``product(a, b)`` on both backends, and its backward is the uniform
+    rule written out: half of each factor times its gradient of the product."""
     results = []
     for backend in ("compiled", "reference"):
         with use_backend(backend):
             leaves = (a.detach().requires_grad_(), b.detach().requires_grad_())
-            output = ops.lrp_uniform_matmul_node(*leaves)
+            output = getattr(ops, name)(*leaves)
             results.append((output, torch.autograd.grad(output, leaves, relevance)))
     (compiled, compiled_grads), (twin, twin_grads) = results
-    torch.testing.assert_close(compiled, a @ b, rtol=0, atol=0)
-    torch.testing.assert_close(twin, a @ b, rtol=0, atol=0)
-    # The uniform rule written out: half of each factor times its gradient of the product.
+    torch.testing.assert_close(compiled, product(a, b), rtol=0, atol=0)
+    torch.testing.assert_close(twin, product(a, b), rtol=0, atol=0)
     leaves = (a.detach().requires_grad_(), b.detach().requires_grad_())
-    gradients = torch.autograd.grad(leaves[0] @ leaves[1], leaves, relevance)
+    gradients = torch.autograd.grad(product(*leaves), leaves, relevance)
     for compiled_grad, twin_grad, factor, gradient in zip(
         compiled_grads, twin_grads, (a, b), gradients
     ):
-        torch.testing.assert_close(compiled_grad, twin_grad, rtol=1e-12, atol=1e-300)
+        torch.testing.assert_close(compiled_grad, twin_grad, rtol=twin_rtol, atol=1e-300)
         torch.testing.assert_close(compiled_grad, 0.5 * factor * gradient, rtol=1e-12, atol=1e-12)
 
 
@@ -352,6 +359,37 @@ def test_uniform_matmul_node_keeps_the_factors_it_was_given() -> None:
         stored.clear()
         torch.matmul(query, key)
     assert x.untyped_storage().data_ptr() not in stored  # autograd's copies
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    broadcast=st.lists(st.booleans(), min_size=4, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_uniform_product_node_matches_its_twin_and_the_rule_written_out(
+    shape: list[int], broadcast: list[bool], seed: int
+) -> None:
+    # a * b with b broadcast along some dimensions (a gate of one feature, say).
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=generator, dtype=torch.float64)
+    b_shape = [1 if flag else size for size, flag in zip(shape, broadcast)]
+    b = torch.randn(b_shape, generator=generator, dtype=torch.float64)
+    relevance = torch.randn(shape, generator=generator, dtype=torch.float64)
+    _check_uniform_node("lrp_uniform_product_node", torch.mul, a, b, relevance, twin_rtol=0.0)
+
+
+def test_uniform_product_node_keeps_the_product_alone() -> None:
+    a, b = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    stored: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        stored.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        product = ops.lrp_uniform_product_node(a, b)
+    assert stored == [product.untyped_storage().data_ptr()]
 
 
 def test_nodes_compute_the_forward_they_stand_for() -> None:
@@ -382,6 +420,12 @@ def test_node_bad_arguments() -> None:
                 ops.lrp_uniform_matmul_node(x, x.double().mT)
             with pytest.raises(TypeError, match="floating"):
                 ops.lrp_uniform_matmul_node(x.long(), x.long().mT)
+            with pytest.raises(ValueError, match="broadcast"):
+                ops.lrp_uniform_product_node(x, x.mT)
+            with pytest.raises(TypeError, match="dtype"):
+                ops.lrp_uniform_product_node(x, x.double())
+            with pytest.raises(TypeError, match="floating"):
+                ops.lrp_uniform_product_node(x.long(), x.long())
 
 
 @pytest.mark.cuda

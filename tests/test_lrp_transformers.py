@@ -406,26 +406,45 @@ def test_sdpa_rule_is_the_rules_one_by_one() -> None:
     torch.testing.assert_close(written_out, in_one, rtol=1e-9, atol=1e-14)
 
 
+class GatedMLP(nn.Module):
+    """A SwiGLU block over tokens: down(silu(gate(x)) * up(x)), summed over the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x)).sum(1)
+
+
+@pytest.mark.parametrize(
+    ("make_model", "name", "functions", "count"),
+    [
+        (lambda: Attention("plain"), "lrp_uniform_matmul_node", "_MATMULS", 2),
+        (GatedMLP, "lrp_uniform_product_node", "_PRODUCTS", 1),
+    ],
+    ids=["matmul", "product"],
+)
 def test_a_product_of_two_activations_is_one_node_that_gives_the_rules_result(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, make_model, name: str, functions: str, count: int
 ) -> None:
-    """q @ k^T and probs @ v run as lrp_uniform_matmul_node: the same relevance as the share
-    nodes around torch.matmul, which run instead under autocast (whose casts the node would
-    skip)."""
-    model = _seeded(Attention("plain"))
+    """q @ k^T and probs @ v run as lrp_uniform_matmul_node, silu(gate) * up as
+    lrp_uniform_product_node: the same relevance as the share nodes around torch.matmul and
+    torch.mul, which run instead under autocast (whose casts the nodes would skip)."""
+    model = _seeded(make_model())
     x = torch.randn(3, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     nodes: list[str] = []
-    node = ops.lrp_uniform_matmul_node
+    node = getattr(ops, name)
 
     def counted(*args: torch.Tensor) -> torch.Tensor:
-        nodes.append("uniform")
+        nodes.append(name)
         return node(*args)
 
-    monkeypatch.setattr(ops, "lrp_uniform_matmul_node", counted)
+    monkeypatch.setattr(ops, name, counted)
     relevance = LRP(model, [AttnLRP()]).attribute(x, target=1)
-    assert nodes == ["uniform", "uniform"]
+    assert nodes == [name] * count
     with monkeypatch.context() as general:
-        general.setattr(attention, "_MATMULS", frozenset())
+        general.setattr(attention, functions, frozenset())
         expected = LRP(model, [AttnLRP()]).attribute(x, target=1)
     torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-15)
     model.float()
@@ -433,7 +452,7 @@ def test_a_product_of_two_activations_is_one_node_that_gives_the_rules_result(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = LRP(model, [AttnLRP()]).attribute(x.float(), target=1)
         with monkeypatch.context() as general:
-            general.setattr(attention, "_MATMULS", frozenset())
+            general.setattr(attention, functions, frozenset())
             expected = LRP(model, [AttnLRP()]).attribute(x.float(), target=1)
     assert nodes == []
     torch.testing.assert_close(under_autocast, expected, rtol=0, atol=0)

@@ -88,6 +88,7 @@ CALLS = {
     "relevance_share": lambda op: op(z, relevance, 0.25),
     "lrp_share_node": lambda op: backward_of(lambda t: op(t, 0.25)),
     "lrp_uniform_matmul_node": lambda op: backward_of(lambda t: op(t, t.mT) @ t),
+    "lrp_uniform_product_node": lambda op: backward_of(lambda t: op(t, t[:1])),
     "lrp_softmax_node": lambda op: backward_of(lambda t: op(t, -1, None)),
     "lrp_layer_norm_node": lambda op: backward_of(
         lambda t: op(t, [7], norm_weight, norm_bias, 1e-5, 1e-6)

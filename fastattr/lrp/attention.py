@@ -466,10 +466,14 @@ class EpsilonOpRule(ActivationOpRule):
         self.copy = copy
 
     def propagate(self, relevance, func, args, kwargs, found):
-        if self.uniform and len(found) == 2 and func in _MATMULS and _two_matrices(args, kwargs):
+        if self.uniform and len(found) == 2 and _two_factors(args, kwargs):
             # Both factors activations: one node for the product and both shares.
-            output = ops.lrp_uniform_matmul_node(*args)
-            return relevance.ratio(output, output, self.epsilon, copy=self.copy)
+            if func in _MATMULS and args[0].dim() >= 2 and args[1].dim() >= 2:
+                output = ops.lrp_uniform_matmul_node(*args)
+                return relevance.ratio(output, output, self.epsilon, copy=self.copy)
+            if func in _PRODUCTS:
+                output = ops.lrp_uniform_product_node(*args)
+                return relevance.ratio(output, output, self.epsilon, copy=self.copy)
         share = 1.0 / len(found) if self.uniform else 1.0
 
         def node(tensor: Tensor) -> Tensor:
@@ -488,16 +492,17 @@ class EpsilonOpRule(ActivationOpRule):
 
 
 _MATMULS = frozenset((torch.matmul, torch.Tensor.matmul))
+_PRODUCTS = frozenset((torch.mul, torch.multiply, torch.Tensor.mul, torch.Tensor.multiply))
 
 
-def _two_matrices(args: tuple, kwargs: Mapping[str, Any]) -> bool:
-    """Whether a matmul call is ``matmul(a, b)`` with two tensors of at least two dimensions of
-    one dtype, outside autocast (vectors, ``out=`` and autocast's casts take the general
-    path)."""
+def _two_factors(args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    """Whether a call is ``f(a, b)`` of two tensors of one dtype, outside autocast (``out=``,
+    type promotion and autocast's casts take the general path)."""
     return (
         not kwargs
         and len(args) == 2
-        and all(isinstance(t, Tensor) and t.dim() >= 2 for t in args)
+        and isinstance(args[0], Tensor)
+        and isinstance(args[1], Tensor)
         and args[0].dtype == args[1].dtype
         and not torch.is_autocast_enabled(args[0].device.type)
     )

@@ -439,6 +439,26 @@ def lrp_uniform_matmul_node(a: Tensor, b: Tensor) -> Tensor:
     return _run("lrp_uniform_matmul_node", a, b)
 
 
+def lrp_uniform_product_node(a: Tensor, b: Tensor) -> Tensor:
+    """LRP's node at an element-wise product of two activations ``a * b`` (a gated MLP's): the
+    product, whose backward sends each factor the uniform rule's half of the relevance,
+    [fastattr.ops.relevance_share][] with share 0.5 of the product and the contribution,
+    summed over the dimensions the factor was broadcast along. It saves the product alone,
+    where autograd's multiplication would keep both factors.
+
+    Args:
+        a: The first factor.
+        b: The second, of ``a``'s dtype and device, broadcastable with it.
+
+    Raises:
+        ValueError: The shapes do not broadcast, or the devices differ.
+        TypeError: A dtype is not floating, or the dtypes differ.
+    """
+    if backend_in_context() == "compiled":
+        _checks.check_lrp_uniform_product_node(a, b)
+    return _run("lrp_uniform_product_node", a, b)
+
+
 def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
     """``softmax(inputs, dim, dtype=dtype)``, whose backward sends the relevance at the output
     into ``inputs`` by [fastattr.ops.softmax_relevance][].

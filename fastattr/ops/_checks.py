@@ -364,6 +364,17 @@ def check_lrp_uniform_matmul_node(a: Tensor, b: Tensor) -> None:
         raise ValueError(f"a and b must have at least two dimensions, got {a.dim()} and {b.dim()}")
 
 
+def check_lrp_uniform_product_node(a: Tensor, b: Tensor) -> None:
+    check_floating(a, "a")
+    _check_same(b, "b", a, "a", shape=False)
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"a {list(a.shape)} and b {list(b.shape)} must broadcast to one shape"
+        ) from None
+
+
 def check_lrp_softmax_node(inputs: Tensor, dim: int) -> None:
     check_floating(inputs, "inputs")
     check_dim(dim, inputs, "inputs")

@@ -27,6 +27,7 @@ from fastattr.ops._checks import (
     check_lrp_share_node,
     check_lrp_softmax_node,
     check_lrp_uniform_matmul_node,
+    check_lrp_uniform_product_node,
     check_point_slopes,
     check_quadrature_finish,
     check_relevance_share,
@@ -367,6 +368,21 @@ class _UniformMatmulNode(torch.autograd.Function):
         return relevance_share(a, to_a, 0.5), relevance_share(b, to_b, 0.5)
 
 
+class _UniformProductNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        product = a * b
+        ctx.save_for_backward(product)
+        ctx.shapes = (a.shape, b.shape)
+        return product
+
+    @staticmethod
+    def backward(ctx, contribution: Tensor):  # type: ignore[override]
+        (product,) = ctx.saved_tensors
+        half = relevance_share(product, contribution.to(product.dtype), 0.5)
+        return tuple(half.sum_to_size(shape) for shape in ctx.shapes)
+
+
 class _SoftmaxNode(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -428,6 +444,15 @@ def lrp_uniform_matmul_node(a: Tensor, b: Tensor) -> Tensor:
     return _UniformMatmulNode.apply(a, b)
 
 
+def lrp_uniform_product_node(a: Tensor, b: Tensor) -> Tensor:
+    """Twin of [fastattr.ops.lrp_uniform_product_node][].
+
+    ``a * b``; backward [relevance_share][fastattr.ops.reference.relevance_share] with share
+    0.5 of the product and the contribution, summed to each factor's shape."""
+    check_lrp_uniform_product_node(a, b)
+    return _UniformProductNode.apply(a, b)
+
+
 def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:
     """Twin of [fastattr.ops.lrp_softmax_node][].
 
@@ -472,6 +497,7 @@ __all__ = [
     "lrp_share_node",
     "lrp_softmax_node",
     "lrp_uniform_matmul_node",
+    "lrp_uniform_product_node",
     "point_slopes",
     "quadrature_finish",
     "relevance_share",
