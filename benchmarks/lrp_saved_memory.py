@@ -50,16 +50,20 @@ def _site() -> str:
 
 
 class Recorder:
-    """Notes every saved tensor but parameters; ``snapshot`` sums those alive by storage."""
+    """Notes every saved tensor but parameters (a parameter itself, a view of one, or a tensor
+    in the storage of one of ``parameters``: a detached weight); ``snapshot`` sums those alive
+    by storage."""
 
-    def __init__(self) -> None:
+    def __init__(self, parameters: set[int]) -> None:
+        self.parameters = parameters  # storage addresses
         self.notes: list[weakref.ref] = []
         self.snapshot_taken: dict[str, float] | None = None
 
     def pack(self, tensor: torch.Tensor) -> _Saved:
         saved = _Saved(tensor, _site())
         root = tensor if tensor._base is None else tensor._base  # a weight's transpose
-        if not isinstance(root, torch.nn.Parameter):
+        weight = tensor.untyped_storage().data_ptr() in self.parameters
+        if not isinstance(root, torch.nn.Parameter) and not weight:
             self.notes.append(weakref.ref(saved))
         return saved
 
@@ -85,9 +89,10 @@ class Recorder:
         self.snapshot_taken = dict(by_site)
 
 
-def measure(call: Any) -> dict[str, float]:
-    """The saved activations (MiB by site) alive when ``call`` starts its backward."""
-    recorder = Recorder()
+def measure(call: Any, parameters: set[int]) -> dict[str, float]:
+    """The saved activations (MiB by site) alive when ``call`` starts its backward, the
+    storages ``parameters`` excluded."""
+    recorder = Recorder(parameters)
     engine_grad, fastattr_gradients = torch.autograd.grad, lrp_module.input_gradients
 
     def grad(*args: Any, **kwargs: Any) -> Any:
@@ -114,6 +119,7 @@ def report(name: str, model: torch.nn.Module, embeddings: Any, batch: int, sites
     inputs, mask = arguments["inputs"], arguments["additional_forward_args"][0]
     lrp = LRP(model, canonizers=[AttnLRP()])
     leaf = inputs.detach().requires_grad_(True)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     calls = {
         "fastattr": lambda: lrp.attribute(inputs, target=0, additional_forward_args=(mask,)),
         "lxt": contenders.lxt_attnlrp(
@@ -123,7 +129,7 @@ def report(name: str, model: torch.nn.Module, embeddings: Any, batch: int, sites
     }
     for contender, call in calls.items():
         call()  # fastattr's first call learns where the forward writes in place
-        by_site = measure(call)
+        by_site = measure(call, parameters)
         print(f"{name:10s} {contender:8s} {sum(by_site.values()):7.1f} MiB")
         for site, mib in sorted(by_site.items(), key=lambda item: -item[1])[:sites]:
             print(f"{'':19s} {mib:7.1f}  {site}")
