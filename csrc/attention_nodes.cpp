@@ -133,8 +133,7 @@ struct UniformProductNode : public torch::autograd::Function<UniformProductNode>
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor product = ctx->get_saved_variables()[0];
-    const at::Tensor half =
-        relevance_share(product, grads[0].to(product.scalar_type()), 0.5);
+    const at::Tensor half = relevance_share(product, grads[0].to(product.scalar_type()), 0.5);
     return {half.sum_to_size(ctx->saved_data["a_sizes"].toDimVector()),
             half.sum_to_size(ctx->saved_data["b_sizes"].toDimVector())};
   }

@@ -76,22 +76,24 @@ std::optional<at::Tensor> few_live_rows(const at::Tensor& rows) {
   const int64_t width = rows.size(1);
   if (!rows.is_cpu() || count < 2 || width == 0) return std::nullopt;
   std::vector<int64_t> live;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "few_live_rows", [&] {
-    const scalar_t* data = rows.const_data_ptr<scalar_t>();
-    const int64_t row_stride = rows.stride(0);
-    const int64_t column_stride = rows.stride(1);
-    for (int64_t i = 0; i < count && 2 * static_cast<int64_t>(live.size()) <= count; ++i) {
-      const scalar_t* row = data + i * row_stride;
-      for (int64_t j = 0; j < width; ++j) {
-        if (row[j * column_stride] != scalar_t(0)) {
-          live.push_back(i);
-          break;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, rows.scalar_type(), "few_live_rows", [&] {
+        const scalar_t* data = rows.const_data_ptr<scalar_t>();
+        const int64_t row_stride = rows.stride(0);
+        const int64_t column_stride = rows.stride(1);
+        for (int64_t i = 0; i < count && 2 * static_cast<int64_t>(live.size()) <= count; ++i) {
+          const scalar_t* row = data + i * row_stride;
+          for (int64_t j = 0; j < width; ++j) {
+            if (row[j * column_stride] != scalar_t(0)) {
+              live.push_back(i);
+              break;
+            }
+          }
         }
-      }
-    }
-  });
-  if (2 * static_cast<int64_t>(live.size()) > count) return std::nullopt;
-  at::Tensor indices = rows.new_empty({static_cast<int64_t>(live.size())}, rows.options().dtype(at::kLong));
+      });
+  const int64_t found = static_cast<int64_t>(live.size());
+  if (2 * found > count) return std::nullopt;
+  at::Tensor indices = rows.new_empty({found}, rows.options().dtype(at::kLong));
   std::copy(live.begin(), live.end(), indices.mutable_data_ptr<int64_t>());
   return indices;
 }
@@ -241,7 +243,8 @@ at::Tensor pass_autograd(const at::Tensor& source, const at::Tensor& shown) {
   return PassNode::apply(source, shown);
 }
 
-at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shown) {
+at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight,
+                           const at::Tensor& shown) {
   return LinearNode::apply(x, weight, shown);
 }
 

@@ -496,14 +496,16 @@ _PRODUCTS = frozenset((torch.mul, torch.multiply, torch.Tensor.mul, torch.Tensor
 
 
 def _two_factors(args: tuple, kwargs: Mapping[str, Any]) -> bool:
-    """Whether a call is ``f(a, b)`` of two tensors of one dtype, outside autocast (``out=``,
-    type promotion and autocast's casts take the general path)."""
+    """Whether a call is ``f(a, b)`` of two tensors of one dtype on one device, outside
+    autocast (``out=``, type promotion, a CPU scalar and autocast's casts take the general
+    path)."""
     return (
         not kwargs
         and len(args) == 2
         and isinstance(args[0], Tensor)
         and isinstance(args[1], Tensor)
         and args[0].dtype == args[1].dtype
+        and args[0].device == args[1].device
         and not torch.is_autocast_enabled(args[0].device.type)
     )
 
