@@ -450,3 +450,26 @@ def test_cuda_matches_twin() -> None:
         expected = ops.reference.relevance_share(x, relevance, 0.25)
         result = torch.ops.fastattr.relevance_share(x.cuda(), relevance.cuda(), 0.25)
         torch.testing.assert_close(result.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.cuda
+def test_product_and_linear_nodes_on_cuda_match_their_twins() -> None:
+    generator = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        a, b, relevance = (_randn([4, 6, 8], generator, dtype) for _ in range(3))
+        relevance[:, 1:] = 0  # rows without relevance: every row is multiplied on a GPU
+        weight = _randn([8, 8], generator, dtype)
+        for device in ("cuda", "cpu"):
+            leaves = [t.to(device).requires_grad_() for t in (a, b)]
+            with use_backend("compiled" if device == "cuda" else "reference"):
+                product = ops.lrp_uniform_product_node(*leaves)
+                shown = (leaves[0] @ weight.to(device).T).detach()
+                linear = ops.lrp_linear_node(leaves[0], weight.to(device), shown)
+            grads = torch.autograd.grad(product, leaves, relevance.to(device))
+            to_x = torch.autograd.grad(linear, leaves[0], relevance.to(device))[0]
+            if device == "cuda":
+                on_cuda = (product.cpu(), *(g.cpu() for g in grads), to_x.cpu())
+        _close(on_cuda[0], product.detach())
+        for result, expected in zip(on_cuda[1:3], grads):
+            _close(result, expected)
+        torch.testing.assert_close(on_cuda[3], to_x)
