@@ -1,7 +1,8 @@
 // The autograd nodes LRP inserts around modules and torch calls. Each op's forward returns a
 // view of one input (what the model continues with, declared `Tensor(a) -> Tensor(a)`); its
-// backward, registered on the Autograd key, runs the compiled element-wise ops on whatever
-// device the tensors are, so the backward never enters Python. Their PyTorch twins are the
+// backward, registered on the Autograd key, runs the compiled element-wise ops (or, for
+// lrp_linear_node, a matrix product) on whatever device the tensors are, so the backward never
+// enters Python. Their PyTorch twins are the
 // Functions in fastattr/ops/reference.py.
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>

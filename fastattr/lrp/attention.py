@@ -466,26 +466,34 @@ class EpsilonOpRule(ActivationOpRule):
         self.copy = copy
 
     def propagate(self, relevance, func, args, kwargs, found):
-        if self.uniform and len(found) == 2 and _two_factors(args, kwargs):
+        product_node = self._product_node(func, args, kwargs, found)
+        if product_node is not None:
             # Both factors activations: one node for the product and both shares.
-            if func in _MATMULS and args[0].dim() >= 2 and args[1].dim() >= 2:
-                output = ops.lrp_uniform_matmul_node(*args)
-                return relevance.ratio(output, output, self.epsilon, copy=self.copy)
-            if func in _PRODUCTS:
-                output = ops.lrp_uniform_product_node(*args)
-                return relevance.ratio(output, output, self.epsilon, copy=self.copy)
-        share = 1.0 / len(found) if self.uniform else 1.0
+            output = product_node(*args)
+        else:
+            share = 1.0 / len(found) if self.uniform else 1.0
 
-        def node(tensor: Tensor) -> Tensor:
-            return relevance.product(tensor) if share == 1.0 else relevance.share(tensor, share)
+            def node(tensor: Tensor) -> Tensor:
+                if share == 1.0:
+                    return relevance.product(tensor)
+                return relevance.share(tensor, share)
 
-        carries = relevance.is_activation
-        args = tuple(_map_carrying(a, carries, node) for a in args)
-        kwargs = {k: _map_carrying(v, carries, node) for k, v in kwargs.items()}
-        output = func(*args, **kwargs)
-        if not isinstance(output, Tensor):
-            raise no_rule_error(func, " (a linear map with one tensor result)")
+            carries = relevance.is_activation
+            args = tuple(_map_carrying(a, carries, node) for a in args)
+            kwargs = {k: _map_carrying(v, carries, node) for k, v in kwargs.items()}
+            output = func(*args, **kwargs)
+            if not isinstance(output, Tensor):
+                raise no_rule_error(func, " (a linear map with one tensor result)")
         return relevance.ratio(output, output, self.epsilon, copy=self.copy)
+
+    def _product_node(self, func, args, kwargs, found) -> Callable[..., Tensor] | None:
+        """The uniform rule's node for ``func(a, b)`` of two activations (a matrix or an
+        element-wise product), or None for the general path."""
+        if not (self.uniform and len(found) == 2 and _two_factors(args, kwargs)):
+            return None
+        if func in _MATMULS and args[0].dim() >= 2 and args[1].dim() >= 2:
+            return ops.lrp_uniform_matmul_node
+        return ops.lrp_uniform_product_node if func in _PRODUCTS else None
 
     def __repr__(self) -> str:
         return f"EpsilonOpRule(uniform={self.uniform}, epsilon={self.epsilon})"

@@ -530,17 +530,17 @@ class Relevance:
         """
         if len(inputs) != 1 or type(module).forward is not nn.Linear.forward:
             return output
-        x = inputs[0]
+        x, weight = inputs[0], module.weight  # a parametrized weight is computed on each read
         if (
             not isinstance(x, Tensor)
             or x.dim() < 3
             or not x.requires_grad
             or x.device.type != "cpu"
-            or not x.dtype == output.dtype == module.weight.dtype
+            or not x.dtype == output.dtype == weight.dtype
             or torch.is_autocast_enabled("cpu")
         ):
             return output
-        return self._nodes.linear(x, module.weight.detach(), output.detach())
+        return self._nodes.linear(x, weight.detach(), output.detach())
 
     def passing(self, source: Tensor, output: Tensor) -> Tensor:
         """``output`` through the node that hands the relevance to ``source`` unchanged.
