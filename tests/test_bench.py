@@ -4,17 +4,22 @@ reports a contender running out of memory."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastattr
 from fastattr.__main__ import main
-from fastattr.bench import cases, floors, memory, models, report, runner
+from fastattr.bench import cases, floors, memory, models, report, runner, timing
 from fastattr.bench.cases import METHODS
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -79,6 +84,8 @@ def test_quick_run_reports_every_available_method(tmp_path, capsys):
                 impls["captum"]["seconds"] / fast["seconds"]
             )
         assert fast["time_over_floor"] == pytest.approx(fast["seconds"] / impls["floor"]["seconds"])
+        # One round gives a ratio but no interval.
+        assert fast["time_over_floor_interval"] is None
         assert entry["case"] in out
         assert f"| `{entry['case']}` | 2 |" in summary
 
@@ -115,6 +122,86 @@ def test_out_of_memory_during_timing_is_recorded():
     guarded()
     guarded()
     assert guarded.failure == {"status": "oom"} and len(calls) == 2
+
+
+def _coverage(n: int, k: int) -> float:
+    # Of [ratios[k - 1], ratios[n - k]] (sorted): it misses the median when at most k - 1 of
+    # the n ratios fall below it, or at most k - 1 above.
+    return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
+@given(st.lists(st.tuples(st.floats(0.01, 100), st.floats(0.01, 100)), min_size=1, max_size=60))
+def test_paired_ratio_is_the_median_ratio_with_the_tightest_interval_of_its_coverage(pairs):
+    numerators, denominators = zip(*pairs)
+    ratio, interval = timing.paired_ratio(numerators, denominators)
+    ratios = sorted(a / b for a, b in pairs)
+    n = len(ratios)
+    assert ratio == statistics.median(ratios)
+    usable = [k for k in range(1, n // 2 + 1) if _coverage(n, k) >= 0.95]
+    if not usable:
+        assert interval is None and n < 6
+        return
+    k = max(usable)  # the tightest: one order statistic further in covers too little
+    assert interval == (ratios[k - 1], ratios[n - k])
+    assert interval[0] <= ratio <= interval[1]
+
+
+@pytest.mark.parametrize("n", [6, 9, 21, 40])
+def test_paired_ratio_interval_covers_the_true_median_as_often_as_it_says(n):
+    # Times whose ratio has median 2 (log-normal noise on both): the interval holds 2 in at
+    # least 95% of trials, and not in (nearly) all of them, which a needlessly wide one would.
+    generator = np.random.default_rng(n)
+    trials = 4000
+    covered = 0
+    for _ in range(trials):
+        base = generator.uniform(0.5, 1.5, n)  # the machine's speed, shared by the round
+        slow = 2 * base * generator.lognormal(0, 0.1, n)
+        fast = base * generator.lognormal(0, 0.1, n)
+        _, (low, high) = timing.paired_ratio(slow, fast)
+        covered += low <= 2 <= high
+    k = max(k for k in range(1, n // 2 + 1) if _coverage(n, k) >= 0.95)
+    expected = _coverage(n, k)
+    assert abs(covered / trials - expected) < 4 * math.sqrt(expected * (1 - expected) / trials)
+
+
+def test_paired_ratio_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="one numerator per denominator"):
+        timing.paired_ratio([], [])
+    with pytest.raises(ValueError, match="one numerator per denominator"):
+        timing.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="positive"):
+        timing.paired_ratio([1.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        timing.paired_ratio([1.0, float("nan")], [1.0, 1.0])
+    with pytest.raises(ValueError, match="confidence"):
+        timing.paired_ratio([1.0], [1.0], confidence=1.0)
+
+
+def test_tables_show_each_ratio_with_its_interval():
+    fast = {
+        "status": "ok",
+        "examples_per_s": 10.0,
+        "speedup_vs_lxt": 1.031,
+        "speedup_vs_lxt_interval": (1.012, 1.054),
+        "time_over_floor": 0.981,
+        "time_over_floor_interval": None,
+    }
+    fake = {
+        "results": [
+            {
+                "case": "lrp-bert",
+                "batch": 4,
+                "method": "LRP",
+                "model": "bert",
+                "implementations": {"fastattr": fast, "lxt": {"status": "ok"}},
+            }
+        ]
+    }
+    (row,) = report.summary_markdown(fake).splitlines()[2:]
+    assert "| 1.03x [1.01, 1.05] | 0.98 |" in row
+    fast["speedup_vs_captum"], fast["speedup_vs_captum_interval"] = 2.0, (1.5, 2.5)
+    (row,) = report.table(fake).splitlines()[2:3]
+    assert "2.00x [1.50, 2.50]" in row and "0.98" in row
 
 
 def test_a_failing_fastattr_fails_the_check():

@@ -24,6 +24,16 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _ratio(record: dict[str, Any], key: str, unit: str = "") -> str:
+    """A ratio with its 95% interval when there is one: ``1.03x [1.01, 1.05]``."""
+    value = record.get(key)
+    if value is None:
+        return "-"
+    interval = record.get(f"{key}_interval")
+    shown = f"{value:.2f}{unit}"
+    return shown if interval is None else f"{shown} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def _rate(value: float | None) -> str:
     if value is None:
         return "-"
@@ -35,7 +45,6 @@ def _row(result: dict[str, Any], name: str, record: dict[str, Any]) -> list[str]
     if status != "ok":
         shown = "OOM" if status == "oom" else "error"
         return [result["case"], str(result["batch"]), name, shown, *["-"] * 5]
-    speedup = record.get("speedup_vs_captum")
     peak = record.get("peak_bytes")
     errors = [
         f"{key[len('rel_err_') :]} {value:.1e}"
@@ -47,8 +56,8 @@ def _row(result: dict[str, Any], name: str, record: dict[str, Any]) -> list[str]
         str(result["batch"]),
         name,
         _rate(record.get("examples_per_s")),
-        "-" if speedup is None else f"{speedup:.2f}x",
-        _number(record.get("time_over_floor"), ".2f"),
+        _ratio(record, "speedup_vs_captum", "x"),
+        _ratio(record, "time_over_floor"),
         "-" if peak is None else f"{peak / 2**20:.1f}",
         _number(record.get("rel_err_reference"), ".1e"),
         ", ".join(errors) or "-",
@@ -129,13 +138,12 @@ def summary_markdown(report: dict[str, Any]) -> str:
     for result in report["results"]:
         impls = result["implementations"]
         fast = impls.get("fastattr", {})
-        speedups = (fast.get(f"speedup_vs_{name}") for name in others)
         cells = [
             f"`{result['case']}`",
             str(result["batch"]),
             *(_throughput(impls.get(name)) for name in names),
-            *("-" if speedup is None else f"{speedup:.2f}x" for speedup in speedups),
-            _number(fast.get("time_over_floor"), ".2f"),
+            *(_ratio(fast, f"speedup_vs_{name}", "x") for name in others),
+            _ratio(fast, "time_over_floor"),
             " / ".join(_mib(impls.get(name)) for name in names),
             _number(fast.get("rel_err_reference"), ".1e"),
             *(_number(fast.get(f"rel_err_{name}"), ".1e") for name in others),
@@ -158,7 +166,9 @@ def legend(report: dict[str, Any]) -> str:
         f"n_steps {meta['n_steps']} (IG methods; the floor runs the same n_steps * batch rows); "
         f"timing: {meta['timing']}, {meta['warmup']} warm-up + {meta['repeats']} repeats",
         "vs X: X's time / this time; time/floor: this time / the model's own "
-        "forward+backward over the same rows",
+        "forward+backward over the same rows; both the median of the ratios round by round, "
+        "with a 95% interval in brackets (from 6 repeats on): one that excludes 1 is a "
+        "difference beyond the machine's noise",
         f"peak MiB: {meta['memory_method'] or 'not measured'}",
         "err: max |fastattr - ref| / max |ref| against the reference backend and each other "
         "contender, computed with TF32 off",

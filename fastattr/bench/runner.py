@@ -3,8 +3,9 @@ and the floor, side by side.
 
 For every case and batch size each implementation first runs once on its own (which checks it
 works and gives the attributions to compare), then all that worked are timed together with
-[fastattr.bench.timing.interleaved_medians][]. Running out of memory, or any other
-failure, is recorded for that implementation and batch; the benchmark goes on.
+[fastattr.bench.timing.interleaved_times][]: medians, and ratios taken round by round with
+their confidence intervals ([fastattr.bench.timing.paired_ratio][]). Running out of memory,
+or any other failure, is recorded for that implementation and batch; the benchmark goes on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,7 +33,7 @@ from torch import Tensor
 import fastattr
 from fastattr.bench import memory
 from fastattr.bench.cases import BUILT_IN, Arguments, Case, load
-from fastattr.bench.timing import interleaved_medians
+from fastattr.bench.timing import interleaved_times, paired_ratio
 
 __all__ = [
     "Config",
@@ -342,29 +344,28 @@ def _measure_batch(
     outputs.clear()
 
     guarded = {name: _Guarded(call) for name, call in calls.items()}
-    if guarded:
-        medians = interleaved_medians(
-            guarded, device=device, warmup=config.warmup, repeats=config.repeats
-        )
-        for name, guard in guarded.items():
-            if guard.failure is not None:
-                records[name] = guard.failure
-            else:
-                records[name]["seconds"] = medians[name]
-                records[name]["examples_per_s"] = batch / medians[name]
+    times = interleaved_times(guarded, device=device, warmup=config.warmup, repeats=config.repeats)
+    for name, guard in guarded.items():
+        if guard.failure is not None:
+            records[name] = guard.failure
+        else:
+            records[name]["seconds"] = statistics.median(times[name])
+            records[name]["examples_per_s"] = batch / records[name]["seconds"]
     _release_memory()
 
-    floor_s = records.get("floor", {}).get("seconds")
-    for record in records.values():
-        seconds = record.get("seconds")
-        if not seconds:
-            continue
-        for name in _compared(records):
-            other_s = records[name].get("seconds")
-            if other_s and record is not records[name]:
-                record[f"speedup_vs_{name}"] = other_s / seconds
-        if floor_s:
-            record["time_over_floor"] = seconds / floor_s
+    timed = [name for name, record in records.items() if "seconds" in record]
+    for name in timed:
+        record = records[name]
+        # Ratios round by round (see paired_ratio), each with its confidence interval.
+        for other in _compared(records):
+            if other in timed and other != name:
+                ratio, interval = paired_ratio(times[other], times[name])
+                record[f"speedup_vs_{other}"] = ratio
+                record[f"speedup_vs_{other}_interval"] = interval
+        if "floor" in timed:
+            ratio, interval = paired_ratio(times[name], times["floor"])
+            record["time_over_floor"] = ratio
+            record["time_over_floor_interval"] = interval
     return {
         "case": case.name,
         "method": case.method,
@@ -537,6 +538,7 @@ def run(config: Config) -> dict[str, Any]:
             "timing": (
                 "median of interleaved repeats after warm-ups"
                 + (", CUDA-synchronized" if config.device.type == "cuda" else "")
+                + "; ratios: median of per-round ratios, 95% interval"
             ),
             "memory_method": memory_method,
             "tolerance": TOLERANCE,
