@@ -524,7 +524,8 @@ class TrainModeAttention(nn.Module):
 # Where an interrupt could leave something behind: every line of these is tried, and every
 # eleventh line elsewhere.
 _CLEANUP = {"run", "_forward", "_remove", "forget", "_propagate", "_backward", "_buffers_kept"}
-_CLEANUP |= {"_restore", "under_op_rules"}
+# The module hooks' __call__ turns torch functions off around each rule.
+_CLEANUP |= {"_restore", "under_op_rules", "__call__"}
 
 
 @pytest.mark.parametrize("method", ["lrp", "layer", "attention"])
@@ -565,6 +566,9 @@ def test_an_interrupt_at_any_line_leaves_the_model_as_found(method: str) -> None
             sys.settrace(None)
         _assert_same(before, _fingerprint(model))
         _no_global_hooks_left(hooks_before)
+        # The thread's torch state too: grad mode, torch functions on, no mode left pushed.
+        assert torch.is_grad_enabled() and torch._C._is_torch_function_enabled(), event
+        assert torch._C._len_torch_function_stack() == 0, event
     torch.manual_seed(1)
     _close(call(), expected)
 

@@ -303,3 +303,16 @@ def test_disabling_torch_function_skips_function_modes_until_the_block_ends():
         assert mode.calls == 1
         x.detach()
         assert mode.calls == 2
+
+
+def test_the_torch_function_state_read_before_a_disabling_block_turns_it_back_on():
+    # fastattr/lrp/propagation.py's engine reads the thread's torch function state before the
+    # forward and sets it back after, in case an interrupt cut a DisableTorchFunction block's
+    # exit short.
+    state = torch._C._get_torch_function_state()
+    assert torch._C._is_torch_function_enabled()
+    disabling = torch._C.DisableTorchFunction()
+    disabling.__enter__()  # never left, as after such an interrupt
+    assert not torch._C._is_torch_function_enabled()
+    torch._C._set_torch_function_state(state)
+    assert torch._C._is_torch_function_enabled()

@@ -801,13 +801,21 @@ class Relevance:
         self._reaches = {gradient_edge(x).node: True for x in inputs if x.requires_grad}
         self._nodes = ops.lrp_nodes()
         hooks = (_ModuleHook(self, pre=True), _ModuleHook(self, pre=False))
+        # The hooks turn torch functions off while a rule runs: an interrupt on the line that
+        # leaves that with statement would leave them off for the thread. Restored in a
+        # finally of its own, which an interrupt in the other cannot skip. (The private torch
+        # function state: checked on torch 2.13 and 2.14; see tests/test_torch_private_api.py.)
+        state = torch._C._get_torch_function_state()
         try:
-            hooks[0].handle = module_hooks.register_module_forward_pre_hook(hooks[0])
-            hooks[1].handle = module_hooks.register_module_forward_hook(hooks[1])
-            return contextvars.copy_context().run(self._forward, forward)
+            try:
+                hooks[0].handle = module_hooks.register_module_forward_pre_hook(hooks[0])
+                hooks[1].handle = module_hooks.register_module_forward_hook(hooks[1])
+                return contextvars.copy_context().run(self._forward, forward)
+            finally:
+                _remove(hooks)
+                self._forget()
         finally:
-            _remove(hooks)
-            self._forget()
+            torch._C._set_torch_function_state(state)
 
     def _forward(self, forward: Callable[[], Any]) -> Any:
         _ACTIVE.set(self)  # in this call's own context
