@@ -638,6 +638,79 @@ def test_a_sum_written_into_is_copied_there_from_the_second_call_on() -> None:
     torch.testing.assert_close(second, expected, rtol=1e-12, atol=0)
 
 
+class ResidualBranch(nn.Module):
+    """A residual sum whose branch ends in a linear layer, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x) + x)
+
+
+def _epsilon_ratio(relevance: torch.Tensor, z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return relevance / (z + epsilon * (2 * (z >= 0).to(z.dtype) - 1))
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.3])
+def test_a_sum_hands_its_contribution_straight_to_the_linear_layer_of_its_branch(
+    epsilon: float,
+) -> None:
+    """The branch's output times the sum's contribution, divided by that output (stabilized),
+    is the contribution again but for epsilon: the layer receives it unchanged, written out
+    here; taking the ratio instead parts from it once epsilon is large."""
+    torch.manual_seed(0)
+    model = ResidualBranch().double()
+    for module in model.children():
+        module.rule = EpsilonRule(epsilon)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    target = 2
+    relevance = LRP(model, [AttnLRP(epsilon)]).attribute(x, target=target)
+
+    z = model.fc(x)
+    total = z + x
+    y = model.head(total)
+    start = torch.zeros_like(y)
+    start[:, target] = 1.0
+    at_total = total * (_epsilon_ratio(start, y, epsilon) @ model.head.weight)
+    contribution = _epsilon_ratio(at_total, total, epsilon)
+    at_x_residual = x * contribution
+    scale = y[:, target : target + 1]  # LRP's relevance, as captum's, is that of the target
+    expected = (at_x_residual + x * (contribution @ model.fc.weight)) * scale
+    torch.testing.assert_close(relevance, expected.detach(), rtol=1e-12, atol=1e-14)
+    through_ratio = _epsilon_ratio(z * contribution, z, epsilon)
+    taken = (at_x_residual + x * (through_ratio @ model.fc.weight)) * scale
+    if epsilon:
+        assert not torch.allclose(relevance, taken.detach(), rtol=1e-6, atol=0)
+    # LayerLRP still reads the relevance at the branch's output: the output times the
+    # contribution.
+    at_branch = LayerLRP(model, model.fc, [AttnLRP(epsilon)]).attribute(x, target=target)
+    torch.testing.assert_close(at_branch, (z * contribution * scale).detach(), rtol=1e-12, atol=0)
+
+
+def test_the_branch_s_output_is_not_used_by_the_backward() -> None:
+    model = ResidualBranch()
+    outputs: list[int] = []
+    model.fc.register_forward_hook(lambda module, args, output: outputs.append(output.data_ptr()))
+    used: list[int] = []
+
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        used.append(tensor.data_ptr())  # a saved tensor the backward reads
+        return tensor
+
+    x = torch.randn(5, 4)
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, unpack):
+        LRP(model, ATTN).attribute(x, target=0)
+        (branch,) = outputs
+        assert used and branch not in used
+        # Read by a layer (not a sum), the same output is: that product does not cancel.
+        outputs.clear(), used.clear()
+        LRP(nn.Sequential(model.fc, model.head), ATTN).attribute(x, target=0)
+        assert outputs[0] in used
+
+
 def test_a_tensor_property_is_computed_once_per_call_while_unchanged() -> None:
     from fastattr.lrp import Relevance
     from fastattr.lrp.propagation import plan_rules

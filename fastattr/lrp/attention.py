@@ -453,6 +453,10 @@ class EpsilonOpRule(ActivationOpRule):
             hand on a copy where it has done so before.
     """
 
+    # Whether a term that is a rule's epsilon-ratio output, unchanged, takes the contribution
+    # straight to that ratio's z (see Relevance.product's cancel).
+    cancels = False
+
     def __init__(
         self,
         functions: Sequence[Callable[..., Any]],
@@ -475,7 +479,7 @@ class EpsilonOpRule(ActivationOpRule):
 
             def node(tensor: Tensor) -> Tensor:
                 if share == 1.0:
-                    return relevance.product(tensor)
+                    return relevance.product(tensor, cancel=self.cancels)
                 return relevance.share(tensor, share)
 
             carries = relevance.is_activation
@@ -537,10 +541,19 @@ class SumOpRule(EpsilonOpRule):
     unchanged, which is exact: it adds zero where the softmax rule leaves relevance, and where
     it adds a huge negative number the softmax rule leaves none.
 
+    A term that is a module's output as its epsilon rule handed it on (a residual branch's
+    last linear layer) takes the sum's contribution ``c`` straight into that rule: its
+    relevance ``x * c`` divided by ``x + epsilon * sign(x)`` is ``c`` but for the stabilizer,
+    so the epsilon that would damp outputs near zero there is not applied, as in lxt's AttnLRP
+    (the gradient's path), and the branch's output is neither read again nor kept for the
+    backward.
+
     Args:
         functions: The torch functions the rule is offered.
         epsilon: The stabilizer of the ratio at the output.
     """
+
+    cancels = True
 
     def __init__(self, functions: Sequence[Callable[..., Any]], epsilon: float = STABILIZER):
         super().__init__(functions, epsilon=epsilon, copy=True)
@@ -765,9 +778,12 @@ class InPlaceOpRule(ActivationOpRule):
         if rule is None:  # a selection (masked_fill_): autograd's own backward moves relevance
             return func(*args, **kwargs)
         # The rule's nodes may save the first argument, which the call then overwrites: they
-        # get a copy.
+        # get a copy, unless the rule cancels it (and so saves nothing of it).
         target = args[0]
-        result = rule.apply(relevance, function, (target.clone(), *args[1:]), kwargs)
+        first = target
+        if not (getattr(rule, "cancels", False) and relevance.cancels(target)):
+            first = target.clone()
+        result = rule.apply(relevance, function, (first, *args[1:]), kwargs)
         return relevance.write_into(target, result)
 
     def __repr__(self) -> str:

@@ -280,10 +280,22 @@ def _remove(hooks: Sequence[_ModuleHook]) -> None:
 class _Ratio:
     """A tensor a rule handed on whose relevance goes to an epsilon ratio at ``z``, directly or
     through pass-through rules; a product at a later module's input may fold into that ratio.
-    A ratio node's own output also notes what it shows (``raw``) and, when that is a module's
+    A ratio node's own output also notes what it shows (``raw``), whether that holds ``z``'s
+    own values (``holds_z``: a product there cancels the ratio), and, when it is a module's
     output, the module, its rule and the inputs the rule saw."""
 
-    __slots__ = ("epsilon", "foldable", "inputs", "module", "raw", "rule", "tensor", "version", "z")
+    __slots__ = (
+        "epsilon",
+        "foldable",
+        "holds_z",
+        "inputs",
+        "module",
+        "raw",
+        "rule",
+        "tensor",
+        "version",
+        "z",
+    )
 
     def __init__(
         self,
@@ -292,6 +304,7 @@ class _Ratio:
         epsilon: float,
         foldable: bool,
         raw: Tensor | None = None,
+        holds_z: bool = False,
     ) -> None:
         self.tensor = tensor  # held: keeps its id from being reused
         # The tensor's version then: written into since, it is no longer the ratio's output.
@@ -302,6 +315,7 @@ class _Ratio:
         self.epsilon = epsilon
         self.foldable = foldable
         self.raw = raw  # the tensor the ratio node shows (held too)
+        self.holds_z = holds_z
         self.module: nn.Module | None = None
         self.rule: PropagationRule | None = None
         self.inputs: tuple = ()
@@ -419,19 +433,28 @@ class Relevance:
 
     # What rules build with.
 
-    def product(self, x: object) -> Any:
+    def product(self, x: object, cancel: bool = False) -> Any:
         """``x`` through the node that turns the contribution arriving into the relevance ``x *
         contribution``; when ``x`` is (a pass-through of) a rule's epsilon-ratio output, one
         fused node that also divides by that ratio's ``z``.
 
         Args:
             x: A module's (or op's) input.
+            cancel: Where ``x`` holds its ratio's ``z`` itself (a module's output read
+                unchanged), the product and the ratio cancel but for the stabilizer, ``x * c /
+                (x + epsilon * sign(x))``: hand the contribution to ``z`` unchanged, as the
+                gradient does, with neither node (no pass over ``x``, nothing saved).
 
         Returns:
             A view of ``x`` carrying the node; anything but a tensor on the graph as it is.
         """
         if not isinstance(x, Tensor) or not x.requires_grad:
             return x
+        found = self._ratios.get(id(x))
+        if found is not None and (found.tensor is not x or found.version != x._version):
+            found = None
+        if cancel and found is not None and self._cancels(found):
+            return self._handed(self._nodes.passing(found.z, x.detach()))
         # One node serves every module that reads x (a transformer's query, key and value):
         # the contributions arriving add up before the one product.
         made_before = self._products.get(id(x))
@@ -442,13 +465,7 @@ class Relevance:
             and made_before[2]._version == made_before[3]
         ):
             return made_before[2]
-        found = self._ratios.get(id(x))
-        if (
-            found is not None
-            and found.foldable
-            and found.tensor is x
-            and found.version == x._version
-        ):
+        if found is not None and found.foldable:
             made = self._nodes.product_ratio(found.z, x.detach(), found.epsilon)
             if self._written and found.z.grad_fn in self._written:
                 self._folds.add(made.grad_fn)
@@ -458,6 +475,32 @@ class Relevance:
             return made.clone()
         self._products[id(x)] = (x, x._version, made, made._version)
         return made
+
+    def cancels(self, x: object) -> bool:
+        """Whether ``product(x, cancel=True)`` hands the contribution straight to a ratio's
+        ``z`` (and so saves nothing of ``x``).
+
+        Args:
+            x: Anything.
+
+        Returns:
+            True when ``x`` is, unchanged, a rule's epsilon-ratio output that holds its ``z``.
+        """
+        found = self._ratios.get(id(x)) if isinstance(x, Tensor) else None
+        return (
+            found is not None
+            and found.tensor is x
+            and found.version == x._version
+            and self._cancels(found)
+        )
+
+    def _cancels(self, found: _Ratio) -> bool:
+        # Not into a tensor an in-place ReLU wrote into: there the product masks (see writable).
+        return (
+            found.holds_z
+            and found.foldable
+            and not (self._written and found.z.grad_fn in self._written)
+        )
 
     def share(self, x: object, fraction: float) -> Any:
         """``x`` through the node that turns the contribution arriving into the relevance
@@ -510,7 +553,10 @@ class Relevance:
         else:
             made = self._handed(made)
         foldable = z is output or (z.dtype == output.dtype and z.shape == output.shape)
-        found = _Ratio(made, z, epsilon, foldable, output)
+        holds_z = z is output or (
+            foldable and z.data_ptr() == output.data_ptr() and z.stride() == output.stride()
+        )
+        found = _Ratio(made, z, epsilon, foldable, output, holds_z)
         self._ratios[id(made)] = found
         self._raw[id(output)] = found
         return made
@@ -669,12 +715,25 @@ class Relevance:
             ``target``.
         """
         try:
-            return target.copy_(value)
+            target.copy_(value)
         except RuntimeError as error:
             # Refused before anything was written: a rule's output cannot be changed in place.
             if "custom Function" in str(error):
                 raise CopiesNeeded from error
             raise
+        found = self._ratios.get(id(value))
+        if (
+            found is not None
+            and found.tensor is value
+            and found.version == value._version
+            and target.dtype == value.dtype
+            and target.shape == value.shape
+        ):
+            # target now holds value's values: what reads it folds (or cancels) as value would.
+            self._ratios[id(target)] = _Ratio(
+                target, found.z, found.epsilon, found.foldable, holds_z=found.holds_z
+            )
+        return target
 
     def is_activation(self, value: object) -> bool:
         """Whether ``value`` is a floating tensor that depends on the attributed inputs (rather
