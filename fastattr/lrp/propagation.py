@@ -443,7 +443,7 @@ class Relevance:
             cancel: Where ``x`` holds its ratio's ``z`` itself (a module's output read
                 unchanged), the product and the ratio cancel but for the stabilizer, ``x * c /
                 (x + epsilon * sign(x))``: hand the contribution to ``z`` unchanged, as the
-                gradient does, with neither node (no pass over ``x``, nothing saved).
+                gradient does, through a node that neither reads ``x`` nor keeps it.
 
         Returns:
             A view of ``x`` carrying the node; anything but a tensor on the graph as it is.
