@@ -61,6 +61,8 @@ class Recorder:
 
     def pack(self, tensor: torch.Tensor) -> _Saved:
         saved = _Saved(tensor, _site())
+        # Parameters by type (lxt's BERT is a copy of the model, with parameters of its own),
+        # and by storage the detached weights fastattr's nodes keep.
         root = tensor if tensor._base is None else tensor._base  # a weight's transpose
         weight = tensor.untyped_storage().data_ptr() in self.parameters
         if not isinstance(root, torch.nn.Parameter) and not weight:
