@@ -353,7 +353,7 @@ def _measure_batch(
             records[name]["examples_per_s"] = batch / records[name]["seconds"]
     _release_memory()
 
-    timed = [name for name, record in records.items() if "seconds" in record]
+    timed = [name for name in times if "seconds" in records[name]]
     for name in timed:
         record = records[name]
         # Ratios round by round (see paired_ratio), each with its confidence interval.
