@@ -706,7 +706,8 @@ def test_the_branch_s_output_is_not_used_by_the_backward() -> None:
         (branch,) = outputs
         assert used and branch not in used
         # Read by a layer (not a sum), the same output is: that product does not cancel.
-        outputs.clear(), used.clear()
+        outputs.clear()
+        used.clear()
         LRP(nn.Sequential(model.fc, model.head), ATTN).attribute(x, target=0)
         assert outputs[0] in used
 
