@@ -450,9 +450,7 @@ class Relevance:
         """
         if not isinstance(x, Tensor) or not x.requires_grad:
             return x
-        found = self._ratios.get(id(x))
-        if found is not None and (found.tensor is not x or found.version != x._version):
-            found = None
+        found = self._current(x)
         if cancel and found is not None and self._cancels(found):
             return self._handed(self._nodes.passing(found.z, x.detach()))
         # One node serves every module that reads x (a transformer's query, key and value):
@@ -467,7 +465,7 @@ class Relevance:
             return made_before[2]
         if found is not None and found.foldable:
             made = self._nodes.product_ratio(found.z, x.detach(), found.epsilon)
-            if self._written and found.z.grad_fn in self._written:
+            if self._written_into(found):
                 self._folds.add(made.grad_fn)
         else:
             made = self._nodes.product(x)
@@ -486,21 +484,24 @@ class Relevance:
         Returns:
             True when ``x`` is, unchanged, a rule's epsilon-ratio output that holds its ``z``.
         """
-        found = self._ratios.get(id(x)) if isinstance(x, Tensor) else None
-        return (
-            found is not None
-            and found.tensor is x
-            and found.version == x._version
-            and self._cancels(found)
-        )
+        found = self._current(x)
+        return found is not None and self._cancels(found)
 
     def _cancels(self, found: _Ratio) -> bool:
         # Not into a tensor an in-place ReLU wrote into: there the product masks (see writable).
-        return (
-            found.holds_z
-            and found.foldable
-            and not (self._written and found.z.grad_fn in self._written)
-        )
+        return found.holds_z and found.foldable and not self._written_into(found)
+
+    def _current(self, x: object) -> _Ratio | None:
+        """The record of the ratio whose output ``x`` is (or passes on), while ``x`` is
+        unchanged since."""
+        found = self._ratios.get(id(x)) if isinstance(x, Tensor) else None
+        if found is None or found.tensor is not x or found.version != x._version:
+            return None
+        return found
+
+    def _written_into(self, found: _Ratio) -> bool:
+        # Whether an in-place ReLU wrote into the tensor the ratio divides by.
+        return bool(self._written) and found.z.grad_fn in self._written
 
     def share(self, x: object, fraction: float) -> Any:
         """``x`` through the node that turns the contribution arriving into the relevance
@@ -606,14 +607,8 @@ class Relevance:
         elif output is source:  # an identity that returned its input (dropout in eval mode)
             return output
         made = self._handed(self._nodes.passing(source, output.detach()))
-        found = self._ratios.get(id(source))
-        if (
-            found is not None
-            and found.tensor is source
-            and found.version == source._version
-            and found.z.dtype == output.dtype
-            and found.z.shape == output.shape
-        ):
+        found = self._current(source)
+        if found is not None and found.z.dtype == output.dtype and found.z.shape == output.shape:
             self._ratios[id(made)] = _Ratio(made, found.z, found.epsilon, found.foldable)
         return made
 
@@ -635,13 +630,11 @@ class Relevance:
         """
         if not isinstance(x, Tensor):
             return x
-        found = self._ratios.get(id(x))
+        found = self._current(x)
         if (
             zero_or_same
             and not self.copy_writes
             and found is not None
-            and found.tensor is x
-            and found.version == x._version
             and found.foldable
             and found.raw is found.z
         ):
@@ -721,14 +714,8 @@ class Relevance:
             if "custom Function" in str(error):
                 raise CopiesNeeded from error
             raise
-        found = self._ratios.get(id(value))
-        if (
-            found is not None
-            and found.tensor is value
-            and found.version == value._version
-            and target.dtype == value.dtype
-            and target.shape == value.shape
-        ):
+        found = self._current(value)
+        if found is not None and target.dtype == value.dtype and target.shape == value.shape:
             # target now holds value's values: what reads it folds (or cancels) as value would.
             self._ratios[id(target)] = _Ratio(
                 target, found.z, found.epsilon, found.foldable, holds_z=found.holds_z
@@ -813,14 +800,8 @@ class Relevance:
         Returns:
             The record, or None.
         """
-        found = self._ratios.get(id(x)) if isinstance(x, Tensor) else None
-        if (
-            found is None
-            or found.tensor is not x
-            or found.version != x._version
-            or found.module is None
-            or not found.foldable
-        ):
+        found = self._current(x)
+        if found is None or found.module is None or not found.foldable:
             return None
         return found
 
