@@ -75,9 +75,12 @@ def baseline_tuple(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tuple
     elif not isinstance(baselines, tuple):
         baselines = (baselines,)
     if len(baselines) != len(inputs):
+        hint = ""
+        if isinstance(baselines[0], list) and len(baselines[0]) == len(inputs):
+            hint = " (a list is one baseline, as in captum: give several as a tuple)"
         raise ValueError(
             f"baselines must give one baseline per input tensor: {len(inputs)} inputs, "
-            f"{len(baselines)} baselines"
+            f"{len(baselines)} baselines{hint}"
         )
     return baselines
 

@@ -5,12 +5,15 @@ the examples of a batch."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+import types
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 
 def module_of(forward_func: object) -> nn.Module | None:
@@ -22,15 +25,67 @@ def module_of(forward_func: object) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
+def modules_behind(forward_func: object) -> tuple[nn.Module, ...]:
+    """The modules ``forward_func`` runs, as far as can be seen: the module itself, the owner
+    of a bound method, or for a plain function (``lambda x: model(x).softmax(-1)``) or a
+    ``functools.partial``, the modules it holds in its closure, arguments or the globals it
+    names, and in the functions it holds in turn (three levels deep)."""
+    found: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+
+    def visit(value: object, depth: int) -> None:
+        if id(value) in seen or depth > 3:
+            return
+        seen.add(id(value))
+        module = module_of(value)
+        if module is not None:
+            found.setdefault(id(module), module)
+        elif isinstance(value, functools.partial):
+            for held in (value.func, *value.args, *value.keywords.values()):
+                visit(held, depth + 1)
+        elif isinstance(value, types.FunctionType):
+            cells = value.__closure__ or ()
+            named = value.__globals__
+            for held in (
+                *(cell.cell_contents for cell in cells if _filled(cell)),
+                *(named[name] for name in value.__code__.co_names if name in named),
+            ):
+                visit(held, depth + 1)
+
+    visit(forward_func, 0)
+    return tuple(found.values())
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an empty cell raises)
+    except ValueError:
+        return False
+    return True
+
+
+def draws_dropout(forward_func: object) -> bool:
+    """Whether a dropout module behind ``forward_func`` is in training mode, drawing random
+    numbers: passes that stop early at a layer would draw fewer than Captum's, which run to
+    the end, and leave other results and another random state."""
+    # (_DropoutNd, private, is the base of torch's dropout modules: checked on torch 2.13 and
+    # 2.14 in tests/test_torch_private_api.py.)
+    return any(
+        isinstance(m, _DropoutNd) and m.training and m.p > 0
+        for model in modules_behind(forward_func)
+        for m in model.modules()
+    )
+
+
 def uses_batch_statistics(forward_func: object) -> bool:
-    """Whether the module behind ``forward_func`` normalizes with the statistics of the batch
+    """Whether a module behind ``forward_func`` normalizes with the statistics of the batch
     it is given (batch normalization in training mode, or without running statistics), so that
     an example's output depends on the other rows of its batch."""
-    model = module_of(forward_func)
     # (_BatchNorm, private, is the base of every batch normalization: checked on torch 2.13
     # and 2.14, with what its forward does, in tests/test_torch_private_api.py.)
-    return model is not None and any(
+    return any(
         isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+        for model in modules_behind(forward_func)
         for m in model.modules()
     )
 
@@ -47,10 +102,11 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
     """Within the block the model may update its buffers (running statistics of modules in
     training mode); on exit each is restored, the same tensor with its old values, also after
     an exception or an interrupt. Modules in eval mode are not watched: their forward leaves
-    buffers alone. A plain function, whose modules can't be seen, is run as it is. Grad mode is
+    buffers alone. A plain function is looked into (``modules_behind``); modules it hides
+    (behind an object's attribute, say) are not watched. Grad mode is
     restored too: an interrupt inside one of torch's grad-mode context managers (Python code)
     would leave it switched."""
-    model = module_of(forward_func)
+    models = modules_behind(forward_func)
     # (Builtins, unlike torch.set_grad_enabled, run no Python an interrupt could stop:
     # torch._C._set_grad_enabled is private, checked on torch 2.13 and 2.14, see
     # tests/test_torch_private_api.py.)
@@ -75,7 +131,7 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
 
     try:
         with _held_lock:
-            for module in [] if model is None else model.modules():
+            for module in {id(m): m for model in models for m in model.modules()}.values():
                 if not module.training:
                     continue
                 for name, buffer in module._buffers.items():

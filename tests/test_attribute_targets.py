@@ -130,9 +130,18 @@ def test_layer_integrated_gradients(chunking, on_input):
         assert_same(many[k], lig.attribute(x, target=target, **kwargs))
 
 
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.a(x)) + self.b(x).relu())
+
+
 def test_layer_integrated_gradients_list_of_layers():
-    net = mlp()
-    lig = fastattr.LayerIntegratedGradients(net, [net[1], net[3]])
+    net = seeded(Branches())
+    lig = fastattr.LayerIntegratedGradients(net, [net.a, net.b])
     x = data(BATCH, 5)
     many = lig.attribute_targets(x, [0, 2], n_steps=5)
     assert_same(many, [lig.attribute(x, target=t, n_steps=5) for t in (0, 2)])

@@ -213,6 +213,62 @@ def test_train_mode_batch_norm_gives_captums_numbers_and_keeps_buffers(name):
         assert_same(got, expected)
 
 
+_NET = mlp(batch_norm=True).train()
+
+
+def _through_a_global(v):
+    return _NET(v).softmax(-1)
+
+
+@pytest.mark.parametrize("spelling", ["closure", "partial", "global"])
+def test_a_plain_function_s_batch_norm_is_seen(spelling):
+    # The batch-normalizing model behind a plain function: captum's rows per forward (all
+    # steps at once), so captum's numbers, and its buffers kept.
+    import functools
+
+    model = _NET if spelling == "global" else mlp(batch_norm=True).train()
+    forward = {
+        "closure": lambda v: model(v).softmax(-1),
+        "partial": functools.partial(lambda net, v: net(v).softmax(-1), model),
+        "global": _through_a_global,
+    }[spelling]
+    x = inputs(4)
+    state = snapshot(model)
+    got = fastattr.IntegratedGradients(forward).attribute(x, target=1, n_steps=6)
+    assert_as_found(model, state)
+    expected = captum_attr.IntegratedGradients(forward).attribute(x, target=1, n_steps=6)
+    with torch.no_grad():
+        for _, tensor, value in state[0]:
+            tensor.copy_(value)
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("name", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+def test_train_mode_dropout_draws_as_captum_does(name):
+    # In training mode the passes run to the end, as captum's: the dropouts draw the same
+    # numbers, so the attributions and the random state after are captum's. (Given captum's
+    # rows per forward: dropouts before and after the layer take turns drawing, so chunks of
+    # other sizes give the rows other draws.)
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 8), nn.Dropout(0.5),
+            nn.Linear(8, 3),
+        ).double().train()  # fmt: skip
+
+    x = inputs(3)
+    kwargs = {"neuron_selector": 2} if name == "NeuronIntegratedGradients" else {"target": 1}
+    results, states = [], []
+    for module in (fastattr, captum_attr):
+        model = build()
+        torch.manual_seed(5)
+        method = getattr(module, name)(model, model[3])
+        results.append(method.attribute(x, n_steps=4, internal_batch_size=12, **kwargs))
+        states.append(torch.get_rng_state())
+    assert_same(results[0], results[1])
+    assert torch.equal(states[0], states[1])
+
+
 def test_buffers_are_restored_after_an_error():
     model, x = mlp(batch_norm=True).train(), inputs(4)
     state = snapshot(model)

@@ -183,12 +183,27 @@ def test_tuple_inputs(tmp_path):
     assert got.metadata["job"]["dataset"]["items"]["tuple"] is True
 
 
+class TwoBranches(nn.Module):
+    """Two layers that both read the input: a list of layers for LayerIntegratedGradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(data_jobs.FEATURES, 16)
+        self.fc2 = nn.Linear(data_jobs.FEATURES, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc1(x)) * torch.sigmoid(self.fc2(x)))
+
+
 def test_layer_and_neuron_integrated_gradients(tmp_path):
     model = data_jobs.model()
     features, labels = data_jobs.inputs_and_labels()
     data = labeled(torch.utils.data.TensorDataset(features, labels))
     # Several layers: a list of results per example.
-    lig = fastattr.LayerIntegratedGradients(model, [model.fc1, model.fc2])
+    branches = TwoBranches()
+    lig = fastattr.LayerIntegratedGradients(branches, [branches.fc1, branches.fc2])
     got = fastattr.attribute_dataset(
         lig, data, tmp_path / "lig", target="label", batch_size=8, n_steps=8, progress=False
     )

@@ -829,6 +829,8 @@ def test_bad_inputs():
         IntegratedGradients(two).attribute((X, data(BATCH + 1, 3, 2)), target=0)
     with pytest.raises(ValueError, match="inputs"):
         IntegratedGradients(two).attribute((X, data(BATCH, 3, 2).to("meta")), target=0)
+    with pytest.raises(ValueError, match=r"2 inputs, 1 baselines \(a list is one baseline"):
+        IntegratedGradients(two).attribute((X, data(BATCH, 3, 2)), baselines=[0.1, 0.2], target=0)
     with pytest.raises(TypeError, match="inputs"):
         IntegratedGradients(model).attribute(torch.ones(BATCH, FEATURES, dtype=torch.long))
     with pytest.raises(TypeError, match="inputs"):

@@ -289,25 +289,48 @@ def test_layer_ig_list_of_layers_reading_the_input_adds_up_to_ig():
 
 
 @pytest.mark.parametrize("on_input", [False, True])
-def test_layer_ig_list_with_a_layer_feeding_another(on_input):
-    # captum raises here (the first layer's path is cut off by the second's). Replacing both
-    # at once, the output depends on the second layer only: its attribution is the single
-    # layer's, the first layer's is zero.
+def test_layer_ig_list_with_a_layer_feeding_another_is_refused(on_input):
+    # Replacing both at once, the first layer's path reaches the output only through the
+    # second's values, replaced in turn: its attribution would be zero, not its own. captum
+    # fails there too ("not been used in the graph"); fastattr says why.
     model = seeded(mlp)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(5)
     x = torch.randn(4, 6, dtype=torch.float64)
     kwargs = {"target": 0, "n_steps": 7, "attribute_to_layer_input": on_input}
-    first, second = fastattr.LayerIntegratedGradients(model, [model[0], model[2]]).attribute(
-        x, **kwargs
+    where = "input" if on_input else "output"
+    with pytest.raises(ValueError, match=rf"Linear \(#1\) depends on the {where} of Linear \(#0\)"):
+        fastattr.LayerIntegratedGradients(model, [model[0], model[2]]).attribute(x, **kwargs)
+    with pytest.raises(ValueError, match="depends on"):
+        fastattr.NoiseTunnel(
+            fastattr.LayerIntegratedGradients(model, [model[0], model[2]])
+        ).attribute(x, nt_samples=2, **kwargs)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(self.b(h) + h)
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_layer_ig_list_with_a_layer_feeding_another_and_the_output_matches_captum(on_input):
+    # The first layer also reaches the output around the second (a residual): captum runs,
+    # and so does fastattr, with captum's numbers.
+    model = seeded(Residual)
+    torch.manual_seed(6)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    ours, theirs = lig_both(
+        model, [model.a, model.b], x, target=1, n_steps=6, attribute_to_layer_input=on_input
     )
-    alone = fastattr.LayerIntegratedGradients(model, model[2]).attribute(x, **kwargs)
-    torch.testing.assert_close(second, alone, rtol=1e-10, atol=1e-12)
-    assert torch.equal(first, torch.zeros_like(first))
-    # captum's behaviour is available through grad_kwargs: the unused path is an error.
-    with pytest.raises(RuntimeError, match="not have been used"):
-        fastattr.LayerIntegratedGradients(model, [model[0], model[2]]).attribute(
-            x, grad_kwargs={"allow_unused": False}, **kwargs
-        )
+    assert_same(ours, theirs)
+    assert ours[0].abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("on_input", [False, True])
@@ -923,7 +946,7 @@ def test_layer_ig_leaves_the_model_as_found(on_input, as_list):
     model, layer, x, _ = _linear_case(torch.float64)
     model[3].train()  # a mix of modes
     snapshot = _snapshot(model)
-    fastattr.LayerIntegratedGradients(model, [layer, model[4]] if as_list else layer).attribute(
+    fastattr.LayerIntegratedGradients(model, [layer] if as_list else layer).attribute(
         x, target=1, n_steps=5, attribute_to_layer_input=on_input, return_convergence_delta=True
     )
     _assert_as_found(model, snapshot)
@@ -937,7 +960,7 @@ def test_layer_ig_forward_raising_in_the_scaled_pass(on_input):
     x = torch.randn(4, 6, dtype=torch.float64)
     snapshot = _snapshot(model)
     with pytest.raises(RuntimeError, match="boom in the scaled pass"):
-        fastattr.LayerIntegratedGradients(model, [model[0], model[2]]).attribute(
+        fastattr.LayerIntegratedGradients(model, [model[2]]).attribute(
             x, target=1, n_steps=5, attribute_to_layer_input=on_input
         )
     _assert_as_found(model, snapshot)

@@ -575,6 +575,30 @@ def test_layer_lrp_refuses_a_layer_that_runs_twice() -> None:
     assert relevance.shape == (2, 4) and delta.shape == (2,)
 
 
+class Folded(nn.Module):
+    """A layer run on the tokens of every example folded into one leading dimension, and
+    called with its input by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inner(input=x.reshape(-1, 4)).reshape(x.shape[0], -1))
+
+
+def test_layer_lrp_refuses_what_it_cannot_give_per_example() -> None:
+    model = Folded().double()
+    state = _snapshot(model)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"shape \[6, 4\].*not the batch \(2 examples\)"):
+        LayerLRP(model, model.inner).attribute(x, target=0)
+    with pytest.raises(ValueError, match=r"no positional input .*keyword arguments"):
+        LayerLRP(model, model.inner).attribute(x, target=0, attribute_to_layer_input=True)
+    _assert_untouched(model, state, {}, {"": True, "inner": True, "head": True})
+
+
 def test_in_place_sum_retries_once_with_copies(capsys: pytest.CaptureFixture) -> None:
     class InPlace(nn.Module):
         def __init__(self) -> None:

@@ -774,6 +774,16 @@ def test_point_wise_calls_and_reshapes_pass() -> None:
     assert relevance.shape == x.shape
 
 
+def test_broadcast_to_moves_relevance_as_expand_does() -> None:
+    x = torch.randn(2, 4, dtype=torch.float64)
+    results = []
+    for spread in (lambda h: h.expand(3, -1, -1), lambda h: torch.broadcast_to(h, (3, 2, 4))):
+        torch.manual_seed(0)
+        model = Calls(lambda h, spread=spread: spread(h).sum(0)).double()
+        results.append(LRP(model, ATTN).attribute(x, target=0))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
 def test_without_the_canonizer_captum_s_refusal_names_it() -> None:
     """AttnLRP's rules are a canonizer passed by name: without it, LRP reads a transformer as
     captum does (no rule for layer norm or embeddings), and the error says what to pass."""
@@ -783,18 +793,74 @@ def test_without_the_canonizer_captum_s_refusal_names_it() -> None:
         LRP(Logits(model)).attribute(embeds, target=target, additional_forward_args=(mask,))
 
 
+class ChannelsFirstNorm(nn.LayerNorm):
+    """A layer norm over the channels of (batch, channels, height, width), as ConvNeXt's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Normed(nn.Module):
+    def __init__(self, norm: nn.Module, channels_last: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1)
+        self.norm = norm
+        self.channels_last = channels_last
+        self.head = nn.Linear(4 * 3 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.channels_last:
+            h = self.norm(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:
+            h = self.norm(h)
+        return self.head(h.flatten(1))
+
+
+def test_a_layer_norm_that_replaces_its_forward_runs_its_own_forward() -> None:
+    """A subclass of nn.LayerNorm with a forward of its own (here the width equals the channels,
+    so recomputing nn.LayerNorm's forward on its input would run, wrongly) gets the op rules
+    inside its forward: the relevance of the same model with the permutes outside."""
+    torch.manual_seed(0)
+    subclassed = Normed(ChannelsFirstNorm(4), channels_last=False).double().eval()
+    plain = Normed(nn.LayerNorm(4), channels_last=True).double().eval()
+    plain.load_state_dict(subclassed.state_dict())
+    x = torch.randn(2, 2, 3, 4, dtype=torch.float64)
+    expected = LRP(plain, ATTN).attribute(x, target=0)
+    relevance, delta = LRP(subclassed, ATTN).attribute(x, target=0, return_convergence_delta=True)
+    torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(relevance.flatten(1).sum(1) + delta, subclassed(x)[:, 0])
+    with pytest.raises(TypeError, match=r"model.norm: LayerNormRule .*ChannelsFirstNorm replaces"):
+        subclassed.norm.rule = LayerNormRule()
+        LRP(subclassed).attribute(x, target=0)
+
+
+def test_torchvision_convnext_runs_with_its_channels_first_layer_norms() -> None:
+    from torchvision.models import convnext_tiny
+
+    torch.manual_seed(0)
+    model = convnext_tiny(num_classes=3).double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    relevance, delta = LRP(model, ATTN).attribute(x, target=1, return_convergence_delta=True)
+    torch.testing.assert_close(relevance.flatten(1).sum(1) + delta, model(x)[:, 1])
+    assert relevance.isfinite().all() and relevance.abs().sum() > 0
+
+
 def test_a_module_without_a_rule_is_refused() -> None:
     class Recurrent(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.rnn = nn.GRU(4, 4, batch_first=True)
+            self.norm = nn.LayerNorm(4)
             self.fc = nn.Linear(4, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.rnn(x)[0].mean(1))
+            return self.fc(self.norm(self.rnn(x)[0].mean(1)))
 
-    with pytest.raises(TypeError, match=r"GRU \(model.rnn\).*module.rule"):
+    with pytest.raises(TypeError, match=r"GRU \(model.rnn\).*module.rule") as refusal:
         LRP(Recurrent(), ATTN).attribute(torch.randn(2, 3, 4), target=0)
+    # AttnLRP is passed: the error does not tell to pass it.
+    assert "AttnLRP" not in str(refusal.value)
 
 
 def test_captum_llm_attribution_accepts_no_lrp_method() -> None:

@@ -278,6 +278,8 @@ BAD = {
     "nt_samples_batch_size": (dict(nt_samples_batch_size=0), ValueError),
     "stdevs": (dict(stdevs=(0.1, 0.2)), ValueError),
     "stdevs-type": (dict(stdevs="1"), TypeError),
+    "stdevs-negative": (dict(stdevs=-0.1), ValueError),
+    "stdevs-nan": (dict(stdevs=float("nan")), ValueError),
     "baselines": (dict(draw_baseline_from_distrib=True, baselines=torch.zeros(3, 5)), ValueError),
 }
 

@@ -23,7 +23,7 @@ from fastattr._formatting import (
     format_output,
 )
 from fastattr._forward import path_output, select_targets
-from fastattr._model_state import kept_buffers
+from fastattr._model_state import draws_dropout, kept_buffers
 from fastattr._path_integral import (
     EXACT,
     PathOptions,
@@ -298,8 +298,9 @@ class LayerIntegratedGradients(
 
         # A layer that runs more than once is replaced at every call, so only its last call
         # reaches the output: its path must run between its last call's values (captum's
-        # convention). The first chunk tells; then the values come from a full pass.
-        for last in (False, True):
+        # convention). The first chunk tells; then the values come from a full pass. A model
+        # with dropout in training mode gets full passes from the start: captum's draws.
+        for last in (True,) if draws_dropout(self.forward_func) else (False, True):
             at_inputs, at_starts = self._layer_values(
                 model_inputs, starts, args, attribute_to_layer_input, last
             )
@@ -322,16 +323,30 @@ class LayerIntegratedGradients(
                     f"shapes {[list(v.shape) for v in ends]}"
                 )
 
+            # Layers that cut one another's paths are refused at the first chunk (the graph is
+            # walked back from each layer and from the output to tell).
+            unchecked = [len(layers) > 1]
+
             def evaluate(
-                paths: tuple[Tensor, ...], rows: PointRows, counts=counts, last=last
+                paths: tuple[Tensor, ...],
+                rows: PointRows,
+                counts=counts,
+                last=last,
+                unchecked=unchecked,
             ) -> list[Tensor]:
                 calls = [0] * len(layers)
                 with replaced_layers(
-                    layers, _group(paths, counts), attribute_to_layer_input, calls=calls
-                ):
+                    layers,
+                    _group(paths, counts),
+                    attribute_to_layer_input,
+                    calls=calls,
+                    check_paths=unchecked[0],
+                ) as check_paths:
                     output = self.forward_func(
                         *args_for_points(model_inputs, rows), *args_for_points(args, rows)
                     )
+                    check_paths(output)
+                unchecked[0] = False
                 if not last and max(calls) > 1:
                     raise LayerCalledAgain
                 return [

@@ -177,26 +177,79 @@ def replaced_layers(
     on_input: bool,
     name: str = "layer",
     calls: list[int] | None = None,
-) -> Iterator[None]:
+    check_paths: bool = False,
+) -> Iterator[Callable[[Any], None]]:
     """Within the block, each layer's output (or input) is replaced by the given tensors, at
-    every call. ``calls``, when given, receives how many times each layer ran."""
+    every call. ``calls``, when given, receives how many times each layer ran. The block gets
+    a check to call on the forward's output: with ``check_paths``, it raises when a layer's
+    replacement reaches the output only through another layer's values, which are replaced
+    in turn (captum's "layers solely dependent on another"); otherwise it does nothing."""
     called = [None] * len(layers)
     counts = [0] * len(layers) if calls is None else calls
     counts[:] = [0] * len(layers)
+    handed: dict[Any, int] = {}  # the graph node of each replacement handed out -> its layer
+    feeds: dict[int, int] = {}  # a layer whose replacement another's values depend on -> that one
 
     def replace(index: int, values: Any) -> Any:
-        _as_values(values, layers[index], name)
+        found = _as_values(values, layers[index], name)
         called[index] = True
         counts[index] += 1
+        if check_paths and handed:
+            for source in _reached(found, handed) - {index}:
+                feeds.setdefault(source, index)
         # Copies: the model may change the values in place (ReLU(inplace=True) after the
         # layer), which autograd refuses on the path itself, a leaf.
         new = tuple(v.clone() for v in replacements[index])
+        if check_paths:
+            handed.update((v.grad_fn, index) for v in new if v.grad_fn is not None)
         if isinstance(values, list):
             return list(new)
         if on_input or isinstance(values, tuple):
             return tuple(new)
         return new[0]
 
+    def check(output: Any) -> None:
+        if not feeds:
+            return
+        reached = _reached(_tensors_in(output), handed)
+        for source, fed in feeds.items():
+            if source not in reached:
+                where = "input" if on_input else "output"
+                raise ValueError(
+                    f"{name} {type(layers[fed]).__name__} (#{fed}) depends on the {where} of "
+                    f"{type(layers[source]).__name__} (#{source}), which reaches the output "
+                    f"through it alone: once both are replaced by their paths, #{source}'s "
+                    "path no longer reaches the output. Attribute layers that feed one another "
+                    "in separate calls."
+                )
+
     with _hooks(layers, on_input, replace):
-        yield
+        yield check
     _check_all_called(called, layers, name)
+
+
+def _tensors_in(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
+def _reached(values: Sequence[Tensor], handed: dict[Any, int]) -> set[int]:
+    """The layers whose handed-out replacements the graph behind ``values`` holds."""
+    stack = [v.grad_fn for v in values if v.grad_fn is not None]
+    seen = set()
+    reached = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        source = handed.get(node)
+        if source is not None:
+            reached.add(source)
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return reached

@@ -20,7 +20,7 @@ from fastattr._formatting import (
     format_output,
 )
 from fastattr._forward import path_output
-from fastattr._model_state import kept_buffers
+from fastattr._model_state import draws_dropout, kept_buffers
 from fastattr._path_integral import (
     PathOptions,
     PointRows,
@@ -277,11 +277,13 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
 
         # Captum takes a layer that runs more than once at its last call. One pass over the
         # inputs, without a graph, counts the calls; unless the layer runs again, the passes
-        # over the path stop at the layer.
+        # over the path stop at the layer. (Dropout in training mode: full passes, which draw
+        # captum's random numbers.)
         steps_per_chunk = steps_per_chunk_for(options.internal_batch_size, batch)
-        calls = [0]
-        with torch.no_grad():
-            if batch > 0:
+        runs_again = draws_dropout(self.forward_func)
+        if not runs_again and batch > 0:
+            calls = [0]
+            with torch.no_grad():
                 capture_layers(
                     lambda: self.forward_func(*ends, *(args or ())),
                     [self.layer],
@@ -289,7 +291,7 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
                     last=True,
                     calls=calls,
                 )
-        runs_again = calls[0] > 1
+            runs_again = calls[0] > 1
 
         def evaluate(paths: tuple[Tensor, ...], rows: PointRows) -> list[Tensor]:
             point_args = args_for_points(args, rows)

@@ -387,6 +387,8 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
         def number(value: Any, name: str) -> float:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not 0 <= value < math.inf:  # NaN fails too
+                raise ValueError(f"{name} must be a finite standard deviation >= 0, got {value}")
             return float(value)
 
         if isinstance(stdevs, tuple):

@@ -73,6 +73,22 @@ if TYPE_CHECKING:
 # Module rules
 
 
+def overrides_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module``'s class replaces ``base``'s forward (ConvNeXt's channels-first
+    layer norm permutes around it): a rule that recomputes ``base``'s forward would compute
+    something else."""
+    return type(module).forward is not base.forward
+
+
+def runs_own_forward(module: nn.Module) -> bool:
+    """A layer norm or softmax whose class replaces the forward that AttnLRP's module rules
+    recompute: it gets no module rule, and its forward runs under the op rules instead (its
+    parameters notwithstanding)."""
+    return isinstance(module, (nn.LayerNorm, nn.Softmax)) and overrides_forward(
+        module, nn.LayerNorm if isinstance(module, nn.LayerNorm) else nn.Softmax
+    )
+
+
 class NodeRule(PropagationRule):
     """A module rule whose node takes the relevance at the module's output straight to its
     inputs (or stops it): the inputs get no product node."""
@@ -131,6 +147,12 @@ class LayerNormRule(NodeRule):
         """
         if not isinstance(module, nn.LayerNorm):
             return f"LayerNormRule runs on nn.LayerNorm, not on {type(module).__name__}"
+        if overrides_forward(module, nn.LayerNorm):
+            return (
+                f"LayerNormRule computes nn.LayerNorm's own forward, which "
+                f"{type(module).__name__} replaces; with canonizers=[AttnLRP()] and no rule "
+                f"set, its forward runs under AttnLRP's op rules"
+            )
         return None
 
     def forward_output(
@@ -192,6 +214,12 @@ class SoftmaxRule(NodeRule):
         """
         if not isinstance(module, nn.Softmax):
             return f"SoftmaxRule runs on nn.Softmax, not on {type(module).__name__}"
+        if overrides_forward(module, nn.Softmax):
+            return (
+                f"SoftmaxRule computes nn.Softmax's own forward, which {type(module).__name__} "
+                f"replaces; with canonizers=[AttnLRP()] and no rule set, its forward runs under "
+                f"AttnLRP's op rules"
+            )
         if module.dim is None:
             return "SoftmaxRule needs nn.Softmax with an explicit dim"
         return None
@@ -273,7 +301,9 @@ def transformer_module_rule(
     RMSNorm modules (``transformers.models.*.*RMSNorm``): relevance passed through unchanged
     (RMS normalization with the RMS held fixed is a per-feature scaling); HuggingFace's
     activation modules (``transformers.activations``): passed through unchanged; HuggingFace's
-    ``Conv1D`` (GPT-2's linear layers): [EpsilonRule][fastattr.EpsilonRule].
+    ``Conv1D`` (GPT-2's linear layers): [EpsilonRule][fastattr.EpsilonRule]. Subclasses of
+    ``nn.LayerNorm`` and ``nn.Softmax`` that replace the forward get none: their forward runs
+    under the op rules.
 
     Args:
         module: Any module.
@@ -290,6 +320,8 @@ def transformer_module_rule(
         >>> transformer_module_rule(nn.GRU(2, 2)) is None
         True
     """
+    if runs_own_forward(module):
+        return None
     if isinstance(module, nn.LayerNorm):
         return LayerNormRule(epsilon)
     if isinstance(module, nn.Softmax):
@@ -866,6 +898,7 @@ _RESHAPES = (
     "unsqueeze",
     "expand",
     "expand_as",
+    "broadcast_to",
     "repeat",
     "repeat_interleave",
     "tile",

@@ -70,6 +70,15 @@ def _tensors(output: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return output if isinstance(output, tuple) else (output,)
 
 
+_NO_OUTPUT = "output that depends on the attributed inputs: no relevance reaches it"
+_NO_POSITIONAL_INPUT = (
+    "positional input that depends on the attributed inputs. Module hooks see positional "
+    "inputs only: a module called with keyword arguments, as HuggingFace calls its attention "
+    "modules, shows none. Take the output of the module before it, or a submodule called "
+    "positionally, such as the attention's output projection."
+)
+
+
 def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
     # The backward starts from 1 at the target, as captum's does; scaling at the end gives its
     # rounding.
@@ -533,6 +542,11 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
                     raise ValueError(f"layer {type(layer).__name__} did not run in the forward")
                 layer_inputs, layer_output = relevance.tapped[id(layer)]
                 taken = layer_inputs if attribute_to_layer_input else _tensors(layer_output)
+                if not taken:
+                    raise ValueError(
+                        f"layer {type(layer).__name__} has no "
+                        + (_NO_POSITIONAL_INPUT if attribute_to_layer_input else _NO_OUTPUT)
+                    )
                 counts.append(len(taken))
                 found.extend(taken)
             return tuple(found)
@@ -544,6 +558,15 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
     ) -> Any:
         results: list[TensorOrTuple] = []
         for count in counts:
+            for g in grads[:count]:
+                if g.dim() == 0 or g.shape[0] != output.shape[0]:
+                    raise ValueError(
+                        f"the layer's tensor has shape {list(g.shape)}, whose first dimension "
+                        f"is not the batch ({output.shape[0]} examples): LayerLRP cannot tell "
+                        "the examples' relevance apart there (a layer run on windows or "
+                        "tokens folded into the batch); take a layer whose tensors lead with "
+                        "the batch"
+                    )
             scaled = tuple(_scaled(g, output) for g in grads[:count])
             grads = grads[count:]
             results.append(scaled if len(scaled) > 1 else scaled[0])

@@ -34,7 +34,7 @@ from torch.overrides import _get_current_function_mode as _current_function_mode
 from torch.utils.hooks import RemovableHandle
 
 from fastattr import ops
-from fastattr.lrp.attention import transformer_module_rule
+from fastattr.lrp.attention import runs_own_forward, transformer_module_rule
 from fastattr.lrp.rules import (
     RULES_IGNORED_ON,
     STRUCTURAL_TYPES,
@@ -189,7 +189,9 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
         if rule is None:
             # A module without parameters runs as code when op rules take every call (they
             # refuse what they have no rule for).
-            code = every_call is not None and next(module.parameters(False), None) is None
+            code = every_call is not None and (
+                next(module.parameters(False), None) is None or runs_own_forward(module)
+            )
             if not code and not isinstance(module, STRUCTURAL_TYPES):
                 missing.setdefault(type(module).__name__, []).append(where)
             return
@@ -201,7 +203,9 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
     if missing:
         listing = "; ".join(f"{kind} ({', '.join(names)})" for kind, names in missing.items())
         hint = ""
-        if any(transformer_module_rule(module) is not None for module in walk_modules(model)):
+        if every_call is None and any(
+            transformer_module_rule(module) is not None for module in walk_modules(model)
+        ):
             hint = " For transformers, pass canonizers=[AttnLRP()] (fastattr.canonizers)."
         raise TypeError(
             f"LRP has no rule for these module types: {listing}. Set a rule on each "
