@@ -835,6 +835,20 @@ def test_a_layer_norm_that_replaces_its_forward_runs_its_own_forward() -> None:
         LRP(subclassed).attribute(x, target=0)
 
 
+def test_t5_s_rms_norm_named_layer_norm_passes_relevance_unchanged() -> None:
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), T5LayerNorm(4), nn.Flatten(), nn.Linear(12, 2)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    at_output = LayerLRP(model, model[1], ATTN).attribute(x, target=1)
+    at_input = LayerLRP(model, model[1], ATTN).attribute(x, target=1, attribute_to_layer_input=True)
+    torch.testing.assert_close(at_input, at_output, rtol=0, atol=0)
+    assert at_output.abs().max() > 1e-3
+
+
 def test_torchvision_convnext_runs_with_its_channels_first_layer_norms() -> None:
     from torchvision.models import convnext_tiny
 

@@ -283,6 +283,17 @@ class EmbeddingRule(NodeRule):
         return "EmbeddingRule()"
 
 
+# HuggingFace's T5-style norms: RMS normalization ("no bias and no subtraction of mean")
+# under a LayerNorm name.
+_RMS_NORMS_CALLED_LAYER_NORM = frozenset(
+    f"{family}LayerNorm"
+    for family in (
+        "T5", "MT5", "UMT5", "LongT5", "SwitchTransformers", "Udop", "Pix2Struct", "Pop2Piano",
+        "CpmAnt",
+    )
+)  # fmt: skip
+
+
 def _hf_type(module: nn.Module, module_prefix: str) -> str | None:
     """The class name of a HuggingFace transformers module from ``module_prefix``, else None;
     transformers itself is never imported."""
@@ -298,7 +309,8 @@ def transformer_module_rule(
     ``nn.LayerNorm``: [LayerNormRule][fastattr.lrp.attention.LayerNormRule]; ``nn.Softmax``:
     [SoftmaxRule][fastattr.lrp.attention.SoftmaxRule]; ``nn.Embedding``:
     [EmbeddingRule][fastattr.lrp.attention.EmbeddingRule]; ``nn.RMSNorm`` and HuggingFace's
-    RMSNorm modules (``transformers.models.*.*RMSNorm``): relevance passed through unchanged
+    RMSNorm modules (``transformers.models.*.*RMSNorm``, and T5's, MT5's, ... RMS norms named
+    ``*LayerNorm``): relevance passed through unchanged
     (RMS normalization with the RMS held fixed is a per-feature scaling); HuggingFace's
     activation modules (``transformers.activations``): passed through unchanged; HuggingFace's
     ``Conv1D`` (GPT-2's linear layers): [EpsilonRule][fastattr.EpsilonRule]. Subclasses of
@@ -332,7 +344,7 @@ def transformer_module_rule(
     if rms_norm is not None and isinstance(module, rms_norm):
         return PassRule()
     name = _hf_type(module, "transformers.models.")
-    if name is not None and name.endswith("RMSNorm"):
+    if name is not None and (name.endswith("RMSNorm") or name in _RMS_NORMS_CALLED_LAYER_NORM):
         return PassRule()
     if _hf_type(module, "transformers.activations") is not None:
         return PassRule()
