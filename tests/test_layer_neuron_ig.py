@@ -333,6 +333,41 @@ def test_layer_ig_list_with_a_layer_feeding_another_and_the_output_matches_captu
     assert ours[0].abs().max() > 1e-3
 
 
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.head(self.block(x))
+        checkpoint = torch.utils.checkpoint.checkpoint
+        return self.head(checkpoint(self.block, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("name", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+def test_a_layer_inside_reentrant_checkpointing_is_refused(name):
+    # Reentrant checkpointing runs the block with gradients off: its values carry no gradient,
+    # which would read as zero attributions. Non-reentrant checkpointing gives the numbers of
+    # the model without it.
+    torch.manual_seed(7)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    kwargs = {"neuron_selector": 2} if name == "NeuronIntegratedGradients" else {"target": 1}
+    results = []
+    for reentrant in (None, False, True):
+        model = seeded(lambda reentrant=reentrant: Checkpointed(reentrant))
+        method = getattr(fastattr, name)(model, model.block[2])
+        if reentrant:
+            with pytest.raises(ValueError, match=r"gradients off .*use_reentrant"):
+                method.attribute(x, n_steps=5, **kwargs)
+        else:
+            results.append(method.attribute(x, n_steps=5, **kwargs))
+    assert_same(results[1], results[0])
+    assert results[0].abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("on_input", [False, True])
 def test_layer_ig_internal_batch_size(on_input):
     model, layer, x, _ = _linear_case(torch.float64)

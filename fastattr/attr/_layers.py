@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Union
 
+import torch
 from torch import Tensor, nn
 
 from fastattr._model_state import module_of
@@ -153,7 +154,11 @@ def capture_layers(
     counts = [0] * len(layers) if calls is None else calls
     counts[:] = [0] * len(layers)
 
+    wants_gradients = not detach and torch.is_grad_enabled()
+
     def record(index: int, values: Any) -> None:
+        if wants_gradients:
+            _refuse_gradients_off(layers[index], name)
         counts[index] += 1
         if last or seen[index] is None:
             captured = _as_values(values, layers[index], name)
@@ -190,8 +195,12 @@ def replaced_layers(
     handed: dict[Any, int] = {}  # the graph node of each replacement handed out -> its layer
     feeds: dict[int, int] = {}  # a layer whose replacement another's values depend on -> that one
 
+    wants_gradients = torch.is_grad_enabled()
+
     def replace(index: int, values: Any) -> Any:
         found = _as_values(values, layers[index], name)
+        if wants_gradients:
+            _refuse_gradients_off(layers[index], name)
         called[index] = True
         counts[index] += 1
         if check_paths and handed:
@@ -226,6 +235,19 @@ def replaced_layers(
     with _hooks(layers, on_input, replace):
         yield check
     _check_all_called(called, layers, name)
+
+
+def _refuse_gradients_off(layer: nn.Module, name: str) -> None:
+    """Raises for a layer that runs with gradients off in a pass started with them on: its
+    values would carry no gradient, and read as zero attributions."""
+    if not torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} {type(layer).__name__} runs with gradients off inside the model's forward "
+            "(reentrant gradient checkpointing, or torch.no_grad in its code), so the path's "
+            "gradient can't pass through its values. With HuggingFace models: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}), or gradient_checkpointing_disable()."
+        )
 
 
 def _tensors_in(value: Any) -> list[Tensor]:
