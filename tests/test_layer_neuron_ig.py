@@ -1097,6 +1097,29 @@ def test_layer_not_a_module(layer):
         fastattr.NeuronIntegratedGradients(model, layer)
 
 
+class SharedEmbedding(nn.Module):
+    """One embedding read twice, over sequences of two lengths (T5's shared embedding for its
+    encoder and decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, long_ids, short_ids):
+        return self.head(self.embed(long_ids).mean(1) + self.embed(short_ids).mean(1))
+
+
+def test_a_layer_run_twice_with_other_shapes_is_refused():
+    model = seeded(SharedEmbedding)
+    long_ids, short_ids = torch.randint(0, 10, (2, 5)), torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match=r"runs more than once, with values of other shapes"):
+        fastattr.LayerIntegratedGradients(model, model.embed).attribute(
+            long_ids, target=0, additional_forward_args=(short_ids,), n_steps=4
+        )
+    assert not model.embed._forward_hooks
+
+
 def test_layer_list_with_a_module_twice():
     model = seeded(mlp)
     with pytest.raises(ValueError, match=r"layer\[2\] is layer\[0\]"):
