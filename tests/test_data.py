@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -398,6 +399,28 @@ def test_killed_and_resumed_single_process_is_bit_identical(tmp_path, reference,
     assert_same_store(resumed, reference)
 
 
+def test_a_creation_cut_short_is_redone(tmp_path, reference, monkeypatch):
+    out = tmp_path / "s"
+    group_type = store.import_zarr().Group
+    create_array = group_type.create_array
+
+    class CutShort(Exception):
+        pass
+
+    def cut_after_the_first(group, *args, **kwargs):
+        if any(True for _ in group.array_keys()):
+            raise CutShort
+        return create_array(group, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(group_type, "create_array", cut_after_the_first)
+        with pytest.raises(CutShort):
+            data_jobs.run(str(out))
+    with pytest.raises(FileNotFoundError, match="being created, or its creation was cut short"):
+        open_store(out)
+    assert_same_store(data_jobs.run(str(out)), reference)
+
+
 def test_two_gloo_processes_killed_and_resumed_match_one_process(tmp_path, reference):
     out = tmp_path / "s"
     processes = _launch(out, 2, "--kill-rank", "1", "--kill-unit", "5", "--kill-stage", "complete")
@@ -546,6 +569,19 @@ def test_an_item_of_the_wrong_shape_is_named(tmp_path, workers):
     assert open_store(tmp_path / "s").complete[:12].all()
 
 
+class IntegerItem(data_jobs.BadItem):
+    """Item ``bad`` in int64 among float32 items: stacked with them it would pass as float32."""
+
+    def __getitem__(self, index: int):
+        features, label = super().__getitem__(index)
+        return (self.features[index].long() if index == self.bad else features), label
+
+
+def test_an_item_of_another_dtype_is_named_though_stacking_would_promote_it(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset item 13 has inputs of shape \[64\] int64"):
+        data_jobs.run(str(tmp_path / "s"), IntegerItem(13))
+
+
 def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch):
     ig = fastattr.IntegratedGradients(small_mlp())
     features, labels = small_data()
@@ -636,9 +672,32 @@ def test_reading_the_store(reference):
     first = next(iter(loader))
     assert set(first) == {"attributions", "delta", "target"}
     assert torch.equal(first["attributions"], rows.tensor(slice(0, 5)))
+    # One example's delta is a scalar, read as a tensor too, and batched to (5,).
+    assert reference.delta.tensor(5).shape == () == reference.delta[5].shape
+    assert first["delta"].shape == (5,)
+    # A boolean mask reads the rows where it is True.
+    mask = np.zeros(data_jobs.LENGTH, dtype=bool)
+    mask[[2, 7, 11]] = True
+    assert np.array_equal(rows[mask], rows[[2, 7, 11]])
+    assert torch.equal(rows.tensor(torch.from_numpy(mask)), rows.tensor([2, 7, 11]))
+    with pytest.raises(IndexError, match="one entry per example"):
+        rows[mask[:5]]
     # It is a plain zarr group too.
     group = zarr.open_group(reference.path, mode="r")
     assert group["attributions/0"].shape == (data_jobs.LENGTH, data_jobs.FEATURES)
+
+
+def test_a_damaged_chunk_fails_to_read(tmp_path, reference):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    chunk = next(p for p in (copy / "attributions" / "0").rglob("*") if p.name != "zarr.json")
+    if chunk.is_dir():
+        chunk = next(p for p in chunk.rglob("*") if p.is_file())
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(RuntimeError, match="checksum"):
+        open_store(copy).attributions[:]
 
 
 def test_the_store_reads_while_the_job_writes(tmp_path, reference):
@@ -701,3 +760,23 @@ def test_job_failed_is_raised_from_another_ranks_post(tmp_path):
         boards[0].check(now=True)
     boards[0].clear()
     boards[0].check(now=True)
+
+
+def test_two_ranks_posting_at_once_both_post(tmp_path, monkeypatch):
+    # Rank 0 finds no failures group, rank 1 creates it, rank 0's creation then collides.
+    group = zarr.open_group(tmp_path / "g", mode="w")
+    boards = [distributed.FailureBoard(group, distributed.Ranks(r, 2, r)) for r in range(2)]
+    require_group = zarr.Group.require_group
+    collided = []
+
+    def require_group_in_a_race(self, name, **kwargs):
+        if not collided:
+            collided.append(True)
+            boards[1].post(RuntimeError("first"))
+            raise zarr.errors.ContainsGroupError(name)
+        return require_group(self, name, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "require_group", require_group_in_a_race)
+    boards[0].post(ValueError("second"))
+    monkeypatch.undo()
+    assert sorted(group[store.FAILURES].group_keys()) == ["rank-0", "rank-1"]

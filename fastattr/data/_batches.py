@@ -225,7 +225,15 @@ class Collate:
                 items, labels = zip(*items)
                 labels = default_collate(list(labels))
             parts = [item if isinstance(item, (tuple, list)) else (item,) for item in items]
-            inputs = tuple(torch.stack(column) for column in zip(*parts))
+            columns = list(zip(*parts))
+            # torch.stack promotes an item of another dtype: each is checked before.
+            if any(
+                not isinstance(t, Tensor) or _dtype_name(t.dtype) != d
+                for column, d in zip(columns, self.format.dtypes)
+                for t in column
+            ):
+                return None
+            inputs = tuple(torch.stack(column) for column in columns)
         except (TypeError, ValueError, RuntimeError):
             return None
         fits = len(inputs) == len(self.format.shapes) and all(

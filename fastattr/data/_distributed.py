@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from fastattr.data._store import FAILURES
+from fastattr.data._store import FAILURES, import_zarr
 
 if TYPE_CHECKING:
     import zarr
@@ -119,7 +119,11 @@ class FailureBoard:
         """Tell the other ranks this one failed, and why."""
         if not self.ranks.distributed or isinstance(error, JobFailed):
             return
-        self.group.require_group(FAILURES).create_group(
+        try:
+            failures = self.group.require_group(FAILURES)
+        except import_zarr().errors.ContainsGroupError:  # another rank created it in between
+            failures = self.group.require_group(FAILURES)
+        failures.create_group(
             f"rank-{self.ranks.rank}",
             overwrite=True,
             attributes={

@@ -56,6 +56,7 @@ from fastattr.data._job import (
 )
 from fastattr.data._results import flatten, split_result
 from fastattr.data._store import (
+    CREATING,
     FORMAT_VERSION,
     METADATA_KEY,
     ArraySpec,
@@ -356,7 +357,7 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
     job.item_format = item_format
     identity = job.identity(item_format)
     stored = read_metadata(out)
-    if stored is not None and resume:
+    if stored is not None and resume and not stored.get(CREATING):
         if stored.get("format") != FORMAT_VERSION:
             raise ValueError(
                 f"out ({os.fspath(out)}) holds a store of format {stored.get('format')}, this "

@@ -155,9 +155,14 @@ def local_root(out: StoreLike) -> Path | None:
     return None if "://" in text else Path(text)
 
 
+# The metadata of a store while its arrays are being created.
+CREATING = "creating"
+
+
 def read_metadata(out: StoreLike) -> dict[str, Any] | None:
     """The job metadata at ``out``; None when nothing is there; an error when something other
-    than a fastattr store is."""
+    than a fastattr store is. A store whose creation has not finished (or was cut short) has
+    ``{CREATING: True}``."""
     zarr = import_zarr()
     root = local_root(out)
     if root is not None and (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
@@ -185,7 +190,10 @@ def create_store(
 ) -> zarr.Group:
     """A new store at ``out`` with empty arrays (rows read as their fill value until written)."""
     zarr = import_zarr()
-    group = zarr.open_group(out, mode="w" if overwrite else "w-")
+    # Marked as a store from the start: a creation cut short is recognized, and redone.
+    group = zarr.open_group(
+        out, mode="w" if overwrite else "w-", attributes={METADATA_KEY: {CREATING: True}}
+    )
     for spec in specs:
         group.create_array(
             spec.name,
@@ -193,6 +201,9 @@ def create_store(
             chunks=(chunk_rows(layout.rows_per_unit, spec.row_bytes), *spec.row_shape),
             dtype=spec.dtype,
             fill_value=fill_value(spec.dtype),
+            # zarr's default compressor with a checksum: a damaged chunk fails to read rather
+            # than reading as other numbers.
+            compressors=zarr.codecs.ZstdCodec(level=0, checksum=True),
         )
     group.create_array(COMPLETE, shape=(layout.units,), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs[METADATA_KEY] = dict(metadata)
@@ -278,7 +289,15 @@ class Rows:
     def _read(self, array: zarr.Array, index: Index) -> np.ndarray:
         if isinstance(index, (int, np.integer, slice)):
             return np.asarray(array[index])
-        return np.asarray(array.get_orthogonal_selection((np.asarray(index, dtype=np.int64),)))
+        rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
+        if rows.dtype == bool:  # a mask: the rows where it is True
+            if rows.shape != (array.shape[0],):
+                raise IndexError(
+                    f"a boolean mask must have one entry per example ({array.shape[0]}), got "
+                    f"shape {list(rows.shape)}"
+                )
+            rows = np.flatnonzero(rows)
+        return np.asarray(array.get_orthogonal_selection((rows.astype(np.int64),)))
 
     def __getitem__(self, index: Index) -> Any:
         return rebuild(self.structure, [self._read(array, index) for array in self.arrays])
@@ -295,7 +314,11 @@ class Rows:
         """
         return rebuild(
             self.structure,
-            [torch.from_numpy(np.ascontiguousarray(self._read(a, index))) for a in self.arrays],
+            # (np.ascontiguousarray would make a 0-d row 1-d.)
+            [
+                torch.from_numpy(np.require(self._read(a, index), requirements="C"))
+                for a in self.arrays
+            ],
         )
 
 
@@ -412,6 +435,12 @@ def open_store(out: StoreLike) -> AttributionStore:
         ImportError: zarr 3 is not installed (``pip install 'fastattr[data]'``).
     """
     zarr = import_zarr()
-    if read_metadata(out) is None:
+    metadata = read_metadata(out)
+    if metadata is None:
         raise FileNotFoundError(f"no fastattr store at {os.fspath(out)}")
+    if metadata.get(CREATING):
+        raise FileNotFoundError(
+            f"the fastattr store at {os.fspath(out)} is being created, or its creation was "
+            "cut short (rerunning the job creates it anew)"
+        )
     return AttributionStore(zarr.open_group(out, mode="r"))
