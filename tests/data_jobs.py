@@ -84,6 +84,19 @@ def _kill_in_writer(unit: int, stage: str) -> None:
     UnitWriter.write = killing_write
 
 
+def _use_other_weights() -> None:
+    """This process's model: the job's, its weights scaled (another job than the others')."""
+    global model
+    job_model = model
+
+    def model() -> torch.nn.Module:
+        scaled = job_model()
+        with torch.no_grad():
+            for parameter in scaled.parameters():
+                parameter.mul_(1.5)
+        return scaled
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -91,8 +104,11 @@ def main() -> int:
     parser.add_argument("--kill-stage", default="data")
     parser.add_argument("--kill-rank", type=int, default=0)
     parser.add_argument("--bad-item", type=int)
+    parser.add_argument("--other-weights-rank", type=int)
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
+    if args.other_weights_rank == rank:
+        _use_other_weights()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.distributed.init_process_group("gloo")
     if args.kill_unit is not None and rank == args.kill_rank:

@@ -439,6 +439,14 @@ def test_two_gloo_processes_killed_and_resumed_match_one_process(tmp_path, refer
     assert_same_store(resumed, reference)
 
 
+def test_a_rank_running_another_job_stops_every_rank(tmp_path):
+    (code0, log0), (code1, log1) = _outputs(_launch(tmp_path / "a", 2, "--other-weights-rank", "1"))
+    assert code0 == code1 == 3, (log0, log1)
+    assert "ERROR ValueError: rank 1 runs another job than rank 0" in log1
+    assert "model.sha256" in log1
+    assert "ERROR JobFailed: rank 1 failed" in log0
+
+
 def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):
     # Item 7 is in unit 3, which rank 1 computes.
     started = time.monotonic()

@@ -416,6 +416,18 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
     return _Plan(metadata, remaining)
 
 
+def _check_same_job(job: _Job, plan: _Plan, ranks: Ranks) -> None:
+    """Another rank's job is rank 0's (which rank 0 checked against the store)."""
+    assert job.item_format is not None
+    found = differences(plan.metadata["job"], job.identity(job.item_format))
+    if found:
+        listed = "\n  ".join(found)
+        raise ValueError(
+            f"rank {ranks.rank} runs another job than rank 0 (every rank must run the same "
+            f"model, dataset and arguments):\n  {listed}"
+        )
+
+
 class _HostRows:
     """A column on its way to the host: on a GPU a non-blocking copy into pinned memory, which
     the writer waits for, so the device is never synchronized for it."""
@@ -763,6 +775,8 @@ def attribute_dataset(
         group = zarr.open_group(out, mode="r+")
         board = FailureBoard(group, ranks)
         try:
+            if ranks.rank != 0:
+                _check_same_job(job, plan, ranks)
             computed = _run_units(job, plan, group, board, ranks, settings, progress)
             board.check(now=True)
             board.wait_for_all()
