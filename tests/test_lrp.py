@@ -599,6 +599,23 @@ def test_layer_lrp_refuses_what_it_cannot_give_per_example() -> None:
     _assert_untouched(model, state, {}, {"": True, "inner": True, "head": True})
 
 
+class BatchSum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).sum(0, keepdim=True)
+
+
+def test_layer_lrp_with_one_output_value_for_the_batch_matches_captum() -> None:
+    torch.manual_seed(0)
+    model = BatchSum().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    ours = LayerLRP(model, model.fc1).attribute(x, target=0)
+    _close(ours, _captum(captum_attr.LayerLRP, model, x, target=0, layer=model.fc1))
+
+
 def test_in_place_sum_retries_once_with_copies(capsys: pytest.CaptureFixture) -> None:
     class InPlace(nn.Module):
         def __init__(self) -> None:

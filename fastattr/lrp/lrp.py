@@ -559,7 +559,8 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
         results: list[TensorOrTuple] = []
         for count in counts:
             for g in grads[:count]:
-                if g.dim() == 0 or g.shape[0] != output.shape[0]:
+                # (One output value, as a batch-reducing forward gives, scales any shape.)
+                if output.shape[0] > 1 and (g.dim() == 0 or g.shape[0] != output.shape[0]):
                     raise ValueError(
                         f"the layer's tensor has shape {list(g.shape)}, whose first dimension "
                         f"is not the batch ({output.shape[0]} examples): LayerLRP cannot tell "
