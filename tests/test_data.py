@@ -505,6 +505,14 @@ def test_cli_runs_the_same_job_as_the_python_api(tmp_path, reference, monkeypatc
     assert "'nope' is not in the model" in capsys.readouterr().err
     assert cli(_cli_args(tmp_path / "ig", "--method", "ig", "--n-steps", "4")) == 1
     assert "arguments.n_steps: 16 in the store, 4 here" in capsys.readouterr().err
+    # Options the method does not take, or given twice, are refused rather than ignored.
+    for options, message in (
+        (("--method", "ig", "--layer", "fc1"), "--layer is for lig, nig and lrp"),
+        (("--method", "lig", "--layer", "fc1", "--neuron", "3"), "--neuron is for --method nig"),
+        (("--method", "ig", "--n-steps", "4", "--arg", "n_steps=8"), "n_steps given twice"),
+    ):
+        assert cli(_cli_args(tmp_path / "bad", *options)) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_cli_under_torchrun(tmp_path, reference):

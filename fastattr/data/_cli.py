@@ -137,9 +137,15 @@ def _attribution(args: argparse.Namespace, model: nn.Module) -> tuple[Any, dict[
     import fastattr
 
     kwargs: dict[str, Any] = dict(args.arg)
+    if args.neuron is not None and args.method != "nig":
+        raise ValueError("--neuron is for --method nig")
+    if args.layer is not None and args.method == "ig":
+        raise ValueError("--layer is for lig, nig and lrp (LayerLRP); ig takes the inputs")
     if args.n_steps is not None:
         if args.method == "lrp":
             raise ValueError("--n-steps is for ig, lig and nig")
+        if "n_steps" in kwargs:
+            raise ValueError("n_steps given twice, by --n-steps and by --arg n_steps=...")
         kwargs["n_steps"] = args.n_steps
     if args.delta:
         if args.method == "nig":
