@@ -4,6 +4,7 @@ are not batched, models that couple the examples of a batch, several threads, in
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import warnings
@@ -224,8 +225,6 @@ def _through_a_global(v):
 def test_a_plain_function_s_batch_norm_is_seen(spelling):
     # The batch-normalizing model behind a plain function: captum's rows per forward (all
     # steps at once), so captum's numbers, and its buffers kept.
-    import functools
-
     model = _NET if spelling == "global" else mlp(batch_norm=True).train()
     forward = {
         "closure": lambda v: model(v).softmax(-1),

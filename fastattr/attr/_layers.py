@@ -204,12 +204,13 @@ def replaced_layers(
         called[index] = True
         counts[index] += 1
         shapes = [list(v.shape) for v in found]
-        if shapes != [list(r.shape) for r in replacements[index]]:
+        attributed = [list(r.shape) for r in replacements[index]]
+        if shapes != attributed:
             raise ValueError(
                 f"{name} {type(layers[index]).__name__} runs more than once, with values of "
-                f"other shapes ({shapes} against {[list(r.shape) for r in replacements[index]]} "
-                "at its call whose values are attributed): every call is replaced by those "
-                "values' path, which the others can't take. Choose a layer that runs once."
+                f"other shapes ({shapes} against {attributed} at its call whose values are "
+                "attributed): every call is replaced by those values' path, which the others "
+                "can't take. Choose a layer that runs once."
             )
         if check_paths and handed:
             for source in _reached(found, handed) - {index}:

@@ -237,8 +237,7 @@ class Collate:
         except (TypeError, ValueError, RuntimeError):
             return None
         fits = len(inputs) == len(self.format.shapes) and all(
-            tuple(t.shape[1:]) == s and _dtype_name(t.dtype) == d
-            for t, s, d in zip(inputs, self.format.shapes, self.format.dtypes)
+            tuple(t.shape[1:]) == s for t, s in zip(inputs, self.format.shapes)
         )
         return (inputs, labels) if fits else None
 

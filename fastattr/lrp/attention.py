@@ -84,8 +84,20 @@ def runs_own_forward(module: nn.Module) -> bool:
     """A layer norm or softmax whose class replaces the forward that AttnLRP's module rules
     recompute: it gets no module rule, and its forward runs under the op rules instead (its
     parameters notwithstanding)."""
-    return isinstance(module, (nn.LayerNorm, nn.Softmax)) and overrides_forward(
-        module, nn.LayerNorm if isinstance(module, nn.LayerNorm) else nn.Softmax
+    return any(
+        isinstance(module, base) and overrides_forward(module, base)
+        for base in (nn.LayerNorm, nn.Softmax)
+    )
+
+
+def _replaced_forward(rule: str, base: type[nn.Module], module: nn.Module) -> str | None:
+    """Why ``rule``, which recomputes ``base``'s forward, can't run on ``module``, if so."""
+    if not overrides_forward(module, base):
+        return None
+    return (
+        f"{rule} computes nn.{base.__name__}'s own forward, which {type(module).__name__} "
+        "replaces; with canonizers=[AttnLRP()] and no rule set, its forward runs under "
+        "AttnLRP's op rules"
     )
 
 
@@ -147,13 +159,7 @@ class LayerNormRule(NodeRule):
         """
         if not isinstance(module, nn.LayerNorm):
             return f"LayerNormRule runs on nn.LayerNorm, not on {type(module).__name__}"
-        if overrides_forward(module, nn.LayerNorm):
-            return (
-                f"LayerNormRule computes nn.LayerNorm's own forward, which "
-                f"{type(module).__name__} replaces; with canonizers=[AttnLRP()] and no rule "
-                f"set, its forward runs under AttnLRP's op rules"
-            )
-        return None
+        return _replaced_forward("LayerNormRule", nn.LayerNorm, module)
 
     def forward_output(
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
@@ -214,12 +220,9 @@ class SoftmaxRule(NodeRule):
         """
         if not isinstance(module, nn.Softmax):
             return f"SoftmaxRule runs on nn.Softmax, not on {type(module).__name__}"
-        if overrides_forward(module, nn.Softmax):
-            return (
-                f"SoftmaxRule computes nn.Softmax's own forward, which {type(module).__name__} "
-                f"replaces; with canonizers=[AttnLRP()] and no rule set, its forward runs under "
-                f"AttnLRP's op rules"
-            )
+        replaced = _replaced_forward("SoftmaxRule", nn.Softmax, module)
+        if replaced is not None:
+            return replaced
         if module.dim is None:
             return "SoftmaxRule needs nn.Softmax with an explicit dim"
         return None
