@@ -1120,6 +1120,35 @@ def test_a_layer_run_twice_with_other_shapes_is_refused():
     assert not model.embed._forward_hooks
 
 
+class SharedPositions(nn.Module):
+    """Position embeddings of ids held in a buffer (HuggingFace BERT's default): one row of
+    values for the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.words, self.positions = nn.Embedding(10, 4), nn.Embedding(6, 4)
+        self.register_buffer("position_ids", torch.arange(6)[None])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids):
+        positions = self.positions(self.position_ids[:, : ids.shape[1]])
+        return self.head((self.words(ids) + positions).mean(1))
+
+
+def test_layer_with_one_row_for_the_batch_is_refused_with_a_hint():
+    model = seeded(SharedPositions)
+    ids = torch.randint(0, 10, (3, 5))
+    lig = fastattr.LayerIntegratedGradients(model, [model.words, model.positions])
+    with pytest.raises(ValueError, match=r"\[1, 5, 4\]\].*one row for the whole batch"):
+        lig.attribute(ids, target=0, n_steps=4)
+    with pytest.raises(RuntimeError), warnings.catch_warnings():  # captum fails in the model
+        warnings.simplefilter("ignore")  # its warning about lists of layers
+        captum_attr.LayerIntegratedGradients(model, [model.words, model.positions]).attribute(
+            ids, target=0, n_steps=4
+        )
+    assert not model.positions._forward_hooks
+
+
 def test_layer_list_with_a_module_twice():
     model = seeded(mlp)
     with pytest.raises(ValueError, match=r"layer\[2\] is layer\[0\]"):

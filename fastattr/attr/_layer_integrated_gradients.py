@@ -311,9 +311,18 @@ class LayerIntegratedGradients(
                 ends, "the values of layer", "; choose a layer with floating point values"
             )
             if batch and any(v.shape[0] % batch for v in ends):
+                # One row for a batch of several: a value shared by the examples (a position
+                # embedding of ids from a buffer), whose per-example path the model may not take.
+                shared = (
+                    "; a layer with one row for the whole batch computes one value for every "
+                    "example: give it per-example inputs (position ids as an input)"
+                    if any(v.shape[0] == 1 for v in ends)
+                    else ""
+                )
                 raise ValueError(
                     f"the values of layer must hold the examples ({batch}) along dimension 0, "
                     f"possibly several rows each, got shapes {[list(v.shape) for v in ends]}"
+                    f"{shared}"
                 )
             exact = options.method == EXACT
             if (return_convergence_delta or exact) and any(v.shape[0] != batch for v in ends):
