@@ -547,6 +547,18 @@ def test_a_different_job_is_refused_and_left_intact(tmp_path):
             fastattr.LRP(data_jobs.model()), data_jobs.dataset(), out, target="label",
             batch_size=2, return_convergence_delta=True, progress=False,
         )  # fmt: skip
+    # More differences than a message lists: the rest are counted.
+    lrp = fastattr.LRP(data_jobs.model())
+    with pytest.raises(ValueError) as refused:
+        fastattr.attribute_dataset(lrp, data_jobs.dataset(), out, target=1, progress=False)
+    lrp_job = pipeline._Job(lrp, data_jobs.dataset(), None, 1, 32, {}, torch.device("cpu"))
+    items = pipeline.ItemFormat.of(lrp_job.dataset, lrp_job.dataset[0])
+    found = job.differences(open_store(out).metadata["job"], lrp_job.identity(items))
+    assert len(found) > job.LISTED_DIFFERENCES
+    lines = str(refused.value).splitlines()[1:-1]
+    assert lines == [f"  {line}" for line in found[: job.LISTED_DIFFERENCES]] + [
+        f"  ... and {len(found) - job.LISTED_DIFFERENCES} more"
+    ]
     shorter = labeled(torch.utils.data.Subset(data_jobs.dataset(), range(20)))
     with pytest.raises(ValueError, match=r"dataset\.length: 24 in the store, 20 here"):
         data_jobs.run(str(out), shorter)

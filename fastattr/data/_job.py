@@ -189,6 +189,19 @@ def effective_arguments(
     return dict(sorted(arguments.items()))
 
 
+# A message lists this many differences at most, and counts the rest.
+LISTED_DIFFERENCES = 12
+
+
+def listed(found: list[str]) -> str:
+    """Differences as indented lines for a message: the first LISTED_DIFFERENCES, then how
+    many more there are."""
+    lines = found[:LISTED_DIFFERENCES]
+    if len(found) > LISTED_DIFFERENCES:
+        lines.append(f"... and {len(found) - LISTED_DIFFERENCES} more")
+    return "".join(f"\n  {line}" for line in lines)
+
+
 def differences(stored: Any, current: Any, path: str = "") -> list[str]:
     """Where two job descriptions differ, as readable lines (empty when they are equal)."""
     if isinstance(stored, dict) and isinstance(current, dict):

@@ -49,6 +49,7 @@ from fastattr.data._job import (
     differences,
     effective_arguments,
     forward_of,
+    listed,
     model_digest,
     model_of,
     qualified_name,
@@ -365,9 +366,8 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
             )
         found = differences(stored["job"], identity)
         if found:
-            listed = "\n  ".join(found[:12])
             raise ValueError(
-                f"out ({os.fspath(out)}) holds a different job:\n  {listed}\nPass resume=False "
+                f"out ({os.fspath(out)}) holds a different job:{listed(found)}\nPass resume=False "
                 "(CLI: --overwrite) to discard it and start over, or choose another out."
             )
         versions = _versions(job.device)
@@ -421,10 +421,9 @@ def _check_same_job(job: _Job, plan: _Plan, ranks: Ranks) -> None:
     assert job.item_format is not None
     found = differences(plan.metadata["job"], job.identity(job.item_format))
     if found:
-        listed = "\n  ".join(found)
         raise ValueError(
             f"rank {ranks.rank} runs another job than rank 0 (every rank must run the same "
-            f"model, dataset and arguments):\n  {listed}"
+            f"model, dataset and arguments):{listed(found)}"
         )
 
 
