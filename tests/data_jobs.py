@@ -1,7 +1,8 @@
 """The dataset job of tests/test_data.py: its model and dataset (also the factories the CLI test
 names, ``data_jobs:model`` and ``data_jobs:dataset``), and the entry point of the processes
 those tests launch, with faults to inject: ``python data_jobs.py OUT [--kill-unit U
---kill-stage before|data|complete] [--kill-rank R] [--bad-item I]``."""
+--kill-stage before|data|complete] [--kill-rank R] [--bad-item I] [--other-weights-rank R]
+[--other-data-rank R]``."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def model() -> torch.nn.Module:
     return models.mlp()
 
 
-def inputs_and_labels() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(12)
+def inputs_and_labels(seed: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
     features = torch.randn(LENGTH, FEATURES, generator=generator)
     return features, torch.randint(0, models.NUM_CLASSES, (LENGTH,), generator=generator)
 
@@ -54,6 +55,12 @@ class BadItem(torch.utils.data.Dataset):
 
 def dataset() -> torch.utils.data.Dataset:
     return labeled(torch.utils.data.TensorDataset(*inputs_and_labels()))
+
+
+def other_shard() -> torch.utils.data.Dataset:
+    """Another dataset of the job's length and item format, as a rank given its own shard
+    of the data would see."""
+    return labeled(torch.utils.data.TensorDataset(*inputs_and_labels(seed=13)))
 
 
 def run(out: str, data: torch.utils.data.Dataset | None = None, **overrides):
@@ -105,6 +112,7 @@ def main() -> int:
     parser.add_argument("--kill-rank", type=int, default=0)
     parser.add_argument("--bad-item", type=int)
     parser.add_argument("--other-weights-rank", type=int)
+    parser.add_argument("--other-data-rank", type=int)
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     if args.other_weights_rank == rank:
@@ -114,6 +122,8 @@ def main() -> int:
     if args.kill_unit is not None and rank == args.kill_rank:
         _kill_in_writer(args.kill_unit, args.kill_stage)
     data = None if args.bad_item is None else BadItem(args.bad_item)
+    if args.other_data_rank == rank:
+        data = other_shard()
     try:
         run(args.out, data)
     except Exception as error:

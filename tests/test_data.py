@@ -447,6 +447,22 @@ def test_a_rank_running_another_job_stops_every_rank(tmp_path):
     assert "ERROR JobFailed: rank 1 failed" in log0
 
 
+def test_a_rank_given_its_own_shard_stops_every_rank(tmp_path):
+    # The same length and item format: told apart by the fingerprints of a few items.
+    (code0, log0), (code1, log1) = _outputs(_launch(tmp_path / "a", 2, "--other-data-rank", "1"))
+    assert code0 == code1 == 3, (log0, log1)
+    assert "ERROR ValueError: rank 1 runs another job than rank 0" in log1
+    theirs, ours = (
+        job.item_fingerprints(d) for d in (data_jobs.dataset(), data_jobs.other_shard())
+    )
+    for index in ("0", "12", "23"):
+        assert (
+            f"dataset.fingerprints.{index}: {theirs[index]!r} on rank 0, {ours[index]!r} here"
+            in log1
+        )
+    assert "ERROR JobFailed: rank 1 failed" in log0
+
+
 def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):
     # Item 7 is in unit 3, which rank 1 computes.
     started = time.monotonic()
@@ -562,6 +578,16 @@ def test_a_different_job_is_refused_and_left_intact(tmp_path):
     shorter = labeled(torch.utils.data.Subset(data_jobs.dataset(), range(20)))
     with pytest.raises(ValueError, match=r"dataset\.length: 24 in the store, 20 here"):
         data_jobs.run(str(out), shorter)
+    # Another dataset of the same length and item format (another shard), or one whose middle
+    # item alone differs.
+    with pytest.raises(ValueError, match=r"dataset\.fingerprints\.0: '[0-9a-f]{64}' in the store"):
+        data_jobs.run(str(out), data_jobs.other_shard())
+    features, labels = data_jobs.inputs_and_labels()
+    features[12, 5] += 1
+    middle = labeled(torch.utils.data.TensorDataset(features, labels))
+    only_item_12 = r"job:\n  dataset\.fingerprints\.12: \S+ in the store, \S+ here\nPass"
+    with pytest.raises(ValueError, match=only_item_12):
+        data_jobs.run(str(out), middle)
     retrained = data_jobs.model()
     with torch.no_grad():
         retrained.fc3.bias += 1
@@ -576,6 +602,21 @@ def test_a_different_job_is_refused_and_left_intact(tmp_path):
     # An explicit start-over replaces it.
     replaced = data_jobs.run(str(out), n_steps=8, resume=False)
     assert replaced.metadata["job"]["arguments"]["n_steps"] == 8 and replaced.is_complete
+
+
+def test_a_store_from_before_fingerprints_resumes_and_takes_them(tmp_path, reference):
+    out = tmp_path / "s"
+    shutil.copytree(reference.path, out)
+    group = zarr.open_group(out, mode="r+")
+    metadata = group.attrs["fastattr"]
+    fingerprints = metadata["job"]["dataset"].pop("fingerprints")
+    group.attrs["fastattr"] = metadata
+    group["complete"][-2:] = 0
+    resumed = data_jobs.run(str(out))
+    assert resumed.metadata["job"]["dataset"]["fingerprints"] == fingerprints
+    assert_same_store(resumed, reference)
+    with pytest.raises(ValueError, match=r"dataset\.fingerprints\.0: "):
+        data_jobs.run(str(out), data_jobs.other_shard())
 
 
 def test_out_holding_something_else_is_refused(tmp_path):

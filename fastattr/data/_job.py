@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -202,27 +203,44 @@ def listed(found: list[str]) -> str:
     return "".join(f"\n  {line}" for line in lines)
 
 
-def differences(stored: Any, current: Any, path: str = "") -> list[str]:
-    """Where two job descriptions differ, as readable lines (empty when they are equal)."""
+def differences(
+    stored: Any, current: Any, path: str = "", theirs: str = "in the store"
+) -> list[str]:
+    """Where two job descriptions differ, as readable lines (empty when they are equal);
+    ``theirs`` says where ``stored`` comes from."""
     if isinstance(stored, dict) and isinstance(current, dict):
         found = []
         for key in sorted(set(stored) | set(current), key=str):
             where = f"{path}.{key}" if path else str(key)
             if key not in stored:
-                found.append(f"{where}: absent in the store, {_show(current[key])} here")
+                found.append(f"{where}: absent {theirs}, {_show(current[key])} here")
             elif key not in current:
-                found.append(f"{where}: {_show(stored[key])} in the store, absent here")
+                found.append(f"{where}: {_show(stored[key])} {theirs}, absent here")
             else:
-                found += differences(stored[key], current[key], where)
+                found += differences(stored[key], current[key], where, theirs)
         return found
     if isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current):
         found = []
         for i, (a, b) in enumerate(zip(stored, current)):
-            found += differences(a, b, f"{path}[{i}]")
+            found += differences(a, b, f"{path}[{i}]", theirs)
         return found
     if stored != current:
-        return [f"{path}: {_show(stored)} in the store, {_show(current)} here"]
+        return [f"{path}: {_show(stored)} {theirs}, {_show(current)} here"]
     return []
+
+
+def item_fingerprints(dataset: Any) -> dict[str, str]:
+    """A SHA-256 of a few items of ``dataset`` (the first, the middle and the last: their
+    tensors' values, dtypes and shapes, and any label), by index. Reading three items tells
+    apart two datasets of one length and item format, such as two shards, without reading
+    the rest."""
+    length = len(dataset)
+    describe = Describer(None)
+    fingerprints = {}
+    for index in sorted({0, length // 2, length - 1}):
+        described = json.dumps(describe(dataset[index]), sort_keys=True)
+        fingerprints[str(index)] = hashlib.sha256(described.encode()).hexdigest()
+    return fingerprints
 
 
 def _show(value: Any) -> str:

@@ -49,6 +49,7 @@ from fastattr.data._job import (
     differences,
     effective_arguments,
     forward_of,
+    item_fingerprints,
     listed,
     model_digest,
     model_of,
@@ -203,7 +204,11 @@ class _Job:
             "arguments": describe(self.arguments),
             "target": describe(self.target),
             "batch_size": self.batch_size,
-            "dataset": {"length": len(self.dataset), "items": item_format.as_json()},  # type: ignore[arg-type]
+            "dataset": {
+                "length": len(self.dataset),  # type: ignore[arg-type]
+                "items": item_format.as_json(),
+                "fingerprints": item_fingerprints(self.dataset),
+            },
         }
 
     def _call_arguments(
@@ -364,6 +369,11 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
                 f"out ({os.fspath(out)}) holds a store of format {stored.get('format')}, this "
                 f"fastattr writes format {FORMAT_VERSION}: pass resume=False to start over"
             )
+        adopted = "fingerprints" not in stored["job"]["dataset"]
+        if adopted:
+            # A store from before items were fingerprinted takes this dataset's, trusted as it
+            # was then, so that every rank and every later run is compared with them.
+            stored["job"]["dataset"]["fingerprints"] = identity["dataset"]["fingerprints"]
         found = differences(stored["job"], identity)
         if found:
             raise ValueError(
@@ -380,6 +390,8 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
                 stacklevel=4,
             )
         group = zarr.open_group(out, mode="r+")
+        if adopted:
+            group.attrs[METADATA_KEY] = stored
         metadata = stored
     else:
         first = Collate(item_format, job.user_collate)(
@@ -419,7 +431,7 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
 def _check_same_job(job: _Job, plan: _Plan, ranks: Ranks) -> None:
     """Another rank's job is rank 0's (which rank 0 checked against the store)."""
     assert job.item_format is not None
-    found = differences(plan.metadata["job"], job.identity(job.item_format))
+    found = differences(plan.metadata["job"], job.identity(job.item_format), theirs="on rank 0")
     if found:
         raise ValueError(
             f"rank {ranks.rank} runs another job than rank 0 (every rank must run the same "
