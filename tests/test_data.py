@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -604,19 +605,110 @@ def test_a_different_job_is_refused_and_left_intact(tmp_path):
     assert replaced.metadata["job"]["arguments"]["n_steps"] == 8 and replaced.is_complete
 
 
-def test_a_store_from_before_fingerprints_resumes_and_takes_them(tmp_path, reference):
+def test_a_format_1_store_resumes_redoing_units_without_chunk_files(tmp_path, reference):
+    """A store of the previous format: no item fingerprints, and no file for a chunk equal to
+    the fill value, so a missing chunk file is no sign of damage there."""
     out = tmp_path / "s"
     shutil.copytree(reference.path, out)
     group = zarr.open_group(out, mode="r+")
     metadata = group.attrs["fastattr"]
     fingerprints = metadata["job"]["dataset"].pop("fingerprints")
+    metadata["format"] = 1
     group.attrs["fastattr"] = metadata
-    group["complete"][-2:] = 0
-    resumed = data_jobs.run(str(out))
+    # Unit 3 (examples 6 and 7) as format 1 stored attributions that were all NaN.
+    for key in store.chunk_keys(group["attributions/0"], 6, 8):
+        (out / key).unlink()
+    old = open_store(out)
+    assert old.missing == {} and old.is_complete
+    assert np.isnan(old.attributions[6:8]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say: its chunks are written now
+        resumed = data_jobs.run(str(out))
+    assert resumed.metadata["runs"][-1]["examples"] == 2
+    assert resumed.metadata["format"] == store.FORMAT_VERSION == 2
     assert resumed.metadata["job"]["dataset"]["fingerprints"] == fingerprints
     assert_same_store(resumed, reference)
     with pytest.raises(ValueError, match=r"dataset\.fingerprints\.0: "):
         data_jobs.run(str(out), data_jobs.other_shard())
+
+
+def test_a_chunk_file_deleted_from_a_complete_store_is_named_and_redone(
+    tmp_path, reference, monkeypatch
+):
+    out = tmp_path / "s"
+    shutil.copytree(reference.path, out)
+    group = zarr.open_group(out, mode="r")
+    # Unit 5 (examples 10 and 11) of the attributions and targets, unit 2 (4 and 5) of the
+    # deltas.
+    for name, rows in (("attributions/0", (10, 12)), ("target", (10, 12)), ("delta", (4, 6))):
+        for key in store.chunk_keys(group[name], *rows):
+            (out / key).unlink()
+    # Found from a listing of the store's keys: opening it reads no chunk of results.
+    get, read = zarr.storage.LocalStore.get, []
+
+    async def noting_get(self, key, *args, **kwargs):
+        read.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr.storage.LocalStore, "get", noting_get)
+        damaged = open_store(out)
+    assert not [key for key in read if "/c/" in key and not key.startswith("complete/")]
+    assert damaged.missing == {
+        "attributions/0": [(10, 12)],
+        "delta": [(4, 6)],
+        "target": [(10, 12)],
+    }
+    assert (
+        damaged.complete.tolist()
+        == [True] * 4 + [False] * 2 + [True] * 4 + [False] * 2 + [True] * 12
+    )
+    assert not damaged.is_complete
+    assert "20/24 examples complete, 4 marked complete but missing from the store" in repr(damaged)
+    missing = r"examples 10\.\.11 of attributions/0 are marked complete, but their chunk files"
+    for index in (slice(None), 11, -13, [3, 10], slice(1, 24, 5)):
+        with pytest.raises(FileNotFoundError, match=missing):
+            damaged.attributions[index]
+    with pytest.raises(FileNotFoundError, match=r"examples 4\.\.5 of delta .*run the same job"):
+        damaged.as_dataset()[5]
+    # The other rows read as they were written.
+    assert damaged.attributions[:10].tobytes() == reference.attributions[:10].tobytes()
+    assert (
+        damaged.attributions[[0, 12, 23]].tobytes() == reference.attributions[[0, 12, 23]].tobytes()
+    )
+    assert damaged.delta[6:].tobytes() == reference.delta[6:].tobytes()
+    # Run again, the job computes them again, and says why.
+    lacking = (
+        r"examples 4\.\.5, 10\.\.11 marked complete but chunk files of "
+        r"attributions/0, delta, target missing \(deleted, or not copied\?\)"
+    )
+    with pytest.warns(UserWarning, match=lacking):
+        resumed = data_jobs.run(str(out))
+    assert resumed.metadata["runs"][-1]["examples"] == 4
+    assert_same_store(resumed, reference)
+    assert resumed.missing == {} and damaged.missing == {} and damaged.is_complete
+    assert damaged.attributions[10:12].tobytes() == reference.attributions[10:12].tobytes()
+
+
+def test_chunks_equal_to_the_fill_value_are_written(tmp_path):
+    """Attributions that are all NaN (the fill value): every chunk has its file all the same,
+    so a complete store misses none and nothing is redone."""
+    model = small_mlp()
+    with torch.no_grad():
+        model[2].weight[1, 0] = float("nan")
+    features, _ = small_data()
+    data = torch.utils.data.TensorDataset(features)
+    ig = fastattr.IntegratedGradients(model)
+    kwargs = {"target": 1, "batch_size": 4, "n_steps": 4, "progress": False}
+    written = fastattr.attribute_dataset(ig, data, tmp_path / "s", **kwargs)
+    assert np.isnan(written.attributions[:]).all()
+    for array in written.group.array_values():
+        assert array.nchunks_initialized == array.nchunks, array.path
+    assert written.missing == {} and written.is_complete
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = fastattr.attribute_dataset(ig, data, tmp_path / "s", **kwargs)
+    assert again.metadata["runs"][-1]["examples"] == 0
 
 
 def test_out_holding_something_else_is_refused(tmp_path):

@@ -58,9 +58,11 @@ from fastattr.data._job import (
 )
 from fastattr.data._results import flatten, split_result
 from fastattr.data._store import (
+    COMPLETE,
     CREATING,
     FORMAT_VERSION,
     METADATA_KEY,
+    READABLE_FORMATS,
     ArraySpec,
     AttributionStore,
     Layout,
@@ -70,6 +72,8 @@ from fastattr.data._store import (
     create_store,
     import_zarr,
     read_metadata,
+    row_ranges,
+    units_lacking_chunks,
 )
 
 DEFAULT_BATCH_SIZE = 32
@@ -364,7 +368,7 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
     identity = job.identity(item_format)
     stored = read_metadata(out)
     if stored is not None and resume and not stored.get(CREATING):
-        if stored.get("format") != FORMAT_VERSION:
+        if stored.get("format") not in READABLE_FORMATS:
             raise ValueError(
                 f"out ({os.fspath(out)}) holds a store of format {stored.get('format')}, this "
                 f"fastattr writes format {FORMAT_VERSION}: pass resume=False to start over"
@@ -390,7 +394,11 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
                 stacklevel=4,
             )
         group = zarr.open_group(out, mode="r+")
-        if adopted:
+        _redo_units_lacking_chunks(group, stored, out)
+        if adopted or stored["format"] != FORMAT_VERSION:
+            # (After the units to redo are unmarked: a format 2 store's complete units have
+            # every chunk file.)
+            stored["format"] = FORMAT_VERSION
             group.attrs[METADATA_KEY] = stored
         metadata = stored
     else:
@@ -426,6 +434,30 @@ def _prepare(job: _Job, out: StoreLike, resume: bool, ranks: Ranks) -> _Plan:
     FailureBoard(group, ranks).clear()
     remaining = np.flatnonzero(~completed_units(group)).tolist()
     return _Plan(metadata, remaining)
+
+
+def _redo_units_lacking_chunks(group: Any, metadata: Mapping[str, Any], out: StoreLike) -> None:
+    """Unmark the complete units that miss a chunk file, so that this run computes them again
+    rather than leave their rows reading as the fill value. In a format 2 store that is damage
+    (a file deleted, or not copied), and said; a format 1 store left out the chunks equal to
+    the fill value, which are computed again (and written) without a word."""
+    layout = Layout.from_json(metadata["layout"])
+    names = [spec["name"] for spec in metadata["arrays"]]
+    done = np.flatnonzero(completed_units(group)).tolist()
+    lacking = units_lacking_chunks(group, names, layout, done)
+    redo = sorted(set().union(*lacking.values()))
+    if not redo:
+        return
+    if metadata["format"] >= 2:
+        warnings.warn(
+            f"the store at {os.fspath(out)} has examples {row_ranges(layout, redo)} marked "
+            f"complete but chunk files of {', '.join(lacking)} missing (deleted, or not "
+            "copied?): computing them again",
+            stacklevel=5,
+        )
+    complete = group[COMPLETE]
+    for unit in redo:
+        complete[unit] = 0
 
 
 def _check_same_job(job: _Job, plan: _Plan, ranks: Ranks) -> None:

@@ -14,7 +14,9 @@ Layout (paths inside the group)::
 The examples are grouped into units of work of whole batches. A unit covers whole chunks of
 every array, so two processes never write the same chunk file, and a unit is marked complete
 only after its rows are written (and, on a local file system, flushed to disk): a process
-killed at any moment leaves each unit either complete or to be redone.
+killed at any moment leaves each unit either complete or to be redone. Every chunk of a
+complete unit has its file, even one whose rows all equal the fill value (format 2), so a
+chunk file missing from a complete unit is damage, found by listing the store's keys.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -38,7 +40,11 @@ if TYPE_CHECKING:
 
 StoreLike = Union[str, os.PathLike]
 
-FORMAT_VERSION = 1
+# Format 1 left out a chunk whose rows all equal the fill value, so a missing chunk file could
+# be such a chunk; format 2 writes every chunk. A format 1 store is read and resumed (and
+# becomes format 2 when resumed).
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 METADATA_KEY = "fastattr"
 COMPLETE = "complete"
 FAILURES = "_failures"
@@ -215,14 +221,64 @@ def completed_units(group: zarr.Group) -> np.ndarray:
     return np.asarray(group[COMPLETE][:], dtype=bool)
 
 
+def chunk_keys(array: zarr.Array, start: int, stop: int) -> Iterator[str]:
+    """The store keys of the chunks holding rows ``start`` to ``stop - 1`` of ``array``."""
+    rows = array.chunks[0]
+    others = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], array.chunks[1:])]
+    encoding = array.metadata.chunk_key_encoding
+    for coords in itertools.product(range(start // rows, math.ceil(stop / rows)), *others):
+        yield f"{array.path}/{encoding.encode_chunk_key(coords)}"
+
+
+def _stored_keys(group: zarr.Group, prefix: str) -> set[str]:
+    """The keys under ``prefix`` in the group's store: one listing, no chunk read."""
+    from zarr.core.sync import sync  # zarr's own bridge from its async stores
+
+    async def collect() -> set[str]:
+        return {key async for key in group.store.list_prefix(prefix)}
+
+    return sync(collect())
+
+
+def units_lacking_chunks(
+    group: zarr.Group, names: Sequence[str], layout: Layout, units: Sequence[int]
+) -> dict[str, list[int]]:
+    """The units among ``units`` that miss a chunk file of an array, by array name (arrays
+    that miss none are left out), from one listing of the store per array."""
+    lacking = {}
+    for name in names:
+        array = group[name]
+        stored = _stored_keys(group, f"{array.path}/")
+        missing = [
+            unit
+            for unit in units
+            if any(key not in stored for key in chunk_keys(array, *layout.rows(unit)))
+        ]
+        if missing:
+            lacking[name] = missing
+    return lacking
+
+
+def row_ranges(layout: Layout, units: Sequence[int], most: int = 8) -> str:
+    """The rows of ``units`` as readable ranges (``8..15, 24..27``), the first ``most`` of
+    them and how many more."""
+    ranges: list[list[int]] = []
+    for unit in sorted(units):
+        start, stop = layout.rows(unit)
+        if ranges and ranges[-1][1] == start - 1:
+            ranges[-1][1] = stop - 1
+        else:
+            ranges.append([start, stop - 1])
+    text = ", ".join(f"{a}..{b}" for a, b in ranges[:most])
+    return text + (f" and {len(ranges) - most} more ranges" if len(ranges) > most else "")
+
+
 def _flush(paths: set[Path]) -> None:
     """fsync files: their data is on disk before the unit's flag is written. (Journaling file
-    systems commit the renames that put them in place in order, the flag's after theirs.)"""
+    systems commit the renames that put them in place in order, the flag's after theirs.) A
+    file missing here is an error: a unit is marked complete only with every chunk file."""
     for path in sorted(paths):
-        try:
-            descriptor = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue  # a chunk equal to the fill value is not written at all
+        descriptor = os.open(path, os.O_RDONLY)
         try:
             os.fsync(descriptor)
         finally:
@@ -237,26 +293,22 @@ class UnitWriter:
     no fsync: lost, it only makes a unit be redone.)"""
 
     def __init__(self, group: zarr.Group, specs: Sequence[ArraySpec]) -> None:
-        self.arrays = {spec.name: group[spec.name] for spec in specs}
+        # Every chunk written, also one equal to the fill value (zarr would leave it out): a
+        # complete unit has all its chunk files, so a missing one is found as damage.
+        self.arrays = {
+            spec.name: group[spec.name].with_config({"write_empty_chunks": True}) for spec in specs
+        }
         self.complete = group[COMPLETE]
         root = getattr(group.store, "root", None)
         self._root = Path(root) if root is not None else None
-
-    def _chunk_files(self, array: zarr.Array, start: int, stop: int) -> Iterator[Path]:
-        assert self._root is not None
-        rows = array.chunks[0]
-        others = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], array.chunks[1:])]
-        encoding = array.metadata.chunk_key_encoding
-        for coords in itertools.product(range(start // rows, math.ceil(stop / rows)), *others):
-            yield self._root / array.path / encoding.encode_chunk_key(coords)
 
     def write(self, unit: int, start: int, columns: Mapping[str, np.ndarray]) -> None:
         stop = start + len(next(iter(columns.values())))
         for name, values in columns.items():
             self.arrays[name][start:stop] = values
         if self._root is not None:
-            files = {p for n in columns for p in self._chunk_files(self.arrays[n], start, stop)}
-            _flush(files)
+            root = self._root
+            _flush({root / k for n in columns for k in chunk_keys(self.arrays[n], start, stop)})
         self.complete[unit] = 1
 
 
@@ -278,6 +330,9 @@ class Rows:
     def __init__(self, arrays: Sequence[zarr.Array], structure: Structure = "tensor") -> None:
         self.arrays = tuple(arrays)
         self.structure = structure
+        # Set by the AttributionStore: raises for rows marked complete whose chunk files
+        # are missing, before zarr reads them as the fill value.
+        self._check: Callable[[zarr.Array, Any], None] | None = None
 
     def __len__(self) -> int:
         return self.arrays[0].shape[0]
@@ -288,6 +343,8 @@ class Rows:
 
     def _read(self, array: zarr.Array, index: Index) -> np.ndarray:
         if isinstance(index, (int, np.integer, slice)):
+            if self._check is not None:
+                self._check(array, index)
             return np.asarray(array[index])
         rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
         if rows.dtype == bool:  # a mask: the rows where it is True
@@ -297,7 +354,10 @@ class Rows:
                     f"shape {list(rows.shape)}"
                 )
             rows = np.flatnonzero(rows)
-        return np.asarray(array.get_orthogonal_selection((rows.astype(np.int64),)))
+        rows = rows.astype(np.int64)
+        if self._check is not None:
+            self._check(array, rows)
+        return np.asarray(array.get_orthogonal_selection((rows,)))
 
     def __getitem__(self, index: Index) -> Any:
         return rebuild(self.structure, [self._read(array, index) for array in self.arrays])
@@ -330,7 +390,11 @@ class AttributionStore:
     inputs), ``store.delta[i]``, ``store.target[i]``, ``store.output[i]``,
     ``store.extras[name][i]``; slices and lists of indices read only the chunks they need.
     ``store.complete`` says which examples are written: a store can be read while a job is
-    still writing it, and rows not yet written read as NaN (floats) or -1 (integers).
+    still writing it, and rows not yet written read as NaN (floats) or -1 (integers). Rows
+    marked complete whose chunk files are missing from the store (deleted, or not copied) are
+    found when the store is opened: ``store.missing`` lists them, ``store.complete`` counts
+    them as not written, and reading them raises ``FileNotFoundError`` (running the same job
+    again computes them again).
 
     Args:
         group: the zarr group of the store (see [`fastattr.open_store`][fastattr.open_store]).
@@ -356,17 +420,72 @@ class AttributionStore:
         self.group = group
         self.metadata: dict[str, Any] = dict(group.attrs[METADATA_KEY])
         self.layout = Layout.from_json(self.metadata["layout"])
+        # Units marked complete that miss chunk files, by array. (In a format 1 store a chunk
+        # equal to the fill value has no file, so a missing file is no sign of damage there.)
+        self._lacking: dict[str, list[int]] = {}
+        if self.metadata.get("format", 1) >= 2:
+            names = [spec["name"] for spec in self.metadata["arrays"]]
+            done = np.flatnonzero(completed_units(group)).tolist()
+            self._lacking = units_lacking_chunks(group, names, self.layout, done)
         results = self.metadata["results"]
-        self.attributions = Rows(
-            [group[name] for name in results["attributions"]], results["structure"]
-        )
+        self.attributions = self._rows(results["attributions"], results["structure"])
         self.delta = self._optional(results.get("delta"))
         self.target = self._optional(results.get("target"))
         self.output = self._optional(results.get("output"))
-        self.extras = {name: Rows([group[path]]) for name, path in results["extras"].items()}
+        self.extras = {name: self._rows([path]) for name, path in results["extras"].items()}
+
+    def _rows(self, names: Sequence[str], structure: Structure = "tensor") -> Rows:
+        rows = Rows([self.group[name] for name in names], structure)
+        rows._check = self._check_rows
+        return rows
 
     def _optional(self, name: str | None) -> Rows | None:
-        return None if name is None else Rows([self.group[name]])
+        return None if name is None else self._rows([name])
+
+    def _recheck(self, names: Sequence[str]) -> None:
+        """Look again at the units found lacking chunk files in ``names`` (a job run since
+        may have computed them again)."""
+        for name in names:
+            found = units_lacking_chunks(self.group, [name], self.layout, self._lacking[name])
+            if found:
+                self._lacking[name] = found[name]
+            else:
+                del self._lacking[name]
+
+    def _check_rows(self, array: zarr.Array, index: Any) -> None:
+        """Raise if ``index`` reads rows marked complete whose chunk files are missing."""
+        if array.path not in self._lacking:
+            return
+        try:
+            rows = np.arange(array.shape[0])[index]
+        except IndexError:
+            return  # zarr says what is wrong with the index
+        hit = np.intersect1d(
+            np.unique(rows // self.layout.rows_per_unit), self._lacking[array.path]
+        )
+        if len(hit) == 0:
+            return
+        self._recheck([array.path])
+        hit = np.intersect1d(hit, self._lacking.get(array.path, []))
+        if len(hit):
+            raise FileNotFoundError(
+                f"examples {row_ranges(self.layout, hit.tolist())} of {array.path} are marked "
+                f"complete, but their chunk files are missing from the store at {self.path} "
+                "(deleted, or not copied?): run the same job again to compute them again"
+            )
+
+    @property
+    def missing(self) -> dict[str, list[tuple[int, int]]]:
+        """The examples marked complete whose results are missing from the store (chunk
+        files deleted, or not copied), by array: ``{"attributions/0": [(start, stop), ...]}``
+        with rows ``start`` to ``stop - 1``; empty for a sound store. Found when the store is
+        opened, from one listing of its keys per array, and looked at again here. (Not for
+        a format 1 store, which left out chunks equal to the fill value.)"""
+        self._recheck(list(self._lacking))
+        return {
+            name: [self.layout.rows(unit) for unit in units]
+            for name, units in self._lacking.items()
+        }
 
     @property
     def path(self) -> str:
@@ -379,19 +498,29 @@ class AttributionStore:
 
     def __repr__(self) -> str:
         done = int(self.complete.sum())
-        return f"AttributionStore({self.path!r}, {done}/{len(self)} examples complete)"
+        rows = {row for ranges in self.missing.values() for r in ranges for row in range(*r)}
+        damage = f", {len(rows)} marked complete but missing from the store" if rows else ""
+        return f"AttributionStore({self.path!r}, {done}/{len(self)} examples complete{damage})"
+
+    def _completed_units(self) -> np.ndarray:
+        units = completed_units(self.group)
+        if self._lacking:
+            self._recheck(list(self._lacking))
+            for lacking in self._lacking.values():
+                units[lacking] = False
+        return units
 
     @property
     def complete(self) -> np.ndarray:
-        """One bool per example: True where its results are written (read afresh)."""
-        units = completed_units(self.group)
-        rows = np.repeat(units, self.layout.rows_per_unit)
+        """One bool per example: True where its results are written (read afresh; rows in
+        [`missing`][fastattr.AttributionStore.missing] are not)."""
+        rows = np.repeat(self._completed_units(), self.layout.rows_per_unit)
         return rows[: self.layout.length]
 
     @property
     def is_complete(self) -> bool:
         """Whether every example's results are written."""
-        return bool(completed_units(self.group).all())
+        return bool(self._completed_units().all())
 
     def as_dataset(self) -> torch.utils.data.Dataset:
         """The store as a map-style torch Dataset, for a DataLoader.
