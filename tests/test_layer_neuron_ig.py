@@ -685,6 +685,20 @@ def test_neuron_ig_conv(selector, on_input):
     assert_same(ours, theirs)
 
 
+@pytest.mark.parametrize("on_input", [False, True])
+def test_neuron_ig_list_selector_is_captums_tuple(on_input):
+    # captum indexes the layer's values with a list selector as with a tuple.
+    model, layer, x, _ = _conv_case(torch.float64)
+    ours, theirs = nig_both(
+        model, layer, x, [1, 2, 3], n_steps=6, attribute_to_neuron_input=on_input
+    )
+    assert_same(ours, theirs)
+    expected = fastattr.NeuronIntegratedGradients(model, layer).attribute(
+        x, (1, 2, 3), n_steps=6, attribute_to_neuron_input=on_input
+    )
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_neuron_ig_every_method_float32(method):
     model, layer, x, _ = _linear_case(torch.float32)

@@ -53,6 +53,8 @@ def select_neuron(values: LayerValues, selector: NeuronSelector, rows: int) -> T
             )
         layer_value = values[0]
         index = (selector,) if isinstance(selector, int) else selector
+        if isinstance(index, list):  # captum indexes with a list as with a tuple
+            index = tuple(index)
         if not isinstance(index, tuple) or not all(isinstance(i, (int, slice)) for i in index):
             raise TypeError(
                 "neuron_selector must be an int, a tuple of ints and slices, or a callable, "
@@ -128,11 +130,12 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         Args:
             inputs: a tensor or a tuple of floating point tensors, examples along dimension 0.
             neuron_selector: the neuron: an int or a tuple of ints indexing the layer's values
-                after the batch dimension; slices in the tuple select a region whose values
-                are summed; or a callable taking the layer's values (a tensor, or a tuple for
-                a layer with several) and returning one value per example, or, as captum
-                allows, one value in all or per entry of a 1-D result (e.g. a sum over the
-                batch: ``lambda v: v[:, 2:].sum()``), differentiated as their sum.
+                after the batch dimension (a list is taken as a tuple, as in captum); slices
+                in the tuple select a region whose values are summed; or a callable taking
+                the layer's values (a tensor, or a tuple for a layer with several) and
+                returning one value per example, or, as captum allows, one value in all or
+                per entry of a 1-D result (e.g. a sum over the batch:
+                ``lambda v: v[:, 2:].sum()``), differentiated as their sum.
             baselines: where each path starts, as in ``IntegratedGradients.attribute``.
             additional_forward_args: further arguments of ``forward_func``.
             n_steps: the number of quadrature nodes (default: 50), or ``"auto"``, as in
