@@ -292,6 +292,19 @@ def test_bad_arguments_name_the_argument(case):
         NoiseTunnel(fastattr.IntegratedGradients(mlp())).attribute(data(2, 6), target=0, **kwargs)
 
 
+@pytest.mark.parametrize("target", [[0], torch.tensor([0, 1, 0])], ids=["list", "tensor"])
+def test_a_target_that_does_not_fit_the_examples_is_refused(target):
+    # captum refuses a list target of the wrong length (an AssertionError); fastattr names
+    # the target and the number of examples, before any copy is attributed.
+    method = captum_attr.IntegratedGradients(mlp())
+    with pytest.raises(AssertionError, match="Target list length"):
+        captum_attr.NoiseTunnel(method).attribute(data(2, 6), nt_samples=3, target=[0])
+    with pytest.raises(ValueError, match=r"target .* per example \(2\)"):
+        NoiseTunnel(fastattr.IntegratedGradients(mlp())).attribute(
+            data(2, 6), nt_samples=3, target=target
+        )
+
+
 def test_bad_method_and_inputs():
     with pytest.raises(TypeError, match="attribution_method"):
         NoiseTunnel(mlp())

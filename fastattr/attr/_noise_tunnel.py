@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastattr._formatting import as_int, baseline_tuple, format_additional_args
+from fastattr._formatting import as_int, baseline_tuple, check_target, format_additional_args
 from fastattr._path_integral import chunk_budget
 from fastattr.attr._base import Attribution, PathAttribution
 
@@ -294,9 +294,11 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
             deltas of every noisy copy, ``nt_samples * B`` of them in captum's order.
 
         Raises:
-            ValueError: ``nt_type``, ``nt_samples``, ``nt_samples_batch_size``, ``stdevs``
-                or the baselines for ``draw_baseline_from_distrib`` are not valid.
-            TypeError: ``inputs`` are not tensors, or a count is not an int.
+            ValueError: ``nt_type``, ``nt_samples``, ``nt_samples_batch_size``, ``stdevs``,
+                the baselines for ``draw_baseline_from_distrib`` or a per-example ``target``
+                (not one entry per example) are not valid.
+            TypeError: ``inputs`` are not tensors, a count is not an int, or ``target`` is of
+                a type no method takes.
         """
         is_tuple = isinstance(inputs, tuple)
         inputs = inputs if is_tuple else (inputs,)
@@ -320,6 +322,10 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
                 "every tensor in inputs must have the same batch size (dimension 0), got "
                 f"{[x.shape[0] for x in inputs]}"
             )
+        if "target" in kwargs:
+            # Checked against the examples, not their noisy copies: a per-example target of
+            # the wrong length would otherwise fail while being spread over the copies.
+            check_target(kwargs["target"], batch)
         return_delta = (
             bool(kwargs.get("return_convergence_delta", False)) and self.is_delta_supported
         )
