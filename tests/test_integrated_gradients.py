@@ -476,6 +476,20 @@ def test_strided_inputs_and_baselines(backend):
     compare(cnn, channels_last, baselines=permuted[:1], target=3, n_steps=4)
 
 
+def test_inputs_that_require_grad_give_captums_numbers_without_a_graph(backend):
+    leaf = data(BATCH, FEATURES).requires_grad_()
+    non_leaf = leaf * 2
+    for x in (leaf, non_leaf):
+        ours = IntegratedGradients(mlp()).attribute(x, baselines=0.1, target=1, n_steps=5)
+        theirs = captum_attr.IntegratedGradients(mlp()).attribute(
+            x, baselines=0.1, target=1, n_steps=5
+        )
+        # captum's graph runs through inputs - baselines alone; fastattr's carry none.
+        assert theirs.requires_grad and not ours.requires_grad
+        assert_close(ours, theirs.detach())
+    assert leaf.requires_grad and leaf.grad is None
+
+
 def test_import_from_fastattr_attr():
     from fastattr.attr import IntegratedGradients as FromAttr
 

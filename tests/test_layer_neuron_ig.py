@@ -550,6 +550,33 @@ def test_layer_ig_grad_kwargs_passed_through():
         )
 
 
+@pytest.mark.parametrize("key", ["create_graph", "is_grads_batched"])
+def test_layer_ig_grad_kwargs_the_path_cannot_honour_are_refused(key):
+    model, layer, x, _ = _linear_case(torch.float64)
+    if key == "create_graph":
+        # captum's attributions then carry a graph back to the model's parameters; fastattr's
+        # would silently carry none.
+        theirs = captum_attr.LayerIntegratedGradients(model, layer).attribute(
+            x, target=1, n_steps=5, grad_kwargs={key: True}
+        )
+        assert theirs.requires_grad
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"grad_kwargs\['{key}'\]"):
+        fastattr.LayerIntegratedGradients(model, layer).attribute(
+            x, target=1, n_steps=5, grad_kwargs={key: True}
+        )
+    _assert_as_found(model, snapshot)
+    # False is the default, and runs.
+    ours, theirs = lig_both(model, layer, x, target=1, n_steps=5, grad_kwargs={key: False})
+    assert_same(ours, theirs)
+
+
+def test_layer_ig_grad_kwargs_must_be_a_dict():
+    model, layer, x, _ = _linear_case(torch.float64)
+    with pytest.raises(TypeError, match="grad_kwargs must be a dict"):
+        fastattr.LayerIntegratedGradients(model, layer).attribute(x, target=1, grad_kwargs=3)
+
+
 def test_layer_ig_reference_backend():
     model, layer, x, _ = _linear_case(torch.float64)
     with fastattr.use_backend("reference"):

@@ -4,7 +4,7 @@ through the compiled ops."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import torch
@@ -57,6 +57,28 @@ def _group(flat: tuple[Tensor, ...], counts: list[int]) -> list[LayerValues]:
         groups.append(flat[start : start + count])
         start += count
     return groups
+
+
+def _check_grad_kwargs(grad_kwargs: Any) -> None:
+    """Refuses what the path can't honour, rather than ignoring it: the gradients are summed
+    along the path by the kernels, outside autograd, so attributions never carry a graph
+    (``create_graph``), and each gradient is one backward pass (``is_grads_batched``)."""
+    if grad_kwargs is None:
+        return
+    if not isinstance(grad_kwargs, Mapping):
+        raise TypeError(
+            f"grad_kwargs must be a dict of torch.autograd.grad arguments, got "
+            f"{type(grad_kwargs).__name__}"
+        )
+    for key in ("create_graph", "is_grads_batched"):
+        if grad_kwargs.get(key):
+            raise ValueError(
+                f"grad_kwargs[{key!r}]=True is not supported: the path's gradients are summed "
+                "outside autograd, so the attributions can't be differentiated"
+                if key == "create_graph"
+                else f"grad_kwargs[{key!r}]=True is not supported: each gradient of the path "
+                "is one backward pass of the selected output"
+            )
 
 
 class LayerIntegratedGradients(
@@ -151,7 +173,10 @@ class LayerIntegratedGradients(
             return_convergence_delta: also return captum's convergence delta per example
                 (the sum of all layers' attributions against the model's output change).
             attribute_to_layer_input: attribute the layer's input instead of its output.
-            grad_kwargs: extra keyword arguments of ``torch.autograd.grad``.
+            grad_kwargs: extra keyword arguments of ``torch.autograd.grad``, but not
+                ``create_graph=True`` (the attributions carry no graph: the path's gradients
+                are summed outside autograd) or ``is_grads_batched=True``: those are a
+                ``ValueError``.
             return_n_steps: also return the gradient evaluations each example's path took
                 (``n_steps``, the points ``"auto"`` chose or the pieces ``"exact"`` found), as
                 in ``IntegratedGradients.attribute``. Not in captum.
@@ -258,6 +283,7 @@ class LayerIntegratedGradients(
     ) -> list[Any]:
         layers = as_layer_list(self.layer)
         check_layers_in_model(self.forward_func, layers, "layer")
+        _check_grad_kwargs(grad_kwargs)
         model_inputs = as_tensor_tuple(inputs)
         baseline_tuple = format_baselines(baselines, model_inputs)
         starts = tuple(b.expand_as(x).contiguous() for b, x in zip(baseline_tuple, model_inputs))
