@@ -1041,6 +1041,43 @@ def test_an_activation_used_twice_gets_each_rule_on_its_own_use() -> None:
     torch.testing.assert_close(summed, torch.full_like(x, 8.0), rtol=1e-9, atol=0)
 
 
+class SharedInput(nn.Module):
+    """Two layers reading the same tensor (bias-free, so that LRP conserves relevance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3, bias=False)
+        self.b = nn.Linear(4, 3, bias=False)
+        self.out = nn.Linear(6, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_layer_input_relevance_is_the_layer_s_own_share_of_a_shared_tensor() -> None:
+    # Deliberate difference. captum's input hook sits on the tensor, so the first layer's
+    # "input relevance" is the relevance of x from both layers, and the second layer's fails.
+    # fastattr gives each layer what it passes to its input: its output relevance, conserved
+    # (bias-free), and the two shares add up to x's relevance.
+    model = _seeded(SharedInput(), torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    total = LRP(model).attribute(x, target=1)
+    shares = []
+    for layer in (model.a, model.b):
+        share = LayerLRP(model, layer).attribute(x, target=1, attribute_to_layer_input=True)
+        output = LayerLRP(model, layer).attribute(x, target=1)
+        torch.testing.assert_close(share.sum(1), output.sum(1), rtol=0, atol=1e-8)
+        _close(output, _captum(captum_attr.LayerLRP, model, x, layer, target=1))
+        shares.append(share)
+    _close(shares[0] + shares[1], total)
+    theirs = _captum(
+        captum_attr.LayerLRP, model, x, model.a, target=1, attribute_to_layer_input=True
+    )
+    _close(theirs.detach(), total)
+    with pytest.raises(AssertionError):
+        _captum(captum_attr.LayerLRP, model, x, model.b, target=1, attribute_to_layer_input=True)
+
+
 class FirstExampleOnly(nn.Module):
     """An output whose first dimension is not the batch's: model(x)[0].unsqueeze(0)."""
 
