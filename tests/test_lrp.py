@@ -456,6 +456,31 @@ def test_model_left_as_found(fail: bool) -> None:
     _assert_untouched(model, state, rules, modes)
 
 
+def test_inference_mode_is_a_clear_error_and_no_grad_runs() -> None:
+    # Under torch.inference_mode() no graph is recorded: captum fails registering its hooks;
+    # fastattr says so up front (it failed deep inside the propagation).
+    model = _seeded(MLP(), torch.float64)
+    state, modes = _snapshot(model), {n: m.training for n, m in model.named_modules()}
+    x = torch.randn(3, 12, dtype=torch.float64)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError):
+            _captum(captum_attr.LRP, model, x, target=0)
+    calls = [
+        lambda: LRP(model).attribute(x, target=0),
+        lambda: LRP(model).attribute_targets(x, [0, 1]),
+        lambda: LayerLRP(model, model.fc1).attribute(x, target=0),
+        lambda: LayerLRP(model, model.fc1).attribute_targets(x, [0, 1]),
+    ]
+    for call in calls:
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+            call()
+        _assert_untouched(model, state, {}, modes)
+    with torch.no_grad():
+        ours = LRP(model).attribute(x, target=0)
+        theirs = _captum(captum_attr.LRP, model, x, target=0)
+    _close(ours, theirs.detach())
+
+
 def test_unsupported_modules_listed_before_any_work() -> None:
     calls = []
 

@@ -219,6 +219,7 @@ class LRP(Attribution, captum_class="LRP"):
         Raises:
             TypeError: a module of the model has no rule (before anything else is checked),
                 or an input is not a floating point tensor.
+            RuntimeError: called under ``torch.inference_mode()``, which records no graph.
         """
         plan = self._rule_plan()
         is_tuple, tensors, target, args = self._prepare(inputs, target, additional_forward_args)
@@ -313,6 +314,12 @@ class LRP(Attribution, captum_class="LRP"):
     def _prepare(
         self, inputs: Any, target: TargetType, additional_forward_args: Any
     ) -> tuple[bool, tuple[Tensor, ...], TargetType | ColumnIndices, tuple[Any, ...] | None]:
+        if torch.is_inference_mode_enabled():
+            # (Its tensors record no graph: the propagation would fail deep inside.)
+            raise RuntimeError(
+                "LRP propagates relevance through autograd, which torch.inference_mode() turns "
+                "off: call attribute outside it (torch.no_grad() is fine)"
+            )
         tensors = as_tensor_tuple(inputs)
         target = check_target(target, tensors[0].shape[0])
         args = format_additional_args(additional_forward_args)
