@@ -176,6 +176,16 @@ def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
             or all(isinstance(t, tuple) for t in target)
         ):
             raise TypeError("a list target must hold ints, or tuples of ints, one per example")
+        if target and isinstance(target[0], tuple):
+            for i, index in enumerate(target):
+                if not all(isinstance(t, (int, slice)) for t in index):
+                    raise TypeError(f"target[{i}] must hold ints, got {index!r}")
+            lengths = sorted({len(index) for index in target})
+            if len(lengths) > 1:
+                raise ValueError(
+                    "a list target of tuples must give every example the same number of "
+                    f"indices, got tuples of lengths {lengths}"
+                )
         return target
     raise TypeError(
         f"target must be None, an int, a tuple, a list or a tensor, got {type(target).__name__}"

@@ -17,6 +17,26 @@ def _check_index(index: int, size: int, what: str) -> None:
         raise IndexError(f"target {what} {index} is out of range for an output dimension of {size}")
 
 
+def _check_tuple_list(target: list[tuple], output: Tensor) -> None:
+    """A list of per-example index tuples (all of one length, see check_target) against the
+    output, so that a bad one is named rather than failing inside the indexing."""
+    depth = len(target[0])
+    if depth > output.dim() - 1:
+        raise IndexError(
+            f"target tuples hold {depth} indices, more than the output of shape "
+            f"{list(output.shape)} has dimensions after the batch"
+        )
+    for position in range(depth):
+        size = output.shape[position + 1]
+        values = [index[position] for index in target if isinstance(index[position], int)]
+        if values and (min(values) < -size or max(values) >= size):
+            bad = min(values) if min(values) < -size else max(values)
+            raise IndexError(
+                f"target holds index {bad} at position {position} of its tuples, out of range "
+                f"for an output dimension of {size}"
+            )
+
+
 def select_targets(output: Tensor, target: TargetType | ColumnIndices) -> Tensor:
     """The per-example value to attribute: captum's target semantics, with range checks."""
     if not isinstance(output, Tensor):
@@ -42,6 +62,7 @@ def select_targets(output: Tensor, target: TargetType | ColumnIndices) -> Tensor
                 _check_index(i, output.shape[dim], "index")
         return output[(slice(None), *index)]
     if isinstance(target, list) and target and isinstance(target[0], tuple):
+        _check_tuple_list(target, output)
         return torch.stack([output[(row, *index)] for row, index in enumerate(target)])
     if isinstance(target, ColumnIndices):
         indices, low, high = target.indices, target.low, target.high

@@ -837,6 +837,31 @@ def test_bad_arguments(backend, case):
         assert counter.rows == [], "argument errors must come before any forward"
 
 
+@pytest.mark.parametrize(
+    ("target", "error", "match", "captums"),
+    [
+        ([(0, 1), (2,), (1, 0), (2, 2)], ValueError, "same number of indices", RuntimeError),
+        ([(0, 1, 0)] * BATCH, IndexError, "target tuples hold 3 indices", IndexError),
+        (
+            [(0, 1), (3, 0), (1, 0), (2, 2)],
+            IndexError,
+            "target holds index 3 at position 0",
+            IndexError,
+        ),
+        ([(0, 1), (2, -5), (1, 0), (2, 2)], IndexError, "index -5 at position 1", IndexError),
+        ([(0, 1.0)] * BATCH, TypeError, r"target\[0\] must hold ints", IndexError),
+    ],
+    ids=["lengths", "too-many", "range", "negative-range", "float"],
+)
+def test_a_list_of_tuple_targets_that_does_not_fit_is_named(backend, target, error, match, captums):
+    # captum fails inside its indexing (torch's own messages); fastattr names the target.
+    model = seeded(Output3D())
+    with pytest.raises(captums):
+        captum_attr.IntegratedGradients(model).attribute(X, target=target, n_steps=3)
+    with pytest.raises(error, match=match):
+        IntegratedGradients(model).attribute(X, target=target, n_steps=3)
+
+
 def test_bad_inputs():
     model, two = mlp(), seeded(TwoInputs())
     with pytest.raises(ValueError, match="inputs"):
