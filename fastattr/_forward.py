@@ -94,6 +94,18 @@ def run_forward(
     return select_targets(output, target)
 
 
+def check_differentiable(output: Tensor) -> None:
+    """Refuses a selected output without a graph before the backward, whose own error
+    ("element 0 of tensors does not require grad") names neither the argument nor the cause."""
+    if not output.requires_grad:
+        raise RuntimeError(
+            f"the output to attribute (the target's, or the neuron's) has no gradient: a "
+            f"{output.dtype} tensor outside autograd's graph. forward_func (the model) must "
+            "compute it with gradients on: not under torch.no_grad(), not detached, not from "
+            "integers (argmax, a comparison)"
+        )
+
+
 class OutputShapeError(ValueError, AssertionError):
     """The selected output can't be differentiated as captum does (e.g. no target for an
     output with several values per example). A ValueError, and an AssertionError too, which is

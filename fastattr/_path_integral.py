@@ -26,7 +26,13 @@ from fastattr._formatting import (
     ColumnIndices,
     as_int,
 )
-from fastattr._forward import OutputShapeError, RowsCoupled, row_sums, select_targets
+from fastattr._forward import (
+    OutputShapeError,
+    RowsCoupled,
+    check_differentiable,
+    row_sums,
+    select_targets,
+)
 from fastattr._model_state import module_of, uses_batch_statistics
 from fastattr._quadrature import check_steps, quadrature_table
 from fastattr.ops._checks import row_layout
@@ -417,6 +423,7 @@ class PathEngine:
             if len(outputs) != self.targets:
                 raise AssertionError("evaluate returned the wrong number of targets")
             for k, output in enumerate(outputs):
+                check_differentiable(output)
                 grads = self._gradients(output, paths, retain=k + 1 < len(outputs))
                 slope = torch.zeros(len(points), dtype=torch.float64, device=self.device)
                 for index, grad in enumerate(grads):

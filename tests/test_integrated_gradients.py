@@ -886,6 +886,40 @@ def test_bad_inputs():
         IntegratedGradients("model")
 
 
+def _under_no_grad(model):
+    def forward(x):
+        with torch.no_grad():
+            return model(x)
+
+    return forward
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [_under_no_grad, lambda m: lambda x: m(x).detach(), lambda m: lambda x: (m(x) > 0).double()],
+    ids=["no_grad", "detached", "from-a-comparison"],
+)
+def test_an_output_without_a_graph_is_a_clear_error(backend, wrap):
+    # captum fails inside autograd ("element 0 of tensors does not require grad"); fastattr
+    # says which output and why.
+    model = mlp()
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        captum_attr.IntegratedGradients(wrap(model)).attribute(X, target=1, n_steps=3)
+    with pytest.raises(RuntimeError, match=r"the output to attribute .* has no gradient"):
+        IntegratedGradients(wrap(model)).attribute(X, target=1, n_steps=3)
+    # A neuron of integer values (LayerIntegratedGradients refuses such a layer outright).
+    integer_layer = nn.Sequential(model, Comparison())
+    with pytest.raises(RuntimeError, match=r"the output to attribute .* has no gradient"):
+        fastattr.NeuronIntegratedGradients(integer_layer, integer_layer[1]).attribute(
+            X, 1, n_steps=3
+        )
+
+
+class Comparison(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return (x > 0).long()
+
+
 def test_output_with_several_values_per_example_needs_target(backend):
     with pytest.raises(ValueError, match="target"):
         IntegratedGradients(mlp()).attribute(X)

@@ -481,6 +481,35 @@ def test_inference_mode_is_a_clear_error_and_no_grad_runs() -> None:
     _close(ours, theirs.detach())
 
 
+class Detached(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 5)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "no_grad":
+            with torch.no_grad():
+                return self.fc(x)
+        out = self.fc(x)
+        return out.detach() if self.how == "detached" else (out > 0).to(out.dtype)
+
+
+@pytest.mark.parametrize("how", ["no_grad", "detached", "from-a-comparison"])
+def test_an_output_without_a_graph_is_a_clear_error(how: str) -> None:
+    # captum fails inside autograd (or registering its hooks); fastattr says which output and
+    # why, and leaves the model as found.
+    model = Detached(how).double()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        _captum(captum_attr.LRP, model, x, target=1)
+    state, modes = _snapshot(model), {n: m.training for n, m in model.named_modules()}
+    for method in (LRP(model), LayerLRP(model, model.fc)):
+        with pytest.raises(RuntimeError, match=r"the output to attribute .* has no gradient"):
+            method.attribute(x, target=1)
+        _assert_untouched(model, state, {}, modes)
+
+
 def test_unsupported_modules_listed_before_any_work() -> None:
     calls = []
 

@@ -20,7 +20,7 @@ from fastattr._formatting import (
     format_additional_args,
     format_output,
 )
-from fastattr._forward import path_output, run_forward, select_targets
+from fastattr._forward import check_differentiable, path_output, run_forward, select_targets
 from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (
@@ -402,6 +402,7 @@ class LRP(Attribution, captum_class="LRP"):
             layer = layer_tensors(relevance) if layer_tensors is not None else ()
             differentiable = tuple(x for x in leaves if x.requires_grad)
             for k, output in enumerate(outputs):
+                check_differentiable(output)
                 keep = k < len(outputs) - 1  # the graph serves the next target too
                 found = iter(
                     input_gradients(output, differentiable + layer, torch.ones_like(output), keep)
