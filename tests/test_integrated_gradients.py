@@ -436,6 +436,21 @@ def test_compute_convergence_delta_directly():
     assert_close(ours, theirs, delta_scale(single))
 
 
+def test_compute_convergence_delta_of_no_examples():
+    # attribute takes a batch of none (captum fails there); so does the delta it returns, and
+    # compute_convergence_delta called directly (captum fails reshaping the empty rows).
+    model, empty = mlp(), data(0, FEATURES)
+    attributions, delta = IntegratedGradients(model).attribute(
+        empty, target=1, return_convergence_delta=True
+    )
+    with pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
+        captum_attr.IntegratedGradients(model).compute_convergence_delta(
+            attributions, 0.0, empty, target=1
+        )
+    direct = IntegratedGradients(model).compute_convergence_delta(attributions, 0.0, empty, 1)
+    assert direct.shape == delta.shape == (0,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cnn(backend, dtype, layout):

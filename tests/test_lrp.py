@@ -581,6 +581,24 @@ def test_bad_inputs() -> None:
         LRP(shrink).attribute(x, target=0)
 
 
+def test_compute_convergence_delta_takes_one_output_per_example() -> None:
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    lrp = LRP(model)
+    relevance = lrp.attribute(x, target=1)
+    output = model(x)
+    for value in (output[:, 1], output[:, 1].sum()):  # one value per example, or one for all
+        theirs = captum_attr.LRP(model).compute_convergence_delta(relevance, value)
+        _close(lrp.compute_convergence_delta(relevance, value), theirs)
+    # captum fails broadcasting (B, C) against the (B,) sums; fastattr names the output.
+    with pytest.raises(RuntimeError, match="must match the size"):
+        captum_attr.LRP(model).compute_convergence_delta(relevance, output)
+    with pytest.raises(ValueError, match=r"output must hold one value per example \(3\)"):
+        lrp.compute_convergence_delta(relevance, output)
+    empty = torch.zeros(0, 12, dtype=torch.float64)
+    assert lrp.compute_convergence_delta(empty, torch.zeros(0, dtype=torch.float64)).shape == (0,)
+
+
 def test_exported_from_fastattr_and_attr() -> None:
     for name in (
         "LRP",

@@ -21,6 +21,7 @@ from fastattr._formatting import (
     format_additional_args,
     format_baselines,
 )
+from fastattr._forward import row_sums
 from fastattr._path_integral import convergence_deltas, outputs_per_example
 
 
@@ -197,6 +198,6 @@ class PathAttribution(Attribution):
         args = format_additional_args(additional_forward_args)
         start_outs = outputs_per_example(self.forward_func, starts, [target], args)
         end_outs = outputs_per_example(self.forward_func, ends, [target], args)
-        attribution_sum = sum(a.reshape(batch, -1).sum(1) for a in attribution_tuple)
+        attribution_sum = sum(row_sums(a) for a in attribution_tuple)
         (delta,) = convergence_deltas([attribution_sum], end_outs, start_outs)
         return delta

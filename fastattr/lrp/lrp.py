@@ -20,7 +20,13 @@ from fastattr._formatting import (
     format_additional_args,
     format_output,
 )
-from fastattr._forward import check_differentiable, path_output, run_forward, select_targets
+from fastattr._forward import (
+    check_differentiable,
+    path_output,
+    row_sums,
+    run_forward,
+    select_targets,
+)
 from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (
@@ -41,7 +47,7 @@ LayerTensors = Union[Callable[[Relevance], tuple[Tensor, ...]], None]
 
 
 def _per_example_sum(tensors: tuple[Tensor, ...]) -> Tensor:
-    return sum(t.reshape(t.shape[0], -1).sum(1) for t in tensors)  # type: ignore[return-value]
+    return sum(row_sums(t) for t in tensors)  # type: ignore[return-value]
 
 
 def _or_zeros(grad: Tensor | None, wanted: Tensor) -> Tensor:
@@ -300,6 +306,11 @@ class LRP(Attribution, captum_class="LRP"):
         tensors = as_tensor_tuple(attributions, "attributions")
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be a tensor, got {type(output).__name__}")
+        batch = tensors[0].shape[0]
+        if output.numel() not in (1, batch):  # one value broadcasts, as in captum
+            raise ValueError(
+                f"output must hold one value per example ({batch}), got shape {list(output.shape)}"
+            )
         return output.flatten() - _per_example_sum(tensors).flatten()
 
     def _rule_plan(self) -> RulePlan:
