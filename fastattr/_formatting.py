@@ -96,7 +96,14 @@ def format_baselines(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tup
     for i, (baseline, inp) in enumerate(zip(baselines, inputs)):
         if baseline is None:
             baseline = 0
+        integer_input = not (inp.is_floating_point() or inp.is_complex())
         if isinstance(baseline, numbers.Number) and not isinstance(baseline, bool):
+            if integer_input and not float(baseline).is_integer():
+                # (It would be truncated: a baseline of 0.5 token ids is token 0.)
+                raise ValueError(
+                    f"baselines[{i}] must be a whole number for integer inputs[{i}] "
+                    f"({inp.dtype}), got {baseline}"
+                )
             # A fill on the device: torch.tensor would copy from the host and synchronize.
             formatted.append(torch.full((), baseline, dtype=inp.dtype, device=inp.device))
             continue
@@ -108,6 +115,12 @@ def format_baselines(baselines: BaselineType, inputs: tuple[Tensor, ...]) -> tup
             raise ValueError(
                 f"baselines[{i}] must be on the device of inputs[{i}] ({inp.device}), "
                 f"got {baseline.device}"
+            )
+        if integer_input and (baseline.is_floating_point() or baseline.is_complex()):
+            # Its values would be truncated to integers; captum's forward refuses it.
+            raise TypeError(
+                f"baselines[{i}] must be an integer tensor for integer inputs[{i}] "
+                f"({inp.dtype}), got {baseline.dtype}"
             )
         offset = inp.dim() - baseline.dim()
         fits = offset >= 0 and all(

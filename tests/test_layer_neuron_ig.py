@@ -1224,6 +1224,32 @@ def test_neuron_selector_int_on_a_tuple_valued_layer():
         fastattr.NeuronIntegratedGradients(model, model.split).attribute(two_inputs(), 1, n_steps=3)
 
 
+def test_layer_ig_baselines_of_integer_inputs_are_never_truncated():
+    model = seeded(TextNet)
+    ids, mask = text_batch()
+    kwargs = dict(target=1, additional_forward_args=mask, n_steps=4)
+    # Whole numbers and integer tensors: captum's numbers.
+    for baselines in (2, 2.0, torch.full((1, ids.shape[1]), 2, dtype=torch.int32)):
+        ours, theirs = lig_both(model, model.embedding, ids, baselines=baselines, **kwargs)
+        assert_same(ours, theirs)
+    # A float tensor: captum's embedding refuses it; fastattr would have truncated it.
+    floats = torch.full(ids.shape, 2.7)
+    with pytest.raises(RuntimeError, match="indices"):
+        captum_attr.LayerIntegratedGradients(model, model.embedding).attribute(
+            ids, baselines=floats, **kwargs
+        )
+    ours = fastattr.LayerIntegratedGradients(model, model.embedding)
+    with pytest.raises(TypeError, match=r"baselines\[0\] must be an integer tensor"):
+        ours.attribute(ids, baselines=floats, **kwargs)
+    # A fractional number: captum truncates it (token 0), silently; fastattr refuses it.
+    truncated = captum_attr.LayerIntegratedGradients(model, model.embedding).attribute(
+        ids, baselines=0.5, **kwargs
+    )
+    assert_same(ours.attribute(ids, baselines=0, **kwargs), truncated)
+    with pytest.raises(ValueError, match=r"baselines\[0\] must be a whole number"):
+        ours.attribute(ids, baselines=0.5, **kwargs)
+
+
 def test_layer_input_of_integer_values():
     model = seeded(TextNet)
     ids, mask = text_batch()
