@@ -175,6 +175,8 @@ def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
             )
         if target.numel() == 1:
             return int(target.item())
+        if target.dtype not in (torch.int32, torch.int64):  # gather indexes with these alone
+            target = target.long()
         if batch == 0:
             return ColumnIndices(target, 0, -1)
         low, high = torch.stack(torch.aminmax(target)).tolist()

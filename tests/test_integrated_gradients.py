@@ -295,6 +295,16 @@ def test_negative_per_example_targets_count_from_the_end(backend):
         assert_close(ours, compare(model, x, target=positive, n_steps=5))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_a_tensor_target_of_small_integers_indexes_as_int64(backend, dtype):
+    # captum's gather takes int32 and int64 indices alone; fastattr takes any integer type.
+    model, x, target = mlp(), data(BATCH, FEATURES), torch.tensor([3, 1, 0, 4])
+    with pytest.raises(RuntimeError, match="int32/int64"):
+        captum_attr.IntegratedGradients(model).attribute(x, target=target.to(dtype), n_steps=5)
+    ours = IntegratedGradients(model).attribute(x, target=target.to(dtype), n_steps=5)
+    assert_close(ours, compare(model, x, target=target, n_steps=5))
+
+
 @pytest.mark.parametrize("internal_batch_size", [None, BATCH, 3 * BATCH + 1])
 @pytest.mark.parametrize("mode", ["exp", "plain"])
 def test_additional_forward_args(backend, internal_batch_size, mode):
