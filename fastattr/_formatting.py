@@ -194,7 +194,7 @@ def check_target(target: TargetType, batch: int) -> TargetType | ColumnIndices:
         if target and isinstance(target[0], tuple):
             for i, index in enumerate(target):
                 if not all(isinstance(t, (int, slice)) for t in index):
-                    raise TypeError(f"target[{i}] must hold ints, got {index!r}")
+                    raise TypeError(f"target[{i}] must hold ints (or slices), got {index!r}")
             lengths = sorted({len(index) for index in target})
             if len(lengths) > 1:
                 raise ValueError(
