@@ -770,6 +770,28 @@ def test_neuron_ig_input_that_never_reaches_the_neuron():
     assert torch.equal(ours[1], torch.zeros_like(y))
 
 
+class ClampInPlace(nn.Module):
+    """Writes into its input, outside autograd (a preprocessing step)."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            x.clamp_(-0.5, 0.5)
+        return x
+
+
+def test_neuron_ig_leaves_inputs_a_forward_writes_into_as_given():
+    # The pass that counts the layer's calls ran on the caller's tensors: the forward clamped
+    # them, and the path then ran from the clamped inputs (other numbers than captum's).
+    model = seeded(lambda: nn.Sequential(ClampInPlace(), nn.Linear(6, 8), nn.Tanh()))
+    torch.manual_seed(3)
+    x = torch.randn(4, 6, dtype=torch.float64) * 2
+    given = x.clone()
+    ours = fastattr.NeuronIntegratedGradients(model, model[2]).attribute(x, 1, n_steps=5)
+    assert torch.equal(x, given)
+    theirs = captum_attr.NeuronIntegratedGradients(model, model[2]).attribute(x, 1, n_steps=5)
+    assert_same(ours, theirs)
+
+
 @pytest.mark.parametrize("on_input", [False, True])
 def test_neuron_ig_internal_batching(on_input):
     model, layer, x, _ = _conv_case(torch.float64)

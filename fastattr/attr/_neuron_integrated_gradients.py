@@ -286,9 +286,12 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
         runs_again = draws_dropout(self.forward_func)
         if not runs_again and batch > 0:
             calls = [0]
+            # On copies: a forward that writes into its inputs (a clamp_ under no_grad) must
+            # not change the caller's tensors, which are also the path's ends.
+            copies = tuple(end.clone() for end in ends)
             with torch.no_grad():
                 capture_layers(
-                    lambda: self.forward_func(*ends, *(args or ())),
+                    lambda: self.forward_func(*copies, *(args or ())),
                     [self.layer],
                     attribute_to_neuron_input,
                     last=True,
