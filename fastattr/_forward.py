@@ -53,7 +53,7 @@ def select_targets(output: Tensor, target: TargetType | ColumnIndices) -> Tensor
     if isinstance(target, (int, tuple)):
         index = (target,) if isinstance(target, int) else target
         if len(index) > output.dim() - 1:
-            raise ValueError(
+            raise OutputShapeError(
                 f"target {target!r} has more indices than the output of shape "
                 f"{list(output.shape)} has dimensions after the batch"
             )
@@ -107,9 +107,11 @@ def check_differentiable(output: Tensor) -> None:
 
 
 class OutputShapeError(ValueError, AssertionError):
-    """The selected output can't be differentiated as captum does (e.g. no target for an
-    output with several values per example). A ValueError, and an AssertionError too, which is
-    what captum raises there, so that code catching captum's error catches fastattr's."""
+    """The output (or a layer's values) can't be selected or differentiated as captum does:
+    a target or neuron selector with more indices than there are dimensions after the batch,
+    no target for an output with several values per example. A ValueError, and an
+    AssertionError too, which is what captum raises there, so that code catching captum's
+    error catches fastattr's."""
 
 
 class RowsCoupled(Exception):

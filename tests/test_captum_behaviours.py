@@ -111,6 +111,31 @@ def test_a_missing_target_is_captums_assertion_error_too():
         fastattr.IntegratedGradients(model).attribute(x)
 
 
+@pytest.mark.parametrize(
+    ("name", "layer", "argument"),
+    [
+        ("IntegratedGradients", None, "target"),
+        ("LayerIntegratedGradients", 2, "target"),
+        ("NeuronIntegratedGradients", 2, "neuron_selector"),
+        ("LRP", None, "target"),
+        ("LayerLRP", 2, "target"),
+    ],
+)
+def test_more_indices_than_dimensions_is_captums_assertion_error_too(name, layer, argument):
+    # captum asserts on a target or neuron selector with more indices than the output (or
+    # the layer's values) has dimensions; its tests expect that AssertionError.
+    model, x = mlp(), inputs()
+    args = () if layer is None else (model[layer],)
+    with pytest.raises(AssertionError):
+        getattr(captum_attr, name)(model, *args).attribute(x, **{argument: (1,) * 5})
+    # (captum's LRP leaves attributes on the modules: the model is snapshot after it.)
+    state = snapshot(model)
+    for error in (AssertionError, ValueError):
+        with pytest.raises(error, match=f"{argument} .* has more indices"):
+            getattr(fastattr, name)(model, *args).attribute(x, **{argument: (1,) * 5})
+    assert_as_found(model, state)
+
+
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
 def test_forward_whose_first_dimension_is_not_the_batch(method):
     # captum differentiates the sum of the selected outputs of each forward; which rows a

@@ -19,7 +19,7 @@ from fastattr._formatting import (
     format_baselines,
     format_output,
 )
-from fastattr._forward import path_output
+from fastattr._forward import OutputShapeError, path_output
 from fastattr._model_state import draws_dropout, kept_buffers
 from fastattr._path_integral import (
     PathOptions,
@@ -61,7 +61,7 @@ def select_neuron(values: LayerValues, selector: NeuronSelector, rows: int) -> T
                 f"got {selector!r}"
             )
         if len(index) > layer_value.dim() - 1:
-            raise ValueError(
+            raise OutputShapeError(
                 f"neuron_selector {selector!r} has more indices than the layer's values of "
                 f"shape {list(layer_value.shape)} have dimensions after the batch"
             )
