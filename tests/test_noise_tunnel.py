@@ -165,6 +165,58 @@ def test_other_methods_match_captum(budget, cls, layer, kwargs):
     assert_close(ours, theirs)
 
 
+class Columns(nn.Module):
+    """Forward arguments of every kind: a list of columns, a one-value tensor, a number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor, columns: list[int], factor: Tensor, scale: int) -> Tensor:
+        return self.out(torch.tanh(x[:, columns] * scale) * factor.sum())
+
+
+@pytest.mark.parametrize("method", ["IntegratedGradients", "Saliency"])
+def test_forward_arguments_that_are_not_per_example_tensors(budget, method):
+    # captum repeats each tensor argument with a first dimension once per copy and passes
+    # anything else (a list of column indices, a number) as it is.
+    model = seeded(Columns())
+    x = data(3, 5)
+    args = ([0, 2, 4], torch.tensor([0.5], dtype=torch.float64), 2)
+
+    def make(library):
+        return getattr(captum_attr if method == "Saliency" else library, method)(model)
+
+    kwargs = dict(nt_samples=5, nt_samples_batch_size=2, stdevs=0.3, target=1)
+    if method == "IntegratedGradients":
+        # (factor.sum() counts the repeats: captum's rows per forward, see docs/captum.md.)
+        kwargs.update(n_steps=4, internal_batch_size=4 * 3 * 2)
+    ours, theirs = run_both(make, x, additional_forward_args=args, **kwargs)
+    assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-example", "shared"])
+def test_feature_mask_follows_the_copies(shared):
+    # captum's NoiseTunnel repeats a feature_mask with one row per example once per copy
+    # (FeatureAblation, Occlusion and the like take one).
+    model = mlp()
+    x = data(3, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1]])
+    mask = mask[:1] if shared else mask
+    for feature_mask in (mask, (mask,)):
+        inputs = x if isinstance(feature_mask, Tensor) else (x,)
+        ours, theirs = run_both(
+            lambda lib: captum_attr.FeatureAblation(model),
+            inputs,
+            nt_samples=4,
+            nt_samples_batch_size=3,
+            stdevs=0.2,
+            target=[0, 3, 1],
+            feature_mask=feature_mask,
+        )
+        assert_close(ours, theirs)
+
+
 def test_layer_lrp_is_the_mean_over_captums_noisy_copies():
     # captum's NoiseTunnel can't wrap captum's LayerLRP (its attribute has no __wrapped__):
     # the oracle is captum's procedure by hand, captum's own noise on the expanded batch.

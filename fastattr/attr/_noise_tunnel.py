@@ -476,7 +476,11 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
                 call["target"] = self._rows_of(target, examples, samples, batch)
             if args is not None:
                 call["additional_forward_args"] = tuple(
-                    self._rows_of(a, examples, samples, batch) for a in args
+                    self._arg_rows_of(a, examples, samples, batch) for a in args
+                )
+            if kwargs.get("feature_mask") is not None:
+                call["feature_mask"] = self._mask_rows_of(
+                    kwargs["feature_mask"], examples, samples, batch
                 )
             if baselines is not None:
                 call["baselines"] = self._group_baselines(
@@ -501,8 +505,8 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
 
     @staticmethod
     def _rows_of(value: Any, examples: Tensor, samples: int, batch: int) -> Any:
-        """captum's expansion of a per-example value to the copies (repeat_interleave), for
-        the copies of ``examples``; values without a row per example are expanded whole."""
+        """captum's expansion of a target to the copies (repeat_interleave), for the copies
+        of ``examples``; targets without a row per example are expanded whole."""
         if isinstance(value, list):
             return [value[e] for e in examples.tolist()]
         if (
@@ -514,6 +518,32 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
                 return value.index_select(0, examples.to(value.device))
             return value.repeat_interleave(samples, dim=0)
         return value
+
+    @staticmethod
+    def _arg_rows_of(value: Any, examples: Tensor, samples: int, batch: int) -> Any:
+        """captum's expansion of an additional forward argument to the copies: a tensor with
+        a first dimension is repeated per copy (repeat_interleave); anything else (numbers,
+        lists, 0-d tensors) is passed as it is, as captum passes it."""
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            return value
+        if value.shape[0] == batch:
+            return value.index_select(0, examples.to(value.device))
+        return value.repeat_interleave(samples, dim=0)
+
+    @staticmethod
+    def _mask_rows_of(mask: Any, examples: Tensor, samples: int, batch: int) -> Any:
+        """captum's expansion of a ``feature_mask`` (for methods that take one, such as
+        FeatureAblation) to the copies: a mask with one row per example follows its example's
+        copies; one shared row is passed as it is."""
+
+        def rows(m: Tensor) -> Tensor:
+            if m.dim() == 0 or m.shape[0] <= 1:
+                return m
+            if m.shape[0] == batch:
+                return m.index_select(0, examples.to(m.device))
+            return m.repeat_interleave(samples, dim=0)
+
+        return tuple(rows(m) for m in mask) if isinstance(mask, tuple) else rows(mask)
 
     @staticmethod
     def _group_baselines(
