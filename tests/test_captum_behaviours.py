@@ -196,6 +196,39 @@ def test_forward_arguments_that_are_not_batched(name):
     assert_same(ours.attribute(x, **kwargs), theirs.attribute(x, **kwargs))
 
 
+@pytest.mark.parametrize("name", ["IntegratedGradients", "LayerIntegratedGradients"])
+def test_forward_arguments_repeated_once_per_step_of_each_forward(name):
+    # A tensor argument without a batch dimension is repeated once per step a forward holds,
+    # as captum repeats it; fastattr's own chunks hold fewer steps than captum's one forward
+    # (not all steps at once, which would cost captum's memory), so a forward that sums the
+    # argument gets captum's numbers with captum's internal_batch_size.
+    model, x = mlp(), inputs()
+    factor = torch.tensor([0.5, 0.25], dtype=torch.float64)  # (2,), batch of 3
+    seen = []
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, v, f):
+            seen.append((v.shape[0], f.shape[0]))
+            return self.model(v) * f.sum()
+
+    forward = Scaled()
+    layer = () if name == "IntegratedGradients" else (model[2],)
+    kwargs = {"target": 2, "n_steps": 5, "additional_forward_args": (factor,)}
+    for internal_batch_size in (5 * 3, 6):
+        ours, theirs = both(name, forward, *layer)
+        kwargs["internal_batch_size"] = internal_batch_size
+        assert_same(ours.attribute(x, **kwargs), theirs.attribute(x, **kwargs))
+    del kwargs["internal_batch_size"]
+    seen.clear()
+    getattr(fastattr, name)(forward, *layer).attribute(x, **kwargs)
+    assert (5 * 3, 5 * 2) not in seen  # its own chunks: the first holds one step
+    assert all(repeats == 2 * rows // 3 for rows, repeats in seen)
+
+
 # ----------------------------------------------------------------------------- coupled examples
 
 

@@ -117,7 +117,9 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 sum of its values; each forward then sees the rows captum's forward sees.
             additional_forward_args: further arguments of ``forward_func``, after the inputs.
                 Tensors with at least one dimension are repeated along dimension 0 once per
-                step of the path, whatever their first dimension, as captum repeats them;
+                step that a forward holds, whatever their first dimension, as captum repeats
+                them (a forward that sums or measures one whose first dimension is not the
+                batch needs captum's ``internal_batch_size``: see ``docs/captum.md``);
                 anything else is passed as it is.
             n_steps: the number of quadrature nodes (default: 50), or ``"auto"``: each
                 example gets the points its path needs to reach ``tolerance`` (see
