@@ -1,5 +1,6 @@
 """captum's wrappers and utilities around fastattr's classes give what they give around captum's:
-NoiseTunnel, LLMGradientAttribution, the infidelity and sensitivity metrics, visualization."""
+NoiseTunnel, LLMGradientAttribution, TCAV, the infidelity and sensitivity metrics,
+visualization."""
 
 from __future__ import annotations
 
@@ -230,3 +231,73 @@ def test_llm_forward_args_keep_their_length():
         result = cls(forward).attribute(x, additional_forward_args=(tokens, 2), n_steps=4)
         torch.testing.assert_close(result, x * 7, **F64)
         assert all(length == 3 * rows for rows, length in seen), seen
+
+
+# ----------------------------------------------------------------------------- TCAV
+
+
+def test_tcav_with_fastattr_layer_ig(tmp_path):
+    # captum's TCAV takes a layer method built without a layer (layer=None) and sets its
+    # layer before each call; with captum's LayerIntegratedGradients the scores are the same.
+    from captum.concept import TCAV, Classifier, Concept
+    from torch.utils.data import DataLoader
+
+    class MeanDifference(Classifier):
+        """Each concept's vector: its mean activation (no sklearn needed)."""
+
+        def __init__(self) -> None:
+            self.means: Tensor | None = None
+            self.labels: list[int] = []
+
+        def train_and_eval(self, dataloader, **kwargs):
+            batches = list(dataloader)
+            activations = torch.cat([a for a, _ in batches])
+            labels = torch.cat([y for _, y in batches])
+            self.labels = sorted(set(labels.tolist()))
+            self.means = torch.stack([activations[labels == c].mean(0) for c in self.labels])
+            return {"accs": torch.tensor(1.0)}
+
+        def weights(self) -> Tensor:
+            return self.means
+
+        def classes(self) -> list[int]:
+            return self.labels
+
+    model = mlp().eval()
+    generator = torch.Generator().manual_seed(3)
+
+    def concept(index: int, shift: float) -> Concept:
+        rows = torch.randn(12, 5, generator=generator, dtype=torch.float64) + shift
+        return Concept(index, f"concept{index}", DataLoader(rows, batch_size=4))
+
+    concepts = [concept(0, 1.0), concept(1, -1.0)]
+    x = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    scores = []
+    for library in (fastattr, captum_attr):
+        method = library.LayerIntegratedGradients(model, None, multiply_by_inputs=False)
+        tcav = TCAV(
+            model,
+            layers=["0", "2"],
+            layer_attr_method=method,
+            classifier=MeanDifference(),
+            save_path=str(tmp_path / library.__name__),
+        )
+        result = tcav.interpret(x, experimental_sets=[concepts], target=1, n_steps=6)
+        scores.append(
+            {
+                (c, layer, kind): value
+                for c, per_layer in result.items()
+                for layer, kinds in per_layer.items()
+                for kind, value in kinds.items()
+            }
+        )
+    assert scores[0].keys() == scores[1].keys() and scores[0]
+    for key, value in scores[1].items():
+        torch.testing.assert_close(scores[0][key], value, **F64)
+
+
+def test_layer_ig_without_a_layer_says_so():
+    model = mlp()
+    method = fastattr.LayerIntegratedGradients(model, None)
+    with pytest.raises(TypeError, match="layer is None"):
+        method.attribute(torch.randn(2, 5, dtype=torch.float64), target=0)

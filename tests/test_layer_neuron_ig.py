@@ -1154,8 +1154,9 @@ def test_layer_not_in_the_model(cls):
 @pytest.mark.parametrize("layer", ["not a module", 3, [], [nn.Linear(2, 2), "x"], None])
 def test_layer_not_a_module(layer):
     model = seeded(mlp)
-    with pytest.raises(TypeError, match="layer"):
-        fastattr.LayerIntegratedGradients(model, layer)
+    if layer is not None:  # (None is set later, as captum's TCAV does: test_captum_wrappers)
+        with pytest.raises(TypeError, match="layer"):
+            fastattr.LayerIntegratedGradients(model, layer)
     with pytest.raises(TypeError, match="layer"):
         fastattr.NeuronIntegratedGradients(model, layer)
 

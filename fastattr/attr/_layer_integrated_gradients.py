@@ -94,7 +94,9 @@ class LayerIntegratedGradients(
 
     Args:
         forward_func: the model or any callable returning its output.
-        layer: a module of the model, or a list of modules (then a list of results).
+        layer: a module of the model, or a list of modules (then a list of results). None
+            (as captum allows): set ``layer`` before calling ``attribute``, as captum's
+            ``TCAV`` does with the ``layer_attr_method`` it is given.
         device_ids: accepted for captum compatibility; the forward function runs as given.
         multiply_by_inputs: multiply by the difference of the layer's values at the inputs
             and the baselines. Default: True.
@@ -103,12 +105,13 @@ class LayerIntegratedGradients(
     def __init__(
         self,
         forward_func: Any,
-        layer: ModuleOrList,
+        layer: ModuleOrList | None,
         device_ids: list[int] | None = None,
         multiply_by_inputs: bool = True,
     ) -> None:
         super().__init__(forward_func, multiply_by_inputs)
-        as_layer_list(layer)
+        if layer is not None:
+            as_layer_list(layer)
         self.layer = layer
         self.device_ids = device_ids
 

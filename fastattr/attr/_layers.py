@@ -22,7 +22,9 @@ class _LayersReached(BaseException):
     a model's own ``except Exception`` does not swallow it."""
 
 
-def as_layer_list(layer: ModuleOrList, name: str = "layer") -> list[nn.Module]:
+def as_layer_list(layer: ModuleOrList | None, name: str = "layer") -> list[nn.Module]:
+    if layer is None:
+        raise TypeError(f"{name} is None: set it to a module of the model (or a list of them)")
     layers = layer if isinstance(layer, list) else [layer]
     if not layers or not all(isinstance(m, nn.Module) for m in layers):
         raise TypeError(f"{name} must be a torch.nn.Module or a non-empty list of them")
