@@ -25,7 +25,7 @@ from torch import nn
 from fastattr import LRP, LayerLRP, ops
 from fastattr.canonizers import AttnLRP
 from fastattr.lrp import EpsilonRule, OpRule, attention
-from fastattr.lrp.attention import LayerNormRule, SoftmaxOpRule
+from fastattr.lrp.attention import LayerNormRule, ParameterTableRule, SoftmaxOpRule
 
 warnings.filterwarnings("ignore", module="transformers")
 
@@ -847,6 +847,44 @@ def test_t5_s_rms_norm_named_layer_norm_passes_relevance_unchanged() -> None:
     at_input = LayerLRP(model, model[1], ATTN).attribute(x, target=1, attribute_to_layer_input=True)
     torch.testing.assert_close(at_input, at_output, rtol=0, atol=0)
     assert at_output.abs().max() > 1e-3
+
+
+class PixelLogits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).logits
+
+
+def test_beit_s_relative_position_bias_tables_take_no_relevance() -> None:
+    # The tables are read from parameters alone: the rule leaves them out of the relevance, as
+    # any rule set by hand would (none reaches them), and the scores take them as a bias.
+    def beit() -> nn.Module:
+        torch.manual_seed(0)
+        config = transformers.BeitConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            image_size=16, patch_size=8, num_labels=3, use_relative_position_bias=True,
+        )  # fmt: skip
+        return PixelLogits(transformers.BeitForImageClassification(config)).double().eval()
+
+    model, by_hand = beit(), beit()
+    tables = [m for m in by_hand.modules() if type(m).__name__ == "BeitRelativePositionBias"]
+    assert len(tables) == 2
+    for table in tables:
+        table.rule = EpsilonRule()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    relevance = LRP(model, ATTN).attribute(x, target=1)
+    torch.testing.assert_close(relevance, LRP(by_hand, ATTN).attribute(x, target=1), rtol=0, atol=0)
+    assert relevance.isfinite().all() and relevance.abs().sum() > 0
+
+
+def test_a_parameter_table_rule_refuses_an_input_that_carries_relevance() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()
+    model[1].rule = ParameterTableRule()
+    with pytest.raises(TypeError, match=r"ParameterTableRule\(\) on Linear: an input carries"):
+        LRP(model).attribute(torch.randn(3, 4, dtype=torch.float64), target=0)
 
 
 def test_torchvision_convnext_runs_with_its_channels_first_layer_norms() -> None:

@@ -286,6 +286,73 @@ class EmbeddingRule(NodeRule):
         return "EmbeddingRule()"
 
 
+class ParameterTableRule(NodeRule):
+    """A module whose output is read from its own parameters (BEiT's relative position bias
+    table, indexed by the window's geometry): no relevance reaches it, as none reaches a bias,
+    and what it returns takes its share of a sum as a bias does. An input that carries
+    relevance has no rule.
+
+    [AttnLRP][fastattr.canonizers.AttnLRP]'s rule for HuggingFace's ``*RelativePositionBias``
+    modules.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.lrp.attention import ParameterTableRule
+        >>> class Biased(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.linear, self.table = nn.Linear(3, 2), nn.Embedding(1, 2)
+        ...         self.table.rule = ParameterTableRule()
+        ...     def forward(self, x):
+        ...         return self.linear(x) + self.table(torch.zeros(1, dtype=torch.long))
+        >>> LRP(Biased()).attribute(torch.randn(4, 3), target=0).shape
+        torch.Size([4, 3])
+    """
+
+    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
+        """The inputs unchanged, once none is found to carry relevance.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: Its positional inputs.
+
+        Returns:
+            ``inputs``.
+
+        Raises:
+            TypeError: An input carries relevance.
+        """
+        if any(relevance.is_activation(x) for x in inputs):
+            raise TypeError(
+                f"{self!r} on {type(module).__name__}: an input carries relevance, which this "
+                "rule, for outputs read from the module's parameters alone, would drop; give "
+                "the module a rule that passes it on (module.rule = EpsilonRule(), ...)"
+            )
+        return inputs
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        """The output, unchanged.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module.
+            inputs: The inputs it ran on.
+            output: Its output.
+
+        Returns:
+            ``output``.
+        """
+        return output
+
+    def __repr__(self) -> str:
+        return "ParameterTableRule()"
+
+
 # HuggingFace's T5-style norms: RMS normalization ("no bias and no subtraction of mean")
 # under a LayerNorm name.
 _RMS_NORMS_CALLED_LAYER_NORM = frozenset(
@@ -316,7 +383,9 @@ def transformer_module_rule(
     ``*LayerNorm``): relevance passed through unchanged
     (RMS normalization with the RMS held fixed is a per-feature scaling); HuggingFace's
     activation modules (``transformers.activations``): passed through unchanged; HuggingFace's
-    ``Conv1D`` (GPT-2's linear layers): [EpsilonRule][fastattr.EpsilonRule]. Subclasses of
+    ``Conv1D`` (GPT-2's linear layers): [EpsilonRule][fastattr.EpsilonRule]; HuggingFace's
+    ``*RelativePositionBias`` modules (BEiT's, Data2VecVision's bias tables):
+    [ParameterTableRule][fastattr.lrp.attention.ParameterTableRule]. Subclasses of
     ``nn.LayerNorm`` and ``nn.Softmax`` that replace the forward get none: their forward runs
     under the op rules.
 
@@ -353,6 +422,8 @@ def transformer_module_rule(
         return PassRule()
     if _hf_type(module, "transformers.pytorch_utils") == "Conv1D":
         return EpsilonRule(epsilon)
+    if name is not None and name.endswith("RelativePositionBias"):
+        return ParameterTableRule()
     return None
 
 
