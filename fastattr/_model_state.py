@@ -28,8 +28,8 @@ def module_of(forward_func: object) -> nn.Module | None:
 def modules_behind(forward_func: object) -> tuple[nn.Module, ...]:
     """The modules ``forward_func`` runs, as far as can be seen: the module itself, the owner
     of a bound method, or for a plain function (``lambda x: model(x).softmax(-1)``) or a
-    ``functools.partial``, the modules it holds in its closure, arguments or the globals it
-    names, and in the functions it holds in turn (three levels deep)."""
+    ``functools.partial``, the modules it holds in its closure, arguments, default values or
+    the globals it names, and in the functions it holds in turn (three levels deep)."""
     found: dict[int, nn.Module] = {}
     seen: set[int] = set()
 
@@ -46,9 +46,13 @@ def modules_behind(forward_func: object) -> tuple[nn.Module, ...]:
         elif isinstance(value, types.FunctionType):
             cells = value.__closure__ or ()
             named = value.__globals__
+            # Default values too: `lambda x, net=model: net(x)` binds the model so (the
+            # idiom for forwards made in a loop).
+            defaults = (*(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values())
             for held in (
                 *(cell.cell_contents for cell in cells if _filled(cell)),
                 *(named[name] for name in value.__code__.co_names if name in named),
+                *defaults,
             ):
                 visit(held, depth + 1)
 

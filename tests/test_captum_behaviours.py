@@ -279,7 +279,7 @@ def _through_a_global(v):
     return _NET(v).softmax(-1)
 
 
-@pytest.mark.parametrize("spelling", ["closure", "partial", "global"])
+@pytest.mark.parametrize("spelling", ["closure", "partial", "global", "default", "kwdefault"])
 def test_a_plain_function_s_batch_norm_is_seen(spelling):
     # The batch-normalizing model behind a plain function: captum's rows per forward (all
     # steps at once), so captum's numbers, and its buffers kept.
@@ -288,6 +288,9 @@ def test_a_plain_function_s_batch_norm_is_seen(spelling):
         "closure": lambda v: model(v).softmax(-1),
         "partial": functools.partial(lambda net, v: net(v).softmax(-1), model),
         "global": _through_a_global,
+        # the model bound as a default value (forwards made in a loop)
+        "default": lambda v, net=model: net(v).softmax(-1),
+        "kwdefault": lambda v, *, net=model: net(v).softmax(-1),
     }[spelling]
     x = inputs(4)
     state = snapshot(model)
