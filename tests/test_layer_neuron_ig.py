@@ -1182,6 +1182,17 @@ def test_a_layer_run_twice_with_other_shapes_is_refused():
             long_ids, target=0, additional_forward_args=(short_ids,), n_steps=4
         )
     assert not model.embed._forward_hooks
+    # Captum hands the short call's path to both calls and runs: attributions shaped as the
+    # short sequence, which don't add up to the output's change.
+    theirs, delta = captum_attr.LayerIntegratedGradients(model, model.embed).attribute(
+        long_ids,
+        target=0,
+        additional_forward_args=(short_ids,),
+        n_steps=4,
+        return_convergence_delta=True,
+    )
+    assert theirs.shape == (2, 3, 4)
+    assert delta.abs().max() > 0.05
 
 
 class SharedPositions(nn.Module):
