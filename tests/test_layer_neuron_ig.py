@@ -1294,6 +1294,33 @@ def test_layer_input_of_integer_values():
     _assert_as_found(model, _snapshot(model))
 
 
+class AttentionWithoutWeights(nn.Module):
+    """torch's attention asked for no weights returns (output, None), as HuggingFace's
+    transformer layers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, _ = self.attention(x, x, x, need_weights=False)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("cls", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+def test_a_layer_returning_none_beside_its_tensor_is_a_clear_error(cls):
+    # Captum fails inside itself ("'NoneType' object has no attribute 'clone'").
+    model = seeded(AttentionWithoutWeights)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    snapshot = _snapshot(model)
+    method = getattr(fastattr, cls)(model, model.attention)
+    selector = {"neuron_selector": lambda values: values[0][:, 0, 1]}
+    with pytest.raises(TypeError, match=r"NoneType.*a None has no values.*submodule"):
+        method.attribute(x, n_steps=3, **({"target": 1} if cls[0] == "L" else selector))
+    _assert_as_found(model, snapshot)
+
+
 class KeywordCall(nn.Module):
     def __init__(self):
         super().__init__()

@@ -60,9 +60,19 @@ def _as_values(values: Any, layer: nn.Module, name: str) -> LayerValues:
             "keyword arguments reach no hook): its input can't be attributed"
         )
     if not all(isinstance(v, Tensor) for v in values):
+        # The common case: a None beside the tensor wanted (attention weights not asked for,
+        # an optional argument left out), which users can't tell from the types alone.
+        hint = (
+            "; a None has no values to integrate (HuggingFace's transformer layers and "
+            "MultiheadAttention(need_weights=False) return (output, None), an optional "
+            "argument left out is passed as None): attribute a submodule that takes or "
+            "returns the wanted tensor alone"
+            if any(v is None for v in values)
+            else ""
+        )
         raise TypeError(
             f"{name} ({type(layer).__name__}) must take and return tensors or tuples of "
-            f"tensors to be attributed, got {[type(v).__name__ for v in values]}"
+            f"tensors to be attributed, got {[type(v).__name__ for v in values]}{hint}"
         )
     return values
 
