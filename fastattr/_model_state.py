@@ -98,7 +98,10 @@ def uses_batch_statistics(forward_func: object) -> bool:
 # value). Concurrent calls on one model share a snapshot: the first saves it, the last to leave
 # restores it.
 _held: dict[tuple[int, str], tuple[set[object], nn.Module, Tensor, Tensor]] = {}
-_held_lock = threading.Lock()
+# Reentrant: an interrupt on the line where a with statement leaves it (CPython traces that
+# line before the lock's __exit__ runs) leaves it held by the interrupted thread, which takes
+# it again to release its holds, and then lets go of it (see kept_buffers).
+_held_lock = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -133,31 +136,43 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
                     del _held[key]
                 calls.discard(call)
 
-    try:
-        with _held_lock:
-            for module in {id(m): m for model in models for m in model.modules()}.values():
-                if not module.training:
-                    continue
-                for name, buffer in module._buffers.items():
-                    if buffer is None:
-                        continue
-                    held = _held.get((id(module), name))
-                    if held is None:  # one store: an interrupt leaves no entry without a call
-                        _held[id(module), name] = ({call}, module, buffer, buffer.detach().clone())
-                    else:
-                        held[0].add(call)
-        yield
-    finally:
-        # Inline rather than in a helper: an interrupt can arrive as a function is entered, and
-        # only here, inside the loop's try, is that entry covered.
-        interrupt = None
+    interrupts: list[KeyboardInterrupt] = []
+
+    def settle() -> None:
+        # Idempotent: this call's holds released and the lock let go of, through interrupts
+        # (kept, raised at the end); grad mode back.
         while True:
             try:
                 release()
+                # (RLock._is_owned, private: what the standard library's Condition uses.)
+                while _held_lock._is_owned():  # type: ignore[attr-defined]
+                    _held_lock.release()
             except KeyboardInterrupt as error:  # release again, to its end
-                interrupt = error
+                interrupts.append(error)
             else:
                 break
         torch._C._set_grad_enabled(grad_enabled)
-        if interrupt is not None:
-            raise interrupt
+
+    try:
+        try:
+            with _held_lock:
+                for module in {id(m): m for model in models for m in model.modules()}.values():
+                    if not module.training:
+                        continue
+                    for name, buffer in module._buffers.items():
+                        if buffer is None:
+                            continue
+                        held = _held.get((id(module), name))
+                        if held is None:  # one store: an interrupt leaves no call-less entry
+                            saved = buffer.detach().clone()
+                            _held[id(module), name] = ({call}, module, buffer, saved)
+                        else:
+                            held[0].add(call)
+            yield
+        finally:
+            settle()
+    finally:
+        # Again: an interrupt on the line that calls the first (before it began) skipped it.
+        settle()
+        if interrupts:
+            raise interrupts[0]

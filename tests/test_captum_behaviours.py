@@ -8,6 +8,7 @@ import functools
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 
 import captum.attr as captum_attr
 import pytest
@@ -505,3 +506,71 @@ def test_an_interrupt_anywhere_leaves_the_model_as_found(name):
         torch.testing.assert_close(
             method.attribute(x, n_steps=3, **kwargs), expected, rtol=0, atol=0
         )
+
+
+class LineInterrupt:
+    """A tracer that raises KeyboardInterrupt at the ``at``-th line run in a file whose path
+    ends with ``file`` (None: only counts them). Finer than Interrupt: CPython traces the line
+    of a with statement again before its __exit__ runs, and a finally's first lines before any
+    try inside it."""
+
+    def __init__(self, file: str, at: int | None) -> None:
+        self.file, self.at, self.lines = file, at, 0
+
+    def __call__(self, frame, event, arg):
+        if not frame.f_code.co_filename.endswith(self.file):
+            return None
+        if event == "line":
+            self.lines += 1
+            if self.lines - 1 == self.at:
+                raise KeyboardInterrupt
+        return self
+
+
+def in_a_thread(call, tracer=None) -> list:
+    """``call()`` run in a daemon thread under ``tracer``: its result in a list, empty when
+    interrupted; fails, rather than hangs, when it does not finish."""
+    out: list = []
+
+    def run() -> None:
+        sys.settrace(tracer)
+        try:
+            out.append(call())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "blocked"
+    return out
+
+
+def interrupt_every_line(file: str, call) -> Iterator[int]:
+    """Runs ``call`` once per line it runs in ``file``, interrupted there, yielding the line's
+    number after each."""
+    counter = LineInterrupt(file, None)
+    in_a_thread(call, counter)
+    assert counter.lines > 20
+    for at in range(counter.lines):
+        in_a_thread(call, LineInterrupt(file, at))
+        yield at
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_at_any_line_keeping_the_buffers_leaves_them_and_the_lock():
+    # An interrupt on the line of `with _held_lock:` as it was left kept the lock held: the next
+    # call, in any thread, waited for it for ever. One on the first lines of the finally skipped
+    # the restore: the running statistics were left changed.
+    model, x = mlp(batch_norm=True).train(), inputs(4)
+    method = fastattr.IntegratedGradients(model)
+    expected = method.attribute(x, target=1, n_steps=3)
+    state = snapshot(model)
+    for at in interrupt_every_line("_model_state.py", lambda: method.attribute(x, target=1)):
+        assert_as_found(model, state)
+        assert torch.is_grad_enabled(), at
+        # The lock is free: a call in another thread gets through.
+        done = in_a_thread(lambda: method.attribute(x, target=1, n_steps=3))
+        torch.testing.assert_close(done[0], expected, rtol=0, atol=0)
