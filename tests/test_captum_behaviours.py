@@ -433,6 +433,50 @@ def test_threads_on_a_train_mode_model_leave_its_statistics(eager_switching):
     assert_as_found(model, state)
 
 
+def test_lrp_and_ig_in_two_threads_leave_a_train_mode_models_statistics():
+    # IG's forward has updated the running statistics when LRP starts; IG then finishes and
+    # LRP after it. LRP kept a snapshot of its own, taken after IG's update, and restored that
+    # last: the statistics were left changed. (The order is forced by a hook on the head.)
+    model, x = mlp(batch_norm=True).train(), inputs(4)
+    expected = {
+        "ig": fastattr.IntegratedGradients(model).attribute(x, target=0, n_steps=4),
+        "lrp": fastattr.LRP(model).attribute(x, target=0),
+    }
+    state = snapshot(model)
+    forwarded = {name: threading.Event() for name in expected}
+    go = {name: threading.Event() for name in expected}
+    results = {}
+
+    def pause(module, args, output):
+        name = threading.current_thread().name
+        if not forwarded[name].is_set():
+            forwarded[name].set()
+            assert go[name].wait(10)
+
+    def run(name):
+        method = fastattr.IntegratedGradients(model) if name == "ig" else fastattr.LRP(model)
+        results[name] = method.attribute(x, target=0, **({"n_steps": 4} if name == "ig" else {}))
+
+    handle = model[-1].register_forward_hook(pause)
+    threads = {name: threading.Thread(target=run, args=(name,), name=name) for name in expected}
+    try:
+        threads["ig"].start()
+        assert forwarded["ig"].wait(10)
+        threads["lrp"].start()
+        assert forwarded["lrp"].wait(10)
+        go["ig"].set()
+        threads["ig"].join()
+        go["lrp"].set()
+        threads["lrp"].join()
+    finally:
+        handle.remove()
+        for event in go.values():
+            event.set()
+    for name, result in expected.items():
+        torch.testing.assert_close(results[name], result, rtol=0, atol=0)
+    assert_as_found(model, state)
+
+
 def test_a_layer_run_in_another_thread_is_a_clear_error():
     # DataParallel over several devices runs replicas in worker threads: not attributable.
     class InWorker(nn.Module):

@@ -523,9 +523,9 @@ class TrainModeAttention(nn.Module):
 
 # Where an interrupt could leave something behind: every line of these is tried, and every
 # eleventh line elsewhere.
-_CLEANUP = {"run", "_forward", "_remove", "forget", "_propagate", "_backward", "_buffers_kept"}
+_CLEANUP = {"run", "_forward", "_remove", "forget", "_propagate", "_backward", "kept_buffers"}
 # The module hooks' __call__ turns torch functions off around each rule.
-_CLEANUP |= {"_restore", "under_op_rules", "__call__"}
+_CLEANUP |= {"release", "under_op_rules", "__call__"}
 
 
 @pytest.mark.parametrize("method", ["lrp", "layer", "attention"])

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import torch
@@ -27,6 +26,7 @@ from fastattr._forward import (
     run_forward,
     select_targets,
 )
+from fastattr._model_state import kept_buffers
 from fastattr.attr._base import Attribution, LayerAttribution
 from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (
@@ -106,44 +106,6 @@ def _check_canonizers(canonizers: object) -> tuple[Canonizer, ...]:
                 f"{type(canonizer).__name__}"
             )
     return tuple(canonizers)
-
-
-def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
-    """Writes the saved values back; an interrupt while doing so does not stop it (it is
-    raised once everything is back)."""
-    interrupted: BaseException | None = None
-    # Written through detached views, not under no_grad: an interrupt at the end of a with
-    # statement would leave grad mode off.
-    for buffer, value in saved:
-        while True:
-            try:
-                buffer.detach().copy_(value)
-                break
-            except KeyboardInterrupt as error:
-                interrupted = error
-    if interrupted is not None:
-        raise interrupted
-
-
-@contextmanager
-def _buffers_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Restores the buffers of modules in training mode (running statistics) on exit."""
-    saved = [
-        (buffer, buffer.clone())
-        for module in modules
-        if module.training and module._buffers
-        for buffer in module._buffers.values()
-        if buffer is not None
-    ]
-    # Restored twice (it is idempotent): an interrupt can land on the first finally's line,
-    # before its restore began.
-    try:
-        try:
-            yield
-        finally:
-            _restore(saved)
-    finally:
-        _restore(saved)
 
 
 class LRP(Attribution, captum_class="LRP"):
@@ -349,7 +311,9 @@ class LRP(Attribution, captum_class="LRP"):
         the tensors ``layer_tensors`` reads once the forward has run; and the target output.
         One forward serves all targets. Run again with copied rule outputs when the forward
         turns out to modify one in place."""
-        with _buffers_kept(plan.modules):
+        # Shared with the integrated-gradients methods: of concurrent calls on one model
+        # (LRP's, IG's) the last to leave restores the values the first found.
+        with kept_buffers(self.model):
             while True:
                 relevance = Relevance(
                     plan,
