@@ -573,6 +573,43 @@ def test_an_interrupt_at_any_line_leaves_the_model_as_found(method: str) -> None
     _close(call(), expected)
 
 
+def test_an_interrupt_as_torch_puts_the_op_rules_mode_back_leaves_no_mode() -> None:
+    # torch's Python functions (F.layer_norm here) take the op rules' mode off the stack while
+    # it handles them, in a generator's with statement; an interrupt as its exit is entered left
+    # the generator suspended in the traceback, and the mode was pushed back when that was
+    # freed, after the call: left on the thread's stack for good (and the interrupt was
+    # replaced by "trying to pop from empty mode stack").
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 4, dtype=F64)
+    lrp = LRP(model, canonizers=[AttnLRP()])
+    expected = lrp.attribute(x, target=1)
+    hooks_before = _global_hook_counts()
+    exits = 0
+
+    def tracer(frame, kind, arg):  # type: ignore[no-untyped-def]
+        nonlocal exits
+        caller = frame.f_back
+        if kind == "call" and frame.f_code.co_name == "__exit__" and caller is not None:
+            if caller.f_code.co_name == "handle_torch_function":
+                exits += 1
+                raise KeyboardInterrupt
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lrp.attribute(x, target=1)
+    finally:
+        sys.settrace(None)
+    gc.collect()
+    assert exits == 1
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch._C._is_torch_function_enabled() and torch.is_grad_enabled()
+    _no_global_hooks_left(hooks_before)
+    _close(lrp.attribute(x, target=1), expected)
+
+
 class InPlaceReLUs(nn.Module):
     """In-place ReLUs after a linear layer: one whose input also goes elsewhere (`h` in the
     sum) when ``reuse``."""

@@ -21,6 +21,7 @@ The data flow is observed as it happens, tensor by tensor, never guessed from so
 from __future__ import annotations
 
 import contextvars
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -269,6 +270,25 @@ class _ModuleHook:
             return relevance._post_hook(module, args, output[0])
 
 
+def _finish_suspended_withs(error: BaseException | None, mode: _OpRules) -> None:
+    """Closes the generator context managers that ``error`` (or an exception it was raised in
+    handling) left suspended in the frames it passed through: their exits run now, as they
+    would once the traceback is freed. Then takes ``mode``, which they put back, off."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            for value in list(tb.tb_frame.f_locals.values()):
+                generator = getattr(value, "gen", None)
+                if inspect.isgenerator(generator) and generator.gi_suspended:
+                    generator.close()
+            tb = tb.tb_next
+        error = error.__context__
+    while _current_function_mode() is mode:
+        torch._C._pop_torch_function_stack()
+
+
 def _remove(hooks: Sequence[_ModuleHook]) -> None:
     """Removes the hooks, to the end even through a KeyboardInterrupt (raised once done)."""
     try:
@@ -336,10 +356,18 @@ class _OpRules(TorchFunctionMode):
         # A rule's TypeError raised where torch turns TypeErrors into NotImplemented (operators
         # such as `/`), raised again when the forward leaves the mode with another error.
         self.refusal: TypeError | None = None
+        # Set when the mode was found off the stack on leaving it (see __exit__).
+        self.lost = False
 
     def __exit__(self, kind, error, traceback):
         refusal, self.refusal = self.refusal, None
-        super().__exit__(kind, error, traceback)
+        # Not on top when an interrupt cut short the with statement in which torch takes the
+        # mode off the stack while it runs (see under_op_rules): popping would fail, and
+        # replace the interrupt with "trying to pop from empty mode stack".
+        if _current_function_mode() is self:
+            super().__exit__(kind, error, traceback)
+        else:
+            self.lost = True
         if refusal is not None and error is not None and error is not refusal:
             raise refusal from None
 
@@ -779,6 +807,15 @@ class Relevance:
         try:
             with mode:
                 return function(*args, **kwargs)
+        except BaseException as error:
+            # torch's Python functions (F.embedding, F.layer_norm, ...) hand a call to the mode
+            # inside a generator's with statement that takes the mode off the stack and puts
+            # it back on exit. An interrupt as that exit is entered leaves the generator
+            # suspended, held by the traceback: it would put the mode back whenever the
+            # traceback is freed, long after this call. Finish those exits now.
+            if mode.lost:
+                _finish_suspended_withs(error, mode)
+            raise
         finally:
             # An interrupt can land after the function returned and before the with statement
             # left the mode: then it is still on top of torch's stack. (The private
