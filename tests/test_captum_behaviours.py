@@ -618,3 +618,20 @@ def test_an_interrupt_at_any_line_keeping_the_buffers_leaves_them_and_the_lock()
         # The lock is free: a call in another thread gets through.
         done = in_a_thread(lambda: method.attribute(x, target=1, n_steps=3))
         torch.testing.assert_close(done[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("name", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+def test_an_interrupt_at_any_line_of_the_layer_hooks_leaves_none(name):
+    # An interrupt on the first lines of the finally that removes the layer's hooks skipped
+    # the removal: the hook stayed on the layer.
+    model, x = mlp(batch_norm=True).train(), inputs(4)
+    method = getattr(fastattr, name)(model, model[3])
+    kwargs = {"neuron_selector": 1} if name == "NeuronIntegratedGradients" else {"target": 1}
+    expected = method.attribute(x, n_steps=3, **kwargs)
+    state = snapshot(model)
+    call = functools.partial(method.attribute, x, n_steps=3, **kwargs)
+    for at in interrupt_every_line("_layers.py", call):
+        assert_as_found(model, state)
+        assert torch.is_grad_enabled(), at
+    torch.testing.assert_close(method.attribute(x, n_steps=3, **kwargs), expected, rtol=0, atol=0)

@@ -110,26 +110,33 @@ def _hooks(
                 if value is function:
                     registry.pop(key, None)
 
-    try:
-        for layer, function in installed:
-            if on_input:
-                layer.register_forward_pre_hook(function)
-            else:
-                layer.register_forward_hook(function)
-        yield
-    finally:
-        # Inline rather than in a helper: an interrupt can arrive as a function is entered, and
-        # only here, inside the loop's try, is that entry covered.
-        interrupt = None
+    interrupts: list[KeyboardInterrupt] = []
+
+    def settle() -> None:
         while True:
             try:
                 remove()
             except KeyboardInterrupt as error:  # remove again, to the end
-                interrupt = error
+                interrupts.append(error)
             else:
                 break
-        if interrupt is not None:
-            raise interrupt
+
+    try:
+        try:
+            for layer, function in installed:
+                if on_input:
+                    layer.register_forward_pre_hook(function)
+                else:
+                    layer.register_forward_hook(function)
+            yield
+        finally:
+            settle()
+    finally:
+        # Again (removing is idempotent): an interrupt on the line that calls the first, or as
+        # it is entered, skipped it.
+        settle()
+        if interrupts:
+            raise interrupts[0]
 
 
 def _check_all_called(seen: Sequence[Any], layers: Sequence[nn.Module], name: str) -> None:
