@@ -280,6 +280,18 @@ def test_the_current_function_mode_is_the_top_of_the_stack():
     assert _get_current_function_mode() is None
 
 
+def test_popping_the_torch_function_stack_takes_the_top_mode_off():
+    # fastattr/lrp/propagation.py (_finish_suspended_withs) takes its op-rule mode off the stack
+    # with torch._C._pop_torch_function_stack once torch's own suspended exits put it back.
+    from torch.overrides import TorchFunctionMode, _get_current_function_mode
+
+    mode = TorchFunctionMode()
+    torch._C._push_on_torch_function_stack(mode)
+    assert _get_current_function_mode() is mode
+    assert torch._C._pop_torch_function_stack() is mode
+    assert _get_current_function_mode() is None
+
+
 def test_disabling_torch_function_skips_function_modes_until_the_block_ends():
     # fastattr/lrp/propagation.py runs LRP's module hooks under torch._C.DisableTorchFunction,
     # so that the rules' own torch calls skip its op-rule mode; the mode sees calls again after.
