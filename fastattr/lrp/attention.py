@@ -286,11 +286,11 @@ class EmbeddingRule(NodeRule):
         return "EmbeddingRule()"
 
 
-class ParameterTableRule(NodeRule):
+class ParameterTableRule(EmbeddingRule):
     """A module whose output is read from its own parameters (BEiT's relative position bias
-    table, indexed by the window's geometry): no relevance reaches it, as none reaches a bias,
-    and what it returns takes its share of a sum as a bias does. An input that carries
-    relevance has no rule.
+    table, indexed by the window's geometry): as at an embedding, relevance stops at its output,
+    which takes its share of a sum as a bias does. An input that carries relevance has no
+    rule.
 
     [AttnLRP][fastattr.canonizers.AttnLRP]'s rule for HuggingFace's ``*RelativePositionBias``
     modules.
@@ -332,22 +332,6 @@ class ParameterTableRule(NodeRule):
                 "the module a rule that passes it on (module.rule = EpsilonRule(), ...)"
             )
         return inputs
-
-    def forward_output(
-        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
-    ) -> Tensor:
-        """The output, unchanged.
-
-        Args:
-            relevance: The call's relevance graph.
-            module: The module.
-            inputs: The inputs it ran on.
-            output: Its output.
-
-        Returns:
-            ``output``.
-        """
-        return output
 
     def __repr__(self) -> str:
         return "ParameterTableRule()"
