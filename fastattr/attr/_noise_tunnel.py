@@ -537,11 +537,10 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
         copies; one shared row is passed as it is."""
 
         def rows(m: Tensor) -> Tensor:
-            if m.dim() == 0 or m.shape[0] <= 1:
+            # As a forward argument, but for the shared row (which arguments repeat per copy).
+            if m.dim() > 0 and m.shape[0] <= 1:
                 return m
-            if m.shape[0] == batch:
-                return m.index_select(0, examples.to(m.device))
-            return m.repeat_interleave(samples, dim=0)
+            return NoiseTunnel._arg_rows_of(m, examples, samples, batch)
 
         return tuple(rows(m) for m in mask) if isinstance(mask, tuple) else rows(mask)
 
