@@ -346,6 +346,42 @@ def test_models_captum_cannot_run_match_zennit(build: type) -> None:
     _close(LRP(model).attribute(x, target=1), _zennit(model, x, 1))
 
 
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "efficientnet_b0"])
+def test_torchvision_models_captum_cannot_run_match_zennit(name: str) -> None:
+    # ShuffleNet's stride-1 blocks hold an empty nn.Sequential (the identity, never called);
+    # EfficientNet drops residual branches with torchvision's StochasticDepth (the identity in
+    # eval mode): neither needs a rule, and zennit's plain autograd through them is the number.
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).to(torch.float64).eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(TypeError):
+        _captum(captum_attr.LRP, model, x, target=3)
+    _close(LRP(model).attribute(x, target=3), _zennit(model, x, 3))
+
+
+def test_stochastic_depth_in_training_mode_passes_relevance_as_dropout_does() -> None:
+    from torchvision.ops import StochasticDepth
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), StochasticDepth(0.5, "row"), nn.Linear(6, 2))
+    model = model.to(torch.float64).train()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    torch.manual_seed(1)  # the same rows dropped in both
+    ours = LRP(model).attribute(x, target=1)
+    torch.manual_seed(1)
+    composite = LayerMapComposite([(StochasticDepth, Pass()), (nn.Linear, Epsilon(1e-9))])
+    leaf = x.clone().requires_grad_()
+    with composite.context(model) as modified:
+        output = modified(leaf)
+        seed = torch.zeros_like(output)
+        seed[:, 1] = output[:, 1]
+        (theirs,) = torch.autograd.grad(output, leaf, seed)
+    assert (theirs == 0).all(1).any() and not (theirs == 0).all()  # some rows dropped
+    _close(ours, theirs)
+
+
 def test_bias_free_relu_network_conserves_exactly_and_is_gradient_times_input() -> None:
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, bias=False),

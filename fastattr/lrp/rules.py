@@ -673,8 +673,17 @@ _PASS_TYPES = (
 # captum passes relevance straight through these whatever rule is set on them.
 RULES_IGNORED_ON = (nn.ReLU, nn.Dropout, nn.Tanh)
 
-# Pure reshapes: their own backward already hands the relevance through unchanged.
-STRUCTURAL_TYPES = (nn.Identity, nn.Flatten, nn.Unflatten)
+# Pure reshapes: their own backward already hands the relevance through unchanged. An empty
+# nn.Sequential is the identity (torchvision's ShuffleNet keeps one as the unused branch of its
+# stride-1 blocks).
+STRUCTURAL_TYPES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Sequential)
+
+
+def _is_stochastic_depth(module: nn.Module) -> bool:
+    # torchvision's row-wise dropout of residual branches (EfficientNet, ConvNeXt, Swin, MaxViT):
+    # the identity in eval mode, a per-example scaling in training mode.
+    kind = type(module)
+    return kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision.")
 
 
 def _is_captum_addition(module: nn.Module) -> bool:
@@ -691,12 +700,12 @@ def default_rule(module: nn.Module) -> PropagationRule | None:
 
     Returns:
         Epsilon for linear maps, convolutions, pooling, batch norm, upsampling and captum's
-        ``Addition_Module``; pass-through for element-wise activations and dropout; None
-        otherwise.
+        ``Addition_Module``; pass-through for element-wise activations and dropout (torchvision's
+        ``StochasticDepth`` too); None otherwise.
     """
     if isinstance(module, _EPSILON_TYPES) or _is_captum_addition(module):
         return EpsilonRule()
-    if isinstance(module, _PASS_TYPES):
+    if isinstance(module, _PASS_TYPES) or _is_stochastic_depth(module):
         return PassRule()
     return None
 
