@@ -1270,3 +1270,48 @@ def test_attribute_targets_bad_targets() -> None:
         lrp.attribute_targets(x, [0, 9])
     with pytest.raises(ValueError, match="None"):
         lrp.attribute_targets(x, [None, 1])
+
+
+@pytest.mark.parametrize(
+    "parametrization",
+    [
+        nn.utils.parametrizations.weight_norm,
+        nn.utils.parametrizations.spectral_norm,
+        nn.utils.parametrizations.orthogonal,
+    ],
+    ids=["weight_norm", "spectral_norm", "orthogonal"],
+)
+def test_parametrized_weights_give_captums_numbers_on_the_plain_model(parametrization) -> None:
+    # torch.nn.utils.parametrize computes a weight through modules under the layer's
+    # `parametrizations`: they compute weights, not activations, so the layer keeps the rule
+    # of its type. Captum refuses them ("no rule for _WeightNorm"); its numbers on the same
+    # model without parametrizations are the reference.
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+        ).double()
+
+    model, plain = build(), build().eval()
+    parametrization(model[0])
+    parametrization(model[2])
+    model.eval()
+    with torch.no_grad():
+        for ours, theirs in zip(model, plain):
+            if isinstance(ours, nn.Linear):
+                theirs.weight.copy_(ours.weight)
+    model[2].rule = GammaRule(0.25)
+    state = _snapshot(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    ours = LRP(model).attribute(x, target=1)
+    ours_layer = LayerLRP(model, model[2]).attribute(x, target=1, attribute_to_layer_input=True)
+    plain[2].rule = captum_rules.GammaRule(0.25)
+    theirs = _captum(captum_attr.LRP, plain, x, target=1)
+    plain[2].rule = captum_rules.GammaRule(0.25)  # captum removed it
+    theirs_layer = _captum(
+        captum_attr.LayerLRP, plain, x, plain[2], target=1, attribute_to_layer_input=True
+    )
+    _close(ours, theirs)
+    _close(ours_layer, theirs_layer)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key

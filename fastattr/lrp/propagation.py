@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.overrides import _get_current_function_mode as _current_function_mode
 from torch.utils.hooks import RemovableHandle
@@ -129,6 +130,14 @@ def check_user_rules(model: nn.Module) -> None:
             as_rule(rule, f"model.{name}" if name else "model")
 
 
+def _layer_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The submodules a module's values run through: not the parametrizations of a module
+    parametrized with torch.nn.utils.parametrize (weight_norm, spectral_norm, orthogonal),
+    which compute its weights, so that it keeps the rule of its type."""
+    weights_only = "parametrizations" if parametrize.is_parametrized(module) else None
+    return [(n, c) for n, c in module._modules.items() if c is not None and n != weights_only]
+
+
 def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePlan:
     """The rule of each module, as captum picks it: the user's ``module.rule`` (which then
     covers the module's submodules), else the default of its type on modules without
@@ -170,7 +179,7 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
             return
         seen.add(id(module))
         where = f"model.{name}" if name else "model"
-        children = [(n, c) for n, c in module._modules.items() if c is not None]
+        children = _layer_children(module)
         user_rule = rule_attribute(module)
         if user_rule is not None and not (not children and type(module) in RULES_IGNORED_ON):
             rule = as_rule(user_rule, where)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from fastattr.ops._checks import check_epsilon
 
@@ -240,7 +241,7 @@ class ModifiedWeightRule(RatioRule):
         Returns:
             A reason, or None when the module can be recomputed (or need not be).
         """
-        if self.changes(module) and type(module) not in MODIFIED_FORWARDS:
+        if self.changes(module) and _map_type(module) not in MODIFIED_FORWARDS:
             name = type(module).__name__
             return f"{type(self).__name__} cannot recompute {name} with modified weights"
         return None
@@ -269,7 +270,7 @@ class ModifiedWeightRule(RatioRule):
             weight = self.modify_weight(weight)
         if bias is not None and self.set_bias_to_zero:
             bias = torch.zeros_like(bias)
-        return MODIFIED_FORWARDS[type(module)](module, x, weight, bias, output)
+        return MODIFIED_FORWARDS[_map_type(module)](module, x, weight, bias, output)
 
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
@@ -624,6 +625,14 @@ def _batch_norm(
 
 
 # How to recompute each module type with other (detached) weights and bias.
+def _map_type(module: nn.Module) -> type:
+    """The class whose map the module computes: for a module parametrized with
+    torch.nn.utils.parametrize, the class it had (parametrize swaps in a subclass of it whose
+    weight is a property)."""
+    kind = type(module)
+    return kind.__bases__[0] if parametrize.is_parametrized(module) else kind
+
+
 MODIFIED_FORWARDS: dict[type, Callable[..., Tensor]] = {
     nn.Linear: _linear,
     nn.Conv1d: _conv,
