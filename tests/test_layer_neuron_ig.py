@@ -3,6 +3,7 @@ tie them to IntegratedGradients, the model left as found, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -1093,6 +1094,39 @@ def test_neuron_ig_forward_raising_leaves_the_model_as_found(on_input):
     snapshot = _snapshot(model)
     fastattr.NeuronIntegratedGradients(model, model[3]).attribute(x, 2, n_steps=5)
     _assert_as_found(model, snapshot)
+
+
+@pytest.mark.parametrize("form", ["compiled", "compiled_in_place", "lambda_around_compiled"])
+def test_a_compiled_model_s_layer_gives_captums_numbers_on_the_model(form):
+    # Compiled code runs no hook added to a submodule after it was compiled (captum: "Forward
+    # hook did not obtain any outputs"); the passes that read or replace the layer run it
+    # eagerly, and the compiled model is compiled again afterwards.
+    model = seeded(mlp)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    theirs = captum_attr.LayerIntegratedGradients(model, model[2]).attribute(x, target=1, n_steps=8)
+    their_neuron = captum_attr.NeuronIntegratedGradients(model, model[2]).attribute(
+        x, neuron_selector=3, n_steps=8
+    )
+    if form == "compiled":
+        forward = torch.compile(model, backend="eager")
+    elif form == "compiled_in_place":
+        forward = copy.deepcopy(model)
+        forward.compile(backend="eager")
+    else:
+        compiled = torch.compile(model, backend="eager")
+        forward = lambda v: compiled(v)  # noqa: E731
+    owner = forward if form == "compiled_in_place" else model
+    layer = owner[2]
+    forward(x)  # compiled before the hooks are added
+    snapshot = _snapshot(owner)
+    ours = fastattr.LayerIntegratedGradients(forward, layer).attribute(x, target=1, n_steps=8)
+    neuron = fastattr.NeuronIntegratedGradients(forward, layer).attribute(
+        x, neuron_selector=3, n_steps=8
+    )
+    assert_same(ours, theirs)
+    assert_same(neuron, their_neuron)
+    _assert_as_found(owner, snapshot)
+    assert torch._dynamo.eval_frame._stance.stance == "default"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1315,3 +1315,31 @@ def test_parametrized_weights_give_captums_numbers_on_the_plain_model(parametriz
     _close(ours_layer, theirs_layer)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["compiled", "compiled_in_place"])
+def test_a_compiled_model_gives_captums_numbers_without_a_warning(in_place: bool) -> None:
+    # Compiled code runs no hook added after it was compiled (LayerLRP: "did not run"), traces
+    # the rules' nodes into its graph (inductor fails on them), and torch warns on every call
+    # of a compiled wrapper while process-wide hooks are in place: LRP runs the model eagerly.
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    model.fc2.rule = GammaRule(0.25)
+    if in_place:
+        compiled = copy.deepcopy(model)
+        compiled.compile(backend="eager")
+    else:
+        compiled = torch.compile(model, backend="eager")
+    compiled(x)  # compiled before LRP's hooks are added
+    layer = compiled.fc2 if in_place else model.fc2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = LRP(compiled).attribute(x, target=1)
+        ours_layer = LayerLRP(compiled, layer).attribute(x, target=1)
+    model.fc2.rule = captum_rules.GammaRule(0.25)
+    theirs_layer = _captum(captum_attr.LayerLRP, model, x, model.fc2, target=1)
+    model.fc2.rule = captum_rules.GammaRule(0.25)  # captum removed it
+    theirs = _captum(captum_attr.LRP, model, x, target=1)
+    _close(ours, theirs)
+    _close(ours_layer, theirs_layer)
+    assert torch._dynamo.eval_frame._stance.stance == "default"

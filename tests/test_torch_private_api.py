@@ -328,3 +328,14 @@ def test_the_torch_function_state_read_before_a_disabling_block_turns_it_back_on
     assert not torch._C._is_torch_function_enabled()
     torch._C._set_torch_function_state(state)
     assert torch._C._is_torch_function_enabled()
+
+
+def test_a_compiled_module_wraps_the_module_as_orig_mod():
+    # fastattr/_compiled.py (uncompiled): torch.compile(module) returns an OptimizedModule
+    # holding the module as _orig_mod; LRP runs that module instead of the wrapper.
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    model = nn.Linear(2, 2)
+    compiled = torch.compile(model, backend="eager")
+    assert isinstance(compiled, OptimizedModule)
+    assert compiled._orig_mod is model

@@ -11,6 +11,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from fastattr._compiled import compiled_code_runs_eagerly
 from fastattr._model_state import module_of
 
 LayerValues = tuple[Tensor, ...]
@@ -128,7 +129,9 @@ def _hooks(
                     layer.register_forward_pre_hook(function)
                 else:
                     layer.register_forward_hook(function)
-            yield
+            # Compiled code would skip hooks added after it was compiled.
+            with compiled_code_runs_eagerly():
+                yield
         finally:
             settle()
     finally:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattr._autograd import input_gradients
+from fastattr._compiled import compiled_code_runs_eagerly, uncompiled
 from fastattr._formatting import (
     ColumnIndices,
     TargetType,
@@ -313,7 +314,8 @@ class LRP(Attribution, captum_class="LRP"):
         turns out to modify one in place."""
         # Shared with the integrated-gradients methods: of concurrent calls on one model
         # (LRP's, IG's) the last to leave restores the values the first found.
-        with kept_buffers(self.model):
+        # Compiled code would skip the rules' hooks, or trace them into its graph.
+        with kept_buffers(self.model), compiled_code_runs_eagerly():
             while True:
                 relevance = Relevance(
                     plan,
@@ -365,13 +367,14 @@ class LRP(Attribution, captum_class="LRP"):
             leaves = tuple(
                 t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors
             )
+            model = uncompiled(self.model)
             if len(targets) == 1:
                 selected = relevance.run(
-                    lambda: run_forward(self.model, leaves, targets[0], args), leaves
+                    lambda: run_forward(model, leaves, targets[0], args), leaves
                 )
                 outputs = [path_output(selected, batch, True)]
             else:
-                full = relevance.run(lambda: run_forward(self.model, leaves, None, args), leaves)
+                full = relevance.run(lambda: run_forward(model, leaves, None, args), leaves)
                 outputs = [_target_output(full, t, k, batch) for k, t in enumerate(targets)]
             relevance.check_writes(outputs)
             layer = layer_tensors(relevance) if layer_tensors is not None else ()
