@@ -1160,6 +1160,40 @@ def test_layer_never_called(cls):
     _assert_as_found(model, snapshot)
 
 
+@pytest.mark.parametrize("cls", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_a_torchscript_layer_is_a_clear_error(cls, how):
+    # TorchScript runs no Python hooks: captum's hook "did not obtain any outputs" (trace) or
+    # torch refuses to register it (script).
+    model = seeded(mlp)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        scripted = torch.jit.trace(model, (x,)) if how == "trace" else torch.jit.script(model)
+    extra = (0,) if cls == "NeuronIntegratedGradients" else ()
+    with pytest.raises(TypeError, match=r"TorchScript module .* before tracing or scripting"):
+        getattr(fastattr, cls)(scripted, getattr(scripted, "2")).attribute(x, *extra, n_steps=3)
+
+
+@pytest.mark.parametrize("cls", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+def test_a_container_layer_is_a_clear_error(cls):
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = seeded(Blocks)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    extra = (0,) if cls == "NeuronIntegratedGradients" else ()
+    with pytest.raises(ValueError, match=r"ModuleList has no forward .* one of the modules"):
+        getattr(fastattr, cls)(model, model.blocks).attribute(x, *extra, n_steps=3)
+
+
 def test_layer_list_with_one_layer_never_called():
     model = seeded(SkipsALayer)
     x = torch.randn(2, 4, dtype=torch.float64)

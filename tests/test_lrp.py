@@ -1343,3 +1343,34 @@ def test_a_compiled_model_gives_captums_numbers_without_a_warning(in_place: bool
     _close(ours, theirs)
     _close(ours_layer, theirs_layer)
     assert torch._dynamo.eval_frame._stance.stance == "default"
+
+
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_a_torchscript_model_is_a_clear_error(how: str) -> None:
+    # Captum (and fastattr before) asked for a rule on each TracedModule, which no rule can
+    # act inside: TorchScript runs no Python hooks.
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        scripted = torch.jit.trace(model, (x,)) if how == "trace" else torch.jit.script(model)
+    with pytest.raises(TypeError, match=r"TorchScript modules .* before tracing or scripting"):
+        LRP(scripted).attribute(x, target=0)
+    with pytest.raises(TypeError, match="TorchScript modules"):
+        LayerLRP(scripted, scripted.fc1).attribute(x, target=0)
+
+
+def test_layer_lrp_on_a_container_is_a_clear_error() -> None:
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = Blocks()
+    with pytest.raises(ValueError, match=r"no forward of its own .* one of the modules"):
+        LayerLRP(model, model.blocks).attribute(torch.randn(2, 4), target=0)

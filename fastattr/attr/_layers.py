@@ -39,7 +39,17 @@ def as_layer_list(layer: ModuleOrList | None, name: str = "layer") -> list[nn.Mo
 
 
 def check_layers_in_model(forward_func: object, layers: Sequence[nn.Module], name: str) -> None:
-    """When ``forward_func`` is a module, every layer must be one of its submodules."""
+    """Every layer must run Python hooks, and when ``forward_func`` is a module, be one of its
+    submodules."""
+    for i, layer in enumerate(layers):
+        if isinstance(layer, torch.jit.ScriptModule):
+            where = f"{name}[{i}]" if len(layers) > 1 else name
+            raise TypeError(
+                f"{where} is a TorchScript module ({type(layer).__name__}, made by "
+                "torch.jit.trace or torch.jit.script), whose compiled code runs no Python "
+                "hooks: its values can't be read or replaced. Attribute the model before "
+                "tracing or scripting it (its numbers are the same)"
+            )
     model = module_of(forward_func)
     if model is None:
         return
@@ -143,13 +153,22 @@ def _hooks(
 
 
 def _check_all_called(seen: Sequence[Any], layers: Sequence[nn.Module], name: str) -> None:
-    missing = [type(layers[i]).__name__ for i, value in enumerate(seen) if value is None]
-    if missing:
+    missing = [layers[i] for i, value in enumerate(seen) if value is None]
+    if not missing:
+        return
+    names = ", ".join(type(layer).__name__ for layer in missing)
+    containers = [type(m).__name__ for m in missing if type(m).forward is nn.Module.forward]
+    if containers:
         raise ValueError(
-            f"{name} was never called by forward_func ({', '.join(missing)}) in the calling "
-            "thread: pass a module that the forward pass runs (a forward that runs it in other "
-            "threads, as DataParallel over several devices does, can't be attributed)"
+            f"{name} was never called by forward_func ({names}): {', '.join(containers)} has "
+            "no forward of its own (a container such as ModuleList is never called itself): "
+            "pass one of the modules it holds"
         )
+    raise ValueError(
+        f"{name} was never called by forward_func ({names}) in the calling thread: pass a "
+        "module that the forward pass runs (a forward that runs it in other threads, as "
+        "DataParallel over several devices does, can't be attributed)"
+    )
 
 
 class LayerCalledAgain(Exception):

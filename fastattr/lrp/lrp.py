@@ -86,6 +86,12 @@ _NO_POSITIONAL_INPUT = (
 )
 
 
+_NEVER_CALLED_CONTAINER = (
+    ": it has no forward of its own (a container such as ModuleList is never called itself); "
+    "pass one of the modules it holds"
+)
+
+
 def _scaled(relevance: Tensor, output: Tensor) -> Tensor:
     # The backward starts from 1 at the target, as captum's does; scaling at the end gives its
     # rounding.
@@ -525,7 +531,11 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
             counts.clear()
             for layer in layers:
                 if id(layer) not in relevance.tapped:
-                    raise ValueError(f"layer {type(layer).__name__} did not run in the forward")
+                    container = type(layer).forward is nn.Module.forward
+                    raise ValueError(
+                        f"layer {type(layer).__name__} did not run in the forward"
+                        + (_NEVER_CALLED_CONTAINER if container else "")
+                    )
                 layer_inputs, layer_output = relevance.tapped[id(layer)]
                 taken = layer_inputs if attribute_to_layer_input else _tensors(layer_output)
                 if not taken:

@@ -138,6 +138,21 @@ def _layer_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, c) for n, c in module._modules.items() if c is not None and n != weights_only]
 
 
+def _refuse_torchscript(model: nn.Module) -> None:
+    scripted = [
+        f"model.{name}" if name else "model"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.jit.ScriptModule)
+    ]
+    if scripted:
+        raise TypeError(
+            f"LRP can't run TorchScript modules ({', '.join(scripted[:3])}"
+            f"{', ...' if len(scripted) > 3 else ''}: made by torch.jit.trace or "
+            "torch.jit.script): their compiled code runs no Python hooks, so no rule can act "
+            "inside them. Pass the model before tracing or scripting it."
+        )
+
+
 def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePlan:
     """The rule of each module, as captum picks it: the user's ``module.rule`` (which then
     covers the module's submodules), else the default of its type on modules without
@@ -155,8 +170,10 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
         The plan.
 
     Raises:
-        TypeError: naming every module without a rule, before anything runs.
+        TypeError: naming every module without a rule (or the TorchScript modules), before
+            anything runs.
     """
+    _refuse_torchscript(model)
     rules: dict[int, tuple[nn.Module, PropagationRule]] = {}
     applied: list[str] = []
     missing: dict[str, list[str]] = {}
