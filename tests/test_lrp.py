@@ -1374,3 +1374,29 @@ def test_layer_lrp_on_a_container_is_a_clear_error() -> None:
     model = Blocks()
     with pytest.raises(ValueError, match=r"no forward of its own .* one of the modules"):
         LayerLRP(model, model.blocks).attribute(torch.randn(2, 4), target=0)
+
+
+def test_layer_lrp_on_a_layer_returning_a_dict_is_a_clear_error() -> None:
+    # It read as "has no output that depends on the attributed inputs".
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.fc(x)}
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = Heads()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.heads(x)["logits"]
+
+    model, x = Model(), torch.randn(2, 4)
+    with pytest.raises(TypeError, match="returns a dict: LayerLRP reads a layer's output as"):
+        LayerLRP(model, model.heads).attribute(x, target=0)
+    # Its input is a tensor, as usual.
+    relevance = LayerLRP(model, model.heads).attribute(x, target=0, attribute_to_layer_input=True)
+    _close(relevance, LRP(model).attribute(x, target=0))

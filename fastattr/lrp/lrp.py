@@ -537,6 +537,13 @@ class LayerLRP(LRP, LayerAttribution, captum_class="LayerLRP"):
                         + (_NEVER_CALLED_CONTAINER if container else "")
                     )
                 layer_inputs, layer_output = relevance.tapped[id(layer)]
+                if not attribute_to_layer_input and not isinstance(layer_output, (Tensor, tuple)):
+                    raise TypeError(
+                        f"layer {type(layer).__name__} returns a {type(layer_output).__name__}: "
+                        "LayerLRP reads a layer's output as a tensor or a tuple of tensors. "
+                        "Take a submodule that returns the wanted tensor, or the input of the "
+                        "module that reads it (attribute_to_layer_input=True)"
+                    )
                 taken = layer_inputs if attribute_to_layer_input else _tensors(layer_output)
                 if not taken:
                     raise ValueError(

@@ -1036,6 +1036,9 @@ class Relevance:
     def _tap_block_output(self, module: nn.Module, output: Any) -> Any:
         """A tapped module without a rule of its own (a block): private views of the tensors
         it returns (one, or a tuple), whose gradients are the relevance at its output."""
+        if not isinstance(output, (Tensor, tuple)):  # a dict, say: LayerLRP refuses it
+            self.tapped[id(module)] = (self.tapped[id(module)][0], output)
+            return None
         found = output if isinstance(output, tuple) else (output,)
         viewed = tuple(
             t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in found
