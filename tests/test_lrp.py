@@ -517,6 +517,20 @@ def test_inference_mode_is_a_clear_error_and_no_grad_runs() -> None:
     _close(ours, theirs.detach())
 
 
+def test_inputs_made_under_inference_mode_give_captums_numbers() -> None:
+    # Inputs preprocessed under torch.inference_mode() and attributed outside it: captum fails
+    # ("Setting requires_grad=True on inference tensor"), as fastattr did.
+    model = _seeded(MLP(), torch.float64)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    with torch.inference_mode():
+        made = x.clone()
+    assert made.is_inference()
+    ours = LRP(model).attribute(made, target=0)
+    ours_layer = LayerLRP(model, model.fc2).attribute(made, target=0)
+    _close(ours, _captum(captum_attr.LRP, model, x, target=0))
+    _close(ours_layer, _captum(captum_attr.LayerLRP, model, x, model.fc2, target=0))
+
+
 class Detached(nn.Module):
     def __init__(self, how: str) -> None:
         super().__init__()

@@ -63,6 +63,15 @@ def _target_output(output: Any, target: Any, k: int, batch: int) -> Tensor:
         raise type(error)(f"targets[{k}]: {error}") from None
 
 
+def _leaf(tensor: Tensor) -> Tensor:
+    """An input as a leaf of LRP's graph. Integer inputs (token ids, for LayerLRP) carry no
+    relevance; a tensor made under torch.inference_mode() is copied, as autograd can't record
+    it (captum fails: "Setting requires_grad=True on inference tensor")."""
+    if tensor.is_inference():
+        tensor = tensor.clone()
+    return tensor.detach().requires_grad_() if tensor.is_floating_point() else tensor
+
+
 def _check_floating(tensors: tuple[Tensor, ...]) -> None:
     for i, tensor in enumerate(tensors):
         if not tensor.is_floating_point():
@@ -369,10 +378,7 @@ class LRP(Attribution, captum_class="LRP"):
         batch = tensors[0].shape[0]
         results = []
         with torch.enable_grad():
-            # Integer inputs (token ids, for LayerLRP) carry no relevance.
-            leaves = tuple(
-                t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors
-            )
+            leaves = tuple(_leaf(t) for t in tensors)
             model = uncompiled(self.model)
             if len(targets) == 1:
                 selected = relevance.run(
