@@ -1414,3 +1414,25 @@ def test_layer_lrp_on_a_layer_returning_a_dict_is_a_clear_error() -> None:
     # Its input is a tensor, as usual.
     relevance = LayerLRP(model, model.heads).attribute(x, target=0, attribute_to_layer_input=True)
     _close(relevance, LRP(model).attribute(x, target=0))
+
+
+def test_dropout_in_training_mode_draws_one_mask_and_conserves() -> None:
+    # Captum runs two forwards (the output, then the relevance), each drawing its own dropout
+    # mask, and scales one's relevance by the other's output: its relevance does not add up
+    # to the output even without biases. fastattr's single forward draws one mask.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 16, bias=False), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3, bias=False)
+    )
+    model = model.double().train()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.manual_seed(1)
+    _, delta = LRP(model).attribute(x, target=1, return_convergence_delta=True)
+    ours_next = torch.rand(1)
+    torch.manual_seed(1)
+    _, their_delta = _captum(captum_attr.LRP, model, x, target=1, return_convergence_delta=True)
+    torch.manual_seed(1)
+    model(x)  # one mask drawn
+    assert torch.equal(ours_next, torch.rand(1))
+    assert delta.abs().max() < 1e-6  # what the epsilon stabilizer takes
+    assert their_delta.abs().max() > 1e-2
