@@ -383,3 +383,23 @@ def test_cuda_matches_captum():
             )
         )
     assert_close(*results)
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="exception notes: 3.11+")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_made_float32_by_the_noise_are_explained(dtype) -> None:
+    # The noise is drawn in the default dtype, as captum's: added to half-precision inputs it
+    # makes them float32, and a half-precision model fails on them as it does in captum, with
+    # an error about matrix dtypes that names neither NoiseTunnel nor the noise.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype).eval()
+    x = torch.randn(4, 6).to(dtype)
+    with pytest.raises(RuntimeError):
+        captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(model)).attribute(
+            x, target=1, nt_samples=2, n_steps=4
+        )
+    with pytest.raises(RuntimeError) as raised:
+        NoiseTunnel(fastattr.IntegratedGradients(model)).attribute(
+            x, target=1, nt_samples=2, n_steps=4
+        )
+    assert any(f"torch.set_default_dtype({dtype})" in note for note in raised.value.__notes__)

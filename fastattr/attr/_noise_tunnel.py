@@ -118,6 +118,23 @@ class _NoiseDraw:
         return noise.mul_(self.std).add_(0).view(rows, *self.row_shape)
 
 
+def _note_promotion(
+    error: BaseException, inputs: tuple[Tensor, ...], noisy: tuple[Tensor, ...]
+) -> None:
+    """Adds to an error of the wrapped method why the noisy inputs have another dtype than the
+    inputs (a half-precision model then fails on float32 inputs, in captum too), and what
+    to do. (Exception notes exist from Python 3.11.)"""
+    promoted = [(x.dtype, n.dtype) for x, n in zip(inputs, noisy) if x.dtype != n.dtype]
+    if not promoted or not hasattr(error, "add_note"):
+        return
+    ours, theirs = promoted[0]
+    error.add_note(
+        f"NoiseTunnel draws the noise in the default dtype, as captum does: added to {ours} "
+        f"inputs it made them {theirs}. For noise in {ours}, call it under "
+        f"torch.set_default_dtype({ours})."
+    )
+
+
 def _is_captum_gradient(method: Any) -> bool:
     """Whether ``method`` is one of captum's gradient methods (captum is not imported here:
     only a captum already loaded can have made it)."""
@@ -486,7 +503,11 @@ class NoiseTunnel(Attribution, captum_class="NoiseTunnel"):
                 call["baselines"] = self._group_baselines(
                     baselines, inputs, examples, low, high, drawn_rows
                 )
-            result = self.attribution_method.attribute(noisy if is_tuple else noisy[0], **call)
+            try:
+                result = self.attribution_method.attribute(noisy if is_tuple else noisy[0], **call)
+            except RuntimeError as error:
+                _note_promotion(error, inputs, noisy)
+                raise
             delta = None
             if self.is_delta_supported and kwargs.get("return_convergence_delta", False):
                 result, delta = result
