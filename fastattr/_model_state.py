@@ -29,7 +29,9 @@ def modules_behind(forward_func: object) -> tuple[nn.Module, ...]:
     """The modules ``forward_func`` runs, as far as can be seen: the module itself, the owner
     of a bound method, or for a plain function (``lambda x: model(x).softmax(-1)``) or a
     ``functools.partial``, the modules it holds in its closure, arguments, default values or
-    the globals it names, and in the functions it holds in turn (three levels deep)."""
+    the globals it names, and in the functions it holds in turn (three levels deep). For a
+    callable object that is neither (a wrapper holding the model), and for a method of one,
+    the modules among the object's attributes."""
     found: dict[int, nn.Module] = {}
     seen: set[int] = set()
 
@@ -40,6 +42,8 @@ def modules_behind(forward_func: object) -> tuple[nn.Module, ...]:
         module = module_of(value)
         if module is not None:
             found.setdefault(id(module), module)
+        elif isinstance(value, types.MethodType):
+            holder(value.__self__)
         elif isinstance(value, functools.partial):
             for held in (value.func, *value.args, *value.keywords.values()):
                 visit(held, depth + 1)
@@ -56,7 +60,21 @@ def modules_behind(forward_func: object) -> tuple[nn.Module, ...]:
             ):
                 visit(held, depth + 1)
 
-    visit(forward_func, 0)
+    def holder(value: object) -> None:
+        # An object holding the model: its attributes, not deeper (an object's attributes
+        # may reach far: tokenizers, datasets).
+        if id(value) in seen or not hasattr(value, "__dict__") or isinstance(value, type):
+            return
+        seen.add(id(value))
+        for held in vars(value).values():
+            if isinstance(held, (nn.Module, functools.partial, types.FunctionType)):
+                visit(held, 1)
+
+    looked_into = (nn.Module, functools.partial, types.FunctionType, types.MethodType)
+    if isinstance(forward_func, looked_into):
+        visit(forward_func, 0)
+    else:
+        holder(forward_func)
     return tuple(found.values())
 
 

@@ -280,7 +280,23 @@ def _through_a_global(v):
     return _NET(v).softmax(-1)
 
 
-@pytest.mark.parametrize("spelling", ["closure", "partial", "global", "default", "kwdefault"])
+class _Predictor:
+    """A wrapper holding the model, as an object (not a module) callable or with a method."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, v):
+        return self.net(v).softmax(-1)
+
+    def predict(self, v):
+        return self.net(v).softmax(-1)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["closure", "partial", "global", "default", "kwdefault", "callable_object", "method"],
+)
 def test_a_plain_function_s_batch_norm_is_seen(spelling):
     # The batch-normalizing model behind a plain function: captum's rows per forward (all
     # steps at once), so captum's numbers, and its buffers kept.
@@ -292,6 +308,9 @@ def test_a_plain_function_s_batch_norm_is_seen(spelling):
         # the model bound as a default value (forwards made in a loop)
         "default": lambda v, net=model: net(v).softmax(-1),
         "kwdefault": lambda v, *, net=model: net(v).softmax(-1),
+        # the model among the attributes of an object that is not a module
+        "callable_object": _Predictor(model),
+        "method": _Predictor(model).predict,
     }[spelling]
     x = inputs(4)
     state = snapshot(model)
