@@ -72,6 +72,18 @@ def compiled_code_runs_eagerly() -> Iterator[None]:
         while _eager_lock._is_owned():  # type: ignore[attr-defined]
             _eager_lock.release()
 
+    interrupts: list[KeyboardInterrupt] = []
+
+    def settle() -> None:
+        # leave(), run to its end through interrupts (kept, raised at the end).
+        while True:
+            try:
+                leave()
+            except KeyboardInterrupt as error:
+                interrupts.append(error)
+            else:
+                break
+
     try:
         try:
             with _eager_lock:
@@ -80,6 +92,8 @@ def compiled_code_runs_eagerly() -> Iterator[None]:
                     _eager_stance = torch.compiler.set_stance("force_eager")
             yield
         finally:
-            leave()
+            settle()
     finally:
-        leave()  # again: an interrupt on the first line of the finally skipped it
+        settle()  # again: an interrupt on the first line of the finally skipped it
+        if interrupts:
+            raise interrupts[0]

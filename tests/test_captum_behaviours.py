@@ -623,6 +623,25 @@ def interrupt_every_line(file: str, call) -> Iterator[int]:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_at_any_line_of_the_eager_stance_leaves_it_and_its_lock():
+    # Once torch.compile is loaded, the hooked passes run under the eager stance, taken and
+    # given back under a lock shared by all threads.
+    import torch._dynamo  # what torch.compile loads
+
+    import fastattr._compiled as compiled
+
+    model, x = mlp(), inputs(4)
+    method = fastattr.LayerIntegratedGradients(model, model[2])
+    expected = method.attribute(x, target=1, n_steps=3)
+    call = functools.partial(method.attribute, x, target=1, n_steps=3)
+    for at in interrupt_every_line("_compiled.py", call):
+        assert torch._dynamo.eval_frame._stance.stance == "default", at
+        assert compiled._eager_calls == 0 and compiled._eager_stance is None, at
+        done = in_a_thread(call)  # the lock is free
+        torch.testing.assert_close(done[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_an_interrupt_at_any_line_keeping_the_buffers_leaves_them_and_the_lock():
     # An interrupt on the line of `with _held_lock:` as it was left kept the lock held: the next
     # call, in any thread, waited for it for ever. One on the first lines of the finally skipped
