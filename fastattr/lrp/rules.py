@@ -624,7 +624,6 @@ def _batch_norm(
     )
 
 
-# How to recompute each module type with other (detached) weights and bias.
 def _map_type(module: nn.Module) -> type:
     """The class whose map the module computes: for a module parametrized with
     torch.nn.utils.parametrize, the class it had (parametrize swaps in a subclass of it whose
@@ -633,6 +632,7 @@ def _map_type(module: nn.Module) -> type:
     return kind.__bases__[0] if parametrize.is_parametrized(module) else kind
 
 
+# How to recompute each module type with other (detached) weights and bias.
 MODIFIED_FORWARDS: dict[type, Callable[..., Tensor]] = {
     nn.Linear: _linear,
     nn.Conv1d: _conv,
