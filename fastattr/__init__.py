@@ -19,15 +19,26 @@ from fastattr.attr import (
     NoiseTunnel,
 )
 from fastattr.data import AttributionStore, attribute_dataset, open_store
+from fastattr.lrp import (
+    AlphaBetaRule,
+    FlatRule,
+    GeneralizedGammaRule,
+    WSquareRule,
+    ZBoxRule,
+    ZPlusRule,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LRP",
+    "AlphaBetaRule",
     "Alpha1_Beta0_Rule",
     "AttributionStore",
     "EpsilonRule",
+    "FlatRule",
     "GammaRule",
+    "GeneralizedGammaRule",
     "IdentityRule",
     "IntegratedGradients",
     "LayerIntegratedGradients",
@@ -40,4 +51,7 @@ __all__ = [
     "current_backend",
     "open_store",
     "use_backend",
+    "WSquareRule",
+    "ZBoxRule",
+    "ZPlusRule",
 ]

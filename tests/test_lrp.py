@@ -10,6 +10,7 @@ import captum.attr as captum_attr
 import captum.attr._utils.lrp_rules as captum_rules
 import pytest
 import torch
+import zennit.rules as zr
 from captum.attr._utils.custom_modules import Addition_Module
 from torch import nn
 from zennit.composites import LayerMapComposite
@@ -1436,3 +1437,136 @@ def test_dropout_in_training_mode_draws_one_mask_and_conserves() -> None:
     assert torch.equal(ours_next, torch.rand(1))
     assert delta.abs().max() < 1e-6  # what the epsilon stabilizer takes
     assert their_delta.abs().max() > 1e-2
+
+
+# zennit's rules: each against zennit's own, in float64 and float32, on every layer of a
+# convolution net and an MLP, with epsilon 1e-9 on the other layers in both (zennit's rules
+# get the same stabilizer argument as fastattr's, their default 1e-6 unless given).
+
+
+def _zennit_with(model: nn.Module, x: torch.Tensor, target: int, name: str, rule) -> torch.Tensor:
+    from zennit.composites import NameLayerMapComposite
+
+    layer_map = [(Activation, Pass()), ((nn.Linear, nn.modules.conv._ConvNd), Epsilon(1e-9))]
+    composite = NameLayerMapComposite(name_map=[((name,), rule)], layer_map=layer_map)
+    x = x.clone().requires_grad_()
+    with composite.context(model) as modified:
+        output = modified(x)
+        seed = torch.zeros_like(output)
+        seed[:, target] = output[:, target]
+        (relevance,) = torch.autograd.grad(output, x, seed)
+    return relevance
+
+
+def _zennit_rule_nets() -> list:
+    torch.manual_seed(0)
+    conv = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, stride=2),
+        nn.ReLU(),
+        nn.ConvTranspose2d(5, 3, 2, stride=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Conv1d(1, 2, 5),
+        nn.Flatten(),
+        nn.Linear(2 * 44, 4),
+    )
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3))
+    conv.insert(7, nn.Unflatten(1, (1, 48)))
+    return [(conv, (2, 3, 6, 6), ["0", "2", "4", "8", "10"]), (mlp, (3, 6), ["0", "2", "4"])]
+
+
+# Per-channel bounds: broadcast (fastattr) and with trailing singleton dimensions (zennit).
+_HIGH = torch.tensor([1.0, 2.0, 3.0])
+
+ZENNIT_RULES = [
+    ("AlphaBeta(2, 1)", lambda: fastattr.AlphaBetaRule(2, 1), lambda: zr.AlphaBeta(2.0, 1.0)),
+    (
+        "AlphaBeta(3, 2, 1e-3)",
+        lambda: fastattr.AlphaBetaRule(3, 2, stabilizer=1e-3),
+        lambda: zr.AlphaBeta(3.0, 2.0, stabilizer=1e-3),
+    ),
+    ("ZPlus", lambda: fastattr.ZPlusRule(), lambda: zr.ZPlus()),
+    ("Gamma(0.5)", lambda: fastattr.GeneralizedGammaRule(0.5), lambda: zr.Gamma(0.5)),
+    ("Flat", lambda: fastattr.FlatRule(), lambda: zr.Flat()),
+    ("WSquare", lambda: fastattr.WSquareRule(1e-4), lambda: zr.WSquare(1e-4)),
+    ("ZBox", lambda: fastattr.ZBoxRule(-2.0, 2.0), lambda: zr.ZBox(-2.0, 2.0)),
+    (
+        "ZBox per channel",
+        lambda: fastattr.ZBoxRule(
+            -torch.ones(1, 3, 1, 1), torch.tensor([1.0, 2.0, 3.0])[:, None, None]
+        ),
+        lambda: zr.ZBox(
+            -torch.ones(1, 3, 1, 1), torch.tensor([1.0, 2.0, 3.0])[None, :, None, None]
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ZENNIT_RULES, ids=[case[0] for case in ZENNIT_RULES])
+def test_zennit_rules_match_zennit_on_every_layer(case, dtype: torch.dtype) -> None:
+    _, ours, theirs = case
+    for model, shape, names in _zennit_rule_nets():
+        model = model.to(dtype).eval()
+        if case[0] == "ZBox per channel" and len(shape) != 4:
+            continue
+        for name in names[:1] if case[0] == "ZBox per channel" else names:
+            x = torch.randn(shape, dtype=dtype)
+            expected = _zennit_with(model, x, 1, name, theirs())
+            layer = model.get_submodule(name)
+            layer.rule = ours()
+            try:
+                _close(LRP(model).attribute(x, target=1), expected)
+                # LayerLRP at the layer's input: the same relevance.
+                found = LayerLRP(model, layer).attribute(x, target=1, attribute_to_layer_input=True)
+                if name == "0":
+                    _close(found, expected)
+            finally:
+                del layer.rule
+
+
+def test_zplus_is_alpha1_beta0_on_non_negative_inputs_without_negative_bias() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[0].bias.abs_()
+    x = torch.rand(4, 6, dtype=torch.float64)
+    model[0].rule = fastattr.ZPlusRule(stabilizer=1e-9)
+    zplus = LRP(model).attribute(x, target=0)
+    model[0].rule = Alpha1_Beta0_Rule()
+    _close(LRP(model).attribute(x, target=0), zplus)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: fastattr.AlphaBetaRule(2.0, 0.5), ValueError, "alpha - beta must be 1"),
+        (lambda: fastattr.AlphaBetaRule(0.0, -1.0), ValueError, "beta must be non-negative"),
+        (lambda: fastattr.AlphaBetaRule("2", 1), TypeError, "alpha must be a real number"),
+        (lambda: fastattr.AlphaBetaRule(float("inf"), 1), ValueError, "alpha must be finite"),
+        (lambda: fastattr.ZPlusRule(stabilizer=-1.0), ValueError, "stabilizer must be non-neg"),
+        (lambda: fastattr.GeneralizedGammaRule(None), TypeError, "gamma must be a real number"),
+        (lambda: fastattr.FlatRule(float("nan")), ValueError, "stabilizer must be finite"),
+        (lambda: fastattr.ZBoxRule(1.0, 0.0), ValueError, "low must not exceed high"),
+        (lambda: fastattr.ZBoxRule(torch.zeros(3), torch.ones(2)), ValueError, "broadcast"),
+        (lambda: fastattr.ZBoxRule("0", 1.0), TypeError, "low must be a real number"),
+        (lambda: fastattr.ZBoxRule(0, torch.ones(2, dtype=torch.long)), TypeError, "floating"),
+        (lambda: fastattr.ZBoxRule(0.0, float("inf")), ValueError, "high must be finite"),
+    ],
+)
+def test_zennit_rules_refuse_bad_arguments(make, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_zennit_rules_refuse_modules_without_a_linear_map_and_bounds_of_the_wrong_shape() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval()
+    model[1].rule = fastattr.AlphaBetaRule()
+    with pytest.raises(TypeError, match=r"model\.1: AlphaBetaRule runs on nn\.Linear and conv"):
+        LRP(model).attribute(torch.randn(2, 4), target=0)
+    model[1].rule = None
+    model[0].rule = fastattr.ZBoxRule(torch.zeros(5), 1.0)
+    with pytest.raises(ValueError, match=r"low of shape \[5\] does not broadcast to .* \[2, 4\]"):
+        LRP(model).attribute(torch.randn(2, 4), target=0)

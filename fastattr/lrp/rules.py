@@ -375,6 +375,487 @@ class Alpha1_Beta0_Rule(ModifiedWeightRule):  # captum's name
         return f"Alpha1_Beta0_Rule(set_bias_to_zero={self.set_bias_to_zero})"
 
 
+# zennit's stabilizer, the default of the rules that come from zennit.
+ZENNIT_STABILIZER = 1e-6
+
+
+def _check_real(value: object, name: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _check_stabilizer(stabilizer: object) -> float:
+    value = _check_real(stabilizer, "stabilizer")
+    if value < 0:
+        raise ValueError(f"stabilizer must be non-negative, got {value}")
+    return value
+
+
+def _detached_parameters(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    bias = module.bias
+    return module.weight.detach(), None if bias is None else bias.detach()
+
+
+def _positive(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _negative(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+class RecomputingRule(PropagationRule):
+    """Base of zennit's rules for linear layers and convolutions: each recomputes the module's
+    map (never changing the module) on modified inputs and parameters, and divides by a
+    recomputed ``z`` stabilized as ``z + stabilizer * sign(z)``, with ``sign(0) = 1``.
+
+    Args:
+        stabilizer: The stabilizer, finite and non-negative.
+
+    Raises:
+        TypeError: ``stabilizer`` is not a real number.
+        ValueError: ``stabilizer`` is negative or not finite.
+    """
+
+    def __init__(self, stabilizer: float) -> None:
+        self.stabilizer = _check_stabilizer(stabilizer)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why the rule cannot run on ``module``: it is not ``nn.Linear`` or a convolution.
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            A reason, or None.
+        """
+        if type(module) in MODIFIED_FORWARDS and not isinstance(module, _BATCH_NORMS):
+            return None
+        name = type(module).__name__
+        return f"{type(self).__name__} runs on nn.Linear and convolutions only, not on {name}"
+
+    @staticmethod
+    def recompute(
+        module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor
+    ) -> Tensor:
+        """``module``'s map on ``x`` with ``weight`` and ``bias`` in place of its own.
+
+        Args:
+            module: ``nn.Linear`` or a convolution.
+            x: The input to map.
+            weight: The weight to use.
+            bias: The bias to use, or None.
+            output: The module's output (its shape pins transposed convolutions' padding).
+
+        Returns:
+            The recomputed output.
+        """
+        return MODIFIED_FORWARDS[type(module)](module, x, weight, bias, output)
+
+
+class _SignSplitRule(RecomputingRule):
+    """A rule that splits each contribution ``x_i * w_ij`` by the signs of input and weight:
+    ``z_up`` sums those from ``x+`` with weight ``up`` and ``x-`` with weight ``down`` (and the
+    bias ``bias_up``), ``z_down`` the other pairings (and ``bias_down``). The relevance of both
+    reaches the input through one product node on ``x``."""
+
+    def split(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        output: Tensor,
+        up: tuple[Tensor, Tensor | None],
+        down: tuple[Tensor, Tensor | None],
+        with_down: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        positive, negative = x.clamp(min=0), x.clamp(max=0)
+        z_up = self.recompute(module, positive, up[0], up[1], output)
+        z_up = z_up + self.recompute(module, negative, down[0], None, output)
+        if not with_down:
+            return z_up, None
+        z_down = self.recompute(module, positive, down[0], down[1], output)
+        z_down = z_down + self.recompute(module, negative, up[0], None, output)
+        return z_up, z_down
+
+
+class AlphaBetaRule(_SignSplitRule):
+    """LRP-alpha-beta as zennit defines it (``zennit.rules.AlphaBeta``), for inputs of either
+    sign: ``R_in = alpha * R+ - beta * R-``, where ``R+`` redistributes ``R`` by the positive
+    contributions ``x+ * w+`` and ``x- * w-`` (and the positive part of the bias) and ``R-`` by
+    the negative ones ``x+ * w-`` and ``x- * w+`` (and the negative part of the bias), each
+    divided by its own sum stabilized as ``z + stabilizer * sign(z)``.
+
+    Args:
+        alpha: The weight of the positive contributions, ``1 + beta``.
+        beta: The weight of the negative contributions, non-negative.
+        stabilizer: The stabilizer, zennit's 1e-6 by default.
+
+    Raises:
+        TypeError: an argument is not a real number.
+        ValueError: an argument is not finite, ``beta`` or ``stabilizer`` is negative, or
+            ``alpha - beta`` is not 1.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, AlphaBetaRule
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> model[0].rule = AlphaBetaRule(alpha=2.0, beta=1.0)
+        >>> LRP(model).attribute(torch.randn(2, 3, 4, 4), target=0).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def __init__(
+        self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = ZENNIT_STABILIZER
+    ) -> None:
+        alpha, beta = _check_real(alpha, "alpha"), _check_real(beta, "beta")
+        if beta < 0:
+            raise ValueError(f"beta must be non-negative, got {beta}")
+        # Relative: 1.1 - 0.1 is not exactly 1 in floating point.
+        if not math.isclose(alpha - beta, 1.0, rel_tol=1e-12):
+            raise ValueError(f"alpha - beta must be 1, got alpha={alpha}, beta={beta}")
+        super().__init__(stabilizer)
+        self.alpha, self.beta = alpha, beta
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        """The output, whose relevance divides by the positive and negative contributions.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on (through the product node).
+            output: The module's output.
+
+        Returns:
+            What the model continues with.
+        """
+        weight, bias = _detached_parameters(module)
+        up = (_positive(weight), _positive(bias))
+        down = (_negative(weight), _negative(bias))
+        z_up, z_down = self.split(module, inputs[0], output, up, down, self.beta != 0)
+        positive = relevance.ratio(z_up, output, self.stabilizer)
+        if z_down is None and self.alpha == 1:
+            return positive  # ZPlus: one ratio, which the next product may fold into
+        combined = self.alpha * positive
+        if z_down is not None:
+            combined = combined - self.beta * relevance.ratio(z_down, output, self.stabilizer)
+        # The model continues on the output's own value; the relevance goes to both ratios.
+        return relevance.passing(combined, output)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(alpha={self.alpha}, beta={self.beta}, "
+            f"stabilizer={self.stabilizer})"
+        )
+
+
+class ZPlusRule(AlphaBetaRule):
+    """LRP-z+ as zennit defines it (``zennit.rules.ZPlus``): ``AlphaBetaRule(1, 0)``, the
+    relevance redistributed by the positive contributions ``x+ * w+`` and ``x- * w-`` and the
+    positive part of the bias.
+
+    captum's [Alpha1_Beta0_Rule][fastattr.Alpha1_Beta0_Rule] keeps every input and the whole
+    bias (``z = max(w, 0) x + b``): the two agree on non-negative inputs of a layer whose bias
+    is non-negative, absent, or zeroed by both, with the same stabilizer.
+
+    Args:
+        stabilizer: The stabilizer, zennit's 1e-6 by default.
+
+    Raises:
+        TypeError: ``stabilizer`` is not a real number.
+        ValueError: ``stabilizer`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, ZPlusRule
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> model[0].rule = ZPlusRule()
+        >>> LRP(model).attribute(torch.randn(5, 4), target=0).shape
+        torch.Size([5, 4])
+    """
+
+    def __init__(self, stabilizer: float = ZENNIT_STABILIZER) -> None:
+        super().__init__(1.0, 0.0, stabilizer)
+
+    def __repr__(self) -> str:
+        return f"ZPlusRule(stabilizer={self.stabilizer})"
+
+
+class GeneralizedGammaRule(_SignSplitRule):
+    """LRP-gamma as zennit defines it (``zennit.rules.Gamma``, the generalized gamma rule for
+    inputs of either sign), which zennit's ``EpsilonGammaBox`` uses: where the output is
+    positive, the relevance is redistributed by ``z+ = (w + gamma * w+) x+ + (w + gamma * w-)
+    x- + b + gamma * b+``; where it is negative, by ``z- = (w + gamma * w-) x+ + (w + gamma *
+    w+) x- + b + gamma * b-``; where it is zero, nowhere. captum's
+    [GammaRule][fastattr.GammaRule] instead uses ``w + gamma * w+`` on every input.
+
+    Args:
+        gamma: How much the contributions of the output's sign are strengthened; finite.
+        stabilizer: The stabilizer, zennit's 1e-6 by default.
+
+    Raises:
+        TypeError: an argument is not a real number.
+        ValueError: an argument is not finite, or ``stabilizer`` is negative.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, GeneralizedGammaRule
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> model[0].rule = GeneralizedGammaRule(gamma=0.25)
+        >>> LRP(model).attribute(torch.randn(2, 3, 4, 4), target=0).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = ZENNIT_STABILIZER) -> None:
+        self.gamma = _check_real(gamma, "gamma")
+        super().__init__(stabilizer)
+
+    def _strengthened(self, t: Tensor | None, part: Callable) -> Tensor | None:
+        return None if t is None else t + self.gamma * part(t)
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        """The output, whose relevance divides by the contributions of its own sign.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on (through the product node).
+            output: The module's output.
+
+        Returns:
+            What the model continues with.
+        """
+        weight, bias = _detached_parameters(module)
+        up = (self._strengthened(weight, _positive), self._strengthened(bias, _positive))
+        down = (self._strengthened(weight, _negative), self._strengthened(bias, _negative))
+        z_up, z_down = self.split(module, inputs[0], output, up, down)
+        sign = output.detach()
+        positive = (sign > 0).to(output.dtype) * relevance.ratio(z_up, output, self.stabilizer)
+        negative = (sign < 0).to(output.dtype) * relevance.ratio(z_down, output, self.stabilizer)
+        return relevance.passing(positive + negative, output)
+
+    def __repr__(self) -> str:
+        return f"GeneralizedGammaRule(gamma={self.gamma}, stabilizer={self.stabilizer})"
+
+
+def _as_bound(value: object, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor or a real number, got {value.dtype}")
+        bound = value.detach().clone()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        bound = torch.tensor(float(value), dtype=torch.float64)
+    else:
+        raise TypeError(f"{name} must be a real number or a tensor, got {type(value).__name__}")
+    if not torch.isfinite(bound).all():
+        raise ValueError(f"{name} must be finite")
+    return bound
+
+
+class ZBoxRule(RecomputingRule):
+    """LRP-z^B as zennit defines it (``zennit.rules.ZBox``), for a first layer whose inputs
+    lie between ``low`` and ``high``: ``R_in = x * w^T s - low * w+^T s - high * w-^T s``,
+    ``s = R / (z + stabilizer * sign(z))``, ``z = w x - w+ low - w- high`` (the bias cancels in
+    zennit's form).
+
+    Args:
+        low: The lowest value of each input: a number, or a tensor broadcastable to the input
+            (``(1, 3, 1, 1)`` for per-channel bounds of images).
+        high: The highest, likewise; not below ``low``.
+        stabilizer: The stabilizer, zennit's 1e-6 by default.
+
+    Raises:
+        TypeError: ``low`` or ``high`` is neither a real number nor a floating tensor, or
+            ``stabilizer`` is not a real number.
+        ValueError: ``low`` or ``high`` is not finite, the two do not broadcast together,
+            ``low`` exceeds ``high`` anywhere, or ``stabilizer`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, ZBoxRule
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> model[0].rule = ZBoxRule(low=0.0, high=1.0)
+        >>> LRP(model).attribute(torch.rand(2, 3, 4, 4), target=0).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def __init__(
+        self, low: float | Tensor, high: float | Tensor, stabilizer: float = ZENNIT_STABILIZER
+    ) -> None:
+        self.low, self.high = _as_bound(low, "low"), _as_bound(high, "high")
+        try:
+            above = self.low.cpu() > self.high.cpu()
+        except RuntimeError:
+            raise ValueError(
+                f"low and high must broadcast together, got shapes {list(self.low.shape)} and "
+                f"{list(self.high.shape)}"
+            ) from None
+        if above.any():
+            raise ValueError("low must not exceed high")
+        super().__init__(stabilizer)
+
+    def _bound(self, bound: Tensor, x: Tensor, name: str) -> Tensor:
+        try:
+            return bound.to(x).broadcast_to(x.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"ZBoxRule's {name} of shape {list(bound.shape)} does not broadcast to the "
+                f"layer's input of shape {list(x.shape)}"
+            ) from None
+
+    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
+        """The inputs unchanged: the rule makes its own nodes on them.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: The module's positional inputs.
+
+        Returns:
+            ``inputs``.
+        """
+        return inputs
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        """The output, whose relevance reaches the input as ``x``'s, ``low``'s and ``high``'s
+        contributions.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on.
+            output: The module's output.
+
+        Returns:
+            What the model continues with.
+        """
+        x = inputs[0]
+        weight, _ = _detached_parameters(module)
+        # Stand-ins with the bounds' values, whose relevance (bound * contribution) goes to x.
+        low = relevance.product(relevance.passing(x, self._bound(self.low, x, "low")))
+        high = relevance.product(relevance.passing(x, self._bound(self.high, x, "high")))
+        z = self.recompute(module, relevance.product(x), weight, None, output)
+        z = z - self.recompute(module, low, weight.clamp(min=0), None, output)
+        z = z - self.recompute(module, high, weight.clamp(max=0), None, output)
+        return relevance.ratio(z, output, self.stabilizer)
+
+    def __repr__(self) -> str:
+        low, high = self.low.tolist(), self.high.tolist()
+        return f"ZBoxRule(low={low}, high={high}, stabilizer={self.stabilizer})"
+
+
+class _UniformInputRule(RecomputingRule):
+    """A rule that redistributes by ``modified_weight`` alone, whatever the input: ``z`` is the
+    module's map of ones, and the relevance at the input is ``modified_weight^T s``."""
+
+    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
+        return inputs
+
+    @abstractmethod
+    def modified_parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias the map of ones is computed with."""
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        x = inputs[0]
+        # Ones whose relevance goes to x unchanged.
+        ones = relevance.passing(x, torch.ones_like(x))
+        weight, bias = self.modified_parameters(module)
+        z = self.recompute(module, ones, weight, bias, output)
+        return relevance.ratio(z, output, self.stabilizer)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(stabilizer={self.stabilizer})"
+
+
+class WSquareRule(_UniformInputRule):
+    """LRP-w² as zennit defines it (``zennit.rules.WSquare``): the relevance redistributed by
+    the squared weights, whatever the input, ``R_in = (w ** 2)^T (R / (z + stabilizer *
+    sign(z)))``, ``z`` the map of ones with the squared weight and bias.
+
+    Args:
+        stabilizer: The stabilizer, zennit's 1e-6 by default.
+
+    Raises:
+        TypeError: ``stabilizer`` is not a real number.
+        ValueError: ``stabilizer`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, WSquareRule
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> model[0].rule = WSquareRule()
+        >>> LRP(model).attribute(torch.randn(5, 4), target=0).shape
+        torch.Size([5, 4])
+    """
+
+    def __init__(self, stabilizer: float = ZENNIT_STABILIZER) -> None:
+        super().__init__(stabilizer)
+
+    def modified_parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """The squared weight and bias.
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            ``(w ** 2, b ** 2)``.
+        """
+        weight, bias = _detached_parameters(module)
+        return weight**2, None if bias is None else bias**2
+
+
+class FlatRule(_UniformInputRule):
+    """LRP-flat as zennit defines it (``zennit.rules.Flat``): the relevance spread evenly over
+    each output's receptive field, ``R_in = 1^T (R / (z + stabilizer * sign(z)))``, ``z`` the
+    number of inputs each output reads (the map of ones with unit weights, without bias).
+
+    Args:
+        stabilizer: The stabilizer, zennit's 1e-6 by default.
+
+    Raises:
+        TypeError: ``stabilizer`` is not a real number.
+        ValueError: ``stabilizer`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, FlatRule
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> model[0].rule = FlatRule()
+        >>> LRP(model).attribute(torch.randn(5, 4), target=0).shape
+        torch.Size([5, 4])
+    """
+
+    def __init__(self, stabilizer: float = ZENNIT_STABILIZER) -> None:
+        super().__init__(stabilizer)
+
+    def modified_parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """Unit weights, no bias.
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            ``(ones, None)``.
+        """
+        return torch.ones_like(module.weight.detach()), None
+
+
 class IdentityRule(PropagationRule):
     """The relevance at the output, unchanged, at the (single, same-shaped) input. captum passes
     relevance so through ReLU, Dropout and Tanh whatever rule is set on them, and fastattr
@@ -644,6 +1125,8 @@ MODIFIED_FORWARDS: dict[type, Callable[..., Tensor]] = {
     nn.BatchNorm3d: _batch_norm,
 }
 
+_BATCH_NORMS = nn.modules.batchnorm._BatchNorm
+
 # The private bases (_ConvNd, _AvgPoolNd, ..., _DropoutNd) cover every public subclass
 # (checked on torch 2.13 and 2.14; tests/test_torch_private_api.py fails if one moves).
 _EPSILON_TYPES = (
@@ -744,14 +1227,21 @@ def as_rule(rule: object, where: str) -> PropagationRule:
 
 
 __all__ = [
+    "AlphaBetaRule",
     "Alpha1_Beta0_Rule",
     "EpsilonRule",
     "EpsilonSumRule",
+    "FlatRule",
     "GammaRule",
+    "GeneralizedGammaRule",
     "IdentityRule",
     "ModifiedWeightRule",
     "OpRule",
     "PropagationRule",
     "RatioRule",
+    "RecomputingRule",
+    "WSquareRule",
+    "ZBoxRule",
+    "ZPlusRule",
     "default_rule",
 ]
