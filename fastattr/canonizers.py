@@ -17,12 +17,17 @@ the data flow the call shows. Without a canonizer, LRP's numbers are captum's.
 - [ResNetCanonizer][fastattr.canonizers.ResNetCanonizer]: ``MergeBatchNorm``, and the epsilon
   rule on the residual sum of torchvision's ``BasicBlock`` and ``Bottleneck``, as zennit's
   ``ResNetCanonizer``.
+- [EpsilonPlusFlat][fastattr.canonizers.EpsilonPlusFlat],
+  [EpsilonAlpha2Beta1][fastattr.canonizers.EpsilonAlpha2Beta1],
+  [EpsilonGammaBox][fastattr.canonizers.EpsilonGammaBox]: zennit's composites of the same
+  names, rules by module type and for the first layer.
 - [AttnLRP][fastattr.canonizers.AttnLRP]: the rules of AttnLRP for transformers (layer norm,
   softmax, attention, gated products, residual sums), as lxt applies them.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -31,12 +36,22 @@ from torch import Tensor, nn
 from fastattr.lrp.attention import build_op_rules, transformer_module_rule
 from fastattr.lrp.propagation import Relevance
 from fastattr.lrp.rules import (
+    MODIFIED_FORWARDS,
     STABILIZER,
+    ZENNIT_STABILIZER,
+    AlphaBetaRule,
+    EpsilonRule,
     EpsilonSumRule,
+    FlatRule,
+    GeneralizedGammaRule,
     ModifiedWeightRule,
     OpRule,
+    PassRule,
     PropagationRule,
     RatioRule,
+    ZBoxRule,
+    ZPlusRule,
+    check_stabilizer,
 )
 
 
@@ -67,6 +82,18 @@ class Canonizer:
             The op rules; by default none.
         """
         return ()
+
+    def for_model(self, model: nn.Module) -> Canonizer:
+        """The canonizer as it applies to ``model``, asked once each time LRP plans the rules
+        (a composite finds the model's first layer here).
+
+        Args:
+            model: The model LRP runs.
+
+        Returns:
+            The canonizer whose methods LRP calls for this plan; by default itself.
+        """
+        return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -353,4 +380,261 @@ class AttnLRP(Canonizer):
         return f"AttnLRP(epsilon={self.epsilon})"
 
 
-__all__ = ["AttnLRP", "Canonizer", "EpsilonSum", "MergeBatchNorm", "ResNetCanonizer"]
+# zennit's composites: the rule of each module by its type, and of the first layer by position.
+
+# Every convolution torch has, by the private base _ConvNd (see _LINEAR).
+_CONVOLUTIONS = tuple(
+    kind for kind in MODIFIED_FORWARDS if issubclass(kind, nn.modules.conv._ConvNd)
+)
+_AVERAGE_POOLS = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)
+
+
+class Composite(Canonizer):
+    """Rules by module type and position, as zennit's composites assign them: the first module
+    of ``first_types`` (in ``model.modules()``'s order, as zennit counts) gets
+    [first_rule][fastattr.canonizers.Composite.first_rule], other convolutions
+    [convolution_rule][fastattr.canonizers.Composite.convolution_rule], ``nn.Linear``
+    epsilon, average pooling the stabilized ratio of its output (zennit's ``Norm``), batch
+    norms pass-through; every other module keeps its rule. The model is never changed.
+
+    Args:
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
+        stabilizer: The stabilizer of every other rule.
+
+    Raises:
+        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+    """
+
+    first_types: tuple[type, ...] = ()
+
+    def __init__(
+        self, epsilon: float = ZENNIT_STABILIZER, stabilizer: float = ZENNIT_STABILIZER
+    ) -> None:
+        self._linear = EpsilonRule(epsilon)
+        self._pool = EpsilonRule(check_stabilizer(stabilizer))
+        self._first: nn.Module | None = None
+
+    @property
+    def epsilon(self) -> float:
+        """The stabilizer of the epsilon rule on ``nn.Linear``."""
+        return self._linear.epsilon
+
+    @property
+    def stabilizer(self) -> float:
+        """The stabilizer of every other rule."""
+        return self._pool.epsilon
+
+    def convolution_rule(self) -> PropagationRule:
+        """The rule of convolutions other than the first layer.
+
+        Returns:
+            The rule.
+        """
+        return EpsilonRule(self.epsilon)
+
+    def first_rule(self) -> PropagationRule | None:
+        """The rule of the first layer; None where the composite has none.
+
+        Returns:
+            The rule, or None.
+        """
+        return None
+
+    def for_model(self, model: nn.Module) -> Canonizer:
+        """The composite with ``model``'s first layer found.
+
+        Args:
+            model: The model LRP runs.
+
+        Returns:
+            A copy that knows the first layer (itself where the composite has no first rule).
+        """
+        if not self.first_types:
+            return self
+        bound = copy.copy(self)
+        bound._first = next((m for m in model.modules() if type(m) in self.first_types), None)
+        return bound
+
+    def module_rule(
+        self, module: nn.Module, rule: PropagationRule | None
+    ) -> PropagationRule | None:
+        """The composite's rule for ``module``'s type and position, else ``rule``.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use.
+        """
+        if module is self._first:
+            return self.first_rule()
+        if type(module) in _CONVOLUTIONS:
+            return self.convolution_rule()
+        if isinstance(module, nn.Linear):
+            return self._linear
+        if isinstance(module, _AVERAGE_POOLS):
+            return self._pool
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return PassRule()
+        return rule
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(epsilon={self.epsilon}, stabilizer={self.stabilizer})"
+
+
+class EpsilonPlusFlat(Composite):
+    """zennit's ``EpsilonPlusFlat``: [FlatRule][fastattr.FlatRule] on the first linear layer
+    or convolution, [ZPlusRule][fastattr.ZPlusRule] on other convolutions, epsilon on
+    ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
+
+    Args:
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
+        stabilizer: The stabilizer of every other rule.
+
+    Raises:
+        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import EpsilonPlusFlat
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
+        ...                       nn.Flatten(), nn.Linear(16, 2))
+        >>> LRP(model, canonizers=[EpsilonPlusFlat()]).attribute(
+        ...     torch.randn(2, 3, 4, 4), target=1).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    first_types = (nn.Linear, *_CONVOLUTIONS)
+
+    def convolution_rule(self) -> PropagationRule:
+        """[ZPlusRule][fastattr.ZPlusRule].
+
+        Returns:
+            The rule.
+        """
+        return ZPlusRule(self.stabilizer)
+
+    def first_rule(self) -> PropagationRule | None:
+        """[FlatRule][fastattr.FlatRule].
+
+        Returns:
+            The rule.
+        """
+        return FlatRule(self.stabilizer)
+
+
+class EpsilonAlpha2Beta1(Composite):
+    """zennit's ``EpsilonAlpha2Beta1``: [AlphaBetaRule(2, 1)][fastattr.AlphaBetaRule] on
+    convolutions, epsilon on ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
+
+    Args:
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
+        stabilizer: The stabilizer of every other rule.
+
+    Raises:
+        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import EpsilonAlpha2Beta1
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> LRP(model, canonizers=[EpsilonAlpha2Beta1()]).attribute(
+        ...     torch.randn(2, 3, 4, 4), target=1).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def convolution_rule(self) -> PropagationRule:
+        """[AlphaBetaRule(2, 1)][fastattr.AlphaBetaRule].
+
+        Returns:
+            The rule.
+        """
+        return AlphaBetaRule(2.0, 1.0, self.stabilizer)
+
+
+class EpsilonGammaBox(Composite):
+    """zennit's ``EpsilonGammaBox``: [ZBoxRule(low, high)][fastattr.ZBoxRule] on the first
+    convolution, [GeneralizedGammaRule(gamma)][fastattr.GeneralizedGammaRule] (zennit's
+    gamma) on other convolutions, epsilon on ``nn.Linear`` (see
+    [Composite][fastattr.canonizers.Composite]).
+
+    Args:
+        low: The lowest value of each input (a number, or a tensor broadcastable to it).
+        high: The highest, likewise.
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
+        gamma: The gamma of the convolutions' rule.
+        stabilizer: The stabilizer of every other rule.
+
+    Raises:
+        TypeError: an argument is not a real number (``low``, ``high``: nor a floating tensor).
+        ValueError: an argument is not finite, a stabilizer is negative, or ``low`` exceeds
+            ``high``.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import EpsilonGammaBox
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
+        ...                       nn.Flatten(), nn.Linear(16, 2))
+        >>> lrp = LRP(model, canonizers=[EpsilonGammaBox(low=0.0, high=1.0)])
+        >>> lrp.attribute(torch.rand(2, 3, 4, 4), target=1).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    first_types = _CONVOLUTIONS
+
+    def __init__(
+        self,
+        low: float | Tensor,
+        high: float | Tensor,
+        epsilon: float = ZENNIT_STABILIZER,
+        gamma: float = 0.25,
+        stabilizer: float = ZENNIT_STABILIZER,
+    ) -> None:
+        super().__init__(epsilon, stabilizer)
+        self._box = ZBoxRule(low, high, stabilizer)
+        self._gamma = GeneralizedGammaRule(gamma, stabilizer)
+
+    def convolution_rule(self) -> PropagationRule:
+        """[GeneralizedGammaRule][fastattr.GeneralizedGammaRule].
+
+        Returns:
+            The rule.
+        """
+        return self._gamma
+
+    def first_rule(self) -> PropagationRule | None:
+        """[ZBoxRule][fastattr.ZBoxRule].
+
+        Returns:
+            The rule.
+        """
+        return self._box
+
+    def __repr__(self) -> str:
+        return (
+            f"EpsilonGammaBox(low={self._box.low.tolist()}, high={self._box.high.tolist()}, "
+            f"epsilon={self.epsilon}, gamma={self._gamma.gamma}, stabilizer={self.stabilizer})"
+        )
+
+
+__all__ = [
+    "AttnLRP",
+    "Canonizer",
+    "Composite",
+    "EpsilonAlpha2Beta1",
+    "EpsilonGammaBox",
+    "EpsilonPlusFlat",
+    "EpsilonSum",
+    "MergeBatchNorm",
+    "ResNetCanonizer",
+]

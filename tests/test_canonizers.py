@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import zennit.composites as zc
 from torch import nn
 from torchvision.models import resnet18, resnet50, vgg11_bn
 from zennit.canonizers import SequentialMergeBatchNorm
@@ -18,7 +19,15 @@ from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
 from zennit.types import Activation
 
 from fastattr import LRP, GammaRule, IdentityRule, LayerLRP
-from fastattr.canonizers import Canonizer, EpsilonSum, MergeBatchNorm, ResNetCanonizer
+from fastattr.canonizers import (
+    Canonizer,
+    EpsilonAlpha2Beta1,
+    EpsilonGammaBox,
+    EpsilonPlusFlat,
+    EpsilonSum,
+    MergeBatchNorm,
+    ResNetCanonizer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -221,3 +230,90 @@ def test_canonizers_are_checked_and_compose() -> None:
         LRP(model).attribute(x, target=0),
     )
     assert repr(EpsilonSum(0.5)) == "EpsilonSum(epsilon=0.5)"
+
+
+# zennit's composites: the rules by module type and the first layer's by position.
+
+
+class _CompositeNet(nn.Module):
+    """The first layer inside a container, average pooling (plain and adaptive), a batch
+    norm with random statistics, convolutions and linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32, 10), nn.ReLU(), nn.Linear(10, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _zennit_composite(model: nn.Module, x: torch.Tensor, target: int, composite) -> torch.Tensor:
+    x = x.clone().requires_grad_()
+    with composite.context(model) as modified:
+        output = modified(x)
+        seed = torch.zeros_like(output)
+        seed[:, target] = output[:, target]
+        (relevance,) = torch.autograd.grad(output, x, seed)
+    return relevance
+
+
+COMPOSITES = [
+    ("EpsilonPlusFlat", lambda: EpsilonPlusFlat(), lambda: zc.EpsilonPlusFlat()),
+    ("EpsilonAlpha2Beta1", lambda: EpsilonAlpha2Beta1(), lambda: zc.EpsilonAlpha2Beta1()),
+    (
+        "EpsilonGammaBox",
+        lambda: EpsilonGammaBox(0.0, 1.0),
+        lambda: zc.EpsilonGammaBox(torch.tensor(0.0), torch.tensor(1.0)),
+    ),
+    (
+        "EpsilonGammaBox(arguments)",
+        lambda: EpsilonGammaBox(-1.0, 2.0, epsilon=1e-3, gamma=0.5, stabilizer=1e-4),
+        lambda: zc.EpsilonGammaBox(
+            torch.tensor(-1.0), torch.tensor(2.0), epsilon=1e-3, gamma=0.5, stabilizer=1e-4
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", COMPOSITES, ids=[case[0] for case in COMPOSITES])
+def test_composites_match_zennit(case) -> None:
+    _, ours, theirs = case
+    torch.manual_seed(0)
+    conv = _random_statistics(_CompositeNet().to(F64).eval())
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(F64).eval()
+    for model, x in [(conv, torch.rand(2, 3, 8, 8, dtype=F64)), (mlp, torch.rand(3, 6, dtype=F64))]:
+        before = copy.deepcopy(model.state_dict())
+        expected = _zennit_composite(model, x, 1, theirs())
+        lrp = LRP(model, canonizers=[ours()])
+        _close(lrp.attribute(x, target=1), expected)
+        _close(lrp.attribute(x, target=1), expected)  # the plan, reused
+        first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+        layer = LayerLRP(model, first, canonizers=[ours()])
+        _close(layer.attribute(x, target=1, attribute_to_layer_input=True), expected)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert not any(hasattr(m, "rule") for m in model.modules())
+
+
+def test_composites_find_the_first_layer_of_each_model_and_check_their_arguments() -> None:
+    composite = EpsilonPlusFlat()
+    first = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    second = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.rand(2, 4, dtype=F64)
+    for model in (first.double(), second.double()):
+        expected = _zennit_composite(model, x, 0, zc.EpsilonPlusFlat())
+        _close(LRP(model, canonizers=[composite]).attribute(x, target=0), expected)
+    with pytest.raises(ValueError, match="low must not exceed high"):
+        EpsilonGammaBox(1.0, 0.0)
+    with pytest.raises(ValueError, match="stabilizer must be non-negative"):
+        EpsilonAlpha2Beta1(stabilizer=-1.0)
+    with pytest.raises(TypeError, match="epsilon must be a real number"):
+        EpsilonPlusFlat(epsilon="small")

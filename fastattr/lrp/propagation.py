@@ -174,6 +174,7 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
             anything runs.
     """
     _refuse_torchscript(model)
+    canonizers = tuple(canonizer.for_model(model) for canonizer in canonizers)
     rules: dict[int, tuple[nn.Module, PropagationRule]] = {}
     applied: list[str] = []
     missing: dict[str, list[str]] = {}

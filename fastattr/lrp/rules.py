@@ -387,7 +387,8 @@ def _check_real(value: object, name: str) -> float:
     return float(value)
 
 
-def _check_stabilizer(stabilizer: object) -> float:
+def check_stabilizer(stabilizer: object) -> float:
+    """``stabilizer`` as a float, checked: a finite, non-negative real number."""
     value = _check_real(stabilizer, "stabilizer")
     if value < 0:
         raise ValueError(f"stabilizer must be non-negative, got {value}")
@@ -421,7 +422,7 @@ class RecomputingRule(PropagationRule):
     """
 
     def __init__(self, stabilizer: float) -> None:
-        self.stabilizer = _check_stabilizer(stabilizer)
+        self.stabilizer = check_stabilizer(stabilizer)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why the rule cannot run on ``module``: it is not ``nn.Linear`` or a convolution.
