@@ -52,6 +52,7 @@ from fastattr.lrp.rules import (
     ZBoxRule,
     ZPlusRule,
     check_stabilizer,
+    map_type,
 )
 
 
@@ -453,7 +454,7 @@ class Composite(Canonizer):
         if not self.first_types:
             return self
         bound = copy.copy(self)
-        bound._first = next((m for m in model.modules() if type(m) in self.first_types), None)
+        bound._first = next((m for m in model.modules() if map_type(m) in self.first_types), None)
         return bound
 
     def module_rule(
@@ -470,7 +471,7 @@ class Composite(Canonizer):
         """
         if module is self._first:
             return self.first_rule()
-        if type(module) in _CONVOLUTIONS:
+        if map_type(module) in _CONVOLUTIONS:
             return self.convolution_rule()
         if isinstance(module, nn.Linear):
             return self._linear

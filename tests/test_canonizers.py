@@ -317,3 +317,19 @@ def test_composites_find_the_first_layer_of_each_model_and_check_their_arguments
         EpsilonAlpha2Beta1(stabilizer=-1.0)
     with pytest.raises(TypeError, match="epsilon must be a real number"):
         EpsilonPlusFlat(epsilon="small")
+
+
+@pytest.mark.parametrize("case", COMPOSITES, ids=[case[0] for case in COMPOSITES])
+def test_composites_on_parametrized_weights_give_zennits_numbers_on_the_plain_model(case) -> None:
+    # torch.nn.utils.parametrize swaps in a subclass (ParametrizedConv2d, ...) whose weight is
+    # computed: the composites' rules must still recognise it as the convolution it is.
+    _, ours, theirs = case
+    torch.manual_seed(0)
+    plain = _random_statistics(_CompositeNet().to(F64).eval())
+    model = copy.deepcopy(plain)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            torch.nn.utils.parametrizations.weight_norm(module)
+    x = torch.rand(2, 3, 8, 8, dtype=F64)
+    expected = _zennit_composite(plain, x, 1, theirs())
+    _close(LRP(model, canonizers=[ours()]).attribute(x, target=1), expected)

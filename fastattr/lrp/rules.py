@@ -241,7 +241,7 @@ class ModifiedWeightRule(RatioRule):
         Returns:
             A reason, or None when the module can be recomputed (or need not be).
         """
-        if self.changes(module) and _map_type(module) not in MODIFIED_FORWARDS:
+        if self.changes(module) and map_type(module) not in MODIFIED_FORWARDS:
             name = type(module).__name__
             return f"{type(self).__name__} cannot recompute {name} with modified weights"
         return None
@@ -270,7 +270,7 @@ class ModifiedWeightRule(RatioRule):
             weight = self.modify_weight(weight)
         if bias is not None and self.set_bias_to_zero:
             bias = torch.zeros_like(bias)
-        return MODIFIED_FORWARDS[_map_type(module)](module, x, weight, bias, output)
+        return MODIFIED_FORWARDS[map_type(module)](module, x, weight, bias, output)
 
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
@@ -433,7 +433,7 @@ class RecomputingRule(PropagationRule):
         Returns:
             A reason, or None.
         """
-        if type(module) in MODIFIED_FORWARDS and not isinstance(module, _BATCH_NORMS):
+        if map_type(module) in MODIFIED_FORWARDS and not isinstance(module, _BATCH_NORMS):
             return None
         name = type(module).__name__
         return f"{type(self).__name__} runs on nn.Linear and convolutions only, not on {name}"
@@ -454,7 +454,7 @@ class RecomputingRule(PropagationRule):
         Returns:
             The recomputed output.
         """
-        return MODIFIED_FORWARDS[type(module)](module, x, weight, bias, output)
+        return MODIFIED_FORWARDS[map_type(module)](module, x, weight, bias, output)
 
 
 class _SignSplitRule(RecomputingRule):
@@ -1106,7 +1106,7 @@ def _batch_norm(
     )
 
 
-def _map_type(module: nn.Module) -> type:
+def map_type(module: nn.Module) -> type:
     """The class whose map the module computes: for a module parametrized with
     torch.nn.utils.parametrize, the class it had (parametrize swaps in a subclass of it whose
     weight is a property)."""
