@@ -49,8 +49,10 @@ def _models() -> dict[str, type]:
     from transformers.models.bert import modeling_bert
     from transformers.models.gpt2 import modeling_gpt2
     from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
 
-    for module in (modeling_bert, modeling_gpt2, modeling_llama):
+    for module in (modeling_bert, modeling_gpt2, modeling_llama, modeling_qwen2, modeling_qwen3):
         monkey_patch(module)
     _patch_vit()
     from transformers.models.vit import modeling_vit
@@ -60,6 +62,8 @@ def _models() -> dict[str, type]:
         "bert": modeling_bert.BertForSequenceClassification,
         "gpt2": modeling_gpt2.GPT2LMHeadModel,
         "llama": modeling_llama.LlamaForCausalLM,
+        "qwen2": modeling_qwen2.Qwen2ForCausalLM,
+        "qwen3": modeling_qwen3.Qwen3ForCausalLM,
         "vit": modeling_vit.ViTForImageClassification,
     }
 
@@ -71,6 +75,8 @@ def _config(family: str, config: dict, attn: str):
         "bert": transformers.BertConfig,
         "gpt2": transformers.GPT2Config,
         "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
         "vit": transformers.ViTConfig,
     }[family]
     return kind(**config, attn_implementation=attn)

@@ -1,6 +1,6 @@
-"""LRP on transformers (AttnLRP): HuggingFace BERT, GPT-2, ViT and a LLaMA-style decoder against
-lxt's AttnLRP (tests/lxt_oracle.py, in a process of its own), on their eager and SDPA attention
-paths; LayerLRP at token embeddings, on blocks and per head; hand-written attention,
+"""LRP on transformers (AttnLRP): HuggingFace BERT, GPT-2, ViT, a LLaMA-style decoder, Qwen2 and
+Qwen3 against lxt's AttnLRP (tests/lxt_oracle.py, in a process of its own), on their eager and
+SDPA attention paths; LayerLRP at token embeddings, on blocks and per head; hand-written attention,
 ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` against lxt's rules written
 out with autograd; conservation up to what biases and the softmax rule absorb; and errors for
 what has no rule."""
@@ -54,6 +54,25 @@ CONFIGS = {
         intermediate_size=64,
         max_position_embeddings=64,
     ),
+    "qwen2": dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
+    "qwen3": dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
     "vit": dict(
         image_size=16,
         patch_size=4,
@@ -69,6 +88,8 @@ KINDS = {
     "bert": (transformers.BertConfig, transformers.BertForSequenceClassification),
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     "vit": (transformers.ViTConfig, transformers.ViTForImageClassification),
 }
 # Per family: the blocks whose output relevance is compared, the module whose input holds the
@@ -77,6 +98,8 @@ BLOCKS = {
     "bert": ("bert.encoder.layer.{}", "bert.encoder.layer.{}.attention.output.dense"),
     "gpt2": ("transformer.h.{}", "transformer.h.{}.attn.c_proj"),
     "llama": ("model.layers.{}", "model.layers.{}.self_attn.o_proj"),
+    "qwen2": ("model.layers.{}", "model.layers.{}.self_attn.o_proj"),
+    "qwen3": ("model.layers.{}", "model.layers.{}.self_attn.o_proj"),
     "vit": ("vit.encoder.layer.{}", "vit.encoder.layer.{}.attention.output.dense"),
 }
 EMBEDDINGS = {
@@ -126,7 +149,7 @@ def _inputs(family: str) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
 
 
 def _position(family: str) -> int | None:
-    return -1 if family in ("gpt2", "llama") else None
+    return None if family in ("bert", "vit") else -1
 
 
 @contextlib.contextmanager
