@@ -872,6 +872,24 @@ def test_t5_s_rms_norm_named_layer_norm_passes_relevance_unchanged() -> None:
     assert at_output.abs().max() > 1e-3
 
 
+def test_bloom_s_gelu_written_in_its_own_code_passes_relevance_unchanged() -> None:
+    """BLOOM's BloomGelu computes a tanh GELU from products of its input: it is point-wise, and
+    gets the identity rule as GELU does, not the uniform rule on those products."""
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=100, hidden_size=16, n_layer=1, n_head=2)
+    model = transformers.BloomForCausalLM(config).double().eval()
+    wrapper = Logits(model, -1)
+    embeds, mask, _ = _inputs("gpt2")
+    embeds, gelu = embeds[..., :16], model.transformer.h[0].mlp.gelu_impl
+    args = dict(target=[5, 17], additional_forward_args=(mask,))
+    at_output = LayerLRP(wrapper, gelu, ATTN).attribute(embeds, **args)
+    at_input = LayerLRP(wrapper, gelu, ATTN).attribute(
+        embeds, **args, attribute_to_layer_input=True
+    )
+    torch.testing.assert_close(at_input, at_output, rtol=0, atol=0)
+    assert at_output.abs().sum() > 0
+
+
 class PixelLogits(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

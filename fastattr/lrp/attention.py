@@ -348,6 +348,12 @@ _RMS_NORMS_CALLED_LAYER_NORM = frozenset(
 )  # fmt: skip
 
 
+# HuggingFace's point-wise activations written in a model's own code rather than taken from
+# transformers.activations: BLOOM's tanh GELU, `x * 0.5 * (1 + tanh(c * x * (1 + a * x * x)))`,
+# whose products the op rules would read as products of activations.
+_ACTIVATIONS_IN_MODEL_CODE = frozenset(("BloomGelu",))
+
+
 def _hf_type(module: nn.Module, module_prefix: str) -> str | None:
     """The class name of a HuggingFace transformers module from ``module_prefix``, else None;
     transformers itself is never imported."""
@@ -366,8 +372,9 @@ def transformer_module_rule(
     RMSNorm modules (``transformers.models.*.*RMSNorm``, and T5's, MT5's, ... RMS norms named
     ``*LayerNorm``): relevance passed through unchanged
     (RMS normalization with the RMS held fixed is a per-feature scaling); HuggingFace's
-    activation modules (``transformers.activations``): passed through unchanged; HuggingFace's
-    ``Conv1D`` (GPT-2's linear layers): [EpsilonRule][fastattr.EpsilonRule]; HuggingFace's
+    activation modules (``transformers.activations``, and BLOOM's ``BloomGelu``): passed through
+    unchanged; HuggingFace's ``Conv1D`` (GPT-2's linear layers):
+    [EpsilonRule][fastattr.EpsilonRule]; HuggingFace's
     ``*RelativePositionBias`` modules (BEiT's, Data2VecVision's bias tables):
     [ParameterTableRule][fastattr.lrp.attention.ParameterTableRule]. Subclasses of
     ``nn.LayerNorm`` and ``nn.Softmax`` that replace the forward get none: their forward runs
@@ -402,7 +409,9 @@ def transformer_module_rule(
     name = _hf_type(module, "transformers.models.")
     if name is not None and (name.endswith("RMSNorm") or name in _RMS_NORMS_CALLED_LAYER_NORM):
         return PassRule()
-    if _hf_type(module, "transformers.activations") is not None:
+    if _hf_type(module, "transformers.activations") is not None or (
+        name in _ACTIVATIONS_IN_MODEL_CODE
+    ):
         return PassRule()
     if _hf_type(module, "transformers.pytorch_utils") == "Conv1D":
         return EpsilonRule(epsilon)
