@@ -429,6 +429,62 @@ def test_sdpa_rule_is_the_rules_one_by_one() -> None:
     torch.testing.assert_close(written_out, in_one, rtol=1e-9, atol=1e-14)
 
 
+class MixtureOfExperts(nn.Module):
+    """Mixtral's sparse MoE block between a linear layer and a head; ``lxt`` runs the block as
+    written out below, with lxt's gradient rules (for the oracle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = transformers.MixtralConfig(
+            hidden_size=8, intermediate_size=12, num_local_experts=4, num_experts_per_tok=2
+        )
+        self.embed = nn.Linear(8, 8)
+        self.moe = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(config)
+        self.head = nn.Linear(8, 3)
+        self.lxt = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        y = _lxt_mixture(self.moe, h) if self.lxt else self.moe(h)[0]
+        return self.head((h + y).mean(1))
+
+
+def _lxt_mixture(moe: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The block with lxt's rules: the uniform rule on each gated product and on an expert's
+    output times its routing weight, the identity rule on the activation, and the routing
+    weights' renormalizing sum held fixed (plain gradients through softmax and top-k)."""
+    flat = h.flatten(0, 1)
+    weights, chosen = F.softmax(moe.gate(flat), dim=-1).topk(moe.top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True).detach()
+    out = torch.zeros_like(flat)
+    for slot in range(moe.top_k):
+        for index, expert in enumerate(moe.experts):
+            rows = (chosen[:, slot] == index).nonzero()[:, 0]
+            gate = expert.w1(flat[rows])
+            gate = gate * (expert.act_fn(gate) / gate).detach()
+            hidden = expert.w2(divide_gradient(gate * expert.w3(flat[rows]), 2))
+            out = out.index_add(0, rows, divide_gradient(hidden * weights[rows, slot, None], 2))
+    return out.view_as(h)
+
+
+def test_a_mixture_of_experts_equals_lxt_s_rules() -> None:
+    """Mixtral's routing: softmax by its rule, top-k a selection, the routing weights divided by
+    their own sum a normalization (the sum held fixed), each expert's output times its weight
+    the uniform rule, index_add_ a sum."""
+    model = _seeded(MixtureOfExperts())
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    target = [0, 2, 1]
+    with _stabilizers(model, TINY) as canonizers:
+        relevance = LRP(model, canonizers).attribute(x, target=target)
+    assert _relative(relevance, _lxt_relevance(model, x, target)) < PARITY
+
+
+def test_a_divisor_that_carries_relevance_and_is_not_the_dividend_s_sum_is_refused() -> None:
+    model = Calls(lambda h: h / (h.sum(-1, keepdim=True) + 1.0)).double()
+    with pytest.raises(TypeError, match=r"no rule for \S*div by a divisor other than the"):
+        LRP(model, ATTN).attribute(torch.randn(2, 4, dtype=torch.float64), target=0)
+
+
 class GatedMLP(nn.Module):
     """A SwiGLU block over tokens: down(silu(gate(x)) * up(x)), summed over the tokens."""
 

@@ -683,11 +683,33 @@ class SumOpRule(EpsilonOpRule):
         return f"SumOpRule(epsilon={self.epsilon})"
 
 
+def _is_own_sum(dividend: object, divisor: object) -> bool:
+    """Whether ``divisor`` is ``dividend.sum(dims, keepdim=True)`` over the dimensions where it
+    has size one and the dividend does not (its values, exactly, as the model computed them)."""
+    if not (isinstance(dividend, Tensor) and isinstance(divisor, Tensor)):
+        return False
+    if divisor.dim() != dividend.dim() or divisor.dtype != dividend.dtype:
+        return False
+    dims = []
+    for dim, (size, reduced) in enumerate(zip(dividend.shape, divisor.shape)):
+        if reduced == 1 and size != 1:
+            dims.append(dim)
+        elif reduced != size:
+            return False
+    if not dims:
+        return False
+    with torch.no_grad():
+        return torch.equal(dividend.sum(dims, keepdim=True), divisor)
+
+
 class ProductOpRule(ActivationOpRule):
     """``a * b`` and ``a / b``: the uniform rule when both factors are activations, else the
     product with a constant: relevance passed unchanged when the result has the shape of the
     factor, the epsilon rule when broadcasting makes it larger. A divisor that is an activation
-    has no rule.
+    has no rule, but for the dividend's own sum over some dimensions (``w / w.sum(-1,
+    keepdim=True)``, a mixture of experts' routing weights renormalized): a normalization,
+    whose sum is held fixed, as the layer norm rule holds the standard deviation, so the
+    relevance passes to the dividend unchanged.
 
     Args:
         functions: The torch functions the rule is offered.
@@ -707,7 +729,13 @@ class ProductOpRule(ActivationOpRule):
         if kwargs.get("rounding_mode") is not None:
             raise no_rule_error(func, f" with rounding_mode={kwargs['rounding_mode']!r}")
         if self.divides and len(args) > 1 and relevance.is_activation(args[1]):
-            raise no_rule_error(func, " by a tensor that carries relevance")
+            if not (relevance.is_activation(args[0]) and _is_own_sum(args[0], args[1])):
+                raise no_rule_error(func, " by a divisor other than the dividend's own sum")
+            # A normalization (MoE routing weights renormalized over the chosen experts): the
+            # sum held fixed, as the layer norm rule holds the standard deviation.
+            with torch.no_grad():
+                output = func(*args, **kwargs)
+            return relevance.passing(args[0], output)
         if len(found) > 1:
             return self.uniform.propagate(relevance, func, args, kwargs, found)
         with torch.no_grad():
@@ -1002,6 +1030,7 @@ _RESHAPES = (
     "where",
     "max",
     "min",
+    "topk",
     "amax",
     "amin",
     "cat",
@@ -1094,8 +1123,8 @@ def build_op_rules(epsilon: float = STABILIZER) -> tuple[OpRule, ...]:
             _methods("add", "sub", "__rsub__") + _functions(torch, "add", "sub", "rsub"), epsilon
         ),
         EpsilonOpRule(
-            _methods("sum", "mean", "cumsum")
-            + _functions(torch, "sum", "mean", "cumsum")
+            _methods("sum", "mean", "cumsum", "index_add")
+            + _functions(torch, "sum", "mean", "cumsum", "index_add")
             + _functions(F, "linear", "conv1d", "conv2d", "conv3d", "avg_pool1d", "avg_pool2d")
             + _functions(F, "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d")
             + _functions(F, "adaptive_avg_pool3d"),
@@ -1133,7 +1162,18 @@ def build_op_rules(epsilon: float = STABILIZER) -> tuple[OpRule, ...]:
 IN_PLACE: Mapping[Callable, Callable] = types.MappingProxyType(
     {
         getattr(torch.Tensor, f"{name}_"): getattr(torch.Tensor, name)
-        for name in ("add", "sub", "mul", "div", "relu", "tanh", "sigmoid", "neg", "masked_fill")
+        for name in (
+            "add",
+            "sub",
+            "mul",
+            "div",
+            "relu",
+            "tanh",
+            "sigmoid",
+            "neg",
+            "masked_fill",
+            "index_add",
+        )
     }
 )
 
