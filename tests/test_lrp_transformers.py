@@ -853,6 +853,28 @@ def test_point_wise_calls_and_reshapes_pass() -> None:
     assert relevance.shape == x.shape
 
 
+@pytest.mark.parametrize(
+    "clamp",
+    [
+        lambda h: h.clamp(-0.3, 0.3),
+        lambda h: torch.clip(h, -0.3, 0.3),
+        lambda h: h.clone().clamp_(min=-0.3, max=0.3),
+    ],
+    ids=["clamp", "clip", "clamp_"],
+)
+def test_a_clamp_passes_relevance_as_hardtanh_does(clamp) -> None:
+    """OLMo clips its queries, keys and values in place (clip_qkv): a clamp is point-wise, and
+    gets the identity rule of nn.Hardtanh, which is the same map."""
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    torch.manual_seed(0)
+    clamped = Calls(clamp).double()
+    torch.manual_seed(0)
+    expected = LRP(Calls(nn.Hardtanh(-0.3, 0.3)).double(), ATTN).attribute(x, target=0)
+    relevance = LRP(clamped, ATTN).attribute(x, target=0)
+    torch.testing.assert_close(relevance, expected, rtol=0, atol=0)
+    assert (clamped.fc(x).abs() > 0.3).any()
+
+
 def test_broadcast_to_moves_relevance_as_expand_does() -> None:
     x = torch.randn(2, 4, dtype=torch.float64)
     results = []

@@ -461,8 +461,9 @@ def no_rule_error(func: Callable, detail: str = "") -> TypeError:
         A TypeError naming the function and saying how to give the computation a rule.
     """
     return TypeError(
-        f"LRP has no rule for {_name(func)}{detail} on tensors that carry relevance: it is not "
-        "point-wise, so passing the gradient through would misattribute silently. Move the "
+        f"LRP has no rule for {_name(func)}{detail} on tensors that carry relevance: it is none "
+        "of the activations, sums, products, norms, softmax and attention that AttnLRP's rules "
+        "cover, and passing the gradient through it would misattribute silently. Move the "
         "computation into a module of its own and set a rule on it (module.rule = "
         "EpsilonRule() for a linear map, IdentityRule() for an element-wise one, ...)."
     )
@@ -1075,6 +1076,10 @@ _POINTWISE = (
     "hardsigmoid",
     "softplus",
     "softsign",
+    "clamp",
+    "clip",
+    "clamp_min",
+    "clamp_max",
     "tanh",
     "sigmoid",
     "neg",
@@ -1173,6 +1178,7 @@ IN_PLACE: Mapping[Callable, Callable] = types.MappingProxyType(
             "neg",
             "masked_fill",
             "index_add",
+            "clamp",
         )
     }
 )
