@@ -8,6 +8,7 @@ what has no rule."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import subprocess
 import sys
@@ -250,10 +251,12 @@ def test_blocks_and_heads_equal_lxt(family: str, attn: str, oracle: dict) -> Non
     assert per_head.shape == (*at_heads[0].shape[:2], 4)
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
-def test_token_ids_through_the_embedding(family: str) -> None:
-    """LayerLRP on the word embedding with token ids gives LRP's relevance at inputs_embeds."""
-    model = _build(family, "sdpa")
+def test_token_ids_through_the_embedding(family: str, frozen: bool) -> None:
+    """LayerLRP on the word embedding with token ids gives LRP's relevance at inputs_embeds,
+    also for a frozen model (whose embedding's output is outside autograd's graph)."""
+    model = _build(family, "sdpa").requires_grad_(not frozen)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
     _, mask, target = _inputs(family)
     wrapper = Logits(model, _position(family))
@@ -483,6 +486,74 @@ def test_a_divisor_that_carries_relevance_and_is_not_the_dividend_s_sum_is_refus
     model = Calls(lambda h: h / (h.sum(-1, keepdim=True) + 1.0)).double()
     with pytest.raises(TypeError, match=r"no rule for \S*div by a divisor other than the"):
         LRP(model, ATTN).attribute(torch.randn(2, 4, dtype=torch.float64), target=0)
+
+
+@contextlib.contextmanager
+def _lxt_t5(model: nn.Module) -> Iterator[None]:
+    """T5 under lxt's rules, written out with autograd: the RMS of its norms detached, the
+    gradients at the query, key and value divided by 4, 4 and 2 (plain gradients elsewhere)."""
+    from transformers.models.t5.modeling_t5 import T5Attention, T5LayerNorm
+
+    def rms_norm(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * (h * rms.detach())
+
+    def divided(factor: int):
+        return lambda module, args, output: divide_gradient(output, factor)
+
+    handles, norms = [], [m for m in model.modules() if isinstance(m, T5LayerNorm)]
+    for heads in (m for m in model.modules() if isinstance(m, T5Attention)):
+        for projection, factor in ((heads.q, 4), (heads.k, 4), (heads.v, 2)):
+            handles.append(projection.register_forward_hook(divided(factor)))
+    for norm in norms:
+        norm.forward = functools.partial(rms_norm, norm)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for norm in norms:
+            del norm.forward
+
+
+class Seq2SeqLogits(nn.Module):
+    """An encoder-decoder's logits at the last decoder position, explained at the encoder's
+    inputs; the decoder's tokens are fixed."""
+
+    def __init__(self, model: nn.Module, decoder_ids: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.decoder_ids = model, decoder_ids
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        outputs = self.model(inputs_embeds=embeds, decoder_input_ids=self.decoder_ids)
+        return outputs.logits[:, -1]
+
+
+def test_an_encoder_decoder_s_cross_attention_shares_between_both_sides() -> None:
+    """T5's decoder tokens, embedded from ids, are an activation though only the encoder's
+    inputs are attributed: cross-attention's q @ k^T gets the uniform rule (half of it to the
+    encoder's keys), as lxt's rules give it, and LayerLRP reading the decoder's embedding as
+    well leaves the encoder's relevance as it is."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8,
+    )  # fmt: skip
+    t5 = transformers.T5ForConditionalGeneration(config).double().eval()
+    model = Seq2SeqLogits(t5, torch.tensor([[0, 5, 9], [0, 7, 3]]))
+    x = torch.randn(2, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    target = [5, 17]
+    with _stabilizers(model, TINY) as canonizers:
+        relevance = LRP(model, canonizers).attribute(x, target=target)
+        block = t5.encoder.block[1]
+        alone = LayerLRP(model, block, canonizers).attribute(x, target=target)[0]
+        with_decoder = LayerLRP(model, [block, t5.shared], canonizers).attribute(x, target=target)
+    torch.testing.assert_close(with_decoder[0][0], alone, rtol=0, atol=0)
+    leaf = x.clone().requires_grad_()
+    with _lxt_t5(t5):
+        output = model(leaf).gather(1, torch.tensor(target).view(-1, 1)).sum()
+        (gradient,) = torch.autograd.grad(output, leaf)
+    assert _relative(relevance, x * gradient) < PARITY
 
 
 class GatedMLP(nn.Module):

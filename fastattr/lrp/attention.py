@@ -252,7 +252,11 @@ class EmbeddingRule(NodeRule):
 
     [AttnLRP][fastattr.canonizers.AttnLRP]'s rule for ``nn.Embedding``, so that ``LayerLRP`` on
     a model's word embedding gives the relevance of each embedded token. Embeddings added to the
-    tokens' (positions, token types) take their share of a sum as a bias does.
+    tokens' (positions, token types) take their share of a sum as a bias does. The output is a
+    source of relevance whether or not it is attributed: an encoder-decoder's decoder tokens
+    are an activation in the cross-attention's products when only the encoder's inputs are
+    attributed, as when LayerLRP also reads the decoder's embedding (a frozen model's
+    embedding output joins autograd's graph for that).
 
     Examples:
         >>> import torch
@@ -278,9 +282,9 @@ class EmbeddingRule(NodeRule):
             output: Its output.
 
         Returns:
-            ``output``.
+            ``output``, as a source of relevance.
         """
-        return output
+        return relevance.source(output)
 
     def __repr__(self) -> str:
         return "EmbeddingRule()"
@@ -332,6 +336,23 @@ class ParameterTableRule(EmbeddingRule):
                 "the module a rule that passes it on (module.rule = EpsilonRule(), ...)"
             )
         return inputs
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        """The table's output, unchanged: read from parameters alone, it is no source of
+        relevance.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: The inputs it ran on.
+            output: Its output.
+
+        Returns:
+            ``output``.
+        """
+        return output
 
     def __repr__(self) -> str:
         return "ParameterTableRule()"

@@ -648,6 +648,28 @@ class Relevance:
             return output
         return self._nodes.linear(x, weight.detach(), output.detach())
 
+    def source(self, x: Tensor) -> Tensor:
+        """``x`` as a source of relevance: an input of the model's though not one attributed
+        (tokens embedded from ids), which the op rules then treat as an activation, so that
+        the rules a product of it and an activation gets do not depend on which inputs are
+        attributed. Outside autograd's graph (a frozen model's), it becomes a leaf of it.
+
+        Args:
+            x: A module's output.
+
+        Returns:
+            ``x``, or a leaf holding its values.
+        """
+        if not x.is_floating_point():
+            return x
+        if not x.requires_grad:
+            x = x.detach().requires_grad_()
+            self._inputs[id(x)] = x
+        elif x.grad_fn is None:  # a parameter returned as it is: a view of it is the source
+            x = x.view_as(x)
+        self._reaches[torch.autograd.graph.get_gradient_edge(x).node] = True
+        return x
+
     def passing(self, source: Tensor, output: Tensor) -> Tensor:
         """``output`` through the node that hands the relevance to ``source`` unchanged.
 
