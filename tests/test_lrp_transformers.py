@@ -556,6 +556,26 @@ def test_an_encoder_decoder_s_cross_attention_shares_between_both_sides() -> Non
     assert _relative(relevance, x * gradient) < PARITY
 
 
+def test_an_encoder_decoder_s_eager_and_sdpa_attention_agree() -> None:
+    """BART explained at the encoder's inputs: the SDPA rule's shares and the eager path's
+    uniform rule at each matrix product agree in cross-attention too, where the queries come
+    from the decoder's tokens."""
+    relevance = []
+    for attn in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = transformers.BartConfig(
+            vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+            decoder_ffn_dim=32, max_position_embeddings=16, attn_implementation=attn,
+        )  # fmt: skip
+        bart = transformers.BartForConditionalGeneration(config).double().eval()
+        model = Seq2SeqLogits(bart, torch.tensor([[0, 5, 9], [0, 7, 3]]))
+        x = torch.randn(2, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+        with _stabilizers(model, TINY) as canonizers:
+            relevance.append(LRP(model, canonizers).attribute(x, target=[5, 17]))
+    assert _relative(relevance[0], relevance[1]) < 1e-9
+
+
 class GatedMLP(nn.Module):
     """A SwiGLU block over tokens: down(silu(gate(x)) * up(x)), summed over the tokens."""
 
