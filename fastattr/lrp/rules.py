@@ -414,14 +414,14 @@ class RecomputingRule(PropagationRule):
     recomputed ``z`` stabilized as ``z + stabilizer * sign(z)``, with ``sign(0) = 1``.
 
     Args:
-        stabilizer: The stabilizer, finite and non-negative.
+        stabilizer: The stabilizer, finite and non-negative; zennit's 1e-6 by default.
 
     Raises:
         TypeError: ``stabilizer`` is not a real number.
         ValueError: ``stabilizer`` is negative or not finite.
     """
 
-    def __init__(self, stabilizer: float) -> None:
+    def __init__(self, stabilizer: float = ZENNIT_STABILIZER) -> None:
         self.stabilizer = check_stabilizer(stabilizer)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
@@ -804,9 +804,6 @@ class WSquareRule(_UniformInputRule):
         torch.Size([5, 4])
     """
 
-    def __init__(self, stabilizer: float = ZENNIT_STABILIZER) -> None:
-        super().__init__(stabilizer)
-
     def modified_parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
         """The squared weight and bias.
 
@@ -841,9 +838,6 @@ class FlatRule(_UniformInputRule):
         >>> LRP(model).attribute(torch.randn(5, 4), target=0).shape
         torch.Size([5, 4])
     """
-
-    def __init__(self, stabilizer: float = ZENNIT_STABILIZER) -> None:
-        super().__init__(stabilizer)
 
     def modified_parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
         """Unit weights, no bias.
