@@ -49,6 +49,7 @@ from fastattr.lrp.rules import (
     PassRule,
     PropagationRule,
     RatioRule,
+    RecomputingRule,
     ZBoxRule,
     ZPlusRule,
     check_stabilizer,
@@ -175,19 +176,20 @@ def _merged_parameters(linear: nn.Module, norm: nn.modules.batchnorm._BatchNorm)
 
 class _MergedBatchNormRule(PropagationRule):
     """A batch norm's rule under ``MergeBatchNorm``: when its input is the output of a
-    linear module whose rule is an epsilon-type rule, that rule on the merged affine map
-    (relevance through the batch norm's and the linear module's own backward, the ratio at the
-    batch norm's output); otherwise ``own``, the rule it has without the canonizer."""
+    linear module whose rule is an epsilon-type rule or a rule that recomputes it, that rule on
+    the merged affine map (for the epsilon rule, relevance through the batch norm's and the
+    linear module's own backward; the ratio at the batch norm's output); otherwise ``own``,
+    the rule it has without the canonizer."""
 
     def __init__(self, own: PropagationRule) -> None:
         self.own = own
 
     def _producer(self, relevance: Relevance, module: nn.Module, x: object):
-        found = relevance.ratio_output(x)
+        found = relevance.rule_output(x)
         if (
             found is None
             or not isinstance(found.module, _LINEAR)
-            or not isinstance(found.rule, RatioRule)
+            or not isinstance(found.rule, (RatioRule, RecomputingRule))
             or module.training
             or module.running_mean is None
         ):
@@ -195,7 +197,7 @@ class _MergedBatchNormRule(PropagationRule):
         return found
 
     def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
-        # Merging: the linear module's own output, past its ratio node.
+        # Merging: the linear module's own output, past its rule's nodes.
         found = self._producer(relevance, module, inputs[0]) if len(inputs) == 1 else None
         if found is None:
             return self.own.forward_inputs(relevance, module, inputs)
@@ -207,7 +209,15 @@ class _MergedBatchNormRule(PropagationRule):
         found = relevance.raw_output(inputs[0])
         if found is None:
             return self.own.forward_output(relevance, module, inputs, output)
+        result = self._merged(relevance, module, found, output)
+        relevance.merged(module, found.module, result)
+        return result
+
+    def _merged(self, relevance: Relevance, module: nn.Module, found, output: Tensor) -> Tensor:
         linear, rule = found.module, found.rule
+        if isinstance(rule, RecomputingRule):
+            weight, bias = _merged_parameters(linear, module)
+            return rule.output_with(relevance, linear, found.inputs[0], weight, bias, output)
         if isinstance(rule, ModifiedWeightRule) and rule.changes(linear):
             weight, bias = _merged_parameters(linear, module)
             z = rule.modified_z(linear, found.inputs[0], weight, bias, output)
@@ -223,7 +233,9 @@ class MergeBatchNorm(Canonizer):
     """Batch norms merged into the linear or convolution module whose output they receive, as
     zennit's ``SequentialMergeBatchNorm`` does, but read off the data flow of each call (a
     batch norm that receives anything else keeps its own rule). Only batch norms that
-    normalize with running statistics (eval mode) are merged.
+    normalize with running statistics (eval mode) are merged. The linear module's rule (an
+    epsilon-type rule, or one of zennit's) then runs on the merged map; LayerLRP reads the
+    linear module's output, and the merged batch norm's input and output, after the batch norm.
 
     Examples:
         >>> import torch
@@ -396,7 +408,9 @@ class Composite(Canonizer):
     [first_rule][fastattr.canonizers.Composite.first_rule], other convolutions
     [convolution_rule][fastattr.canonizers.Composite.convolution_rule], ``nn.Linear``
     epsilon, average pooling the stabilized ratio of its output (zennit's ``Norm``), batch
-    norms pass-through; every other module keeps its rule. The model is never changed.
+    norms pass-through (those that [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm] merges,
+    before or after the composite in ``canonizers``, stay merged); every other module keeps
+    its rule. The model is never changed.
 
     Args:
         epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
@@ -478,7 +492,10 @@ class Composite(Canonizer):
         if isinstance(module, _AVERAGE_POOLS):
             return self._pool
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return PassRule()
+            # Merged by a canonizer before this one, it stays merged (as it would were the
+            # merge after): passing relevance through is what it does when not merged.
+            merged = isinstance(rule, _MergedBatchNormRule)
+            return _MergedBatchNormRule(PassRule()) if merged else PassRule()
         return rule
 
     def __repr__(self) -> str:

@@ -169,6 +169,14 @@ def test_merged_rules_with_modified_weights_match_the_model_merged_by_hand() -> 
         merged[conv].rule = GammaRule(0.5, set_bias_to_zero=conv == 0)
     ours = LRP(model, canonizers=[MergeBatchNorm()]).attribute(x, target=1)
     _close(ours, LRP(merged).attribute(x, target=1))
+    # LayerLRP on a convolution a batch norm merges into applies the same merged rules.
+    for to_input in (True, False):
+        _close(
+            LayerLRP(model, model[3], canonizers=[MergeBatchNorm()]).attribute(
+                x, target=1, attribute_to_layer_input=to_input
+            ),
+            LayerLRP(merged, merged[3]).attribute(x, target=1, attribute_to_layer_input=to_input),
+        )
     # With modified weights, merging first is not the same as the rules on the parts.
     assert (ours - LRP(model).attribute(x, target=1)).abs().max() > 1e-3 * ours.abs().max()
 
@@ -257,28 +265,50 @@ class _CompositeNet(nn.Module):
 
 
 def _zennit_composite(model: nn.Module, x: torch.Tensor, target: int, composite) -> torch.Tensor:
+    return _zennit_relevance(model, x, target, composite)[0]
+
+
+def _zennit_relevance(
+    model: nn.Module, x: torch.Tensor, target: int, composite, layers: tuple = ()
+) -> tuple[torch.Tensor, ...]:
+    """zennit's relevance at the input, then at each layer's output (its gradient there: the
+    relevance the modules after it send back)."""
     x = x.clone().requires_grad_()
-    with composite.context(model) as modified:
-        output = modified(x)
-        seed = torch.zeros_like(output)
-        seed[:, target] = output[:, target]
-        (relevance,) = torch.autograd.grad(output, x, seed)
-    return relevance
+    outputs: dict[nn.Module, torch.Tensor] = {}
+    # Registered before zennit's hooks: they see the layers' own outputs.
+    handles = [
+        layer.register_forward_hook(lambda module, _, output: outputs.setdefault(module, output))
+        for layer in layers
+    ]
+    try:
+        with composite.context(model) as modified:
+            output = modified(x)
+            seed = torch.zeros_like(output)
+            seed[:, target] = output[:, target]
+            return torch.autograd.grad(output, [x, *(outputs[m] for m in layers)], seed)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
+# zennit's side takes its composite's keyword arguments (canonizers, layer_map).
 COMPOSITES = [
-    ("EpsilonPlusFlat", lambda: EpsilonPlusFlat(), lambda: zc.EpsilonPlusFlat()),
-    ("EpsilonAlpha2Beta1", lambda: EpsilonAlpha2Beta1(), lambda: zc.EpsilonAlpha2Beta1()),
+    ("EpsilonPlusFlat", lambda: EpsilonPlusFlat(), lambda **kw: zc.EpsilonPlusFlat(**kw)),
+    (
+        "EpsilonAlpha2Beta1",
+        lambda: EpsilonAlpha2Beta1(),
+        lambda **kw: zc.EpsilonAlpha2Beta1(**kw),
+    ),
     (
         "EpsilonGammaBox",
         lambda: EpsilonGammaBox(0.0, 1.0),
-        lambda: zc.EpsilonGammaBox(torch.tensor(0.0), torch.tensor(1.0)),
+        lambda **kw: zc.EpsilonGammaBox(torch.tensor(0.0), torch.tensor(1.0), **kw),
     ),
     (
         "EpsilonGammaBox(arguments)",
         lambda: EpsilonGammaBox(-1.0, 2.0, epsilon=1e-3, gamma=0.5, stabilizer=1e-4),
-        lambda: zc.EpsilonGammaBox(
-            torch.tensor(-1.0), torch.tensor(2.0), epsilon=1e-3, gamma=0.5, stabilizer=1e-4
+        lambda **kw: zc.EpsilonGammaBox(
+            torch.tensor(-1.0), torch.tensor(2.0), epsilon=1e-3, gamma=0.5, stabilizer=1e-4, **kw
         ),
     ),
 ]
@@ -333,3 +363,80 @@ def test_composites_on_parametrized_weights_give_zennits_numbers_on_the_plain_mo
     x = torch.rand(2, 3, 8, 8, dtype=F64)
     expected = _zennit_composite(plain, x, 1, theirs())
     _close(LRP(model, canonizers=[ours()]).attribute(x, target=1), expected)
+
+
+def _vgg_bn() -> nn.Sequential:
+    """A VGG with batch norms in miniature: each convolution (the first included, one without
+    bias) followed by a batch norm with random statistics."""
+    return _random_statistics(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32, 10),
+            nn.ReLU(),
+            nn.Linear(10, 4),
+        )
+    )
+
+
+@pytest.mark.parametrize("case", COMPOSITES[:3], ids=[case[0] for case in COMPOSITES[:3]])
+def test_composites_with_merged_batch_norms_match_zennit_in_either_order(case) -> None:
+    _, ours, theirs = case
+    torch.manual_seed(0)
+    model = _vgg_bn()
+    x = torch.rand(2, 3, 8, 8, dtype=F64)
+    before = copy.deepcopy(model.state_dict())
+    # At the input, and past the second batch norm (its ReLU's output): the merged
+    # convolution's output, and the batch norm's input and output, merged into the identity.
+    expected, merged = _zennit_relevance(
+        model, x, 1, theirs(canonizers=[SequentialMergeBatchNorm()]), (model[5],)
+    )
+    unmerged = _zennit_composite(model, x, 1, theirs())
+    assert (expected - unmerged).abs().max() > 1e-2 * expected.abs().max()
+    for canonizers in ([MergeBatchNorm(), ours()], [ours(), MergeBatchNorm()]):
+        _close(LRP(model, canonizers=canonizers).attribute(x, target=1), expected)
+        layers = [model[0], model[4]]
+        first, norm = LayerLRP(model, layers, canonizers=canonizers).attribute(
+            x, target=1, attribute_to_layer_input=True
+        )
+        _close(first, expected)
+        _close(norm, merged)
+        layers = [model[3], model[4]]
+        for relevance in LayerLRP(model, layers, canonizers=canonizers).attribute(x, target=1):
+            _close(relevance, merged)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(hasattr(m, "rule") for m in model.modules())
+
+
+@pytest.mark.parametrize("case", [COMPOSITES[0], COMPOSITES[2]], ids=lambda case: case[0])
+def test_composites_on_resnet18_match_zennits_with_its_resnet_canonizer(case) -> None:
+    _, ours, theirs = case
+    torch.manual_seed(0)
+    model = _random_statistics(resnet18(weights=None))
+    x = torch.rand(1, 3, 32, 32, dtype=F64)
+    before = copy.deepcopy(model.state_dict())
+    # zennit's composites pass the gradient through max pooling; fastattr's keeps epsilon
+    # (1e-9) there. zennit's residual sums have its Norm rule (stabilizer 1e-6).
+    composite = theirs(canonizers=[ZennitResNetCanonizer()], layer_map=[(nn.MaxPool2d, Norm(1e-9))])
+    # The output of a block's first convolution, merged with its batch norm, and the block's.
+    block = model.layer2[0]
+    expected, at_conv, at_block = _zennit_relevance(model, x, 3, composite, (block.bn1, block))
+    ours_first = [ours(), ResNetCanonizer(epsilon=1e-6)]
+    _close(LRP(model, canonizers=ours_first).attribute(x, target=3), expected)
+    layers = [block.conv1, block]
+    conv, out = LayerLRP(model, layers, canonizers=[ResNetCanonizer(1e-6), ours()]).attribute(
+        x, target=3
+    )
+    _close(conv, at_conv)
+    _close(out, at_block)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -443,6 +443,7 @@ class Relevance:
         "_ratios",
         "_raw",
         "_reaches",
+        "_results",
         "_writable",
         "_written",
         "copied_sites",
@@ -476,6 +477,8 @@ class Relevance:
         # id(x) -> (x, its version, the product node's output, its version), for product.
         self._products: dict[int, tuple[Tensor, int, Tensor, int]] = {}
         self._raw: dict[int, _Ratio] = {}  # by id of the tensor the ratio node shows
+        # id -> (what a module's rule returned, its version, the ratio on the module's output).
+        self._results: dict[int, tuple[Tensor, int, _Ratio]] = {}
         # id -> (the tensor a module writes into, its input, the ratio written into or None).
         self._writable: dict[int, tuple[Tensor, Tensor, _Ratio | None]] = {}
         # Tensors in-place ReLUs wrote into, by their autograd node, and the products folded
@@ -879,9 +882,10 @@ class Relevance:
         are in use)."""
         return self._containers[-1] if self._containers else None
 
-    def ratio_output(self, x: object) -> _Ratio | None:
-        """What made ``x`` when it is the epsilon-ratio output of a module's rule (not a
-        pass-through of one): its record, with ``module``, ``rule``, ``inputs`` (those the
+    def rule_output(self, x: object) -> _Ratio | None:
+        """What made ``x`` when it is, unchanged, what a module's rule returned after a ratio
+        on the module's own output (its epsilon ratio, or a ratio of a rule that recomputes the
+        module): the record of that ratio, with ``module``, ``rule``, ``inputs`` (those the
         module ran on) and ``raw`` (the module's own output).
 
         Args:
@@ -890,14 +894,14 @@ class Relevance:
         Returns:
             The record, or None.
         """
-        found = self._current(x)
-        if found is None or found.module is None or not found.foldable:
+        found = self._results.get(id(x)) if isinstance(x, Tensor) else None
+        if found is None or found[0] is not x or found[1] != x._version:
             return None
-        return found
+        return found[2]
 
     def raw_output(self, x: object) -> _Ratio | None:
         """When ``x`` is a module's own output that a rule then handed on through its epsilon
-        ratio, that ratio's record (as ``ratio_output`` gives it).
+        ratio, that ratio's record (as ``rule_output`` gives it).
 
         Args:
             x: Anything.
@@ -907,6 +911,24 @@ class Relevance:
         """
         found = self._raw.get(id(x)) if isinstance(x, Tensor) else None
         return found if found is not None and found.raw is x and found.module is not None else None
+
+    def merged(self, module: nn.Module, into: nn.Module, output: Tensor) -> None:
+        """``module`` (a batch norm) merged into ``into``, the module whose output it received:
+        ``output``, what ``module``'s rule returned for both, is from now on ``into``'s output
+        and ``module``'s input as well as its output (the merged ``module`` is the identity).
+        LayerLRP reads their relevance there.
+
+        Args:
+            module: The module merged.
+            into: The module merged into.
+            output: What ``module``'s rule returned.
+        """
+        if not self.taps:
+            return
+        if any(into is tap for tap in self.taps):
+            self._tap_output(into, output)
+        if id(module) in self.tapped:
+            self.tapped[id(module)] = ((output,), self.tapped[id(module)][1])
 
     # The engine.
 
@@ -959,6 +981,7 @@ class Relevance:
         self._ratios.clear()
         self._products.clear()
         self._raw.clear()
+        self._results.clear()
         self._writable.clear()
         self._copy_wanted.clear()
         self._reaches.clear()
@@ -999,6 +1022,7 @@ class Relevance:
         if made is not None and made.raw is output and made.module is None:
             # The ratio node on this module's own output.
             made.module, made.rule, made.inputs = module, rule, args
+            self._results[id(result)] = (result, result._version, made)
         if self.taps and any(module is tap for tap in self.taps):
             self._tap_output(module, result)
         return result
@@ -1042,11 +1066,18 @@ class Relevance:
                 "relevance is ambiguous; LayerLRP needs a layer that runs once"
             )
         # A private view per call: its gradient is this module's input relevance alone.
-        args = tuple(a.view_as(a) if isinstance(a, Tensor) else a for a in args)
+        args = tuple(self._tap_view(a) if isinstance(a, Tensor) else a for a in args)
         tensors = tuple(a for a in args if isinstance(a, Tensor) and a.requires_grad)
         self._as_inputs(tensors)
         self.tapped[id(module)] = (tensors, torch.empty(0))
         return args
+
+    def _tap_view(self, x: Tensor) -> Tensor:
+        view = x.view_as(x)
+        found = self.rule_output(x)
+        if found is not None:  # a batch norm still merges into the module that made x
+            self._results[id(view)] = (view, view._version, found)
+        return view
 
     def _tap_output(self, module: nn.Module, output: Tensor) -> None:
         # Its relevance must reach this tensor: nothing may fold past it.

@@ -413,6 +413,10 @@ class RecomputingRule(PropagationRule):
     map (never changing the module) on modified inputs and parameters, and divides by a
     recomputed ``z`` stabilized as ``z + stabilizer * sign(z)``, with ``sign(0) = 1``.
 
+    Subclasses override [output_with][fastattr.lrp.RecomputingRule.output_with], which takes
+    the weight and bias explicitly: the module's own, or those of a batch norm merged into it
+    ([MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]).
+
     Args:
         stabilizer: The stabilizer, finite and non-negative; zennit's 1e-6 by default.
 
@@ -437,6 +441,50 @@ class RecomputingRule(PropagationRule):
             return None
         name = type(module).__name__
         return f"{type(self).__name__} runs on nn.Linear and convolutions only, not on {name}"
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        """[output_with][fastattr.lrp.RecomputingRule.output_with] the module's own weight and
+        bias.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on.
+            output: The module's output.
+
+        Returns:
+            What the model continues with.
+        """
+        weight, bias = _detached_parameters(module)
+        return self.output_with(relevance, module, inputs[0], weight, bias, output)
+
+    @abstractmethod
+    def output_with(
+        self,
+        relevance: Relevance,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        output: Tensor,
+    ) -> Tensor:
+        """The output the model continues with, its relevance redistributed by ``module``'s map
+        with ``weight`` and ``bias`` in place of its own.
+
+        Args:
+            relevance: The call's relevance graph.
+            module: ``nn.Linear`` or a convolution.
+            x: Its input, as ``forward_inputs`` returned it.
+            weight: The (detached) weight of the map.
+            bias: The (detached) bias of the map, or None.
+            output: The output of the map (the module's, or that of the batch norm merged
+                into it).
+
+        Returns:
+            What the model continues with (``output``'s value).
+        """
 
     @staticmethod
     def recompute(
@@ -521,24 +569,31 @@ class AlphaBetaRule(_SignSplitRule):
         super().__init__(stabilizer)
         self.alpha, self.beta = alpha, beta
 
-    def forward_output(
-        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    def output_with(
+        self,
+        relevance: Relevance,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        output: Tensor,
     ) -> Tensor:
         """The output, whose relevance divides by the positive and negative contributions.
 
         Args:
             relevance: The call's relevance graph.
-            module: The module the rule is set on.
-            inputs: The inputs the module ran on (through the product node).
-            output: The module's output.
+            module: ``nn.Linear`` or a convolution.
+            x: Its input (through the product node).
+            weight: The weight of the map.
+            bias: The bias of the map, or None.
+            output: The output of the map.
 
         Returns:
             What the model continues with.
         """
-        weight, bias = _detached_parameters(module)
         up = (_positive(weight), _positive(bias))
         down = (_negative(weight), _negative(bias))
-        z_up, z_down = self.split(module, inputs[0], output, up, down, self.beta != 0)
+        z_up, z_down = self.split(module, x, output, up, down, self.beta != 0)
         positive = relevance.ratio(z_up, output, self.stabilizer)
         if z_down is None and self.alpha == 1:
             return positive  # ZPlus: one ratio, which the next product may fold into
@@ -621,24 +676,31 @@ class GeneralizedGammaRule(_SignSplitRule):
     def _strengthened(self, t: Tensor | None, part: Callable) -> Tensor | None:
         return None if t is None else t + self.gamma * part(t)
 
-    def forward_output(
-        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    def output_with(
+        self,
+        relevance: Relevance,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        output: Tensor,
     ) -> Tensor:
         """The output, whose relevance divides by the contributions of its own sign.
 
         Args:
             relevance: The call's relevance graph.
-            module: The module the rule is set on.
-            inputs: The inputs the module ran on (through the product node).
-            output: The module's output.
+            module: ``nn.Linear`` or a convolution.
+            x: Its input (through the product node).
+            weight: The weight of the map.
+            bias: The bias of the map, or None.
+            output: The output of the map.
 
         Returns:
             What the model continues with.
         """
-        weight, bias = _detached_parameters(module)
         up = (self._strengthened(weight, _positive), self._strengthened(bias, _positive))
         down = (self._strengthened(weight, _negative), self._strengthened(bias, _negative))
-        z_up, z_down = self.split(module, inputs[0], output, up, down)
+        z_up, z_down = self.split(module, x, output, up, down)
         sign = output.detach()
         positive = (sign > 0).to(output.dtype) * relevance.ratio(z_up, output, self.stabilizer)
         negative = (sign < 0).to(output.dtype) * relevance.ratio(z_down, output, self.stabilizer)
@@ -727,23 +789,29 @@ class ZBoxRule(RecomputingRule):
         """
         return inputs
 
-    def forward_output(
-        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    def output_with(
+        self,
+        relevance: Relevance,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        output: Tensor,
     ) -> Tensor:
         """The output, whose relevance reaches the input as ``x``'s, ``low``'s and ``high``'s
-        contributions.
+        contributions (the bias cancels in ``z``).
 
         Args:
             relevance: The call's relevance graph.
-            module: The module the rule is set on.
-            inputs: The inputs the module ran on.
-            output: The module's output.
+            module: ``nn.Linear`` or a convolution.
+            x: Its input.
+            weight: The weight of the map.
+            bias: The bias of the map (unused).
+            output: The output of the map.
 
         Returns:
             What the model continues with.
         """
-        x = inputs[0]
-        weight, _ = _detached_parameters(module)
         # Stand-ins with the bounds' values, whose relevance (bound * contribution) goes to x.
         low = relevance.product(relevance.passing(x, self._bound(self.low, x, "low")))
         high = relevance.product(relevance.passing(x, self._bound(self.high, x, "high")))
@@ -765,16 +833,23 @@ class _UniformInputRule(RecomputingRule):
         return inputs
 
     @abstractmethod
-    def modified_parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
-        """The weight and bias the map of ones is computed with."""
+    def modified_parameters(
+        self, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias the map of ones is computed with, from the map's."""
 
-    def forward_output(
-        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    def output_with(
+        self,
+        relevance: Relevance,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        output: Tensor,
     ) -> Tensor:
-        x = inputs[0]
         # Ones whose relevance goes to x unchanged.
         ones = relevance.passing(x, torch.ones_like(x))
-        weight, bias = self.modified_parameters(module)
+        weight, bias = self.modified_parameters(weight, bias)
         z = self.recompute(module, ones, weight, bias, output)
         return relevance.ratio(z, output, self.stabilizer)
 
@@ -804,16 +879,18 @@ class WSquareRule(_UniformInputRule):
         torch.Size([5, 4])
     """
 
-    def modified_parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def modified_parameters(
+        self, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         """The squared weight and bias.
 
         Args:
-            module: The module the rule is set on.
+            weight: The weight of the map.
+            bias: The bias of the map, or None.
 
         Returns:
             ``(w ** 2, b ** 2)``.
         """
-        weight, bias = _detached_parameters(module)
         return weight**2, None if bias is None else bias**2
 
 
@@ -839,16 +916,19 @@ class FlatRule(_UniformInputRule):
         torch.Size([5, 4])
     """
 
-    def modified_parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def modified_parameters(
+        self, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         """Unit weights, no bias.
 
         Args:
-            module: The module the rule is set on.
+            weight: The weight of the map.
+            bias: The bias of the map (unused).
 
         Returns:
             ``(ones, None)``.
         """
-        return torch.ones_like(module.weight.detach()), None
+        return torch.ones_like(weight), None
 
 
 class IdentityRule(PropagationRule):
