@@ -4,6 +4,7 @@ tie them to IntegratedGradients, the model left as found, and bad input."""
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -1364,29 +1365,117 @@ def test_layer_input_of_integer_values():
 
 class AttentionWithoutWeights(nn.Module):
     """torch's attention asked for no weights returns (output, None), as HuggingFace's
-    transformer layers do."""
+    attention layers do under SDPA; with ``alone``, a wrapper of the same attention returns the
+    output by itself (captum's oracle: captum fails on the None)."""
 
-    def __init__(self):
+    def __init__(self, alone: bool = False):
         super().__init__()
         self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
         self.head = nn.Linear(4, 2)
+        self.alone = OutputAlone(self.attention) if alone else None
 
     def forward(self, x):
-        out, _ = self.attention(x, x, x, need_weights=False)
+        if self.alone is not None:
+            out = self.alone(x)
+        else:
+            out, _ = self.attention(x, x, x, need_weights=False)
         return self.head(out.mean(1))
 
 
-@pytest.mark.parametrize("cls", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
-def test_a_layer_returning_none_beside_its_tensor_is_a_clear_error(cls):
-    # Captum fails inside itself ("'NoneType' object has no attribute 'clone'").
+class OutputAlone(nn.Module):
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        ("LayerIntegratedGradients", {"target": 1}),
+        ("NeuronIntegratedGradients", {"neuron_selector": (0, 1)}),
+        ("NeuronIntegratedGradients", {"neuron_selector": lambda out: out[:, 1].sum(-1)}),
+    ],
+)
+def test_a_layer_returning_none_beside_its_tensor_is_attributed_at_the_tensor(cls, kwargs):
+    # Captum fails inside itself ("'NoneType' object has no attribute 'clone'"); fastattr
+    # leaves the None out, as if the layer returned its tensor alone.
     model = seeded(AttentionWithoutWeights)
+    oracle = seeded(functools.partial(AttentionWithoutWeights, alone=True))
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     snapshot = _snapshot(model)
-    method = getattr(fastattr, cls)(model, model.attention)
-    selector = {"neuron_selector": lambda values: values[0][:, 0, 1]}
-    with pytest.raises(TypeError, match=r"NoneType.*a None has no values.*submodule"):
-        method.attribute(x, n_steps=3, **({"target": 1} if cls[0] == "L" else selector))
+    ours = getattr(fastattr, cls)(model, model.attention).attribute(x, n_steps=7, **kwargs)
+    theirs = getattr(captum_attr, cls)(oracle, oracle.alone).attribute(x, n_steps=7, **kwargs)
+    assert_same(ours, theirs)
     _assert_as_found(model, snapshot)
+
+
+class OptionalArgument(nn.Module):
+    """A block with an optional mask, called with None for it positionally (as HuggingFace's
+    layers are) or, with ``omit``, without it."""
+
+    def __init__(self, omit: bool = False):
+        super().__init__()
+        self.block = MaskableBlock()
+        self.head = nn.Linear(4, 2)
+        self.omit = omit
+
+    def forward(self, x):
+        return self.head(self.block(x) if self.omit else self.block(x, None))
+
+
+class MaskableBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        h = torch.tanh(self.linear(x))
+        return h if mask is None else h * mask
+
+
+def test_a_none_among_a_layers_inputs_is_left_out():
+    model = seeded(OptionalArgument)
+    oracle = seeded(functools.partial(OptionalArgument, omit=True))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    kwargs = {"target": 0, "n_steps": 9, "attribute_to_layer_input": True}
+    ours = fastattr.LayerIntegratedGradients(model, model.block).attribute(x, **kwargs)
+    theirs = captum_attr.LayerIntegratedGradients(oracle, oracle.block).attribute(x, **kwargs)
+    assert_same(ours, theirs)
+
+
+class CacheBeside(nn.Module):
+    """A layer returning its output beside an object that is neither a tensor nor None (a
+    key-value cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+        self.cache = {}
+
+    def forward(self, x):
+        return self.layer(x), self.cache
+
+
+class CacheUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = CacheBeside()
+
+    def forward(self, x):
+        return self.block(x)[0].sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("cls", ["LayerIntegratedGradients", "NeuronIntegratedGradients"])
+def test_a_layer_returning_other_objects_is_a_clear_error(cls):
+    model = seeded(CacheUser)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    method = getattr(fastattr, cls)(model, model.block)
+    selector = {"neuron_selector": lambda values: values[0][:, 0]}
+    with pytest.raises(TypeError, match=r"tensors \(None allowed beside them\).*'dict'"):
+        method.attribute(x, n_steps=3, **({"target": 0} if cls[0] == "L" else selector))
 
 
 class KeywordCall(nn.Module):
@@ -1456,3 +1545,33 @@ def test_layer_ig_target_errors(target, error):
     with pytest.raises(error, match="target"):
         fastattr.LayerIntegratedGradients(model, layer).attribute(x, target=target, n_steps=3)
     _assert_as_found(model, _snapshot(model))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_huggingface_transformer_layer_is_attributed_at_its_hidden_states(attention):
+    # BertLayer returns (hidden states, attention weights), the weights None under SDPA (the
+    # default), where captum fails. Its hidden states are what its BertOutput returns.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        attn_implementation=attention,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).double().eval()
+    ids = torch.randint(1, 30, (2, 6))
+    block = model.bert.encoder.layer[1]
+
+    def logits(ids):
+        return model(input_ids=ids).logits
+
+    ours = fastattr.LayerIntegratedGradients(logits, block).attribute(ids, target=1, n_steps=9)
+    hidden = ours if attention == "sdpa" else ours[0]
+    theirs = captum_attr.LayerIntegratedGradients(logits, block.output).attribute(
+        ids, target=1, n_steps=9
+    )
+    assert_same(hidden, theirs)

@@ -46,17 +46,29 @@ from fastattr.attr._layers import (
     capture_layers,
     check_layers_in_model,
     replaced_layers,
+    tensors_of,
+    with_nones,
 )
 
 LayerAttributions = Union[TensorOrTuple, list[TensorOrTuple]]
 
 
-def _group(flat: tuple[Tensor, ...], counts: list[int]) -> list[LayerValues]:
+def _group(flat: tuple[Tensor, ...], counts: list[int]) -> list[tuple[Tensor, ...]]:
     groups, start = [], 0
     for count in counts:
         groups.append(flat[start : start + count])
         start += count
     return groups
+
+
+def _check_same_nones(at_inputs: list[LayerValues], at_starts: list[LayerValues]) -> None:
+    for index, (end, start) in enumerate(zip(at_inputs, at_starts)):
+        if [v is None for v in end] != [v is None for v in start]:
+            raise ValueError(
+                f"the values of layer[{index}] have None in other places at the inputs "
+                f"({[type(v).__name__ for v in end]}) than at the baselines "
+                f"({[type(v).__name__ for v in start]}): there is no path between them"
+            )
 
 
 def _check_grad_kwargs(grad_kwargs: Any) -> None:
@@ -188,8 +200,9 @@ class LayerIntegratedGradients(
 
         Returns:
             For one layer, a tensor shaped as its output (or input), or a tuple when it has
-            several; for a list of layers, a list of those; followed, when asked, by the delta
-            and then the steps.
+            several (a None the layer returns or takes beside its tensors, such as attention
+            weights not asked for, is left out); for a list of layers, a list of those;
+            followed, when asked, by the delta and then the steps.
         """
         (result,) = self._attribute_targets(
             inputs,
@@ -333,9 +346,10 @@ class LayerIntegratedGradients(
             at_inputs, at_starts = self._layer_values(
                 model_inputs, starts, args, attribute_to_layer_input, last
             )
-            counts = [len(values) for values in at_inputs]
-            ends = tuple(v for values in at_inputs for v in values)
-            path_starts = tuple(v for values in at_starts for v in values)
+            _check_same_nones(at_inputs, at_starts)
+            counts = [len(tensors_of(values)) for values in at_inputs]
+            ends = tuple(v for values in at_inputs for v in tensors_of(values))
+            path_starts = tuple(v for values in at_starts for v in tensors_of(values))
             check_floating(
                 ends, "the values of layer", "; choose a layer with floating point values"
             )
@@ -369,13 +383,14 @@ class LayerIntegratedGradients(
                 paths: tuple[Tensor, ...],
                 rows: PointRows,
                 counts=counts,
+                layouts=at_inputs,
                 last=last,
                 unchecked=unchecked,
             ) -> list[Tensor]:
                 calls = [0] * len(layers)
                 with replaced_layers(
                     layers,
-                    _group(paths, counts),
+                    [with_nones(g, like) for g, like in zip(_group(paths, counts), layouts)],
                     attribute_to_layer_input,
                     calls=calls,
                     check_paths=unchecked[0],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from fastattr._compiled import compiled_code_runs_eagerly
 from fastattr._model_state import module_of
 
-LayerValues = tuple[Tensor, ...]
+# A layer's input or output: its tensors, with None where it takes or returns None (attention
+# weights not asked for, an optional argument left out).
+LayerValues = tuple[Optional[Tensor], ...]
 ModuleOrList = Union[nn.Module, list[nn.Module]]
 
 
@@ -70,22 +72,25 @@ def _as_values(values: Any, layer: nn.Module, name: str) -> LayerValues:
             f"{name} ({type(layer).__name__}) was called without positional tensors (only "
             "keyword arguments reach no hook): its input can't be attributed"
         )
-    if not all(isinstance(v, Tensor) for v in values):
-        # The common case: a None beside the tensor wanted (attention weights not asked for,
-        # an optional argument left out), which users can't tell from the types alone.
-        hint = (
-            "; a None has no values to integrate (HuggingFace's transformer layers and "
-            "MultiheadAttention(need_weights=False) return (output, None), an optional "
-            "argument left out is passed as None): attribute a submodule that takes or "
-            "returns the wanted tensor alone"
-            if any(v is None for v in values)
-            else ""
-        )
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors or len(tensors) + values.count(None) != len(values):
         raise TypeError(
             f"{name} ({type(layer).__name__}) must take and return tensors or tuples of "
-            f"tensors to be attributed, got {[type(v).__name__ for v in values]}{hint}"
+            f"tensors (None allowed beside them) to be attributed, got "
+            f"{[type(v).__name__ for v in values]}"
         )
     return values
+
+
+def tensors_of(values: LayerValues) -> tuple[Tensor, ...]:
+    """The tensors among a layer's values (the Nones left out)."""
+    return tuple(v for v in values if v is not None)
+
+
+def with_nones(tensors: Sequence[Any], like: LayerValues) -> tuple[Any, ...]:
+    """``tensors`` (one per tensor of ``like``) in ``like``'s places, with its Nones between."""
+    given = iter(tensors)
+    return tuple(None if v is None else next(given) for v in like)
 
 
 @contextlib.contextmanager
@@ -203,7 +208,9 @@ def capture_layers(
         counts[index] += 1
         if last or seen[index] is None:
             captured = _as_values(values, layers[index], name)
-            seen[index] = tuple(v.detach() for v in captured) if detach else captured
+            seen[index] = (
+                tuple(v if v is None else v.detach() for v in captured) if detach else captured
+            )
         if not last and all(s is not None for s in seen):
             raise _LayersReached
 
@@ -244,8 +251,8 @@ def replaced_layers(
             _refuse_gradients_off(layers[index], name)
         called[index] = True
         counts[index] += 1
-        shapes = [list(v.shape) for v in found]
-        attributed = [list(r.shape) for r in replacements[index]]
+        shapes = [None if v is None else list(v.shape) for v in found]
+        attributed = [None if r is None else list(r.shape) for r in replacements[index]]
         if shapes != attributed:
             raise ValueError(
                 f"{name} {type(layers[index]).__name__} runs more than once, with values of "
@@ -254,13 +261,13 @@ def replaced_layers(
                 "can't take. Choose a layer that runs once."
             )
         if check_paths and handed:
-            for source in _reached(found, handed) - {index}:
+            for source in _reached(tensors_of(found), handed) - {index}:
                 feeds.setdefault(source, index)
         # Copies: the model may change the values in place (ReLU(inplace=True) after the
         # layer), which autograd refuses on the path itself, a leaf.
-        new = tuple(v.clone() for v in replacements[index])
+        new = tuple(None if v is None else v.clone() for v in replacements[index])
         if check_paths:
-            handed.update((v.grad_fn, index) for v in new if v.grad_fn is not None)
+            handed.update((v.grad_fn, index) for v in tensors_of(new) if v.grad_fn is not None)
         if isinstance(values, list):
             return list(new)
         if on_input or isinstance(values, tuple):

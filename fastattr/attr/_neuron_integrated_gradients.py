@@ -31,27 +31,35 @@ from fastattr._path_integral import (
     with_extras,
 )
 from fastattr.attr._base import PathAttribution
-from fastattr.attr._layers import LayerValues, capture_layers, check_layers_in_model
+from fastattr.attr._layers import (
+    LayerValues,
+    capture_layers,
+    check_layers_in_model,
+    tensors_of,
+)
 
 NeuronSelector = Union[int, tuple[Union[int, slice], ...], Callable[..., Tensor]]
 
 
 def select_neuron(values: LayerValues, selector: NeuronSelector, rows: int) -> Tensor:
     """The selected neuron's value per row (slices select a region, summed per row), or what a
-    callable selector returns."""
+    callable selector returns. Nones the layer takes or returns beside its tensors are left
+    out: an index selects from its one tensor, a callable gets its tensor (or a tuple of its
+    tensors)."""
+    tensors = tensors_of(values)
     if callable(selector):
-        selected = selector(values if len(values) > 1 else values[0])
+        selected = selector(tensors if len(tensors) > 1 else tensors[0])
         if not isinstance(selected, Tensor):
             raise TypeError(
                 f"a callable neuron_selector must return a tensor, got {type(selected).__name__}"
             )
     else:
-        if len(values) > 1:
+        if len(tensors) > 1:
             raise ValueError(
-                f"the layer gives {len(values)} tensors: neuron_selector must be a callable "
+                f"the layer gives {len(tensors)} tensors: neuron_selector must be a callable "
                 "that picks the neuron from the tuple"
             )
-        layer_value = values[0]
+        layer_value = tensors[0]
         index = (selector,) if isinstance(selector, int) else selector
         if isinstance(index, list):  # captum indexes with a list as with a tuple
             index = tuple(index)
