@@ -40,7 +40,14 @@ def _check_tuple_list(target: list[tuple], output: Tensor) -> None:
 def select_targets(output: Tensor, target: TargetType | ColumnIndices) -> Tensor:
     """The per-example value to attribute: captum's target semantics, with range checks."""
     if not isinstance(output, Tensor):
-        raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}")
+        hint = ""
+        if isinstance(getattr(output, "logits", None), Tensor):
+            # HuggingFace's models return a ModelOutput (as captum, fastattr takes a tensor).
+            hint = (
+                ": it holds .logits, so attribute a function returning them, such as "
+                "`lambda *args: model(*args).logits`"
+            )
+        raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}{hint}")
     if target is None:
         return output
     if output.dim() < 2:

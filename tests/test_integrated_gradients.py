@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import types
 import warnings
 
 import captum.attr as captum_attr
@@ -952,3 +953,21 @@ def test_output_with_several_values_per_example_needs_target(backend):
         IntegratedGradients(seeded(Output3D())).attribute(X, target=1)
     with pytest.raises(ValueError, match="target"):
         IntegratedGradients(seeded(Scalar())).attribute(X, target=0)
+
+
+class ModelOutput(nn.Module):
+    """Returns its logits in an object, as HuggingFace's models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> object:
+        return types.SimpleNamespace(logits=self.linear(x))
+
+
+def test_an_output_holding_logits_is_refused_with_the_way_to_take_them():
+    model = ModelOutput().double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"got SimpleNamespace: it holds \.logits.*\.logits`"):
+        fastattr.IntegratedGradients(model).attribute(x, target=0)

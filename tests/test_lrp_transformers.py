@@ -292,7 +292,9 @@ def test_a_language_model_with_a_tuple_target() -> None:
         def forward(self, embeds: torch.Tensor) -> object:
             return self.model(inputs_embeds=embeds)
 
-    with pytest.raises(TypeError, match="must return a tensor, got CausalLMOutputWithPast"):
+    with pytest.raises(
+        TypeError, match=r"must return a tensor, got CausalLMOutputWithPast: it holds \.logits"
+    ):
         LRP(Unwrapped(), ATTN).attribute(embeds, target=(6, 17))
 
 
