@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from fastattr._settle import settled
+
 # The calls inside compiled_code_runs_eagerly, and the stance object the first of them set
 # (its __exit__ puts back the stance found). Reentrant, for the same reason as
 # _model_state._held_lock: an interrupt on the line where a with statement leaves it leaves it
@@ -49,13 +51,20 @@ def compiled_code_runs_eagerly() -> Iterator[None]:
     ``torch.compiler.set_stance("force_eager")``. The stance is process-wide: concurrent
     blocks share it, and the last to leave puts back the stance the first found. Other
     threads' compiled code runs eagerly meanwhile too, to the same numbers."""
-    global _eager_calls, _eager_stance
     if not _dynamo_loaded():
         yield
         return
     import torch.compiler
 
     counted = False
+
+    def enter() -> None:
+        global _eager_calls, _eager_stance
+        nonlocal counted
+        with _eager_lock:
+            _eager_calls, counted = _eager_calls + 1, True  # one line: one trace event
+            if _eager_stance is None:
+                _eager_stance = torch.compiler.set_stance("force_eager")
 
     def leave() -> None:
         # Idempotent: this call's count taken back, the stance put back by the last to leave,
@@ -72,28 +81,4 @@ def compiled_code_runs_eagerly() -> Iterator[None]:
         while _eager_lock._is_owned():  # type: ignore[attr-defined]
             _eager_lock.release()
 
-    interrupts: list[KeyboardInterrupt] = []
-
-    def settle() -> None:
-        # leave(), run to its end through interrupts (kept, raised at the end).
-        while True:
-            try:
-                leave()
-            except KeyboardInterrupt as error:
-                interrupts.append(error)
-            else:
-                break
-
-    try:
-        try:
-            with _eager_lock:
-                _eager_calls, counted = _eager_calls + 1, True  # one line: one trace event
-                if _eager_stance is None:
-                    _eager_stance = torch.compiler.set_stance("force_eager")
-            yield
-        finally:
-            settle()
-    finally:
-        settle()  # again: an interrupt on the first line of the finally skipped it
-        if interrupts:
-            raise interrupts[0]
+    yield from settled(enter, leave)

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from fastattr._settle import settled
+
 
 def module_of(forward_func: object) -> nn.Module | None:
     """The module behind ``forward_func``: the module itself, or the owner of a bound method
@@ -138,6 +140,21 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
     grad_enabled = torch.is_grad_enabled()
     call = object()
 
+    def hold() -> None:
+        with _held_lock:
+            for module in {id(m): m for model in models for m in model.modules()}.values():
+                if not module.training:
+                    continue
+                for name, buffer in module._buffers.items():
+                    if buffer is None:
+                        continue
+                    held = _held.get((id(module), name))
+                    if held is None:  # one store: an interrupt leaves no call-less entry
+                        saved = buffer.detach().clone()
+                        _held[id(module), name] = ({call}, module, buffer, saved)
+                    else:
+                        held[0].add(call)
+
     def release() -> None:
         # Idempotent (run again after an interrupt): finds this call's holds by its token, and
         # lets a hold go only once its buffer is restored.
@@ -154,43 +171,13 @@ def kept_buffers(forward_func: object) -> Iterator[None]:
                     del _held[key]
                 calls.discard(call)
 
-    interrupts: list[KeyboardInterrupt] = []
-
     def settle() -> None:
-        # Idempotent: this call's holds released and the lock let go of, through interrupts
-        # (kept, raised at the end); grad mode back.
-        while True:
-            try:
-                release()
-                # (RLock._is_owned, private: what the standard library's Condition uses.)
-                while _held_lock._is_owned():  # type: ignore[attr-defined]
-                    _held_lock.release()
-            except KeyboardInterrupt as error:  # release again, to its end
-                interrupts.append(error)
-            else:
-                break
+        # Idempotent: this call's holds released, the lock let go of (an interrupt can leave
+        # it held, see _held_lock), grad mode back.
+        release()
+        # (RLock._is_owned, private: what the standard library's Condition uses.)
+        while _held_lock._is_owned():  # type: ignore[attr-defined]
+            _held_lock.release()
         torch._C._set_grad_enabled(grad_enabled)
 
-    try:
-        try:
-            with _held_lock:
-                for module in {id(m): m for model in models for m in model.modules()}.values():
-                    if not module.training:
-                        continue
-                    for name, buffer in module._buffers.items():
-                        if buffer is None:
-                            continue
-                        held = _held.get((id(module), name))
-                        if held is None:  # one store: an interrupt leaves no call-less entry
-                            saved = buffer.detach().clone()
-                            _held[id(module), name] = ({call}, module, buffer, saved)
-                        else:
-                            held[0].add(call)
-            yield
-        finally:
-            settle()
-    finally:
-        # Again: an interrupt on the line that calls the first (before it began) skipped it.
-        settle()
-        if interrupts:
-            raise interrupts[0]
+    yield from settled(hold, settle)

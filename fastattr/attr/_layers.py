@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fastattr._compiled import compiled_code_runs_eagerly
 from fastattr._model_state import module_of
+from fastattr._settle import settled
 
 # A layer's input or output: its tensors, with None where it takes or returns None (attention
 # weights not asked for, an optional argument left out).
@@ -115,6 +116,13 @@ def _hooks(
 
     installed = [(layer, made(index)) for index, layer in enumerate(layers)]
 
+    def add() -> None:
+        for layer, function in installed:
+            if on_input:
+                layer.register_forward_pre_hook(function)
+            else:
+                layer.register_forward_hook(function)
+
     def remove() -> None:
         # By identity rather than by handle: an interrupt inside a registration would lose
         # the handle of a hook that is in place already. (The dicts are torch's private
@@ -126,35 +134,9 @@ def _hooks(
                 if value is function:
                     registry.pop(key, None)
 
-    interrupts: list[KeyboardInterrupt] = []
-
-    def settle() -> None:
-        while True:
-            try:
-                remove()
-            except KeyboardInterrupt as error:  # remove again, to the end
-                interrupts.append(error)
-            else:
-                break
-
-    try:
-        try:
-            for layer, function in installed:
-                if on_input:
-                    layer.register_forward_pre_hook(function)
-                else:
-                    layer.register_forward_hook(function)
-            # Compiled code would skip hooks added after it was compiled.
-            with compiled_code_runs_eagerly():
-                yield
-        finally:
-            settle()
-    finally:
-        # Again (removing is idempotent): an interrupt on the line that calls the first, or as
-        # it is entered, skipped it.
-        settle()
-        if interrupts:
-            raise interrupts[0]
+    # Compiled code would skip hooks added after it was compiled.
+    with compiled_code_runs_eagerly():
+        yield from settled(add, remove)
 
 
 def _check_all_called(seen: Sequence[Any], layers: Sequence[nn.Module], name: str) -> None:
