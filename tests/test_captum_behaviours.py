@@ -4,7 +4,9 @@ are not batched, models that couple the examples of a batch, several threads, in
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import sys
 import threading
 import warnings
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 import fastattr
 from fastattr import _model_state
+from fastattr._settle import settled
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -573,11 +576,11 @@ def test_an_interrupt_anywhere_leaves_the_model_as_found(name):
 
 class LineInterrupt:
     """A tracer that raises KeyboardInterrupt at the ``at``-th line run in a file whose path
-    ends with ``file`` (None: only counts them). Finer than Interrupt: CPython traces the line
-    of a with statement again before its __exit__ runs, and a finally's first lines before any
-    try inside it."""
+    ends with ``file`` (or one of them; None: only counts them). Finer than Interrupt: CPython
+    traces the line of a with statement again before its __exit__ runs, and a finally's first
+    lines before any try inside it."""
 
-    def __init__(self, file: str, at: int | None) -> None:
+    def __init__(self, file: str | tuple[str, ...], at: int | None) -> None:
         self.file, self.at, self.lines = file, at, 0
 
     def __call__(self, frame, event, arg):
@@ -611,7 +614,7 @@ def in_a_thread(call, tracer=None) -> list:
     return out
 
 
-def interrupt_every_line(file: str, call) -> Iterator[int]:
+def interrupt_every_line(file: str | tuple[str, ...], call) -> Iterator[int]:
     """Runs ``call`` once per line it runs in ``file``, interrupted there, yielding the line's
     number after each."""
     counter = LineInterrupt(file, None)
@@ -620,6 +623,48 @@ def interrupt_every_line(file: str, call) -> Iterator[int]:
     for at in range(counter.lines):
         in_a_thread(call, LineInterrupt(file, at))
         yield at
+
+
+# The helper the eager stance, the kept buffers and the layer hooks settle back through: the
+# tests of each interrupt its lines too.
+SETTLE = "_settle.py"
+
+
+@pytest.mark.parametrize("body", ["returns", "raises"])
+def test_an_interrupt_at_any_line_of_settled_still_settles_and_is_raised(body):
+    # An interrupt on the first line of a finally skips that finally: settled() settles again
+    # in the finally around it. Without that second settle the state was left set up.
+    held: list[str] = []
+
+    @contextlib.contextmanager
+    def holding() -> Iterator[None]:
+        yield from settled(lambda: held.append("held"), held.clear)
+
+    def call() -> None:
+        with holding():
+            assert held == ["held"]
+            if body == "raises":
+                raise ValueError("the block's own error")
+
+    interrupted = 0
+    for at in itertools.count():
+        tracer = LineInterrupt(SETTLE, at)
+        sys.settrace(tracer)
+        try:
+            call()
+        except (KeyboardInterrupt, ValueError) as error:
+            raised: type[BaseException] | None = type(error)
+        else:
+            raised = None
+        finally:
+            sys.settrace(None)
+        assert held == [], at
+        if tracer.lines <= at:  # ran through without the interrupt
+            assert raised is (ValueError if body == "raises" else None)
+            break
+        assert raised is KeyboardInterrupt, at  # never lost, nor replaced
+        interrupted += 1
+    assert interrupted > 10
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -634,7 +679,7 @@ def test_an_interrupt_at_any_line_of_the_eager_stance_leaves_it_and_its_lock():
     method = fastattr.LayerIntegratedGradients(model, model[2])
     expected = method.attribute(x, target=1, n_steps=3)
     call = functools.partial(method.attribute, x, target=1, n_steps=3)
-    for at in interrupt_every_line("_compiled.py", call):
+    for at in interrupt_every_line(("_compiled.py", SETTLE), call):
         assert torch._dynamo.eval_frame._stance.stance == "default", at
         assert compiled._eager_calls == 0 and compiled._eager_stance is None, at
         done = in_a_thread(call)  # the lock is free
@@ -650,7 +695,8 @@ def test_an_interrupt_at_any_line_keeping_the_buffers_leaves_them_and_the_lock()
     method = fastattr.IntegratedGradients(model)
     expected = method.attribute(x, target=1, n_steps=3)
     state = snapshot(model)
-    for at in interrupt_every_line("_model_state.py", lambda: method.attribute(x, target=1)):
+    call = functools.partial(method.attribute, x, target=1)
+    for at in interrupt_every_line(("_model_state.py", SETTLE), call):
         assert_as_found(model, state)
         assert torch.is_grad_enabled(), at
         # The lock is free: a call in another thread gets through.
@@ -669,7 +715,7 @@ def test_an_interrupt_at_any_line_of_the_layer_hooks_leaves_none(name):
     expected = method.attribute(x, n_steps=3, **kwargs)
     state = snapshot(model)
     call = functools.partial(method.attribute, x, n_steps=3, **kwargs)
-    for at in interrupt_every_line("_layers.py", call):
+    for at in interrupt_every_line(("_layers.py", SETTLE), call):
         assert_as_found(model, state)
         assert torch.is_grad_enabled(), at
     torch.testing.assert_close(method.attribute(x, n_steps=3, **kwargs), expected, rtol=0, atol=0)
