@@ -526,6 +526,8 @@ class TrainModeAttention(nn.Module):
 _CLEANUP = {"run", "_forward", "_remove", "forget", "_propagate", "_backward", "kept_buffers"}
 # The module hooks' __call__ turns torch functions off around each rule.
 _CLEANUP |= {"release", "under_op_rules", "__call__"}
+# kept_buffers' holds, taken and settled through _settle.settled.
+_CLEANUP |= {"hold", "settle", "settled", "through"}
 
 
 @pytest.mark.parametrize("method", ["lrp", "layer", "attention"])
