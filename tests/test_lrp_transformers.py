@@ -1162,3 +1162,28 @@ def test_the_benchmark_s_lxt_contender_agrees_and_undoes_its_patches(family: str
             embeds, target=target[0], additional_forward_args=(mask,)
         )
     assert _relative(ours, relevance) < PARITY
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("family", "attn"), CASES)
+def test_cuda_matches_cpu(family: str, attn: str) -> None:
+    """AttnLRP's nodes on a GPU (the uniform matrix and element-wise products, the linear
+    layers' rows, the softmax and layer-norm kernels) give the CPU's relevance, also per
+    block."""
+    model = Logits(_build(family, attn), _position(family))
+    inputs, mask, target = _inputs(family)
+    blocks = [model.model.get_submodule(BLOCKS[family][0].format(i)) for i in range(2)]
+
+    def relevance(device: str) -> list[torch.Tensor]:
+        model.to(device)
+        args = None if mask is None else (mask.to(device),)
+        x = inputs.to(device)
+        found = LayerLRP(model, blocks, ATTN).attribute(
+            x, target=target, additional_forward_args=args
+        )
+        found.append(LRP(model, ATTN).attribute(x, target=target, additional_forward_args=args))
+        return [t.cpu() for r in found for t in (r if isinstance(r, tuple) else (r,))]
+
+    on_cpu = relevance("cpu")
+    for on_cuda, expected in zip(relevance("cuda"), on_cpu):
+        torch.testing.assert_close(on_cuda, expected, rtol=1e-9, atol=1e-12)
