@@ -17,8 +17,10 @@ the data flow the call shows. Without a canonizer, LRP's numbers are captum's.
 - [ResNetCanonizer][fastattr.canonizers.ResNetCanonizer]: ``MergeBatchNorm``, and the epsilon
   rule on the residual sum of torchvision's ``BasicBlock`` and ``Bottleneck``, as zennit's
   ``ResNetCanonizer``.
-- [EpsilonPlusFlat][fastattr.canonizers.EpsilonPlusFlat],
+- [EpsilonPlus][fastattr.canonizers.EpsilonPlus],
+  [EpsilonPlusFlat][fastattr.canonizers.EpsilonPlusFlat],
   [EpsilonAlpha2Beta1][fastattr.canonizers.EpsilonAlpha2Beta1],
+  [EpsilonAlpha2Beta1Flat][fastattr.canonizers.EpsilonAlpha2Beta1Flat],
   [EpsilonGammaBox][fastattr.canonizers.EpsilonGammaBox]: zennit's composites of the same
   names, rules by module type and for the first layer.
 - [AttnLRP][fastattr.canonizers.AttnLRP]: the rules of AttnLRP for transformers (layer norm,
@@ -502,7 +504,39 @@ class Composite(Canonizer):
         return f"{type(self).__name__}(epsilon={self.epsilon}, stabilizer={self.stabilizer})"
 
 
-class EpsilonPlusFlat(Composite):
+class EpsilonPlus(Composite):
+    """zennit's ``EpsilonPlus``: [ZPlusRule][fastattr.ZPlusRule] on convolutions, epsilon on
+    ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
+
+    Args:
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
+        stabilizer: The stabilizer of every other rule.
+
+    Raises:
+        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import EpsilonPlus
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> LRP(model, canonizers=[EpsilonPlus()]).attribute(
+        ...     torch.randn(2, 3, 4, 4), target=1).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def convolution_rule(self) -> PropagationRule:
+        """[ZPlusRule][fastattr.ZPlusRule].
+
+        Returns:
+            The rule.
+        """
+        return ZPlusRule(self.stabilizer)
+
+
+class EpsilonPlusFlat(EpsilonPlus):
     """zennit's ``EpsilonPlusFlat``: [FlatRule][fastattr.FlatRule] on the first linear layer
     or convolution, [ZPlusRule][fastattr.ZPlusRule] on other convolutions, epsilon on
     ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
@@ -528,14 +562,6 @@ class EpsilonPlusFlat(Composite):
     """
 
     first_types = (nn.Linear, *_CONVOLUTIONS)
-
-    def convolution_rule(self) -> PropagationRule:
-        """[ZPlusRule][fastattr.ZPlusRule].
-
-        Returns:
-            The rule.
-        """
-        return ZPlusRule(self.stabilizer)
 
     def first_rule(self) -> PropagationRule | None:
         """[FlatRule][fastattr.FlatRule].
@@ -576,6 +602,42 @@ class EpsilonAlpha2Beta1(Composite):
             The rule.
         """
         return AlphaBetaRule(2.0, 1.0, self.stabilizer)
+
+
+class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
+    """zennit's ``EpsilonAlpha2Beta1Flat``: [FlatRule][fastattr.FlatRule] on the first linear
+    layer or convolution, [AlphaBetaRule(2, 1)][fastattr.AlphaBetaRule] on other
+    convolutions, epsilon on ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
+
+    Args:
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
+        stabilizer: The stabilizer of every other rule.
+
+    Raises:
+        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP
+        >>> from fastattr.canonizers import EpsilonAlpha2Beta1Flat
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
+        ...                       nn.Flatten(), nn.Linear(16, 2))
+        >>> LRP(model, canonizers=[EpsilonAlpha2Beta1Flat()]).attribute(
+        ...     torch.randn(2, 3, 4, 4), target=1).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    first_types = (nn.Linear, *_CONVOLUTIONS)
+
+    def first_rule(self) -> PropagationRule | None:
+        """[FlatRule][fastattr.FlatRule].
+
+        Returns:
+            The rule.
+        """
+        return FlatRule(self.stabilizer)
 
 
 class EpsilonGammaBox(Composite):
@@ -650,7 +712,9 @@ __all__ = [
     "Canonizer",
     "Composite",
     "EpsilonAlpha2Beta1",
+    "EpsilonAlpha2Beta1Flat",
     "EpsilonGammaBox",
+    "EpsilonPlus",
     "EpsilonPlusFlat",
     "EpsilonSum",
     "MergeBatchNorm",

@@ -22,7 +22,9 @@ from fastattr import LRP, GammaRule, IdentityRule, LayerLRP
 from fastattr.canonizers import (
     Canonizer,
     EpsilonAlpha2Beta1,
+    EpsilonAlpha2Beta1Flat,
     EpsilonGammaBox,
+    EpsilonPlus,
     EpsilonPlusFlat,
     EpsilonSum,
     MergeBatchNorm,
@@ -304,6 +306,17 @@ COMPOSITES = [
         lambda: EpsilonGammaBox(0.0, 1.0),
         lambda **kw: zc.EpsilonGammaBox(torch.tensor(0.0), torch.tensor(1.0), **kw),
     ),
+    ("EpsilonPlus", lambda: EpsilonPlus(), lambda **kw: zc.EpsilonPlus(**kw)),
+    (
+        "EpsilonAlpha2Beta1Flat",
+        lambda: EpsilonAlpha2Beta1Flat(),
+        lambda **kw: zc.EpsilonAlpha2Beta1Flat(**kw),
+    ),
+    (
+        "EpsilonAlpha2Beta1Flat(arguments)",
+        lambda: EpsilonAlpha2Beta1Flat(epsilon=1e-3, stabilizer=1e-4),
+        lambda **kw: zc.EpsilonAlpha2Beta1Flat(epsilon=1e-3, stabilizer=1e-4, **kw),
+    ),
     (
         "EpsilonGammaBox(arguments)",
         lambda: EpsilonGammaBox(-1.0, 2.0, epsilon=1e-3, gamma=0.5, stabilizer=1e-4),
@@ -389,7 +402,11 @@ def _vgg_bn() -> nn.Sequential:
     )
 
 
-@pytest.mark.parametrize("case", COMPOSITES[:3], ids=[case[0] for case in COMPOSITES[:3]])
+# Each composite with its defaults.
+DEFAULTS = [case for case in COMPOSITES if not case[0].endswith("(arguments)")]
+
+
+@pytest.mark.parametrize("case", DEFAULTS, ids=[case[0] for case in DEFAULTS])
 def test_composites_with_merged_batch_norms_match_zennit_in_either_order(case) -> None:
     _, ours, theirs = case
     torch.manual_seed(0)
@@ -418,7 +435,11 @@ def test_composites_with_merged_batch_norms_match_zennit_in_either_order(case) -
     assert not any(hasattr(m, "rule") for m in model.modules())
 
 
-@pytest.mark.parametrize("case", [COMPOSITES[0], COMPOSITES[2]], ids=lambda case: case[0])
+@pytest.mark.parametrize(
+    "case",
+    [case for case in COMPOSITES if case[0] in ("EpsilonPlusFlat", "EpsilonGammaBox")],
+    ids=lambda case: case[0],
+)
 def test_composites_on_resnet18_match_zennits_with_its_resnet_canonizer(case) -> None:
     _, ours, theirs = case
     torch.manual_seed(0)
