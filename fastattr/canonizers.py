@@ -186,6 +186,10 @@ class _MergedBatchNormRule(PropagationRule):
     def __init__(self, own: PropagationRule) -> None:
         self.own = own
 
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        # The batch norm's own rule runs wherever it does not merge.
+        return self.own.unsupported_reason(module)
+
     def _producer(self, relevance: Relevance, module: nn.Module, x: object):
         found = relevance.rule_output(x)
         if (
@@ -404,6 +408,13 @@ _CONVOLUTIONS = tuple(
 _AVERAGE_POOLS = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)
 
 
+def _replacing(rule: PropagationRule | None, new: PropagationRule) -> PropagationRule:
+    """``new`` in place of ``rule``; merged into the linear module before it where ``rule`` is
+    a batch norm's merging rule (a composite after the merge keeps the merge, as it would
+    were the merge after it)."""
+    return _MergedBatchNormRule(new) if isinstance(rule, _MergedBatchNormRule) else new
+
+
 class Composite(Canonizer):
     """Rules by module type and position, as zennit's composites assign them: the first module
     of ``first_types`` (in ``model.modules()``'s order, as zennit counts) gets
@@ -494,10 +505,7 @@ class Composite(Canonizer):
         if isinstance(module, _AVERAGE_POOLS):
             return self._pool
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            # Merged by a canonizer before this one, it stays merged (as it would were the
-            # merge after): passing relevance through is what it does when not merged.
-            merged = isinstance(rule, _MergedBatchNormRule)
-            return _MergedBatchNormRule(PassRule()) if merged else PassRule()
+            return _replacing(rule, PassRule())
         return rule
 
     def __repr__(self) -> str:
@@ -707,6 +715,245 @@ class EpsilonGammaBox(Composite):
         )
 
 
+# User-built composites: rules from lists of (module types, rule) or (module names, rule).
+
+LayerMap = Sequence[tuple[type | tuple[type, ...], PropagationRule]]
+NameMap = Sequence[tuple[str | Sequence[str], PropagationRule]]
+
+
+def _checked_rule(rule: object, where: str) -> PropagationRule:
+    if not isinstance(rule, PropagationRule):
+        raise TypeError(f"{where} must pair with a rule (a PropagationRule), got {rule!r}")
+    return rule
+
+
+def _type_map(layer_map: object, name: str) -> tuple[tuple[tuple[type, ...], PropagationRule], ...]:
+    """``layer_map`` as ``((types, rule), ...)``, checked."""
+    if isinstance(layer_map, (str, bytes)) or not isinstance(layer_map, Sequence):
+        raise TypeError(f"{name} must be a list of (module types, rule) pairs, got {layer_map!r}")
+    checked = []
+    for index, entry in enumerate(layer_map):
+        where = f"{name}[{index}]"
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            raise TypeError(f"{where} must be a (module types, rule) pair, got {entry!r}")
+        kinds, rule = entry
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not kinds or not all(isinstance(kind, type) for kind in kinds):
+            raise TypeError(f"{where} must name module types (a class or a tuple of classes)")
+        checked.append((kinds, _checked_rule(rule, f"{where}'s types")))
+    return tuple(checked)
+
+
+def _match(layer_map: tuple, module: nn.Module) -> PropagationRule | None:
+    return next((rule for kinds, rule in layer_map if isinstance(module, kinds)), None)
+
+
+class LayerMapComposite(Canonizer):
+    """Rules by module type from a list, as zennit's ``LayerMapComposite``: a module gets the
+    rule of the first ``(types, rule)`` pair whose types it is an instance of, in place of its
+    own; a module that no pair names keeps its rule. As with the built-in composites, batch
+    norms that [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm] merges stay merged.
+
+    The rules apply to the modules that carry one: those without submodules, and those with a
+    rule set on them (a type that names a container without a rule of its own does nothing).
+    zennit's ``layer_map=`` argument of its built-in composites reads as a ``LayerMapComposite``
+    after the composite in ``canonizers`` (later canonizers override earlier ones), which
+    overrides the composite's first layer too; zennit's ``NameLayerMapComposite`` as a
+    ``LayerMapComposite`` followed by a [NameMapComposite][fastattr.canonizers.NameMapComposite].
+
+    Args:
+        layer_map: ``(types, rule)`` pairs: a module class or a tuple of them, and a rule.
+
+    Raises:
+        TypeError: ``layer_map`` is not a list of such pairs.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, EpsilonRule, ZPlusRule
+        >>> from fastattr.canonizers import LayerMapComposite
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> composite = LayerMapComposite([(nn.Conv2d, ZPlusRule()), (nn.Linear, EpsilonRule(0.1))])
+        >>> LRP(model, canonizers=[composite]).attribute(torch.randn(2, 3, 4, 4), target=1).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def __init__(self, layer_map: LayerMap) -> None:
+        self.layer_map = _type_map(layer_map, "layer_map")
+
+    def module_rule(
+        self, module: nn.Module, rule: PropagationRule | None
+    ) -> PropagationRule | None:
+        """The rule of the first pair that names ``module``'s type, else ``rule``.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use.
+        """
+        found = _match(self.layer_map, module)
+        return rule if found is None else _replacing(rule, found)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.layer_map)} pairs)"
+
+
+class SpecialFirstLayerMapComposite(LayerMapComposite):
+    """A [LayerMapComposite][fastattr.canonizers.LayerMapComposite] with a rule of its own for
+    the first layer, as zennit's ``SpecialFirstLayerMapComposite``: the first module (in
+    ``model.modules()``'s order, as zennit counts) that a pair of ``first_map`` names gets
+    that pair's rule; every other module, ``layer_map``'s.
+
+    Args:
+        layer_map: ``(types, rule)`` pairs for every module but the first layer.
+        first_map: ``(types, rule)`` pairs for the first layer.
+
+    Raises:
+        TypeError: ``layer_map`` or ``first_map`` is not a list of such pairs.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, AlphaBetaRule, EpsilonRule, ZBoxRule
+        >>> from fastattr.canonizers import SpecialFirstLayerMapComposite
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
+        ...                       nn.Flatten(), nn.Linear(16, 2))
+        >>> composite = SpecialFirstLayerMapComposite(
+        ...     [(nn.Conv2d, AlphaBetaRule(2, 1)), (nn.Linear, EpsilonRule(1e-6))],
+        ...     [(nn.Conv2d, ZBoxRule(0.0, 1.0))])
+        >>> LRP(model, canonizers=[composite]).attribute(torch.rand(2, 3, 4, 4), target=1).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def __init__(self, layer_map: LayerMap, first_map: LayerMap) -> None:
+        super().__init__(layer_map)
+        self.first_map = _type_map(first_map, "first_map")
+        self._first: tuple[nn.Module, PropagationRule] | None = None
+
+    def for_model(self, model: nn.Module) -> Canonizer:
+        """The composite with ``model``'s first layer found.
+
+        Args:
+            model: The model LRP runs.
+
+        Returns:
+            A copy that knows the first layer and its rule.
+        """
+        bound = copy.copy(self)
+        matches = ((module, _match(self.first_map, module)) for module in model.modules())
+        bound._first = next(((m, rule) for m, rule in matches if rule is not None), None)
+        return bound
+
+    def module_rule(
+        self, module: nn.Module, rule: PropagationRule | None
+    ) -> PropagationRule | None:
+        """``first_map``'s rule for the first layer, else ``layer_map``'s, else ``rule``.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use.
+        """
+        if self._first is not None and module is self._first[0]:
+            return _replacing(rule, self._first[1])
+        return super().module_rule(module, rule)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self.layer_map)} pairs, first: "
+            f"{len(self.first_map)} pairs)"
+        )
+
+
+class NameMapComposite(Canonizer):
+    """Rules by module name, as zennit's ``NameMapComposite``: the module of each name (as
+    ``model.named_modules()`` names them) gets the rule of the first ``(names, rule)`` pair
+    that lists it, in place of its own. The names must name modules of the model, modules
+    that carry a rule (see [LayerMapComposite][fastattr.canonizers.LayerMapComposite]).
+
+    Args:
+        name_map: ``(names, rule)`` pairs: a name or a tuple of names, and a rule.
+
+    Raises:
+        TypeError: ``name_map`` is not a list of such pairs.
+        ValueError: (at ``attribute()``) a name names no module of the model.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from fastattr import LRP, FlatRule
+        >>> from fastattr.canonizers import NameMapComposite
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> composite = NameMapComposite([("0", FlatRule())])
+        >>> LRP(model, canonizers=[composite]).attribute(torch.randn(5, 4), target=1).shape
+        torch.Size([5, 4])
+    """
+
+    def __init__(self, name_map: NameMap) -> None:
+        if isinstance(name_map, (str, bytes)) or not isinstance(name_map, Sequence):
+            raise TypeError(f"name_map must be a list of (names, rule) pairs, got {name_map!r}")
+        checked = []
+        for index, entry in enumerate(name_map):
+            where = f"name_map[{index}]"
+            if not isinstance(entry, tuple) or len(entry) != 2:
+                raise TypeError(f"{where} must be a (names, rule) pair, got {entry!r}")
+            names, rule = entry
+            names = (names,) if isinstance(names, str) else tuple(names)
+            if not all(isinstance(name, str) for name in names):
+                raise TypeError(f"{where} must name modules by strings, got {names!r}")
+            checked.append((names, _checked_rule(rule, f"{where}'s names")))
+        self.name_map = tuple(checked)
+        self._rules: dict[int, PropagationRule] = {}
+
+    def for_model(self, model: nn.Module) -> Canonizer:
+        """The composite with the named modules of ``model`` found.
+
+        Args:
+            model: The model LRP runs.
+
+        Returns:
+            A copy that knows each named module's rule.
+
+        Raises:
+            ValueError: A name names no module of the model.
+        """
+        modules = dict(model.named_modules())
+        unknown = [n for names, _ in self.name_map for n in names if n not in modules]
+        if unknown:
+            raise ValueError(
+                f"NameMapComposite: no module of the model is named {', '.join(map(repr, unknown))}"
+                " (names as model.named_modules() gives them)"
+            )
+        bound = copy.copy(self)
+        bound._rules = {}
+        for names, rule in self.name_map:
+            for name in names:
+                bound._rules.setdefault(id(modules[name]), rule)
+        return bound
+
+    def module_rule(
+        self, module: nn.Module, rule: PropagationRule | None
+    ) -> PropagationRule | None:
+        """The rule of the first pair that lists ``module``'s name, else ``rule``.
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule it has without this canonizer.
+
+        Returns:
+            The rule to use.
+        """
+        found = self._rules.get(id(module))
+        return rule if found is None else _replacing(rule, found)
+
+    def __repr__(self) -> str:
+        return f"NameMapComposite({len(self.name_map)} pairs)"
+
+
 __all__ = [
     "AttnLRP",
     "Canonizer",
@@ -717,6 +964,9 @@ __all__ = [
     "EpsilonPlus",
     "EpsilonPlusFlat",
     "EpsilonSum",
+    "LayerMapComposite",
     "MergeBatchNorm",
+    "NameMapComposite",
     "ResNetCanonizer",
+    "SpecialFirstLayerMapComposite",
 ]

@@ -9,16 +9,28 @@ import copy
 import pytest
 import torch
 import zennit.composites as zc
+import zennit.rules as zr
 from torch import nn
 from torchvision.models import resnet18, resnet50, vgg11_bn
 from zennit.canonizers import SequentialMergeBatchNorm
-from zennit.composites import LayerMapComposite
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm, Pass
 from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
 from zennit.types import Activation
+from zennit.types import Linear as ZennitLinear
 
-from fastattr import LRP, GammaRule, IdentityRule, LayerLRP
+from fastattr import (
+    LRP,
+    AlphaBetaRule,
+    EpsilonRule,
+    FlatRule,
+    GammaRule,
+    GeneralizedGammaRule,
+    IdentityRule,
+    LayerLRP,
+    ZBoxRule,
+    ZPlusRule,
+)
 from fastattr.canonizers import (
     Canonizer,
     EpsilonAlpha2Beta1,
@@ -27,8 +39,11 @@ from fastattr.canonizers import (
     EpsilonPlus,
     EpsilonPlusFlat,
     EpsilonSum,
+    LayerMapComposite,
     MergeBatchNorm,
+    NameMapComposite,
     ResNetCanonizer,
+    SpecialFirstLayerMapComposite,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -51,7 +66,7 @@ def _zennit(model: nn.Module, x: torch.Tensor, target: int, canonizers: list) ->
     layer_map = [(Activation, Pass()), (nn.Dropout, Pass()), (linear, Epsilon(1e-9))]
     layer_map.append((nn.BatchNorm2d, Pass() if canonizers else Epsilon(1e-9)))
     layer_map.append((shares, Norm(1e-9)))
-    composite = LayerMapComposite(layer_map, canonizers=canonizers)
+    composite = zc.LayerMapComposite(layer_map, canonizers=canonizers)
     x = x.clone().requires_grad_()
     with composite.context(model) as modified:
         output = modified(x)
@@ -293,6 +308,30 @@ def _zennit_relevance(
             handle.remove()
 
 
+_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+def _type_map() -> list:
+    """A user's map: alpha-beta on convolutions, epsilon 1e-3 on linear layers, average
+    pooling's ratio, batch norms passed through."""
+    return [
+        (nn.Conv2d, AlphaBetaRule(2, 1)),
+        (nn.Linear, EpsilonRule(1e-3)),
+        (_POOLS, EpsilonRule(1e-6)),
+        (nn.BatchNorm2d, IdentityRule()),
+    ]
+
+
+def _zennit_type_map() -> list:
+    return [
+        (Activation, Pass()),
+        (nn.Conv2d, zr.AlphaBeta(2.0, 1.0)),
+        (nn.Linear, Epsilon(1e-3)),
+        (_POOLS, Norm(1e-6)),
+        (nn.BatchNorm2d, Pass()),
+    ]
+
+
 # zennit's side takes its composite's keyword arguments (canonizers, layer_map).
 COMPOSITES = [
     ("EpsilonPlusFlat", lambda: EpsilonPlusFlat(), lambda **kw: zc.EpsilonPlusFlat(**kw)),
@@ -316,6 +355,18 @@ COMPOSITES = [
         "EpsilonAlpha2Beta1Flat(arguments)",
         lambda: EpsilonAlpha2Beta1Flat(epsilon=1e-3, stabilizer=1e-4),
         lambda **kw: zc.EpsilonAlpha2Beta1Flat(epsilon=1e-3, stabilizer=1e-4, **kw),
+    ),
+    (
+        "LayerMapComposite",
+        lambda: LayerMapComposite(_type_map()),
+        lambda **kw: zc.LayerMapComposite(_zennit_type_map(), **kw),
+    ),
+    (
+        "SpecialFirstLayerMapComposite",
+        lambda: SpecialFirstLayerMapComposite(_type_map(), [((nn.Linear, nn.Conv2d), FlatRule())]),
+        lambda **kw: zc.SpecialFirstLayerMapComposite(
+            _zennit_type_map(), [(ZennitLinear, zr.Flat())], **kw
+        ),
     ),
     (
         "EpsilonGammaBox(arguments)",
@@ -344,6 +395,63 @@ def test_composites_match_zennit(case) -> None:
         _close(layer.attribute(x, target=1, attribute_to_layer_input=True), expected)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert not any(hasattr(m, "rule") for m in model.modules())
+
+
+def test_name_maps_and_layer_maps_after_a_composite_match_zennit() -> None:
+    # zennit's NameLayerMapComposite is a LayerMapComposite, then a NameMapComposite; its
+    # composites' layer_map argument, a LayerMapComposite after the composite.
+    torch.manual_seed(0)
+    conv = _random_statistics(_CompositeNet().to(F64).eval())
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(F64).eval()
+    conv_names = [
+        ("features.0", ZBoxRule(0.0, 1.0), zr.ZBox(torch.tensor(0.0), torch.tensor(1.0))),
+        (("features.3",), GeneralizedGammaRule(0.5), zr.Gamma(0.5)),
+        (("head.1", "head.3"), ZPlusRule(1e-4), zr.ZPlus(1e-4)),
+    ]
+    mlp_names = [(("0",), FlatRule(), zr.Flat()), (("2",), EpsilonRule(0.1), Epsilon(0.1))]
+    for model, x, names in [
+        (conv, torch.rand(2, 3, 8, 8, dtype=F64), conv_names),
+        (mlp, torch.rand(3, 6, dtype=F64), mlp_names),
+    ]:
+        theirs = zc.NameLayerMapComposite(
+            name_map=[((n,) if isinstance(n, str) else n, rule) for n, _, rule in names],
+            layer_map=_zennit_type_map(),
+        )
+        ours = [LayerMapComposite(_type_map()), NameMapComposite([n[:2] for n in names])]
+        _close(
+            LRP(model, canonizers=ours).attribute(x, target=1),
+            _zennit_composite(model, x, 1, theirs),
+        )
+        pooled = zc.EpsilonPlusFlat(layer_map=[(_POOLS, Norm(1e-2))])
+        ours = [EpsilonPlusFlat(), LayerMapComposite([(_POOLS, EpsilonRule(1e-2))])]
+        _close(
+            LRP(model, canonizers=ours).attribute(x, target=1),
+            _zennit_composite(model, x, 1, pooled),
+        )
+
+
+def test_user_built_composites_check_their_maps() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval()
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"layer_map\[0\] must be a \(module types, rule\) pair"):
+        LayerMapComposite([nn.Linear])
+    with pytest.raises(TypeError, match=r"layer_map\[0\] must name module types"):
+        LayerMapComposite([("Linear", EpsilonRule())])
+    with pytest.raises(TypeError, match=r"first_map\[0\]'s types must pair with a rule"):
+        SpecialFirstLayerMapComposite([], [(nn.Linear, "flat")])
+    with pytest.raises(TypeError, match="name_map must be a list"):
+        NameMapComposite({"0": FlatRule()})
+    with pytest.raises(ValueError, match=r"no module of the model is named '3', 'fc'"):
+        LRP(
+            model, canonizers=[NameMapComposite([(("0", "3"), FlatRule()), ("fc", FlatRule())])]
+        ).attribute(x, target=0)
+    # A rule a canonizer gives is checked as a rule set on the module is, merged or not.
+    for canonizers in (
+        [LayerMapComposite([(nn.BatchNorm1d, ZPlusRule())])],
+        [MergeBatchNorm(), NameMapComposite([("1", ZPlusRule())])],
+    ):
+        with pytest.raises(TypeError, match=r"model\.1: ZPlusRule runs on nn\.Linear and conv"):
+            LRP(model, canonizers=canonizers).attribute(x, target=0)
 
 
 def test_composites_find_the_first_layer_of_each_model_and_check_their_arguments() -> None:

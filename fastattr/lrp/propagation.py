@@ -212,8 +212,13 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
             return
         else:
             rule = PassRule() if user_rule is not None else default_rule(module)
+        chosen = rule
         for canonizer in canonizers:  # which may give a rule to a module without one
             rule = canonizer.module_rule(module, rule)
+        if rule is not None and rule is not chosen:
+            reason = rule.unsupported_reason(module)
+            if reason is not None:
+                raise TypeError(f"{where}: {reason} (the rule a canonizer gave it)")
         if rule is None:
             # A module without parameters runs as code when op rules take every call (they
             # refuse what they have no rule for).
