@@ -52,6 +52,7 @@ from fastattr.lrp.rules import (
     PropagationRule,
     RatioRule,
     RecomputingRule,
+    Stabilizer,
     ZBoxRule,
     ZPlusRule,
     check_stabilizer,
@@ -426,30 +427,31 @@ class Composite(Canonizer):
     its rule. The model is never changed.
 
     Args:
-        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
-        stabilizer: The stabilizer of every other rule.
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
+            that returns the stabilized denominator, as zennit takes it).
+        stabilizer: The stabilizer of every other rule, likewise.
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
     """
 
     first_types: tuple[type, ...] = ()
 
     def __init__(
-        self, epsilon: float = ZENNIT_STABILIZER, stabilizer: float = ZENNIT_STABILIZER
+        self, epsilon: Stabilizer = ZENNIT_STABILIZER, stabilizer: Stabilizer = ZENNIT_STABILIZER
     ) -> None:
         self._linear = EpsilonRule(epsilon)
         self._pool = EpsilonRule(check_stabilizer(stabilizer))
         self._first: nn.Module | None = None
 
     @property
-    def epsilon(self) -> float:
+    def epsilon(self) -> Stabilizer:
         """The stabilizer of the epsilon rule on ``nn.Linear``."""
         return self._linear.epsilon
 
     @property
-    def stabilizer(self) -> float:
+    def stabilizer(self) -> Stabilizer:
         """The stabilizer of every other rule."""
         return self._pool.epsilon
 
@@ -517,11 +519,12 @@ class EpsilonPlus(Composite):
     ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
 
     Args:
-        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
-        stabilizer: The stabilizer of every other rule.
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
+            that returns the stabilized denominator, as zennit takes it).
+        stabilizer: The stabilizer of every other rule, likewise.
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
 
     Examples:
@@ -550,11 +553,12 @@ class EpsilonPlusFlat(EpsilonPlus):
     ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
 
     Args:
-        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
-        stabilizer: The stabilizer of every other rule.
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
+            that returns the stabilized denominator, as zennit takes it).
+        stabilizer: The stabilizer of every other rule, likewise.
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
 
     Examples:
@@ -585,11 +589,12 @@ class EpsilonAlpha2Beta1(Composite):
     convolutions, epsilon on ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
 
     Args:
-        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
-        stabilizer: The stabilizer of every other rule.
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
+            that returns the stabilized denominator, as zennit takes it).
+        stabilizer: The stabilizer of every other rule, likewise.
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
 
     Examples:
@@ -618,11 +623,12 @@ class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
     convolutions, epsilon on ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
 
     Args:
-        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
-        stabilizer: The stabilizer of every other rule.
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
+            that returns the stabilized denominator, as zennit takes it).
+        stabilizer: The stabilizer of every other rule, likewise.
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is not a real number.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
 
     Examples:
@@ -657,12 +663,14 @@ class EpsilonGammaBox(Composite):
     Args:
         low: The lowest value of each input (a number, or a tensor broadcastable to it).
         high: The highest, likewise.
-        epsilon: The stabilizer of the epsilon rule on ``nn.Linear``.
+        epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
+            that returns the stabilized denominator, as zennit takes it).
         gamma: The gamma of the convolutions' rule.
-        stabilizer: The stabilizer of every other rule.
+        stabilizer: The stabilizer of every other rule, likewise.
 
     Raises:
-        TypeError: an argument is not a real number (``low``, ``high``: nor a floating tensor).
+        TypeError: an argument is not a real number (``low``, ``high``: nor a floating tensor;
+            ``epsilon``, ``stabilizer``: nor a callable).
         ValueError: an argument is not finite, a stabilizer is negative, or ``low`` exceeds
             ``high``.
 
@@ -684,9 +692,9 @@ class EpsilonGammaBox(Composite):
         self,
         low: float | Tensor,
         high: float | Tensor,
-        epsilon: float = ZENNIT_STABILIZER,
+        epsilon: Stabilizer = ZENNIT_STABILIZER,
         gamma: float = 0.25,
-        stabilizer: float = ZENNIT_STABILIZER,
+        stabilizer: Stabilizer = ZENNIT_STABILIZER,
     ) -> None:
         super().__init__(epsilon, stabilizer)
         self._box = ZBoxRule(low, high, stabilizer)

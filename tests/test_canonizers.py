@@ -13,6 +13,7 @@ import zennit.rules as zr
 from torch import nn
 from torchvision.models import resnet18, resnet50, vgg11_bn
 from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.core import Stabilizer
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm, Pass
 from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
@@ -311,6 +312,11 @@ def _zennit_relevance(
 _POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
+def _scaled(z: torch.Tensor) -> torch.Tensor:
+    """A callable stabilizer, as zennit takes them: the stabilized denominator itself."""
+    return 1.25 * z + torch.where(z < 0, -1e-3, 1e-3)
+
+
 def _type_map() -> list:
     """A user's map: alpha-beta on convolutions, epsilon 1e-3 on linear layers, average
     pooling's ratio, batch norms passed through."""
@@ -366,6 +372,13 @@ COMPOSITES = [
         lambda: SpecialFirstLayerMapComposite(_type_map(), [((nn.Linear, nn.Conv2d), FlatRule())]),
         lambda **kw: zc.SpecialFirstLayerMapComposite(
             _zennit_type_map(), [(ZennitLinear, zr.Flat())], **kw
+        ),
+    ),
+    (
+        "EpsilonPlusFlat(callables)",
+        lambda: EpsilonPlusFlat(epsilon=Stabilizer(0.1, norm_scale=True), stabilizer=_scaled),
+        lambda **kw: zc.EpsilonPlusFlat(
+            epsilon=Stabilizer(0.1, norm_scale=True), stabilizer=_scaled, **kw
         ),
     ),
     (
@@ -466,8 +479,10 @@ def test_composites_find_the_first_layer_of_each_model_and_check_their_arguments
         EpsilonGammaBox(1.0, 0.0)
     with pytest.raises(ValueError, match="stabilizer must be non-negative"):
         EpsilonAlpha2Beta1(stabilizer=-1.0)
-    with pytest.raises(TypeError, match="epsilon must be a real number"):
+    with pytest.raises(TypeError, match="epsilon must be a real number or a callable"):
         EpsilonPlusFlat(epsilon="small")
+    with pytest.raises(TypeError, match="stabilizer must be a real number or a callable"):
+        EpsilonGammaBox(0.0, 1.0, stabilizer=None)
 
 
 @pytest.mark.parametrize("case", COMPOSITES, ids=[case[0] for case in COMPOSITES])

@@ -14,6 +14,7 @@ import zennit.rules as zr
 from captum.attr._utils.custom_modules import Addition_Module
 from torch import nn
 from zennit.composites import LayerMapComposite
+from zennit.core import Stabilizer
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm, Pass
 from zennit.types import Activation
@@ -1480,6 +1481,12 @@ def _zennit_rule_nets() -> list:
 # Per-channel bounds: broadcast (fastattr) and with trailing singleton dimensions (zennit).
 _HIGH = torch.tensor([1.0, 2.0, 3.0])
 
+
+def _scaled(z: torch.Tensor) -> torch.Tensor:
+    """A callable stabilizer, as zennit takes them: the stabilized denominator itself."""
+    return 1.25 * z + torch.where(z < 0, -1e-3, 1e-3)
+
+
 ZENNIT_RULES = [
     ("AlphaBeta(2, 1)", lambda: fastattr.AlphaBetaRule(2, 1), lambda: zr.AlphaBeta(2.0, 1.0)),
     (
@@ -1492,6 +1499,30 @@ ZENNIT_RULES = [
     ("Flat", lambda: fastattr.FlatRule(), lambda: zr.Flat()),
     ("WSquare", lambda: fastattr.WSquareRule(1e-4), lambda: zr.WSquare(1e-4)),
     ("ZBox", lambda: fastattr.ZBoxRule(-2.0, 2.0), lambda: zr.ZBox(-2.0, 2.0)),
+    # Callable stabilizers: a function of the user's, zennit's Stabilizer objects.
+    ("Epsilon(callable)", lambda: fastattr.EpsilonRule(_scaled), lambda: zr.Epsilon(_scaled)),
+    (
+        "AlphaBeta(2, 1, norm-scaled)",
+        lambda: fastattr.AlphaBetaRule(2, 1, Stabilizer(0.1, norm_scale=True)),
+        lambda: zr.AlphaBeta(2.0, 1.0, Stabilizer(0.1, norm_scale=True)),
+    ),
+    (
+        "ZPlus(clipped)",
+        lambda: fastattr.ZPlusRule(Stabilizer(1e-2, clip=True)),
+        lambda: zr.ZPlus(Stabilizer(1e-2, clip=True)),
+    ),
+    (
+        "Gamma(0.5, callable)",
+        lambda: fastattr.GeneralizedGammaRule(0.5, _scaled),
+        lambda: zr.Gamma(0.5, _scaled),
+    ),
+    ("Flat(callable)", lambda: fastattr.FlatRule(_scaled), lambda: zr.Flat(_scaled)),
+    ("WSquare(callable)", lambda: fastattr.WSquareRule(_scaled), lambda: zr.WSquare(_scaled)),
+    (
+        "ZBox(callable)",
+        lambda: fastattr.ZBoxRule(-2.0, 2.0, _scaled),
+        lambda: zr.ZBox(-2.0, 2.0, _scaled),
+    ),
     (
         "ZBox per channel",
         lambda: fastattr.ZBoxRule(
@@ -1554,6 +1585,12 @@ def test_zplus_is_alpha1_beta0_on_non_negative_inputs_without_negative_bias() ->
         (lambda: fastattr.ZBoxRule("0", 1.0), TypeError, "low must be a real number"),
         (lambda: fastattr.ZBoxRule(0, torch.ones(2, dtype=torch.long)), TypeError, "floating"),
         (lambda: fastattr.ZBoxRule(0.0, float("inf")), ValueError, "high must be finite"),
+        (lambda: fastattr.ZPlusRule("1e-6"), TypeError, "stabilizer must be a real number or a c"),
+        (
+            lambda: fastattr.EpsilonRule(torch.tensor(1e-6)),
+            TypeError,
+            r"epsilon must be a real number or a callable \(Tensor\) -> Tensor, got Tensor",
+        ),
     ],
 )
 def test_zennit_rules_refuse_bad_arguments(make, error: type, message: str) -> None:
@@ -1567,6 +1604,9 @@ def test_zennit_rules_refuse_modules_without_a_linear_map_and_bounds_of_the_wron
     with pytest.raises(TypeError, match=r"model\.1: AlphaBetaRule runs on nn\.Linear and conv"):
         LRP(model).attribute(torch.randn(2, 4), target=0)
     model[1].rule = None
+    model[0].rule = fastattr.FlatRule(lambda z: z.sum())
+    with pytest.raises(ValueError, match=r"stabilizer must return a tensor of its input's shape"):
+        LRP(model).attribute(torch.randn(2, 4), target=0)
     model[0].rule = fastattr.ZBoxRule(torch.zeros(5), 1.0)
     with pytest.raises(ValueError, match=r"low of shape \[5\] does not broadcast to .* \[2, 4\]"):
         LRP(model).attribute(torch.randn(2, 4), target=0)

@@ -586,14 +586,21 @@ class Relevance:
             return x
         return self._handed(ops.lrp_share_node(x, fraction))
 
-    def ratio(self, z: Tensor, output: Tensor, epsilon: float, copy: bool = False) -> Tensor:
+    def ratio(
+        self,
+        z: Tensor,
+        output: Tensor,
+        epsilon: float | Callable[[Tensor], Tensor],
+        copy: bool = False,
+    ) -> Tensor:
         """``output`` through the node that divides the relevance by ``z + epsilon * sign(z)``
-        and sends it into ``z``'s graph.
+        (or by ``epsilon(z)``, for a callable) and sends it into ``z``'s graph.
 
         Args:
             z: ``output``, or a recomputation of it (modified weights).
             output: The module's (or op's) output.
-            epsilon: The stabilizer, non-negative.
+            epsilon: The stabilizer, non-negative; or a callable that returns the stabilized
+                denominator from ``z``'s values, as zennit's callable stabilizers do.
             copy: The forward may change the output in place (BERT's embeddings add to a
                 sum): hand on a copy where it has done so before (otherwise a view, which
                 autograd keeps from changing; the first write into it stops the forward,
@@ -603,8 +610,11 @@ class Relevance:
             What the model continues with.
 
         Raises:
-            ValueError: ``epsilon`` is negative or not finite.
+            ValueError: ``epsilon`` is negative or not finite, or returns a tensor of another
+                shape than ``z``'s.
         """
+        if callable(epsilon):
+            z, epsilon = self._stabilized(z, epsilon), 0.0
         # Every epsilon reaches the nodes here (a custom rule's too), and the compiled nodes
         # take it unchecked.
         check_epsilon(epsilon)
@@ -628,6 +638,19 @@ class Relevance:
         self._ratios[id(made)] = found
         self._raw[id(output)] = found
         return made
+
+    def _stabilized(self, z: Tensor, stabilizer: Callable[[Tensor], Tensor]) -> Tensor:
+        """A tensor holding ``stabilizer(z)`` whose relevance goes to ``z`` unchanged: the
+        denominator of a ratio with epsilon 0. Like zennit's, the stabilizer sees ``z``'s
+        values, outside the graph."""
+        denominator = stabilizer(z.detach())
+        if not isinstance(denominator, Tensor) or denominator.shape != z.shape:
+            got = list(denominator.shape) if isinstance(denominator, Tensor) else denominator
+            raise ValueError(
+                f"a callable stabilizer must return a tensor of its input's shape "
+                f"{list(z.shape)}, got {got!r} from {stabilizer!r}"
+            )
+        return self._nodes.passing(z, denominator.to(z.dtype))
 
     def linear_output(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         """``output``; for an ``nn.Linear`` on the CPU that reads a sequence (an input of three

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 # captum's stabilizer for the rules that take no epsilon.
 STABILIZER = 1e-9
 
+# How a ratio's denominator ``z`` is stabilized, as zennit takes it: a number, added as
+# ``stabilizer * sign(z)`` (``sign(0) = 1``), or a function of ``z`` that returns the stabilized
+# denominator itself (zennit's ``Stabilizer`` objects, or any ``(Tensor) -> Tensor``).
+Stabilizer = float | Callable[[Tensor], Tensor]
+
 
 class PropagationRule(ABC):
     """How relevance crosses one module (torch-level calls have [OpRule][fastattr.lrp.OpRule]).
@@ -117,8 +122,9 @@ class RatioRule(PropagationRule):
     @abstractmethod
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
-    ) -> tuple[Tensor, float]:
-        """``(z, epsilon)``: the tensor whose graph receives the relevance, and the stabilizer.
+    ) -> tuple[Tensor, Stabilizer]:
+        """``(z, epsilon)``: the tensor whose graph receives the relevance, and the stabilizer
+        (a number, or a callable that returns the stabilized ``z``).
 
         Args:
             module: The module the rule is set on.
@@ -151,10 +157,11 @@ class EpsilonRule(RatioRule):
     The default for linear maps, convolutions, pooling, batch norm and upsampling.
 
     Args:
-        epsilon: The stabilizer, finite and non-negative.
+        epsilon: The stabilizer: finite and non-negative, or, as zennit takes it, a callable
+            that returns the stabilized denominator ``(z: Tensor) -> Tensor``.
 
     Raises:
-        TypeError: ``epsilon`` is not a real number.
+        TypeError: ``epsilon`` is neither a real number nor a callable.
         ValueError: ``epsilon`` is negative or not finite.
 
     Examples:
@@ -167,12 +174,12 @@ class EpsilonRule(RatioRule):
         torch.Size([5, 4])
     """
 
-    def __init__(self, epsilon: float = 1e-9) -> None:
-        self.epsilon = _check_epsilon(epsilon)
+    def __init__(self, epsilon: Stabilizer = 1e-9) -> None:
+        self.epsilon = check_stabilizer(epsilon, "epsilon")
 
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
-    ) -> tuple[Tensor, float]:
+    ) -> tuple[Tensor, Stabilizer]:
         """``(output, epsilon)``.
 
         Args:
@@ -387,11 +394,19 @@ def _check_real(value: object, name: str) -> float:
     return float(value)
 
 
-def check_stabilizer(stabilizer: object) -> float:
-    """``stabilizer`` as a float, checked: a finite, non-negative real number."""
-    value = _check_real(stabilizer, "stabilizer")
+def check_stabilizer(stabilizer: object, name: str = "stabilizer") -> Stabilizer:
+    """``stabilizer`` checked: a finite, non-negative real number (as a float), or a callable,
+    kept as it is."""
+    if callable(stabilizer):
+        return stabilizer
+    if not isinstance(stabilizer, numbers.Real) or isinstance(stabilizer, bool):
+        raise TypeError(
+            f"{name} must be a real number or a callable (Tensor) -> Tensor, got "
+            f"{type(stabilizer).__name__}"
+        )
+    value = _check_real(stabilizer, name)
     if value < 0:
-        raise ValueError(f"stabilizer must be non-negative, got {value}")
+        raise ValueError(f"{name} must be non-negative, got {value}")
     return value
 
 
@@ -418,14 +433,16 @@ class RecomputingRule(PropagationRule):
     ([MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]).
 
     Args:
-        stabilizer: The stabilizer, finite and non-negative; zennit's 1e-6 by default.
+        stabilizer: The stabilizer, finite and non-negative, zennit's 1e-6 by default; or, as
+            zennit takes it, a callable that returns the stabilized denominator ``(z: Tensor)
+            -> Tensor``.
 
     Raises:
-        TypeError: ``stabilizer`` is not a real number.
+        TypeError: ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``stabilizer`` is negative or not finite.
     """
 
-    def __init__(self, stabilizer: float = ZENNIT_STABILIZER) -> None:
+    def __init__(self, stabilizer: Stabilizer = ZENNIT_STABILIZER) -> None:
         self.stabilizer = check_stabilizer(stabilizer)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
@@ -540,10 +557,11 @@ class AlphaBetaRule(_SignSplitRule):
     Args:
         alpha: The weight of the positive contributions, ``1 + beta``.
         beta: The weight of the negative contributions, non-negative.
-        stabilizer: The stabilizer, zennit's 1e-6 by default.
+        stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
+            stabilized denominator (as zennit takes it).
 
     Raises:
-        TypeError: an argument is not a real number.
+        TypeError: an argument is not a real number (``stabilizer``: nor a callable).
         ValueError: an argument is not finite, ``beta`` or ``stabilizer`` is negative, or
             ``alpha - beta`` is not 1.
 
@@ -558,7 +576,7 @@ class AlphaBetaRule(_SignSplitRule):
     """
 
     def __init__(
-        self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = ZENNIT_STABILIZER
+        self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer = ZENNIT_STABILIZER
     ) -> None:
         alpha, beta = _check_real(alpha, "alpha"), _check_real(beta, "beta")
         if beta < 0:
@@ -620,10 +638,11 @@ class ZPlusRule(AlphaBetaRule):
     is non-negative, absent, or zeroed by both, with the same stabilizer.
 
     Args:
-        stabilizer: The stabilizer, zennit's 1e-6 by default.
+        stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
+            stabilized denominator (as zennit takes it).
 
     Raises:
-        TypeError: ``stabilizer`` is not a real number.
+        TypeError: ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``stabilizer`` is negative or not finite.
 
     Examples:
@@ -636,7 +655,7 @@ class ZPlusRule(AlphaBetaRule):
         torch.Size([5, 4])
     """
 
-    def __init__(self, stabilizer: float = ZENNIT_STABILIZER) -> None:
+    def __init__(self, stabilizer: Stabilizer = ZENNIT_STABILIZER) -> None:
         super().__init__(1.0, 0.0, stabilizer)
 
     def __repr__(self) -> str:
@@ -653,10 +672,11 @@ class GeneralizedGammaRule(_SignSplitRule):
 
     Args:
         gamma: How much the contributions of the output's sign are strengthened; finite.
-        stabilizer: The stabilizer, zennit's 1e-6 by default.
+        stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
+            stabilized denominator (as zennit takes it).
 
     Raises:
-        TypeError: an argument is not a real number.
+        TypeError: an argument is not a real number (``stabilizer``: nor a callable).
         ValueError: an argument is not finite, or ``stabilizer`` is negative.
 
     Examples:
@@ -669,7 +689,7 @@ class GeneralizedGammaRule(_SignSplitRule):
         torch.Size([2, 3, 4, 4])
     """
 
-    def __init__(self, gamma: float = 0.25, stabilizer: float = ZENNIT_STABILIZER) -> None:
+    def __init__(self, gamma: float = 0.25, stabilizer: Stabilizer = ZENNIT_STABILIZER) -> None:
         self.gamma = _check_real(gamma, "gamma")
         super().__init__(stabilizer)
 
@@ -734,7 +754,8 @@ class ZBoxRule(RecomputingRule):
         low: The lowest value of each input: a number, or a tensor broadcastable to the input
             (``(1, 3, 1, 1)`` for per-channel bounds of images).
         high: The highest, likewise; not below ``low``.
-        stabilizer: The stabilizer, zennit's 1e-6 by default.
+        stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
+            stabilized denominator (as zennit takes it).
 
     Raises:
         TypeError: ``low`` or ``high`` is neither a real number nor a floating tensor, or
@@ -753,7 +774,7 @@ class ZBoxRule(RecomputingRule):
     """
 
     def __init__(
-        self, low: float | Tensor, high: float | Tensor, stabilizer: float = ZENNIT_STABILIZER
+        self, low: float | Tensor, high: float | Tensor, stabilizer: Stabilizer = ZENNIT_STABILIZER
     ) -> None:
         self.low, self.high = _as_bound(low, "low"), _as_bound(high, "high")
         try:
@@ -863,10 +884,11 @@ class WSquareRule(_UniformInputRule):
     sign(z)))``, ``z`` the map of ones with the squared weight and bias.
 
     Args:
-        stabilizer: The stabilizer, zennit's 1e-6 by default.
+        stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
+            stabilized denominator (as zennit takes it).
 
     Raises:
-        TypeError: ``stabilizer`` is not a real number.
+        TypeError: ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``stabilizer`` is negative or not finite.
 
     Examples:
@@ -900,10 +922,11 @@ class FlatRule(_UniformInputRule):
     number of inputs each output reads (the map of ones with unit weights, without bias).
 
     Args:
-        stabilizer: The stabilizer, zennit's 1e-6 by default.
+        stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
+            stabilized denominator (as zennit takes it).
 
     Raises:
-        TypeError: ``stabilizer`` is not a real number.
+        TypeError: ``stabilizer`` is neither a real number nor a callable.
         ValueError: ``stabilizer`` is negative or not finite.
 
     Examples:
