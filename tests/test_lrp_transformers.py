@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from lxt.efficient.rules import divide_gradient
+from lxt.efficient.rules import divide_gradient, identity_rule_implicit
 from torch import nn
 
 from fastattr import LRP, LayerLRP, ops
@@ -432,6 +432,43 @@ def test_sdpa_rule_is_the_rules_one_by_one() -> None:
         written_out = LRP(plain, canonizers).attribute(x, target=1)
         in_one = LRP(fused, canonizers).attribute(x, target=1)
     torch.testing.assert_close(written_out, in_one, rtol=1e-9, atol=1e-14)
+
+
+class CosineAttention(nn.Module):
+    """Swin V2's cosine attention: queries and keys normalized (``F.normalize``), their
+    products scaled by a learned logit scale; ``lxt`` applies lxt's gradient rules, the
+    identity rule on ``F.normalize`` included (for the oracle)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(heads, 1, 1)))
+        self.head = nn.Linear(dim, 3)
+        self.lxt = False
+
+    def normalize(self, t: torch.Tensor) -> torch.Tensor:
+        if self.lxt:
+            return identity_rule_implicit(lambda u: F.normalize(u, dim=-1), t)
+        return F.normalize(t, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        if self.lxt:
+            q, k, v = divide_gradient(q, 4), divide_gradient(k, 4), divide_gradient(v, 2)
+        scores = self.normalize(q) @ self.normalize(k).transpose(-2, -1)
+        scores = scores * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        attended = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).flatten(2)
+        return self.head(attended.mean(1))
+
+
+def test_cosine_attention_s_normalize_passes_relevance_as_lxt_s_identity_rule() -> None:
+    model = _seeded(CosineAttention())
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    target = [0, 2, 1]
+    with _stabilizers(model, TINY) as canonizers:
+        relevance = LRP(model, canonizers).attribute(x, target=target)
+    assert _relative(relevance, _lxt_relevance(model, x, target)) < PARITY
 
 
 class MixtureOfExperts(nn.Module):
