@@ -80,6 +80,22 @@ class Canonizer:
         """
         return rule
 
+    def wrap_rule(self, module: nn.Module, rule: PropagationRule | None) -> PropagationRule | None:
+        """The rule ``module`` runs, from the rule every canonizer's
+        [module_rule][fastattr.canonizers.Canonizer.module_rule] chose: asked after them all,
+        so that a wrapper wraps whichever rule a canonizer chose, before or after it in
+        ``canonizers`` ([MergeBatchNorm][fastattr.canonizers.MergeBatchNorm] wraps batch
+        norms' rules here in one that merges).
+
+        Args:
+            module: A module of the model that carries a rule.
+            rule: The rule the canonizers chose.
+
+        Returns:
+            The rule to run; by default ``rule``.
+        """
+        return rule
+
     def op_rules(self) -> Sequence[OpRule]:
         """Rules for torch-level calls outside the modules that carry a rule.
 
@@ -256,14 +272,13 @@ class MergeBatchNorm(Canonizer):
         torch.Size([2, 3, 4, 4])
     """
 
-    def module_rule(
-        self, module: nn.Module, rule: PropagationRule | None
-    ) -> PropagationRule | None:
-        """A batch norm's rule, wrapped so that it merges into the linear module before it.
+    def wrap_rule(self, module: nn.Module, rule: PropagationRule | None) -> PropagationRule | None:
+        """A batch norm's rule (whichever the canonizers chose), wrapped so that it merges
+        into the linear module before it.
 
         Args:
             module: A module of the model that carries a rule.
-            rule: The rule it has without this canonizer.
+            rule: The rule the canonizers chose.
 
         Returns:
             The merging rule for batch norms; ``rule`` for other modules.
@@ -317,19 +332,17 @@ class ResNetCanonizer(Canonizer):
         # torchvision's blocks rebind `out` after `out += identity`: the sum may be a new tensor.
         self._sum = EpsilonSumRule(epsilon, rebind_in_place=True, scope=_is_torchvision_block)
 
-    def module_rule(
-        self, module: nn.Module, rule: PropagationRule | None
-    ) -> PropagationRule | None:
+    def wrap_rule(self, module: nn.Module, rule: PropagationRule | None) -> PropagationRule | None:
         """As [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]'s.
 
         Args:
             module: A module of the model that carries a rule.
-            rule: The rule it has without this canonizer.
+            rule: The rule the canonizers chose.
 
         Returns:
-            The rule to use.
+            The rule to run.
         """
-        return self._merge.module_rule(module, rule)
+        return self._merge.wrap_rule(module, rule)
 
     def op_rules(self) -> Sequence[OpRule]:
         """The epsilon sum rule, on sums in torchvision's residual blocks only.
@@ -407,13 +420,6 @@ _CONVOLUTIONS = tuple(
     kind for kind in MODIFIED_FORWARDS if issubclass(kind, nn.modules.conv._ConvNd)
 )
 _AVERAGE_POOLS = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)
-
-
-def _replacing(rule: PropagationRule | None, new: PropagationRule) -> PropagationRule:
-    """``new`` in place of ``rule``; merged into the linear module before it where ``rule`` is
-    a batch norm's merging rule (a composite after the merge keeps the merge, as it would
-    were the merge after it)."""
-    return _MergedBatchNormRule(new) if isinstance(rule, _MergedBatchNormRule) else new
 
 
 class Composite(Canonizer):
@@ -507,7 +513,7 @@ class Composite(Canonizer):
         if isinstance(module, _AVERAGE_POOLS):
             return self._pool
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return _replacing(rule, PassRule())
+            return PassRule()
         return rule
 
     def __repr__(self) -> str:
@@ -802,7 +808,7 @@ class LayerMapComposite(Canonizer):
             The rule to use.
         """
         found = _match(self.layer_map, module)
-        return rule if found is None else _replacing(rule, found)
+        return rule if found is None else found
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.layer_map)} pairs)"
@@ -867,7 +873,7 @@ class SpecialFirstLayerMapComposite(LayerMapComposite):
             The rule to use.
         """
         if self._first is not None and module is self._first[0]:
-            return _replacing(rule, self._first[1])
+            return self._first[1]
         return super().module_rule(module, rule)
 
     def __repr__(self) -> str:
@@ -956,7 +962,7 @@ class NameMapComposite(Canonizer):
             The rule to use.
         """
         found = self._rules.get(id(module))
-        return rule if found is None else _replacing(rule, found)
+        return rule if found is None else found
 
     def __repr__(self) -> str:
         return f"NameMapComposite({len(self.name_map)} pairs)"

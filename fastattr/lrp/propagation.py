@@ -215,6 +215,8 @@ def plan_rules(model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> RulePl
         chosen = rule
         for canonizer in canonizers:  # which may give a rule to a module without one
             rule = canonizer.module_rule(module, rule)
+        for canonizer in canonizers:  # which wrap the rule chosen (a batch norm's, to merge)
+            rule = canonizer.wrap_rule(module, rule)
         if rule is not None and rule is not chosen:
             reason = rule.unsupported_reason(module)
             if reason is not None:
