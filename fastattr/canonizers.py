@@ -125,10 +125,11 @@ class EpsilonSum(Canonizer):
     wherever the forward computes them outside a module with a rule of its own.
 
     Args:
-        epsilon: The stabilizer of the sum's ratio.
+        epsilon: The stabilizer of the sum's ratio, or a callable that returns the stabilized
+            sum (as zennit's ``Norm`` takes it).
 
     Raises:
-        TypeError: ``epsilon`` is not a real number.
+        TypeError: ``epsilon`` is neither a real number nor a callable.
         ValueError: ``epsilon`` is negative or not finite.
 
     Examples:
@@ -148,11 +149,11 @@ class EpsilonSum(Canonizer):
         torch.Size([3, 4])
     """
 
-    def __init__(self, epsilon: float = STABILIZER) -> None:
+    def __init__(self, epsilon: Stabilizer = STABILIZER) -> None:
         self._rule = EpsilonSumRule(epsilon)
 
     @property
-    def epsilon(self) -> float:
+    def epsilon(self) -> Stabilizer:
         """The stabilizer of the sum's ratio."""
         return self._rule.epsilon
 
@@ -310,10 +311,11 @@ class ResNetCanonizer(Canonizer):
     ``ResNetCanonizer``.
 
     Args:
-        epsilon: The stabilizer of the residual sums' ratio.
+        epsilon: The stabilizer of the residual sums' ratio, or a callable that returns the
+            stabilized sum (as zennit's ``Norm`` takes it).
 
     Raises:
-        TypeError: ``epsilon`` is not a real number.
+        TypeError: ``epsilon`` is neither a real number nor a callable.
         ValueError: ``epsilon`` is negative or not finite.
 
     Examples:
@@ -327,7 +329,7 @@ class ResNetCanonizer(Canonizer):
         torch.Size([1, 3, 32, 32])
     """
 
-    def __init__(self, epsilon: float = STABILIZER) -> None:
+    def __init__(self, epsilon: Stabilizer = STABILIZER) -> None:
         self._merge = MergeBatchNorm()
         # torchvision's blocks rebind `out` after `out += identity`: the sum may be a new tensor.
         self._sum = EpsilonSumRule(epsilon, rebind_in_place=True, scope=_is_torchvision_block)

@@ -162,6 +162,22 @@ def test_epsilon_sum_matches_zennit_sum_and_conserves(spelling: str) -> None:
     torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=1e-7 * scale)
 
 
+def test_epsilon_sum_takes_a_callable_stabilizer_as_zennit_s_norm() -> None:
+    torch.manual_seed(0)
+    reference = Block("zennit").to(F64)
+    model = Block("+").to(F64)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    layer_map = [
+        (Activation, Pass()),
+        ((nn.Linear, nn.Conv2d), Epsilon(1e-9)),
+        (nn.AdaptiveAvgPool2d, Norm(1e-9)),
+        (Sum, Norm(_scaled)),
+    ]
+    expected = _zennit_composite(reference, x, 2, zc.LayerMapComposite(layer_map))
+    _close(LRP(model, canonizers=[EpsilonSum(_scaled)]).attribute(x, target=2), expected)
+
+
 def test_merged_rules_with_modified_weights_match_the_model_merged_by_hand() -> None:
     torch.manual_seed(0)
     model = _random_statistics(

@@ -1080,7 +1080,8 @@ class EpsilonSumRule(OpRule):
     branches. Sums with a parameter or a constant (a bias) are left to plain autograd.
 
     Args:
-        epsilon: The stabilizer.
+        epsilon: The stabilizer, or a callable that returns the stabilized sum (as zennit's
+            ``Norm`` takes it).
         rebind_in_place: For ``a += b``, return the sum as a new tensor instead of writing it
             into ``a`` (only where the code is known to rebind ``a``, as torchvision's residual
             blocks do).
@@ -1088,7 +1089,7 @@ class EpsilonSumRule(OpRule):
             module for which ``scope(module)`` holds.
 
     Raises:
-        TypeError: ``epsilon`` is not a real number.
+        TypeError: ``epsilon`` is neither a real number nor a callable.
         ValueError: ``epsilon`` is negative or not finite.
     """
 
@@ -1096,11 +1097,11 @@ class EpsilonSumRule(OpRule):
 
     def __init__(
         self,
-        epsilon: float = STABILIZER,
+        epsilon: Stabilizer = STABILIZER,
         rebind_in_place: bool = False,
         scope: Callable[[nn.Module], bool] | None = None,
     ) -> None:
-        self.epsilon = _check_epsilon(epsilon)
+        self.epsilon = check_stabilizer(epsilon, "epsilon")
         self.rebind_in_place = rebind_in_place
         self.scope = scope
 
