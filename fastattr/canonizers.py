@@ -354,6 +354,9 @@ class ResNetCanonizer(Canonizer):
         """
         return (self._sum,)
 
+    def __repr__(self) -> str:
+        return f"ResNetCanonizer(epsilon={self._sum.epsilon})"
+
 
 class AttnLRP(Canonizer):
     """The rules of AttnLRP (Achtibat et al., ICML 2024) for transformers, as the ``lxt``

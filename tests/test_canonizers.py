@@ -272,6 +272,7 @@ def test_canonizers_are_checked_and_compose() -> None:
         LRP(model).attribute(x, target=0),
     )
     assert repr(EpsilonSum(0.5)) == "EpsilonSum(epsilon=0.5)"
+    assert repr(ResNetCanonizer(0.5)) == "ResNetCanonizer(epsilon=0.5)"
 
 
 # zennit's composites: the rules by module type and the first layer's by position.

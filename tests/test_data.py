@@ -266,6 +266,30 @@ def test_lrp_through_the_pipeline(tmp_path):
     )
 
 
+def test_a_canonizer_with_other_settings_is_another_job(tmp_path):
+    # A canonizer's settings live in the rules it holds (private attributes): they must tell
+    # jobs apart, or a resume would mix relevance of two epsilons in one store.
+    from fastattr.canonizers import EpsilonPlusFlat, EpsilonSum
+
+    model = data_jobs.model()
+    out = tmp_path / "lrp"
+
+    def run(*canonizers):
+        lrp = fastattr.LRP(model, canonizers=list(canonizers))
+        return fastattr.attribute_dataset(
+            lrp, data_jobs.dataset(), out, target="label", batch_size=8, progress=False
+        )
+
+    run(EpsilonSum(0.1), EpsilonPlusFlat())
+    before = files_of(out)
+    with pytest.raises(ValueError, match=r"epsilon: 0\.1 in the store, 0\.2 here"):
+        run(EpsilonSum(0.2), EpsilonPlusFlat())
+    with pytest.raises(ValueError, match=r"epsilon: 1e-06 in the store, 0\.5 here"):
+        run(EpsilonSum(0.1), EpsilonPlusFlat(epsilon=0.5))
+    assert files_of(out) == before
+    assert run(EpsilonSum(0.1), EpsilonPlusFlat()).is_complete
+
+
 def _noise_tunnels() -> list:
     """captum's NoiseTunnel around fastattr's IG, and fastattr's own."""
     from captum.attr import NoiseTunnel

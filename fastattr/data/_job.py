@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattr._model_state import module_of
+from fastattr.canonizers import Canonizer
 
 # Arguments attribute_dataset supplies per batch: never part of the user's keywords.
 PER_BATCH_ARGUMENTS = ("inputs", "target")
@@ -145,7 +146,9 @@ class Describer:
         described: dict[str, Any] = {"object": qualified_name(value)}
         if depth < 3:
             state = vars(value) if hasattr(value, "__dict__") else {}
-            public = {k: v for k, v in state.items() if not k.startswith("_")}
+            # A canonizer keeps its settings in the rules it holds, private attributes.
+            settings = isinstance(value, Canonizer)
+            public = {k: v for k, v in state.items() if settings or not k.startswith("_")}
             if dataclasses.is_dataclass(value):
                 public = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
             if public:
