@@ -601,3 +601,20 @@ def test_composites_on_resnet18_match_zennits_with_its_resnet_canonizer(case) ->
     _close(conv, at_conv)
     _close(out, at_block)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", DEFAULTS, ids=[case[0] for case in DEFAULTS])
+def test_composites_with_merged_batch_norms_on_cuda_match_the_cpu(case) -> None:
+    """The recomputing rules' nodes (modified weights, bounds, callables) and the merge on a
+    GPU give the CPU's relevance."""
+    _, ours, _ = case
+    torch.manual_seed(0)
+    model = _vgg_bn()
+    x = torch.rand(2, 3, 8, 8, dtype=F64)
+    canonizers = [MergeBatchNorm(), ours()]
+    expected = LRP(model, canonizers=canonizers).attribute(x, target=1)
+    model.cuda()
+    found = LRP(model, canonizers=canonizers).attribute(x.cuda(), target=1)
+    assert found.is_cuda
+    _close(found.cpu(), expected)
