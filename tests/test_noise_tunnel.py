@@ -403,3 +403,24 @@ def test_half_precision_inputs_made_float32_by_the_noise_are_explained(dtype) ->
             x, target=1, nt_samples=2, n_steps=4
         )
     assert any(f"torch.set_default_dtype({dtype})" in note for note in raised.value.__notes__)
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="exception notes: 3.11+")
+def test_token_ids_made_floating_point_by_the_noise_are_explained() -> None:
+    # NoiseTunnel around LayerIntegratedGradients on an embedding, as for a text model: the
+    # noise makes the token ids floating point and the embedding fails, in captum too. The
+    # note must not send the user to torch.set_default_dtype(torch.int64), which torch refuses.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).double().eval()
+    ids = torch.randint(0, 10, (2, 3))
+    with pytest.raises(RuntimeError, match="indices"):
+        captum_attr.NoiseTunnel(captum_attr.LayerIntegratedGradients(model, model[0])).attribute(
+            ids, target=1, nt_samples=2
+        )
+    with pytest.raises(RuntimeError, match="indices") as raised:
+        NoiseTunnel(fastattr.LayerIntegratedGradients(model, model[0])).attribute(
+            ids, target=1, nt_samples=2
+        )
+    (note,) = raised.value.__notes__
+    assert "token ids take no noise" in note and "inputs_embeds" in note
+    assert "set_default_dtype" not in note

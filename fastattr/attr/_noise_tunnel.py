@@ -122,16 +122,24 @@ def _note_promotion(
     error: BaseException, inputs: tuple[Tensor, ...], noisy: tuple[Tensor, ...]
 ) -> None:
     """Adds to an error of the wrapped method why the noisy inputs have another dtype than the
-    inputs (a half-precision model then fails on float32 inputs, in captum too), and what
-    to do. (Exception notes exist from Python 3.11.)"""
+    inputs (a half-precision model then fails on float32 inputs, token ids made floating
+    point fail in the embedding, in captum too), and what to do. (Exception notes exist from
+    Python 3.11.)"""
     promoted = [(x.dtype, n.dtype) for x, n in zip(inputs, noisy) if x.dtype != n.dtype]
     if not promoted or not hasattr(error, "add_note"):
         return
     ours, theirs = promoted[0]
+    if ours.is_floating_point:
+        advice = f"For noise in {ours}, call it under torch.set_default_dtype({ours})."
+    else:  # no default dtype is an integer one
+        advice = (
+            "Integer inputs such as token ids take no noise: add it to their embeddings "
+            "instead, with NoiseTunnel around IntegratedGradients on the embedding vectors "
+            "(HuggingFace models take them as inputs_embeds)."
+        )
     error.add_note(
-        f"NoiseTunnel draws the noise in the default dtype, as captum does: added to {ours} "
-        f"inputs it made them {theirs}. For noise in {ours}, call it under "
-        f"torch.set_default_dtype({ours})."
+        "NoiseTunnel draws the noise in the default dtype, as captum does: added to "
+        f"{ours} inputs it made them {theirs}. {advice}"
     )
 
 
