@@ -301,3 +301,56 @@ def test_layer_ig_without_a_layer_says_so():
     method = fastattr.LayerIntegratedGradients(model, None)
     with pytest.raises(TypeError, match="layer is None"):
         method.attribute(torch.randn(2, 5, dtype=torch.float64), target=0)
+
+
+# ----------------------------------------------------------------------------- ModelInputWrapper
+
+
+class ImageQuestionNet(nn.Module):
+    """The shape of captum's VQA tutorial model: an image, and a question of token ids whose
+    lengths pack an LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1)
+        )
+        self.embedding = nn.Embedding(12, 5, padding_idx=0)
+        self.lstm = nn.LSTM(5, 4, batch_first=True)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, image: Tensor, question: Tensor, lengths: Tensor) -> Tensor:
+        words = torch.tanh(self.embedding(question))
+        packed = nn.utils.rnn.pack_padded_sequence(
+            words, lengths, batch_first=True, enforce_sorted=False
+        )
+        _, (_, cell) = self.lstm(packed)
+        return self.classifier(torch.cat([self.vision(image).flatten(1), cell[0]], 1))
+
+
+def test_model_input_wrapper_layers_as_in_the_vqa_tutorial():
+    # The tutorial attributes the image through the identity layer ModelInputWrapper puts on
+    # each input, and the question through the embedding, with the model in DataParallel and
+    # the question lengths as an additional argument.
+    from captum.attr._utils.input_layer_wrapper import ModelInputWrapper
+
+    torch.manual_seed(0)
+    model = nn.DataParallel(ModelInputWrapper(ImageQuestionNet().double().eval()))
+    layers = [model.module.input_maps["image"], model.module.module.embedding]
+    image = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    question, lengths = torch.tensor([[4, 7, 9, 3], [5, 2, 0, 0]]), torch.tensor([4, 2])
+    reference = captum_attr.TokenReferenceBase(reference_token_idx=1).generate_reference(
+        4, device="cpu"
+    )
+    results = [
+        library.LayerIntegratedGradients(model, layers).attribute(
+            (image, question),
+            (image * 0.0, reference.expand_as(question)),
+            additional_forward_args=lengths,
+            target=torch.tensor([1, 2]),
+            n_steps=12,
+            return_convergence_delta=True,
+        )
+        for library in (fastattr, captum_attr)
+    ]
+    assert_same(*results)

@@ -481,6 +481,62 @@ def test_layer_ig_additional_forward_args():
     assert_same(ours, theirs)
 
 
+def squad_case():
+    """Captum's BERT question-answering tutorial on a tiny random BERT: the forward returns the
+    best start (or end) logit; the reference keeps [CLS] (2) and [SEP] (3) and pads (0) the rest."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    model = transformers.BertForQuestionAnswering(config).double().eval()
+
+    def best_logit(ids, token_type_ids=None, position_ids=None, attention_mask=None, position=0):
+        output = model(
+            ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+        )
+        return (output.start_logits, output.end_logits)[position].max(1).values
+
+    ids = torch.tensor([[2, 5, 7, 9, 3, 11, 12, 13, 14, 3], [2, 6, 8, 3, 15, 16, 17, 3, 0, 0]])
+    reference = torch.where((ids == 2) | (ids == 3), ids, 0)
+    first_separator = (ids == 3).int().argmax(1, keepdim=True)
+    token_types = (torch.arange(ids.shape[1]) > first_separator).long()
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model, best_logit, ids, reference, token_types, positions, (ids != 0).long()
+
+
+@pytest.mark.parametrize("layers", ["embeddings", "three embeddings"])
+def test_layer_ig_bert_question_answering_tutorial(layers):
+    model, best_logit, ids, reference, token_types, positions, mask = squad_case()
+    snapshot = _snapshot(model)
+    embeddings = model.bert.embeddings
+    if layers == "embeddings":  # the token ids alone, the rest passed through with the answer end
+        layer, inputs, baselines = embeddings, ids, reference
+        extra = dict(additional_forward_args=(token_types, positions, mask, 1))
+    else:  # each embedding of its own ids, against zeros for the token types and positions
+        layer = [
+            embeddings.word_embeddings,
+            embeddings.token_type_embeddings,
+            embeddings.position_embeddings,
+        ]
+        inputs = (ids, token_types, positions)
+        baselines = (reference, torch.zeros_like(token_types), torch.zeros_like(positions))
+        extra = dict(additional_forward_args=(mask, 0), internal_batch_size=14)
+    ours, theirs = lig_both(
+        best_logit, layer, inputs, baselines, n_steps=20, return_convergence_delta=True, **extra
+    )
+    assert_same(ours, theirs)
+    _assert_as_found(model, snapshot)
+
+
 class BatchStatsNet(nn.Module):
     """A BatchNorm before the attributed layer (and optionally one after)."""
 
