@@ -64,6 +64,35 @@ def check_floating(tensors: Sequence[Tensor], name: str, hint: str = "") -> None
             )
 
 
+def path_inputs(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The inputs as a path runs through them: integer ones (pixel values, counts) in the
+    default floating dtype, as captum's path makes them (their differences from the baselines
+    then taken in that dtype, where captum's wrap around in uint8). Booleans are refused."""
+    for i, tensor in enumerate(inputs):
+        if tensor.dtype == torch.bool or tensor.is_complex():
+            raise TypeError(
+                f"inputs[{i}] must be a real number tensor to be integrated along a path, got "
+                f"{tensor.dtype}"
+            )
+    dtype = torch.get_default_dtype()
+    return tuple(t if t.is_floating_point() else t.to(dtype) for t in inputs)
+
+
+def note_integer_inputs(error: BaseException, inputs: tuple[Tensor, ...]) -> None:
+    """Adds to an error raised by the model which of its inputs were integers made floating
+    point for the path (token ids then fail in the embedding, in captum too), and what to do.
+    (Exception notes exist from Python 3.11.)"""
+    integers = [
+        f"inputs[{i}] ({x.dtype})" for i, x in enumerate(inputs) if not x.is_floating_point()
+    ]
+    if integers and hasattr(error, "add_note"):
+        error.add_note(
+            f"{', '.join(integers)} ran through the model along the path in "
+            f"{torch.get_default_dtype()}, as captum runs them; integer inputs such as token "
+            "ids are attributed through their embedding with LayerIntegratedGradients"
+        )
+
+
 def format_output(is_tuple: bool, tensors: tuple[Tensor, ...]) -> TensorOrTuple:
     return tensors if is_tuple else tensors[0]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import types
 import warnings
 
@@ -896,10 +897,10 @@ def test_bad_inputs():
         IntegratedGradients(two).attribute((X, data(BATCH, 3, 2).to("meta")), target=0)
     with pytest.raises(ValueError, match=r"2 inputs, 1 baselines \(a list is one baseline"):
         IntegratedGradients(two).attribute((X, data(BATCH, 3, 2)), baselines=[0.1, 0.2], target=0)
-    with pytest.raises(TypeError, match="inputs"):
-        IntegratedGradients(model).attribute(torch.ones(BATCH, FEATURES, dtype=torch.long))
-    with pytest.raises(TypeError, match="inputs"):
-        IntegratedGradients(two).attribute((X, torch.ones(BATCH, 3, 2, dtype=torch.int32)))
+    with pytest.raises(TypeError, match=r"inputs\[0\] must be a real number tensor.*bool"):
+        IntegratedGradients(model).attribute(torch.ones(BATCH, FEATURES, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"inputs\[1\] must be a real number tensor.*complex"):
+        IntegratedGradients(two).attribute((X, torch.ones(BATCH, 3, 2, dtype=torch.complex64)))
     with pytest.raises(TypeError, match="inputs"):
         IntegratedGradients(model).attribute(X.tolist(), target=0)
     with pytest.raises(TypeError, match="inputs"):
@@ -971,3 +972,44 @@ def test_an_output_holding_logits_is_refused_with_the_way_to_take_them():
     x = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"got SimpleNamespace: it holds \.logits.*\.logits`"):
         fastattr.IntegratedGradients(model).attribute(x, target=0)
+
+
+@pytest.mark.parametrize("cls", ["IntegratedGradients", "NeuronIntegratedGradients"])
+def test_integer_inputs_take_captums_path_in_the_default_dtype(cls):
+    # Pixel values in uint8 and counts in int64: captum builds the path in the default
+    # floating dtype (its differences from integer baselines taken in the integers' dtype).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    pixels = torch.randint(0, 256, (4, 6), dtype=torch.uint8)
+    counts = torch.randint(-9, 10, (4, 6))
+    method = {"IntegratedGradients": (), "NeuronIntegratedGradients": (model[1],)}[cls]
+    selected = {"target": 2} if cls == "IntegratedGradients" else {"neuron_selector": 3}
+    for inputs, baselines in [(pixels, 0), (pixels, 1.5), (counts, -2), (counts, None)]:
+        kwargs = {"baselines": baselines, "n_steps": 9, **selected}
+        ours = getattr(fastattr, cls)(model, *method).attribute(inputs, **kwargs)
+        theirs = getattr(captum_attr, cls)(model, *method).attribute(inputs, **kwargs)
+        assert ours.dtype == theirs.dtype == torch.get_default_dtype()
+        torch.testing.assert_close(ours, theirs)
+    # A baseline above a uint8 pixel: captum's difference wraps around (a pixel of 0 minus a
+    # baseline of 1 is 255 in uint8); fastattr's is taken as for floats.
+    pixels[0, 0] = 0
+    kwargs = {"baselines": 1, "n_steps": 9, **selected}
+    ours = getattr(fastattr, cls)(model, *method).attribute(pixels, **kwargs)
+    wrapped = getattr(captum_attr, cls)(model, *method).attribute(pixels, **kwargs)
+    exact = getattr(captum_attr, cls)(model, *method).attribute(pixels.float(), **kwargs)
+    torch.testing.assert_close(ours, exact)
+    assert not torch.allclose(wrapped, exact)
+
+
+def test_token_ids_made_floating_point_fail_in_the_model_with_a_note():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    ids = torch.randint(0, 10, (2, 3))
+    with pytest.raises(RuntimeError) as failed:
+        IntegratedGradients(model).attribute(ids, target=0)
+    with pytest.raises(RuntimeError):  # captum fails in the embedding too
+        captum_attr.IntegratedGradients(model).attribute(ids, target=0)
+    if sys.version_info >= (3, 11):  # exception notes
+        assert "inputs[0] (torch.int64) ran through the model along the path in" in str(
+            failed.value.__notes__
+        )
+        assert "LayerIntegratedGradients" in failed.value.__notes__[0]

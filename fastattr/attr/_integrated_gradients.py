@@ -12,12 +12,13 @@ from fastattr._formatting import (
     TargetType,
     TensorOrTuple,
     as_tensor_tuple,
-    check_floating,
     check_target,
     check_target_sequence,
     format_additional_args,
     format_baselines,
     format_output,
+    note_integer_inputs,
+    path_inputs,
 )
 from fastattr._forward import path_output, select_targets
 from fastattr._model_state import kept_buffers
@@ -265,13 +266,8 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
         return_n_steps: bool,
     ) -> list[Any]:
         is_tuple = isinstance(inputs, tuple)
-        ends = as_tensor_tuple(inputs)
-        check_floating(
-            ends,
-            "inputs",
-            "; integer inputs such as token ids are attributed through their embedding with "
-            "LayerIntegratedGradients",
-        )
+        given = as_tensor_tuple(inputs)
+        ends = path_inputs(given)
         starts = format_baselines(baselines, ends)
         adaptive = options.check()
         batch = ends[0].shape[0]
@@ -287,25 +283,29 @@ class IntegratedGradients(PathAttribution, captum_class="IntegratedGradients"):
                 for t in targets
             ]
 
-        with kept_buffers(self.forward_func):
-            result, steps = integrate(
-                ends,
-                starts,
-                evaluate,
-                batch=batch,
-                method=options.method,
-                n_steps=options.n_steps,
-                adaptive=adaptive,
-                targets=len(targets),
-                steps_per_chunk=steps_per_chunk_for(options.internal_batch_size, batch),
-                multiply_by_inputs=self.multiplies_by_inputs,
-                model=self.forward_func,
-                whole_steps=needs_whole_steps(args, batch),
-                step_costs=self._step_costs,
-            )
-            deltas: list[Any] = [None] * len(targets)
-            if return_convergence_delta:
-                deltas = path_deltas(result, self.forward_func, ends, starts, targets, args)
+        try:
+            with kept_buffers(self.forward_func):
+                result, steps = integrate(
+                    ends,
+                    starts,
+                    evaluate,
+                    batch=batch,
+                    method=options.method,
+                    n_steps=options.n_steps,
+                    adaptive=adaptive,
+                    targets=len(targets),
+                    steps_per_chunk=steps_per_chunk_for(options.internal_batch_size, batch),
+                    multiply_by_inputs=self.multiplies_by_inputs,
+                    model=self.forward_func,
+                    whole_steps=needs_whole_steps(args, batch),
+                    step_costs=self._step_costs,
+                )
+                deltas: list[Any] = [None] * len(targets)
+                if return_convergence_delta:
+                    deltas = path_deltas(result, self.forward_func, ends, starts, targets, args)
+        except Exception as error:
+            note_integer_inputs(error, given)
+            raise
         attributions = [format_output(is_tuple, a) for a in result.attributions]
         return [
             with_extras(a, delta, s if return_n_steps else None)

@@ -13,11 +13,12 @@ from fastattr._formatting import (
     BaselineType,
     TensorOrTuple,
     as_tensor_tuple,
-    check_floating,
     check_target_sequence,
     format_additional_args,
     format_baselines,
     format_output,
+    note_integer_inputs,
+    path_inputs,
 )
 from fastattr._forward import OutputShapeError, path_output
 from fastattr._model_state import draws_dropout, kept_buffers
@@ -254,23 +255,27 @@ class NeuronIntegratedGradients(PathAttribution, captum_class="NeuronIntegratedG
     ) -> list[Any]:
         check_layers_in_model(self.forward_func, [self.layer], "layer")
         is_tuple = isinstance(inputs, tuple)
-        ends = as_tensor_tuple(inputs)
-        check_floating(ends, "inputs")
+        given = as_tensor_tuple(inputs)
+        ends = path_inputs(given)
         starts = format_baselines(baselines, ends)
         adaptive = options.check()
         args = format_additional_args(additional_forward_args)
-        with kept_buffers(self.forward_func):
-            return self._integrate(
-                ends,
-                starts,
-                selectors,
-                args,
-                options,
-                adaptive,
-                attribute_to_neuron_input,
-                is_tuple,
-                return_n_steps,
-            )
+        try:
+            with kept_buffers(self.forward_func):
+                return self._integrate(
+                    ends,
+                    starts,
+                    selectors,
+                    args,
+                    options,
+                    adaptive,
+                    attribute_to_neuron_input,
+                    is_tuple,
+                    return_n_steps,
+                )
+        except Exception as error:
+            note_integer_inputs(error, given)
+            raise
 
     def _integrate(
         self,

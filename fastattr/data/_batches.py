@@ -76,6 +76,10 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+def _is_class_index(value: Tensor) -> bool:
+    return value.dim() == 0 and not value.is_floating_point() and not value.is_complex()
+
+
 @dataclass(frozen=True)
 class ItemFormat:
     """What every item of the dataset must look like (that of its first item)."""
@@ -124,6 +128,14 @@ class ItemFormat:
         unchecked = cls(has_labels(dataset), False, (), ())
         inputs, _ = unchecked.split(item, 0)
         item_inputs = item[0] if unchecked.labels else item
+        if not unchecked.labels and len(inputs) > 1 and _is_class_index(inputs[-1]):
+            # TensorDataset(features, labels) unwrapped: the label would be attributed as an
+            # input (integer inputs run along the path in floating point, as in captum).
+            raise TypeError(
+                f"dataset item 0 is {_describe(item)}, whose last tensor looks like a label (one "
+                "integer per example): say so with fastattr.data.labeled(dataset), or give a "
+                "floating point tensor if it is an input"
+            )
         return cls(
             unchecked.labels,
             # A tuple of one tensor (TensorDataset's items) is that tensor.
