@@ -1013,3 +1013,19 @@ def test_token_ids_made_floating_point_fail_in_the_model_with_a_note():
             failed.value.__notes__
         )
         assert "LayerIntegratedGradients" in failed.value.__notes__[0]
+
+
+def test_a_baseline_of_a_wider_dtype_runs_in_the_inputs_dtype():
+    # A float64 baseline (numpy's default) with float32 inputs and model: captum's path takes
+    # the wider dtype and fails in the model; fastattr's runs in the inputs' dtype.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x = torch.randn(3, 4)
+    baseline = torch.from_numpy(np.full((1, 4), 0.25))
+    ours = IntegratedGradients(model).attribute(x, baselines=baseline, target=1)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(
+        ours, IntegratedGradients(model).attribute(x, baselines=baseline.float(), target=1)
+    )
+    with pytest.raises(RuntimeError, match="dtype"):
+        captum_attr.IntegratedGradients(model).attribute(x, baselines=baseline, target=1)
