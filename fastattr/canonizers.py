@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
 
 from fastattr.lrp.attention import build_op_rules, transformer_module_rule
-from fastattr.lrp.propagation import Relevance
+from fastattr.lrp.propagation import Relevance, walk_modules
 from fastattr.lrp.rules import (
     MODIFIED_FORWARDS,
     STABILIZER,
@@ -194,6 +195,45 @@ def _merged_parameters(linear: nn.Module, norm: nn.modules.batchnorm._BatchNorm)
     return weight * scale.reshape(shape).to(weight.dtype), bias.to(weight.dtype)
 
 
+def _recomputes(module: nn.Module, rule: PropagationRule | None) -> bool:
+    """Whether ``rule`` recomputes ``module``'s map (zennit's rules, captum's with modified
+    weights): work that a batch norm merging into the module would do again."""
+    if isinstance(rule, ModifiedWeightRule):
+        return rule.changes(module)
+    return isinstance(rule, RecomputingRule)
+
+
+class _HeldForMergeRule(PropagationRule):
+    """The rule of a linear module registered just before a batch norm, under
+    ``MergeBatchNorm``: ``rule``, except that the module's output is held for the batch norm
+    to merge (see [held_for_merge][fastattr.lrp.Relevance.held_for_merge]), so that ``rule``
+    recomputes the map once, merged, rather than also on the module's own map."""
+
+    def __init__(self, rule: PropagationRule) -> None:
+        self.rule = rule
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        return self.rule.unsupported_reason(module)
+
+    def forward_inputs(self, relevance: Relevance, module: nn.Module, inputs: tuple) -> tuple:
+        return self.rule.forward_inputs(relevance, module, inputs)
+
+    def forward_output(
+        self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor:
+        held = relevance.held_for_merge(output)
+        if held is None:
+            return self.rule.forward_output(relevance, module, inputs, output)
+        return held
+
+    def __repr__(self) -> str:
+        return repr(self.rule)
+
+
+def _own_rule(rule: PropagationRule | None) -> PropagationRule | None:
+    return rule.rule if isinstance(rule, _HeldForMergeRule) else rule
+
+
 class _MergedBatchNormRule(PropagationRule):
     """A batch norm's rule under ``MergeBatchNorm``: when its input is the output of a
     linear module whose rule is an epsilon-type rule or a rule that recomputes it, that rule on
@@ -213,7 +253,7 @@ class _MergedBatchNormRule(PropagationRule):
         if (
             found is None
             or not isinstance(found.module, _LINEAR)
-            or not isinstance(found.rule, (RatioRule, RecomputingRule))
+            or not isinstance(_own_rule(found.rule), (RatioRule, RecomputingRule))
             or module.training
             or module.running_mean is None
         ):
@@ -238,7 +278,7 @@ class _MergedBatchNormRule(PropagationRule):
         return result
 
     def _merged(self, relevance: Relevance, module: nn.Module, found, output: Tensor) -> Tensor:
-        linear, rule = found.module, found.rule
+        linear, rule = found.module, _own_rule(found.rule)
         if isinstance(rule, RecomputingRule):
             weight, bias = _merged_parameters(linear, module)
             return rule.output_with(relevance, linear, found.inputs[0], weight, bias, output)
@@ -273,19 +313,50 @@ class MergeBatchNorm(Canonizer):
         torch.Size([2, 3, 4, 4])
     """
 
+    def __init__(self) -> None:
+        # The linear modules registered just before a batch norm (see for_model).
+        self._before_norm: frozenset[int] = frozenset()
+
+    def for_model(self, model: nn.Module) -> Canonizer:
+        """The canonizer with the linear modules of ``model`` registered just before a batch
+        norm found (in ``model.modules()``'s order, as zennit's ``SequentialMergeBatchNorm``
+        pairs them): likely merged into, their rules wait for the batch norm where they
+        recompute the map (see [wrap_rule][fastattr.canonizers.MergeBatchNorm.wrap_rule]).
+
+        Args:
+            model: The model LRP runs.
+
+        Returns:
+            A copy that knows those modules.
+        """
+        modules = walk_modules(model)
+        bound = copy.copy(self)
+        bound._before_norm = frozenset(
+            id(module)
+            for module, after in pairwise(modules)
+            if isinstance(module, _LINEAR) and isinstance(after, nn.modules.batchnorm._BatchNorm)
+        )
+        return bound
+
     def wrap_rule(self, module: nn.Module, rule: PropagationRule | None) -> PropagationRule | None:
         """A batch norm's rule (whichever the canonizers chose), wrapped so that it merges
-        into the linear module before it.
+        into the linear module before it; and the rule of a linear module registered just
+        before a batch norm, where it recomputes the module's map (zennit's rules, captum's
+        with modified weights), wrapped so that the module's output waits for the merge,
+        which then recomputes the merged map alone. (Where no batch norm merges it after
+        all, the call runs again with the rule as it is, and so do later calls.)
 
         Args:
             module: A module of the model that carries a rule.
             rule: The rule the canonizers chose.
 
         Returns:
-            The merging rule for batch norms; ``rule`` for other modules.
+            The rule to run.
         """
         if rule is not None and isinstance(module, nn.modules.batchnorm._BatchNorm):
             return _MergedBatchNormRule(rule)
+        if id(module) in self._before_norm and _recomputes(module, rule):
+            return _HeldForMergeRule(rule)
         return rule
 
 
@@ -333,6 +404,19 @@ class ResNetCanonizer(Canonizer):
         self._merge = MergeBatchNorm()
         # torchvision's blocks rebind `out` after `out += identity`: the sum may be a new tensor.
         self._sum = EpsilonSumRule(epsilon, rebind_in_place=True, scope=_is_torchvision_block)
+
+    def for_model(self, model: nn.Module) -> Canonizer:
+        """As [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]'s.
+
+        Args:
+            model: The model LRP runs.
+
+        Returns:
+            A copy that merges as ``MergeBatchNorm`` does on ``model``.
+        """
+        bound = copy.copy(self)
+        bound._merge = self._merge.for_model(model)
+        return bound
 
     def wrap_rule(self, module: nn.Module, rule: PropagationRule | None) -> PropagationRule | None:
         """As [MergeBatchNorm][fastattr.canonizers.MergeBatchNorm]'s.

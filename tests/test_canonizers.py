@@ -5,12 +5,14 @@ found."""
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 import zennit.composites as zc
 import zennit.rules as zr
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet18, resnet50, vgg11_bn
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.core import Stabilizer
@@ -601,6 +603,92 @@ def test_composites_on_resnet18_match_zennits_with_its_resnet_canonizer(case) ->
     _close(conv, at_conv)
     _close(out, at_block)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Convolutions(TorchDispatchMode):
+    """Counts the convolutions run, forward and backward (aten's operators, below autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = func.overloadpacket
+        if kind in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
+            self.runs[kind.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counted(lrp: LRP, x: torch.Tensor) -> tuple[Counter, torch.Tensor]:
+    with _Convolutions() as convolutions:
+        relevance = lrp.attribute(x, target=1)
+    return convolutions.runs, relevance
+
+
+@pytest.mark.parametrize("case", DEFAULTS, ids=[case[0] for case in DEFAULTS])
+def test_merged_batch_norms_recompute_each_convolution_once(case) -> None:
+    # The rules recompute each convolution merged with its batch norm, and only so: as many
+    # convolutions, forward and backward, as on the model merged by hand, from the first call.
+    _, ours, _ = case
+    torch.manual_seed(0)
+    model = _vgg_bn()
+    merged = copy.deepcopy(model)
+    SequentialMergeBatchNorm().apply(merged)
+    x = torch.rand(2, 3, 8, 8, dtype=F64)
+    runs, relevance = _counted(LRP(model, canonizers=[MergeBatchNorm(), ours()]), x)
+    expected_runs, expected = _counted(LRP(merged, canonizers=[ours()]), x)
+    assert runs == expected_runs
+    _close(relevance, expected)
+
+
+class _ConvolutionBeforeNorm(nn.Module):
+    """A convolution registered just before a batch norm that receives its output only
+    scaled (``scaled``), or written into in place (``written``), or together with another use
+    of it (``shared``)."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.use == "scaled":
+            return self.head(self.norm(2 * h))
+        if self.use == "written":
+            h += 1
+            return self.head(self.norm(h))
+        return self.head(self.norm(h) + h)
+
+
+class _MergedAndPlain(nn.Module):
+    """The ``shared`` model with its two uses spelled out: the convolution merged with the
+    batch norm by hand, beside the convolution itself."""
+
+    def __init__(self, model: _ConvolutionBeforeNorm) -> None:
+        super().__init__()
+        merged = copy.deepcopy(model)
+        SequentialMergeBatchNorm().apply(merged)
+        self.merged, self.conv, self.head = merged.conv, model.conv, model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.merged(x) + self.conv(x))
+
+
+@pytest.mark.parametrize("use", ["scaled", "written", "shared"])
+def test_a_convolution_registered_before_a_batch_norm_that_it_does_not_merge_into(use) -> None:
+    # Its rule waits for the batch norm to merge; where the relevance reaches its output by
+    # another way, the call runs again with the rule on the convolution's own map as well.
+    torch.manual_seed(0)
+    model = _random_statistics(_ConvolutionBeforeNorm(use))
+    x = torch.rand(2, 3, 8, 8, dtype=F64)
+    oracle = _MergedAndPlain(model) if use == "shared" else model
+    expected = _zennit_composite(oracle, x, 1, zc.EpsilonPlus())
+    lrp = LRP(model, canonizers=[MergeBatchNorm(), EpsilonPlus()])
+    _close(lrp.attribute(x, target=1), expected)
+    _close(lrp.attribute(x, target=1), expected)  # and so on, once it knows
 
 
 @pytest.mark.cuda

@@ -33,6 +33,7 @@ from fastattr.canonizers import Canonizer
 from fastattr.lrp.propagation import (
     CopiesNeeded,
     CopyNeededAt,
+    MergeMissed,
     Relevance,
     RulePlan,
     WritesNeedCopies,
@@ -163,6 +164,9 @@ class LRP(Attribution, captum_class="LRP"):
         # Set once the backward found a tensor an in-place ReLU wrote into in use elsewhere:
         # from then on such modules write into copies.
         self._copy_writes = False
+        # Cleared once a linear module's output held for a batch norm to merge was not merged
+        # (see Relevance.held_for_merge): from then on such modules make their rules' nodes.
+        self._holds_merges = True
         self._plan: tuple[tuple, RulePlan] | None = None
 
     @property
@@ -338,17 +342,30 @@ class LRP(Attribution, captum_class="LRP"):
                     taps=taps,
                     copy_writes=self._copy_writes,
                     copied_sites=self._copied_sites,
+                    holds_merges=self._holds_merges,
                 )
                 try:
                     return self._backward(relevance, tensors, targets, args, layer_tensors)
-                except (CopiesNeeded, CopyNeededAt, WritesNeedCopies, RuntimeError) as error:
-                    if not self._retry_with_copies(error):
+                except (
+                    CopiesNeeded,
+                    CopyNeededAt,
+                    WritesNeedCopies,
+                    MergeMissed,
+                    RuntimeError,
+                ) as error:
+                    if not self._retry(error):
                         raise
 
-    def _retry_with_copies(self, error: Exception) -> bool:
-        """Whether the call is to run again, with copies, after ``error``: the forward wrote
-        into a rule's output (autograd refuses that), or into a tensor a rule's backward
-        needs (an in-place ReLU's input where its relevance has another use)."""
+    def _retry(self, error: Exception) -> bool:
+        """Whether the call is to run again after ``error``: with copies, when the forward
+        wrote into a rule's output (autograd refuses that), or into a tensor a rule's backward
+        needs (an in-place ReLU's input where its relevance has another use); without held
+        outputs, when one was not merged."""
+        if isinstance(error, MergeMissed):
+            if not self._holds_merges:
+                return False
+            self._holds_merges = False
+            return True
         if isinstance(error, CopyNeededAt):
             if error.site in self._copied_sites:
                 return False

@@ -263,6 +263,25 @@ class CopyNeededAt(Exception):
         self.site = site
 
 
+class MergeMissed(Exception):
+    """The backward reached a module output held for a batch norm to merge (see
+    [held_for_merge][fastattr.lrp.Relevance.held_for_merge]) that no batch norm merged, or
+    that has another use: LRP runs the call again without holding outputs."""
+
+
+class _HeldForMerge(torch.autograd.Function):
+    """A module's output, handed on with no rule's nodes: the batch norm that merges it reads
+    the module's own output instead, so relevance arrives here only through another use."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor) -> Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        raise MergeMissed
+
+
 class WritesNeedCopies(Exception):
     """A tensor an in-place ReLU wrote into has another use: run again with the ReLUs writing
     into copies."""
@@ -436,6 +455,8 @@ class Relevance:
         copied_sites: Where earlier forwards wrote into an output that a rule handed on
             uncopied (see [ratio][fastattr.lrp.Relevance.ratio]), each the ``id`` of the
             innermost module without a rule (or of None): outputs made there are copies.
+        holds_merges: Hold outputs for batch norms to merge (see
+            [held_for_merge][fastattr.lrp.Relevance.held_for_merge]).
     """
 
     __slots__ = (
@@ -457,6 +478,7 @@ class Relevance:
         "copy",
         "copy_writes",
         "depth",
+        "holds_merges",
         "plan",
         "tapped",
         "taps",
@@ -469,9 +491,11 @@ class Relevance:
         taps: Sequence[nn.Module] = (),
         copy_writes: bool = False,
         copied_sites: frozenset[int] = frozenset(),
+        holds_merges: bool = True,
     ) -> None:
         self.plan = plan
         self.copy = copy
+        self.holds_merges = holds_merges
         self.copy_writes = copy_writes
         self.copied_sites = copied_sites
         self.taps = taps
@@ -941,6 +965,28 @@ class Relevance:
         """
         found = self._raw.get(id(x)) if isinstance(x, Tensor) else None
         return found if found is not None and found.raw is x and found.module is not None else None
+
+    def held_for_merge(self, output: Tensor) -> Tensor | None:
+        """``output``, a linear module's, handed on without nodes for a batch norm to merge
+        (whose rule then runs the module's rule on the merged map): the nodes of the module's
+        rule on its own map, which the merge would leave unused, are never made. Should the
+        relevance reach it all the same (no batch norm merged it, or it has another use), the
+        backward raises ``MergeMissed``, and LRP runs the call (and later ones) again holding
+        nothing.
+
+        Args:
+            output: The output of the module whose rule asks.
+
+        Returns:
+            What the model continues with; None when this call holds no outputs (then the
+            rule makes its nodes).
+        """
+        if not self.holds_merges:
+            return None
+        held = _HeldForMerge.apply(output)
+        # The module's record, as a ratio on its output makes it (see rule_output).
+        self._raw[id(output)] = _Ratio(held, output, 0.0, False, output)
+        return self._handed(held)
 
     def merged(self, module: nn.Module, into: nn.Module, output: Tensor) -> None:
         """``module`` (a batch norm) merged into ``into``, the module whose output it received:
