@@ -55,9 +55,11 @@ from fastattr.lrp.rules import (
     RecomputingRule,
     Stabilizer,
     ZBoxRule,
+    ZeroParams,
     ZPlusRule,
     check_stabilizer,
     map_type,
+    zero_params_repr,
 )
 
 
@@ -197,10 +199,20 @@ def _merged_parameters(linear: nn.Module, norm: nn.modules.batchnorm._BatchNorm)
 
 def _recomputes(module: nn.Module, rule: PropagationRule | None) -> bool:
     """Whether ``rule`` recomputes ``module``'s map (zennit's rules, captum's with modified
-    weights): work that a batch norm merging into the module would do again."""
-    if isinstance(rule, ModifiedWeightRule):
+    weights, epsilon with ``zero_params``): work that a batch norm merging into the module
+    would do again."""
+    if isinstance(rule, (ModifiedWeightRule, EpsilonRule)):
         return rule.changes(module)
     return isinstance(rule, RecomputingRule)
+
+
+def _recomputes_merged(linear: nn.Module, rule: PropagationRule) -> bool:
+    """Whether ``rule``, an epsilon-type rule, recomputes the map of ``linear`` merged with a
+    batch norm: a map that has a bias even where ``linear`` has none (as after zennit's merge),
+    which epsilon's ``zero_params`` may zero."""
+    if isinstance(rule, ModifiedWeightRule):
+        return rule.changes(linear)
+    return isinstance(rule, EpsilonRule) and bool(rule.zero_params)
 
 
 class _HeldForMergeRule(PropagationRule):
@@ -282,10 +294,10 @@ class _MergedBatchNormRule(PropagationRule):
         if isinstance(rule, RecomputingRule):
             weight, bias = _merged_parameters(linear, module)
             return rule.output_with(relevance, linear, found.inputs[0], weight, bias, output)
-        if isinstance(rule, ModifiedWeightRule) and rule.changes(linear):
+        if _recomputes_merged(linear, rule):
             weight, bias = _merged_parameters(linear, module)
             z = rule.modified_z(linear, found.inputs[0], weight, bias, output)
-            return relevance.ratio(z, output, STABILIZER)
+            return relevance.ratio(z, output, rule.epsilon)
         _, epsilon = rule.ratio_operands(linear, found.inputs, found.raw)
         return relevance.ratio(output, output, epsilon)
 
@@ -525,18 +537,26 @@ class Composite(Canonizer):
         epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
             that returns the stabilized denominator, as zennit takes it).
         stabilizer: The stabilizer of every other rule, likewise.
+        zero_params: "weight", "bias" or a list of them, which the rules of ``nn.Linear``,
+            convolutions and the first layer zero (zennit's ``zero_params``; average pooling's
+            rule has none).
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable, or
+            ``zero_params`` is neither None, a string nor a list of strings.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite, or
+            ``zero_params`` names another parameter than "weight" and "bias".
     """
 
     first_types: tuple[type, ...] = ()
 
     def __init__(
-        self, epsilon: Stabilizer = ZENNIT_STABILIZER, stabilizer: Stabilizer = ZENNIT_STABILIZER
+        self,
+        epsilon: Stabilizer = ZENNIT_STABILIZER,
+        stabilizer: Stabilizer = ZENNIT_STABILIZER,
+        zero_params: ZeroParams = None,
     ) -> None:
-        self._linear = EpsilonRule(epsilon)
+        self._linear = EpsilonRule(epsilon, zero_params)
         self._pool = EpsilonRule(check_stabilizer(stabilizer))
         self._first: nn.Module | None = None
 
@@ -550,13 +570,18 @@ class Composite(Canonizer):
         """The stabilizer of every other rule."""
         return self._pool.epsilon
 
+    @property
+    def zero_params(self) -> tuple[str, ...]:
+        """The parameters the rules of linear layers, convolutions and the first layer zero."""
+        return self._linear.zero_params
+
     def convolution_rule(self) -> PropagationRule:
         """The rule of convolutions other than the first layer.
 
         Returns:
             The rule.
         """
-        return EpsilonRule(self.epsilon)
+        return EpsilonRule(self.epsilon, self.zero_params)
 
     def first_rule(self) -> PropagationRule | None:
         """The rule of the first layer; None where the composite has none.
@@ -606,7 +631,10 @@ class Composite(Canonizer):
         return rule
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(epsilon={self.epsilon}, stabilizer={self.stabilizer})"
+        return (
+            f"{type(self).__name__}(epsilon={self.epsilon}, stabilizer={self.stabilizer}"
+            f"{zero_params_repr(self.zero_params)})"
+        )
 
 
 class EpsilonPlus(Composite):
@@ -617,10 +645,14 @@ class EpsilonPlus(Composite):
         epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
             that returns the stabilized denominator, as zennit takes it).
         stabilizer: The stabilizer of every other rule, likewise.
+        zero_params: "weight", "bias" or a list of them, zeroed by the rules of ``nn.Linear``,
+            convolutions and the first layer (zennit's ``zero_params``).
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable, or
+            ``zero_params`` is neither None, a string nor a list of strings.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite, or
+            ``zero_params`` names another parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -639,7 +671,7 @@ class EpsilonPlus(Composite):
         Returns:
             The rule.
         """
-        return ZPlusRule(self.stabilizer)
+        return ZPlusRule(self.stabilizer, self.zero_params)
 
 
 class EpsilonPlusFlat(EpsilonPlus):
@@ -651,10 +683,14 @@ class EpsilonPlusFlat(EpsilonPlus):
         epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
             that returns the stabilized denominator, as zennit takes it).
         stabilizer: The stabilizer of every other rule, likewise.
+        zero_params: "weight", "bias" or a list of them, zeroed by the rules of ``nn.Linear``,
+            convolutions and the first layer (zennit's ``zero_params``).
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable, or
+            ``zero_params`` is neither None, a string nor a list of strings.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite, or
+            ``zero_params`` names another parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -676,7 +712,7 @@ class EpsilonPlusFlat(EpsilonPlus):
         Returns:
             The rule.
         """
-        return FlatRule(self.stabilizer)
+        return FlatRule(self.stabilizer, self.zero_params)
 
 
 class EpsilonAlpha2Beta1(Composite):
@@ -687,10 +723,14 @@ class EpsilonAlpha2Beta1(Composite):
         epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
             that returns the stabilized denominator, as zennit takes it).
         stabilizer: The stabilizer of every other rule, likewise.
+        zero_params: "weight", "bias" or a list of them, zeroed by the rules of ``nn.Linear``,
+            convolutions and the first layer (zennit's ``zero_params``).
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable, or
+            ``zero_params`` is neither None, a string nor a list of strings.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite, or
+            ``zero_params`` names another parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -709,7 +749,7 @@ class EpsilonAlpha2Beta1(Composite):
         Returns:
             The rule.
         """
-        return AlphaBetaRule(2.0, 1.0, self.stabilizer)
+        return AlphaBetaRule(2.0, 1.0, self.stabilizer, self.zero_params)
 
 
 class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
@@ -721,10 +761,14 @@ class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
         epsilon: The stabilizer of the epsilon rule on ``nn.Linear`` (a number, or a callable
             that returns the stabilized denominator, as zennit takes it).
         stabilizer: The stabilizer of every other rule, likewise.
+        zero_params: "weight", "bias" or a list of them, zeroed by the rules of ``nn.Linear``,
+            convolutions and the first layer (zennit's ``zero_params``).
 
     Raises:
-        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite.
+        TypeError: ``epsilon`` or ``stabilizer`` is neither a real number nor a callable, or
+            ``zero_params`` is neither None, a string nor a list of strings.
+        ValueError: ``epsilon`` or ``stabilizer`` is negative or not finite, or
+            ``zero_params`` names another parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -746,7 +790,7 @@ class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
         Returns:
             The rule.
         """
-        return FlatRule(self.stabilizer)
+        return FlatRule(self.stabilizer, self.zero_params)
 
 
 class EpsilonGammaBox(Composite):
@@ -762,12 +806,15 @@ class EpsilonGammaBox(Composite):
             that returns the stabilized denominator, as zennit takes it).
         gamma: The gamma of the convolutions' rule.
         stabilizer: The stabilizer of every other rule, likewise.
+        zero_params: "weight", "bias" or a list of them, zeroed by the rules of ``nn.Linear``,
+            convolutions and the first layer (zennit's ``zero_params``).
 
     Raises:
         TypeError: an argument is not a real number (``low``, ``high``: nor a floating tensor;
-            ``epsilon``, ``stabilizer``: nor a callable).
-        ValueError: an argument is not finite, a stabilizer is negative, or ``low`` exceeds
-            ``high``.
+            ``epsilon``, ``stabilizer``: nor a callable; ``zero_params``: nor a string or a
+            list of strings).
+        ValueError: an argument is not finite, a stabilizer is negative, ``low`` exceeds
+            ``high``, or ``zero_params`` names another parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -790,10 +837,11 @@ class EpsilonGammaBox(Composite):
         epsilon: Stabilizer = ZENNIT_STABILIZER,
         gamma: float = 0.25,
         stabilizer: Stabilizer = ZENNIT_STABILIZER,
+        zero_params: ZeroParams = None,
     ) -> None:
-        super().__init__(epsilon, stabilizer)
-        self._box = ZBoxRule(low, high, stabilizer)
-        self._gamma = GeneralizedGammaRule(gamma, stabilizer)
+        super().__init__(epsilon, stabilizer, zero_params)
+        self._box = ZBoxRule(low, high, stabilizer, zero_params)
+        self._gamma = GeneralizedGammaRule(gamma, stabilizer, zero_params)
 
     def convolution_rule(self) -> PropagationRule:
         """[GeneralizedGammaRule][fastattr.GeneralizedGammaRule].
@@ -814,7 +862,8 @@ class EpsilonGammaBox(Composite):
     def __repr__(self) -> str:
         return (
             f"EpsilonGammaBox(low={self._box.low.tolist()}, high={self._box.high.tolist()}, "
-            f"epsilon={self.epsilon}, gamma={self._gamma.gamma}, stabilizer={self.stabilizer})"
+            f"epsilon={self.epsilon}, gamma={self._gamma.gamma}, stabilizer={self.stabilizer}"
+            f"{zero_params_repr(self.zero_params)})"
         )
 
 

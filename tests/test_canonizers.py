@@ -85,7 +85,7 @@ def _random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     "identity" would divide by sqrt(1 + eps) and differ from the model by more than rounding."""
     torch.manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.running_mean.normal_(0, 0.2)
             module.running_var.uniform_(0.5, 1.5)
             nn.init.uniform_(module.weight, 0.5, 1.5)
@@ -407,6 +407,34 @@ COMPOSITES = [
             torch.tensor(-1.0), torch.tensor(2.0), epsilon=1e-3, gamma=0.5, stabilizer=1e-4, **kw
         ),
     ),
+    # zero_params, in each of its forms, given to every rule the composite makes.
+    (
+        "EpsilonPlus(zero_params)",
+        lambda: EpsilonPlus(zero_params="bias"),
+        lambda **kw: zc.EpsilonPlus(zero_params="bias", **kw),
+    ),
+    (
+        "EpsilonPlusFlat(zero_params)",
+        lambda: EpsilonPlusFlat(zero_params=["bias"]),
+        lambda **kw: zc.EpsilonPlusFlat(zero_params=["bias"], **kw),
+    ),
+    (
+        "EpsilonAlpha2Beta1(zero_params)",
+        lambda: EpsilonAlpha2Beta1(zero_params=("bias",)),
+        lambda **kw: zc.EpsilonAlpha2Beta1(zero_params=("bias",), **kw),
+    ),
+    (
+        "EpsilonAlpha2Beta1Flat(zero_params)",
+        lambda: EpsilonAlpha2Beta1Flat(zero_params="bias"),
+        lambda **kw: zc.EpsilonAlpha2Beta1Flat(zero_params="bias", **kw),
+    ),
+    (
+        "EpsilonGammaBox(zero_params)",
+        lambda: EpsilonGammaBox(0.0, 1.0, zero_params=["bias"]),
+        lambda **kw: zc.EpsilonGammaBox(
+            torch.tensor(0.0), torch.tensor(1.0), zero_params=["bias"], **kw
+        ),
+    ),
 ]
 
 
@@ -427,6 +455,57 @@ def test_composites_match_zennit(case) -> None:
         _close(layer.attribute(x, target=1, attribute_to_layer_input=True), expected)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert not any(hasattr(m, "rule") for m in model.modules())
+
+
+ZERO_PARAMS = [case for case in COMPOSITES if case[0].endswith("(zero_params)")]
+
+
+def _without_zero_params(name: str) -> tuple:
+    """The case of the same composite without zero_params."""
+    return next(case for case in COMPOSITES if case[0] == name.removesuffix("(zero_params)"))
+
+
+@pytest.mark.parametrize("case", ZERO_PARAMS, ids=[case[0] for case in ZERO_PARAMS])
+def test_composites_zero_params_change_their_numbers(case) -> None:
+    # The cases above test zero_params: without it, each composite's numbers differ.
+    name, ours, _ = case
+    plain = _without_zero_params(name)[1]
+    torch.manual_seed(0)
+    model = _random_statistics(_CompositeNet().to(F64).eval())
+    x = torch.rand(2, 3, 8, 8, dtype=F64)
+    zeroed = LRP(model, canonizers=[ours()]).attribute(x, target=1)
+    unzeroed = LRP(model, canonizers=[plain()]).attribute(x, target=1)
+    assert (zeroed - unzeroed).abs().max() > 1e-2 * unzeroed.abs().max()
+
+
+@pytest.mark.parametrize("case", ZERO_PARAMS, ids=[case[0] for case in ZERO_PARAMS])
+def test_composites_zero_params_zero_the_bias_of_merged_batch_norms(case) -> None:
+    # Merged, a layer has the batch norm's bias, even where it has none of its own (zennit's
+    # merge makes one): zero_params zero it, convolutions' and linear layers' alike.
+    name, ours, theirs = case
+    torch.manual_seed(0)
+    model = _random_statistics(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 8, bias=False),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.Linear(8, 3),
+        )
+    )
+    x = torch.rand(2, 3, 6, 6, dtype=F64)
+    merge = [SequentialMergeBatchNorm()]
+    expected = _zennit_composite(model, x, 1, theirs(canonizers=merge))
+    unzeroed = _zennit_composite(model, x, 1, _without_zero_params(name)[2](canonizers=merge))
+    assert (expected - unzeroed).abs().max() > 1e-2 * unzeroed.abs().max()
+    for canonizers in ([MergeBatchNorm(), ours()], [ours(), MergeBatchNorm()]):
+        _close(LRP(model, canonizers=canonizers).attribute(x, target=1), expected)
 
 
 def test_name_maps_and_layer_maps_after_a_composite_match_zennit() -> None:
@@ -502,6 +581,17 @@ def test_composites_find_the_first_layer_of_each_model_and_check_their_arguments
         EpsilonPlusFlat(epsilon="small")
     with pytest.raises(TypeError, match="stabilizer must be a real number or a callable"):
         EpsilonGammaBox(0.0, 1.0, stabilizer=None)
+    with pytest.raises(TypeError, match="zero_params must be None, a parameter name or a list"):
+        EpsilonPlusFlat(zero_params=b"bias")
+    with pytest.raises(
+        ValueError, match=r"zero_params may name only 'weight' and 'bias', .* got \['Bias'\]"
+    ):
+        EpsilonGammaBox(0.0, 1.0, zero_params="Bias")
+    assert repr(EpsilonGammaBox(0.0, 1.0, zero_params=["bias"])) == (
+        "EpsilonGammaBox(low=0.0, high=1.0, epsilon=1e-06, gamma=0.25, stabilizer=1e-06, "
+        "zero_params=('bias',))"
+    )
+    assert repr(EpsilonPlus()) == "EpsilonPlus(epsilon=1e-06, stabilizer=1e-06)"
 
 
 @pytest.mark.parametrize("case", COMPOSITES, ids=[case[0] for case in COMPOSITES])
@@ -544,8 +634,8 @@ def _vgg_bn() -> nn.Sequential:
     )
 
 
-# Each composite with its defaults.
-DEFAULTS = [case for case in COMPOSITES if not case[0].endswith("(arguments)")]
+# Each composite with its defaults (zero_params with merged batch norms: above).
+DEFAULTS = [case for case in COMPOSITES if not case[0].endswith(("(arguments)", "(zero_params)"))]
 
 
 @pytest.mark.parametrize("case", DEFAULTS, ids=[case[0] for case in DEFAULTS])

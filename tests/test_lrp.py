@@ -1445,10 +1445,16 @@ def test_dropout_in_training_mode_draws_one_mask_and_conserves() -> None:
 # get the same stabilizer argument as fastattr's, their default 1e-6 unless given).
 
 
-def _zennit_with(model: nn.Module, x: torch.Tensor, target: int, name: str, rule) -> torch.Tensor:
+def _zennit_with(
+    model: nn.Module, x: torch.Tensor, target: int, name: str, rule, layer_map: tuple = ()
+) -> torch.Tensor:
     from zennit.composites import NameLayerMapComposite
 
-    layer_map = [(Activation, Pass()), ((nn.Linear, nn.modules.conv._ConvNd), Epsilon(1e-9))]
+    layer_map = [
+        *layer_map,
+        (Activation, Pass()),
+        ((nn.Linear, nn.modules.conv._ConvNd), Epsilon(1e-9)),
+    ]
     composite = NameLayerMapComposite(name_map=[((name,), rule)], layer_map=layer_map)
     x = x.clone().requires_grad_()
     with composite.context(model) as modified:
@@ -1556,6 +1562,130 @@ def test_zennit_rules_match_zennit_on_every_layer(case, dtype: torch.dtype) -> N
                     _close(found, expected)
             finally:
                 del layer.rule
+
+
+# zennit's zero_params: each rule with it against zennit's, on every layer of both nets (their
+# biases are non-zero; the transposed convolution has none, which the rules pass over). Flat
+# never has a bias and ZBox's cancels: "weight" zeroes their whole map (after Flat's ones).
+ZERO_PARAMS_RULES = [
+    (
+        "Epsilon",
+        lambda zero: fastattr.EpsilonRule(1e-6, zero_params=zero),
+        lambda zero: zr.Epsilon(1e-6, zero_params=zero),
+        "bias",
+    ),
+    (
+        "AlphaBeta(2, 1)",
+        lambda zero: fastattr.AlphaBetaRule(2, 1, zero_params=zero),
+        lambda zero: zr.AlphaBeta(2.0, 1.0, zero_params=zero),
+        ["bias"],
+    ),
+    (
+        "ZPlus",
+        lambda zero: fastattr.ZPlusRule(zero_params=zero),
+        lambda zero: zr.ZPlus(zero_params=zero),
+        "bias",
+    ),
+    (
+        "Gamma(0.5)",
+        lambda zero: fastattr.GeneralizedGammaRule(0.5, zero_params=zero),
+        lambda zero: zr.Gamma(0.5, zero_params=zero),
+        ("bias",),
+    ),
+    (
+        "WSquare",
+        lambda zero: fastattr.WSquareRule(1e-4, zero_params=zero),
+        lambda zero: zr.WSquare(1e-4, zero_params=zero),
+        ["bias"],
+    ),
+    (
+        "Flat",
+        lambda zero: fastattr.FlatRule(zero_params=zero),
+        lambda zero: zr.Flat(zero_params=zero),
+        "weight",
+    ),
+    (
+        "ZBox",
+        lambda zero: fastattr.ZBoxRule(-2.0, 2.0, zero_params=zero),
+        lambda zero: zr.ZBox(-2.0, 2.0, zero_params=zero),
+        ["weight", "bias"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", ZERO_PARAMS_RULES, ids=[case[0] for case in ZERO_PARAMS_RULES])
+def test_zennit_rules_with_zero_params_match_zennit_on_every_layer(case) -> None:
+    _, ours, theirs, zero_params = case
+    changed = False
+    for model, shape, names in _zennit_rule_nets():
+        model = model.double().eval()
+        before = copy.deepcopy(model.state_dict())
+        for name in names:
+            x = torch.randn(shape, dtype=torch.float64)
+            expected = _zennit_with(model, x, 1, name, theirs(zero_params))
+            layer = model.get_submodule(name)
+            layer.rule = ours(zero_params)
+            try:
+                _close(LRP(model).attribute(x, target=1), expected)
+                layer.rule = ours(None)
+                changed |= not torch.allclose(LRP(model).attribute(x, target=1), expected)
+            finally:
+                del layer.rule
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert changed  # the case tests zero_params: without it, the numbers differ
+
+
+def test_epsilon_zero_params_on_batch_norm_and_pooling_match_zennit() -> None:
+    # A batch norm's bias zeroed in z; average pooling has no parameter to zero.
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 3),
+        )
+        .double()
+        .eval()
+    )
+    with torch.no_grad():
+        model[1].running_mean.normal_(0, 0.2)
+        model[1].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    # fastattr's defaults there: epsilon on the batch norm, the ratio of pooling's output.
+    defaults = ((nn.BatchNorm2d, Epsilon(1e-9)), (nn.AvgPool2d, Norm(1e-9)))
+    for name in ("1", "3"):
+        rule = zr.Epsilon(1e-6, zero_params="bias")
+        expected = _zennit_with(model, x, 1, name, rule, defaults)
+        model.get_submodule(name).rule = EpsilonRule(1e-6, zero_params="bias")
+        try:
+            _close(LRP(model).attribute(x, target=1), expected)
+        finally:
+            del model.get_submodule(name).rule
+
+
+def test_zero_params_are_checked_and_shown() -> None:
+    with pytest.raises(TypeError, match=r"zero_params must be None, a parameter name or a list"):
+        fastattr.ZPlusRule(zero_params=1)
+    with pytest.raises(TypeError, match=r"zero_params must be .*, got \['bias', None\]"):
+        EpsilonRule(zero_params=["bias", None])
+    # zennit ignores a name the layer has no parameter of; the rules run on maps whose
+    # parameters are the weight and the bias, so another name is a mistake.
+    with pytest.raises(ValueError, match=r"may name only 'weight' and 'bias', .* got \['b'\]"):
+        fastattr.FlatRule(zero_params=["bias", "b"])
+    assert repr(fastattr.ZPlusRule(zero_params="bias")) == (
+        "ZPlusRule(stabilizer=1e-06, zero_params=('bias',))"
+    )
+    assert repr(EpsilonRule(0.5, ["weight", "bias", "weight"])) == (
+        "EpsilonRule(epsilon=0.5, zero_params=('weight', 'bias'))"
+    )
+    assert repr(EpsilonRule()) == "EpsilonRule(epsilon=1e-09)"
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model[1].rule = EpsilonRule(zero_params="bias")
+    with pytest.raises(TypeError, match=r"model\.1: EpsilonRule cannot recompute LayerNorm"):
+        LRP(model).attribute(torch.randn(2, 4), target=0)
 
 
 def test_zplus_is_alpha1_beta0_on_non_negative_inputs_without_negative_bias() -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -151,6 +151,63 @@ def _check_epsilon(epsilon: object) -> float:
     return float(epsilon)
 
 
+# The parameters a rule may zero (zennit's ``zero_params``): those of the maps it recomputes.
+_ZEROABLE = ("weight", "bias")
+
+ZeroParams = str | Sequence[str] | None
+
+
+def check_zero_params(zero_params: object) -> tuple[str, ...]:
+    """``zero_params`` checked: the names it gives, each once.
+
+    Names other than "weight" and "bias" are refused rather than ignored as zennit ignores
+    them: the rules recompute only maps whose parameters are those two, so another name (a
+    typo such as "biases") would zero nothing.
+    """
+    if zero_params is None:
+        return ()
+    names = (zero_params,) if isinstance(zero_params, str) else zero_params
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(
+        isinstance(name, str) for name in names
+    ):
+        raise TypeError(
+            f"zero_params must be None, a parameter name or a list of them, got {zero_params!r}"
+        )
+    unknown = [name for name in names if name not in _ZEROABLE]
+    if unknown:
+        raise ValueError(
+            "zero_params may name only 'weight' and 'bias', the parameters of the layers the "
+            f"rules recompute, got {unknown}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def zero_parameters(
+    zero_params: tuple[str, ...], weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """``weight`` and ``bias`` with those ``zero_params`` names zeroed (a zeroed bias is None,
+    the same map); a parameter the layer lacks (None) stays None, as zennit skips it."""
+    if "weight" in zero_params and weight is not None:
+        weight = torch.zeros_like(weight)
+    if "bias" in zero_params:
+        bias = None
+    return weight, bias
+
+
+def zero_params_repr(zero_params: tuple[str, ...]) -> str:
+    """``zero_params`` as a rule's repr shows it: only when set."""
+    return f", zero_params={zero_params!r}" if zero_params else ""
+
+
+def _detached_parameters(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+    """The module's weight and bias, detached; None where it has none."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        weight.detach() if isinstance(weight, Tensor) else None,
+        bias.detach() if isinstance(bias, Tensor) else None,
+    )
+
+
 class EpsilonRule(RatioRule):
     """LRP-epsilon: ``R_in = x * J^T (R_out / (z + epsilon * sign(z)))``, with ``sign(0) = 1``.
 
@@ -159,10 +216,15 @@ class EpsilonRule(RatioRule):
     Args:
         epsilon: The stabilizer: finite and non-negative, or, as zennit takes it, a callable
             that returns the stabilized denominator ``(z: Tensor) -> Tensor``.
+        zero_params: As zennit's ``Epsilon`` takes it: "weight", "bias" or a list of them,
+            zeroed in ``z``, recomputed from the layer's input (``"bias"``: ``z = w x``). A
+            layer without such a parameter is left as it is.
 
     Raises:
-        TypeError: ``epsilon`` is neither a real number nor a callable.
-        ValueError: ``epsilon`` is negative or not finite.
+        TypeError: ``epsilon`` is neither a real number nor a callable, or ``zero_params`` is
+            neither None, a string nor a list of strings.
+        ValueError: ``epsilon`` is negative or not finite, or ``zero_params`` names another
+            parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -174,13 +236,65 @@ class EpsilonRule(RatioRule):
         torch.Size([5, 4])
     """
 
-    def __init__(self, epsilon: Stabilizer = 1e-9) -> None:
+    def __init__(self, epsilon: Stabilizer = 1e-9, zero_params: ZeroParams = None) -> None:
         self.epsilon = check_stabilizer(epsilon, "epsilon")
+        self.zero_params = check_zero_params(zero_params)
+
+    def changes(self, module: nn.Module) -> bool:
+        """Whether ``z`` differs from the module's output: the module has a parameter that
+        ``zero_params`` names.
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            True when ``z`` is recomputed.
+        """
+        return any(isinstance(getattr(module, name, None), Tensor) for name in self.zero_params)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why the rule cannot recompute ``module`` with parameters zeroed: its type has no
+        known map.
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            A reason, or None when the module can be recomputed (or need not be).
+        """
+        if self.changes(module) and map_type(module) not in MODIFIED_FORWARDS:
+            name = type(module).__name__
+            return f"EpsilonRule cannot recompute {name} with zero_params={self.zero_params!r}"
+        return None
+
+    def modified_z(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        output: Tensor,
+    ) -> Tensor:
+        """``z``: ``module``'s map with ``weight`` and ``bias``, those ``zero_params`` names
+        zeroed.
+
+        Args:
+            module: The module whose map is recomputed.
+            x: Its input (in the graph the relevance goes into).
+            weight: The (detached) weight of the map, or None.
+            bias: The (detached) bias of the map, or None.
+            output: The module's output (its shape pins transposed convolutions' padding).
+
+        Returns:
+            The recomputed output.
+        """
+        weight, bias = zero_parameters(self.zero_params, weight, bias)
+        return MODIFIED_FORWARDS[map_type(module)](module, x, weight, bias, output)
 
     def ratio_operands(
         self, module: nn.Module, inputs: tuple, output: Tensor
     ) -> tuple[Tensor, Stabilizer]:
-        """``(output, epsilon)``.
+        """``(output, epsilon)``, or ``z`` recomputed with ``zero_params`` zeroed.
 
         Args:
             module: The module the rule is set on.
@@ -188,12 +302,15 @@ class EpsilonRule(RatioRule):
             output: The module's output.
 
         Returns:
-            The output itself and the rule's epsilon.
+            ``z`` (the output itself without ``zero_params``) and the rule's epsilon.
         """
-        return output, self.epsilon
+        if not self.zero_params or not self.changes(module):
+            return output, self.epsilon
+        weight, bias = _detached_parameters(module)
+        return self.modified_z(module, inputs[0], weight, bias, output), self.epsilon
 
     def __repr__(self) -> str:
-        return f"EpsilonRule(epsilon={self.epsilon})"
+        return f"EpsilonRule(epsilon={self.epsilon}{zero_params_repr(self.zero_params)})"
 
 
 def _check_flag(value: object, name: str) -> bool:
@@ -212,6 +329,8 @@ class ModifiedWeightRule(RatioRule):
     Raises:
         TypeError: ``set_bias_to_zero`` is not a bool.
     """
+
+    epsilon = STABILIZER  # captum's, fixed
 
     def __init__(self, set_bias_to_zero: bool) -> None:
         self.set_bias_to_zero = _check_flag(set_bias_to_zero, "set_bias_to_zero")
@@ -293,10 +412,10 @@ class ModifiedWeightRule(RatioRule):
             ``z'`` (the output itself when nothing changes) and captum's stabilizer.
         """
         if not self.changes(module):
-            return output, STABILIZER
+            return output, self.epsilon
         weight = None if module.weight is None else module.weight.detach()
         bias = None if module.bias is None else module.bias.detach()
-        return self.modified_z(module, inputs[0], weight, bias, output), STABILIZER
+        return self.modified_z(module, inputs[0], weight, bias, output), self.epsilon
 
 
 class GammaRule(ModifiedWeightRule):
@@ -410,11 +529,6 @@ def check_stabilizer(stabilizer: object, name: str = "stabilizer") -> Stabilizer
     return value
 
 
-def _detached_parameters(module: nn.Module) -> tuple[Tensor, Tensor | None]:
-    bias = module.bias
-    return module.weight.detach(), None if bias is None else bias.detach()
-
-
 def _positive(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(min=0)
 
@@ -436,14 +550,22 @@ class RecomputingRule(PropagationRule):
         stabilizer: The stabilizer, finite and non-negative, zennit's 1e-6 by default; or, as
             zennit takes it, a callable that returns the stabilized denominator ``(z: Tensor)
             -> Tensor``.
+        zero_params: As zennit's rules take it: "weight", "bias" or a list of them, zeroed in
+            every map the rule computes, after the rule's own change of the parameters (a
+            layer without such a parameter is left as it is).
 
     Raises:
-        TypeError: ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``stabilizer`` is negative or not finite.
+        TypeError: ``stabilizer`` is neither a real number nor a callable, or ``zero_params``
+            is neither None, a string nor a list of strings.
+        ValueError: ``stabilizer`` is negative or not finite, or ``zero_params`` names another
+            parameter than "weight" and "bias".
     """
 
-    def __init__(self, stabilizer: Stabilizer = ZENNIT_STABILIZER) -> None:
+    def __init__(
+        self, stabilizer: Stabilizer = ZENNIT_STABILIZER, zero_params: ZeroParams = None
+    ) -> None:
         self.stabilizer = check_stabilizer(stabilizer)
+        self.zero_params = check_zero_params(zero_params)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why the rule cannot run on ``module``: it is not ``nn.Linear`` or a convolution.
@@ -503,11 +625,11 @@ class RecomputingRule(PropagationRule):
             What the model continues with (``output``'s value).
         """
 
-    @staticmethod
     def recompute(
-        module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor
+        self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor
     ) -> Tensor:
-        """``module``'s map on ``x`` with ``weight`` and ``bias`` in place of its own.
+        """``module``'s map on ``x`` with ``weight`` and ``bias`` in place of its own, those
+        ``zero_params`` names zeroed (as zennit zeroes them: in place of the modified ones).
 
         Args:
             module: ``nn.Linear`` or a convolution.
@@ -519,6 +641,7 @@ class RecomputingRule(PropagationRule):
         Returns:
             The recomputed output.
         """
+        weight, bias = zero_parameters(self.zero_params, weight, bias)
         return MODIFIED_FORWARDS[map_type(module)](module, x, weight, bias, output)
 
 
@@ -559,11 +682,15 @@ class AlphaBetaRule(_SignSplitRule):
         beta: The weight of the negative contributions, non-negative.
         stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
             stabilized denominator (as zennit takes it).
+        zero_params: "weight", "bias" or a list of them, zeroed as zennit's ``zero_params``
+            (see [RecomputingRule][fastattr.lrp.RecomputingRule]).
 
     Raises:
-        TypeError: an argument is not a real number (``stabilizer``: nor a callable).
-        ValueError: an argument is not finite, ``beta`` or ``stabilizer`` is negative, or
-            ``alpha - beta`` is not 1.
+        TypeError: an argument is not a real number (``stabilizer``: nor a callable;
+            ``zero_params``: nor a string or a list of strings).
+        ValueError: an argument is not finite, ``beta`` or ``stabilizer`` is negative,
+            ``alpha - beta`` is not 1, or ``zero_params`` names another parameter than
+            "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -576,7 +703,11 @@ class AlphaBetaRule(_SignSplitRule):
     """
 
     def __init__(
-        self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer = ZENNIT_STABILIZER
+        self,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        stabilizer: Stabilizer = ZENNIT_STABILIZER,
+        zero_params: ZeroParams = None,
     ) -> None:
         alpha, beta = _check_real(alpha, "alpha"), _check_real(beta, "beta")
         if beta < 0:
@@ -584,7 +715,7 @@ class AlphaBetaRule(_SignSplitRule):
         # Relative: 1.1 - 0.1 is not exactly 1 in floating point.
         if not math.isclose(alpha - beta, 1.0, rel_tol=1e-12):
             raise ValueError(f"alpha - beta must be 1, got alpha={alpha}, beta={beta}")
-        super().__init__(stabilizer)
+        super().__init__(stabilizer, zero_params)
         self.alpha, self.beta = alpha, beta
 
     def output_with(
@@ -624,7 +755,7 @@ class AlphaBetaRule(_SignSplitRule):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(alpha={self.alpha}, beta={self.beta}, "
-            f"stabilizer={self.stabilizer})"
+            f"stabilizer={self.stabilizer}{zero_params_repr(self.zero_params)})"
         )
 
 
@@ -640,10 +771,14 @@ class ZPlusRule(AlphaBetaRule):
     Args:
         stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
             stabilized denominator (as zennit takes it).
+        zero_params: "weight", "bias" or a list of them, zeroed as zennit's ``zero_params``
+            (see [RecomputingRule][fastattr.lrp.RecomputingRule]).
 
     Raises:
-        TypeError: ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``stabilizer`` is negative or not finite.
+        TypeError: ``stabilizer`` is neither a real number nor a callable, or ``zero_params``
+            is neither None, a string nor a list of strings.
+        ValueError: ``stabilizer`` is negative or not finite, or ``zero_params`` names another
+            parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -655,11 +790,13 @@ class ZPlusRule(AlphaBetaRule):
         torch.Size([5, 4])
     """
 
-    def __init__(self, stabilizer: Stabilizer = ZENNIT_STABILIZER) -> None:
-        super().__init__(1.0, 0.0, stabilizer)
+    def __init__(
+        self, stabilizer: Stabilizer = ZENNIT_STABILIZER, zero_params: ZeroParams = None
+    ) -> None:
+        super().__init__(1.0, 0.0, stabilizer, zero_params)
 
     def __repr__(self) -> str:
-        return f"ZPlusRule(stabilizer={self.stabilizer})"
+        return f"ZPlusRule(stabilizer={self.stabilizer}{zero_params_repr(self.zero_params)})"
 
 
 class GeneralizedGammaRule(_SignSplitRule):
@@ -674,10 +811,14 @@ class GeneralizedGammaRule(_SignSplitRule):
         gamma: How much the contributions of the output's sign are strengthened; finite.
         stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
             stabilized denominator (as zennit takes it).
+        zero_params: "weight", "bias" or a list of them, zeroed as zennit's ``zero_params``
+            (see [RecomputingRule][fastattr.lrp.RecomputingRule]).
 
     Raises:
-        TypeError: an argument is not a real number (``stabilizer``: nor a callable).
-        ValueError: an argument is not finite, or ``stabilizer`` is negative.
+        TypeError: an argument is not a real number (``stabilizer``: nor a callable;
+            ``zero_params``: nor a string or a list of strings).
+        ValueError: an argument is not finite, ``stabilizer`` is negative, or
+            ``zero_params`` names another parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -689,9 +830,14 @@ class GeneralizedGammaRule(_SignSplitRule):
         torch.Size([2, 3, 4, 4])
     """
 
-    def __init__(self, gamma: float = 0.25, stabilizer: Stabilizer = ZENNIT_STABILIZER) -> None:
+    def __init__(
+        self,
+        gamma: float = 0.25,
+        stabilizer: Stabilizer = ZENNIT_STABILIZER,
+        zero_params: ZeroParams = None,
+    ) -> None:
         self.gamma = _check_real(gamma, "gamma")
-        super().__init__(stabilizer)
+        super().__init__(stabilizer, zero_params)
 
     def _strengthened(self, t: Tensor | None, part: Callable) -> Tensor | None:
         return None if t is None else t + self.gamma * part(t)
@@ -727,7 +873,10 @@ class GeneralizedGammaRule(_SignSplitRule):
         return relevance.passing(positive + negative, output)
 
     def __repr__(self) -> str:
-        return f"GeneralizedGammaRule(gamma={self.gamma}, stabilizer={self.stabilizer})"
+        return (
+            f"GeneralizedGammaRule(gamma={self.gamma}, stabilizer={self.stabilizer}"
+            f"{zero_params_repr(self.zero_params)})"
+        )
 
 
 def _as_bound(value: object, name: str) -> Tensor:
@@ -756,12 +905,16 @@ class ZBoxRule(RecomputingRule):
         high: The highest, likewise; not below ``low``.
         stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
             stabilized denominator (as zennit takes it).
+        zero_params: "weight", "bias" or a list of them, zeroed as zennit's ``zero_params``
+            (see [RecomputingRule][fastattr.lrp.RecomputingRule]).
 
     Raises:
-        TypeError: ``low`` or ``high`` is neither a real number nor a floating tensor, or
-            ``stabilizer`` is not a real number.
+        TypeError: ``low`` or ``high`` is neither a real number nor a floating tensor,
+            ``stabilizer`` is neither a real number nor a callable, or ``zero_params`` is
+            neither None, a string nor a list of strings.
         ValueError: ``low`` or ``high`` is not finite, the two do not broadcast together,
-            ``low`` exceeds ``high`` anywhere, or ``stabilizer`` is negative or not finite.
+            ``low`` exceeds ``high`` anywhere, ``stabilizer`` is negative or not finite, or
+            ``zero_params`` names another parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -774,7 +927,11 @@ class ZBoxRule(RecomputingRule):
     """
 
     def __init__(
-        self, low: float | Tensor, high: float | Tensor, stabilizer: Stabilizer = ZENNIT_STABILIZER
+        self,
+        low: float | Tensor,
+        high: float | Tensor,
+        stabilizer: Stabilizer = ZENNIT_STABILIZER,
+        zero_params: ZeroParams = None,
     ) -> None:
         self.low, self.high = _as_bound(low, "low"), _as_bound(high, "high")
         try:
@@ -786,7 +943,7 @@ class ZBoxRule(RecomputingRule):
             ) from None
         if above.any():
             raise ValueError("low must not exceed high")
-        super().__init__(stabilizer)
+        super().__init__(stabilizer, zero_params)
 
     def _bound(self, bound: Tensor, x: Tensor, name: str) -> Tensor:
         try:
@@ -843,7 +1000,10 @@ class ZBoxRule(RecomputingRule):
 
     def __repr__(self) -> str:
         low, high = self.low.tolist(), self.high.tolist()
-        return f"ZBoxRule(low={low}, high={high}, stabilizer={self.stabilizer})"
+        return (
+            f"ZBoxRule(low={low}, high={high}, stabilizer={self.stabilizer}"
+            f"{zero_params_repr(self.zero_params)})"
+        )
 
 
 class _UniformInputRule(RecomputingRule):
@@ -875,7 +1035,8 @@ class _UniformInputRule(RecomputingRule):
         return relevance.ratio(z, output, self.stabilizer)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(stabilizer={self.stabilizer})"
+        zero_params = zero_params_repr(self.zero_params)
+        return f"{type(self).__name__}(stabilizer={self.stabilizer}{zero_params})"
 
 
 class WSquareRule(_UniformInputRule):
@@ -886,10 +1047,14 @@ class WSquareRule(_UniformInputRule):
     Args:
         stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
             stabilized denominator (as zennit takes it).
+        zero_params: "weight", "bias" or a list of them, zeroed as zennit's ``zero_params``
+            (see [RecomputingRule][fastattr.lrp.RecomputingRule]).
 
     Raises:
-        TypeError: ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``stabilizer`` is negative or not finite.
+        TypeError: ``stabilizer`` is neither a real number nor a callable, or ``zero_params``
+            is neither None, a string nor a list of strings.
+        ValueError: ``stabilizer`` is negative or not finite, or ``zero_params`` names another
+            parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
@@ -924,10 +1089,14 @@ class FlatRule(_UniformInputRule):
     Args:
         stabilizer: The stabilizer, zennit's 1e-6 by default, or a callable that returns the
             stabilized denominator (as zennit takes it).
+        zero_params: "weight", "bias" or a list of them, zeroed as zennit's ``zero_params``
+            (see [RecomputingRule][fastattr.lrp.RecomputingRule]).
 
     Raises:
-        TypeError: ``stabilizer`` is neither a real number nor a callable.
-        ValueError: ``stabilizer`` is negative or not finite.
+        TypeError: ``stabilizer`` is neither a real number nor a callable, or ``zero_params``
+            is neither None, a string nor a list of strings.
+        ValueError: ``stabilizer`` is negative or not finite, or ``zero_params`` names another
+            parameter than "weight" and "bias".
 
     Examples:
         >>> import torch
