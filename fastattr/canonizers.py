@@ -233,7 +233,7 @@ class _HeldForMergeRule(PropagationRule):
     def forward_output(
         self, relevance: Relevance, module: nn.Module, inputs: tuple, output: Tensor
     ) -> Tensor:
-        held = relevance.held_for_merge(output)
+        held = relevance.held_for_merge(output, module)
         if held is None:
             return self.rule.forward_output(relevance, module, inputs, output)
         return held

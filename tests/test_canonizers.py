@@ -13,8 +13,9 @@ import zennit.composites as zc
 import zennit.rules as zr
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision.models import resnet18, resnet50, vgg11_bn
-from zennit.canonizers import SequentialMergeBatchNorm
+from torchvision.models import densenet121, resnet18, resnet50, vgg11_bn
+from torchvision.models.densenet import _DenseLayer
+from zennit.canonizers import NamedMergeBatchNorm, SequentialMergeBatchNorm
 from zennit.core import Stabilizer
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm, Pass
@@ -729,6 +730,33 @@ def test_merged_batch_norms_recompute_each_convolution_once(case) -> None:
     expected_runs, expected = _counted(LRP(merged, canonizers=[ours()]), x)
     assert runs == expected_runs
     _close(relevance, expected)
+
+
+def test_densenet_merges_its_data_flow_s_pairs_and_recomputes_each_convolution_once() -> None:
+    # In torchvision's DenseNet each layer's last convolution is registered just before the
+    # next layer's batch norm, which receives the concatenation of all features instead (zennit's
+    # SequentialMergeBatchNorm, pairing by registration, fails there on the shapes). The pairs
+    # of the data flow, merged by hand: conv0 and norm0, each layer's conv1 and norm2. Outputs
+    # held for those other batch norms are found unmerged in the first call's forward; the
+    # convolutions of the data flow's pairs then still run once, merged.
+    torch.manual_seed(0)
+    model = _random_statistics(densenet121(weights=None))
+    layers = [name for name, m in model.named_modules() if isinstance(m, _DenseLayer)]
+    pairs = [((f"{name}.conv1",), f"{name}.norm2") for name in layers]
+    merged = copy.deepcopy(model)
+    NamedMergeBatchNorm([(("features.conv0",), "features.norm0"), *pairs]).apply(merged)
+    x = torch.rand(1, 3, 32, 32, dtype=F64)
+    before = copy.deepcopy(model.state_dict())
+    # zennit's composites pass the gradient through max pooling; fastattr's keeps epsilon.
+    composite = zc.EpsilonPlus(layer_map=[(nn.MaxPool2d, Norm(1e-9))])
+    expected = _zennit_composite(merged, x, 1, composite)
+    lrp = LRP(model, canonizers=[MergeBatchNorm(), EpsilonPlus()])
+    _close(lrp.attribute(x, target=1), expected)
+    runs, relevance = _counted(lrp, x)
+    expected_runs, _ = _counted(LRP(merged, canonizers=[EpsilonPlus()]), x)
+    assert runs == expected_runs
+    _close(relevance, expected)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 class _ConvolutionBeforeNorm(nn.Module):

@@ -164,8 +164,10 @@ class LRP(Attribution, captum_class="LRP"):
         # Set once the backward found a tensor an in-place ReLU wrote into in use elsewhere:
         # from then on such modules write into copies.
         self._copy_writes = False
-        # Cleared once a linear module's output held for a batch norm to merge was not merged
-        # (see Relevance.held_for_merge): from then on such modules make their rules' nodes.
+        # The linear modules whose outputs, held for a batch norm to merge, no batch norm
+        # merged (see Relevance.held_for_merge): from then on they make their rules' nodes.
+        self._unheld: frozenset[int] = frozenset()
+        # Cleared once a held output had another use: from then on no output is held.
         self._holds_merges = True
         self._plan: tuple[tuple, RulePlan] | None = None
 
@@ -343,6 +345,7 @@ class LRP(Attribution, captum_class="LRP"):
                     copy_writes=self._copy_writes,
                     copied_sites=self._copied_sites,
                     holds_merges=self._holds_merges,
+                    unheld=self._unheld,
                 )
                 try:
                     return self._backward(relevance, tensors, targets, args, layer_tensors)
@@ -359,8 +362,13 @@ class LRP(Attribution, captum_class="LRP"):
     def _retry(self, error: Exception) -> bool:
         """Whether the call is to run again after ``error``: with copies, when the forward
         wrote into a rule's output (autograd refuses that), or into a tensor a rule's backward
-        needs (an in-place ReLU's input where its relevance has another use); without held
-        outputs, when one was not merged."""
+        needs (an in-place ReLU's input where its relevance has another use); holding no more
+        the outputs no batch norm merged, or none, when a held output had another use."""
+        if isinstance(error, MergeMissed) and error.modules:
+            if error.modules <= self._unheld:
+                return False
+            self._unheld = self._unheld | error.modules
+            return True
         if isinstance(error, MergeMissed):
             if not self._holds_merges:
                 return False

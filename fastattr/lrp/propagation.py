@@ -264,9 +264,15 @@ class CopyNeededAt(Exception):
 
 
 class MergeMissed(Exception):
-    """The backward reached a module output held for a batch norm to merge (see
-    [held_for_merge][fastattr.lrp.Relevance.held_for_merge]) that no batch norm merged, or
-    that has another use: LRP runs the call again without holding outputs."""
+    """A module output held for a batch norm to merge (see
+    [held_for_merge][fastattr.lrp.Relevance.held_for_merge]) was not merged: the forward
+    ended with ``modules`` (their ids) merged into by no batch norm, and LRP runs the call
+    again holding theirs no more; or (``modules`` empty) the backward reached a held output,
+    which then has another use, and LRP runs the call again holding none."""
+
+    def __init__(self, modules: frozenset[int] = frozenset()) -> None:
+        super().__init__(sorted(modules))
+        self.modules = modules
 
 
 class _HeldForMerge(torch.autograd.Function):
@@ -457,6 +463,8 @@ class Relevance:
             innermost module without a rule (or of None): outputs made there are copies.
         holds_merges: Hold outputs for batch norms to merge (see
             [held_for_merge][fastattr.lrp.Relevance.held_for_merge]).
+        unheld: The ids of modules whose outputs are not to be held all the same (no batch
+            norm merged them in an earlier call).
     """
 
     __slots__ = (
@@ -464,6 +472,7 @@ class Relevance:
         "_containers",
         "_copy_wanted",
         "_folds",
+        "_holding",
         "_inputs",
         "_memo",
         "_nodes",
@@ -482,6 +491,7 @@ class Relevance:
         "plan",
         "tapped",
         "taps",
+        "unheld",
     )
 
     def __init__(
@@ -492,10 +502,15 @@ class Relevance:
         copy_writes: bool = False,
         copied_sites: frozenset[int] = frozenset(),
         holds_merges: bool = True,
+        unheld: frozenset[int] = frozenset(),
     ) -> None:
         self.plan = plan
         self.copy = copy
         self.holds_merges = holds_merges
+        self.unheld = unheld
+        # The ids of the modules whose outputs this forward holds and no batch norm has merged
+        # yet (see held_for_merge).
+        self._holding: set[int] = set()
         self.copy_writes = copy_writes
         self.copied_sites = copied_sites
         self.taps = taps
@@ -966,23 +981,26 @@ class Relevance:
         found = self._raw.get(id(x)) if isinstance(x, Tensor) else None
         return found if found is not None and found.raw is x and found.module is not None else None
 
-    def held_for_merge(self, output: Tensor) -> Tensor | None:
+    def held_for_merge(self, output: Tensor, module: nn.Module) -> Tensor | None:
         """``output``, a linear module's, handed on without nodes for a batch norm to merge
         (whose rule then runs the module's rule on the merged map): the nodes of the module's
-        rule on its own map, which the merge would leave unused, are never made. Should the
-        relevance reach it all the same (no batch norm merged it, or it has another use), the
-        backward raises ``MergeMissed``, and LRP runs the call (and later ones) again holding
-        nothing.
+        rule on its own map, which the merge would leave unused, are never made. Should no
+        batch norm merge it, the forward ends in ``MergeMissed`` naming the module, and LRP
+        runs the call (and later ones) again holding its outputs no more; should the relevance
+        reach it all the same (it has another use), the backward raises ``MergeMissed``, and
+        LRP runs the call (and later ones) again holding nothing.
 
         Args:
-            output: The output of the module whose rule asks.
+            output: The output of ``module``, whose rule asks.
+            module: The module.
 
         Returns:
-            What the model continues with; None when this call holds no outputs (then the
-            rule makes its nodes).
+            What the model continues with; None when this call holds no outputs of
+            ``module`` (then the rule makes its nodes).
         """
-        if not self.holds_merges:
+        if not self.holds_merges or id(module) in self.unheld:
             return None
+        self._holding.add(id(module))
         held = _HeldForMerge.apply(output)
         # The module's record, as a ratio on its output makes it (see rule_output).
         self._raw[id(output)] = _Ratio(held, output, 0.0, False, output)
@@ -999,6 +1017,7 @@ class Relevance:
             into: The module merged into.
             output: What ``module``'s rule returned.
         """
+        self._holding.discard(id(into))
         if not self.taps:
             return
         if any(into is tap for tap in self.taps):
@@ -1048,8 +1067,14 @@ class Relevance:
     def _forward(self, forward: Callable[[], Any]) -> Any:
         _ACTIVE.set(self)  # in this call's own context
         if self.plan.has_op_rules:
-            return self.under_op_rules(forward, (), {})
-        return forward()
+            result = self.under_op_rules(forward, (), {})
+        else:
+            result = forward()
+        if self._holding:
+            # Held outputs no batch norm merged: the relevance would reach them (see
+            # held_for_merge). Found here, all at once, before any backward.
+            raise MergeMissed(frozenset(self._holding))
+        return result
 
     def _forget(self) -> None:
         # Held past the forward, the ratios that nothing folded into would keep their nodes,
