@@ -30,14 +30,14 @@ the data flow the call shows. Without a canonizer, LRP's numbers are captum's.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
 
 from fastattr.lrp.attention import build_op_rules, transformer_module_rule
-from fastattr.lrp.propagation import Relevance, walk_modules
+from fastattr.lrp.propagation import Relevance
 from fastattr.lrp.rules import (
     MODIFIED_FORWARDS,
     STABILIZER,
@@ -197,6 +197,18 @@ def _merged_parameters(linear: nn.Module, norm: nn.modules.batchnorm._BatchNorm)
     return weight * scale.reshape(shape).to(weight.dtype), bias.to(weight.dtype)
 
 
+def _layers(module: nn.Module) -> Iterator[nn.Module]:
+    """The modules without submodules under ``module``, depth first in registration order (the
+    order of zennit's pairing), a linear module counting as one (a parametrized weight's
+    modules are its own)."""
+    children = list(module.children())
+    if isinstance(module, _LINEAR) or not children:
+        yield module
+        return
+    for child in children:
+        yield from _layers(child)
+
+
 def _recomputes(module: nn.Module, rule: PropagationRule | None) -> bool:
     """Whether ``rule`` recomputes ``module``'s map (zennit's rules, captum's with modified
     weights, epsilon with ``zero_params``): work that a batch norm merging into the module
@@ -331,9 +343,10 @@ class MergeBatchNorm(Canonizer):
 
     def for_model(self, model: nn.Module) -> Canonizer:
         """The canonizer with the linear modules of ``model`` registered just before a batch
-        norm found (in ``model.modules()``'s order, as zennit's ``SequentialMergeBatchNorm``
-        pairs them): likely merged into, their rules wait for the batch norm where they
-        recompute the map (see [wrap_rule][fastattr.canonizers.MergeBatchNorm.wrap_rule]).
+        norm found (among the modules without submodules, depth first, as zennit's
+        ``SequentialMergeBatchNorm`` pairs them): likely merged into, their rules wait for
+        the batch norm where they recompute the map (see
+        [wrap_rule][fastattr.canonizers.MergeBatchNorm.wrap_rule]).
 
         Args:
             model: The model LRP runs.
@@ -341,11 +354,10 @@ class MergeBatchNorm(Canonizer):
         Returns:
             A copy that knows those modules.
         """
-        modules = walk_modules(model)
         bound = copy.copy(self)
         bound._before_norm = frozenset(
             id(module)
-            for module, after in pairwise(modules)
+            for module, after in pairwise(_layers(model))
             if isinstance(module, _LINEAR) and isinstance(after, nn.modules.batchnorm._BatchNorm)
         )
         return bound

@@ -759,6 +759,34 @@ def test_densenet_merges_its_data_flow_s_pairs_and_recomputes_each_convolution_o
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_convolution_that_ends_a_container_or_is_parametrized_is_recomputed_once() -> None:
+    # As zennit pairs them: the modules without submodules, depth first, in registration order
+    # (a convolution that ends a container, then the batch norm after the container), a
+    # parametrized convolution counting as one.
+    torch.manual_seed(0)
+    plain = _random_statistics(
+        nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 4, 3)),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 3),
+        )
+    )
+    model = copy.deepcopy(plain)
+    torch.nn.utils.parametrizations.weight_norm(model[3])
+    merged = copy.deepcopy(plain)
+    NamedMergeBatchNorm([(("0.0",), "1"), (("3",), "4")]).apply(merged)
+    x = torch.rand(2, 3, 8, 8, dtype=F64)
+    runs, relevance = _counted(LRP(model, canonizers=[MergeBatchNorm(), EpsilonPlus()]), x)
+    expected_runs, _ = _counted(LRP(merged, canonizers=[EpsilonPlus()]), x)
+    assert runs == expected_runs
+    _close(relevance, _zennit_composite(merged, x, 1, zc.EpsilonPlus()))
+
+
 class _ConvolutionBeforeNorm(nn.Module):
     """A convolution registered just before a batch norm that receives its output only
     scaled (``scaled``), or written into in place (``written``), or together with another use
