@@ -52,6 +52,7 @@ from fastattr.lrp.rules import (
     PassRule,
     PropagationRule,
     RatioRule,
+    RecomputedRatioRule,
     RecomputingRule,
     Stabilizer,
     ZBoxRule,
@@ -213,7 +214,7 @@ def _recomputes(module: nn.Module, rule: PropagationRule | None) -> bool:
     """Whether ``rule`` recomputes ``module``'s map (zennit's rules, captum's with modified
     weights, epsilon with ``zero_params``): work that a batch norm merging into the module
     would do again."""
-    if isinstance(rule, (ModifiedWeightRule, EpsilonRule)):
+    if isinstance(rule, RecomputedRatioRule):
         return rule.changes(module)
     return isinstance(rule, RecomputingRule)
 

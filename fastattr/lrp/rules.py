@@ -208,7 +208,95 @@ def _detached_parameters(module: nn.Module) -> tuple[Tensor | None, Tensor | Non
     )
 
 
-class EpsilonRule(RatioRule):
+class RecomputedRatioRule(RatioRule):
+    """Epsilon on ``z`` recomputed from the module's input with modified parameters, the model
+    continuing on the true output: captum's rules with modified weights, and epsilon with
+    zennit's ``zero_params``. Subclasses say when ``z`` differs from the output and how the
+    parameters change."""
+
+    epsilon: Stabilizer
+
+    @abstractmethod
+    def changes(self, module: nn.Module) -> bool:
+        """Whether ``z`` differs from the module's output (else the output is ``z``).
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            True when ``z`` is recomputed.
+        """
+
+    @abstractmethod
+    def modified_parameters(
+        self, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The weight and bias ``z`` is computed with.
+
+        Args:
+            weight: The (detached) weight of the map, or None.
+            bias: The (detached) bias of the map, or None.
+
+        Returns:
+            The modified weight and bias.
+        """
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why the rule cannot recompute ``module``: its type has no known map.
+
+        Args:
+            module: The module the rule is set on.
+
+        Returns:
+            A reason, or None when the module can be recomputed (or need not be).
+        """
+        if self.changes(module) and map_type(module) not in MODIFIED_FORWARDS:
+            return f"{type(self).__name__} cannot recompute {type(module).__name__} ({self!r})"
+        return None
+
+    def modified_z(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        output: Tensor,
+    ) -> Tensor:
+        """``z``: ``module``'s map with the modified ``weight`` and ``bias``.
+
+        Args:
+            module: The module whose map is recomputed.
+            x: Its input (in the graph the relevance goes into).
+            weight: The (detached) weight to modify and use in place of the module's own.
+            bias: The (detached) bias to modify and use, or None.
+            output: The module's output (its shape pins transposed convolutions' padding).
+
+        Returns:
+            The recomputed output.
+        """
+        weight, bias = self.modified_parameters(weight, bias)
+        return MODIFIED_FORWARDS[map_type(module)](module, x, weight, bias, output)
+
+    def ratio_operands(
+        self, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> tuple[Tensor, Stabilizer]:
+        """``(z, epsilon)``, ``z`` recomputed where the rule changes the module's map.
+
+        Args:
+            module: The module the rule is set on.
+            inputs: The inputs the module ran on.
+            output: The module's output.
+
+        Returns:
+            ``z`` (the output itself when nothing changes) and the rule's epsilon.
+        """
+        if not self.changes(module):
+            return output, self.epsilon
+        weight, bias = _detached_parameters(module)
+        return self.modified_z(module, inputs[0], weight, bias, output), self.epsilon
+
+
+class EpsilonRule(RecomputedRatioRule):
     """LRP-epsilon: ``R_in = x * J^T (R_out / (z + epsilon * sign(z)))``, with ``sign(0) = 1``.
 
     The default for linear maps, convolutions, pooling, batch norm and upsampling.
@@ -252,62 +340,19 @@ class EpsilonRule(RatioRule):
         """
         return any(isinstance(getattr(module, name, None), Tensor) for name in self.zero_params)
 
-    def unsupported_reason(self, module: nn.Module) -> str | None:
-        """Why the rule cannot recompute ``module`` with parameters zeroed: its type has no
-        known map.
+    def modified_parameters(
+        self, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``weight`` and ``bias`` with the ``zero_params`` names zeroed.
 
         Args:
-            module: The module the rule is set on.
-
-        Returns:
-            A reason, or None when the module can be recomputed (or need not be).
-        """
-        if self.changes(module) and map_type(module) not in MODIFIED_FORWARDS:
-            name = type(module).__name__
-            return f"EpsilonRule cannot recompute {name} with zero_params={self.zero_params!r}"
-        return None
-
-    def modified_z(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        output: Tensor,
-    ) -> Tensor:
-        """``z``: ``module``'s map with ``weight`` and ``bias``, those ``zero_params`` names
-        zeroed.
-
-        Args:
-            module: The module whose map is recomputed.
-            x: Its input (in the graph the relevance goes into).
             weight: The (detached) weight of the map, or None.
             bias: The (detached) bias of the map, or None.
-            output: The module's output (its shape pins transposed convolutions' padding).
 
         Returns:
-            The recomputed output.
+            The weight and bias ``z`` is computed with.
         """
-        weight, bias = zero_parameters(self.zero_params, weight, bias)
-        return MODIFIED_FORWARDS[map_type(module)](module, x, weight, bias, output)
-
-    def ratio_operands(
-        self, module: nn.Module, inputs: tuple, output: Tensor
-    ) -> tuple[Tensor, Stabilizer]:
-        """``(output, epsilon)``, or ``z`` recomputed with ``zero_params`` zeroed.
-
-        Args:
-            module: The module the rule is set on.
-            inputs: The inputs the module ran on.
-            output: The module's output.
-
-        Returns:
-            ``z`` (the output itself without ``zero_params``) and the rule's epsilon.
-        """
-        if not self.zero_params or not self.changes(module):
-            return output, self.epsilon
-        weight, bias = _detached_parameters(module)
-        return self.modified_z(module, inputs[0], weight, bias, output), self.epsilon
+        return zero_parameters(self.zero_params, weight, bias)
 
     def __repr__(self) -> str:
         return f"EpsilonRule(epsilon={self.epsilon}{zero_params_repr(self.zero_params)})"
@@ -319,7 +364,7 @@ def _check_flag(value: object, name: str) -> bool:
     return value
 
 
-class ModifiedWeightRule(RatioRule):
+class ModifiedWeightRule(RecomputedRatioRule):
     """Epsilon with a stabilizer of 1e-9 on ``z' = module(x; modified weight, bias)``, as
     captum's rules with modified weights; the model continues on the true output.
 
@@ -358,64 +403,23 @@ class ModifiedWeightRule(RatioRule):
         has_bias = getattr(module, "bias", None) is not None
         return getattr(module, "weight", None) is not None or (self.set_bias_to_zero and has_bias)
 
-    def unsupported_reason(self, module: nn.Module) -> str | None:
-        """Why the rule cannot recompute ``module``: its type has no known map.
+    def modified_parameters(
+        self, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The weight modified, and the bias zeroed if asked.
 
         Args:
-            module: The module the rule is set on.
+            weight: The (detached) weight of the map, or None.
+            bias: The (detached) bias of the map, or None.
 
         Returns:
-            A reason, or None when the module can be recomputed (or need not be).
-        """
-        if self.changes(module) and map_type(module) not in MODIFIED_FORWARDS:
-            name = type(module).__name__
-            return f"{type(self).__name__} cannot recompute {name} with modified weights"
-        return None
-
-    def modified_z(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        output: Tensor,
-    ) -> Tensor:
-        """``z'``: ``module``'s map with the weight modified and the bias zeroed if asked.
-
-        Args:
-            module: The module whose map is recomputed.
-            x: Its input (in the graph the relevance goes into).
-            weight: The (detached) weight to modify and use in place of the module's own.
-            bias: The (detached) bias to use, or None.
-            output: The module's output (its shape pins transposed convolutions' padding).
-
-        Returns:
-            The recomputed output.
+            The weight and bias ``z'`` is computed with.
         """
         if weight is not None:
             weight = self.modify_weight(weight)
         if bias is not None and self.set_bias_to_zero:
             bias = torch.zeros_like(bias)
-        return MODIFIED_FORWARDS[map_type(module)](module, x, weight, bias, output)
-
-    def ratio_operands(
-        self, module: nn.Module, inputs: tuple, output: Tensor
-    ) -> tuple[Tensor, float]:
-        """``(z', 1e-9)``, ``z'`` recomputed with the modified weight.
-
-        Args:
-            module: The module the rule is set on.
-            inputs: The inputs the module ran on.
-            output: The module's output.
-
-        Returns:
-            ``z'`` (the output itself when nothing changes) and captum's stabilizer.
-        """
-        if not self.changes(module):
-            return output, self.epsilon
-        weight = None if module.weight is None else module.weight.detach()
-        bias = None if module.bias is None else module.bias.detach()
-        return self.modified_z(module, inputs[0], weight, bias, output), self.epsilon
+        return weight, bias
 
 
 class GammaRule(ModifiedWeightRule):
@@ -1507,6 +1511,7 @@ __all__ = [
     "OpRule",
     "PropagationRule",
     "RatioRule",
+    "RecomputedRatioRule",
     "RecomputingRule",
     "WSquareRule",
     "ZBoxRule",
