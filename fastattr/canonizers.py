@@ -650,6 +650,21 @@ class Composite(Canonizer):
         )
 
 
+class _FlatFirstLayer(Composite):
+    """zennit's "Flat" composites: [FlatRule][fastattr.FlatRule] on the first linear layer or
+    convolution."""
+
+    first_types = (nn.Linear, *_CONVOLUTIONS)
+
+    def first_rule(self) -> PropagationRule | None:
+        """[FlatRule][fastattr.FlatRule].
+
+        Returns:
+            The rule.
+        """
+        return FlatRule(self.stabilizer, self.zero_params)
+
+
 class EpsilonPlus(Composite):
     """zennit's ``EpsilonPlus``: [ZPlusRule][fastattr.ZPlusRule] on convolutions, epsilon on
     ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
@@ -687,7 +702,7 @@ class EpsilonPlus(Composite):
         return ZPlusRule(self.stabilizer, self.zero_params)
 
 
-class EpsilonPlusFlat(EpsilonPlus):
+class EpsilonPlusFlat(_FlatFirstLayer, EpsilonPlus):
     """zennit's ``EpsilonPlusFlat``: [FlatRule][fastattr.FlatRule] on the first linear layer
     or convolution, [ZPlusRule][fastattr.ZPlusRule] on other convolutions, epsilon on
     ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
@@ -716,16 +731,6 @@ class EpsilonPlusFlat(EpsilonPlus):
         ...     torch.randn(2, 3, 4, 4), target=1).shape
         torch.Size([2, 3, 4, 4])
     """
-
-    first_types = (nn.Linear, *_CONVOLUTIONS)
-
-    def first_rule(self) -> PropagationRule | None:
-        """[FlatRule][fastattr.FlatRule].
-
-        Returns:
-            The rule.
-        """
-        return FlatRule(self.stabilizer, self.zero_params)
 
 
 class EpsilonAlpha2Beta1(Composite):
@@ -765,7 +770,7 @@ class EpsilonAlpha2Beta1(Composite):
         return AlphaBetaRule(2.0, 1.0, self.stabilizer, self.zero_params)
 
 
-class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
+class EpsilonAlpha2Beta1Flat(_FlatFirstLayer, EpsilonAlpha2Beta1):
     """zennit's ``EpsilonAlpha2Beta1Flat``: [FlatRule][fastattr.FlatRule] on the first linear
     layer or convolution, [AlphaBetaRule(2, 1)][fastattr.AlphaBetaRule] on other
     convolutions, epsilon on ``nn.Linear`` (see [Composite][fastattr.canonizers.Composite]).
@@ -794,16 +799,6 @@ class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
         ...     torch.randn(2, 3, 4, 4), target=1).shape
         torch.Size([2, 3, 4, 4])
     """
-
-    first_types = (nn.Linear, *_CONVOLUTIONS)
-
-    def first_rule(self) -> PropagationRule | None:
-        """[FlatRule][fastattr.FlatRule].
-
-        Returns:
-            The rule.
-        """
-        return FlatRule(self.stabilizer, self.zero_params)
 
 
 class EpsilonGammaBox(Composite):
