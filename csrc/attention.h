@@ -12,8 +12,8 @@
 
 namespace fastattr {
 
-// softmax_relevance's operands with the softmax dimension moved last, dense; `rows` rows of
-// `length` elements.
+// softmax_relevance's and softmax_contribution's operands with the softmax dimension moved
+// last, dense; `rows` rows of `length` elements (`inputs` undefined for softmax_contribution).
 struct SoftmaxOperands {
   at::Tensor inputs;
   at::Tensor probs;
@@ -23,24 +23,41 @@ struct SoftmaxOperands {
   int64_t length;
 };
 
+// The operands, moved and made dense; `first` is the op's first argument, the others have its
+// shape.
+inline SoftmaxOperands softmax_rows(const char* op, const at::Tensor& first,
+                                    const at::Tensor& probs, const at::Tensor& relevance,
+                                    int64_t dim, bool with_inputs) {
+  TORCH_CHECK_VALUE(dim >= -first.dim() && dim < first.dim(), op, ": dim out of range");
+  const int64_t wrapped = dim < 0 ? dim + first.dim() : dim;
+  const auto last = [&](const at::Tensor& t) { return t.movedim(wrapped, -1).contiguous(); };
+  const int64_t length = first.size(wrapped);
+  const int64_t rows = length == 0 ? 0 : first.numel() / length;
+  return {with_inputs ? last(first) : at::Tensor(), last(probs), last(relevance), wrapped, rows,
+          length};
+}
+
 inline SoftmaxOperands prepare_softmax(const at::Tensor& inputs, const at::Tensor& probs,
                                        const at::Tensor& relevance, int64_t dim) {
   constexpr const char* kOp = "fastattr::softmax_relevance";
   check_floating(kOp, inputs, "inputs");
   check_like(kOp, probs, "probs", inputs);
   check_like(kOp, relevance, "relevance", inputs);
-  TORCH_CHECK_VALUE(dim >= -inputs.dim() && dim < inputs.dim(), kOp, ": dim out of range");
-  const int64_t wrapped = dim < 0 ? dim + inputs.dim() : dim;
-  const auto last = [&](const at::Tensor& t) { return t.movedim(wrapped, -1).contiguous(); };
-  const int64_t length = inputs.size(wrapped);
-  const int64_t rows = length == 0 ? 0 : inputs.numel() / length;
-  return {last(inputs), last(probs), last(relevance), wrapped, rows, length};
+  return softmax_rows(kOp, inputs, probs, relevance, dim, true);
 }
 
-// The result computed into `moved` (dense, the softmax dimension last), in `inputs`' shape.
+inline SoftmaxOperands prepare_softmax_contribution(const at::Tensor& probs,
+                                                    const at::Tensor& relevance, int64_t dim) {
+  constexpr const char* kOp = "fastattr::softmax_contribution";
+  check_floating(kOp, probs, "probs");
+  check_like(kOp, relevance, "relevance", probs);
+  return softmax_rows(kOp, probs, probs, relevance, dim, false);
+}
+
+// The result computed into `moved` (dense, the softmax dimension last), in `like`'s shape.
 inline at::Tensor softmax_result(const at::Tensor& moved, const SoftmaxOperands& op,
-                                 const at::Tensor& inputs) {
-  if (op.dim == inputs.dim() - 1) return moved;
+                                 const at::Tensor& like) {
+  if (op.dim == like.dim() - 1) return moved;
   return moved.movedim(-1, op.dim).contiguous();
 }
 

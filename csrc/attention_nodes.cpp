@@ -42,6 +42,15 @@ at::Tensor softmax_relevance(const at::Tensor& inputs, const at::Tensor& probs,
   return op.call(inputs, probs, relevance, dim);
 }
 
+at::Tensor softmax_contribution(const at::Tensor& probs, const at::Tensor& relevance,
+                                int64_t dim, double scale) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattr::softmax_contribution", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double)>();
+  return op.call(probs, relevance, dim, scale);
+}
+
 at::Tensor layer_norm_relevance(const at::Tensor& inputs, const at::Tensor& relevance,
                                 const at::Tensor& outputs, const at::Tensor& rstd,
                                 const std::optional<at::Tensor>& weight, double epsilon) {
@@ -158,6 +167,30 @@ struct SoftmaxNode : public torch::autograd::Function<SoftmaxNode> {
   }
 };
 
+// Forward softmax(inputs, dim, dtype) of inputs = scale * scores plus a mask; backward the
+// softmax rule's relevance divided by the scores (the ratio at them folded in), into scores.
+// Only the softmax's output is kept: neither the scores nor inputs.
+struct SoftmaxRatioNode : public torch::autograd::Function<SoftmaxRatioNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& scores,
+                            const at::Tensor& inputs, int64_t dim,
+                            std::optional<at::ScalarType> dtype, double scale) {
+    at::Tensor probs = at::softmax(inputs, dim, dtype);
+    ctx->save_for_backward({probs});
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dtype"] = scores.scalar_type();
+    return probs;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor probs = ctx->get_saved_variables()[0];
+    const auto dtype = ctx->saved_data["dtype"].toScalarType();
+    return {softmax_contribution(probs.to(dtype), grads[0].to(dtype),
+                                 ctx->saved_data["dim"].toInt(),
+                                 ctx->saved_data["scale"].toDouble()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // Forward layer_norm(inputs, ...); backward AttnLRP's layer-norm rule (the normalization taken
 // as linear) into inputs. The weight and bias receive nothing.
 struct LayerNormNode : public torch::autograd::Function<LayerNormNode> {
@@ -200,6 +233,11 @@ at::Tensor lrp_softmax_node(const at::Tensor& inputs, int64_t dim,
   return SoftmaxNode::apply(inputs, dim, dtype);
 }
 
+at::Tensor lrp_softmax_ratio_node(const at::Tensor& scores, const at::Tensor& inputs, int64_t dim,
+                                  std::optional<at::ScalarType> dtype, double scale) {
+  return SoftmaxRatioNode::apply(scores, inputs, dim, dtype, scale);
+}
+
 at::Tensor lrp_layer_norm_node(const at::Tensor& inputs, c10::IntArrayRef normalized_shape,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps, double epsilon) {
@@ -213,6 +251,7 @@ TORCH_LIBRARY_IMPL(fastattr, CompositeImplicitAutograd, m) {
   m.impl("lrp_uniform_matmul_node", &lrp_uniform_matmul_node);
   m.impl("lrp_uniform_product_node", &lrp_uniform_product_node);
   m.impl("lrp_softmax_node", &lrp_softmax_node);
+  m.impl("lrp_softmax_ratio_node", &lrp_softmax_ratio_node);
   m.impl("lrp_layer_norm_node", &lrp_layer_norm_node);
 }
 

@@ -44,6 +44,10 @@ TORCH_LIBRARY(fastattr, m) {
   // The transformer rules (AttnLRP, csrc/attention.h). Along `dim`: inputs * (relevance -
   // probs * relevance.sum(dim)), zero where inputs is -inf.
   m.def("softmax_relevance(Tensor inputs, Tensor probs, Tensor relevance, int dim) -> Tensor");
+  // The same rule in the ratio form, for scores z the softmax read as scale * z plus a mask:
+  // scale * (relevance - probs * relevance.sum(dim)), the relevance at the input over z.
+  m.def(
+      "softmax_contribution(Tensor probs, Tensor relevance, int dim, float scale) -> Tensor");
   // Per normalized row, v = weight * relevance / (outputs + epsilon * sign(outputs)) and
   // inputs * (v - mean(v)) * rstd: layer norm with the normalization taken as linear.
   m.def(
@@ -53,10 +57,15 @@ TORCH_LIBRARY(fastattr, m) {
   m.def("relevance_share(Tensor activations, Tensor contributions, float share) -> Tensor");
   // Their autograd nodes (csrc/attention_nodes.cpp): lrp_share_node's forward is the identity
   // (its output aliases the input); the others compute a @ b / a * b / softmax / layer_norm.
+  // lrp_softmax_ratio_node computes the softmax of `inputs` (scale * scores plus a mask) and
+  // sends softmax_contribution into `scores`.
   m.def("lrp_share_node(Tensor(a) activation, float share) -> Tensor(a)");
   m.def("lrp_uniform_matmul_node(Tensor a, Tensor b) -> Tensor");
   m.def("lrp_uniform_product_node(Tensor a, Tensor b) -> Tensor");
   m.def("lrp_softmax_node(Tensor inputs, int dim, ScalarType? dtype) -> Tensor");
+  m.def(
+      "lrp_softmax_ratio_node(Tensor scores, Tensor inputs, int dim, ScalarType? dtype, "
+      "float scale) -> Tensor");
   m.def(
       "lrp_layer_norm_node(Tensor inputs, int[] normalized_shape, Tensor? weight, Tensor? bias, "
       "float eps, float epsilon) -> Tensor");

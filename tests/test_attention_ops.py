@@ -1,4 +1,5 @@
-"""The transformer rules' ops (softmax_relevance, layer_norm_relevance, relevance_share) and
+"""The transformer rules' ops (softmax_relevance, softmax_contribution, layer_norm_relevance,
+relevance_share) and
 their autograd nodes: compiled kernels against their PyTorch twins on fresh random operands,
 the twins against the rules written out with autograd, argument checks, and registration
 (opcheck)."""
@@ -68,6 +69,48 @@ def test_softmax_relevance_is_the_rule() -> None:
         with use_backend(backend):
             result = ops.softmax_relevance(inputs.detach(), probs.detach(), relevance, 1)
         torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    dim_seed=st.integers(0, 16),
+    scale=st.sampled_from([1.0, 0.125, -0.3, 1 / 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_softmax_contribution_matches_twin(
+    shape: list[int], dtype: torch.dtype, dim_seed: int, scale: float, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    dim = dim_seed % len(shape) - (len(shape) if dim_seed % 2 else 0)
+    probs = torch.softmax(_randn(shape, generator, torch.float64), dim).to(dtype)
+    relevance = _randn(shape, generator, dtype)
+    result = torch.ops.fastattr.softmax_contribution(probs, relevance, dim, scale)
+    _close(result, ops.reference.softmax_contribution(probs, relevance, dim, scale))
+    assert result.is_contiguous()
+
+
+@pytest.mark.parametrize("mask_value", [float("-inf"), torch.finfo(torch.float64).min])
+def test_softmax_contribution_is_the_rule_divided_by_the_scores(mask_value: float) -> None:
+    """Where the softmax reads scale * z plus a mask, the softmax rule's relevance divided by z
+    (the ratio at the scores, unstabilized): scale * (R - s * sum(R)) where the mask is zero,
+    and zero where it masks, as the rule's relevance is there."""
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)
+    mask = torch.zeros(3, 1, 6, dtype=torch.float64)
+    mask[:, :, 4:] = mask_value
+    inputs = 0.125 * z + mask
+    probs = torch.softmax(inputs, -1)
+    # The relevance at a softmax's output is its output times a contribution (AttnLRP's rules),
+    # so zero where it masks.
+    relevance = probs * torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)
+    expected = ops.reference.softmax_relevance(inputs, probs, relevance, -1) / z
+    for backend in ("compiled", "reference"):
+        with use_backend(backend):
+            result = ops.softmax_contribution(probs, relevance, -1, 0.125)
+        torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-300)
+    assert (expected[..., 4:] == 0).all() and (expected[..., :4] != 0).all()
 
 
 def _layer_norm_operands(shape: list[int], row_dims: int, dtype: torch.dtype, seed: int):
@@ -186,11 +229,16 @@ GUARDED = [
         lambda x: (x, x, _x()[:, :3], _rstd(), None, 0.0),
     ),
     ("relevance_share", TypeError, "contributions", lambda x: (x, x.double(), 0.5)),
+    ("softmax_contribution", TypeError, "probs", lambda x: (x.long(), x.long(), -1, 1.0)),
+    ("softmax_contribution", TypeError, "relevance", lambda x: (x, x.double(), -1, 1.0)),
+    ("softmax_contribution", ValueError, "relevance", lambda x: (x, x.mT, -1, 1.0)),
+    ("softmax_contribution", ValueError, "dim", lambda x: (x, x, -3, 1.0)),
 ]
 # Faults no kernel can crash on, which only fastattr.ops checks
 HARMLESS = [
     ("layer_norm_relevance", ValueError, "epsilon", lambda x: (x, x, x, _rstd(), None, -1.0)),
     ("relevance_share", ValueError, "share", lambda x: (x, x, 0.0)),
+    ("softmax_contribution", ValueError, "scale", lambda x: (x, x, -1, float("inf"))),
 ]
 
 
@@ -226,6 +274,8 @@ ATTENTION_OPS = {
     "lrp_uniform_product_node",
     "lrp_softmax_node",
     "lrp_layer_norm_node",
+    "softmax_contribution",
+    "lrp_softmax_ratio_node",
 }
 
 
@@ -241,6 +291,9 @@ def test_opcheck() -> None:
         torch.library.opcheck(layer_norm, (x, x, outputs, rstd, weight, 1e-9))
         torch.library.opcheck(layer_norm, (x, x, outputs, rstd, None, 0.0))
         torch.library.opcheck(torch.ops.fastattr.relevance_share.default, (x, x, 0.5))
+        contribution = torch.ops.fastattr.softmax_contribution.default
+        torch.library.opcheck(contribution, (probs, x, 1, 0.125))
+        torch.library.opcheck(contribution, (probs, x, -1, 1.0))
         # The nodes; functionalization (test_aot_dispatch_*) does not take an output aliasing
         # an input (lrp_share_node), as for LRP's other nodes.
         leaf = x.clone().requires_grad_()
@@ -250,6 +303,7 @@ def test_opcheck() -> None:
             ("lrp_uniform_matmul_node", (leaf, leaf.mT)),
             ("lrp_uniform_product_node", (leaf, leaf[:, :1])),
             ("lrp_softmax_node", (leaf, 1, None)),
+            ("lrp_softmax_ratio_node", (leaf, 0.5 * x, 1, None, 0.5)),
             ("lrp_layer_norm_node", (leaf, [5], weight, None, 1e-5, 1e-9)),
         ):
             node = getattr(torch.ops.fastattr, name).default
@@ -276,6 +330,8 @@ def test_nodes_match_their_twins() -> None:
         lambda t: ops.lrp_share_node(t, 0.25),
         lambda t: ops.lrp_softmax_node(t, -1),
         lambda t: ops.lrp_softmax_node(t, 1, torch.float32).double(),
+        lambda t: ops.lrp_softmax_ratio_node(t, 0.25 * t.detach(), -1, None, 0.25),
+        lambda t: ops.lrp_softmax_ratio_node(t, -t.detach(), 1, torch.float32, -1.0).double(),
         lambda t: ops.lrp_layer_norm_node(t, [8], weight, bias, 1e-5, 1e-9),
         lambda t: ops.lrp_layer_norm_node(t, [3, 8], None, None, 1e-5, 0.0),
     ]
@@ -398,6 +454,13 @@ def test_nodes_compute_the_forward_they_stand_for() -> None:
     x = torch.randn(2, 5, 4, dtype=torch.float64)
     weight = torch.randn(4, dtype=torch.float64)
     torch.testing.assert_close(ops.lrp_softmax_node(x, 1), torch.softmax(x, 1), rtol=0, atol=0)
+    scores = torch.randn(2, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(
+        ops.lrp_softmax_ratio_node(scores, x, 1, torch.float32, 0.5),
+        torch.softmax(x, 1, dtype=torch.float32),
+        rtol=0,
+        atol=0,
+    )
     torch.testing.assert_close(
         ops.lrp_layer_norm_node(x, [4], weight, None, 1e-5, 1e-9),
         torch.nn.functional.layer_norm(x, [4], weight, None, 1e-5),
@@ -428,6 +491,14 @@ def test_node_bad_arguments() -> None:
                 ops.lrp_uniform_product_node(x, x.double())
             with pytest.raises(TypeError, match="floating"):
                 ops.lrp_uniform_product_node(x.long(), x.long())
+            with pytest.raises(ValueError, match="inputs"):
+                ops.lrp_softmax_ratio_node(x, x.mT, -1, None, 1.0)
+            with pytest.raises(TypeError, match="inputs"):
+                ops.lrp_softmax_ratio_node(x, x.double(), -1, None, 1.0)
+            with pytest.raises(ValueError, match="scale"):
+                ops.lrp_softmax_ratio_node(x, x, -1, None, float("nan"))
+            with pytest.raises(ValueError, match="dim"):
+                ops.lrp_softmax_ratio_node(x, x, 2, None, 1.0)
 
 
 @pytest.mark.cuda
@@ -452,6 +523,9 @@ def test_cuda_matches_twin() -> None:
         expected = ops.reference.relevance_share(x, relevance, 0.25)
         result = torch.ops.fastattr.relevance_share(x.cuda(), relevance.cuda(), 0.25)
         torch.testing.assert_close(result.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+        expected = ops.reference.softmax_contribution(probs, relevance, 1, 0.125)
+        result = torch.ops.fastattr.softmax_contribution(probs.cuda(), relevance.cuda(), 1, 0.125)
+        _close(result.cpu(), expected)
 
 
 @pytest.mark.cuda

@@ -434,6 +434,145 @@ def test_sdpa_rule_is_the_rules_one_by_one() -> None:
     torch.testing.assert_close(written_out, in_one, rtol=1e-9, atol=1e-14)
 
 
+class ScaledScores(nn.Module):
+    """Attention as transformers' eager paths write it: ``q @ k^T`` scaled by a number, masked
+    (``-inf`` and the dtype's lowest), the softmax, ``@ v``. ``spelling``: how the scores are
+    scaled (a Python number three ways, a 0-d tensor, in place); ``masking``: how they are
+    masked (a mask of zeros added, ``masked_fill``, ``torch.where`` as GPT-2 does)."""
+
+    def __init__(self, spelling: str, masking: str = "add", dim: int = 8) -> None:
+        super().__init__()
+        self.spelling, self.masking = spelling, masking
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.head = nn.Linear(dim, 3)
+
+    def scaled(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.spelling == "times":
+            return scores * 0.125
+        if self.spelling == "times_left":
+            return 0.125 * scores
+        if self.spelling == "divided":
+            return scores / 8
+        if self.spelling == "tensor":
+            return scores * torch.tensor(0.125, dtype=scores.dtype)
+        scores /= 8  # in place
+        return scores
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.scaled(self.q(x) @ self.k(x).transpose(-1, -2))
+        if self.masking == "add":
+            scores = scores + mask
+        elif self.masking == "masked_fill":
+            scores = scores.masked_fill(mask != 0, torch.finfo(scores.dtype).min)
+        else:
+            lowest = torch.full([], torch.finfo(scores.dtype).min, dtype=scores.dtype)
+            scores = torch.where(mask == 0, scores, lowest)
+        return self.head((torch.softmax(scores, dim=-1) @ self.v(x)).mean(1))
+
+
+def _scaled_scores_case(
+    spelling: str, epsilon: float, masking: str = "add"
+) -> tuple[torch.Tensor, int]:
+    """LRP's relevance on ScaledScores, and how many tensors of the scores' shape the
+    backward read from what the graph kept (distinct storages)."""
+    model = _seeded(ScaledScores(spelling, masking))
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=generator)
+    mask = torch.zeros(3, 1, 5, dtype=torch.float64)
+    mask[0, :, 4], mask[1, :, 3:] = float("-inf"), torch.finfo(torch.float64).min
+    kept: set[int] = set()
+
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.shape == (3, 5, 5):
+            kept.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with _stabilizers(model, epsilon) as canonizers:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            relevance = LRP(model, canonizers).attribute(
+                x, target=[0, 2, 1], additional_forward_args=(mask,)
+            )
+    return relevance, len(kept)
+
+
+@pytest.mark.parametrize(
+    ("spelling", "masking"),
+    [
+        ("times", "add"),
+        ("times_left", "add"),
+        ("divided", "add"),
+        ("times", "masked_fill"),
+        ("divided", "where"),
+    ],
+)
+def test_softmax_of_scaled_scores_hands_its_contribution_to_the_scores(
+    spelling: str, masking: str
+) -> None:
+    """Scores scaled by a number and masked: the softmax's node sends ``scale * (R - s *
+    sum(R))`` straight to ``q @ k^T`` and keeps the softmax alone for the backward, where the
+    rule's relevance divided by the scores at their ratio would keep the scores, the scaled
+    scores and the softmax. The relevance is the ratio's, to what its stabilizer changes."""
+    relevance, kept = _scaled_scores_case(spelling, TINY, masking)
+    as_written, kept_as_written = _scaled_scores_case("tensor", TINY, masking)
+    assert (kept, kept_as_written) == (1, 3)
+    torch.testing.assert_close(relevance, as_written, rtol=1e-10, atol=1e-14)
+    # At the default stabilizer, 1e-9, the ratio at the scores moves the relevance by about
+    # that much of its size.
+    default, _ = _scaled_scores_case(spelling, 1e-9, masking)
+    default_as_written, _ = _scaled_scores_case("tensor", 1e-9, masking)
+    assert _relative(default, default_as_written) < 1e-7
+
+
+def test_layer_lrp_reads_the_scores_a_softmax_would_pass_by() -> None:
+    """LayerLRP at the layer whose output a softmax reads: its relevance is the softmax rule's
+    at its input, though the softmax could hand its contribution past it."""
+    model = _seeded(nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=-1), nn.Linear(6, 3)))
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    at_scores, at_softmax = LayerLRP(model, [model[0], model[1]], ATTN).attribute(x, target=1)
+    scores = model[0](x).detach()
+    expected = ops.softmax_relevance(scores, torch.softmax(scores, -1), at_softmax, -1)
+    torch.testing.assert_close(at_scores, expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit"])
+def test_hf_eager_attention_keeps_the_softmax_alone(family: str) -> None:
+    """transformers' eager attention (BERT's scores divided by a number and a padding mask
+    added, GPT-2's divided by a 0-d tensor and masked by torch.where (the ratio kept),
+    LLaMA's multiplied and a causal mask added, ViT's unmasked; the softmax in float32 for the
+    last two): of the tensors of the scores' shape, the backward reads the softmax's
+    output (and its copy in the model's dtype) alone, not the scores."""
+    model = Logits(_build(family, "eager"), _position(family))
+    inputs, mask, target = _inputs(family)
+    kept: dict[int, torch.Tensor] = {}
+    heads = model.model.config.num_attention_heads
+
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 4 and tensor.shape[1] == heads and tensor.shape[-1] == tensor.shape[-2]:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.detach().double()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+        LRP(model, ATTN).attribute(
+            inputs, target=target, additional_forward_args=None if mask is None else (mask,)
+        )
+    assert len(kept) >= model.model.config.num_hidden_layers
+    # probabilities, each row summing to one
+    rows = [bool(torch.allclose(t.sum(-1), torch.ones_like(t[..., 0]))) for t in kept.values()]
+    assert all(rows) == (family != "gpt2")
+
+
+@pytest.mark.parametrize("spelling", ["times", "in_place"])
+def test_scaled_scores_keep_their_ratio_where_it_stabilizes(spelling: str) -> None:
+    """With a stabilizer larger than the default, which damps scores near zero on purpose, and
+    where the forward scales the scores in place, the ratio at the scores runs as written."""
+    damped, kept = _scaled_scores_case(spelling, 0.25)
+    as_written, _ = _scaled_scores_case("tensor", 0.25)
+    assert kept == 3
+    torch.testing.assert_close(damped, as_written, rtol=1e-12, atol=1e-14)
+    undamped, _ = _scaled_scores_case("tensor", TINY)
+    assert _relative(damped, undamped) > 1e-3
+
+
 class CosineAttention(nn.Module):
     """Swin V2's cosine attention: queries and keys normalized (``F.normalize``), their
     products scaled by a learned logit scale; ``lxt`` applies lxt's gradient rules, the

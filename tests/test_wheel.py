@@ -90,6 +90,10 @@ CALLS = {
     "lrp_uniform_matmul_node": lambda op: backward_of(lambda t: op(t, t.mT) @ t),
     "lrp_uniform_product_node": lambda op: backward_of(lambda t: op(t, t[:1])),
     "lrp_softmax_node": lambda op: backward_of(lambda t: op(t, -1, None)),
+    "softmax_contribution": lambda op: op(torch.softmax(z, -1), relevance, -1, 0.125),
+    "lrp_softmax_ratio_node": lambda op: backward_of(
+        lambda t: op(t, t.detach() / 8, -1, None, 0.125)
+    ),
     "lrp_layer_norm_node": lambda op: backward_of(
         lambda t: op(t, [7], norm_weight, norm_bias, 1e-5, 1e-6)
     ),

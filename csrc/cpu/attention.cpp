@@ -1,4 +1,4 @@
-// The transformer rules' kernels on the CPU: softmax_relevance and layer_norm_relevance walk
+// The transformer rules' kernels on the CPU: the softmax rule and layer_norm_relevance walk
 // rows (split across threads) in vectorized passes, relevance_share is element-wise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -59,6 +59,46 @@ at::Tensor softmax_relevance(const at::Tensor& inputs, const at::Tensor& probs,
                                moved.mutable_data_ptr<scalar_t>(), op.rows, op.length);
       });
   return softmax_result(moved, op, inputs);
+}
+
+// out = scale * (r - s * sum) along a row.
+template <typename scalar_t>
+FASTATTR_SIMD_CLONES void softmax_contribution_row(const scalar_t* s, const scalar_t* r,
+                                                   scalar_t* out, int64_t length,
+                                                   at::opmath_type<scalar_t> sum,
+                                                   at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < length; ++j) {
+    out[j] = static_cast<scalar_t>(
+        scale * (static_cast<acc_t>(r[j]) - static_cast<acc_t>(s[j]) * sum));
+  }
+}
+
+template <typename scalar_t>
+void softmax_contribution_rows(const scalar_t* s, const scalar_t* r, scalar_t* out, int64_t rows,
+                               int64_t length, double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, rows_per_task(length), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t first = row * length;
+      const acc_t sum = static_cast<acc_t>(row_sum(r + first, length));
+      softmax_contribution_row(s + first, r + first, out + first, length, sum,
+                               static_cast<acc_t>(scale));
+    }
+  });
+}
+
+at::Tensor softmax_contribution(const at::Tensor& probs, const at::Tensor& relevance, int64_t dim,
+                                double scale) {
+  const SoftmaxOperands op = prepare_softmax_contribution(probs, relevance, dim);
+  at::Tensor moved = at::empty_like(op.probs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, probs.scalar_type(), "softmax_contribution_cpu", [&] {
+        softmax_contribution_rows(op.probs.const_data_ptr<scalar_t>(),
+                                  op.relevance.const_data_ptr<scalar_t>(),
+                                  moved.mutable_data_ptr<scalar_t>(), op.rows, op.length, scale);
+      });
+  return softmax_result(moved, op, probs);
 }
 
 // v = weight * r / (y + epsilon * sign(y)) along a row (weight may be null).
@@ -154,6 +194,7 @@ at::Tensor relevance_share(const at::Tensor& activations, const at::Tensor& cont
 
 TORCH_LIBRARY_IMPL(fastattr, CPU, m) {
   m.impl("softmax_relevance", &softmax_relevance);
+  m.impl("softmax_contribution", &softmax_contribution);
   m.impl("layer_norm_relevance", &layer_norm_relevance);
   m.impl("relevance_share", &relevance_share);
 }

@@ -1,4 +1,4 @@
-// The transformer rules' kernels on CUDA: a block per row for softmax_relevance and
+// The transformer rules' kernels on CUDA: a block per row for the softmax rule and
 // layer_norm_relevance (row sums in double, reduced in a fixed order, so results are
 // deterministic), a grid-stride loop for relevance_share.
 #include <ATen/Dispatch.h>
@@ -74,6 +74,45 @@ at::Tensor softmax_relevance(const at::Tensor& inputs, const at::Tensor& probs,
         });
   }
   return softmax_result(moved, op, inputs);
+}
+
+template <typename scalar_t>
+__global__ void softmax_contribution_kernel(const scalar_t* s, const scalar_t* r, scalar_t* out,
+                                            int64_t rows, int64_t length,
+                                            at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double partial[kThreads];
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t first = row * length;
+    double total = 0;
+    for (int64_t j = first + threadIdx.x; j < first + length; j += blockDim.x) {
+      total += static_cast<double>(r[j]);
+    }
+    const acc_t sum = static_cast<acc_t>(block_sum(total, partial));
+    for (int64_t j = first + threadIdx.x; j < first + length; j += blockDim.x) {
+      out[j] = static_cast<scalar_t>(
+          scale * (static_cast<acc_t>(r[j]) - static_cast<acc_t>(s[j]) * sum));
+    }
+  }
+}
+
+at::Tensor softmax_contribution(const at::Tensor& probs, const at::Tensor& relevance, int64_t dim,
+                                double scale) {
+  const SoftmaxOperands op = prepare_softmax_contribution(probs, relevance, dim);
+  const c10::cuda::CUDAGuard guard(probs.device());
+  at::Tensor moved = at::empty_like(op.probs);
+  if (op.rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, probs.scalar_type(), "softmax_contribution_cuda", [&] {
+          softmax_contribution_kernel<scalar_t>
+              <<<row_blocks(op.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                  op.probs.const_data_ptr<scalar_t>(), op.relevance.const_data_ptr<scalar_t>(),
+                  moved.mutable_data_ptr<scalar_t>(), op.rows, op.length,
+                  static_cast<at::opmath_type<scalar_t>>(scale));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+  return softmax_result(moved, op, probs);
 }
 
 template <typename scalar_t>
@@ -164,6 +203,7 @@ at::Tensor relevance_share(const at::Tensor& activations, const at::Tensor& cont
 
 TORCH_LIBRARY_IMPL(fastattr, CUDA, m) {
   m.impl("softmax_relevance", &softmax_relevance);
+  m.impl("softmax_contribution", &softmax_contribution);
   m.impl("layer_norm_relevance", &layer_norm_relevance);
   m.impl("relevance_share", &relevance_share);
 }

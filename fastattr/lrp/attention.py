@@ -47,6 +47,7 @@ torch.Size([2, 5, 8])
 from __future__ import annotations
 
 import functools
+import math
 import types
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -188,6 +189,32 @@ class LayerNormRule(NodeRule):
         return f"LayerNormRule(epsilon={self.epsilon})"
 
 
+def softmax_node(
+    relevance: Relevance, inputs: Tensor, dim: int, dtype: torch.dtype | None
+) -> Tensor:
+    """``softmax(inputs, dim, dtype)`` through the node of AttnLRP's softmax rule. Where
+    ``inputs`` holds attention scores ``q @ k^T`` scaled and masked (see
+    [Relevance.scaled_scores][fastattr.lrp.Relevance.scaled_scores]), the node sends
+    ``scale * (R - s * sum(R))`` straight to the scores, which is the rule's relevance divided
+    by the scores at their ratio, but for its stabilizer: neither the scores nor ``inputs``
+    are kept for the backward.
+
+    Args:
+        relevance: The call's relevance graph.
+        inputs: The softmax's input, an activation.
+        dim: The softmax dimension.
+        dtype: The dtype the softmax computes in, or None.
+
+    Returns:
+        The softmax, carrying the rule's backward.
+    """
+    scores = relevance.scaled_scores(inputs)
+    if scores is None:
+        return ops.lrp_softmax_node(inputs, dim, dtype)
+    z, scale = scores
+    return ops.lrp_softmax_ratio_node(z, inputs.detach(), dim, dtype, scale)
+
+
 class SoftmaxRule(NodeRule):
     """AttnLRP's softmax rule: with ``s = softmax(x)``, the relevance at the input is ``x * (R -
     s * sum(R))`` along the softmax dimension (the input times the gradient of ``sum(s * R /
@@ -241,7 +268,7 @@ class SoftmaxRule(NodeRule):
         Returns:
             ``output``'s value, carrying the rule's backward.
         """
-        return ops.lrp_softmax_node(inputs[0], module.dim, None)  # type: ignore[arg-type]
+        return softmax_node(relevance, inputs[0], module.dim, None)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return "SoftmaxRule()"
@@ -698,7 +725,7 @@ class SumOpRule(EpsilonOpRule):
             if isinstance(v, Tensor) and not relevance.is_activation(v)
         ]
         if len(found) == 1 and others and all(relevance.memoized(_is_mask, v) for v in others):
-            return func(*args, **kwargs)
+            return relevance.masked(found[0], func(*args, **kwargs))
         return super().propagate(relevance, func, args, kwargs, found)
 
     def __repr__(self) -> str:
@@ -722,6 +749,68 @@ def _is_own_sum(dividend: object, divisor: object) -> bool:
         return False
     with torch.no_grad():
         return torch.equal(dividend.sum(dims, keepdim=True), divisor)
+
+
+def _constant_factor(
+    args: tuple, kwargs: Mapping[str, Any], activation: Tensor, divides: bool
+) -> float | None:
+    """The number ``c`` when a call is ``activation * c``, ``c * activation`` or (``divides``)
+    ``activation / c`` for a real Python number ``c``: the factor the call scales by, else
+    None."""
+    if kwargs or len(args) != 2:
+        return None
+    if args[0] is activation:
+        constant = args[1]
+    elif args[1] is activation and not divides:
+        constant = args[0]
+    else:
+        return None
+    if isinstance(constant, bool) or not isinstance(constant, (int, float)):
+        return None
+    if divides and constant == 0:
+        return None
+    try:
+        factor = 1.0 / constant if divides else float(constant)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return factor if math.isfinite(factor) else None
+
+
+class MaskFillOpRule(ActivationOpRule):
+    """``masked_fill`` and ``torch.where``: a selection, which runs as it is (autograd's own
+    backward moves the relevance). Where it fills an activation with values of at most half
+    their dtype's lowest (``-inf`` included), masking attention scores as an additive mask
+    does, the result is noted as such (see [Relevance.masked][fastattr.lrp.Relevance.masked]).
+    """
+
+    def propagate(self, relevance, func, args, kwargs, found):
+        output = func(*args, **kwargs)
+        if len(found) != 1 or kwargs or len(args) != 3 or not isinstance(output, Tensor):
+            return output
+        # torch.where(condition, x, y), x.where(condition, y), x.masked_fill(mask, value)
+        pair = (args[1], args[2]) if func is torch.where else (args[0], args[2])
+        if pair[0] is found[0]:
+            activation, fill = pair
+        elif pair[1] is found[0]:
+            fill, activation = pair
+        else:
+            return output
+        if isinstance(fill, Tensor):
+            masks = fill.is_floating_point() and relevance.memoized(_below_half_lowest, fill)
+        else:
+            lowest = torch.finfo(output.dtype).min / 2
+            masks = isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill <= lowest
+        if masks:
+            relevance.masked(activation, output)
+        return output
+
+    def __repr__(self) -> str:
+        return "MaskFillOpRule()"
+
+
+def _below_half_lowest(tensor: Tensor) -> bool:
+    """Whether every value is at most half the dtype's lowest (where a softmax gives zero)."""
+    return bool((tensor <= torch.finfo(tensor.dtype).min / 2).all())
 
 
 class ProductOpRule(ActivationOpRule):
@@ -763,7 +852,8 @@ class ProductOpRule(ActivationOpRule):
         with torch.no_grad():
             output = func(*args, **kwargs)
         if output.shape == found[0].shape:
-            return relevance.passing(found[0], output)
+            scale = _constant_factor(args, kwargs, found[0], self.divides)
+            return relevance.passing(found[0], output, scale)
         return self.linear.propagate(relevance, func, args, kwargs, found)
 
     def __repr__(self) -> str:
@@ -789,7 +879,7 @@ class SoftmaxOpRule(ActivationOpRule):
         dtype = _argument(args, kwargs, self.dtype_index, "dtype", None)
         if not relevance.is_activation(inputs) or dim is None:
             raise no_rule_error(func, " without an explicit dim" if dim is None else "")
-        return ops.lrp_softmax_node(inputs, dim, dtype)
+        return softmax_node(relevance, inputs, dim, dtype)
 
     def __repr__(self) -> str:
         return "SoftmaxOpRule()"
@@ -1048,8 +1138,6 @@ _RESHAPES = (
     "roll",
     "flip",
     "clone",
-    "masked_fill",
-    "where",
     "max",
     "min",
     "topk",
@@ -1179,6 +1267,10 @@ def build_op_rules(epsilon: float = STABILIZER) -> tuple[OpRule, ...]:
         OpenRule([F.multi_head_attention_forward]),
     ]
     rules.append(InPlaceOpRule(IN_PLACE, rules))
+    # After the in-place rule, which thus leaves masked_fill_ a selection that runs as it is.
+    rules.append(
+        MaskFillOpRule(_methods("masked_fill", "where") + _functions(torch, "masked_fill", "where"))
+    )
     structural = _methods(*_RESHAPES, *_METADATA) + _functions(torch, *_RESHAPES)
     rules.append(UnlistedOpRule([*structural, F.pad, *_getters(*_ATTRIBUTES)]))
     return tuple(rules)
@@ -1213,6 +1305,7 @@ __all__ = [
     "InPlaceOpRule",
     "LayerNormOpRule",
     "LayerNormRule",
+    "MaskFillOpRule",
     "NodeRule",
     "OpenRule",
     "ProductOpRule",

@@ -39,6 +39,7 @@ from fastattr import ops
 from fastattr.lrp.attention import runs_own_forward, transformer_module_rule
 from fastattr.lrp.rules import (
     RULES_IGNORED_ON,
+    STABILIZER,
     STRUCTURAL_TYPES,
     OpRule,
     PassRule,
@@ -365,7 +366,9 @@ class _Ratio:
     through pass-through rules; a product at a later module's input may fold into that ratio.
     A ratio node's own output also notes what it shows (``raw``), whether that holds ``z``'s
     own values (``holds_z``: a product there cancels the ratio), and, when it is a module's
-    output, the module, its rule and the inputs the rule saw."""
+    output, the module, its rule and the inputs the rule saw. ``scale``, when known, says that
+    the tensor holds ``z``'s own values times ``scale``, plus an additive attention mask (see
+    [scaled_scores][fastattr.lrp.Relevance.scaled_scores])."""
 
     __slots__ = (
         "epsilon",
@@ -375,6 +378,7 @@ class _Ratio:
         "module",
         "raw",
         "rule",
+        "scale",
         "tensor",
         "version",
         "z",
@@ -388,6 +392,7 @@ class _Ratio:
         foldable: bool,
         raw: Tensor | None = None,
         holds_z: bool = False,
+        scale: float | None = None,
     ) -> None:
         self.tensor = tensor  # held: keeps its id from being reused
         # The tensor's version then: written into since, it is no longer the ratio's output.
@@ -399,6 +404,7 @@ class _Ratio:
         self.foldable = foldable
         self.raw = raw  # the tensor the ratio node shows (held too)
         self.holds_z = holds_z
+        self.scale = scale
         self.module: nn.Module | None = None
         self.rule: PropagationRule | None = None
         self.inputs: tuple = ()
@@ -675,7 +681,7 @@ class Relevance:
         holds_z = z is output or (
             foldable and z.data_ptr() == output.data_ptr() and z.stride() == output.stride()
         )
-        found = _Ratio(made, z, epsilon, foldable, output, holds_z)
+        found = _Ratio(made, z, epsilon, foldable, output, holds_z, 1.0 if holds_z else None)
         self._ratios[id(made)] = found
         self._raw[id(output)] = found
         return made
@@ -742,12 +748,14 @@ class Relevance:
         self._reaches[torch.autograd.graph.get_gradient_edge(x).node] = True
         return x
 
-    def passing(self, source: Tensor, output: Tensor) -> Tensor:
+    def passing(self, source: Tensor, output: Tensor, scale: float | None = None) -> Tensor:
         """``output`` through the node that hands the relevance to ``source`` unchanged.
 
         Args:
             source: The input that receives the relevance.
             output: The module's output.
+            scale: ``output`` is ``source`` times this number (attention scores scaled), or
+                None.
 
         Returns:
             What the model continues with.
@@ -762,8 +770,67 @@ class Relevance:
         made = self._handed(self._nodes.passing(source, output.detach()))
         found = self._current(source)
         if found is not None and found.z.dtype == output.dtype and found.z.shape == output.shape:
-            self._ratios[id(made)] = _Ratio(made, found.z, found.epsilon, found.foldable)
+            scaled = None if scale is None or found.scale is None else found.scale * scale
+            self._ratios[id(made)] = _Ratio(
+                made, found.z, found.epsilon, found.foldable, scale=scaled
+            )
         return made
+
+    def masked(self, scores: Tensor, output: Tensor) -> Tensor:
+        """Notes that ``output`` is ``scores`` plus an additive attention mask (zero, or at most
+        half the dtype's lowest), so that a softmax of it can still find the scores' ratio
+        (see [scaled_scores][fastattr.lrp.Relevance.scaled_scores]); the mask passes the
+        relevance on unchanged.
+
+        Args:
+            scores: The activation the mask was added to.
+            output: The sum.
+
+        Returns:
+            ``output``.
+        """
+        found = self._current(scores)
+        if (
+            found is not None
+            and found.scale is not None
+            and found.z.dtype == output.dtype
+            and found.z.shape == output.shape
+        ):
+            # A product folding into it divides x * c by z, as the ratio after the mask's
+            # pass-through would.
+            self._ratios[id(output)] = _Ratio(
+                output, found.z, found.epsilon, found.foldable, scale=found.scale
+            )
+        return output
+
+    def scaled_scores(self, x: object) -> tuple[Tensor, float] | None:
+        """``(z, scale)`` when ``x`` holds ``scale * z`` plus an additive attention mask, where
+        ``z`` is the output of a rule's epsilon ratio that holds ``z``'s own values (attention
+        scores ``q @ k^T``, scaled and masked), with a stabilizer of at most the default,
+        1e-9.
+
+        A softmax of ``x`` may then send its contribution straight to ``z``: the relevance
+        ``x * c`` its rule computes is divided by ``z + epsilon * sign(z)`` at the ratio, which
+        is ``scale * c`` where the mask is zero, but for the stabilizer (a relative ``epsilon /
+        |z|``), and zero where it masks (the softmax is zero there). With a larger epsilon,
+        which damps scores near zero on purpose, the ratio runs as written.
+
+        Args:
+            x: Anything.
+
+        Returns:
+            The ratio's ``z`` and the scale, or None.
+        """
+        found = self._current(x)
+        if (
+            found is None
+            or found.scale is None
+            or not found.foldable  # LayerLRP reads a tensor on the way
+            or not found.epsilon <= STABILIZER
+            or self._written_into(found)
+        ):
+            return None
+        return found.z, found.scale
 
     def writable(self, x: object, zero_or_same: bool = False) -> Any:
         """A tensor holding ``x``'s values that a module may write into; ``passing`` sends
@@ -871,7 +938,12 @@ class Relevance:
         if found is not None and target.dtype == value.dtype and target.shape == value.shape:
             # target now holds value's values: what reads it folds (or cancels) as value would.
             self._ratios[id(target)] = _Ratio(
-                target, found.z, found.epsilon, found.foldable, holds_z=found.holds_z
+                target,
+                found.z,
+                found.epsilon,
+                found.foldable,
+                holds_z=found.holds_z,
+                scale=found.scale,
             )
         return target
 

@@ -351,6 +351,32 @@ def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int
     return _run("softmax_relevance", inputs, probs, relevance, dim)
 
 
+def softmax_contribution(probs: Tensor, relevance: Tensor, dim: int, scale: float) -> Tensor:
+    """AttnLRP's softmax rule in the ratio form, along ``dim``: ``scale * (relevance - probs *
+    relevance.sum(dim))``. Where the softmax read ``scale * z`` plus an additive mask, this is
+    [fastattr.ops.softmax_relevance][]'s relevance divided by ``z`` (where the mask is zero;
+    where it masks, both are zero): the contribution the epsilon ratio at ``z`` would pass on,
+    but for its stabilizer, computed without ``z`` or the softmax's input.
+
+    Args:
+        probs: The softmax's output.
+        relevance: The relevance at it, of the same shape, dtype and device.
+        dim: The softmax's dimension.
+        scale: The factor from ``z`` to the softmax's input, finite.
+
+    Returns:
+        The contribution at ``z``, contiguous, in ``probs``' dtype.
+
+    Raises:
+        ValueError: The shapes or devices differ, ``dim`` is out of range or ``scale`` is not
+            finite.
+        TypeError: A dtype is not floating, or the dtypes differ.
+    """
+    if backend_in_context() == "compiled":
+        _checks.check_softmax_contribution(probs, relevance, dim, scale)
+    return _run("softmax_contribution", probs, relevance, dim, scale)
+
+
 def layer_norm_relevance(
     inputs: Tensor,
     relevance: Tensor,
@@ -471,6 +497,27 @@ def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None)
     if backend_in_context() == "compiled":
         _checks.check_lrp_softmax_node(inputs, dim)
     return _run("lrp_softmax_node", inputs, dim, dtype)
+
+
+def lrp_softmax_ratio_node(
+    scores: Tensor, inputs: Tensor, dim: int, dtype: torch.dtype | None, scale: float
+) -> Tensor:
+    """``softmax(inputs, dim, dtype=dtype)`` where ``inputs`` holds ``scale * scores`` plus an
+    additive attention mask, whose backward sends [fastattr.ops.softmax_contribution][] of
+    the relevance at the output into ``scores``: AttnLRP's softmax rule and the epsilon ratio
+    at the scores in one node, which keeps only the softmax's output for the backward.
+
+    Args:
+        scores: The attention scores (``q @ k^T``) the relevance goes to.
+        inputs: The softmax's input, ``scale * scores`` plus a mask: of ``scores``' shape,
+            dtype and device; its graph is not followed.
+        dim: The softmax's dimension.
+        dtype: The dtype to compute the softmax in, as ``torch.softmax`` takes it.
+        scale: The factor from ``scores`` to ``inputs``, finite.
+    """
+    if backend_in_context() == "compiled":
+        _checks.check_lrp_softmax_ratio_node(scores, inputs, dim, scale)
+    return _run("lrp_softmax_ratio_node", scores, inputs, dim, dtype, scale)
 
 
 def lrp_layer_norm_node(

@@ -293,6 +293,18 @@ def check_softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, di
     check_dim(dim, inputs, "inputs")
 
 
+def check_softmax_contribution(probs: Tensor, relevance: Tensor, dim: int, scale: float) -> None:
+    check_floating(probs, "probs")
+    _check_same_shape(relevance, "relevance", probs, "probs")
+    check_dim(dim, probs, "probs")
+    _check_scale(scale)
+
+
+def _check_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
 def check_layer_norm_relevance(
     inputs: Tensor,
     relevance: Tensor,
@@ -375,6 +387,13 @@ def check_lrp_uniform_product_node(a: Tensor, b: Tensor) -> None:
 def check_lrp_softmax_node(inputs: Tensor, dim: int) -> None:
     check_floating(inputs, "inputs")
     check_dim(dim, inputs, "inputs")
+
+
+def check_lrp_softmax_ratio_node(scores: Tensor, inputs: Tensor, dim: int, scale: float) -> None:
+    check_floating(scores, "scores")
+    _check_same_shape(inputs, "inputs", scores, "scores")
+    check_dim(dim, scores, "scores")
+    _check_scale(scale)
 
 
 def check_lrp_layer_norm_node(inputs: Tensor, epsilon: float) -> None:

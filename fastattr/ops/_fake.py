@@ -71,6 +71,12 @@ def _(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int) -> Tensor:
     return torch.empty_like(inputs, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("fastattr::softmax_contribution")
+def _(probs: Tensor, relevance: Tensor, dim: int, scale: float) -> Tensor:
+    _checks.check_softmax_contribution(probs, relevance, dim, scale)
+    return torch.empty_like(probs, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("fastattr::layer_norm_relevance")
 def _(
     inputs: Tensor,

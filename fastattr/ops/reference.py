@@ -26,11 +26,13 @@ from fastattr.ops._checks import (
     check_lrp_linear_node,
     check_lrp_share_node,
     check_lrp_softmax_node,
+    check_lrp_softmax_ratio_node,
     check_lrp_uniform_matmul_node,
     check_lrp_uniform_product_node,
     check_point_slopes,
     check_quadrature_finish,
     check_relevance_share,
+    check_softmax_contribution,
     check_softmax_relevance,
     opmath_dtype,
     row_layout,
@@ -305,6 +307,17 @@ def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int
     return torch.where(torch.isneginf(x), 0.0, result).to(inputs.dtype)
 
 
+def softmax_contribution(probs: Tensor, relevance: Tensor, dim: int, scale: float) -> Tensor:
+    """Twin of [fastattr.ops.softmax_contribution][].
+
+    ``scale * (relevance - probs * relevance.sum(dim))``, the row sum taken in float64."""
+    check_softmax_contribution(probs, relevance, dim, scale)
+    compute = opmath_dtype(probs.dtype)
+    total = relevance.sum(dim, keepdim=True, dtype=torch.float64).to(compute)
+    result = scale * (relevance.to(compute) - probs.to(compute) * total)
+    return result.to(probs.dtype)
+
+
 def layer_norm_relevance(
     inputs: Tensor,
     relevance: Tensor,
@@ -401,6 +414,25 @@ class _SoftmaxNode(torch.autograd.Function):
         return result, None, None
 
 
+class _SoftmaxRatioNode(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, scores: Tensor, inputs: Tensor, dim: int, dtype: torch.dtype | None, scale: float
+    ) -> Tensor:
+        probs = torch.softmax(inputs, dim, dtype=dtype)
+        ctx.save_for_backward(probs)
+        ctx.dim, ctx.scale, ctx.dtype = dim, scale, scores.dtype
+        return probs
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):  # type: ignore[override]
+        (probs,) = ctx.saved_tensors
+        result = softmax_contribution(
+            probs.to(ctx.dtype), relevance.to(ctx.dtype), ctx.dim, ctx.scale
+        )
+        return result, None, None, None, None
+
+
 class _LayerNormNode(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -462,6 +494,17 @@ def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None) -> Ten
     return _SoftmaxNode.apply(inputs, dim, dtype)
 
 
+def lrp_softmax_ratio_node(
+    scores: Tensor, inputs: Tensor, dim: int, dtype: torch.dtype | None, scale: float
+) -> Tensor:
+    """Twin of [fastattr.ops.lrp_softmax_ratio_node][].
+
+    ``softmax(inputs, dim, dtype)``; backward
+    [softmax_contribution][fastattr.ops.reference.softmax_contribution] into ``scores``."""
+    check_lrp_softmax_ratio_node(scores, inputs, dim, scale)
+    return _SoftmaxRatioNode.apply(scores, inputs, dim, dtype, scale)
+
+
 def lrp_layer_norm_node(
     inputs: Tensor,
     normalized_shape: list[int],
@@ -496,10 +539,12 @@ __all__ = [
     "lrp_ratio_shown_node",
     "lrp_share_node",
     "lrp_softmax_node",
+    "lrp_softmax_ratio_node",
     "lrp_uniform_matmul_node",
     "lrp_uniform_product_node",
     "point_slopes",
     "quadrature_finish",
     "relevance_share",
+    "softmax_contribution",
     "softmax_relevance",
 ]
