@@ -34,16 +34,23 @@ FASTATTR_SIMD_CLONES void softmax_relevance_row(const scalar_t* x, const scalar_
   }
 }
 
-template <typename scalar_t>
-void softmax_relevance_rows(const scalar_t* x, const scalar_t* s, const scalar_t* r, scalar_t* out,
-                            int64_t rows, int64_t length) {
-  using acc_t = at::opmath_type<scalar_t>;
+// row_with_sum(first, sum) for each row, split across threads, with the row's sum of r.
+template <typename scalar_t, typename RowWithSum>
+void rows_with_sums(const scalar_t* r, int64_t rows, int64_t length,
+                    const RowWithSum& row_with_sum) {
   at::parallel_for(0, rows, rows_per_task(length), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t first = row * length;
-      const acc_t sum = static_cast<acc_t>(row_sum(r + first, length));
-      softmax_relevance_row(x + first, s + first, r + first, out + first, length, sum);
+      row_with_sum(first, static_cast<at::opmath_type<scalar_t>>(row_sum(r + first, length)));
     }
+  });
+}
+
+template <typename scalar_t>
+void softmax_relevance_rows(const scalar_t* x, const scalar_t* s, const scalar_t* r, scalar_t* out,
+                            int64_t rows, int64_t length) {
+  rows_with_sums(r, rows, length, [&](int64_t first, at::opmath_type<scalar_t> sum) {
+    softmax_relevance_row(x + first, s + first, r + first, out + first, length, sum);
   });
 }
 
@@ -78,13 +85,9 @@ template <typename scalar_t>
 void softmax_contribution_rows(const scalar_t* s, const scalar_t* r, scalar_t* out, int64_t rows,
                                int64_t length, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, rows, rows_per_task(length), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t first = row * length;
-      const acc_t sum = static_cast<acc_t>(row_sum(r + first, length));
-      softmax_contribution_row(s + first, r + first, out + first, length, sum,
-                               static_cast<acc_t>(scale));
-    }
+  rows_with_sums(r, rows, length, [&](int64_t first, acc_t sum) {
+    softmax_contribution_row(s + first, r + first, out + first, length, sum,
+                             static_cast<acc_t>(scale));
   });
 }
 

@@ -36,6 +36,16 @@ inline unsigned int row_blocks(int64_t rows) {
   return static_cast<unsigned int>(std::min<int64_t>(rows, int64_t{1} << 30));
 }
 
+// The sum of r over the row from `first`, in double in a fixed order, to every thread.
+template <typename scalar_t>
+__device__ double row_total(const scalar_t* r, int64_t first, int64_t length, double* partial) {
+  double total = 0;
+  for (int64_t j = first + threadIdx.x; j < first + length; j += blockDim.x) {
+    total += static_cast<double>(r[j]);
+  }
+  return block_sum(total, partial);
+}
+
 template <typename scalar_t>
 __global__ void softmax_relevance_kernel(const scalar_t* x, const scalar_t* s, const scalar_t* r,
                                          scalar_t* out, int64_t rows, int64_t length) {
@@ -43,11 +53,7 @@ __global__ void softmax_relevance_kernel(const scalar_t* x, const scalar_t* s, c
   __shared__ double partial[kThreads];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t first = row * length;
-    double total = 0;
-    for (int64_t j = first + threadIdx.x; j < first + length; j += blockDim.x) {
-      total += static_cast<double>(r[j]);
-    }
-    const acc_t sum = static_cast<acc_t>(block_sum(total, partial));
+    const acc_t sum = static_cast<acc_t>(row_total(r, first, length, partial));
     for (int64_t j = first + threadIdx.x; j < first + length; j += blockDim.x) {
       const acc_t xj = static_cast<acc_t>(x[j]);
       const acc_t value = xj * (static_cast<acc_t>(r[j]) - static_cast<acc_t>(s[j]) * sum);
@@ -84,11 +90,7 @@ __global__ void softmax_contribution_kernel(const scalar_t* s, const scalar_t* r
   __shared__ double partial[kThreads];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t first = row * length;
-    double total = 0;
-    for (int64_t j = first + threadIdx.x; j < first + length; j += blockDim.x) {
-      total += static_cast<double>(r[j]);
-    }
-    const acc_t sum = static_cast<acc_t>(block_sum(total, partial));
+    const acc_t sum = static_cast<acc_t>(row_total(r, first, length, partial));
     for (int64_t j = first + threadIdx.x; j < first + length; j += blockDim.x) {
       out[j] = static_cast<scalar_t>(
           scale * (static_cast<acc_t>(r[j]) - static_cast<acc_t>(s[j]) * sum));
