@@ -795,6 +795,8 @@ class MaskFillOpRule(ActivationOpRule):
             fill, activation = pair
         else:
             return output
+        if relevance.scaled_scores(activation) is None:
+            return output  # nothing to note (and a fill on a GPU is not read)
         if isinstance(fill, Tensor):
             masks = fill.is_floating_point() and relevance.memoized(_below_half_lowest, fill)
         else:

@@ -367,7 +367,7 @@ class _Ratio:
     A ratio node's own output also notes what it shows (``raw``), whether that holds ``z``'s
     own values (``holds_z``: a product there cancels the ratio), and, when it is a module's
     output, the module, its rule and the inputs the rule saw. ``scale``, when known, says that
-    the tensor holds ``z``'s own values times ``scale``, plus an additive attention mask (see
+    the tensor holds ``z``'s own values times ``scale``, perhaps masked (see
     [scaled_scores][fastattr.lrp.Relevance.scaled_scores])."""
 
     __slots__ = (
@@ -777,14 +777,15 @@ class Relevance:
         return made
 
     def masked(self, scores: Tensor, output: Tensor) -> Tensor:
-        """Notes that ``output`` is ``scores`` plus an additive attention mask (zero, or at most
-        half the dtype's lowest), so that a softmax of it can still find the scores' ratio
-        (see [scaled_scores][fastattr.lrp.Relevance.scaled_scores]); the mask passes the
-        relevance on unchanged.
+        """Notes that ``output`` is ``scores`` masked: a mask of zeros and of values at most
+        half the dtype's lowest added, or such values filled in, where a softmax then gives
+        zero. A softmax of it can still find the scores' ratio (see
+        [scaled_scores][fastattr.lrp.Relevance.scaled_scores]); autograd passes the relevance
+        to ``scores`` unchanged where they are not masked.
 
         Args:
-            scores: The activation the mask was added to.
-            output: The sum.
+            scores: The activation masked.
+            output: The masked scores.
 
         Returns:
             ``output``.
@@ -804,15 +805,15 @@ class Relevance:
         return output
 
     def scaled_scores(self, x: object) -> tuple[Tensor, float] | None:
-        """``(z, scale)`` when ``x`` holds ``scale * z`` plus an additive attention mask, where
-        ``z`` is the output of a rule's epsilon ratio that holds ``z``'s own values (attention
-        scores ``q @ k^T``, scaled and masked), with a stabilizer of at most the default,
-        1e-9.
+        """``(z, scale)`` when ``x`` holds ``scale * z``, perhaps masked (see
+        [masked][fastattr.lrp.Relevance.masked]), where ``z`` is the output of a rule's
+        epsilon ratio that holds ``z``'s own values (attention scores ``q @ k^T``), with a
+        stabilizer of at most the default, 1e-9.
 
         A softmax of ``x`` may then send its contribution straight to ``z``: the relevance
         ``x * c`` its rule computes is divided by ``z + epsilon * sign(z)`` at the ratio, which
-        is ``scale * c`` where the mask is zero, but for the stabilizer (a relative ``epsilon /
-        |z|``), and zero where it masks (the softmax is zero there). With a larger epsilon,
+        is ``scale * c`` where nothing is masked, but for the stabilizer (a relative ``epsilon /
+        |z|``), and zero where it is (the softmax is zero there). With a larger epsilon,
         which damps scores near zero on purpose, the ratio runs as written.
 
         Args:
