@@ -353,10 +353,11 @@ def softmax_relevance(inputs: Tensor, probs: Tensor, relevance: Tensor, dim: int
 
 def softmax_contribution(probs: Tensor, relevance: Tensor, dim: int, scale: float) -> Tensor:
     """AttnLRP's softmax rule in the ratio form, along ``dim``: ``scale * (relevance - probs *
-    relevance.sum(dim))``. Where the softmax read ``scale * z`` plus an additive mask, this is
-    [fastattr.ops.softmax_relevance][]'s relevance divided by ``z`` (where the mask is zero;
-    where it masks, both are zero): the contribution the epsilon ratio at ``z`` would pass on,
-    but for its stabilizer, computed without ``z`` or the softmax's input.
+    relevance.sum(dim))``. Where the softmax read ``scale * z``, masked or not, this is
+    [fastattr.ops.softmax_relevance][]'s relevance divided by ``z`` where nothing is masked
+    (where something is, the softmax is zero, and with it the relevance AttnLRP's rules give
+    it, and both results): the contribution the epsilon ratio at ``z`` would pass on, but for
+    its stabilizer, computed without ``z`` or the softmax's input.
 
     Args:
         probs: The softmax's output.
@@ -502,15 +503,15 @@ def lrp_softmax_node(inputs: Tensor, dim: int, dtype: torch.dtype | None = None)
 def lrp_softmax_ratio_node(
     scores: Tensor, inputs: Tensor, dim: int, dtype: torch.dtype | None, scale: float
 ) -> Tensor:
-    """``softmax(inputs, dim, dtype=dtype)`` where ``inputs`` holds ``scale * scores`` plus an
-    additive attention mask, whose backward sends [fastattr.ops.softmax_contribution][] of
-    the relevance at the output into ``scores``: AttnLRP's softmax rule and the epsilon ratio
-    at the scores in one node, which keeps only the softmax's output for the backward.
+    """``softmax(inputs, dim, dtype=dtype)`` where ``inputs`` holds ``scale * scores``, masked
+    or not, whose backward sends [fastattr.ops.softmax_contribution][] of the relevance at the
+    output into ``scores``: AttnLRP's softmax rule and the epsilon ratio at the scores in one
+    node, which keeps only the softmax's output for the backward.
 
     Args:
         scores: The attention scores (``q @ k^T``) the relevance goes to.
-        inputs: The softmax's input, ``scale * scores`` plus a mask: of ``scores``' shape,
-            dtype and device; its graph is not followed.
+        inputs: The softmax's input, ``scale * scores`` with a mask added or filled in: of
+            ``scores``' shape, dtype and device; its graph is not followed.
         dim: The softmax's dimension.
         dtype: The dtype to compute the softmax in, as ``torch.softmax`` takes it.
         scale: The factor from ``scores`` to ``inputs``, finite.
