@@ -438,7 +438,8 @@ class ScaledScores(nn.Module):
     """Attention as transformers' eager paths write it: ``q @ k^T`` scaled by a number, masked
     (``-inf`` and the dtype's lowest), the softmax, ``@ v``. ``spelling``: how the scores are
     scaled (a Python number three ways, a 0-d tensor, in place); ``masking``: how they are
-    masked (a mask of zeros added, ``masked_fill``, ``torch.where`` as GPT-2 does)."""
+    masked (a mask of zeros added, to a view as Swin does, ``masked_fill``, ``torch.where`` as
+    GPT-2 does)."""
 
     def __init__(self, spelling: str, masking: str = "add", dim: int = 8) -> None:
         super().__init__()
@@ -462,6 +463,8 @@ class ScaledScores(nn.Module):
         scores = self.scaled(self.q(x) @ self.k(x).transpose(-1, -2))
         if self.masking == "add":
             scores = scores + mask
+        elif self.masking == "viewed":  # as Swin's windows: viewed, masked, viewed back
+            scores = (scores.unflatten(0, (-1, 1)) + mask.unsqueeze(1)).flatten(0, 1)
         elif self.masking == "masked_fill":
             scores = scores.masked_fill(mask != 0, torch.finfo(scores.dtype).min)
         else:
@@ -503,6 +506,7 @@ def _scaled_scores_case(
         ("divided", "add"),
         ("times", "masked_fill"),
         ("divided", "where"),
+        ("times_left", "viewed"),
     ],
 )
 def test_softmax_of_scaled_scores_hands_its_contribution_to_the_scores(

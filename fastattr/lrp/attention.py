@@ -776,6 +776,28 @@ def _constant_factor(
     return factor if math.isfinite(factor) else None
 
 
+class ReshapeOpRule(ActivationOpRule):
+    """Functions that only rearrange an activation's elements (``view``, ``reshape``,
+    ``transpose``, ...): they run as they are (autograd's own backward moves the relevance).
+    Where they rearrange attention scores on their way to a softmax, the result is noted as
+    such (see [Relevance.reshaped][fastattr.lrp.Relevance.reshaped])."""
+
+    def propagate(self, relevance, func, args, kwargs, found):
+        output = func(*args, **kwargs)
+        if (
+            len(found) == 1
+            and args
+            and args[0] is found[0]
+            and isinstance(output, Tensor)
+            and output.dtype == found[0].dtype  # not a view as another dtype
+        ):
+            relevance.reshaped(found[0], output, lambda z: func(z, *args[1:], **kwargs))
+        return output
+
+    def __repr__(self) -> str:
+        return "ReshapeOpRule()"
+
+
 class MaskFillOpRule(ActivationOpRule):
     """``masked_fill`` and ``torch.where``: a selection, which runs as it is (autograd's own
     backward moves the relevance). Where it fills an activation with values of at most half
@@ -1104,7 +1126,8 @@ def _getters(*names: str) -> list[Callable]:
     return [getattr(torch.Tensor, n).__get__ for n in names if hasattr(torch.Tensor, n)]
 
 
-_RESHAPES = (
+# Functions that only rearrange a tensor's elements, as ReshapeOpRule takes them.
+_VIEWS = (
     "view",
     "view_as",
     "reshape",
@@ -1112,11 +1135,17 @@ _RESHAPES = (
     "transpose",
     "t",
     "permute",
-    "contiguous",
     "flatten",
     "unflatten",
     "squeeze",
     "unsqueeze",
+    "movedim",
+    "moveaxis",
+    "swapaxes",
+    "swapdims",
+)
+_RESHAPES = (
+    "contiguous",
     "expand",
     "expand_as",
     "broadcast_to",
@@ -1133,10 +1162,6 @@ _RESHAPES = (
     "chunk",
     "unbind",
     "tensor_split",
-    "movedim",
-    "moveaxis",
-    "swapaxes",
-    "swapdims",
     "roll",
     "flip",
     "clone",
@@ -1273,6 +1298,7 @@ def build_op_rules(epsilon: float = STABILIZER) -> tuple[OpRule, ...]:
     rules.append(
         MaskFillOpRule(_methods("masked_fill", "where") + _functions(torch, "masked_fill", "where"))
     )
+    rules.append(ReshapeOpRule(_methods(*_VIEWS) + _functions(torch, *_VIEWS)))
     structural = _methods(*_RESHAPES, *_METADATA) + _functions(torch, *_RESHAPES)
     rules.append(UnlistedOpRule([*structural, F.pad, *_getters(*_ATTRIBUTES)]))
     return tuple(rules)
@@ -1312,6 +1338,7 @@ __all__ = [
     "OpenRule",
     "ProductOpRule",
     "RMSNormOpRule",
+    "ReshapeOpRule",
     "ScaledDotProductAttentionRule",
     "SoftmaxOpRule",
     "SoftmaxRule",

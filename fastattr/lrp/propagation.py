@@ -804,6 +804,26 @@ class Relevance:
             )
         return output
 
+    def reshaped(self, scores: Tensor, output: Tensor, reshape: Callable[[Tensor], Tensor]) -> None:
+        """Notes that ``output`` is ``scores`` rearranged by ``reshape`` (a view, a transpose,
+        ...), so that a softmax of it can still find the scores' ratio (see
+        [scaled_scores][fastattr.lrp.Relevance.scaled_scores]): ``z`` rearranged alike, whose
+        backward takes the softmax's contribution back to ``z``.
+
+        Args:
+            scores: The activation rearranged.
+            output: The result.
+            reshape: The same rearrangement, as a function of a tensor of ``scores``' shape.
+        """
+        found = self._current(scores)
+        if found is None or found.scale is None or self._written_into(found):
+            return
+        z = reshape(found.z)
+        if z.dtype == output.dtype and z.shape == output.shape:
+            self._ratios[id(output)] = _Ratio(
+                output, z, found.epsilon, found.foldable, scale=found.scale
+            )
+
     def scaled_scores(self, x: object) -> tuple[Tensor, float] | None:
         """``(z, scale)`` when ``x`` holds ``scale * z``, perhaps masked (see
         [masked][fastattr.lrp.Relevance.masked]), where ``z`` is the output of a rule's
