@@ -12,6 +12,11 @@
 
 namespace fastattr {
 
+// `t` with dimension `dim` moved last, dense.
+inline at::Tensor moved_last(const at::Tensor& t, int64_t dim) {
+  return t.movedim(dim, -1).contiguous();
+}
+
 // softmax_relevance's and softmax_contribution's operands with the softmax dimension moved
 // last, dense; `rows` rows of `length` elements (`inputs` undefined for softmax_contribution).
 struct SoftmaxOperands {
@@ -23,17 +28,14 @@ struct SoftmaxOperands {
   int64_t length;
 };
 
-// The operands, moved and made dense; `first` is the op's first argument, the others have its
-// shape.
-inline SoftmaxOperands softmax_rows(const char* op, const at::Tensor& first,
-                                    const at::Tensor& probs, const at::Tensor& relevance,
-                                    int64_t dim, bool with_inputs) {
-  TORCH_CHECK_VALUE(dim >= -first.dim() && dim < first.dim(), op, ": dim out of range");
-  const int64_t wrapped = dim < 0 ? dim + first.dim() : dim;
-  const auto last = [&](const at::Tensor& t) { return t.movedim(wrapped, -1).contiguous(); };
-  const int64_t length = first.size(wrapped);
-  const int64_t rows = length == 0 ? 0 : first.numel() / length;
-  return {with_inputs ? last(first) : at::Tensor(), last(probs), last(relevance), wrapped, rows,
+// The operands of probs and relevance (of one shape), without inputs.
+inline SoftmaxOperands softmax_rows(const char* op, const at::Tensor& probs,
+                                    const at::Tensor& relevance, int64_t dim) {
+  TORCH_CHECK_VALUE(dim >= -probs.dim() && dim < probs.dim(), op, ": dim out of range");
+  const int64_t wrapped = dim < 0 ? dim + probs.dim() : dim;
+  const int64_t length = probs.size(wrapped);
+  const int64_t rows = length == 0 ? 0 : probs.numel() / length;
+  return {at::Tensor(), moved_last(probs, wrapped), moved_last(relevance, wrapped), wrapped, rows,
           length};
 }
 
@@ -43,7 +45,9 @@ inline SoftmaxOperands prepare_softmax(const at::Tensor& inputs, const at::Tenso
   check_floating(kOp, inputs, "inputs");
   check_like(kOp, probs, "probs", inputs);
   check_like(kOp, relevance, "relevance", inputs);
-  return softmax_rows(kOp, inputs, probs, relevance, dim, true);
+  SoftmaxOperands operands = softmax_rows(kOp, probs, relevance, dim);
+  operands.inputs = moved_last(inputs, operands.dim);
+  return operands;
 }
 
 inline SoftmaxOperands prepare_softmax_contribution(const at::Tensor& probs,
@@ -51,7 +55,7 @@ inline SoftmaxOperands prepare_softmax_contribution(const at::Tensor& probs,
   constexpr const char* kOp = "fastattr::softmax_contribution";
   check_floating(kOp, probs, "probs");
   check_like(kOp, relevance, "relevance", probs);
-  return softmax_rows(kOp, probs, probs, relevance, dim, false);
+  return softmax_rows(kOp, probs, relevance, dim);
 }
 
 // The result computed into `moved` (dense, the softmax dimension last), in `like`'s shape.

@@ -725,7 +725,9 @@ class SumOpRule(EpsilonOpRule):
             if isinstance(v, Tensor) and not relevance.is_activation(v)
         ]
         if len(found) == 1 and others and all(relevance.memoized(_is_mask, v) for v in others):
-            return relevance.masked(found[0], func(*args, **kwargs))
+            output = func(*args, **kwargs)
+            relevance.follows_scores(found[0], output)
+            return output
         return super().propagate(relevance, func, args, kwargs, found)
 
     def __repr__(self) -> str:
@@ -767,20 +769,20 @@ def _constant_factor(
         return None
     if isinstance(constant, bool) or not isinstance(constant, (int, float)):
         return None
-    if divides and constant == 0:
-        return None
     try:
-        factor = 1.0 / constant if divides else float(constant)
+        value = float(constant)
     except OverflowError:  # an int beyond float's range
         return None
-    return factor if math.isfinite(factor) else None
+    if not math.isfinite(value) or (divides and value == 0):
+        return None
+    return 1.0 / value if divides else value
 
 
 class ReshapeOpRule(ActivationOpRule):
     """Functions that only rearrange an activation's elements (``view``, ``reshape``,
     ``transpose``, ...): they run as they are (autograd's own backward moves the relevance).
     Where they rearrange attention scores on their way to a softmax, the result is noted as
-    such (see [Relevance.reshaped][fastattr.lrp.Relevance.reshaped])."""
+    such (see [Relevance.follows_scores][fastattr.lrp.Relevance.follows_scores])."""
 
     def propagate(self, relevance, func, args, kwargs, found):
         output = func(*args, **kwargs)
@@ -791,7 +793,7 @@ class ReshapeOpRule(ActivationOpRule):
             and isinstance(output, Tensor)
             and output.dtype == found[0].dtype  # not a view as another dtype
         ):
-            relevance.reshaped(found[0], output, lambda z: func(z, *args[1:], **kwargs))
+            relevance.follows_scores(found[0], output, lambda z: func(z, *args[1:], **kwargs))
         return output
 
     def __repr__(self) -> str:
@@ -802,7 +804,8 @@ class MaskFillOpRule(ActivationOpRule):
     """``masked_fill`` and ``torch.where``: a selection, which runs as it is (autograd's own
     backward moves the relevance). Where it fills an activation with values of at most half
     their dtype's lowest (``-inf`` included), masking attention scores as an additive mask
-    does, the result is noted as such (see [Relevance.masked][fastattr.lrp.Relevance.masked]).
+    does, the result is noted as such (see
+    [Relevance.follows_scores][fastattr.lrp.Relevance.follows_scores]).
     """
 
     def propagate(self, relevance, func, args, kwargs, found):
@@ -825,7 +828,7 @@ class MaskFillOpRule(ActivationOpRule):
             lowest = torch.finfo(output.dtype).min / 2
             masks = isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill <= lowest
         if masks:
-            relevance.masked(activation, output)
+            relevance.follows_scores(activation, output)
         return output
 
     def __repr__(self) -> str:

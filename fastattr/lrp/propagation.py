@@ -776,59 +776,41 @@ class Relevance:
             )
         return made
 
-    def masked(self, scores: Tensor, output: Tensor) -> Tensor:
-        """Notes that ``output`` is ``scores`` masked: a mask of zeros and of values at most
-        half the dtype's lowest added, or such values filled in, where a softmax then gives
-        zero. A softmax of it can still find the scores' ratio (see
-        [scaled_scores][fastattr.lrp.Relevance.scaled_scores]); autograd passes the relevance
-        to ``scores`` unchanged where they are not masked.
+    def follows_scores(
+        self,
+        scores: Tensor,
+        output: Tensor,
+        rearrange: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Notes that ``output`` holds ``scores``' values, masked (a mask of zeros and of values
+        at most half the dtype's lowest added, or such values filled in, where a softmax then
+        gives zero) or rearranged by ``rearrange`` (a view, a transpose, ...), so that a
+        softmax of it can still find the scores' ratio (see
+        [scaled_scores][fastattr.lrp.Relevance.scaled_scores]), its ``z`` rearranged alike.
+        Autograd's own backward of the masking or rearranging moves the relevance meanwhile.
 
         Args:
-            scores: The activation masked.
-            output: The masked scores.
-
-        Returns:
-            ``output``.
-        """
-        found = self._current(scores)
-        if (
-            found is not None
-            and found.scale is not None
-            and found.z.dtype == output.dtype
-            and found.z.shape == output.shape
-        ):
-            # A product folding into it divides x * c by z, as the ratio after the mask's
-            # pass-through would.
-            self._ratios[id(output)] = _Ratio(
-                output, found.z, found.epsilon, found.foldable, scale=found.scale
-            )
-        return output
-
-    def reshaped(self, scores: Tensor, output: Tensor, reshape: Callable[[Tensor], Tensor]) -> None:
-        """Notes that ``output`` is ``scores`` rearranged by ``reshape`` (a view, a transpose,
-        ...), so that a softmax of it can still find the scores' ratio (see
-        [scaled_scores][fastattr.lrp.Relevance.scaled_scores]): ``z`` rearranged alike, whose
-        backward takes the softmax's contribution back to ``z``.
-
-        Args:
-            scores: The activation rearranged.
+            scores: The activation masked or rearranged.
             output: The result.
-            reshape: The same rearrangement, as a function of a tensor of ``scores``' shape.
+            rearrange: The rearrangement, as a function of a tensor of ``scores``' shape, or
+                None for a mask.
         """
         found = self._current(scores)
         if found is None or found.scale is None or self._written_into(found):
             return
-        z = reshape(found.z)
+        z = found.z if rearrange is None else rearrange(found.z)
         if z.dtype == output.dtype and z.shape == output.shape:
+            # A product folding into it divides x * c by z, as the ratio after the masking or
+            # rearranging would.
             self._ratios[id(output)] = _Ratio(
                 output, z, found.epsilon, found.foldable, scale=found.scale
             )
 
     def scaled_scores(self, x: object) -> tuple[Tensor, float] | None:
-        """``(z, scale)`` when ``x`` holds ``scale * z``, perhaps masked (see
-        [masked][fastattr.lrp.Relevance.masked]), where ``z`` is the output of a rule's
-        epsilon ratio that holds ``z``'s own values (attention scores ``q @ k^T``), with a
-        stabilizer of at most the default, 1e-9.
+        """``(z, scale)`` when ``x`` holds ``scale * z``, perhaps masked or rearranged (see
+        [follows_scores][fastattr.lrp.Relevance.follows_scores]), where ``z`` is the output of
+        a rule's epsilon ratio that holds ``z``'s own values (attention scores ``q @ k^T``),
+        with a stabilizer of at most the default, 1e-9.
 
         A softmax of ``x`` may then send its contribution straight to ``z``: the relevance
         ``x * c`` its rule computes is divided by ``z + epsilon * sign(z)`` at the ratio, which
