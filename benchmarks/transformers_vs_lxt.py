@@ -3,68 +3,53 @@ cases of benchmarks/cases/transformers_lrp.py: a longer loop than `fastattr benc
 also times the floor), for intervals narrow enough to tell a few percent apart on a noisy
 machine.
 
-    python benchmarks/transformers_vs_lxt.py --models bert-eager,bert-sdpa,llama --rounds 50
+    python benchmarks/transformers_vs_lxt.py --models bert-base,bert-base-sdpa,llama --rounds 50
 
-Per model: `fastattr.bench.timing.interleaved_times` (2 warm-up rounds, then `--rounds`
-rounds that each run both once, in turn), and `fastattr.bench.timing.paired_ratio` of lxt's
-time over fastattr's with its 95% interval; above 1 is fastattr faster. Batch 4, 128 tokens,
-float32, on the CPU.
+Per case (selected by its model's name): `fastattr.bench.timing.interleaved_times` (2 warm-up
+rounds, then `--rounds` rounds that each run both once, in turn), and
+`fastattr.bench.timing.paired_ratio` of lxt's time over fastattr's with its 95% interval; above
+1 is fastattr faster. The batch as `fastattr bench` makes it, on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 from pathlib import Path
 
 import torch
 
 import fastattr
-from fastattr.bench import contenders
+from fastattr.bench import cases
+from fastattr.bench.runner import batch_arguments
 from fastattr.bench.timing import interleaved_times, paired_ratio
 
 CASES = Path(__file__).parent / "cases" / "transformers_lrp.py"
 
 
-def _cases_module():
-    spec = importlib.util.spec_from_file_location("transformers_lrp", CASES)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="bert-eager,bert-sdpa,llama")
+    parser.add_argument("--models", default="bert-base,bert-base-sdpa,llama")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
-    cases = _cases_module()
-    makers = {
-        "bert-eager": lambda: cases.bert("eager"),
-        "bert-sdpa": lambda: cases.bert("sdpa"),
-        "llama": cases.llama,
-    }
+    by_model = {case.model: case for case in cases.load(str(CASES))}
     print("| model | fastattr ms | lxt ms | lxt over fastattr | rounds fastattr was faster in |")
     print("|---|--:|--:|--:|--:|")
     for name in options.models.split(","):
-        model = makers[name]()
-        arguments = cases.embeddings(options.batch, torch.Generator().manual_seed(0))
-        attributor = contenders.with_attnlrp()(fastattr, model)
-
-        def ours(attributor=attributor, arguments=arguments):
-            return attributor.attribute(
-                arguments["inputs"],
-                target=cases.TARGET,
-                additional_forward_args=arguments["additional_forward_args"],
-            )
-
-        theirs = contenders.lxt_attnlrp(model, {**arguments, "target": cases.TARGET})
+        case = by_model[name]
+        model = case.make_model()
+        arguments = batch_arguments(case, options.batch, 0, torch.device("cpu"))
+        attributor = case.build(fastattr, model)
         times = interleaved_times(
-            {"fastattr": ours, "lxt": theirs}, warmup=2, repeats=options.rounds
+            {
+                "fastattr": lambda a=attributor, args=arguments: a.attribute(**args),
+                "lxt": case.others["lxt"](model, arguments),
+            },
+            warmup=2,
+            repeats=options.rounds,
         )
         ratio, interval = paired_ratio(times["lxt"], times["fastattr"])
         low, high = interval if interval is not None else (float("nan"), float("nan"))
